@@ -1,0 +1,21 @@
+//! Shared between portfwd's kernel programs (`portfwd-ebpf`) and its daemon (`portfwd`):
+//! the one source of truth for map names, map key/value layouts, capacities, counter
+//! reasons, and the pure packet logic (checksums) that both sides must agree on.
+//!
+//! Byte order: every address and port stored in a map is kept in **network order**, as a
+//! private byte array behind typed accessors, so neither side can confuse the two orders.
+//! Every map key has explicit, zeroed padding: hash maps compare keys byte by byte.
+#![no_std]
+
+pub mod csum;
+pub mod maps;
+pub mod reason;
+
+pub use maps::*;
+pub use reason::Reason;
+
+/// IANA protocol numbers of the transports portfwd translates.
+pub mod proto {
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}

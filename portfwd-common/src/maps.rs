@@ -1,0 +1,229 @@
+//! Map names, capacities and the key/value layouts of every map the programs share with
+//! the daemon. All types are `repr(C)`, `Copy`, have explicit padding and a size checked at
+//! compile time; addresses and ports are network-order byte arrays behind accessors.
+
+use core::net::Ipv4Addr;
+
+/// Published rules, IPv4: (host address or 0.0.0.0 for "every host address", port,
+/// protocol) to backend. Written by the daemon, read by the ingress programs.
+pub const RULES_V4: &str = "RULES_V4";
+/// Per-flow translation state, IPv4, keyed as the backend's replies look. Written by the
+/// ingress programs once per flow, read by the reply translator. LRU: old flows age out.
+pub const CONNTRACK_V4: &str = "CONNTRACK_V4";
+/// The host's own IPv4 addresses: a wildcard rule only matches packets sent to one of
+/// them (what Docker's `--dst-type LOCAL` does). Written by the daemon.
+pub const HOST_ADDRS_V4: &str = "HOST_ADDRS_V4";
+/// Per-rule counters, per CPU, indexed by the rule's `stats_slot`.
+pub const RULE_STATS: &str = "RULE_STATS";
+/// Per-reason packet counters, per CPU, indexed by [`crate::Reason`].
+pub const REASON_STATS: &str = "REASON_STATS";
+
+/// Entry points in the object, as their ELF symbols (aya finds programs by symbol).
+pub mod programs {
+    pub const XDP_INGRESS: &str = "portfwd_xdp_ingress";
+    pub const TC_INGRESS: &str = "portfwd_tc_ingress";
+    pub const TC_EGRESS: &str = "portfwd_tc_egress";
+}
+
+/// Rules the dataplane holds (each published port of a range is one entry).
+pub const MAX_RULES: u32 = 65_536;
+/// Counter slots: one per published declaration (a range shares one slot).
+pub const MAX_STATS_SLOTS: u32 = 16_384;
+/// Tracked flows; the least recently used are evicted first.
+pub const MAX_FLOWS: u32 = 131_072;
+/// Host addresses tracked for wildcard rules.
+pub const MAX_HOST_ADDRS: u32 = 1_024;
+
+/// Key of [`RULES_V4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RuleKeyV4 {
+    addr: [u8; 4],
+    port: [u8; 2],
+    proto: u8,
+    _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<RuleKeyV4>() == 8);
+
+impl RuleKeyV4 {
+    /// `addr` 0.0.0.0 means every host address.
+    #[inline(always)]
+    pub const fn new(addr: [u8; 4], port_be: [u8; 2], proto: u8) -> Self {
+        Self {
+            addr,
+            port: port_be,
+            proto,
+            _pad: 0,
+        }
+    }
+    pub fn from_parts(addr: Ipv4Addr, port: u16, proto: u8) -> Self {
+        Self::new(addr.octets(), port.to_be_bytes(), proto)
+    }
+    pub fn addr(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.addr)
+    }
+    pub fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port)
+    }
+    pub fn proto(&self) -> u8 {
+        self.proto
+    }
+}
+
+/// Value of [`RULES_V4`]: where a published port goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendV4 {
+    addr: [u8; 4],
+    port: [u8; 2],
+    _pad: [u8; 2],
+    stats_slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<BackendV4>() == 12);
+
+impl BackendV4 {
+    pub fn new(addr: Ipv4Addr, port: u16, stats_slot: u32) -> Self {
+        Self {
+            addr: addr.octets(),
+            port: port.to_be_bytes(),
+            _pad: [0; 2],
+            stats_slot,
+        }
+    }
+    #[inline(always)]
+    pub const fn addr_bytes(&self) -> [u8; 4] {
+        self.addr
+    }
+    #[inline(always)]
+    pub const fn port_be(&self) -> [u8; 2] {
+        self.port
+    }
+    #[inline(always)]
+    pub const fn stats_slot(&self) -> u32 {
+        self.stats_slot
+    }
+    pub fn addr(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.addr)
+    }
+    pub fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port)
+    }
+}
+
+/// Key of [`CONNTRACK_V4`]: a flow as the backend's replies carry it
+/// (source = backend, destination = client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKeyV4 {
+    backend_addr: [u8; 4],
+    client_addr: [u8; 4],
+    backend_port: [u8; 2],
+    client_port: [u8; 2],
+    proto: u8,
+    _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowKeyV4>() == 16);
+
+impl FlowKeyV4 {
+    #[inline(always)]
+    pub const fn new(
+        backend_addr: [u8; 4],
+        backend_port_be: [u8; 2],
+        client_addr: [u8; 4],
+        client_port_be: [u8; 2],
+        proto: u8,
+    ) -> Self {
+        Self {
+            backend_addr,
+            client_addr,
+            backend_port: backend_port_be,
+            client_port: client_port_be,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+    pub fn backend(&self) -> (Ipv4Addr, u16) {
+        (
+            Ipv4Addr::from(self.backend_addr),
+            u16::from_be_bytes(self.backend_port),
+        )
+    }
+    pub fn client(&self) -> (Ipv4Addr, u16) {
+        (
+            Ipv4Addr::from(self.client_addr),
+            u16::from_be_bytes(self.client_port),
+        )
+    }
+    pub fn proto(&self) -> u8 {
+        self.proto
+    }
+}
+
+/// Value of [`CONNTRACK_V4`]: the published address the client sent to, which replies
+/// must carry as their source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowV4 {
+    host_addr: [u8; 4],
+    host_port: [u8; 2],
+    _pad: [u8; 2],
+    stats_slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<FlowV4>() == 12);
+
+impl FlowV4 {
+    #[inline(always)]
+    pub const fn new(host_addr: [u8; 4], host_port_be: [u8; 2], stats_slot: u32) -> Self {
+        Self {
+            host_addr,
+            host_port: host_port_be,
+            _pad: [0; 2],
+            stats_slot,
+        }
+    }
+    #[inline(always)]
+    pub const fn host_addr_bytes(&self) -> [u8; 4] {
+        self.host_addr
+    }
+    #[inline(always)]
+    pub const fn host_port_be(&self) -> [u8; 2] {
+        self.host_port
+    }
+    #[inline(always)]
+    pub const fn stats_slot(&self) -> u32 {
+        self.stats_slot
+    }
+    pub fn host(&self) -> (Ipv4Addr, u16) {
+        (
+            Ipv4Addr::from(self.host_addr),
+            u16::from_be_bytes(self.host_port),
+        )
+    }
+}
+
+/// Value of [`RULE_STATS`] (per CPU; the daemon sums the CPUs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleStats {
+    /// Client-to-backend packets and bytes translated by the ingress programs.
+    pub packets: u64,
+    pub bytes: u64,
+    /// Backend-to-client packets and bytes translated back.
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    /// Connections (TCP) or datagrams (UDP) of local clients served at the socket.
+    pub local: u64,
+    pub _reserved: u64,
+}
+const _: () = assert!(core::mem::size_of::<RuleStats>() == 48);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is repr(C), Copy, has no implicit padding (sizes asserted above)
+    // and every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::RuleKeyV4 {}
+    unsafe impl aya::Pod for super::BackendV4 {}
+    unsafe impl aya::Pod for super::FlowKeyV4 {}
+    unsafe impl aya::Pod for super::FlowV4 {}
+    unsafe impl aya::Pod for super::RuleStats {}
+}

@@ -1,0 +1,64 @@
+//! Why a packet was translated, passed or dropped. Each reason is a counter slot in
+//! [`crate::REASON_STATS`], so the reasons double as metrics.
+
+/// Index into [`crate::REASON_STATS`]. Values are stable: they are the map's indices.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Ingress: destination rewritten to a backend.
+    Translated = 0,
+    /// Reply side: source rewritten back to the published address.
+    ReplyTranslated = 1,
+    /// Not IPv4 (ARP, IPv6, ...): passed untouched.
+    PassNotIpv4 = 2,
+    /// IPv4 but neither TCP nor UDP (ICMP, ...): passed untouched.
+    PassNotTcpUdp = 3,
+    /// A fragment: only the first carries ports, so none is translated.
+    PassFragment = 4,
+    /// Headers shorter than they claim, or a bad IHL: passed for the stack to judge.
+    PassMalformed = 5,
+    /// No rule for the destination.
+    PassNoRule = 6,
+    /// A wildcard rule's port, but sent to an address that is not the host's.
+    PassNotHostAddr = 7,
+    /// Reply side: no tracked flow for this packet.
+    PassNoFlow = 8,
+    /// The flow could not be recorded (map update failed); forwarded anyway.
+    FlowInsertFailed = 9,
+    /// A checksum helper failed on the TC path: the packet is dropped, not sent corrupt.
+    DropChecksum = 10,
+}
+
+impl Reason {
+    pub const COUNT: u32 = 11;
+    pub const ALL: [Reason; Self::COUNT as usize] = [
+        Reason::Translated,
+        Reason::ReplyTranslated,
+        Reason::PassNotIpv4,
+        Reason::PassNotTcpUdp,
+        Reason::PassFragment,
+        Reason::PassMalformed,
+        Reason::PassNoRule,
+        Reason::PassNotHostAddr,
+        Reason::PassNoFlow,
+        Reason::FlowInsertFailed,
+        Reason::DropChecksum,
+    ];
+
+    /// Stable snake_case name, for `list` and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::Translated => "translated",
+            Reason::ReplyTranslated => "reply_translated",
+            Reason::PassNotIpv4 => "pass_not_ipv4",
+            Reason::PassNotTcpUdp => "pass_not_tcp_udp",
+            Reason::PassFragment => "pass_fragment",
+            Reason::PassMalformed => "pass_malformed",
+            Reason::PassNoRule => "pass_no_rule",
+            Reason::PassNotHostAddr => "pass_not_host_addr",
+            Reason::PassNoFlow => "pass_no_flow",
+            Reason::FlowInsertFailed => "flow_insert_failed",
+            Reason::DropChecksum => "drop_checksum",
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! portfwd's kernel programs.
+//!
+//! - `portfwd_xdp_ingress` / `portfwd_tc_ingress`: the same destination NAT for a published
+//!   port, at the XDP hook (physical NICs) or TC ingress (veth, bridge: see the daemon's
+//!   `--ingress auto`). The rewritten packet goes on to the kernel, which routes it.
+//! - `portfwd_tc_egress`: translates the backend's replies back to the published address,
+//!   driven by the flow recorded at ingress.
+//!
+//! This crate is thin glue: it is the only code that touches packet memory; checksum
+//! arithmetic and every map layout live in `portfwd-common`.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod nat;
+mod packet;
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use portfwd_common::Reason;
+
+use crate::nat::{TcPacket, Verdict, XdpPacket};
+
+/// Ingress DNAT at the XDP hook.
+#[xdp]
+pub fn portfwd_xdp_ingress(ctx: XdpContext) -> u32 {
+    let mut pkt = XdpPacket::new(&ctx);
+    match nat::ingress(&mut pkt) {
+        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+/// Ingress DNAT at TC (clsact/TCX ingress).
+#[classifier]
+pub fn portfwd_tc_ingress(ctx: TcContext) -> i32 {
+    let mut pkt = TcPacket::new(&ctx);
+    tc_action(nat::ingress(&mut pkt))
+}
+
+/// Reply translation at TC egress of the published interfaces.
+#[classifier]
+pub fn portfwd_tc_egress(ctx: TcContext) -> i32 {
+    let mut pkt = TcPacket::new(&ctx);
+    tc_action(nat::reply(&mut pkt))
+}
+
+/// `TC_ACT_UNSPEC` is TCX's "next": other programs on the hook still see the packet.
+#[inline(always)]
+fn tc_action(v: Verdict) -> i32 {
+    match v {
+        Verdict::Pass => TC_ACT_UNSPEC,
+        Verdict::Drop => TC_ACT_SHOT as i32,
+    }
+}
+
+#[inline(always)]
+fn count(reason: Reason) {
+    maps::count(reason)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,49 @@
+//! The maps, declared once here; names, layouts and capacities come from `portfwd-common`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use portfwd_common::{
+    BackendV4, FlowKeyV4, FlowV4, Reason, RuleKeyV4, RuleStats, MAX_FLOWS, MAX_HOST_ADDRS,
+    MAX_RULES, MAX_STATS_SLOTS,
+};
+
+#[map(name = "RULES_V4")]
+pub static RULES_V4: HashMap<RuleKeyV4, BackendV4> = HashMap::with_max_entries(MAX_RULES, 0);
+
+#[map(name = "CONNTRACK_V4")]
+pub static CONNTRACK_V4: LruHashMap<FlowKeyV4, FlowV4> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+#[map(name = "HOST_ADDRS_V4")]
+pub static HOST_ADDRS_V4: HashMap<[u8; 4], u8> = HashMap::with_max_entries(MAX_HOST_ADDRS, 0);
+
+#[map(name = "RULE_STATS")]
+pub static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAX_STATS_SLOTS, 0);
+
+#[map(name = "REASON_STATS")]
+pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+
+#[inline(always)]
+pub fn count(reason: Reason) {
+    if let Some(c) = REASON_STATS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, so no other writer runs on it concurrently.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Adds one packet of `len` bytes to a rule's counters, in the given direction.
+#[inline(always)]
+pub fn count_rule(slot: u32, len: u64, reply: bool) {
+    if let Some(s) = RULE_STATS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, so no other writer runs on it concurrently.
+        let s = unsafe { &mut *s };
+        if reply {
+            s.reply_packets += 1;
+            s.reply_bytes += len;
+        } else {
+            s.packets += 1;
+            s.bytes += len;
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! The translation itself, written once for every hook: `ingress` (destination NAT of a
+//! published port) and `reply` (source NAT of the backend's answers). How the bytes and
+//! checksums are written differs per hook and lives behind [`Packet`].
+
+use aya_ebpf::{
+    bindings::BPF_F_PSEUDO_HDR,
+    programs::{TcContext, XdpContext},
+};
+use portfwd_common::{csum, BackendV4, FlowKeyV4, FlowV4, Reason, RuleKeyV4};
+
+use crate::{
+    count,
+    maps::{self, CONNTRACK_V4, HOST_ADDRS_V4, RULES_V4},
+    packet::{bytes_at, parse_ipv4, Ipv4Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF},
+};
+
+pub enum Verdict {
+    Pass,
+    Drop,
+}
+
+/// Which end of the flow a rewrite changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Src,
+    Dst,
+}
+
+/// A packet at some hook: its bounds, its length, and how to rewrite one end of it.
+pub trait Packet {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    fn len(&self) -> u64;
+    /// Rewrites the address and port of `end`, updating the IPv4 and L4 checksums.
+    fn rewrite(&mut self, f: &Ipv4Flow, end: End, addr: [u8; 4], port: [u8; 2]) -> Result<(), ()>;
+}
+
+#[inline(always)]
+pub fn ingress<P: Packet>(pkt: &mut P) -> Verdict {
+    let flow = match parse_ipv4(pkt.data(), pkt.data_end()) {
+        Ok(f) => f,
+        Err(reason) => {
+            count(reason);
+            return Verdict::Pass;
+        }
+    };
+    let backend = match lookup_rule(&flow) {
+        Ok(b) => b,
+        Err(reason) => {
+            count(reason);
+            return Verdict::Pass;
+        }
+    };
+    record_flow(&flow, &backend);
+    if pkt
+        .rewrite(&flow, End::Dst, backend.addr_bytes(), backend.port_be())
+        .is_err()
+    {
+        count(Reason::DropChecksum);
+        return Verdict::Drop;
+    }
+    maps::count_rule(backend.stats_slot(), pkt.len(), false);
+    count(Reason::Translated);
+    Verdict::Pass
+}
+
+#[inline(always)]
+pub fn reply<P: Packet>(pkt: &mut P) -> Verdict {
+    let flow = match parse_ipv4(pkt.data(), pkt.data_end()) {
+        Ok(f) => f,
+        Err(reason) => {
+            count(reason);
+            return Verdict::Pass;
+        }
+    };
+    let key = FlowKeyV4::new(flow.src, flow.sport, flow.dst, flow.dport, flow.proto);
+    // SAFETY: the value is copied out at once; LRU entries may be evicted concurrently.
+    let Some(tracked) = (unsafe { CONNTRACK_V4.get(&key) }).copied() else {
+        count(Reason::PassNoFlow);
+        return Verdict::Pass;
+    };
+    if pkt
+        .rewrite(
+            &flow,
+            End::Src,
+            tracked.host_addr_bytes(),
+            tracked.host_port_be(),
+        )
+        .is_err()
+    {
+        count(Reason::DropChecksum);
+        return Verdict::Drop;
+    }
+    maps::count_rule(tracked.stats_slot(), pkt.len(), true);
+    count(Reason::ReplyTranslated);
+    Verdict::Pass
+}
+
+/// The rule for the packet's destination: the exact host address first, then the
+/// wildcard, which only covers the host's own addresses.
+#[inline(always)]
+fn lookup_rule(flow: &Ipv4Flow) -> Result<BackendV4, Reason> {
+    let exact = RuleKeyV4::new(flow.dst, flow.dport, flow.proto);
+    // SAFETY: values are copied out at once; the daemon may replace them concurrently.
+    if let Some(b) = unsafe { RULES_V4.get(&exact) } {
+        return Ok(*b);
+    }
+    let wildcard = RuleKeyV4::new([0; 4], flow.dport, flow.proto);
+    let Some(b) = (unsafe { RULES_V4.get(&wildcard) }).copied() else {
+        return Err(Reason::PassNoRule);
+    };
+    if unsafe { HOST_ADDRS_V4.get(&flow.dst) }.is_none() {
+        return Err(Reason::PassNotHostAddr);
+    }
+    Ok(b)
+}
+
+/// Records the flow so that replies are translated back. Written once per flow: an
+/// existing identical entry is left alone (LRU lookups refresh it).
+#[inline(always)]
+fn record_flow(flow: &Ipv4Flow, backend: &BackendV4) {
+    let key = FlowKeyV4::new(
+        backend.addr_bytes(),
+        backend.port_be(),
+        flow.src,
+        flow.sport,
+        flow.proto,
+    );
+    let value = FlowV4::new(flow.dst, flow.dport, backend.stats_slot());
+    // SAFETY: compared by value at once.
+    if let Some(existing) = unsafe { CONNTRACK_V4.get(&key) } {
+        if *existing == value {
+            return;
+        }
+    }
+    if CONNTRACK_V4.insert(&key, &value, 0).is_err() {
+        count(Reason::FlowInsertFailed);
+    }
+}
+
+#[inline(always)]
+fn field_offsets(f: &Ipv4Flow, end: End) -> (usize, usize) {
+    match end {
+        End::Src => (f.ip_off + IP_SRC_OFF, f.l4_off),
+        End::Dst => (f.ip_off + IP_DST_OFF, f.l4_off + 2),
+    }
+}
+
+/// XDP: frames arrive with complete checksums (as from a wire), so both checksums are
+/// updated incrementally in place (RFC 1624) with direct packet writes.
+pub struct XdpPacket<'a> {
+    ctx: &'a XdpContext,
+}
+
+impl<'a> XdpPacket<'a> {
+    #[inline(always)]
+    pub fn new(ctx: &'a XdpContext) -> Self {
+        Self { ctx }
+    }
+}
+
+impl Packet for XdpPacket<'_> {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.ctx.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.ctx.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> u64 {
+        (self.ctx.data_end() - self.ctx.data()) as u64
+    }
+
+    #[inline(always)]
+    fn rewrite(&mut self, f: &Ipv4Flow, end: End, addr: [u8; 4], port: [u8; 2]) -> Result<(), ()> {
+        let (data, data_end) = (self.data(), self.data_end());
+        let ip = bytes_at(data, data_end, f.ip_off, 20).ok_or(())?;
+        let l4 = bytes_at(data, data_end, f.l4_off, f.l4_hlen()).ok_or(())?;
+        let (old_addr, old_port) = match end {
+            End::Src => (f.src, f.sport),
+            End::Dst => (f.dst, f.dport),
+        };
+        let (addr_at, port_at) = match end {
+            End::Src => (IP_SRC_OFF, 0),
+            End::Dst => (IP_DST_OFF, 2),
+        };
+        let l4_csum_at = f.l4_csum_off() - f.l4_off;
+        // SAFETY: `ip` spans 20 bytes and `l4` the whole L4 header (checked above); every
+        // offset below is inside them.
+        unsafe {
+            let ip_check = u16::from_be_bytes([*ip.add(IP_CSUM_OFF), *ip.add(IP_CSUM_OFF + 1)]);
+            let ip_check = csum::replace4(ip_check, old_addr, addr);
+            write(ip.add(IP_CSUM_OFF), &ip_check.to_be_bytes());
+            write(ip.add(addr_at), &addr);
+
+            let l4_check = u16::from_be_bytes([*l4.add(l4_csum_at), *l4.add(l4_csum_at + 1)]);
+            let l4_check = csum::l4_update(
+                l4_check,
+                old_addr,
+                addr,
+                u16::from_be_bytes(old_port),
+                u16::from_be_bytes(port),
+                f.is_udp(),
+            );
+            write(l4.add(l4_csum_at), &l4_check.to_be_bytes());
+            write(l4.add(port_at), &port);
+        }
+        Ok(())
+    }
+}
+
+#[inline(always)]
+unsafe fn write<const N: usize>(p: *mut u8, bytes: &[u8; N]) {
+    let mut i = 0;
+    while i < N {
+        // SAFETY: the caller guarantees `p .. p + N` is inside the packet.
+        unsafe { *p.add(i) = bytes[i] };
+        i += 1;
+    }
+}
+
+/// TC: an skb may carry a partial (offloaded) checksum or a complete one; the kernel's
+/// checksum helpers keep every case right (`BPF_F_PSEUDO_HDR` for the address, which the
+/// pseudo-header covers), so the TC side uses them instead of plain arithmetic.
+pub struct TcPacket<'a> {
+    ctx: &'a TcContext,
+}
+
+/// Enough linear bytes for Ethernet + VLAN + the longest IPv4 header + TCP.
+const TC_LINEAR_WANT: u32 = 14 + 4 + 60 + 20;
+const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
+
+impl<'a> TcPacket<'a> {
+    #[inline(always)]
+    pub fn new(ctx: &'a TcContext) -> Self {
+        // Headers may sit in paged data (GRO, tunnels): make them linear when they are not.
+        let linear = (ctx.data_end() - ctx.data()) as u32;
+        let want = if ctx.len() < TC_LINEAR_WANT {
+            ctx.len()
+        } else {
+            TC_LINEAR_WANT
+        };
+        if linear < want {
+            let _ = ctx.pull_data(want);
+        }
+        Self { ctx }
+    }
+}
+
+impl Packet for TcPacket<'_> {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.ctx.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.ctx.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> u64 {
+        self.ctx.len() as u64
+    }
+
+    #[inline(always)]
+    fn rewrite(&mut self, f: &Ipv4Flow, end: End, addr: [u8; 4], port: [u8; 2]) -> Result<(), ()> {
+        let (old_addr, old_port) = match end {
+            End::Src => (f.src, f.sport),
+            End::Dst => (f.dst, f.dport),
+        };
+        let (addr_off, port_off) = field_offsets(f, end);
+        let l4_csum = f.l4_csum_off();
+        let mangled = if f.is_udp() { BPF_F_MARK_MANGLED_0 } else { 0 };
+        let (old_a, new_a) = (
+            u32::from_ne_bytes(old_addr) as u64,
+            u32::from_ne_bytes(addr) as u64,
+        );
+        let (old_p, new_p) = (
+            u16::from_ne_bytes(old_port) as u64,
+            u16::from_ne_bytes(port) as u64,
+        );
+        let c = self.ctx;
+        c.l4_csum_replace(l4_csum, old_a, new_a, BPF_F_PSEUDO_HDR as u64 | mangled | 4)
+            .map_err(|_| ())?;
+        c.l4_csum_replace(l4_csum, old_p, new_p, mangled | 2)
+            .map_err(|_| ())?;
+        c.l3_csum_replace(f.ip_off + IP_CSUM_OFF, old_a, new_a, 4)
+            .map_err(|_| ())?;
+        c.store(addr_off, &addr, 0).map_err(|_| ())?;
+        c.store(port_off, &port, 0).map_err(|_| ())?;
+        Ok(())
+    }
+}

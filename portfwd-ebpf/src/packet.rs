@@ -1,0 +1,130 @@
+//! Header parsing over `[data, data_end)`: Ethernet (with at most one 802.1Q/802.1ad tag),
+//! IPv4 (any IHL, options skipped), then the TCP or UDP ports. Every read is bounds-checked
+//! against `data_end` before it happens, so the verifier accepts it and a truncated packet
+//! is a [`Reason::PassMalformed`], never an out-of-bounds read.
+
+use portfwd_common::{proto, Reason};
+
+const ETH_HLEN: usize = 14;
+const VLAN_HLEN: usize = 4;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPV4_MIN_HLEN: usize = 20;
+/// Fragment offset and "more fragments": any set bit means the packet is a fragment.
+const IP_FRAG_MASK: u16 = 0x3fff;
+pub const TCP_HLEN: usize = 20;
+pub const UDP_HLEN: usize = 8;
+
+/// Offsets of the checksum fields inside their headers.
+pub const IP_CSUM_OFF: usize = 10;
+pub const IP_SRC_OFF: usize = 12;
+pub const IP_DST_OFF: usize = 16;
+pub const TCP_CSUM_OFF: usize = 16;
+pub const UDP_CSUM_OFF: usize = 6;
+
+/// What the NAT needs of an IPv4 TCP/UDP packet: offsets from the start of the frame and
+/// the fields, in network order.
+#[derive(Clone, Copy)]
+pub struct Ipv4Flow {
+    pub ip_off: usize,
+    pub l4_off: usize,
+    pub proto: u8,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+}
+
+impl Ipv4Flow {
+    #[inline(always)]
+    pub fn is_udp(&self) -> bool {
+        self.proto == proto::UDP
+    }
+    /// Offset of the L4 checksum field in the frame.
+    #[inline(always)]
+    pub fn l4_csum_off(&self) -> usize {
+        self.l4_off
+            + if self.is_udp() {
+                UDP_CSUM_OFF
+            } else {
+                TCP_CSUM_OFF
+            }
+    }
+    /// Bytes of L4 header that must be present.
+    #[inline(always)]
+    pub fn l4_hlen(&self) -> usize {
+        if self.is_udp() {
+            UDP_HLEN
+        } else {
+            TCP_HLEN
+        }
+    }
+}
+
+/// Returns a pointer to `len` bytes at `off`, if they lie inside the packet.
+#[inline(always)]
+pub fn bytes_at(data: usize, data_end: usize, off: usize, len: usize) -> Option<*mut u8> {
+    let start = data + off;
+    if start + len > data_end {
+        return None;
+    }
+    Some(start as *mut u8)
+}
+
+#[inline(always)]
+fn read<const N: usize>(p: *const u8, at: usize) -> [u8; N] {
+    let mut out = [0u8; N];
+    let mut i = 0;
+    while i < N {
+        // SAFETY: callers checked that `p + at + N` is inside the packet.
+        out[i] = unsafe { *p.add(at + i) };
+        i += 1;
+    }
+    out
+}
+
+#[inline(always)]
+pub fn parse_ipv4(data: usize, data_end: usize) -> Result<Ipv4Flow, Reason> {
+    let eth = bytes_at(data, data_end, 0, ETH_HLEN).ok_or(Reason::PassMalformed)?;
+    let mut ethertype = u16::from_be_bytes(read(eth, 12));
+    let mut ip_off = ETH_HLEN;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        let tag = bytes_at(data, data_end, ETH_HLEN, VLAN_HLEN).ok_or(Reason::PassMalformed)?;
+        ethertype = u16::from_be_bytes(read(tag, 2));
+        ip_off += VLAN_HLEN;
+    }
+    if ethertype != ETH_P_IP {
+        return Err(Reason::PassNotIpv4);
+    }
+
+    let ip = bytes_at(data, data_end, ip_off, IPV4_MIN_HLEN).ok_or(Reason::PassMalformed)?;
+    let [ver_ihl] = read::<1>(ip, 0);
+    let ihl = ((ver_ihl & 0x0f) as usize) * 4;
+    if ver_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
+        return Err(Reason::PassMalformed);
+    }
+    if u16::from_be_bytes(read(ip, 6)) & IP_FRAG_MASK != 0 {
+        return Err(Reason::PassFragment);
+    }
+    let [l4_proto] = read::<1>(ip, 9);
+    let l4_hlen = match l4_proto {
+        proto::TCP => TCP_HLEN,
+        proto::UDP => UDP_HLEN,
+        _ => return Err(Reason::PassNotTcpUdp),
+    };
+    let src = read(ip, IP_SRC_OFF);
+    let dst = read(ip, IP_DST_OFF);
+
+    let l4_off = ip_off + ihl;
+    let l4 = bytes_at(data, data_end, l4_off, l4_hlen).ok_or(Reason::PassMalformed)?;
+    Ok(Ipv4Flow {
+        ip_off,
+        l4_off,
+        proto: l4_proto,
+        src,
+        dst,
+        sport: read(l4, 0),
+        dport: read(l4, 2),
+    })
+}

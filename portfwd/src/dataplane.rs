@@ -1,0 +1,364 @@
+//! The kernel side as the daemon sees it: loads the embedded object, attaches the
+//! programs to interfaces, and gives typed access to the maps. Dropping a [`Dataplane`]
+//! detaches everything it attached (aya owns the links).
+
+use std::{collections::BTreeSet, fmt, net::Ipv4Addr, path::Path};
+
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray, PerCpuValues},
+    programs::{tc::SchedClassifier, TcAttachType, Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+use portfwd_common::{
+    programs, BackendV4, FlowKeyV4, FlowV4, Reason, RuleKeyV4, RuleStats, CONNTRACK_V4,
+    HOST_ADDRS_V4, REASON_STATS, RULES_V4, RULE_STATS,
+};
+use thiserror::Error;
+
+/// The compiled kernel programs (built by `build.rs` from `portfwd-ebpf`).
+pub static BPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portfwd.bpf.o"));
+
+#[derive(Debug, Error)]
+pub enum DataplaneError {
+    #[error("cannot load the BPF programs: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("BPF object has no program `{0}`")]
+    MissingProgram(&'static str),
+    #[error("BPF object has no map `{0}`")]
+    MissingMap(&'static str),
+    #[error("program `{name}`: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("cannot count the possible CPUs: {0}")]
+    Cpus(#[source] std::io::Error),
+    #[error("unknown interface `{0}`")]
+    UnknownInterface(String),
+    #[error("cannot attach {hook} to {iface}: {source}")]
+    Attach {
+        hook: Hook,
+        iface: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+}
+
+/// Where the ingress program runs on an interface (`--ingress`).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum IngressMode {
+    /// Native XDP on physical NICs whose driver supports it, TC on virtual interfaces
+    /// (on a veth, native XDP splits GSO super-packets and costs throughput).
+    Auto,
+    /// Native (driver) XDP.
+    Xdp,
+    /// Generic (skb) XDP.
+    XdpGeneric,
+    /// TC ingress.
+    Tc,
+}
+
+/// A hook a program is attached to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Hook {
+    Xdp,
+    XdpGeneric,
+    TcIngress,
+    TcEgress,
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Hook::Xdp => "native XDP",
+            Hook::XdpGeneric => "generic XDP",
+            Hook::TcIngress => "TC ingress",
+            Hook::TcEgress => "TC egress",
+        })
+    }
+}
+
+/// One interface's attachments.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Attachment {
+    pub iface: String,
+    pub ingress: Hook,
+    pub egress: Hook,
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    attachments: Vec<Attachment>,
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+impl Dataplane {
+    /// Loads every program and creates the maps; attaches nothing yet.
+    pub fn load() -> Result<Self, DataplaneError> {
+        let mut ebpf = EbpfLoader::new()
+            .load(BPF_OBJECT)
+            .map_err(DataplaneError::Load)?;
+        for name in [programs::TC_INGRESS, programs::TC_EGRESS] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        let xdp: &mut Xdp = program(&mut ebpf, programs::XDP_INGRESS)?;
+        xdp.load().map_err(|source| DataplaneError::Program {
+            name: programs::XDP_INGRESS,
+            source,
+        })?;
+        Ok(Self {
+            ebpf,
+            attachments: Vec::new(),
+        })
+    }
+
+    /// Loads from an object file instead of the embedded one (tests of other builds).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    pub fn attachments(&self) -> &[Attachment] {
+        &self.attachments
+    }
+
+    /// Attaches the ingress program (hook chosen by `mode`) and the reply translator (TC
+    /// egress) to `iface`.
+    pub fn attach(&mut self, iface: &str, mode: IngressMode) -> Result<Attachment, DataplaneError> {
+        if !Path::new("/sys/class/net").join(iface).exists() {
+            return Err(DataplaneError::UnknownInterface(iface.to_string()));
+        }
+        let ingress = match mode {
+            IngressMode::Xdp => self.attach_xdp(iface, XdpMode::Driver)?,
+            IngressMode::XdpGeneric => self.attach_xdp(iface, XdpMode::Skb)?,
+            IngressMode::Tc => self.attach_tc(iface, Hook::TcIngress)?,
+            IngressMode::Auto if is_virtual(iface) => self.attach_tc(iface, Hook::TcIngress)?,
+            IngressMode::Auto => match self.attach_xdp(iface, XdpMode::Driver) {
+                Ok(hook) => hook,
+                // The driver has no native XDP: TC costs less than generic XDP.
+                Err(_) => self.attach_tc(iface, Hook::TcIngress)?,
+            },
+        };
+        let egress = self.attach_tc(iface, Hook::TcEgress)?;
+        let a = Attachment {
+            iface: iface.to_string(),
+            ingress,
+            egress,
+        };
+        self.attachments.push(a.clone());
+        Ok(a)
+    }
+
+    fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<Hook, DataplaneError> {
+        let hook = if mode == XdpMode::Skb {
+            Hook::XdpGeneric
+        } else {
+            Hook::Xdp
+        };
+        let prog: &mut Xdp = program(&mut self.ebpf, programs::XDP_INGRESS)?;
+        prog.attach(iface, mode)
+            .map_err(|source| DataplaneError::Attach {
+                hook,
+                iface: iface.to_string(),
+                source,
+            })?;
+        Ok(hook)
+    }
+
+    fn attach_tc(&mut self, iface: &str, hook: Hook) -> Result<Hook, DataplaneError> {
+        let (name, attach_type) = match hook {
+            Hook::TcEgress => (programs::TC_EGRESS, TcAttachType::Egress),
+            _ => (programs::TC_INGRESS, TcAttachType::Ingress),
+        };
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        prog.attach(iface, attach_type)
+            .map_err(|source| DataplaneError::Attach {
+                hook,
+                iface: iface.to_string(),
+                source,
+            })?;
+        Ok(hook)
+    }
+
+    fn rules(&mut self) -> Result<HashMap<&mut MapData, RuleKeyV4, BackendV4>, DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(RULES_V4)
+            .ok_or(DataplaneError::MissingMap(RULES_V4))?;
+        HashMap::try_from(map).map_err(map_err(RULES_V4))
+    }
+
+    /// Publishes (or replaces) one port.
+    pub fn insert_rule(
+        &mut self,
+        key: RuleKeyV4,
+        backend: BackendV4,
+    ) -> Result<(), DataplaneError> {
+        self.rules()?
+            .insert(key, backend, 0)
+            .map_err(map_err(RULES_V4))
+    }
+
+    /// Unpublishes one port; absent keys are not an error.
+    pub fn remove_rule(&mut self, key: &RuleKeyV4) -> Result<(), DataplaneError> {
+        match self.rules()?.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(RULES_V4)(e)),
+        }
+    }
+
+    /// Every rule the kernel holds.
+    pub fn rules_snapshot(&mut self) -> Result<Vec<(RuleKeyV4, BackendV4)>, DataplaneError> {
+        let rules = self.rules()?;
+        rules
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(RULES_V4))
+    }
+
+    /// Forgets every tracked flow of a backend (its rule changed or went away), so that
+    /// UDP flows are not black-holed by stale state.
+    pub fn forget_flows_to(
+        &mut self,
+        backend: (Ipv4Addr, u16),
+        proto: u8,
+    ) -> Result<usize, DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(CONNTRACK_V4)
+            .ok_or(DataplaneError::MissingMap(CONNTRACK_V4))?;
+        // aya's HashMap also handles LRU hash maps.
+        let mut ct: HashMap<&mut MapData, FlowKeyV4, FlowV4> =
+            HashMap::try_from(map).map_err(map_err(CONNTRACK_V4))?;
+        let stale: Vec<FlowKeyV4> = ct
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.backend() == backend && k.proto() == proto)
+            .collect();
+        for k in &stale {
+            let _ = ct.remove(k);
+        }
+        Ok(stale.len())
+    }
+
+    /// A rule's counters, summed over CPUs.
+    pub fn rule_stats(&self, slot: u32) -> Result<RuleStats, DataplaneError> {
+        let map = self
+            .ebpf
+            .map(RULE_STATS)
+            .ok_or(DataplaneError::MissingMap(RULE_STATS))?;
+        let stats: PerCpuArray<&MapData, RuleStats> =
+            PerCpuArray::try_from(map).map_err(map_err(RULE_STATS))?;
+        let per_cpu = stats.get(&slot, 0).map_err(map_err(RULE_STATS))?;
+        Ok(per_cpu.iter().fold(RuleStats::default(), |mut acc, s| {
+            acc.packets += s.packets;
+            acc.bytes += s.bytes;
+            acc.reply_packets += s.reply_packets;
+            acc.reply_bytes += s.reply_bytes;
+            acc.local += s.local;
+            acc
+        }))
+    }
+
+    /// Zeroes a counter slot before it is given to a new rule.
+    pub fn reset_rule_stats(&mut self, slot: u32) -> Result<(), DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(RULE_STATS)
+            .ok_or(DataplaneError::MissingMap(RULE_STATS))?;
+        let mut stats: PerCpuArray<&mut MapData, RuleStats> =
+            PerCpuArray::try_from(map).map_err(map_err(RULE_STATS))?;
+        let ncpu = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
+        let zero = PerCpuValues::try_from(vec![RuleStats::default(); ncpu])
+            .map_err(DataplaneError::Cpus)?;
+        stats.set(slot, zero, 0).map_err(map_err(RULE_STATS))
+    }
+
+    /// Packet counts per [`Reason`], summed over CPUs.
+    pub fn reason_stats(&self) -> Result<Vec<(Reason, u64)>, DataplaneError> {
+        let map = self
+            .ebpf
+            .map(REASON_STATS)
+            .ok_or(DataplaneError::MissingMap(REASON_STATS))?;
+        let stats: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(map_err(REASON_STATS))?;
+        Reason::ALL
+            .iter()
+            .map(|&r| {
+                let v = stats.get(&(r as u32), 0).map_err(map_err(REASON_STATS))?;
+                Ok((r, v.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Makes the kernel's set of host addresses (for wildcard rules) equal to `addrs`.
+    pub fn sync_host_addrs(&mut self, addrs: &BTreeSet<Ipv4Addr>) -> Result<(), DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(HOST_ADDRS_V4)
+            .ok_or(DataplaneError::MissingMap(HOST_ADDRS_V4))?;
+        let mut m: HashMap<&mut MapData, [u8; 4], u8> =
+            HashMap::try_from(map).map_err(map_err(HOST_ADDRS_V4))?;
+        let current: BTreeSet<Ipv4Addr> = m
+            .keys()
+            .filter_map(Result::ok)
+            .map(Ipv4Addr::from)
+            .collect();
+        for gone in current.difference(addrs) {
+            let _ = m.remove(&gone.octets());
+        }
+        for new in addrs.difference(&current) {
+            m.insert(new.octets(), 1, 0)
+                .map_err(map_err(HOST_ADDRS_V4))?;
+        }
+        Ok(())
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DataplaneError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(DataplaneError::MissingProgram(name))?;
+    prog.try_into()
+        .map_err(|source| DataplaneError::Program { name, source })
+}
+
+/// Virtual interfaces (veth, bridge, tap...) have no backing device in sysfs.
+pub fn is_virtual(iface: &str) -> bool {
+    !Path::new("/sys/class/net")
+        .join(iface)
+        .join("device")
+        .exists()
+}
+
+/// The IPv4 addresses configured on this network namespace's interfaces.
+pub fn local_ipv4_addrs() -> BTreeSet<Ipv4Addr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return BTreeSet::new();
+    };
+    addrs
+        .filter_map(|a| {
+            a.address
+                .and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip()))
+        })
+        .collect()
+}
