@@ -1,0 +1,4 @@
+//! TODO(helper)
+pub fn run() -> anyhow::Result<()> {
+    anyhow::bail!("not written yet")
+}
