@@ -1,5 +1,5 @@
 //! Builds the kernel programs (`../portfwd-ebpf`) for `bpfel-unknown-none` and places the
-//! object in `OUT_DIR`, where `src/dataplane.rs` embeds it.
+//! objects in `OUT_DIR`, where `src/dataplane.rs` embeds them.
 //!
 //! The BPF target needs a compiler that ships `core` for it: on Debian that is
 //! `rustc-web` (`/usr/bin/rustc`, see ../shared/BPF-TOOLCHAIN.md); elsewhere set
@@ -65,9 +65,11 @@ fn main() {
     if !status.success() {
         fail("building portfwd-ebpf failed (see the errors above)");
     }
-    let obj = target_dir.join("bpfel-unknown-none/release/portfwd");
-    std::fs::copy(&obj, out_dir.join("portfwd.bpf.o"))
-        .unwrap_or_else(|e| fail(&format!("cannot copy {}: {e}", obj.display())));
+    for bin in ["portfwd", "portfwd-bench"] {
+        let obj = target_dir.join("bpfel-unknown-none/release").join(bin);
+        std::fs::copy(&obj, out_dir.join(format!("{bin}.bpf.o")))
+            .unwrap_or_else(|e| fail(&format!("cannot copy {}: {e}", obj.display())));
+    }
 }
 
 /// A rustc with the prebuilt `core` for bpfel-unknown-none.

@@ -16,6 +16,10 @@ use portfwd_common::{
 use thiserror::Error;
 
 /// The compiled kernel programs (built by `build.rs` from `portfwd-ebpf`).
+/// The benchmark-only programs (packet generator and sink), used by `cargo xtask bench`.
+pub static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portfwd-bench.bpf.o"));
+
 pub static BPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portfwd.bpf.o"));
 
