@@ -133,7 +133,11 @@ impl Dataplane {
         })
     }
 
-    /// Loads from an object file instead of the embedded one (tests of other builds).
+    /// The loaded object, for BPF_PROG_RUN tests and benchmarks.
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
