@@ -1,0 +1,170 @@
+//! `portfwd-testsrv`: the "container" the namespace tests and the demo publish.
+//!
+//! ```text
+//! portfwd-testsrv [--http ADDR] [--body TEXT] [--udp ADDR]
+//! ```
+//! - HTTP/1.1 on `--http`: `GET /` answers `--body`; `GET /bytes/N` answers N bytes of the
+//!   deterministic [`Pattern`] stream. Every answer carries `X-Peer: IP:PORT`, the peer
+//!   address this server saw (so a test can check the backend sees the real client), and
+//!   closes the connection.
+//! - UDP echo on `--udp`: answers each datagram with `peer=IP:PORT\n` followed by the
+//!   datagram itself.
+//!
+//! Prints `ready` on stdout once every socket is bound, so a harness can wait for it.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::ExitCode,
+    sync::Arc,
+    thread,
+};
+
+use portfwd_tests::pattern::Pattern;
+
+struct Args {
+    http: Option<SocketAddr>,
+    body: String,
+    udp: Option<SocketAddr>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        http: None,
+        body: "hello".to_string(),
+        udp: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--http" => args.http = Some(parse_addr(&value()?)?),
+            "--udp" => args.udp = Some(parse_addr(&value()?)?),
+            "--body" => args.body = value()?,
+            "-h" | "--help" => {
+                return Err(
+                    "usage: portfwd-testsrv [--http ADDR] [--body TEXT] [--udp ADDR]".into(),
+                )
+            }
+            other => return Err(format!("unknown argument `{other}`")),
+        }
+    }
+    if args.http.is_none() && args.udp.is_none() {
+        return Err("give --http ADDR, --udp ADDR or both".into());
+    }
+    Ok(args)
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|e| format!("bad address `{s}`: {e}"))
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("portfwd-testsrv: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut workers = Vec::new();
+    if let Some(addr) = args.http {
+        let listener = match TcpListener::bind(addr) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("portfwd-testsrv: cannot listen on {addr}/tcp: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let body: Arc<str> = args.body.clone().into();
+        workers.push(thread::spawn(move || serve_http(listener, body)));
+    }
+    if let Some(addr) = args.udp {
+        let sock = match UdpSocket::bind(addr) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("portfwd-testsrv: cannot bind {addr}/udp: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        workers.push(thread::spawn(move || serve_udp(sock)));
+    }
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    for w in workers {
+        let _ = w.join();
+    }
+    ExitCode::SUCCESS
+}
+
+fn serve_http(listener: TcpListener, body: Arc<str>) {
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let body = Arc::clone(&body);
+        thread::spawn(move || {
+            if let Err(e) = handle_http(conn, &body) {
+                eprintln!("portfwd-testsrv: connection: {e}");
+            }
+        });
+    }
+}
+
+fn handle_http(conn: TcpStream, body: &str) -> std::io::Result<()> {
+    let peer = conn.peer_addr()?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    // Skip the headers up to the blank line.
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+            break;
+        }
+    }
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let mut out = conn;
+    let head = |status: &str, len: u64, ctype: &str| {
+        format!(
+            "HTTP/1.1 {status}\r\nContent-Length: {len}\r\nContent-Type: {ctype}\r\n\
+             X-Peer: {peer}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    if method != "GET" {
+        out.write_all(head("405 Method Not Allowed", 0, "text/plain").as_bytes())?;
+    } else if path == "/" {
+        out.write_all(head("200 OK", body.len() as u64, "text/plain").as_bytes())?;
+        out.write_all(body.as_bytes())?;
+    } else if let Some(n) = path
+        .strip_prefix("/bytes/")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        out.write_all(head("200 OK", n, "application/octet-stream").as_bytes())?;
+        let mut pattern = Pattern::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(buf.len() as u64) as usize;
+            pattern.fill(&mut buf[..k]);
+            out.write_all(&buf[..k])?;
+            left -= k as u64;
+        }
+    } else {
+        out.write_all(head("404 Not Found", 0, "text/plain").as_bytes())?;
+    }
+    out.flush()?;
+    let _ = out.shutdown(std::net::Shutdown::Write);
+    Ok(())
+}
+
+fn serve_udp(sock: UdpSocket) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let Ok((n, peer)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        let mut reply = format!("peer={peer}\n").into_bytes();
+        reply.extend_from_slice(&buf[..n]);
+        let _ = sock.send_to(&reply, peer);
+    }
+}

@@ -1,0 +1,284 @@
+//! The daemon under test, run inside the topology's host namespace, and `portfwd-ctl`
+//! pointed at its socket.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{bins, netns::Netns, process::ChildGuard};
+
+/// How long the daemon may take to load, attach and answer (generous: only to avoid
+/// hanging).
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What one `portfwd-ctl` run did.
+#[derive(Debug, Clone)]
+pub struct CtlOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CtlOutput {
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+
+    /// Asserts a failure that says one clear line on stderr (and nothing on stdout), and
+    /// returns that line.
+    #[track_caller]
+    pub fn expect_error(&self, what: &str) -> String {
+        assert!(
+            !self.status.success(),
+            "{what}: expected a non-zero exit, got {}; stdout: {:?}",
+            self.status,
+            self.stdout
+        );
+        assert!(
+            self.status.code().is_some(),
+            "{what}: expected an exit code, not a signal: {}",
+            self.status
+        );
+        let lines: Vec<&str> = self
+            .stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "{what}: expected exactly one line on stderr, got {:?}",
+            self.stderr
+        );
+        lines[0].to_string()
+    }
+
+    /// Asserts success and returns stdout.
+    #[track_caller]
+    pub fn expect_ok(&self, what: &str) -> &str {
+        assert!(
+            self.status.success(),
+            "{what}: failed ({}): {}{}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        &self.stdout
+    }
+}
+
+/// Runs `portfwd-ctl --socket SOCKET ARGS...`.
+pub fn ctl_at(socket: &Path, args: &[&str]) -> CtlOutput {
+    let mut cmd = Command::new(bins::bin(bins::PORTFWD_CTL));
+    cmd.arg("--socket").arg(socket).args(args);
+    run_ctl(&mut cmd)
+}
+
+/// Runs `portfwd-ctl` as given (for tests of `PORTFWD_SOCKET` and argument handling).
+pub fn run_ctl(cmd: &mut Command) -> CtlOutput {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run portfwd-ctl: {e}"));
+    CtlOutput {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// One row of `list --json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub host_ip: String,
+    pub host_port: u16,
+    pub proto: String,
+    pub backend_ip: String,
+    pub backend_port: u16,
+    pub packets: u64,
+    pub bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+}
+
+impl Rule {
+    fn from_json(v: &Value) -> Self {
+        let s = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_else(|| panic!("rule without string `{k}`: {v}"))
+                .to_string()
+        };
+        let n = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_u64)
+                .unwrap_or_else(|| panic!("rule without number `{k}`: {v}"))
+        };
+        Self {
+            host_ip: s("host_ip"),
+            host_port: n("host_port") as u16,
+            proto: s("proto"),
+            backend_ip: s("backend_ip"),
+            backend_port: n("backend_port") as u16,
+            packets: n("packets"),
+            bytes: n("bytes"),
+            reply_packets: n("reply_packets"),
+            reply_bytes: n("reply_bytes"),
+        }
+    }
+
+    /// The rule without its counters, to compare configurations.
+    pub fn config(&self) -> (String, u16, String, String, u16) {
+        (
+            self.host_ip.clone(),
+            self.host_port,
+            self.proto.clone(),
+            self.backend_ip.clone(),
+            self.backend_port,
+        )
+    }
+}
+
+/// A running `portfwd` daemon; SIGTERM on drop.
+#[derive(Debug)]
+pub struct Daemon {
+    child: ChildGuard,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `portfwd --socket DIR/portfwd.sock --iface IF... [extra...]` inside `ns`
+    /// (through nsenter), its output going to `DIR/portfwd.log`. Does not wait.
+    pub fn spawn(ns: &Netns, dir: &Path, ifaces: &[&str], extra: &[&str]) -> Self {
+        let socket = dir.join("portfwd.sock");
+        let log = dir.join("portfwd.log");
+        let logf = std::fs::File::create(&log).expect("daemon log file");
+        let mut cmd = ns.command(bins::bin(bins::PORTFWD));
+        cmd.arg("--socket").arg(&socket);
+        for i in ifaces {
+            cmd.args(["--iface", i]);
+        }
+        cmd.args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(logf.try_clone().expect("log fd"))
+            .stderr(logf);
+        let child = ChildGuard::spawn("portfwd", &mut cmd);
+        Self { child, socket, log }
+    }
+
+    /// Starts the daemon and waits until its socket answers `list`.
+    pub fn start(ns: &Netns, dir: &Path, ifaces: &[&str], ingress: &str) -> Self {
+        let mut d = Self::spawn(ns, dir, ifaces, &["--ingress", ingress]);
+        d.wait_ready();
+        d
+    }
+
+    /// Waits until `portfwd-ctl list` succeeds; panics with the daemon's log if it exits
+    /// or never answers.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait() {
+                panic!(
+                    "portfwd exited during start-up ({status}):\n{}",
+                    self.log_text()
+                );
+            }
+            if self.socket.exists() && self.ctl(&["list"]).success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "portfwd did not answer on {} within {START_TIMEOUT:?}:\n{}",
+                self.socket.display(),
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// What the daemon printed so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn child(&mut self) -> &mut ChildGuard {
+        &mut self.child
+    }
+
+    /// `portfwd-ctl --socket <this daemon's socket> ARGS...`.
+    pub fn ctl(&self, args: &[&str]) -> CtlOutput {
+        ctl_at(&self.socket, args)
+    }
+
+    /// `portfwd-ctl add HOST BACKEND`, asserting success; returns the line it printed.
+    #[track_caller]
+    pub fn add(&self, host: &str, backend: &str) -> String {
+        self.ctl(&["add", host, backend])
+            .expect_ok(&format!("add {host} {backend}"))
+            .trim()
+            .to_string()
+    }
+
+    /// `portfwd-ctl del SPEC`, asserting success.
+    #[track_caller]
+    pub fn del(&self, spec: &str) {
+        self.ctl(&["del", spec]).expect_ok(&format!("del {spec}"));
+    }
+
+    /// `list --json`, parsed.
+    #[track_caller]
+    pub fn list_json(&self) -> Value {
+        let out = self.ctl(&["list", "--json"]);
+        let text = out.expect_ok("list --json");
+        serde_json::from_str(text)
+            .unwrap_or_else(|e| panic!("list --json is not JSON ({e}): {text}"))
+    }
+
+    /// The rules of `list --json`.
+    #[track_caller]
+    pub fn rules(&self) -> Vec<Rule> {
+        let v = self.list_json();
+        v.get("rules")
+            .and_then(Value::as_array)
+            .unwrap_or_else(|| panic!("list --json has no `rules` array: {v}"))
+            .iter()
+            .map(Rule::from_json)
+            .collect()
+    }
+
+    /// The rule published on `host_port`/`proto`.
+    #[track_caller]
+    pub fn rule(&self, host_port: u16, proto: &str) -> Rule {
+        let rules = self.rules();
+        rules
+            .iter()
+            .find(|r| r.host_port == host_port && r.proto == proto)
+            .cloned()
+            .unwrap_or_else(|| panic!("no rule for {host_port}/{proto} in {rules:?}"))
+    }
+
+    /// A reason counter of `list --json` (0 when absent).
+    #[track_caller]
+    pub fn reason(&self, name: &str) -> u64 {
+        self.list_json()
+            .get("reasons")
+            .and_then(|r| r.get(name))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    }
+
+    /// SIGTERM, and the exit status (None if it did not exit within `timeout`).
+    pub fn stop(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.child.terminate(timeout)
+    }
+}

@@ -1,0 +1,170 @@
+//! The namespace network every traffic test builds for itself:
+//!
+//! ```text
+//!  client ns              host ns (runs portfwd --iface cli0)             container ns x2
+//!  eth0 198.18.0.2 ─veth─ cli0 198.18.0.1
+//!                         br0  198.18.1.1 ─┬─ vc1 ─veth─ eth0 198.18.1.2  :8080 http, :5353 udp
+//!                                          └─ vc2 ─veth─ eth0 198.18.1.3  :8080 http, :5353 udp
+//! ```
+//! The client's default route and the containers' go through the host, which forwards
+//! (`ip_forward=1` in the host namespace only), so backends' replies pass the host's TC
+//! egress on `cli0` on their way back. Transmit checksum offload is off on the client's
+//! veth, so the ingress program sees full checksums, as from a wire. Every test gets its
+//! own namespaces, so the same addresses serve tests running in parallel.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    time::Duration,
+};
+
+use crate::{bins, daemon::Daemon, netns::Netns, process::ChildGuard, tmp::TempDir};
+
+/// The published address the client talks to (host side of the client veth).
+pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The client.
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// The host's address on the container bridge.
+pub const BRIDGE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+/// The containers, in order.
+pub const CONTAINER_IPS: [Ipv4Addr; 2] =
+    [Ipv4Addr::new(198, 18, 1, 2), Ipv4Addr::new(198, 18, 1, 3)];
+/// The interface the daemon publishes on (host side of the client veth).
+pub const HOST_IFACE: &str = "cli0";
+/// Where each container serves HTTP.
+pub const HTTP_PORT: u16 = 8080;
+/// Where each container echoes UDP.
+pub const UDP_PORT: u16 = 5353;
+
+/// The body container `i` (0-based) answers with.
+pub fn body(i: usize) -> String {
+    format!("Hello from container {}", i + 1)
+}
+
+/// `IP:PORT` of container `i`'s HTTP server, as `portfwd-ctl add` takes it.
+pub fn backend(i: usize) -> String {
+    format!("{}:{HTTP_PORT}", CONTAINER_IPS[i])
+}
+
+/// `IP:PORT` of container `i`'s UDP echo.
+pub fn udp_backend(i: usize) -> String {
+    format!("{}:{UDP_PORT}", CONTAINER_IPS[i])
+}
+
+/// HOST_IP:port, what the client connects to.
+pub fn published(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(HOST_IP, port)
+}
+
+/// One test's network (see the module docs). Fields drop in order: the daemon and the
+/// servers stop before their namespaces go.
+pub struct Topology {
+    daemon: Option<Daemon>,
+    servers: Vec<ChildGuard>,
+    pub client: Netns,
+    pub host: Netns,
+    pub containers: Vec<Netns>,
+    dir: TempDir,
+}
+
+impl Topology {
+    /// Builds the network and starts both containers' servers; no daemon yet. `tag` (a
+    /// few characters) names the namespaces, so a leftover is traceable to its test.
+    pub fn new(tag: &str) -> Self {
+        let client = Netns::new(tag, "cli");
+        let host = Netns::new(tag, "host");
+        let containers = vec![Netns::new(tag, "c1"), Netns::new(tag, "c2")];
+        let dir = TempDir::new(&format!("pft-{tag}"));
+        let mut topo = Self {
+            daemon: None,
+            servers: Vec::new(),
+            client,
+            host,
+            containers,
+            dir,
+        };
+        topo.wire();
+        topo.start_servers();
+        topo
+    }
+
+    fn wire(&self) {
+        let (host, client) = (&self.host, &self.client);
+        host.sysctl("net.ipv4.ip_forward", "1");
+        host.sysctl("net.ipv4.conf.all.rp_filter", "0");
+        host.sysctl("net.ipv4.conf.default.rp_filter", "0");
+
+        // Client <-> host.
+        host.ip(&format!(
+            "link add {HOST_IFACE} type veth peer name eth0 netns {}",
+            client.name()
+        ));
+        host.ip(&format!("addr add {HOST_IP}/24 dev {HOST_IFACE}"));
+        host.ip(&format!("link set {HOST_IFACE} up"));
+        client.ip(&format!("addr add {CLIENT_IP}/24 dev eth0"));
+        client.ip("link set eth0 up");
+        client.ip(&format!("route add default via {HOST_IP}"));
+        // Full checksums leave the client, as from a remote machine's NIC.
+        client.exec_ok("ethtool", &["-K", "eth0", "tx", "off"]);
+
+        // Host bridge <-> containers.
+        host.ip("link add br0 type bridge");
+        host.ip(&format!("addr add {BRIDGE_IP}/24 dev br0"));
+        host.ip("link set br0 up");
+        for (i, c) in self.containers.iter().enumerate() {
+            let port = format!("vc{}", i + 1);
+            host.ip(&format!(
+                "link add {port} type veth peer name eth0 netns {}",
+                c.name()
+            ));
+            host.ip(&format!("link set {port} master br0"));
+            host.ip(&format!("link set {port} up"));
+            c.ip(&format!("addr add {}/24 dev eth0", CONTAINER_IPS[i]));
+            c.ip("link set eth0 up");
+            c.ip(&format!("route add default via {BRIDGE_IP}"));
+        }
+    }
+
+    fn start_servers(&mut self) {
+        let srv = bins::bin(bins::TESTSRV);
+        for (i, c) in self.containers.iter().enumerate() {
+            let mut cmd = c.command(&srv);
+            cmd.args(["--http", &format!("0.0.0.0:{HTTP_PORT}")])
+                .args(["--udp", &format!("0.0.0.0:{UDP_PORT}")])
+                .args(["--body", &body(i)]);
+            self.servers.push(ChildGuard::spawn_until_line(
+                &format!("server in {}", c.name()),
+                &mut cmd,
+                "ready",
+                Duration::from_secs(30),
+            ));
+        }
+    }
+
+    /// A directory of this test's own (sockets, logs), removed at the end.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts `portfwd --iface cli0 --ingress MODE` in the host namespace and waits until
+    /// it answers.
+    pub fn start_daemon(&mut self, ingress: &str) -> &Daemon {
+        assert!(self.daemon.is_none(), "daemon already started");
+        let d = Daemon::start(&self.host, self.dir.path(), &[HOST_IFACE], ingress);
+        self.daemon.insert(d)
+    }
+
+    /// The running daemon.
+    pub fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().expect("start_daemon first")
+    }
+
+    pub fn daemon_mut(&mut self) -> &mut Daemon {
+        self.daemon.as_mut().expect("start_daemon first")
+    }
+
+    /// Stops the daemon (if running) and forgets it.
+    pub fn take_daemon(&mut self) -> Option<Daemon> {
+        self.daemon.take()
+    }
+}
