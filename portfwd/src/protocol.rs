@@ -1,0 +1,444 @@
+//! The control protocol between `portfwd-ctl` (or any tool) and the `portfwd` daemon.
+//!
+//! Transport: a Unix stream socket (root only). The client writes **one request** as a
+//! single line of JSON ending in `\n` (at most [`MAX_REQUEST`] bytes), the daemon answers
+//! with **one response** line and closes the connection.
+//!
+//! Requests:
+//! ```json
+//! {"cmd":"add","publish":{"host_ip":"0.0.0.0","host_port":9000,"proto":"tcp"},"backend":{"ip":"172.17.0.2","port":8080}}
+//! {"cmd":"del","publish":{"host_ip":"0.0.0.0","host_port":9000,"proto":"tcp"}}
+//! {"cmd":"list"}
+//! ```
+//! In `publish`, `host_ip` defaults to `"0.0.0.0"` (every host address) and `proto` to
+//! `"tcp"` (case-insensitive). Unknown fields are rejected.
+//!
+//! Responses: `{"ok":false,"error":"<one line>"}` on failure, otherwise `{"ok":true, ...}`
+//! with the fields of [`RuleReply`] (add, del: the rule published or removed) or of
+//! [`ListReply`] (list).
+//!
+//! Trust: [`Publish`] and [`Backend`] deserialize through the same validation as the
+//! command-line parser (same messages), so a request that parses is a valid request; the
+//! daemon never relies on the client having checked anything.
+
+use std::{
+    collections::BTreeMap,
+    io::{self, BufRead, BufReader, Write},
+    net::Ipv4Addr,
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{de::DeserializeOwned, Deserialize, Deserializer, Serialize, Serializer};
+use thiserror::Error;
+
+use crate::{
+    dataplane::Attachment,
+    rule::{self, Backend, Proto, Publish, RuleError},
+};
+
+/// Default control socket (`--socket`, `PORTFWD_SOCKET`).
+pub const DEFAULT_SOCKET: &str = "/run/portfwd/portfwd.sock";
+/// Environment variable both binaries read for the socket path.
+pub const SOCKET_ENV: &str = "PORTFWD_SOCKET";
+/// Largest request line the daemon reads, newline excluded.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// One request. Tagged by `cmd`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    /// Publish `publish` to `backend`.
+    Add { publish: Publish, backend: Backend },
+    /// Unpublish `publish`.
+    Del { publish: Publish },
+    /// Every rule with its counters, the attachments and the reason counters.
+    List,
+}
+
+/// The answer to `add` (the rule now published) and `del` (the rule removed).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleReply {
+    pub publish: Publish,
+    pub backend: Backend,
+}
+
+/// The answer to `list`; also what `portfwd-ctl list --json` prints.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ListReply {
+    pub rules: Vec<RuleStatus>,
+    pub interfaces: Vec<Attachment>,
+    /// Packet counts by [`portfwd_common::Reason::name`].
+    pub reasons: BTreeMap<String, u64>,
+}
+
+/// One published rule and its counters (summed over CPUs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleStatus {
+    pub host_ip: Ipv4Addr,
+    pub host_port: u16,
+    pub proto: Proto,
+    pub backend_ip: Ipv4Addr,
+    pub backend_port: u16,
+    /// Client-to-backend packets and bytes translated at ingress.
+    pub packets: u64,
+    pub bytes: u64,
+    /// Backend-to-client packets and bytes translated back.
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    /// Local clients served at the socket.
+    pub local: u64,
+}
+
+/// `publish` as it travels: strings and numbers, checked by [`Publish::new`] on arrival.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishWire {
+    #[serde(default = "wildcard")]
+    host_ip: String,
+    host_port: u64,
+    #[serde(default = "tcp")]
+    proto: String,
+}
+
+fn wildcard() -> String {
+    Ipv4Addr::UNSPECIFIED.to_string()
+}
+fn tcp() -> String {
+    Proto::Tcp.to_string()
+}
+
+impl TryFrom<PublishWire> for Publish {
+    type Error = RuleError;
+    fn try_from(w: PublishWire) -> Result<Self, RuleError> {
+        let ip = rule::parse_ipv4(&w.host_ip)?;
+        let port = rule::port_from_number(w.host_port)?;
+        Publish::new(ip, port, w.proto.parse()?)
+    }
+}
+
+impl Serialize for Publish {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        PublishWire {
+            host_ip: self.host_ip().to_string(),
+            host_port: self.host_port().into(),
+            proto: self.proto().to_string(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Publish {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = PublishWire::deserialize(d)?;
+        Publish::try_from(w).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `backend` as it travels, checked by [`Backend::new`] on arrival.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendWire {
+    ip: String,
+    port: u64,
+}
+
+impl Serialize for Backend {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        BackendWire {
+            ip: self.ip().to_string(),
+            port: self.port().into(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Backend {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = BackendWire::deserialize(d)?;
+        let check = || -> Result<Backend, RuleError> {
+            Backend::new(rule::parse_ipv4(&w.ip)?, rule::port_from_number(w.port)?)
+        };
+        check().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Serialize)]
+struct OkEnvelope<'a, T> {
+    ok: bool,
+    #[serde(flatten)]
+    body: &'a T,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ErrEnvelope {
+    ok: bool,
+    error: String,
+}
+
+/// Makes `msg` one line (the protocol promises one-line errors).
+pub fn one_line(msg: &str) -> String {
+    msg.split(['\n', '\r'])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A success response line, `\n` included.
+pub fn encode_ok<T: Serialize>(body: &T) -> Vec<u8> {
+    let mut line = serde_json::to_vec(&OkEnvelope { ok: true, body })
+        // Our reply types always serialize (string keys, no non-finite floats).
+        .unwrap_or_else(|e| encode_err(&format!("cannot encode the response: {e}")));
+    if line.last() != Some(&b'\n') {
+        line.push(b'\n');
+    }
+    line
+}
+
+/// An error response line, `\n` included.
+pub fn encode_err(msg: &str) -> Vec<u8> {
+    let env = ErrEnvelope {
+        ok: false,
+        error: one_line(msg),
+    };
+    let mut line = serde_json::to_vec(&env)
+        .unwrap_or_else(|_| br#"{"ok":false,"error":"internal error"}"#.to_vec());
+    line.push(b'\n');
+    line
+}
+
+/// What can go wrong talking to the daemon (client side).
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("cannot reach the portfwd daemon at {}: {source} (is portfwd running?)", path.display())]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("lost the connection to the portfwd daemon at {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the portfwd daemon closed the connection without answering")]
+    NoResponse,
+    #[error("the portfwd daemon sent an invalid response: {0}")]
+    BadResponse(#[source] serde_json::Error),
+    /// The daemon refused the request; the message is the daemon's, verbatim.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// How long the client waits for the daemon's answer.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends one request to the daemon at `socket` and decodes its answer as `T`.
+pub fn call<T: DeserializeOwned>(socket: &Path, req: &Request) -> Result<T, ClientError> {
+    let io_err = |source| ClientError::Io {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    stream
+        .set_read_timeout(Some(CLIENT_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(CLIENT_TIMEOUT)))
+        .map_err(io_err)?;
+    let mut line = serde_json::to_vec(req).map_err(ClientError::BadResponse)?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io_err)?;
+    let mut reply = Vec::new();
+    BufReader::new(&stream)
+        .read_until(b'\n', &mut reply)
+        .map_err(io_err)?;
+    decode(&reply)
+}
+
+/// Decodes one response line.
+pub fn decode<T: DeserializeOwned>(line: &[u8]) -> Result<T, ClientError> {
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return Err(ClientError::NoResponse);
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(line).map_err(ClientError::BadResponse)?;
+    if value.get("ok") == Some(&serde_json::Value::Bool(true)) {
+        serde_json::from_value(value).map_err(ClientError::BadResponse)
+    } else {
+        let env: ErrEnvelope = serde_json::from_value(value).map_err(ClientError::BadResponse)?;
+        Err(ClientError::Refused(env.error))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Request, String> {
+        serde_json::from_str(s).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let add = Request::Add {
+            publish: "198.51.100.7:9000/udp".parse().expect("valid"),
+            backend: "172.17.0.2:53".parse().expect("valid"),
+        };
+        let json = serde_json::to_string(&add).expect("encodes");
+        assert_eq!(
+            json,
+            r#"{"cmd":"add","publish":{"host_ip":"198.51.100.7","host_port":9000,"proto":"udp"},"backend":{"ip":"172.17.0.2","port":53}}"#
+        );
+        assert_eq!(parse(&json), Ok(add));
+        assert_eq!(parse(r#"{"cmd":"list"}"#), Ok(Request::List));
+        assert_eq!(
+            parse(r#"{"cmd":"del","publish":{"host_port":9000}}"#),
+            Ok(Request::Del {
+                publish: "9000".parse().expect("valid")
+            })
+        );
+        assert_eq!(
+            parse(r#"{"cmd":"del","publish":{"host_port":9000,"proto":"UDP"}}"#),
+            Ok(Request::Del {
+                publish: "9000/udp".parse().expect("valid")
+            })
+        );
+    }
+
+    #[test]
+    fn requests_are_revalidated() {
+        let table = [
+            (
+                r#"{"cmd":"del","publish":{"host_port":0}}"#,
+                "invalid port `0`",
+            ),
+            (
+                r#"{"cmd":"del","publish":{"host_port":70000}}"#,
+                "invalid port `70000`",
+            ),
+            (
+                r#"{"cmd":"del","publish":{"host_port":-1}}"#,
+                "invalid value",
+            ),
+            (
+                r#"{"cmd":"del","publish":{"host_port":"80"}}"#,
+                "invalid type",
+            ),
+            (
+                r#"{"cmd":"del","publish":{"host_port":80,"proto":"sctp"}}"#,
+                "unknown protocol `sctp`",
+            ),
+            (
+                r#"{"cmd":"del","publish":{"host_ip":"1.2.3","host_port":80}}"#,
+                "invalid IPv4 address `1.2.3`",
+            ),
+            (
+                r#"{"cmd":"del","publish":{"host_ip":"::1","host_port":80}}"#,
+                "not supported yet",
+            ),
+            (
+                r#"{"cmd":"del","publish":{"host_port":80,"extra":1}}"#,
+                "unknown field `extra`",
+            ),
+            (
+                r#"{"cmd":"add","publish":{"host_port":80},"backend":{"ip":"127.0.0.1","port":80}}"#,
+                "127.0.0.1 cannot be a backend",
+            ),
+            (
+                r#"{"cmd":"add","publish":{"host_port":80},"backend":{"ip":"0.0.0.0","port":80}}"#,
+                "0.0.0.0 cannot be a backend",
+            ),
+            (
+                r#"{"cmd":"add","publish":{"host_port":80},"backend":{"ip":"10.0.0.1","port":0}}"#,
+                "invalid port `0`",
+            ),
+            (
+                r#"{"cmd":"add","publish":{"host_port":80}}"#,
+                "missing field `backend`",
+            ),
+            (r#"{"cmd":"frobnicate"}"#, "unknown variant `frobnicate`"),
+            (r#"{"publish":{"host_port":80}}"#, "missing field `cmd`"),
+            (r#"{"cmd":"list""#, "EOF"),
+            ("\u{0}\u{1}garbage", "expected value"),
+            ("[]", "missing field `cmd`"),
+            ("42", "invalid type"),
+        ];
+        for (json, want) in table {
+            let err = parse(json).expect_err(json);
+            assert!(err.contains(want), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn responses() {
+        let reply = RuleReply {
+            publish: "9000".parse().expect("valid"),
+            backend: "172.17.0.2:8080".parse().expect("valid"),
+        };
+        let line = encode_ok(&reply);
+        assert_eq!(
+            std::str::from_utf8(&line).expect("utf-8"),
+            "{\"ok\":true,\"publish\":{\"host_ip\":\"0.0.0.0\",\"host_port\":9000,\"proto\":\"tcp\"},\"backend\":{\"ip\":\"172.17.0.2\",\"port\":8080}}\n"
+        );
+        assert_eq!(decode::<RuleReply>(&line).expect("decodes"), reply);
+
+        let line = encode_err("Bind for 0.0.0.0:9000 failed:\nport is already allocated");
+        assert_eq!(
+            line,
+            b"{\"ok\":false,\"error\":\"Bind for 0.0.0.0:9000 failed: port is already allocated\"}\n"
+        );
+        match decode::<RuleReply>(&line) {
+            Err(ClientError::Refused(msg)) => {
+                assert_eq!(
+                    msg,
+                    "Bind for 0.0.0.0:9000 failed: port is already allocated"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            decode::<RuleReply>(b""),
+            Err(ClientError::NoResponse)
+        ));
+        assert!(matches!(
+            decode::<RuleReply>(b"{\"ok\":true}"),
+            Err(ClientError::BadResponse(_))
+        ));
+    }
+
+    #[test]
+    fn list_json_field_names() {
+        let reply = ListReply {
+            rules: vec![RuleStatus {
+                host_ip: Ipv4Addr::UNSPECIFIED,
+                host_port: 9000,
+                proto: Proto::Tcp,
+                backend_ip: Ipv4Addr::new(172, 17, 0, 2),
+                backend_port: 8080,
+                packets: 1,
+                bytes: 2,
+                reply_packets: 3,
+                reply_bytes: 4,
+                local: 5,
+            }],
+            interfaces: vec![],
+            reasons: [("translated".to_string(), 7)].into_iter().collect(),
+        };
+        let v = serde_json::to_value(&reply).expect("encodes");
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "rules": [{"host_ip":"0.0.0.0","host_port":9000,"proto":"tcp",
+                           "backend_ip":"172.17.0.2","backend_port":8080,
+                           "packets":1,"bytes":2,"reply_packets":3,"reply_bytes":4,"local":5}],
+                "interfaces": [],
+                "reasons": {"translated": 7},
+            })
+        );
+    }
+}
