@@ -207,3 +207,33 @@ pub fn udp_echo(ns: &Netns, to: SocketAddrV4, payload: &[u8]) -> std::io::Result
     }
     Err(last_err.unwrap_or_else(|| std::io::Error::other("no echo")))
 }
+
+/// Uploads the first `n` bytes of the pattern to `PUT /digest` on `to` (from inside
+/// `ns`); returns what the server counted: (length, digest).
+pub fn upload(ns: &Netns, to: SocketAddrV4, n: u64) -> std::io::Result<(u64, u64)> {
+    let mut s = connect(ns, to)?;
+    write!(
+        s,
+        "PUT /digest HTTP/1.1\r\nHost: portfwd-test\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut p = Pattern::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(buf.len() as u64) as usize;
+        p.fill(&mut buf[..k]);
+        s.write_all(&buf[..k])?;
+        left -= k as u64;
+    }
+    let mut raw = Vec::new();
+    let local = s.local_addr()?;
+    s.read_to_end(&mut raw)?;
+    let r = parse_response(&raw, local)?;
+    let text = r.body_text();
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad digest answer {text:?}"));
+    let (len, digest) = text.split_once(' ').ok_or_else(bad)?;
+    Ok((
+        len.parse().map_err(|_| bad())?,
+        u64::from_str_radix(digest, 16).map_err(|_| bad())?,
+    ))
+}

@@ -6,21 +6,22 @@
 //! - HTTP/1.1 on `--http`: `GET /` answers `--body`; `GET /bytes/N` answers N bytes of the
 //!   deterministic [`Pattern`] stream. Every answer carries `X-Peer: IP:PORT`, the peer
 //!   address this server saw (so a test can check the backend sees the real client), and
-//!   closes the connection.
+//!   closes the connection. `PUT /digest` with a `Content-Length` body answers
+//!   `LEN DIGEST` (the body's length and FNV-1a 64 digest in hex), for uploads.
 //! - UDP echo on `--udp`: answers each datagram with `peer=IP:PORT\n` followed by the
 //!   datagram itself.
 //!
 //! Prints `ready` on stdout once every socket is bound, so a harness can wait for it.
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     process::ExitCode,
     sync::Arc,
     thread,
 };
 
-use portfwd_tests::pattern::Pattern;
+use portfwd_tests::pattern::{Fnv64, Pattern};
 
 struct Args {
     http: Option<SocketAddr>,
@@ -114,11 +115,17 @@ fn handle_http(conn: TcpStream, body: &str) -> std::io::Result<()> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
-    // Skip the headers up to the blank line.
+    // Headers up to the blank line; only Content-Length matters here.
+    let mut content_length = 0u64;
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
             break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.trim().eq_ignore_ascii_case("content-length") {
+                content_length = v.trim().parse().unwrap_or(0);
+            }
         }
     }
     let mut parts = request_line.split_whitespace();
@@ -130,7 +137,23 @@ fn handle_http(conn: TcpStream, body: &str) -> std::io::Result<()> {
              X-Peer: {peer}\r\nConnection: close\r\n\r\n"
         )
     };
-    if method != "GET" {
+    if method == "PUT" && path == "/digest" {
+        let mut digest = Fnv64::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut len = 0u64;
+        while len < content_length {
+            let want = (content_length - len).min(buf.len() as u64) as usize;
+            let k = reader.read(&mut buf[..want])?;
+            if k == 0 {
+                break;
+            }
+            digest.update(&buf[..k]);
+            len += k as u64;
+        }
+        let answer = format!("{len} {:016x}", digest.value());
+        out.write_all(head("200 OK", answer.len() as u64, "text/plain").as_bytes())?;
+        out.write_all(answer.as_bytes())?;
+    } else if method != "GET" {
         out.write_all(head("405 Method Not Allowed", 0, "text/plain").as_bytes())?;
     } else if path == "/" {
         out.write_all(head("200 OK", body.len() as u64, "text/plain").as_bytes())?;
