@@ -1,0 +1,23 @@
+//! `portfwd-ctl del SPEC`.
+
+use std::path::Path;
+
+use portfwd::{
+    protocol::{self, Request, RuleReply},
+    rule::Publish,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// What to unpublish: `[HOST_IP:]HOST_PORT[/tcp|/udp]`, as it was added.
+    #[arg(value_name = "SPEC", allow_hyphen_values = true)]
+    publish: String,
+}
+
+pub fn run(socket: &Path, args: Args) -> Result<(), String> {
+    let publish: Publish = args.publish.parse().map_err(|e| format!("{e}"))?;
+    let reply: RuleReply =
+        protocol::call(socket, &Request::Del { publish }).map_err(|e| e.to_string())?;
+    println!("unpublished {} -> {}", reply.publish, reply.backend);
+    Ok(())
+}

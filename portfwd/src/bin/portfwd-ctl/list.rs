@@ -1,0 +1,138 @@
+//! `portfwd-ctl list [--json]`.
+
+use std::{fmt::Write as _, path::Path};
+
+use portfwd::protocol::{self, ListReply, Request};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print `{"rules":[...],"interfaces":[...],"reasons":{...}}` instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(socket: &Path, args: Args) -> Result<(), String> {
+    let reply: ListReply = protocol::call(socket, &Request::List).map_err(|e| e.to_string())?;
+    if args.json {
+        let json = serde_json::to_string_pretty(&reply)
+            .map_err(|e| format!("cannot encode the list: {e}"))?;
+        println!("{json}");
+    } else {
+        print!("{}", table(&reply));
+    }
+    Ok(())
+}
+
+/// Columns PUBLISHED, BACKEND, PROTO, PACKETS, BYTES (both directions), then a footer
+/// with the interfaces and their hooks.
+pub fn table(reply: &ListReply) -> String {
+    let header = ["PUBLISHED", "BACKEND", "PROTO", "PACKETS", "BYTES"].map(String::from);
+    let rows: Vec<[String; 5]> = reply
+        .rules
+        .iter()
+        .map(|r| {
+            [
+                format!("{}:{}", r.host_ip, r.host_port),
+                format!("{}:{}", r.backend_ip, r.backend_port),
+                r.proto.to_string(),
+                (r.packets + r.reply_packets).to_string(),
+                (r.bytes + r.reply_bytes).to_string(),
+            ]
+        })
+        .collect();
+    let mut width = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (w, cell) in width.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(&rows) {
+        let line = format!(
+            "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}  {:>w4$}",
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            w0 = width[0],
+            w1 = width[1],
+            w2 = width[2],
+            w3 = width[3],
+            w4 = width[4],
+        );
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    let ifaces: Vec<String> = reply
+        .interfaces
+        .iter()
+        .map(|a| format!("{} ({}, {})", a.iface, a.ingress, a.egress))
+        .collect();
+    let _ = writeln!(
+        out,
+        "{} rule{} on {}",
+        rows.len(),
+        if rows.len() == 1 { "" } else { "s" },
+        if ifaces.is_empty() {
+            "no interface".to_string()
+        } else {
+            ifaces.join(", ")
+        }
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portfwd::{
+        dataplane::{Attachment, Hook},
+        protocol::RuleStatus,
+        rule::Proto,
+    };
+
+    #[test]
+    fn renders_a_table() {
+        let reply = ListReply {
+            rules: vec![
+                RuleStatus {
+                    host_ip: "0.0.0.0".parse().expect("ip"),
+                    host_port: 9000,
+                    proto: Proto::Tcp,
+                    backend_ip: "172.17.0.2".parse().expect("ip"),
+                    backend_port: 8080,
+                    packets: 10,
+                    bytes: 1000,
+                    reply_packets: 8,
+                    reply_bytes: 5000,
+                    local: 0,
+                },
+                RuleStatus {
+                    host_ip: "198.51.100.7".parse().expect("ip"),
+                    host_port: 5353,
+                    proto: Proto::Udp,
+                    backend_ip: "172.17.0.3".parse().expect("ip"),
+                    backend_port: 53,
+                    packets: 0,
+                    bytes: 0,
+                    reply_packets: 0,
+                    reply_bytes: 0,
+                    local: 0,
+                },
+            ],
+            interfaces: vec![Attachment {
+                iface: "eth0".into(),
+                ingress: Hook::TcIngress,
+                egress: Hook::TcEgress,
+            }],
+            reasons: Default::default(),
+        };
+        assert_eq!(
+            table(&reply),
+            "PUBLISHED          BACKEND          PROTO  PACKETS  BYTES\n\
+             0.0.0.0:9000       172.17.0.2:8080  tcp         18   6000\n\
+             198.51.100.7:5353  172.17.0.3:53    udp          0      0\n\
+             2 rules on eth0 (TC ingress, TC egress)\n"
+        );
+    }
+}

@@ -1,0 +1,129 @@
+//! `portfwd`: the daemon. Loads the kernel programs, attaches them to every `--iface`,
+//! and serves the control socket that `portfwd-ctl` talks to, until SIGINT or SIGTERM;
+//! then it detaches everything it attached and removes its socket.
+//!
+//! Startup order matters: the socket claim (an exclusive lock) comes before anything is
+//! loaded, so a second daemon on the same socket refuses without touching the first
+//! one's interfaces; every failure before serving drops what was attached.
+
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    process::ExitCode,
+    sync::{Arc, Mutex},
+};
+
+use clap::Parser;
+use log::{info, warn, LevelFilter};
+use portfwd::{
+    daemon::{self, Daemon, SocketClaim},
+    dataplane::{self, Dataplane, IngressMode},
+    protocol::{DEFAULT_SOCKET, SOCKET_ENV},
+};
+
+/// In-kernel port forwarding for container hosts: the daemon.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Interface where ports are published (repeatable).
+    #[arg(long = "iface", value_name = "IFACE", required = true)]
+    ifaces: Vec<String>,
+    /// Control socket (root only).
+    #[arg(long, value_name = "PATH", env = SOCKET_ENV, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Where the ingress program runs: `auto` is native XDP on physical NICs whose driver
+    /// supports it and TC ingress on virtual interfaces.
+    #[arg(long, value_enum, default_value = "auto")]
+    ingress: IngressMode,
+    /// Log level (default: info, or RUST_LOG).
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<LevelFilter>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let mut logger = env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or(LevelFilter::Info.as_str()),
+    );
+    if let Some(level) = args.log_level {
+        logger.filter_level(level);
+    }
+    logger.init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("portfwd: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the daemon; the error is the one line to print.
+fn run(args: Args) -> Result<(), String> {
+    let mut seen = BTreeSet::new();
+    if let Some(dup) = args.ifaces.iter().find(|i| !seen.insert(i.as_str())) {
+        return Err(format!("interface `{dup}` given twice"));
+    }
+    let claim = SocketClaim::acquire(&args.socket).map_err(|e| e.to_string())?;
+
+    // Dropping the dataplane detaches everything attached so far: every `?` below
+    // leaves the interfaces as they were.
+    let mut dp = Dataplane::load().map_err(|e| e.to_string())?;
+    for iface in &args.ifaces {
+        let a = dp.attach(iface, args.ingress).map_err(|e| e.to_string())?;
+        info!(
+            "attached {}: ingress={}, egress={}",
+            a.iface, a.ingress, a.egress
+        );
+    }
+    if daemon::ipv4_forwarding_disabled() == Some(true) {
+        warn!(
+            "IPv4 forwarding is off in this network namespace (net.ipv4.ip_forward = 0): \
+             packets to backends behind other interfaces will be dropped"
+        );
+    }
+    let mut state = Daemon::new(dp);
+    state.set_host_addrs(dataplane::local_ipv4_addrs());
+    let listener = claim.bind().map_err(|e| e.to_string())?;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let state = Arc::new(Mutex::new(state));
+    let served = rt.block_on(async {
+        let listener = tokio::net::UnixListener::from_std(listener)
+            .map_err(|e| format!("cannot use the control socket: {e}"))?;
+        let shutdown = shutdown_signal()?;
+        info!("serving {}", claim.path().display());
+        daemon::serve(listener, state.clone(), shutdown).await;
+        Ok::<(), String>(())
+    });
+    // Dropping the runtime drops every connection task and its handle on the state, so
+    // the dataplane below is the last one and is dropped (detached) here.
+    drop(rt);
+    drop(claim);
+    match Arc::try_unwrap(state) {
+        Ok(state) => {
+            drop(state);
+            info!("detached from every interface");
+        }
+        Err(_) => warn!("the dataplane is still referenced at exit"),
+    }
+    served
+}
+
+/// Completes on the first SIGINT or SIGTERM.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let err = |e| format!("cannot handle signals: {e}");
+    let mut int = signal(SignalKind::interrupt()).map_err(err)?;
+    let mut term = signal(SignalKind::terminate()).map_err(err)?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        };
+        info!("{name}: shutting down");
+    })
+}
