@@ -18,11 +18,28 @@ pub const RULE_STATS: &str = "RULE_STATS";
 /// Per-reason packet counters, per CPU, indexed by [`crate::Reason`].
 pub const REASON_STATS: &str = "REASON_STATS";
 
+/// Local clients (socket hooks): the published address a socket asked for, keyed by the
+/// socket and the backend it was sent to instead, so `recvmsg` and `getpeername` can show
+/// the published address. Written by connect4/sendmsg4, read by recvmsg4/getpeername4.
+pub const LOCAL_PEERS_V4: &str = "LOCAL_PEERS_V4";
+/// Entry 0: [`LocalConfig`], written by the daemon at start.
+pub const LOCAL_CONFIG: &str = "LOCAL_CONFIG";
+
 /// Entry points in the object, as their ELF symbols (aya finds programs by symbol).
 pub mod programs {
     pub const XDP_INGRESS: &str = "portfwd_xdp_ingress";
     pub const TC_INGRESS: &str = "portfwd_tc_ingress";
     pub const TC_EGRESS: &str = "portfwd_tc_egress";
+    /// cgroup/connect4: TCP connects and UDP connects of local clients.
+    pub const SOCK_CONNECT4: &str = "portfwd_connect4";
+    /// cgroup/sendmsg4: unconnected UDP sends of local clients.
+    pub const SOCK_SENDMSG4: &str = "portfwd_sendmsg4";
+    /// cgroup/recvmsg4: UDP replies show the published address as their source.
+    pub const SOCK_RECVMSG4: &str = "portfwd_recvmsg4";
+    /// cgroup/getpeername4: connected sockets show the published address as their peer.
+    pub const SOCK_GETPEERNAME4: &str = "portfwd_getpeername4";
+    /// cgroup/bind4: a published port belongs to the daemon; local binds are refused.
+    pub const SOCK_BIND4: &str = "portfwd_bind4";
 }
 
 /// Rules the dataplane holds (each published port of a range is one entry).
@@ -31,6 +48,8 @@ pub const MAX_RULES: u32 = 65_536;
 pub const MAX_STATS_SLOTS: u32 = 16_384;
 /// Tracked flows; the least recently used are evicted first.
 pub const MAX_FLOWS: u32 = 131_072;
+/// Sockets of local clients tracked for `recvmsg`/`getpeername`.
+pub const MAX_LOCAL_PEERS: u32 = 65_536;
 /// Host addresses tracked for wildcard rules.
 pub const MAX_HOST_ADDRS: u32 = 1_024;
 
@@ -217,8 +236,80 @@ pub struct RuleStats {
 }
 const _: () = assert!(core::mem::size_of::<RuleStats>() == 48);
 
+/// Key of [`LOCAL_PEERS_V4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LocalPeerKeyV4 {
+    socket_cookie: u64,
+    backend_addr: [u8; 4],
+    backend_port: [u8; 2],
+    proto: u8,
+    _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<LocalPeerKeyV4>() == 16);
+
+impl LocalPeerKeyV4 {
+    #[inline(always)]
+    pub const fn new(
+        socket_cookie: u64,
+        backend_addr: [u8; 4],
+        backend_port_be: [u8; 2],
+        proto: u8,
+    ) -> Self {
+        Self {
+            socket_cookie,
+            backend_addr,
+            backend_port: backend_port_be,
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of [`LOCAL_PEERS_V4`]: the published address the local client used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalPeerV4 {
+    host_addr: [u8; 4],
+    host_port: [u8; 2],
+    _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<LocalPeerV4>() == 8);
+
+impl LocalPeerV4 {
+    #[inline(always)]
+    pub const fn new(host_addr: [u8; 4], host_port_be: [u8; 2]) -> Self {
+        Self {
+            host_addr,
+            host_port: host_port_be,
+            _pad: [0; 2],
+        }
+    }
+    #[inline(always)]
+    pub const fn host_addr_bytes(&self) -> [u8; 4] {
+        self.host_addr
+    }
+    #[inline(always)]
+    pub const fn host_port_be(&self) -> [u8; 2] {
+        self.host_port
+    }
+}
+
+/// Value of [`LOCAL_CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalConfig {
+    /// Network namespace cookie of the host (the daemon's namespace): loopback
+    /// destinations and binds are only the host's own in that namespace.
+    pub host_netns_cookie: u64,
+}
+const _: () = assert!(core::mem::size_of::<LocalConfig>() == 8);
+
 #[cfg(feature = "user")]
 mod pod {
+    unsafe impl aya::Pod for super::LocalPeerKeyV4 {}
+    unsafe impl aya::Pod for super::LocalPeerV4 {}
+    unsafe impl aya::Pod for super::LocalConfig {}
     // SAFETY: each type is repr(C), Copy, has no implicit padding (sizes asserted above)
     // and every bit pattern is a valid value.
     unsafe impl aya::Pod for super::RuleKeyV4 {}

@@ -27,10 +27,14 @@ pub enum Reason {
     FlowInsertFailed = 9,
     /// A checksum helper failed on the TC path: the packet is dropped, not sent corrupt.
     DropChecksum = 10,
+    /// Socket hooks: a local client's connect or send went straight to a backend.
+    LocalTranslated = 11,
+    /// Socket hooks: a local `bind()` of a published port was refused.
+    LocalBindRefused = 12,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 13;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Translated,
         Reason::ReplyTranslated,
@@ -43,6 +47,8 @@ impl Reason {
         Reason::PassNoFlow,
         Reason::FlowInsertFailed,
         Reason::DropChecksum,
+        Reason::LocalTranslated,
+        Reason::LocalBindRefused,
     ];
 
     /// Stable snake_case name, for `list` and metrics.
@@ -59,6 +65,8 @@ impl Reason {
             Reason::PassNoFlow => "pass_no_flow",
             Reason::FlowInsertFailed => "flow_insert_failed",
             Reason::DropChecksum => "drop_checksum",
+            Reason::LocalTranslated => "local_translated",
+            Reason::LocalBindRefused => "local_bind_refused",
         }
     }
 }

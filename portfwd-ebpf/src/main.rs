@@ -5,12 +5,15 @@
 //!   `--ingress auto`). The rewritten packet goes on to the kernel, which routes it.
 //! - `portfwd_tc_egress`: translates the backend's replies back to the published address,
 //!   driven by the flow recorded at ingress.
+//! - `portfwd_{connect4,sendmsg4,recvmsg4,getpeername4,bind4}`: local clients, served at
+//!   the socket (see `local.rs`).
 //!
 //! This crate is thin glue: it is the only code that touches packet memory; checksum
 //! arithmetic and every map layout live in `portfwd-common`.
 #![no_std]
 #![no_main]
 
+mod local;
 mod maps;
 mod nat;
 mod packet;

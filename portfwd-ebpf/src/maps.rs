@@ -2,11 +2,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use portfwd_common::{
-    BackendV4, FlowKeyV4, FlowV4, Reason, RuleKeyV4, RuleStats, MAX_FLOWS, MAX_HOST_ADDRS,
-    MAX_RULES, MAX_STATS_SLOTS,
+    BackendV4, FlowKeyV4, FlowV4, LocalConfig, LocalPeerKeyV4, LocalPeerV4, Reason, RuleKeyV4,
+    RuleStats, MAX_FLOWS, MAX_HOST_ADDRS, MAX_LOCAL_PEERS, MAX_RULES, MAX_STATS_SLOTS,
 };
 
 #[map(name = "RULES_V4")]
@@ -23,6 +23,13 @@ pub static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MA
 
 #[map(name = "REASON_STATS")]
 pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+
+#[map(name = "LOCAL_PEERS_V4")]
+pub static LOCAL_PEERS_V4: LruHashMap<LocalPeerKeyV4, LocalPeerV4> =
+    LruHashMap::with_max_entries(MAX_LOCAL_PEERS, 0);
+
+#[map(name = "LOCAL_CONFIG")]
+pub static LOCAL_CONFIG: Array<LocalConfig> = Array::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn count(reason: Reason) {
@@ -45,5 +52,14 @@ pub fn count_rule(slot: u32, len: u64, reply: bool) {
             s.packets += 1;
             s.bytes += len;
         }
+    }
+}
+
+/// Counts one connection or datagram of a local client on a rule.
+#[inline(always)]
+pub fn count_local(slot: u32) {
+    if let Some(s) = RULE_STATS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, so no other writer runs on it concurrently.
+        unsafe { (*s).local += 1 };
     }
 }

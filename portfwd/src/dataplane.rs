@@ -5,13 +5,13 @@
 use std::{collections::BTreeSet, fmt, net::Ipv4Addr, path::Path};
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, PerCpuValues},
-    programs::{tc::SchedClassifier, TcAttachType, Xdp, XdpMode},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    programs::{tc::SchedClassifier, CgroupAttachMode, CgroupSockAddr, TcAttachType, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 use portfwd_common::{
-    programs, BackendV4, FlowKeyV4, FlowV4, Reason, RuleKeyV4, RuleStats, CONNTRACK_V4,
-    HOST_ADDRS_V4, REASON_STATS, RULES_V4, RULE_STATS,
+    programs, BackendV4, FlowKeyV4, FlowV4, LocalConfig, Reason, RuleKeyV4, RuleStats,
+    CONNTRACK_V4, HOST_ADDRS_V4, LOCAL_CONFIG, REASON_STATS, RULES_V4, RULE_STATS,
 };
 use thiserror::Error;
 
@@ -45,6 +45,21 @@ pub enum DataplaneError {
     },
     #[error("cannot count the possible CPUs: {0}")]
     Cpus(#[source] std::io::Error),
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot attach {name} to cgroup {path}: {source}")]
+    AttachCgroup {
+        name: &'static str,
+        path: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot read this network namespace's cookie: {0}")]
+    NetnsCookie(#[source] std::io::Error),
     #[error("unknown interface `{0}`")]
     UnknownInterface(String),
     #[error("cannot attach {hook} to {iface}: {source}")]
@@ -102,9 +117,19 @@ pub struct Attachment {
     pub egress: Hook,
 }
 
+/// The socket programs serving local clients, in attach order.
+const SOCKET_PROGRAMS: [&str; 5] = [
+    programs::SOCK_BIND4,
+    programs::SOCK_RECVMSG4,
+    programs::SOCK_GETPEERNAME4,
+    programs::SOCK_SENDMSG4,
+    programs::SOCK_CONNECT4,
+];
+
 pub struct Dataplane {
     ebpf: Ebpf,
     attachments: Vec<Attachment>,
+    local_cgroup: Option<std::path::PathBuf>,
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
@@ -127,9 +152,15 @@ impl Dataplane {
             name: programs::XDP_INGRESS,
             source,
         })?;
+        for name in SOCKET_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
         Ok(Self {
             ebpf,
             attachments: Vec::new(),
+            local_cgroup: None,
         })
     }
 
@@ -171,6 +202,46 @@ impl Dataplane {
         };
         self.attachments.push(a.clone());
         Ok(a)
+    }
+
+    /// Serves local clients of every process in the cgroup v2 at `cgroup` (and below):
+    /// attaches the socket programs and records this network namespace as the host's.
+    /// Attached as BPF links (5.7+), which coexist with other programs on the cgroup
+    /// (the kernel refuses attach flags on link creation, hence `Single`).
+    pub fn attach_local(&mut self, cgroup: &Path) -> Result<(), DataplaneError> {
+        self.set_local_config(LocalConfig {
+            host_netns_cookie: current_netns_cookie()?,
+        })?;
+        let cg = std::fs::File::open(cgroup).map_err(|source| DataplaneError::Cgroup {
+            path: cgroup.display().to_string(),
+            source,
+        })?;
+        for name in SOCKET_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            prog.attach(&cg, CgroupAttachMode::Single)
+                .map_err(|source| DataplaneError::AttachCgroup {
+                    name,
+                    path: cgroup.display().to_string(),
+                    source,
+                })?;
+        }
+        self.local_cgroup = Some(cgroup.to_path_buf());
+        Ok(())
+    }
+
+    /// The cgroup whose processes are served as local clients, if any.
+    pub fn local_cgroup(&self) -> Option<&Path> {
+        self.local_cgroup.as_deref()
+    }
+
+    fn set_local_config(&mut self, cfg: LocalConfig) -> Result<(), DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(LOCAL_CONFIG)
+            .ok_or(DataplaneError::MissingMap(LOCAL_CONFIG))?;
+        let mut a: Array<&mut MapData, LocalConfig> =
+            Array::try_from(map).map_err(map_err(LOCAL_CONFIG))?;
+        a.set(0, cfg, 0).map_err(map_err(LOCAL_CONFIG))
     }
 
     fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<Hook, DataplaneError> {
@@ -369,4 +440,42 @@ pub fn local_ipv4_addrs() -> BTreeSet<Ipv4Addr> {
                 .and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip()))
         })
         .collect()
+}
+
+/// The cookie the kernel gives this thread's network namespace (`SO_NETNS_COOKIE`, 5.14+),
+/// the same value `bpf_get_netns_cookie` returns in the programs.
+pub fn current_netns_cookie() -> Result<u64, DataplaneError> {
+    use std::os::fd::AsRawFd;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("0.0.0.0:0"))
+        .map_err(DataplaneError::NetnsCookie)?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket, and `cookie`/`len` point to writable memory of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(DataplaneError::NetnsCookie(std::io::Error::last_os_error()));
+    }
+    Ok(cookie)
+}
+
+/// The cgroup2 mount point (the root of the unified hierarchy), on unified
+/// (`/sys/fs/cgroup`) and hybrid (`/sys/fs/cgroup/unified`) layouts alike.
+pub fn cgroup2_root() -> Option<std::path::PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // mountinfo: ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS... - FSTYPE SOURCE SUPER
+    mounts.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        let mountpoint = left.split_whitespace().nth(4)?;
+        (fstype == "cgroup2").then(|| std::path::PathBuf::from(mountpoint))
+    })
 }
