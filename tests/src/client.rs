@@ -230,7 +230,12 @@ pub fn upload(ns: &Netns, to: SocketAddrV4, n: u64) -> std::io::Result<(u64, u64
     s.read_to_end(&mut raw)?;
     let r = parse_response(&raw, local)?;
     let text = r.body_text();
-    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad digest answer {text:?}"));
+    let bad = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad digest answer {text:?}"),
+        )
+    };
     let (len, digest) = text.split_once(' ').ok_or_else(bad)?;
     Ok((
         len.parse().map_err(|_| bad())?,

@@ -82,28 +82,38 @@ impl Demo {
             ip(ns, "link set lo up")?;
         }
         say("The host forwards between its interfaces (in its own namespace only):");
-        sh(self.in_ns(&host, "sysctl").args(["-qw", "net.ipv4.ip_forward=1"]))?;
+        sh(self
+            .in_ns(&host, "sysctl")
+            .args(["-qw", "net.ipv4.ip_forward=1"]))?;
         say("The client's cable to the host: a veth pair, cli0 on the host side.");
-        ip(&host, &format!("link add cli0 type veth peer name eth0 netns {client}"))?;
+        ip(
+            &host,
+            &format!("link add cli0 type veth peer name eth0 netns {client}"),
+        )?;
         ip(&host, &format!("addr add {HOST_IP}/24 dev cli0"))?;
         ip(&host, "link set cli0 up")?;
         ip(&client, &format!("addr add {CLIENT_IP}/24 dev eth0"))?;
         ip(&client, "link set eth0 up")?;
         ip(&client, &format!("route add default via {HOST_IP}"))?;
         say("Full checksums from the client, as from a real NIC:");
-        sh(self.in_ns(&client, "ethtool").args(["-K", "eth0", "tx", "off"]))
-            .map(|_| ())
-            .or_else(|e| {
-                say(&format!("(ethtool failed: {e}; continuing)"));
-                Ok::<(), anyhow::Error>(())
-            })?;
+        sh(self
+            .in_ns(&client, "ethtool")
+            .args(["-K", "eth0", "tx", "off"]))
+        .map(|_| ())
+        .or_else(|e| {
+            say(&format!("(ethtool failed: {e}; continuing)"));
+            Ok::<(), anyhow::Error>(())
+        })?;
         say("A bridge on the host, like docker0, with one veth per container:");
         ip(&host, "link add br0 type bridge")?;
         ip(&host, &format!("addr add {BRIDGE_IP}/24 dev br0"))?;
         ip(&host, "link set br0 up")?;
         for (i, c) in cs.iter().enumerate() {
             let port = format!("vc{}", i + 1);
-            ip(&host, &format!("link add {port} type veth peer name eth0 netns {c}"))?;
+            ip(
+                &host,
+                &format!("link add {port} type veth peer name eth0 netns {c}"),
+            )?;
             ip(&host, &format!("link set {port} master br0 up"))?;
             ip(c, &format!("addr add {}/24 dev eth0", CONTAINERS[i]))?;
             ip(c, "link set eth0 up")?;
@@ -160,13 +170,27 @@ impl Demo {
             c.arg("--socket").arg(&socket).args(args);
             c
         };
-        sh(&mut ctl(&["add", "9000", &format!("{}:8080", CONTAINERS[0])]))?;
-        sh(&mut ctl(&["add", "9001", &format!("{}:8080", CONTAINERS[1])]))?;
+        sh(&mut ctl(&[
+            "add",
+            "9000",
+            &format!("{}:8080", CONTAINERS[0]),
+        ]))?;
+        sh(&mut ctl(&[
+            "add",
+            "9001",
+            &format!("{}:8080", CONTAINERS[1]),
+        ]))?;
 
         chapter("5. The client asks the host");
         for port in [9000, 9001] {
             let mut c = self.in_ns(&client, "curl");
-            c.args(["-sS", "-i", "--max-time", "10", &format!("http://{HOST_IP}:{port}/")]);
+            c.args([
+                "-sS",
+                "-i",
+                "--max-time",
+                "10",
+                &format!("http://{HOST_IP}:{port}/"),
+            ]);
             let out = sh(&mut c)?;
             if !out.contains("Hello from container") {
                 bail!("unexpected answer on port {port}: {out:?}");
@@ -174,7 +198,9 @@ impl Demo {
         }
         say("Each published port reached its own container; the kernel rewrote the packets,");
         say("no proxy process copied the bytes, and each container saw the client's real");
-        say(&format!("address (the X-Peer header is the peer the server saw: {CLIENT_IP}, not the host)."));
+        say(&format!(
+            "address (the X-Peer header is the peer the server saw: {CLIENT_IP}, not the host)."
+        ));
 
         chapter("6. Publishing a port twice fails, as in Docker");
         let mut dup = ctl(&["add", "9000", &format!("{}:8080", CONTAINERS[1])]);
@@ -223,7 +249,9 @@ impl Demo {
 
     fn in_ns(&self, ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(program);
+        c.arg(format!("--net=/run/netns/{ns}"))
+            .arg("--")
+            .arg(program);
         c
     }
 }
@@ -251,7 +279,9 @@ impl Drop for Demo {
 
 /// SIGTERM to our own (not yet reaped) child.
 fn terminate(pid: u32) {
-    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
 }
 
 /// Deletes namespaces of earlier demos whose process is gone (killed before teardown).
@@ -289,8 +319,14 @@ fn target_dir() -> Result<PathBuf> {
         .context("cannot run cargo metadata")?;
     let text = String::from_utf8_lossy(&out.stdout);
     let key = "\"target_directory\":\"";
-    let start = text.find(key).context("cargo metadata has no target_directory")? + key.len();
-    let end = text[start..].find('"').context("malformed cargo metadata")? + start;
+    let start = text
+        .find(key)
+        .context("cargo metadata has no target_directory")?
+        + key.len();
+    let end = text[start..]
+        .find('"')
+        .context("malformed cargo metadata")?
+        + start;
     Ok(PathBuf::from(&text[start..end]))
 }
 
@@ -310,7 +346,9 @@ fn print_indented(text: &str) {
 }
 
 fn ip(ns: &str, args: &str) -> Result<String> {
-    sh(Command::new("ip").args(["-n", ns]).args(args.split_whitespace()))
+    sh(Command::new("ip")
+        .args(["-n", ns])
+        .args(args.split_whitespace()))
 }
 
 /// Runs and echoes a command and its output; fails on a non-zero exit.

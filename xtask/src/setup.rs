@@ -16,9 +16,15 @@ use anyhow::{bail, Context, Result};
 
 /// Debian packages, with the reason each is needed.
 const APT_PACKAGES: &[(&str, &str)] = &[
-    ("rustc-web", "BPF toolchain: a rustc with core for bpfel-unknown-none"),
+    (
+        "rustc-web",
+        "BPF toolchain: a rustc with core for bpfel-unknown-none",
+    ),
     ("cargo-web", "BPF toolchain: its cargo"),
-    ("libstd-rust-web-dev-bpf", "BPF toolchain: prebuilt core for the BPF targets"),
+    (
+        "libstd-rust-web-dev-bpf",
+        "BPF toolchain: prebuilt core for the BPF targets",
+    ),
     ("llvm-22-dev", "BPF toolchain: LLVM 22 for bpf-linker"),
     ("iproute2", "tests: ip netns, veth, bridge"),
     ("ethtool", "tests: checksum offload off on the client veth"),
@@ -109,9 +115,9 @@ fn ensure_bpf_linker() -> Result<()> {
     )?;
     match bpf_linker_version() {
         Some(v) if v.contains(BPF_LINKER_VERSION) => Ok(()),
-        other => bail!(
-            "bpf-linker still not usable after install ({other:?}); is ~/.cargo/bin in PATH?"
-        ),
+        other => {
+            bail!("bpf-linker still not usable after install ({other:?}); is ~/.cargo/bin in PATH?")
+        }
     }
 }
 
@@ -181,7 +187,9 @@ fn report_non_debian() -> Result<()> {
         );
     }
     if bpf_linker_version().is_none() {
-        missing.push(format!("bpf-linker {BPF_LINKER_VERSION} (`cargo install bpf-linker`)"));
+        missing.push(format!(
+            "bpf-linker {BPF_LINKER_VERSION} (`cargo install bpf-linker`)"
+        ));
     }
     if missing.is_empty() {
         println!("    not Debian, but everything needed is present");
@@ -196,7 +204,9 @@ fn report_non_debian() -> Result<()> {
 
 fn require_root(what: &str) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX);
+    let uid = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(u32::MAX);
     if uid != 0 {
         bail!("need root to {what}: run `cargo xtask setup` as root");
     }

@@ -43,7 +43,11 @@ pub fn run(args: Args) -> Result<()> {
                 false
             }
         };
-        results.push(StepResult { name: "setup", ok, took: t.elapsed() });
+        results.push(StepResult {
+            name: "setup",
+            ok,
+            took: t.elapsed(),
+        });
         if !ok {
             return finish(&results, started);
         }
@@ -52,7 +56,14 @@ pub fn run(args: Args) -> Result<()> {
         results.push(cargo_step("fmt", &["fmt", "--all", "--check"]));
         results.push(cargo_step(
             "clippy",
-            &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
         ));
     }
     let build = cargo_step("build", &["build", "--workspace", "--bins"]);
@@ -83,7 +94,11 @@ fn cargo_step(name: &'static str, args: &[&str]) -> StepResult {
             false
         }
     };
-    StepResult { name, ok, took: t.elapsed() }
+    StepResult {
+        name,
+        ok,
+        took: t.elapsed(),
+    }
 }
 
 fn finish(results: &[StepResult], started: Instant) -> Result<()> {
@@ -98,7 +113,10 @@ fn finish(results: &[StepResult], started: Instant) -> Result<()> {
         );
     }
     let failed: Vec<&str> = results.iter().filter(|r| !r.ok).map(|r| r.name).collect();
-    println!("    total           {:>7.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "    total           {:>7.1} s",
+        started.elapsed().as_secs_f64()
+    );
     if failed.is_empty() {
         println!("==> every step succeeded");
         Ok(())
