@@ -1,0 +1,316 @@
+//! Program cost: nanoseconds per packet of each portfwd program, timed by the kernel
+//! with BPF_PROG_RUN and `repeat`, beside an empty program of the same type (the floor).
+//!
+//! With `repeat` the kernel runs the program on one buffer, so from the second run on a
+//! rewriting program sees its own output: the maps also hold an entry for the rewritten
+//! packet (a rule for the backend's address, a flow for the published one), so every
+//! iteration takes the hit path, and the per-flow entry already exists (steady state: a
+//! flow's state is written once, then only read).
+
+use std::{net::Ipv4Addr, path::Path};
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::HashMap,
+    programs::{tc::SchedClassifier, ProgramError, TestRun, TestRunOptions, TestRunResult, Xdp},
+    Ebpf, EbpfLoader,
+};
+use portfwd_common::{
+    programs, proto, BackendV4, FlowKeyV4, FlowV4, RuleKeyV4, CONNTRACK_V4, HOST_ADDRS_V4, RULES_V4,
+};
+
+use super::topo::{CLIENT_IP, CT_IP, HOST_IP};
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MicroResult {
+    pub program: String,
+    pub case: String,
+    /// Median of the runs, ns per packet.
+    pub ns: f64,
+    pub min: f64,
+    pub max: f64,
+    /// Median minus the empty program of the same type.
+    pub over_floor: f64,
+    pub retval: u32,
+}
+
+const XDP_PASS: i32 = 2;
+const TC_ACT_UNSPEC: i32 = -1;
+
+pub fn run(bpf_object: &Path, runs: usize, repeat: u32) -> Result<Vec<MicroResult>> {
+    let mut ebpf = EbpfLoader::new()
+        .load_file(bpf_object)
+        .context("load portfwd's BPF object")?;
+    for name in [programs::TC_INGRESS, programs::TC_EGRESS] {
+        let p: &mut SchedClassifier = ebpf.program_mut(name).context(name)?.try_into()?;
+        p.load()?;
+    }
+    let p: &mut Xdp = ebpf
+        .program_mut(programs::XDP_INGRESS)
+        .context("xdp")?
+        .try_into()?;
+    p.load()?;
+    seed(&mut ebpf)?;
+
+    let client_port = 40_000;
+    let hit = tcp_frame(CLIENT_IP, client_port, HOST_IP, 9000);
+    let wildcard = tcp_frame(CLIENT_IP, client_port, HOST_IP, 9001);
+    let miss = tcp_frame(CLIENT_IP, client_port, HOST_IP, 9999);
+    let arp = arp_frame();
+    let reply = tcp_frame(CT_IP, 8080, CLIENT_IP, client_port);
+    let reply_miss = tcp_frame(CT_IP, 8080, CLIENT_IP, client_port + 1);
+
+    let xdp_floor = median_of(runs, || {
+        raw::time_empty(raw::PROG_XDP, XDP_PASS, &hit, repeat)
+    })?;
+    let tc_floor = median_of(runs, || {
+        raw::time_empty(raw::PROG_SCHED_CLS, TC_ACT_UNSPEC, &hit, repeat)
+    })?;
+    let mut out = vec![
+        result("empty XDP program", "floor", xdp_floor, 0.0, 2),
+        result("empty TC program", "floor", tc_floor, 0.0, 0),
+    ];
+
+    let cases: [(&str, &str, &[u8]); 4] = [
+        ("hit (exact rule)", "ingress", &hit),
+        ("hit (wildcard rule)", "ingress", &wildcard),
+        ("miss (no rule)", "ingress", &miss),
+        ("non-IP (ARP)", "ingress", &arp),
+    ];
+    for (case, _, data) in cases {
+        let xdp: &Xdp = ebpf
+            .program(programs::XDP_INGRESS)
+            .context("xdp")?
+            .try_into()?;
+        let (t, rv) = time_prog(|o: TestRunOptions<'_>| xdp.test_run(o), data, runs, repeat)?;
+        out.push(result(programs::XDP_INGRESS, case, t, xdp_floor.0, rv));
+        let tc: &SchedClassifier = ebpf
+            .program(programs::TC_INGRESS)
+            .context("tc")?
+            .try_into()?;
+        let (t, rv) = time_prog(|o: TestRunOptions<'_>| tc.test_run(o), data, runs, repeat)?;
+        out.push(result(programs::TC_INGRESS, case, t, tc_floor.0, rv));
+    }
+    for (case, data) in [
+        ("reply hit (tracked flow)", &reply[..]),
+        ("reply miss (no flow)", &reply_miss[..]),
+        ("non-IP (ARP)", &arp[..]),
+    ] {
+        let tc: &SchedClassifier = ebpf
+            .program(programs::TC_EGRESS)
+            .context("tc egress")?
+            .try_into()?;
+        let (t, rv) = time_prog(|o: TestRunOptions<'_>| tc.test_run(o), data, runs, repeat)?;
+        out.push(result(programs::TC_EGRESS, case, t, tc_floor.0, rv));
+    }
+    Ok(out)
+}
+
+fn result(program: &str, case: &str, t: (f64, f64, f64), floor: f64, retval: u32) -> MicroResult {
+    MicroResult {
+        program: program.to_string(),
+        case: case.to_string(),
+        ns: t.0,
+        min: t.1,
+        max: t.2,
+        over_floor: if floor > 0.0 { t.0 - floor } else { 0.0 },
+        retval,
+    }
+}
+
+fn seed(ebpf: &mut Ebpf) -> Result<()> {
+    let mut rules: HashMap<_, RuleKeyV4, BackendV4> =
+        HashMap::try_from(ebpf.map_mut(RULES_V4).context(RULES_V4)?)?;
+    // The published port, and the rewritten packet (which the next iteration sees).
+    rules.insert(
+        RuleKeyV4::from_parts(HOST_IP, 9000, proto::TCP),
+        BackendV4::new(CT_IP, 8080, 0),
+        0,
+    )?;
+    rules.insert(
+        RuleKeyV4::from_parts(CT_IP, 8080, proto::TCP),
+        BackendV4::new(CT_IP, 8080, 0),
+        0,
+    )?;
+    // Wildcard: mapped onto itself, so every iteration takes the wildcard path.
+    rules.insert(
+        RuleKeyV4::from_parts(Ipv4Addr::UNSPECIFIED, 9001, proto::TCP),
+        BackendV4::new(HOST_IP, 9001, 1),
+        0,
+    )?;
+    let mut hosts: HashMap<_, [u8; 4], u8> =
+        HashMap::try_from(ebpf.map_mut(HOST_ADDRS_V4).context(HOST_ADDRS_V4)?)?;
+    hosts.insert(HOST_IP.octets(), 1, 0)?;
+    let mut ct: HashMap<_, FlowKeyV4, FlowV4> =
+        HashMap::try_from(ebpf.map_mut(CONNTRACK_V4).context(CONNTRACK_V4)?)?;
+    let host_flow = FlowV4::new(HOST_IP.octets(), 9000u16.to_be_bytes(), 0);
+    // The reply as the backend sends it, and as it looks once translated.
+    for (addr, port) in [(CT_IP, 8080u16), (HOST_IP, 9000)] {
+        ct.insert(
+            FlowKeyV4::new(
+                addr.octets(),
+                port.to_be_bytes(),
+                CLIENT_IP.octets(),
+                40_000u16.to_be_bytes(),
+                proto::TCP,
+            ),
+            host_flow,
+            0,
+        )?;
+    }
+    Ok(())
+}
+
+fn time_prog(
+    run: impl Fn(TestRunOptions<'_>) -> Result<TestRunResult, ProgramError>,
+    data: &[u8],
+    runs: usize,
+    repeat: u32,
+) -> Result<((f64, f64, f64), u32)> {
+    let mut rv = 0;
+    let t = median_of(runs, || {
+        let mut buf = vec![0u8; data.len() + 256];
+        let r = run(TestRunOptions {
+            data_in: Some(data),
+            data_out: Some(&mut buf),
+            repeat,
+            ..Default::default()
+        })
+        .context("BPF_PROG_RUN")?;
+        rv = r.return_value;
+        Ok(r.duration.as_nanos() as f64)
+    })?;
+    Ok((t, rv))
+}
+
+fn median_of(runs: usize, mut f: impl FnMut() -> Result<f64>) -> Result<(f64, f64, f64)> {
+    let mut v = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        v.push(f()?);
+    }
+    v.sort_by(f64::total_cmp);
+    Ok((v[v.len() / 2], v[0], v[v.len() - 1]))
+}
+
+fn eth(ethertype: u16) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f
+}
+
+/// A TCP segment (ACK, 10 bytes of payload) with valid checksums.
+pub fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let payload = b"0123456789";
+    let tcp_len = 20 + payload.len();
+    let mut f = eth(0x0800);
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + tcp_len) as u16).to_be_bytes());
+    ip[6] = 0x40;
+    ip[8] = 64;
+    ip[9] = proto::TCP;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let c = !fold(sum(&ip));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
+    tcp[8..12].copy_from_slice(&1u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x18; // PSH, ACK
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    tcp.extend_from_slice(payload);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, proto::TCP]);
+    pseudo.extend_from_slice(&(tcp_len as u16).to_be_bytes());
+    pseudo.extend_from_slice(&tcp);
+    let c = !fold(sum(&pseudo));
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&tcp);
+    f
+}
+
+fn arp_frame() -> Vec<u8> {
+    let mut f = eth(0x0806);
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 2]);
+    f.extend_from_slice(&CLIENT_IP.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&HOST_IP.octets());
+    f.resize(60, 0);
+    f
+}
+
+fn sum(b: &[u8]) -> u32 {
+    b.chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum()
+}
+
+fn fold(mut s: u32) -> u16 {
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s as u16
+}
+
+/// The empty programs (floor), loaded with the raw `bpf(2)` syscall: two instructions,
+/// `r0 = verdict; exit`, no object file needed.
+mod raw {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    use anyhow::{bail, Result};
+
+    pub const PROG_SCHED_CLS: u32 = 3;
+    pub const PROG_XDP: u32 = 6;
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+    fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> i64 {
+        // SAFETY: `attr` is a zero-padded `union bpf_attr` of 128 bytes, larger than every
+        // command's part of the union used here; the kernel reads at most that size.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len() as u32) }
+    }
+
+    fn load(prog_type: u32, verdict: i32) -> Result<OwnedFd> {
+        let mut insns = [0u8; 16];
+        insns[0] = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K, dst r0
+        insns[4..8].copy_from_slice(&verdict.to_ne_bytes());
+        insns[8] = 0x95; // BPF_JMP | BPF_EXIT
+        let license = b"GPL\0";
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&prog_type.to_ne_bytes());
+        attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+        attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+        let fd = bpf(BPF_PROG_LOAD, &mut attr);
+        if fd < 0 {
+            bail!("BPF_PROG_LOAD: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just returned this new descriptor.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// Average ns per run of the empty program over `repeat` runs.
+    pub fn time_empty(prog_type: u32, verdict: i32, data: &[u8], repeat: u32) -> Result<f64> {
+        let fd = load(prog_type, verdict)?;
+        let mut out = vec![0u8; data.len() + 256];
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+        attr[8..12].copy_from_slice(&(data.len() as u32).to_ne_bytes());
+        attr[12..16].copy_from_slice(&(out.len() as u32).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(data.as_ptr() as u64).to_ne_bytes());
+        attr[24..32].copy_from_slice(&(out.as_mut_ptr() as u64).to_ne_bytes());
+        attr[32..36].copy_from_slice(&repeat.to_ne_bytes());
+        if bpf(BPF_PROG_TEST_RUN, &mut attr) < 0 {
+            bail!("BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
+        }
+        let duration = u32::from_ne_bytes([attr[36], attr[37], attr[38], attr[39]]);
+        Ok(f64::from(duration))
+    }
+}

@@ -1,0 +1,793 @@
+//! Results: raw samples (CSV and JSON), the Markdown summary (medians, min–max, ratios to
+//! direct and to iptables, the issue's targets marked met or missed) and SVG charts.
+//! A difference is only claimed when the min–max ranges do not overlap.
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+
+use anyhow::Result;
+
+use super::{control::ControlResult, micro::MicroResult};
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Sample {
+    pub round: u32,
+    pub variant: String,
+    pub workload: String,
+    pub metric: String,
+    pub value: f64,
+    /// Busy CPU seconds during the run (both cores; UDP: the forwarding core).
+    pub cpu_s: f64,
+    pub units: f64,
+    pub cpu_per_unit: Option<f64>,
+    pub cpu_unit: String,
+    /// Machine load (0..1) just before the case: other processes' noise.
+    pub bg_load: f64,
+    pub syn_retrans: Option<u64>,
+    pub note: String,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Failure {
+    pub round: u32,
+    pub variant: String,
+    pub workload: String,
+    pub error: String,
+}
+
+#[derive(Default, serde::Serialize)]
+pub struct Results {
+    pub meta: BTreeMap<String, String>,
+    pub variants: Vec<String>,
+    pub unavailable: Vec<(String, String)>,
+    pub samples: Vec<Sample>,
+    pub failures: Vec<Failure>,
+    pub micro: Vec<MicroResult>,
+    pub control: Vec<ControlResult>,
+    pub local_unavailable: Vec<(String, String)>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+fn stat(mut v: Vec<f64>) -> Option<Stat> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    Some(Stat {
+        median,
+        min: v[0],
+        max: v[n - 1],
+        n,
+    })
+}
+
+fn overlap(a: &Stat, b: &Stat) -> bool {
+    a.min <= b.max && b.min <= a.max
+}
+
+/// The headline metric of each workload: (workload, metric, label, unit, higher is better).
+pub const HEADLINES: [(&str, &str, &str, &str, bool); 9] = [
+    ("tcp1", "gbit_s", "TCP, 1 stream", "Gbit/s", true),
+    ("tcp4", "gbit_s", "TCP, 4 streams", "Gbit/s", true),
+    ("crr", "req_s", "new connection per request", "req/s", true),
+    ("keepalive", "req_s", "HTTP keep-alive", "req/s", true),
+    (
+        "latency",
+        "p50_us",
+        "request/response p50 (64 B)",
+        "µs",
+        false,
+    ),
+    (
+        "latency",
+        "p99_us",
+        "request/response p99 (64 B)",
+        "µs",
+        false,
+    ),
+    ("udp64", "mpps", "64-byte UDP", "Mpps", true),
+    (
+        "local-crr",
+        "req_s",
+        "localhost:PORT, new connection per request",
+        "req/s",
+        true,
+    ),
+    (
+        "local-tcp1",
+        "gbit_s",
+        "localhost:PORT, TCP 1 stream",
+        "Gbit/s",
+        true,
+    ),
+];
+
+impl Results {
+    pub fn stat(&self, variant: &str, workload: &str, metric: &str) -> Option<Stat> {
+        stat(
+            self.samples
+                .iter()
+                .filter(|s| s.variant == variant && s.workload == workload && s.metric == metric)
+                .map(|s| s.value)
+                .collect(),
+        )
+    }
+
+    fn cpu_stat(&self, variant: &str, workload: &str, metric: &str) -> Option<(Stat, String)> {
+        let v: Vec<&Sample> = self
+            .samples
+            .iter()
+            .filter(|s| s.variant == variant && s.workload == workload && s.metric == metric)
+            .filter(|s| s.cpu_per_unit.is_some())
+            .collect();
+        let unit = v.first()?.cpu_unit.clone();
+        Some((
+            stat(v.iter().filter_map(|s| s.cpu_per_unit).collect())?,
+            unit,
+        ))
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::write(
+            dir.join("results.json"),
+            serde_json::to_string_pretty(self)?,
+        )?;
+        let mut csv = String::from(
+            "round,variant,workload,metric,value,cpu_s,units,cpu_per_unit,cpu_unit,bg_load,syn_retrans,note\n",
+        );
+        for s in &self.samples {
+            let _ = writeln!(
+                csv,
+                "{},{},{},{},{},{:.4},{},{},{},{:.3},{},\"{}\"",
+                s.round,
+                s.variant,
+                s.workload,
+                s.metric,
+                s.value,
+                s.cpu_s,
+                s.units,
+                s.cpu_per_unit
+                    .map(|c| format!("{c:.3}"))
+                    .unwrap_or_default(),
+                s.cpu_unit,
+                s.bg_load,
+                s.syn_retrans.map(|c| c.to_string()).unwrap_or_default(),
+                s.note.replace('"', "'")
+            );
+        }
+        std::fs::write(dir.join("samples.csv"), csv)?;
+        let mut micro = String::from("program,case,ns_median,ns_min,ns_max,over_floor,retval\n");
+        for m in &self.micro {
+            let _ = writeln!(
+                micro,
+                "{},{},{},{},{},{},{}",
+                m.program, m.case, m.ns, m.min, m.max, m.over_floor, m.retval
+            );
+        }
+        std::fs::write(dir.join("micro.csv"), micro)?;
+        let mut ctl = String::from("publisher,method,ports,seconds,rss_kib,note\n");
+        for c in &self.control {
+            let _ = writeln!(
+                ctl,
+                "{},{},{},{},{},\"{}\"",
+                c.publisher,
+                c.method,
+                c.ports,
+                c.seconds.map(|s| format!("{s:.4}")).unwrap_or_default(),
+                c.rss_kib.map(|s| s.to_string()).unwrap_or_default(),
+                c.note.replace('"', "'")
+            );
+        }
+        std::fs::write(dir.join("control.csv"), ctl)?;
+        std::fs::write(dir.join("summary.md"), self.summary())?;
+        std::fs::write(dir.join("ratios.svg"), self.ratio_chart())?;
+        for (w, m, label, unit, _) in HEADLINES {
+            let bars: Vec<Bar> = self
+                .variants
+                .iter()
+                .filter_map(|v| {
+                    self.stat(v, w, m).map(|s| Bar {
+                        label: v.clone(),
+                        value: s.median,
+                        lo: s.min,
+                        hi: s.max,
+                    })
+                })
+                .collect();
+            if !bars.is_empty() {
+                let svg = bar_chart(
+                    &format!("{label} ({unit}): median, whiskers min–max"),
+                    &[(String::new(), bars)],
+                    None,
+                );
+                std::fs::write(dir.join(format!("{w}-{m}.svg")), svg)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn cell(&self, v: &str, w: &str, m: &str) -> String {
+        match self.stat(v, w, m) {
+            Some(s) if s.n > 1 => format!("{} ({}–{})", num(s.median), num(s.min), num(s.max)),
+            Some(s) => num(s.median),
+            None => "–".into(),
+        }
+    }
+
+    /// "1.23×" of `v` over `base`, with "≈" when their ranges overlap.
+    fn ratio(&self, v: &str, base: &str, w: &str, m: &str) -> Option<(f64, bool)> {
+        let a = self.stat(v, w, m)?;
+        let b = self.stat(base, w, m)?;
+        if b.median == 0.0 {
+            return None;
+        }
+        Some((a.median / b.median, overlap(&a, &b)))
+    }
+
+    fn ratio_cell(&self, v: &str, base: &str, w: &str, m: &str) -> String {
+        match self.ratio(v, base, w, m) {
+            Some((r, ov)) => format!("{r:.2}×{}", if ov && v != base { " ≈" } else { "" }),
+            None => "–".into(),
+        }
+    }
+
+    pub fn summary(&self) -> String {
+        let mut s = String::from("# portfwd benchmark summary\n\n");
+        for (k, v) in &self.meta {
+            let _ = writeln!(s, "- {k}: {v}");
+        }
+        for (v, why) in &self.unavailable {
+            let _ = writeln!(s, "- variant `{v}` not measured: {why}");
+        }
+        for (v, why) in &self.local_unavailable {
+            let _ = writeln!(s, "- `localhost:PORT` through `{v}`: {why}");
+        }
+        s += "\nMedians over the rounds, (min–max) across rounds. Ratios are of medians; `≈` marks \
+              ratios whose min–max ranges overlap the baseline's: no difference is claimed there.\n\n";
+
+        s += "## Results\n\n| workload |";
+        for v in &self.variants {
+            let _ = write!(s, " {v} |");
+        }
+        s += "\n|---|";
+        s += &"---|".repeat(self.variants.len());
+        s.push('\n');
+        for (w, m, label, unit, _) in HEADLINES {
+            let _ = write!(s, "| {label} ({unit}) |");
+            for v in &self.variants {
+                let _ = write!(s, " {} |", self.cell(v, w, m));
+            }
+            s.push('\n');
+        }
+
+        for base in ["direct", "iptables"] {
+            if !self.variants.iter().any(|v| v == base) {
+                continue;
+            }
+            let _ = write!(s, "\n## Ratio to {base}\n\n| workload |");
+            for v in &self.variants {
+                let _ = write!(s, " {v} |");
+            }
+            s += "\n|---|";
+            s += &"---|".repeat(self.variants.len());
+            s.push('\n');
+            for (w, m, label, _, better_high) in HEADLINES {
+                let _ = write!(
+                    s,
+                    "| {label}{} |",
+                    if better_high {
+                        ""
+                    } else {
+                        " (lower is better)"
+                    }
+                );
+                for v in &self.variants {
+                    let _ = write!(s, " {} |", self.ratio_cell(v, base, w, m));
+                }
+                s.push('\n');
+            }
+        }
+
+        s += "\n## CPU per unit of work (busy time of both cores over the run; 64-byte UDP: the \
+              forwarding core)\n\n| workload |";
+        for v in &self.variants {
+            let _ = write!(s, " {v} |");
+        }
+        s += "\n|---|";
+        s += &"---|".repeat(self.variants.len());
+        s.push('\n');
+        for (w, m, label, _, _) in HEADLINES {
+            if m.ends_with("_us") {
+                continue;
+            }
+            let unit = self
+                .variants
+                .iter()
+                .find_map(|v| self.cpu_stat(v, w, m).map(|(_, u)| u))
+                .unwrap_or_default();
+            let _ = write!(s, "| {label} ({unit}) |");
+            for v in &self.variants {
+                match self.cpu_stat(v, w, m) {
+                    Some((st, _)) if st.n > 1 => {
+                        let _ =
+                            write!(s, " {} ({}–{}) |", num(st.median), num(st.min), num(st.max));
+                    }
+                    Some((st, _)) => {
+                        let _ = write!(s, " {} |", num(st.median));
+                    }
+                    None => s += " – |",
+                }
+            }
+            s.push('\n');
+        }
+
+        s += "\n## SYN retransmissions during connection-rate runs (must be 0)\n\n";
+        for v in &self.variants {
+            let total: u64 = self
+                .samples
+                .iter()
+                .filter(|x| &x.variant == v && x.workload.ends_with("crr"))
+                .filter_map(|x| x.syn_retrans)
+                .sum();
+            let _ = writeln!(s, "- {v}: {total}");
+        }
+
+        s += &self.targets();
+
+        if !self.micro.is_empty() {
+            s += "\n## Program cost (BPF_PROG_RUN, repeat; kernel-timed ns per packet)\n\n\
+                  | program | case | ns (median, min–max) | over the empty program | verdict |\n|---|---|---|---|---|\n";
+            for m in &self.micro {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {:.1} ({:.1}–{:.1}) | {} | {} |",
+                    m.program,
+                    m.case,
+                    m.ns,
+                    m.min,
+                    m.max,
+                    if m.case == "floor" {
+                        "–".to_string()
+                    } else {
+                        format!("{:+.1}", m.over_floor)
+                    },
+                    m.retval as i32
+                );
+            }
+        }
+        if !self.control.is_empty() {
+            s += "\n## Control plane: publishing ports\n\n| publisher | method | ports | time | resident memory after | note |\n|---|---|---|---|---|---|\n";
+            for c in &self.control {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {} |",
+                    c.publisher,
+                    c.method,
+                    c.ports,
+                    c.seconds
+                        .map(|x| format!("{x:.3} s"))
+                        .unwrap_or_else(|| "–".into()),
+                    c.rss_kib
+                        .map(|k| format!("{:.1} MB", k as f64 / 1024.0))
+                        .unwrap_or_else(|| "–".into()),
+                    c.note
+                );
+            }
+        }
+        if !self.failures.is_empty() {
+            s += "\n## Failed cases\n\n";
+            for f in &self.failures {
+                let _ = writeln!(
+                    s,
+                    "- round {} {} {}: {}",
+                    f.round,
+                    f.variant,
+                    f.workload,
+                    f.error.lines().next().unwrap_or("")
+                );
+            }
+        }
+        s
+    }
+
+    /// The issue's targets, each marked met, missed, not shown (ranges overlap) or not
+    /// measured, for every portfwd variant that ran.
+    fn targets(&self) -> String {
+        let mut s = String::from("\n## Targets (issue 5)\n\n| target | variant | measured | status |\n|---|---|---|---|\n");
+        let pf: Vec<&String> = self
+            .variants
+            .iter()
+            .filter(|v| v.starts_with("portfwd"))
+            .collect();
+        if pf.is_empty() {
+            s += "| every target | portfwd | – | not measured: the daemon is not available |\n";
+        }
+        let mut row = |t: &str, v: &str, measured: String, status: String| {
+            let _ = writeln!(s, "| {t} | {v} | {measured} | {status} |");
+        };
+        for v in &pf {
+            let checks: [(&str, &str, &str, &str, f64, bool); 9] = [
+                (
+                    "new connections/s ≥ 1.2× iptables",
+                    "crr",
+                    "req_s",
+                    "iptables",
+                    1.2,
+                    true,
+                ),
+                (
+                    "new connections/s ≥ 0.97× direct",
+                    "crr",
+                    "req_s",
+                    "direct",
+                    0.97,
+                    true,
+                ),
+                (
+                    "TCP 1 stream ≥ 0.97× direct",
+                    "tcp1",
+                    "gbit_s",
+                    "direct",
+                    0.97,
+                    true,
+                ),
+                (
+                    "TCP 4 streams ≥ 0.97× direct",
+                    "tcp4",
+                    "gbit_s",
+                    "direct",
+                    0.97,
+                    true,
+                ),
+                (
+                    "keep-alive requests/s ≥ 0.97× direct",
+                    "keepalive",
+                    "req_s",
+                    "direct",
+                    0.97,
+                    true,
+                ),
+                (
+                    "p99 latency ≤ 1.03× direct",
+                    "latency",
+                    "p99_us",
+                    "direct",
+                    1.03,
+                    false,
+                ),
+                (
+                    "64-byte UDP ≥ 1.5× iptables (kernel path)",
+                    "udp64",
+                    "mpps",
+                    "iptables",
+                    1.5,
+                    true,
+                ),
+                (
+                    "localhost new connections/s ≥ 0.97× host → container",
+                    "local-crr",
+                    "req_s",
+                    "direct",
+                    0.97,
+                    true,
+                ),
+                (
+                    "localhost TCP ≥ 0.97× host → container",
+                    "local-tcp1",
+                    "gbit_s",
+                    "direct",
+                    0.97,
+                    true,
+                ),
+            ];
+            for (t, w, m, base, x, higher) in checks {
+                let (measured, status) = self.check(v, base, w, m, x, higher);
+                row(t, v, measured, status);
+            }
+            let (measured, status) = self.check(v, "docker-proxy", "local-crr", "req_s", 1.8, true);
+            row(
+                "localhost new connections/s ≥ 1.8× docker-proxy",
+                v,
+                measured,
+                status,
+            );
+            let (measured, _) = self.check(v, "socat", "local-crr", "req_s", 1.8, true);
+            if measured != "–" {
+                row(
+                    "(for reference, no target) localhost new connections/s vs socat",
+                    v,
+                    measured,
+                    "–".into(),
+                );
+            }
+            // CPU per unit below iptables on every workload.
+            let mut worse = Vec::new();
+            let mut compared = 0;
+            for (w, m, label, _, _) in HEADLINES {
+                if let (Some((a, _)), Some((b, _))) =
+                    (self.cpu_stat(v, w, m), self.cpu_stat("iptables", w, m))
+                {
+                    compared += 1;
+                    if a.median >= b.median {
+                        worse.push(format!(
+                            "{label} {:.2}×{}",
+                            a.median / b.median,
+                            if overlap(&a, &b) { " ≈" } else { "" }
+                        ));
+                    }
+                }
+            }
+            row(
+                "CPU per packet/request below iptables on every workload",
+                v,
+                format!("{compared} workloads compared"),
+                if compared == 0 {
+                    "not measured".into()
+                } else if worse.is_empty() {
+                    "met".into()
+                } else {
+                    format!("missed: {}", worse.join(", "))
+                },
+            );
+        }
+        row(
+            "64-byte UDP ≥ 2.3× direct with the fast path (XDP_REDIRECT)",
+            "portfwd fast path",
+            "–".into(),
+            "not measured: the daemon offers no fast-path mode yet".into(),
+        );
+        for (prog, case, limit) in [
+            ("portfwd_xdp_ingress", "hit (exact rule)", 35.0),
+            ("portfwd_tc_ingress", "hit (exact rule)", 35.0),
+            ("portfwd_tc_egress", "reply hit (tracked flow)", 100.0),
+        ] {
+            match self
+                .micro
+                .iter()
+                .find(|m| m.program == prog && m.case == case)
+            {
+                Some(m) => row(
+                    &format!("program cost {case} ≤ +{limit:.0} ns over empty"),
+                    prog,
+                    format!("{:+.1} ns", m.over_floor),
+                    if m.over_floor <= limit {
+                        "met"
+                    } else {
+                        "missed"
+                    }
+                    .into(),
+                ),
+                None => row(
+                    &format!("program cost {case} ≤ +{limit:.0} ns"),
+                    prog,
+                    "–".into(),
+                    "not measured".into(),
+                ),
+            }
+        }
+        let best = self
+            .control
+            .iter()
+            .filter(|c| c.publisher == "portfwd" && c.ports >= 10_000 && c.seconds.is_some())
+            .min_by(|a, b| {
+                a.seconds
+                    .unwrap_or(f64::MAX)
+                    .total_cmp(&b.seconds.unwrap_or(f64::MAX))
+            });
+        match best {
+            Some(c) => {
+                let secs = c.seconds.unwrap_or(f64::MAX);
+                row(
+                    "publishing 10,000 ports < 1 s",
+                    "portfwd",
+                    format!("{secs:.2} s ({})", c.method),
+                    if secs < 1.0 { "met" } else { "missed" }.into(),
+                );
+                let mb = c.rss_kib.unwrap_or(0) as f64 / 1024.0;
+                row(
+                    "daemon memory with 10,000 ports < 50 MB",
+                    "portfwd",
+                    format!("{mb:.1} MB"),
+                    if mb < 50.0 { "met" } else { "missed" }.into(),
+                );
+            }
+            None => row(
+                "publishing 10,000 ports < 1 s, memory < 50 MB",
+                "portfwd",
+                "–".into(),
+                "not measured (run without --quick, with the daemon built)".into(),
+            ),
+        }
+        s
+    }
+
+    fn check(
+        &self,
+        v: &str,
+        base: &str,
+        w: &str,
+        m: &str,
+        x: f64,
+        higher: bool,
+    ) -> (String, String) {
+        let (Some(a), Some(b)) = (self.stat(v, w, m), self.stat(base, w, m)) else {
+            let why = if self.stat(base, w, m).is_none() {
+                format!("not measured: no {base} result")
+            } else {
+                format!("not measured: no {v} result")
+            };
+            return ("–".into(), why);
+        };
+        let r = a.median / b.median;
+        let ov = overlap(&a, &b);
+        let measured = format!(
+            "{r:.2}× {base}{}",
+            if ov { " (ranges overlap)" } else { "" }
+        );
+        let pass = if higher { r >= x } else { r <= x };
+        // A target that asks for a real gain over the baseline (×>1 of a rate, ×<1 of a
+        // latency) is only met when the ranges are apart.
+        let needs_gap = if higher { x > 1.0 } else { x < 1.0 };
+        let status = if !pass {
+            "missed"
+        } else if needs_gap && ov {
+            "not shown (ranges overlap)"
+        } else {
+            "met"
+        };
+        (measured, status.into())
+    }
+
+    fn ratio_chart(&self) -> String {
+        let groups: Vec<(String, Vec<Bar>)> = HEADLINES
+            .iter()
+            .filter_map(|&(w, m, label, _, higher)| {
+                let base = self.stat("direct", w, m)?;
+                let bars: Vec<Bar> = self
+                    .variants
+                    .iter()
+                    .filter_map(|v| {
+                        let s = self.stat(v, w, m)?;
+                        Some(Bar {
+                            label: v.clone(),
+                            value: s.median / base.median,
+                            lo: s.min / base.median,
+                            hi: s.max / base.median,
+                        })
+                    })
+                    .collect();
+                let label = if higher {
+                    label.to_string()
+                } else {
+                    format!("{label} (lower is better)")
+                };
+                Some((label, bars))
+            })
+            .collect();
+        bar_chart(
+            "Ratio to direct (median; whiskers: min–max of the variant over direct's median)",
+            &groups,
+            Some(1.0),
+        )
+    }
+}
+
+fn num(x: f64) -> String {
+    if x >= 1000.0 {
+        format!("{x:.0}")
+    } else if x >= 100.0 {
+        format!("{x:.1}")
+    } else if x >= 10.0 {
+        format!("{x:.2}")
+    } else {
+        format!("{x:.3}")
+    }
+}
+
+pub struct Bar {
+    pub label: String,
+    pub value: f64,
+    pub lo: f64,
+    pub hi: f64,
+}
+
+const PALETTE: [&str; 8] = [
+    "#4e79a7", "#e15759", "#f28e2b", "#b07aa1", "#59a14f", "#76b7b2", "#edc948", "#9c755f",
+];
+
+fn color(label: &str) -> &'static str {
+    let order = [
+        "direct",
+        "iptables",
+        "socat",
+        "docker-proxy",
+        "portfwd-tc",
+        "portfwd-xdp-generic",
+        "portfwd-xdp-native",
+    ];
+    let i = order.iter().position(|o| *o == label).unwrap_or(7);
+    PALETTE[i % PALETTE.len()]
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A horizontal bar chart: groups of bars (one per variant), whiskers for min–max, and an
+/// optional reference line (1.0 for ratios).
+pub fn bar_chart(title: &str, groups: &[(String, Vec<Bar>)], reference: Option<f64>) -> String {
+    let (left, right, bar_h, gap, top) = (200.0, 760.0, 16.0, 14.0, 40.0);
+    let max = groups
+        .iter()
+        .flat_map(|(_, b)| b.iter().map(|x| x.hi.max(x.value)))
+        .chain(reference)
+        .fold(0.0f64, f64::max)
+        * 1.08;
+    let max = if max > 0.0 { max } else { 1.0 };
+    let x = |v: f64| left + (right - left) * (v / max);
+    let mut y = top;
+    let mut body = String::new();
+    for (g, bars) in groups {
+        if !g.is_empty() {
+            y += 6.0;
+            let _ = writeln!(
+                body,
+                r#"<text x="8" y="{:.1}" font-weight="bold">{}</text>"#,
+                y + 8.0,
+                esc(g)
+            );
+            y += 14.0;
+        }
+        for b in bars {
+            let _ = writeln!(
+                body,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text><rect x="{left}" y="{y:.1}" width="{:.1}" height="{bar_h}" fill="{}"/><line x1="{:.1}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="black"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+                left - 6.0,
+                y + 12.0,
+                esc(&b.label),
+                (x(b.value) - left).max(0.5),
+                color(&b.label),
+                x(b.lo),
+                x(b.hi),
+                y + bar_h / 2.0,
+                y + bar_h / 2.0,
+                x(b.hi.max(b.value)) + 4.0,
+                y + 12.0,
+                num(b.value)
+            );
+            y += bar_h + 3.0;
+        }
+        y += gap;
+    }
+    if let Some(r) = reference {
+        let _ = writeln!(
+            body,
+            r##"<line x1="{:.1}" x2="{:.1}" y1="{top}" y2="{y:.1}" stroke="#444" stroke-dasharray="4 3"/>"##,
+            x(r),
+            x(r)
+        );
+    }
+    format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="860" height="{:.0}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="8" y="22" font-size="14" font-weight="bold">{}</text>
+{body}</svg>
+"#,
+        y + 10.0,
+        esc(title)
+    )
+}

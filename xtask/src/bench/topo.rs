@@ -1,0 +1,152 @@
+//! The topology of one (round, variant), built fresh every time (TIME_WAIT and conntrack
+//! state must not carry over between variants):
+//!
+//! ```text
+//!  client ns              host ns (forwarding)                    container ns
+//!  c0 198.18.1.2 ──veth── <tag>h 198.18.1.1   br0 198.19.0.1 ── hs0 ──veth── s0 198.19.0.2
+//! ```
+//! The client's default route is the host, so `direct` reaches the container by its own
+//! address (no translation); every other variant publishes the container's ports on the
+//! host's address. The container runs iperf3 and the rig's HTTP and echo servers.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+
+use super::sys::{self, Netns, Proc};
+
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+pub const BRIDGE_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+pub const CT_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
+
+/// (container port, published host port) of each service.
+pub const HTTP: (u16, u16) = (8080, 9000);
+pub const IPERF: (u16, u16) = (5201, 9201);
+pub const ECHO: (u16, u16) = (7007, 9007);
+/// 64-byte UDP frames: to 8080/udp in the container, published as 9000/udp.
+pub const UDP: (u16, u16) = (8080, 9000);
+
+pub const CLIENT_IF: &str = "c0";
+pub const CT_IF: &str = "s0";
+
+pub struct Topology {
+    // Fields drop in order: servers before the namespaces they live in.
+    pub servers: Vec<Proc>,
+    pub client: Netns,
+    pub host: Netns,
+    pub ct: Netns,
+    /// The host's client-facing veth; named per run so its NAPI thread can be found.
+    pub host_if: String,
+}
+
+impl Topology {
+    pub fn build(prefix: &str, host_if: &str, exe: &Path) -> Result<Self> {
+        let client = Netns::new(&format!("{prefix}c"))?;
+        let host = Netns::new(&format!("{prefix}h"))?;
+        let ct = Netns::new(&format!("{prefix}s"))?;
+        let (c, h, s) = (&client.name, &host.name, &ct.name);
+        sys::sh(&format!(
+            "ip -n {c} link add {CLIENT_IF} type veth peer name {host_if} netns {h}
+             ip -n {h} link add hs0 type veth peer name {CT_IF} netns {s}
+             ip -n {h} link add br0 type bridge
+             ip -n {h} link set hs0 master br0"
+        ))?;
+        client.sh(&format!(
+            "ip addr add {CLIENT_IP}/24 dev {CLIENT_IF}
+             ip link set {CLIENT_IF} up
+             ip route add default via {HOST_IP}"
+        ))?;
+        host.sh(&format!(
+            "sysctl -qw net.ipv4.ip_forward=1
+             sysctl -qw net.ipv4.conf.all.rp_filter=0
+             sysctl -qw net.ipv4.conf.default.rp_filter=0
+             ip addr add {HOST_IP}/24 dev {host_if}
+             ip addr add {BRIDGE_IP}/24 dev br0
+             ip link set {host_if} up
+             ip link set br0 up
+             ip link set hs0 up"
+        ))?;
+        ct.sh(&format!(
+            "ip addr add {CT_IP}/24 dev {CT_IF}
+             ip link set {CT_IF} up
+             ip route add default via {BRIDGE_IP}"
+        ))?;
+        let mut topo = Self {
+            servers: Vec::new(),
+            client,
+            host,
+            ct,
+            host_if: host_if.to_string(),
+        };
+        let http = format!("0.0.0.0:{}", HTTP.0);
+        let echo = format!("0.0.0.0:{}", ECHO.0);
+        let mut serve = topo.ct.cmd(exe);
+        serve.args(["bench", "--serve-http", &http, "--serve-echo", &echo]);
+        topo.servers
+            .push(Proc::spawn("http/echo server", &mut serve)?);
+        let mut iperf = topo.ct.cmd("iperf3");
+        iperf
+            .args(["-s", "-p", &IPERF.0.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        topo.servers.push(Proc::spawn("iperf3 server", &mut iperf)?);
+        for port in [HTTP.0, ECHO.0, IPERF.0] {
+            topo.wait_listening(&topo.ct, port)?;
+        }
+        for p in &mut topo.servers {
+            p.check_alive()?;
+        }
+        // Neighbours resolved before any measurement.
+        topo.client
+            .sh(&format!("ping -c1 -W2 {CT_IP} >/dev/null"))
+            .context("the container is unreachable from the client")?;
+        Ok(topo)
+    }
+
+    /// Waits until a TCP listener on `port` exists in `ns`.
+    pub fn wait_listening(&self, ns: &Netns, port: u16) -> Result<()> {
+        sys::wait_for(
+            &format!("a listener on port {port} in {}", ns.name),
+            Duration::from_secs(10),
+            || {
+                ns.output(&format!("ss -Hltn 'sport = :{port}'"))
+                    .map(|o| !o.trim().is_empty())
+                    .unwrap_or(false)
+            },
+        )
+    }
+
+    /// MAC address of an interface in a namespace.
+    pub fn mac(ns: &Netns, iface: &str) -> Result<[u8; 6]> {
+        let s = ns.output(&format!("cat /sys/class/net/{iface}/address"))?;
+        let v: Vec<u8> = s
+            .trim()
+            .split(':')
+            .map(|x| u8::from_str_radix(x, 16))
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("bad MAC `{s}`"))?;
+        v.try_into()
+            .map_err(|_| anyhow::anyhow!("bad MAC `{}`", s.trim()))
+    }
+
+    pub fn ifindex(ns: &Netns, iface: &str) -> Result<u32> {
+        let s = ns.output(&format!("cat /sys/class/net/{iface}/ifindex"))?;
+        Ok(s.trim().parse()?)
+    }
+}
+
+/// Where the portfwd binaries and the BPF objects are (found through cargo, never by a
+/// hard-coded target path).
+#[derive(Clone, Debug)]
+pub struct Artifacts {
+    pub xtask: PathBuf,
+    pub daemon: Option<PathBuf>,
+    pub ctl: Option<PathBuf>,
+    pub bpf_object: PathBuf,
+    pub bench_object: PathBuf,
+}

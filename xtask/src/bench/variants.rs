@@ -1,0 +1,262 @@
+//! The ways a port reaches the container, each set up inside a fresh topology.
+
+use std::{
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+
+use super::{
+    sys::{self, Proc},
+    topo::{Artifacts, Topology, CT_IP, ECHO, HOST_IP, HTTP, IPERF, UDP},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum Variant {
+    /// The client routes to the container's own address: no translation (the ceiling).
+    Direct,
+    /// iptables (nf_tables backend) DNAT with conntrack, as Docker publishes ports.
+    Iptables,
+    /// One `socat` forking proxy per published port (what docker-proxy does).
+    Socat,
+    /// docker-proxy itself, when the machine has it.
+    DockerProxy,
+    /// portfwd, ingress program at TC ingress (`--ingress tc`, what `auto` picks on veth).
+    PortfwdTc,
+    /// portfwd at generic (skb) XDP.
+    PortfwdXdpGeneric,
+    /// portfwd at native XDP on the veth: splits GSO super-packets; labelled as such.
+    PortfwdXdpNative,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 7] = [
+        Variant::Direct,
+        Variant::Iptables,
+        Variant::Socat,
+        Variant::DockerProxy,
+        Variant::PortfwdTc,
+        Variant::PortfwdXdpGeneric,
+        Variant::PortfwdXdpNative,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Direct => "direct",
+            Variant::Iptables => "iptables",
+            Variant::Socat => "socat",
+            Variant::DockerProxy => "docker-proxy",
+            Variant::PortfwdTc => "portfwd-tc",
+            Variant::PortfwdXdpGeneric => "portfwd-xdp-generic",
+            Variant::PortfwdXdpNative => "portfwd-xdp-native",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Variant::Direct => "direct (no NAT)",
+            Variant::Iptables => "iptables DNAT",
+            Variant::Socat => "socat proxy",
+            Variant::DockerProxy => "docker-proxy",
+            Variant::PortfwdTc => "portfwd, TC ingress",
+            Variant::PortfwdXdpGeneric => "portfwd, generic XDP",
+            Variant::PortfwdXdpNative => "portfwd, native XDP on veth (GSO trap)",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.name() == s)
+    }
+
+    pub fn is_portfwd(self) -> bool {
+        matches!(
+            self,
+            Variant::PortfwdTc | Variant::PortfwdXdpGeneric | Variant::PortfwdXdpNative
+        )
+    }
+
+    /// Why the variant cannot run on this machine, if it cannot.
+    pub fn unavailable(self, art: &Artifacts) -> Option<String> {
+        match self {
+            Variant::Iptables if !sys::have("iptables-nft") => Some("no iptables-nft".into()),
+            Variant::Socat if !sys::have("socat") => Some("no socat".into()),
+            Variant::DockerProxy if !sys::have("docker-proxy") => {
+                Some("docker-proxy is not installed on this machine".into())
+            }
+            v if v.is_portfwd() && (art.daemon.is_none() || art.ctl.is_none()) => {
+                Some("the portfwd daemon is not built yet".into())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Where the client sends each workload under a variant.
+#[derive(Clone, Copy, Debug)]
+pub struct Targets {
+    pub addr: Ipv4Addr,
+    pub http: u16,
+    pub iperf: u16,
+    pub echo: u16,
+    /// None: the variant does not forward UDP.
+    pub udp: Option<u16>,
+}
+
+/// A variant set up in a topology; dropping it stops what it started.
+pub struct Active {
+    /// What the variant started (proxies, the daemon), stopped on drop.
+    pub _procs: Vec<Proc>,
+    pub targets: Targets,
+    /// `localhost:PORT` from the host namespace: (address, HTTP port, iperf port), or why
+    /// the variant has no local service.
+    pub local: Result<(Ipv4Addr, u16, u16), String>,
+}
+
+const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+pub fn published() -> Targets {
+    Targets {
+        addr: HOST_IP,
+        http: HTTP.1,
+        iperf: IPERF.1,
+        echo: ECHO.1,
+        udp: Some(UDP.1),
+    }
+}
+
+pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Result<Active> {
+    match v {
+        Variant::Direct => Ok(Active {
+            _procs: Vec::new(),
+            targets: Targets {
+                addr: CT_IP,
+                http: HTTP.0,
+                iperf: IPERF.0,
+                echo: ECHO.0,
+                udp: Some(UDP.0),
+            },
+            // A host process talking straight to the container.
+            local: Ok((CT_IP, HTTP.0, IPERF.0)),
+        }),
+        Variant::Iptables => {
+            let mut script = String::from(
+                "iptables-nft -t nat -N PFB
+                 iptables-nft -t nat -A PREROUTING -m addrtype --dst-type LOCAL -j PFB\n",
+            );
+            for (proto, (ct, host)) in [("tcp", HTTP), ("tcp", IPERF), ("tcp", ECHO), ("udp", UDP)]
+            {
+                script += &format!(
+                    "iptables-nft -t nat -A PFB -p {proto} --dport {host} -j DNAT --to-destination {CT_IP}:{ct}\n"
+                );
+            }
+            topo.host.sh(&script).context("iptables DNAT rules")?;
+            Ok(Active {
+                _procs: Vec::new(),
+                targets: published(),
+                local: Err(
+                    "not measured (Docker's localhost case is served by docker-proxy)".into(),
+                ),
+            })
+        }
+        Variant::Socat | Variant::DockerProxy => {
+            let mut procs = Vec::new();
+            for (ct, host) in [HTTP, IPERF, ECHO] {
+                let mut cmd = if v == Variant::Socat {
+                    let mut c = topo.host.cmd("socat");
+                    c.arg(format!("TCP-LISTEN:{host},fork,reuseaddr,backlog=4096"))
+                        .arg(format!("TCP:{CT_IP}:{ct}"));
+                    c
+                } else {
+                    docker_proxy_cmd(topo, host, ct)
+                };
+                cmd.stdout(Stdio::null()).stderr(Stdio::null());
+                procs.push(Proc::spawn(v.name(), &mut cmd)?);
+                topo.wait_listening(&topo.host, host)?;
+            }
+            let mut t = published();
+            t.udp = None;
+            Ok(Active {
+                _procs: procs,
+                targets: t,
+                local: Ok((LOCALHOST, HTTP.1, IPERF.1)),
+            })
+        }
+        Variant::PortfwdTc | Variant::PortfwdXdpGeneric | Variant::PortfwdXdpNative => {
+            let (Some(daemon), Some(ctl)) = (&art.daemon, &art.ctl) else {
+                bail!("portfwd is not built");
+            };
+            let ingress = match v {
+                Variant::PortfwdTc => "tc",
+                Variant::PortfwdXdpGeneric => "xdp-generic",
+                _ => "xdp",
+            };
+            let sock = format!("{sock_dir}/{}.sock", topo.host.name);
+            let log = std::fs::File::create(format!("{sock_dir}/{}.log", topo.host.name))?;
+            let mut cmd = topo.host.cmd(daemon);
+            cmd.args([
+                "--iface",
+                &topo.host_if,
+                "--ingress",
+                ingress,
+                "--socket",
+                &sock,
+            ])
+            .stdout(log.try_clone()?)
+            .stderr(log);
+            let mut d = Proc::spawn("portfwd", &mut cmd)?;
+            sys::wait_for("the portfwd socket", Duration::from_secs(10), || {
+                std::path::Path::new(&sock).exists()
+            })?;
+            d.check_alive()?;
+            for (proto, (ct, host)) in [("tcp", HTTP), ("tcp", IPERF), ("tcp", ECHO), ("udp", UDP)]
+            {
+                sys::run(Command::new(ctl).args([
+                    "--socket",
+                    &sock,
+                    "add",
+                    &format!("{host}/{proto}"),
+                    &format!("{CT_IP}:{ct}"),
+                ]))?;
+            }
+            let local = local_service(ctl, &sock);
+            Ok(Active {
+                _procs: vec![d],
+                targets: published(),
+                local,
+            })
+        }
+    }
+}
+
+/// docker-proxy as dockerd starts it; it needs fd 3 open (its parent passes a pipe there)
+/// or it closes its listener.
+fn docker_proxy_cmd(topo: &Topology, host: u16, ct: u16) -> Command {
+    let mut c = topo.host.cmd("sh");
+    c.arg("-c").arg(format!(
+        "exec 3</dev/null; exec docker-proxy -proto tcp -host-ip 0.0.0.0 -host-port {host} -container-ip {CT_IP} -container-port {ct}"
+    ));
+    c
+}
+
+/// Whether the daemon serves `localhost:PORT` at the socket (its `list --json` says so).
+fn local_service(ctl: &std::path::Path, sock: &str) -> Result<(Ipv4Addr, u16, u16), String> {
+    let out = Command::new(ctl)
+        .args(["--socket", sock, "list", "--json"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let s = json.to_string();
+    // The daemon reports its socket-level (cgroup connect) service as `local`.
+    let has_local = s.contains("\"local\":true")
+        || s.contains("\"local_service\":true")
+        || s.contains("\"socket_hooks\":true")
+        || s.contains("\"local\":\"attached\"");
+    if has_local {
+        Ok((LOCALHOST, HTTP.1, IPERF.1))
+    } else {
+        Err("portfwd serves no local clients yet (`list --json` shows no local service)".into())
+    }
+}

@@ -1,0 +1,410 @@
+//! The workloads, each run from the client namespace (or the host namespace for the
+//! `localhost:PORT` ones) against the targets a variant gives.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{Array, PerCpuArray},
+    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
+    EbpfLoader,
+};
+
+use super::{
+    serve::ECHO_LEN,
+    sys::{self, Netns},
+    topo::{Artifacts, Topology, CLIENT_IF, CLIENT_IP, CT_IF, UDP},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum Workload {
+    Tcp1,
+    Tcp4,
+    Crr,
+    KeepAlive,
+    Latency,
+    Udp64,
+    LocalCrr,
+    LocalTcp1,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 8] = [
+        Workload::Tcp1,
+        Workload::Tcp4,
+        Workload::Crr,
+        Workload::KeepAlive,
+        Workload::Latency,
+        Workload::LocalCrr,
+        Workload::LocalTcp1,
+        // Last: it turns on GRO and threaded NAPI on the host's veth.
+        Workload::Udp64,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Tcp1 => "tcp1",
+            Workload::Tcp4 => "tcp4",
+            Workload::Crr => "crr",
+            Workload::KeepAlive => "keepalive",
+            Workload::Latency => "latency",
+            Workload::Udp64 => "udp64",
+            Workload::LocalCrr => "local-crr",
+            Workload::LocalTcp1 => "local-tcp1",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Workload::Tcp1 => "TCP, 1 stream (iperf3)",
+            Workload::Tcp4 => "TCP, 4 streams (iperf3)",
+            Workload::Crr => "new connection per request (wrk, Connection: close)",
+            Workload::KeepAlive => "HTTP keep-alive request rate (wrk)",
+            Workload::Latency => "TCP request/response latency (64 B echo, 1 connection)",
+            Workload::Udp64 => "64-byte UDP (live-frames generator, BPF sink)",
+            Workload::LocalCrr => "localhost:PORT from the host, new connection per request",
+            Workload::LocalTcp1 => "localhost:PORT from the host, TCP 1 stream",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|w| w.name() == s)
+    }
+}
+
+/// One number a workload produced, with the amount of work it stands for (requests,
+/// packets, bytes), so CPU per unit can be derived.
+#[derive(Clone, Debug)]
+pub struct Measure {
+    pub metric: &'static str,
+    pub value: f64,
+    /// Requests, packets or GB done during the run (0 when CPU per unit makes no sense).
+    pub units: f64,
+    pub note: String,
+    /// CPU seconds to charge instead of both cores' busy time (UDP: the forwarding core).
+    pub cpu_override: Option<f64>,
+}
+
+impl Measure {
+    fn new(metric: &'static str, value: f64, units: f64) -> Self {
+        Self {
+            metric,
+            value,
+            units,
+            note: String::new(),
+            cpu_override: None,
+        }
+    }
+}
+
+/// Unit of "CPU per unit" for a metric.
+pub fn cpu_unit(metric: &str) -> (&'static str, f64) {
+    match metric {
+        "gbit_s" => ("CPU-ms/GB", 1e3),
+        "req_s" => ("CPU-µs/req", 1e6),
+        "mpps" => ("CPU-ns/pkt", 1e9),
+        _ => ("", 0.0),
+    }
+}
+
+pub fn iperf3(ns: &Netns, addr: Ipv4Addr, port: u16, streams: u32, secs: u64) -> Result<Measure> {
+    let out = sys::run(ns.cmd("iperf3").args([
+        "-c",
+        &addr.to_string(),
+        "-p",
+        &port.to_string(),
+        "-t",
+        &secs.to_string(),
+        "-P",
+        &streams.to_string(),
+        "-J",
+    ]))?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    if let Some(e) = v.get("error") {
+        bail!("iperf3: {e}");
+    }
+    let r = &v["end"]["sum_received"];
+    let bps = r["bits_per_second"].as_f64().context("iperf3: no rate")?;
+    let bytes = r["bytes"].as_f64().unwrap_or(0.0);
+    let retr = v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
+    let mut m = Measure::new("gbit_s", bps / 1e9, bytes / 1e9);
+    m.note = format!("retransmits={retr}");
+    Ok(m)
+}
+
+/// wrk against the container's HTTP server; `close`: a new connection per request.
+pub fn wrk(ns: &Netns, addr: Ipv4Addr, port: u16, close: bool, secs: u64) -> Result<Vec<Measure>> {
+    let mut cmd = ns.cmd("wrk");
+    cmd.args(["-t1", "-c32", &format!("-d{secs}s"), "--latency"]);
+    if close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    cmd.arg(format!("http://{addr}:{port}/"));
+    let out = sys::run(&mut cmd)?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rps = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .with_context(|| format!("wrk output without a rate:\n{text}"))?;
+    let total = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    let errors: String = text
+        .lines()
+        .filter(|l| l.contains("Socket errors") || l.contains("Non-2xx"))
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if total == 0.0 {
+        bail!("wrk completed no request:\n{text}");
+    }
+    let mut m = Measure::new("req_s", rps, total);
+    m.note = errors;
+    let mut v = vec![m];
+    for (pct, metric) in [("50%", "wrk_p50_us"), ("99%", "wrk_p99_us")] {
+        if let Some(us) = text
+            .lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(pct))
+            .and_then(|x| parse_duration_us(x.trim()))
+        {
+            v.push(Measure::new(metric, us, 0.0));
+        }
+    }
+    Ok(v)
+}
+
+fn parse_duration_us(s: &str) -> Option<f64> {
+    let split = s.find(|c: char| c.is_ascii_alphabetic())?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => n,
+        "ms" => n * 1e3,
+        "s" => n * 1e6,
+        "m" => n * 60e6,
+        _ => return None,
+    })
+}
+
+/// SYN retransmissions counted in a namespace so far (`nstat`, absolute counters).
+pub fn syn_retrans(ns: &Netns) -> u64 {
+    let out = ns
+        .cmd("nstat")
+        .args(["-asz", "TcpExtTCPSynRetrans"])
+        .output();
+    let Ok(out) = out else { return 0 };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("TcpExtTCPSynRetrans"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Request/response latency: one connection, 64-byte request echoed back, one at a time.
+pub fn latency(ns: &Netns, addr: Ipv4Addr, port: u16, secs: u64) -> Result<Vec<Measure>> {
+    let samples = ns.on_thread(move || {
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddrV4::new(addr, port).into(),
+            Duration::from_secs(5),
+        )?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let req = [0x5au8; ECHO_LEN];
+        let mut resp = [0u8; ECHO_LEN];
+        for _ in 0..200 {
+            s.write_all(&req)?;
+            s.read_exact(&mut resp)?;
+        }
+        let mut ns: Vec<u32> = Vec::with_capacity(1 << 20);
+        let end = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < end {
+            let t = Instant::now();
+            s.write_all(&req)?;
+            s.read_exact(&mut resp)?;
+            ns.push(t.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+        }
+        Ok(ns)
+    })?;
+    let mut sorted = samples;
+    sorted.sort_unstable();
+    if sorted.is_empty() {
+        bail!("no request completed");
+    }
+    let pct = |p: f64| sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64 / 1e3;
+    let n = sorted.len() as f64;
+    Ok(vec![
+        Measure::new("p50_us", pct(0.50), 0.0),
+        Measure::new("p99_us", pct(0.99), 0.0),
+        Measure::new("rr_req_s", n / secs as f64, n),
+    ])
+}
+
+/// 64-byte UDP frames offered by BPF_PROG_RUN in live-frames mode from the client's
+/// veth (the generator writes the whole template into every frame: live-frame pages are
+/// recycled without being reset), forwarded by the host, counted and dropped by an XDP
+/// sink on the container's veth. The host veth gets GRO (NAPI) and its NAPI thread is
+/// pinned to CPU 1, the generator to CPU 0; CPU per packet is the forwarding CPU's.
+pub fn udp64(
+    topo: &Topology,
+    art: &Artifacts,
+    dst: Ipv4Addr,
+    dport: u16,
+    secs: u64,
+) -> Result<Measure> {
+    let hif = topo.host_if.clone();
+    topo.host.sh(&format!(
+        "ethtool -K {hif} gro on >/dev/null
+         echo 1 > /sys/class/net/{hif}/threaded"
+    ))?;
+    let pinned = sys::pin_kthreads(&format!("napi/{hif}-"), 1);
+    let frame = udp_frame(
+        Topology::mac(&topo.host, &hif)?,
+        Topology::mac(&topo.client, CLIENT_IF)?,
+        CLIENT_IP,
+        dst,
+        40_000,
+        dport,
+    );
+    let ifindex = Topology::ifindex(&topo.client, CLIENT_IF)?;
+    let (client_path, ct_path) = (topo.client.path(), topo.ct.path());
+    let obj = art.bench_object.clone();
+    let result = topo.ct.on_thread(move || {
+        let mut ebpf = EbpfLoader::new().load_file(&obj)?;
+        {
+            let sink: &mut Xdp = ebpf
+                .program_mut("bench_sink")
+                .context("bench_sink")?
+                .try_into()?;
+            sink.load()?;
+            sink.attach(CT_IF, XdpMode::Driver)
+                .context("attach the sink (native XDP) to the container's veth")?;
+        }
+        let mut port: Array<_, [u8; 2]> =
+            Array::try_from(ebpf.map_mut("BENCH_SINK_PORT").context("BENCH_SINK_PORT")?)?;
+        port.set(0, UDP.0.to_be_bytes(), 0)?;
+        let mut tpl: Array<_, [u8; 64]> =
+            Array::try_from(ebpf.map_mut("BENCH_TEMPLATE").context("BENCH_TEMPLATE")?)?;
+        tpl.set(0, frame, 0)?;
+        {
+            let gen: &mut Xdp = ebpf
+                .program_mut("bench_gen")
+                .context("bench_gen")?
+                .try_into()?;
+            gen.load()?;
+        }
+        let count = |ebpf: &aya::Ebpf| -> Result<u64> {
+            let c: PerCpuArray<_, u64> =
+                PerCpuArray::try_from(ebpf.map("BENCH_SINK_COUNT").context("count")?)?;
+            Ok(c.get(&0, 0)?.iter().sum())
+        };
+        sys::enter(&client_path)?;
+        sys::pin_current_thread(0)?;
+        let gen: &Xdp = ebpf.program("bench_gen").context("bench_gen")?.try_into()?;
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&64u32.to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let before = count(&ebpf)?;
+        let cpu0 = sys::CpuStat::now();
+        let start = Instant::now();
+        let mut offered: u64 = 0;
+        let chunk = 1u32 << 20;
+        while start.elapsed() < Duration::from_secs(secs) {
+            gen.test_run(TestRunOptions {
+                data_in: Some(&frame),
+                ctx_in: Some(&ctx),
+                repeat: chunk,
+                attrs: TestRunAttrs::new().xdp_live_frames(64),
+                ..Default::default()
+            })
+            .context("BPF_PROG_RUN live frames")?;
+            offered += u64::from(chunk);
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        // Frames still in flight land within a few ms.
+        std::thread::sleep(Duration::from_millis(50));
+        let cpu1 = sys::CpuStat::now();
+        let delivered = count(&ebpf)? - before;
+        sys::enter(&ct_path)?; // detach where the sink was attached
+        drop(ebpf);
+        Ok((delivered, offered, elapsed, cpu1.cpu_busy_since(&cpu0, 1)))
+    });
+    let _ = topo.host.sh(&format!(
+        "echo 0 > /sys/class/net/{hif}/threaded; ethtool -K {hif} gro off >/dev/null"
+    ));
+    let (delivered, offered, elapsed, fwd_cpu) = result?;
+    let mut m = Measure::new("mpps", delivered as f64 / elapsed / 1e6, delivered as f64);
+    m.note = format!(
+        "offered={:.2}Mpps napi_threads_pinned={pinned}",
+        offered as f64 / elapsed / 1e6
+    );
+    m.cpu_override = Some(fwd_cpu);
+    Ok(m)
+}
+
+/// Ethernet + IPv4 + UDP, 64 bytes, with valid checksums (as from a wire).
+pub fn udp_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+) -> [u8; 64] {
+    let mut f = [0u8; 64];
+    f[0..6].copy_from_slice(&dst_mac);
+    f[6..12].copy_from_slice(&src_mac);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&50u16.to_be_bytes());
+    ip[6] = 0x40; // DF
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let c = !fold(sum(ip));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f[34..36].copy_from_slice(&sport.to_be_bytes());
+    f[36..38].copy_from_slice(&dport.to_be_bytes());
+    f[38..40].copy_from_slice(&30u16.to_be_bytes());
+    for (i, b) in f[42..].iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    let mut pseudo = Vec::with_capacity(12 + 30);
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&30u16.to_be_bytes());
+    pseudo.extend_from_slice(&f[34..64]);
+    let mut c = !fold(sum(&pseudo));
+    if c == 0 {
+        c = 0xffff;
+    }
+    f[40..42].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+fn sum(b: &[u8]) -> u32 {
+    b.chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum()
+}
+
+fn fold(mut s: u32) -> u16 {
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s as u16
+}
