@@ -38,7 +38,7 @@ use tokio::{
 
 use crate::{
     dataplane::{self, Attachment, Dataplane, DataplaneError},
-    protocol::{self, ListReply, Request, RuleReply, RuleStatus, MAX_REQUEST},
+    protocol::{self, ListReply, LocalClients, Request, RuleReply, RuleStatus, MAX_REQUEST},
     rule::{Backend, Proto, Publish, Rule},
 };
 
@@ -65,6 +65,8 @@ pub enum DaemonError {
         #[source]
         source: Box<DataplaneError>,
     },
+    #[error("cannot publish {publish}: a local process already uses it (address already in use)")]
+    HeldLocally { publish: Publish },
     #[error("cannot read the counters: {0}")]
     Stats(#[source] Box<DataplaneError>),
 }
@@ -84,6 +86,11 @@ pub trait Kernel {
     fn reason_stats(&self) -> Result<Vec<(Reason, u64)>, DataplaneError>;
     fn attachments(&self) -> Vec<Attachment>;
     fn sync_host_addrs(&mut self, addrs: &BTreeSet<Ipv4Addr>) -> Result<(), DataplaneError>;
+    /// The cgroup whose processes are served as local clients, if any.
+    fn local_cgroup(&self) -> Option<PathBuf>;
+    /// Whether a local process already holds `publish` (a TCP listener, a bound UDP
+    /// socket): publishing it would silently take its traffic.
+    fn held_locally(&self, publish: &Publish) -> bool;
 }
 
 impl Kernel for Dataplane {
@@ -115,6 +122,39 @@ impl Kernel for Dataplane {
     fn sync_host_addrs(&mut self, addrs: &BTreeSet<Ipv4Addr>) -> Result<(), DataplaneError> {
         Dataplane::sync_host_addrs(self, addrs)
     }
+    fn local_cgroup(&self) -> Option<PathBuf> {
+        Dataplane::local_cgroup(self).map(Path::to_path_buf)
+    }
+    fn held_locally(&self, publish: &Publish) -> bool {
+        port_held_locally(publish)
+    }
+}
+
+/// Tries to bind `publish` in this namespace. TCP uses `SO_REUSEADDR`, so only a
+/// listener (not a connection in TIME_WAIT or a client's ephemeral port) counts. An
+/// address that is not the host's (`EADDRNOTAVAIL`) is held by no local process.
+pub fn port_held_locally(publish: &Publish) -> bool {
+    use nix::sys::socket::{
+        bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn,
+    };
+    let ty = match publish.proto() {
+        Proto::Tcp => SockType::Stream,
+        Proto::Udp => SockType::Datagram,
+    };
+    let Ok(fd) = socket(AddressFamily::Inet, ty, SockFlag::SOCK_CLOEXEC, None) else {
+        return false;
+    };
+    if ty == SockType::Stream {
+        let _ = setsockopt(&fd, sockopt::ReuseAddr, &true);
+    }
+    let addr = SockaddrIn::from(std::net::SocketAddrV4::new(
+        publish.host_ip(),
+        publish.host_port(),
+    ));
+    matches!(
+        bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr),
+        Err(nix::errno::Errno::EADDRINUSE)
+    )
 }
 
 /// Hands out counter slots `0..MAX_STATS_SLOTS`. Fresh slots go first and freed ones are
@@ -227,6 +267,9 @@ impl<K: Kernel> Daemon<K> {
     pub fn add(&mut self, rule: Rule) -> Result<RuleReply, DaemonError> {
         let Rule { publish, backend } = rule;
         self.table.check_free(&publish)?;
+        if self.kernel.held_locally(&publish) {
+            return Err(DaemonError::HeldLocally { publish });
+        }
         let slot = self.slots.alloc().ok_or(DaemonError::NoSlot { publish })?;
         let kernel_err = |source| DaemonError::Kernel {
             action: "publish",
@@ -315,10 +358,15 @@ impl<K: Kernel> Daemon<K> {
             .into_iter()
             .map(|(r, n)| (r.name().to_string(), n))
             .collect();
+        let cgroup = self.kernel.local_cgroup();
         Ok(ListReply {
             rules,
             interfaces: self.kernel.attachments(),
             reasons,
+            local_clients: LocalClients {
+                served: cgroup.is_some(),
+                cgroup: cgroup.map(|c| c.display().to_string()),
+            },
         })
     }
 
@@ -623,6 +671,7 @@ mod tests {
         forgotten: Vec<((Ipv4Addr, u16), u8)>,
         fail_insert: bool,
         fail_remove: bool,
+        held: Vec<Publish>,
     }
 
     fn fake_err() -> DataplaneError {
@@ -671,6 +720,12 @@ mod tests {
         fn sync_host_addrs(&mut self, _: &BTreeSet<Ipv4Addr>) -> Result<(), DataplaneError> {
             Ok(())
         }
+        fn local_cgroup(&self) -> Option<PathBuf> {
+            None
+        }
+        fn held_locally(&self, publish: &Publish) -> bool {
+            self.held.contains(publish)
+        }
     }
 
     fn rule(p: &str, b: &str) -> Rule {
@@ -686,6 +741,22 @@ mod tests {
             .iter()
             .map(|((a, p, pr), b)| format!("{a}:{p}/{pr} -> {}:{}", b.addr(), b.port()))
             .collect()
+    }
+
+    #[test]
+    fn add_refuses_a_port_a_local_process_holds() {
+        let mut d = Daemon::new(FakeKernel {
+            held: vec!["9000".parse().expect("publish")],
+            ..FakeKernel::default()
+        });
+        let err = d.add(rule("9000", "198.18.1.2:8080")).expect_err("held");
+        assert_eq!(
+            err.to_string(),
+            "cannot publish 0.0.0.0:9000/tcp: a local process already uses it (address already in use)"
+        );
+        assert!(kernel_rules(&d).is_empty() && d.table().is_empty());
+        d.add(rule("9000/udp", "198.18.1.2:8080"))
+            .expect("udp is free");
     }
 
     #[test]

@@ -71,6 +71,18 @@ pub struct ListReply {
     pub interfaces: Vec<Attachment>,
     /// Packet counts by [`portfwd_common::Reason::name`].
     pub reasons: BTreeMap<String, u64>,
+    /// Whether local clients (the host's own processes, containers calling the host's
+    /// address) are served by the socket hooks, and for which cgroup.
+    #[serde(default)]
+    pub local_clients: LocalClients,
+}
+
+/// `list`'s view of the socket hooks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalClients {
+    pub served: bool,
+    /// The cgroup v2 whose processes are served (and the ones below it).
+    pub cgroup: Option<String>,
 }
 
 /// One published rule and its counters (summed over CPUs).
@@ -428,6 +440,10 @@ mod tests {
             }],
             interfaces: vec![],
             reasons: [("translated".to_string(), 7)].into_iter().collect(),
+            local_clients: LocalClients {
+                served: true,
+                cgroup: Some("/sys/fs/cgroup".into()),
+            },
         };
         let v = serde_json::to_value(&reply).expect("encodes");
         assert_eq!(
@@ -438,6 +454,7 @@ mod tests {
                            "packets":1,"bytes":2,"reply_packets":3,"reply_bytes":4,"local":5}],
                 "interfaces": [],
                 "reasons": {"translated": 7},
+                "local_clients": {"served": true, "cgroup": "/sys/fs/cgroup"},
             })
         );
     }

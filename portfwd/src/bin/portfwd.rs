@@ -35,6 +35,11 @@ struct Args {
     /// supports it and TC ingress on virtual interfaces.
     #[arg(long, value_enum, default_value = "auto")]
     ingress: IngressMode,
+    /// cgroup v2 whose processes (and their descendants') are served as local clients
+    /// at the socket (`curl localhost:PORT`, containers calling the host's address).
+    /// Default: the cgroup2 root, on unified and hybrid layouts alike.
+    #[arg(long, value_name = "PATH")]
+    cgroup: Option<PathBuf>,
     /// Log level (default: info, or RUST_LOG).
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<LevelFilter>,
@@ -75,6 +80,16 @@ fn run(args: Args) -> Result<(), String> {
             "attached {}: ingress={}, egress={}",
             a.iface, a.ingress, a.egress
         );
+    }
+    match args.cgroup.clone().or_else(dataplane::cgroup2_root) {
+        Some(cgroup) => {
+            dp.attach_local(&cgroup).map_err(|e| e.to_string())?;
+            info!("serving local clients of cgroup {}", cgroup.display());
+        }
+        None => warn!(
+            "no cgroup2 mount: local clients (localhost and the host's own addresses) \
+             are not served"
+        ),
     }
     if daemon::ipv4_forwarding_disabled() == Some(true) {
         warn!(

@@ -6,7 +6,8 @@ use portfwd::protocol::{self, ListReply, Request};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Print `{"rules":[...],"interfaces":[...],"reasons":{...}}` instead of a table.
+    /// Print `{"rules":[...],"interfaces":[...],"reasons":{...},"local_clients":{...}}`
+    /// instead of a table.
     #[arg(long)]
     json: bool,
 }
@@ -79,6 +80,10 @@ pub fn table(reply: &ListReply) -> String {
             ifaces.join(", ")
         }
     );
+    let _ = match (&reply.local_clients.served, &reply.local_clients.cgroup) {
+        (true, Some(cg)) => writeln!(out, "local clients: served (cgroup {cg})"),
+        _ => writeln!(out, "local clients: not served (no cgroup2 mount)"),
+    };
     out
 }
 
@@ -126,13 +131,15 @@ mod tests {
                 egress: Hook::TcEgress,
             }],
             reasons: Default::default(),
+            local_clients: Default::default(),
         };
         assert_eq!(
             table(&reply),
             "PUBLISHED          BACKEND          PROTO  PACKETS  BYTES\n\
              0.0.0.0:9000       172.17.0.2:8080  tcp         18   6000\n\
              198.51.100.7:5353  172.17.0.3:53    udp          0      0\n\
-             2 rules on eth0 (TC ingress, TC egress)\n"
+             2 rules on eth0 (TC ingress, TC egress)\n\
+             local clients: not served (no cgroup2 mount)\n"
         );
     }
 }
