@@ -9,7 +9,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{bins, netns::Netns, process::ChildGuard};
+use crate::{bins, cgroup::Cgroup, netns::Netns, process::ChildGuard};
 
 /// How long the daemon may take to load, attach and answer (generous: only to avoid
 /// hanging).
@@ -149,17 +149,25 @@ pub struct Daemon {
     child: ChildGuard,
     socket: PathBuf,
     log: PathBuf,
+    /// Where the daemon's socket programs apply: the test's own cgroup, never the root
+    /// (see [`crate::cgroup`]). Dropped after the daemon.
+    cgroup: Cgroup,
 }
 
 impl Daemon {
-    /// Starts `portfwd --socket DIR/portfwd.sock --iface IF... [extra...]` inside `ns`
-    /// (through nsenter), its output going to `DIR/portfwd.log`. Does not wait.
+    /// Starts `portfwd --socket DIR/portfwd.sock --cgroup <own cgroup> --iface IF...
+    /// [extra...]` inside `ns` (through nsenter), its output going to `DIR/portfwd.log`.
+    /// Does not wait.
     pub fn spawn(ns: &Netns, dir: &Path, ifaces: &[&str], extra: &[&str]) -> Self {
+        let cgroup = Cgroup::new("d");
         let socket = dir.join("portfwd.sock");
         let log = dir.join("portfwd.log");
         let logf = std::fs::File::create(&log).expect("daemon log file");
         let mut cmd = ns.command(bins::bin(bins::PORTFWD));
-        cmd.arg("--socket").arg(&socket);
+        cmd.arg("--socket")
+            .arg(&socket)
+            .arg("--cgroup")
+            .arg(cgroup.path());
         for i in ifaces {
             cmd.args(["--iface", i]);
         }
@@ -168,7 +176,12 @@ impl Daemon {
             .stdout(logf.try_clone().expect("log fd"))
             .stderr(logf);
         let child = ChildGuard::spawn("portfwd", &mut cmd);
-        Self { child, socket, log }
+        Self {
+            child,
+            socket,
+            log,
+            cgroup,
+        }
     }
 
     /// Starts the daemon and waits until its socket answers `list`.
@@ -200,6 +213,11 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The cgroup whose processes the daemon serves as local clients.
+    pub fn cgroup(&self) -> &Cgroup {
+        &self.cgroup
     }
 
     pub fn socket(&self) -> &Path {

@@ -11,6 +11,7 @@
 //! ([`netns::sweep_stale`]).
 
 pub mod bins;
+pub mod cgroup;
 pub mod client;
 pub mod daemon;
 pub mod netns;

@@ -66,7 +66,10 @@ impl Netns {
     pub fn new(tag: &str, role: &str) -> Self {
         static SWEEP: Once = Once::new();
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        SWEEP.call_once(sweep_stale);
+        SWEEP.call_once(|| {
+            sweep_stale();
+            crate::cgroup::sweep_stale();
+        });
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let name = format!("{PREFIX}{tag}-{}-{n}-{role}", std::process::id());
         run_ok(Command::new("ip").args(["netns", "add", &name]));

@@ -228,7 +228,14 @@ fn step(cmd: &mut Command) -> Result<()> {
 pub fn describe(cmd: &Command) -> String {
     std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
-        .map(|s| s.to_string_lossy().into_owned())
+        .map(|s| {
+            let s = s.to_string_lossy();
+            if s.contains(char::is_whitespace) {
+                format!("'{s}'")
+            } else {
+                s.into_owned()
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
