@@ -22,8 +22,12 @@ pub const REASON_STATS: &str = "REASON_STATS";
 /// socket and the backend it was sent to instead, so `recvmsg` and `getpeername` can show
 /// the published address. Written by connect4/sendmsg4, read by recvmsg4/getpeername4.
 pub const LOCAL_PEERS_V4: &str = "LOCAL_PEERS_V4";
-/// Entry 0: [`LocalConfig`], written by the daemon at start.
-pub const LOCAL_CONFIG: &str = "LOCAL_CONFIG";
+/// Entry 0: [`Config`], written by the daemon at start.
+pub const CONFIG: &str = "CONFIG";
+/// Fast path: (bridge ifindex, destination MAC) to the bridge port leading to that MAC,
+/// from the bridges' forwarding databases. Written by the daemon, read by the ingress
+/// programs to redirect a translated packet straight to the backend's port.
+pub const BRIDGE_PORTS: &str = "BRIDGE_PORTS";
 
 /// Entry points in the object, as their ELF symbols (aya finds programs by symbol).
 pub mod programs {
@@ -295,21 +299,48 @@ impl LocalPeerV4 {
     }
 }
 
-/// Value of [`LOCAL_CONFIG`].
+/// Value of [`CONFIG`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LocalConfig {
+pub struct Config {
     /// Network namespace cookie of the host (the daemon's namespace): loopback
     /// destinations and binds are only the host's own in that namespace.
     pub host_netns_cookie: u64,
+    /// `CONFIG_*` bits.
+    pub flags: u64,
 }
-const _: () = assert!(core::mem::size_of::<LocalConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
+
+/// [`Config::flags`]: redirect translated packets straight to the backend's bridge port
+/// (FIB lookup, MAC rewrite, redirect) instead of letting the kernel route them.
+pub const CONFIG_FAST_PATH: u64 = 1;
+
+/// Most bridge forwarding entries tracked for the fast path.
+pub const MAX_BRIDGE_PORTS: u32 = 16_384;
+
+/// Key of [`BRIDGE_PORTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BridgePortKey {
+    pub bridge_ifindex: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<BridgePortKey>() == 12);
+
+impl BridgePortKey {
+    #[inline(always)]
+    pub const fn new(bridge_ifindex: u32, mac: [u8; 6]) -> Self {
+        Self { bridge_ifindex, mac, _pad: [0; 2] }
+    }
+}
 
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::LocalPeerKeyV4 {}
     unsafe impl aya::Pod for super::LocalPeerV4 {}
-    unsafe impl aya::Pod for super::LocalConfig {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::BridgePortKey {}
     // SAFETY: each type is repr(C), Copy, has no implicit padding (sizes asserted above)
     // and every bit pattern is a valid value.
     unsafe impl aya::Pod for super::RuleKeyV4 {}

@@ -31,10 +31,15 @@ pub enum Reason {
     LocalTranslated = 11,
     /// Socket hooks: a local `bind()` of a published port was refused.
     LocalBindRefused = 12,
+    /// Fast path: translated and redirected straight to the backend's bridge port.
+    Redirected = 13,
+    /// Fast path: no route, neighbour or bridge port known yet, TTL expiring, or a
+    /// redirect failure: the kernel routes the translated packet instead.
+    FastPathFallback = 14,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Translated,
         Reason::ReplyTranslated,
@@ -49,6 +54,8 @@ impl Reason {
         Reason::DropChecksum,
         Reason::LocalTranslated,
         Reason::LocalBindRefused,
+        Reason::Redirected,
+        Reason::FastPathFallback,
     ];
 
     /// Stable snake_case name, for `list` and metrics.
@@ -67,6 +74,8 @@ impl Reason {
             Reason::DropChecksum => "drop_checksum",
             Reason::LocalTranslated => "local_translated",
             Reason::LocalBindRefused => "local_bind_refused",
+            Reason::Redirected => "redirected",
+            Reason::FastPathFallback => "fast_path_fallback",
         }
     }
 }

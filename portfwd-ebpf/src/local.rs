@@ -25,7 +25,7 @@ use portfwd_common::{proto, BackendV4, LocalPeerKeyV4, LocalPeerV4, Reason, Rule
 
 use crate::{
     count,
-    maps::{self, HOST_ADDRS_V4, LOCAL_CONFIG, LOCAL_PEERS_V4, RULES_V4},
+    maps::{self, HOST_ADDRS_V4, LOCAL_PEERS_V4, RULES_V4},
 };
 
 /// sock_addr programs: 1 lets the call proceed, 0 fails it with EPERM.
@@ -108,9 +108,7 @@ fn set_addr(ctx: &SockAddrContext, addr: [u8; 4], port: [u8; 2]) {
 
 #[inline(always)]
 fn in_host_netns(ctx: &SockAddrContext) -> bool {
-    let Some(cfg) = LOCAL_CONFIG.get(0) else {
-        return true;
-    };
+    let cfg = maps::config();
     // SAFETY: plain helper call on the program's own context.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     cfg.host_netns_cookie == 0 || cookie == cfg.host_netns_cookie

@@ -13,13 +13,15 @@
 #![no_std]
 #![no_main]
 
+mod fastpath;
 mod local;
 mod maps;
 mod nat;
 mod packet;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{xdp_action, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::bpf_redirect,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -34,6 +36,8 @@ pub fn portfwd_xdp_ingress(ctx: XdpContext) -> u32 {
     match nat::ingress(&mut pkt) {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
+        // SAFETY: plain helper call; it returns XDP_REDIRECT, or XDP_ABORTED on a bad index.
+        Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
     }
 }
 
@@ -57,6 +61,11 @@ fn tc_action(v: Verdict) -> i32 {
     match v {
         Verdict::Pass => TC_ACT_UNSPEC,
         Verdict::Drop => TC_ACT_SHOT as i32,
+        // SAFETY: plain helper call; TC_ACT_REDIRECT on success.
+        Verdict::Redirect(ifindex) => match unsafe { bpf_redirect(ifindex, 0) } as i32 {
+            r if r == TC_ACT_REDIRECT as i32 => r,
+            _ => TC_ACT_UNSPEC,
+        },
     }
 }
 

@@ -5,8 +5,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use portfwd_common::{
-    BackendV4, FlowKeyV4, FlowV4, LocalConfig, LocalPeerKeyV4, LocalPeerV4, Reason, RuleKeyV4,
-    RuleStats, MAX_FLOWS, MAX_HOST_ADDRS, MAX_LOCAL_PEERS, MAX_RULES, MAX_STATS_SLOTS,
+    BackendV4, BridgePortKey, Config, FlowKeyV4, FlowV4, LocalPeerKeyV4, LocalPeerV4, Reason,
+    RuleKeyV4, RuleStats, MAX_BRIDGE_PORTS, MAX_FLOWS, MAX_HOST_ADDRS, MAX_LOCAL_PEERS, MAX_RULES,
+    MAX_STATS_SLOTS,
 };
 
 #[map(name = "RULES_V4")]
@@ -28,8 +29,18 @@ pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason
 pub static LOCAL_PEERS_V4: LruHashMap<LocalPeerKeyV4, LocalPeerV4> =
     LruHashMap::with_max_entries(MAX_LOCAL_PEERS, 0);
 
-#[map(name = "LOCAL_CONFIG")]
-pub static LOCAL_CONFIG: Array<LocalConfig> = Array::with_max_entries(1, 0);
+#[map(name = "CONFIG")]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map(name = "BRIDGE_PORTS")]
+pub static BRIDGE_PORTS: HashMap<BridgePortKey, u32> =
+    HashMap::with_max_entries(MAX_BRIDGE_PORTS, 0);
+
+/// The daemon's configuration (all zero until it writes it).
+#[inline(always)]
+pub fn config() -> Config {
+    CONFIG.get(0).copied().unwrap_or_default()
+}
 
 #[inline(always)]
 pub fn count(reason: Reason) {

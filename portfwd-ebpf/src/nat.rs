@@ -5,18 +5,21 @@
 use aya_ebpf::{
     bindings::BPF_F_PSEUDO_HDR,
     programs::{TcContext, XdpContext},
+    EbpfContext,
 };
-use portfwd_common::{csum, BackendV4, FlowKeyV4, FlowV4, Reason, RuleKeyV4};
+use portfwd_common::{csum, BackendV4, FlowKeyV4, FlowV4, Reason, RuleKeyV4, CONFIG_FAST_PATH};
 
 use crate::{
-    count,
+    count, fastpath,
     maps::{self, CONNTRACK_V4, HOST_ADDRS_V4, RULES_V4},
-    packet::{bytes_at, parse_ipv4, Ipv4Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF},
+    packet::{bytes_at, parse_ipv4, Ipv4Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF},
 };
 
 pub enum Verdict {
     Pass,
     Drop,
+    /// Send out of this interface (the fast path), via the hook's redirect.
+    Redirect(u32),
 }
 
 /// Which end of the flow a rewrite changes.
@@ -31,6 +34,10 @@ pub trait Packet {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
     fn len(&self) -> u64;
+    fn ctx_ptr(&self) -> *mut core::ffi::c_void;
+    fn ingress_ifindex(&self) -> u32;
+    /// Forwards the packet one hop as the kernel would: new MACs, TTL minus one.
+    fn forward(&mut self, f: &Ipv4Flow, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), ()>;
     /// Rewrites the address and port of `end`, updating the IPv4 and L4 checksums.
     fn rewrite(&mut self, f: &Ipv4Flow, end: End, addr: [u8; 4], port: [u8; 2]) -> Result<(), ()>;
 }
@@ -61,7 +68,23 @@ pub fn ingress<P: Packet>(pkt: &mut P) -> Verdict {
     }
     maps::count_rule(backend.stats_slot(), pkt.len(), false);
     count(Reason::Translated);
-    Verdict::Pass
+    let translated = Ipv4Flow {
+        dst: backend.addr_bytes(),
+        dport: backend.port_be(),
+        ..flow
+    };
+    match fastpath::next_hop(pkt, &translated) {
+        Some(hop) if pkt.forward(&translated, hop.smac, hop.dmac).is_ok() => {
+            count(Reason::Redirected);
+            Verdict::Redirect(hop.port_ifindex)
+        }
+        _ => {
+            if maps::config().flags & CONFIG_FAST_PATH != 0 {
+                count(Reason::FastPathFallback);
+            }
+            Verdict::Pass
+        }
+    }
 }
 
 #[inline(always)]
@@ -172,6 +195,36 @@ impl Packet for XdpPacket<'_> {
     fn len(&self) -> u64 {
         (self.ctx.data_end() - self.ctx.data()) as u64
     }
+    #[inline(always)]
+    fn ctx_ptr(&self) -> *mut core::ffi::c_void {
+        self.ctx.as_ptr()
+    }
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        self.ctx.ingress_ifindex() as u32
+    }
+
+    #[inline(always)]
+    fn forward(&mut self, f: &Ipv4Flow, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), ()> {
+        let (data, data_end) = (self.data(), self.data_end());
+        let eth = bytes_at(data, data_end, 0, 12).ok_or(())?;
+        let ip = bytes_at(data, data_end, f.ip_off, 20).ok_or(())?;
+        // SAFETY: 12 bytes of Ethernet and 20 of IPv4 header are inside the packet.
+        unsafe {
+            write(eth, &dmac);
+            write(eth.add(6), &smac);
+            let (ttl, l4) = (*ip.add(IP_TTL_OFF), *ip.add(IP_TTL_OFF + 1));
+            let check = u16::from_be_bytes([*ip.add(IP_CSUM_OFF), *ip.add(IP_CSUM_OFF + 1)]);
+            let check = csum::replace2(
+                check,
+                u16::from_be_bytes([ttl, l4]),
+                u16::from_be_bytes([ttl - 1, l4]),
+            );
+            *ip.add(IP_TTL_OFF) = ttl - 1;
+            write(ip.add(IP_CSUM_OFF), &check.to_be_bytes());
+        }
+        Ok(())
+    }
 
     #[inline(always)]
     fn rewrite(&mut self, f: &Ipv4Flow, end: End, addr: [u8; 4], port: [u8; 2]) -> Result<(), ()> {
@@ -261,6 +314,31 @@ impl Packet for TcPacket<'_> {
     #[inline(always)]
     fn len(&self) -> u64 {
         self.ctx.len() as u64
+    }
+    #[inline(always)]
+    fn ctx_ptr(&self) -> *mut core::ffi::c_void {
+        self.ctx.as_ptr()
+    }
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: reading a field of the kernel-provided __sk_buff.
+        unsafe { (*self.ctx.skb.skb).ifindex }
+    }
+
+    #[inline(always)]
+    fn forward(&mut self, f: &Ipv4Flow, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), ()> {
+        let c = self.ctx;
+        let ttl: u8 = c.load(f.ip_off + IP_TTL_OFF).map_err(|_| ())?;
+        let l4: u8 = c.load(f.ip_off + IP_TTL_OFF + 1).map_err(|_| ())?;
+        let old = u16::from_ne_bytes([ttl, l4]) as u64;
+        let new = u16::from_ne_bytes([ttl - 1, l4]) as u64;
+        c.l3_csum_replace(f.ip_off + IP_CSUM_OFF, old, new, 2)
+            .map_err(|_| ())?;
+        c.store(f.ip_off + IP_TTL_OFF, &(ttl - 1), 0)
+            .map_err(|_| ())?;
+        c.store(0, &dmac, 0).map_err(|_| ())?;
+        c.store(6, &smac, 0).map_err(|_| ())?;
+        Ok(())
     }
 
     #[inline(always)]

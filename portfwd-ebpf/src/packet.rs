@@ -17,6 +17,7 @@ pub const TCP_HLEN: usize = 20;
 pub const UDP_HLEN: usize = 8;
 
 /// Offsets of the checksum fields inside their headers.
+pub const IP_TTL_OFF: usize = 8;
 pub const IP_CSUM_OFF: usize = 10;
 pub const IP_SRC_OFF: usize = 12;
 pub const IP_DST_OFF: usize = 16;

@@ -91,6 +91,11 @@ pub trait Kernel {
     /// Whether a local process already holds `publish` (a TCP listener, a bound UDP
     /// socket): publishing it would silently take its traffic.
     fn held_locally(&self, publish: &Publish) -> bool;
+    /// Re-reads what the fast path needs from the host (the bridges' forwarding
+    /// databases); nothing when the fast path is off.
+    fn refresh_fast_path(&mut self) -> Result<(), DataplaneError> {
+        Ok(())
+    }
 }
 
 impl Kernel for Dataplane {
@@ -127,6 +132,12 @@ impl Kernel for Dataplane {
     }
     fn held_locally(&self, publish: &Publish) -> bool {
         port_held_locally(publish)
+    }
+    fn refresh_fast_path(&mut self) -> Result<(), DataplaneError> {
+        if self.fast_path() {
+            self.sync_bridge_ports(&dataplane::bridge_ports())?;
+        }
+        Ok(())
     }
 }
 
@@ -439,7 +450,11 @@ pub async fn serve<K: Kernel + Send + 'static>(
         tokio::select! {
             () = &mut shutdown => break,
             _ = refresh.tick() => {
-                lock(&daemon).set_host_addrs(dataplane::local_ipv4_addrs());
+                let mut d = lock(&daemon);
+                d.set_host_addrs(dataplane::local_ipv4_addrs());
+                if let Err(e) = d.kernel.refresh_fast_path() {
+                    debug!("cannot refresh the fast path's bridge ports: {e}");
+                }
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => match limit.clone().try_acquire_owned() {

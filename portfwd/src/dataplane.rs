@@ -10,8 +10,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use portfwd_common::{
-    programs, BackendV4, FlowKeyV4, FlowV4, LocalConfig, Reason, RuleKeyV4, RuleStats,
-    CONNTRACK_V4, HOST_ADDRS_V4, LOCAL_CONFIG, REASON_STATS, RULES_V4, RULE_STATS,
+    programs, BackendV4, BridgePortKey, Config, FlowKeyV4, FlowV4, Reason, RuleKeyV4, RuleStats,
+    BRIDGE_PORTS, CONFIG, CONFIG_FAST_PATH, CONNTRACK_V4, HOST_ADDRS_V4, REASON_STATS, RULES_V4,
+    RULE_STATS,
 };
 use thiserror::Error;
 
@@ -130,6 +131,7 @@ pub struct Dataplane {
     ebpf: Ebpf,
     attachments: Vec<Attachment>,
     local_cgroup: Option<std::path::PathBuf>,
+    config: Config,
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
@@ -161,6 +163,7 @@ impl Dataplane {
             ebpf,
             attachments: Vec::new(),
             local_cgroup: None,
+            config: Config::default(),
         })
     }
 
@@ -209,9 +212,8 @@ impl Dataplane {
     /// Attached as BPF links (5.7+), which coexist with other programs on the cgroup
     /// (the kernel refuses attach flags on link creation, hence `Single`).
     pub fn attach_local(&mut self, cgroup: &Path) -> Result<(), DataplaneError> {
-        self.set_local_config(LocalConfig {
-            host_netns_cookie: current_netns_cookie()?,
-        })?;
+        self.config.host_netns_cookie = current_netns_cookie()?;
+        self.write_config()?;
         let cg = std::fs::File::open(cgroup).map_err(|source| DataplaneError::Cgroup {
             path: cgroup.display().to_string(),
             source,
@@ -234,14 +236,53 @@ impl Dataplane {
         self.local_cgroup.as_deref()
     }
 
-    fn set_local_config(&mut self, cfg: LocalConfig) -> Result<(), DataplaneError> {
+    /// Turns the fast path on or off: translated packets are redirected straight to the
+    /// backend's bridge port when the FIB, neighbour and bridge lookups all complete.
+    pub fn set_fast_path(&mut self, on: bool) -> Result<(), DataplaneError> {
+        if on {
+            self.config.flags |= CONFIG_FAST_PATH;
+        } else {
+            self.config.flags &= !CONFIG_FAST_PATH;
+        }
+        self.write_config()
+    }
+
+    pub fn fast_path(&self) -> bool {
+        self.config.flags & CONFIG_FAST_PATH != 0
+    }
+
+    fn write_config(&mut self) -> Result<(), DataplaneError> {
         let map = self
             .ebpf
-            .map_mut(LOCAL_CONFIG)
-            .ok_or(DataplaneError::MissingMap(LOCAL_CONFIG))?;
-        let mut a: Array<&mut MapData, LocalConfig> =
-            Array::try_from(map).map_err(map_err(LOCAL_CONFIG))?;
-        a.set(0, cfg, 0).map_err(map_err(LOCAL_CONFIG))
+            .map_mut(CONFIG)
+            .ok_or(DataplaneError::MissingMap(CONFIG))?;
+        let mut a: Array<&mut MapData, Config> = Array::try_from(map).map_err(map_err(CONFIG))?;
+        a.set(0, self.config, 0).map_err(map_err(CONFIG))
+    }
+
+    /// Makes the kernel's copy of the bridges' forwarding databases equal to `ports`.
+    pub fn sync_bridge_ports(
+        &mut self,
+        ports: &std::collections::BTreeMap<BridgePortKey, u32>,
+    ) -> Result<(), DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(BRIDGE_PORTS)
+            .ok_or(DataplaneError::MissingMap(BRIDGE_PORTS))?;
+        let mut m: HashMap<&mut MapData, BridgePortKey, u32> =
+            HashMap::try_from(map).map_err(map_err(BRIDGE_PORTS))?;
+        let current: Vec<(BridgePortKey, u32)> = m.iter().filter_map(Result::ok).collect();
+        for (k, v) in &current {
+            if ports.get(k) != Some(v) {
+                let _ = m.remove(k);
+            }
+        }
+        for (k, v) in ports {
+            if !current.contains(&(*k, *v)) {
+                m.insert(*k, *v, 0).map_err(map_err(BRIDGE_PORTS))?;
+            }
+        }
+        Ok(())
     }
 
     fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<Hook, DataplaneError> {
@@ -478,4 +519,67 @@ pub fn cgroup2_root() -> Option<std::path::PathBuf> {
         let mountpoint = left.split_whitespace().nth(4)?;
         (fstype == "cgroup2").then(|| std::path::PathBuf::from(mountpoint))
     })
+}
+
+/// The forwarding databases of this namespace's bridges, as (bridge ifindex, MAC) to the
+/// ifindex of the port that leads to the MAC. Read from sysfs (`brforward` holds
+/// `struct __fdb_entry` records); the bridge's own (local) entries are left out.
+pub fn bridge_ports() -> std::collections::BTreeMap<BridgePortKey, u32> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(devs) = std::fs::read_dir("/sys/class/net") else {
+        return out;
+    };
+    for dev in devs.flatten() {
+        let dir = dev.path();
+        if !dir.join("bridge").is_dir() {
+            continue;
+        }
+        let Some(br_index) = read_u32(&dir.join("ifindex")) else {
+            continue;
+        };
+        // Port numbers to port ifindexes.
+        let mut port_ifindex = std::collections::HashMap::new();
+        if let Ok(ports) = std::fs::read_dir(dir.join("brif")) {
+            for p in ports.flatten() {
+                let (Some(no), Some(idx)) = (
+                    read_u32(&p.path().join("port_no")),
+                    read_u32(
+                        &Path::new("/sys/class/net")
+                            .join(p.file_name())
+                            .join("ifindex"),
+                    ),
+                ) else {
+                    continue;
+                };
+                port_ifindex.insert(no, idx);
+            }
+        }
+        let Ok(fdb) = std::fs::read(dir.join("brforward")) else {
+            continue;
+        };
+        // struct __fdb_entry: mac[6], port_no u8, is_local u8, ageing u32, port_hi u8,
+        // pad u8, unused u16 (16 bytes).
+        for e in fdb.chunks_exact(16) {
+            if e[7] != 0 {
+                continue;
+            }
+            let no = u32::from(e[6]) | (u32::from(e[12]) << 8);
+            if let Some(&idx) = port_ifindex.get(&no) {
+                let mut mac = [0u8; 6];
+                mac.copy_from_slice(&e[..6]);
+                out.insert(BridgePortKey::new(br_index, mac), idx);
+            }
+        }
+    }
+    out
+}
+
+/// A sysfs number, decimal or `0x` hexadecimal.
+fn read_u32(path: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let text = text.trim();
+    match text.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
 }

@@ -40,6 +40,12 @@ struct Args {
     /// Default: the cgroup2 root, on unified and hybrid layouts alike.
     #[arg(long, value_name = "PATH")]
     cgroup: Option<PathBuf>,
+    /// Redirect translated packets straight to the backend's bridge port (FIB lookup,
+    /// MAC rewrite, redirect) instead of routing them through the host's stack; falls
+    /// back to the stack whenever a lookup cannot complete. With XDP ingress, the
+    /// backend's veth peer must take XDP frames (GRO on, or an XDP program).
+    #[arg(long)]
+    fast_path: bool,
     /// Log level (default: info, or RUST_LOG).
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<LevelFilter>,
@@ -80,6 +86,10 @@ fn run(args: Args) -> Result<(), String> {
             "attached {}: ingress={}, egress={}",
             a.iface, a.ingress, a.egress
         );
+    }
+    if args.fast_path {
+        dp.set_fast_path(true).map_err(|e| e.to_string())?;
+        info!("fast path on: translated packets go straight to the backend's bridge port");
     }
     match args.cgroup.clone().or_else(dataplane::cgroup2_root) {
         Some(cgroup) => {

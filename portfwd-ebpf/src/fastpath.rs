@@ -1,0 +1,80 @@
+//! The fast path: a translated packet goes straight to the backend's bridge port instead
+//! of up the host's stack. The kernel's FIB and neighbour tables decide the next hop
+//! (`bpf_fib_lookup`), the daemon's copy of the bridges' forwarding databases names the
+//! port ([`BRIDGE_PORTS`]), and the packet is forwarded as the kernel would: MACs
+//! rewritten, TTL decremented. Whenever any step cannot complete (no route, neighbour not
+//! resolved yet, MAC not learnt, TTL expiring) the kernel path takes the packet instead.
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS},
+    helpers::bpf_fib_lookup,
+};
+use portfwd_common::{BridgePortKey, CONFIG_FAST_PATH};
+
+use crate::{
+    maps::{self, BRIDGE_PORTS},
+    nat::Packet,
+    packet::{bytes_at, Ipv4Flow, IP_TTL_OFF},
+};
+
+const AF_INET: u8 = 2;
+/// IPv4 total-length offset in the header.
+const IP_TOT_LEN_OFF: usize = 2;
+
+/// Where a translated packet is sent, and the MACs to give it.
+pub struct NextHop {
+    pub port_ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+/// The bridge port leading to `f.dst` (already the backend), if the fast path is on and
+/// every lookup completes.
+#[inline(always)]
+pub fn next_hop<P: Packet>(pkt: &P, f: &Ipv4Flow) -> Option<NextHop> {
+    if maps::config().flags & CONFIG_FAST_PATH == 0 {
+        return None;
+    }
+    let ip = bytes_at(pkt.data(), pkt.data_end(), f.ip_off, 20)?;
+    // SAFETY: 20 bytes of IPv4 header are inside the packet (checked above).
+    let (ttl, tot_len) = unsafe {
+        (
+            *ip.add(IP_TTL_OFF),
+            u16::from_be_bytes([*ip.add(IP_TOT_LEN_OFF), *ip.add(IP_TOT_LEN_OFF + 1)]),
+        )
+    };
+    // An expiring TTL needs an ICMP error: the kernel's job.
+    if ttl <= 1 {
+        return None;
+    }
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = f.proto;
+    p.sport = u16::from_ne_bytes(f.sport);
+    p.dport = u16::from_ne_bytes(f.dport);
+    p.__bindgen_anon_1.tot_len = tot_len;
+    p.ifindex = pkt.ingress_ifindex();
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(f.src);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(f.dst);
+    // SAFETY: `p` is a valid request on our stack, of the size passed.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            pkt.ctx_ptr(),
+            &mut p,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return None;
+    }
+    let key = BridgePortKey::new(p.ifindex, p.dmac);
+    // SAFETY: copied out at once.
+    let port = unsafe { BRIDGE_PORTS.get(&key) }.copied()?;
+    Some(NextHop {
+        port_ifindex: port,
+        smac: p.smac,
+        dmac: p.dmac,
+    })
+}
