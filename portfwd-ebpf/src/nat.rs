@@ -348,6 +348,23 @@ impl Packet for TcPacket<'_> {
             End::Dst => (f.dst, f.dport),
         };
         let (addr_off, port_off) = field_offsets(f, end);
+        let (data, data_end) = (self.data(), self.data_end());
+        let ip = bytes_at(data, data_end, f.ip_off, 20).ok_or(())?;
+        let l4 = bytes_at(data, data_end, f.l4_off, f.l4_hlen()).ok_or(())?;
+        // The IPv4 header checksum is never offloaded: update it in place (RFC 1624),
+        // and write the new address and port directly.
+        // SAFETY: `ip` spans 20 bytes and `l4` the whole L4 header (checked above).
+        unsafe {
+            let check = u16::from_be_bytes([*ip.add(IP_CSUM_OFF), *ip.add(IP_CSUM_OFF + 1)]);
+            write(
+                ip.add(IP_CSUM_OFF),
+                &csum::replace4(check, old_addr, addr).to_be_bytes(),
+            );
+            write(ip.add(addr_off - f.ip_off), &addr);
+            write(l4.add(port_off - f.l4_off), &port);
+        }
+        // The L4 checksum may be partial (offloaded) or complete: the helpers handle
+        // both, and keep skb->csum right. The address is in the pseudo-header.
         let l4_csum = f.l4_csum_off();
         let mangled = if f.is_udp() { BPF_F_MARK_MANGLED_0 } else { 0 };
         let (old_a, new_a) = (
@@ -363,10 +380,6 @@ impl Packet for TcPacket<'_> {
             .map_err(|_| ())?;
         c.l4_csum_replace(l4_csum, old_p, new_p, mangled | 2)
             .map_err(|_| ())?;
-        c.l3_csum_replace(f.ip_off + IP_CSUM_OFF, old_a, new_a, 4)
-            .map_err(|_| ())?;
-        c.store(addr_off, &addr, 0).map_err(|_| ())?;
-        c.store(port_off, &port, 0).map_err(|_| ())?;
         Ok(())
     }
 }

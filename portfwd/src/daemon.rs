@@ -135,7 +135,10 @@ impl Kernel for Dataplane {
     }
     fn refresh_fast_path(&mut self) -> Result<(), DataplaneError> {
         if self.fast_path() {
-            self.sync_bridge_ports(&dataplane::bridge_ports())?;
+            // A failed read keeps the last known ports: stale entries only fall back.
+            if let Ok(ports) = dataplane::bridge_ports() {
+                self.sync_bridge_ports(&ports)?;
+            }
         }
         Ok(())
     }

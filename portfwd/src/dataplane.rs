@@ -183,7 +183,7 @@ impl Dataplane {
     /// Attaches the ingress program (hook chosen by `mode`) and the reply translator (TC
     /// egress) to `iface`.
     pub fn attach(&mut self, iface: &str, mode: IngressMode) -> Result<Attachment, DataplaneError> {
-        if !Path::new("/sys/class/net").join(iface).exists() {
+        if crate::netinfo::ifindex(iface).is_none() {
             return Err(DataplaneError::UnknownInterface(iface.to_string()));
         }
         let ingress = match mode {
@@ -462,12 +462,9 @@ where
         .map_err(|source| DataplaneError::Program { name, source })
 }
 
-/// Virtual interfaces (veth, bridge, tap...) have no backing device in sysfs.
+/// Virtual interfaces (veth, bridge, tap...): see [`crate::netinfo::is_virtual`].
 pub fn is_virtual(iface: &str) -> bool {
-    !Path::new("/sys/class/net")
-        .join(iface)
-        .join("device")
-        .exists()
+    crate::netinfo::is_virtual(iface)
 }
 
 /// The IPv4 addresses configured on this network namespace's interfaces.
@@ -522,64 +519,10 @@ pub fn cgroup2_root() -> Option<std::path::PathBuf> {
 }
 
 /// The forwarding databases of this namespace's bridges, as (bridge ifindex, MAC) to the
-/// ifindex of the port that leads to the MAC. Read from sysfs (`brforward` holds
-/// `struct __fdb_entry` records); the bridge's own (local) entries are left out.
-pub fn bridge_ports() -> std::collections::BTreeMap<BridgePortKey, u32> {
-    let mut out = std::collections::BTreeMap::new();
-    let Ok(devs) = std::fs::read_dir("/sys/class/net") else {
-        return out;
-    };
-    for dev in devs.flatten() {
-        let dir = dev.path();
-        if !dir.join("bridge").is_dir() {
-            continue;
-        }
-        let Some(br_index) = read_u32(&dir.join("ifindex")) else {
-            continue;
-        };
-        // Port numbers to port ifindexes.
-        let mut port_ifindex = std::collections::HashMap::new();
-        if let Ok(ports) = std::fs::read_dir(dir.join("brif")) {
-            for p in ports.flatten() {
-                let (Some(no), Some(idx)) = (
-                    read_u32(&p.path().join("port_no")),
-                    read_u32(
-                        &Path::new("/sys/class/net")
-                            .join(p.file_name())
-                            .join("ifindex"),
-                    ),
-                ) else {
-                    continue;
-                };
-                port_ifindex.insert(no, idx);
-            }
-        }
-        let Ok(fdb) = std::fs::read(dir.join("brforward")) else {
-            continue;
-        };
-        // struct __fdb_entry: mac[6], port_no u8, is_local u8, ageing u32, port_hi u8,
-        // pad u8, unused u16 (16 bytes).
-        for e in fdb.chunks_exact(16) {
-            if e[7] != 0 {
-                continue;
-            }
-            let no = u32::from(e[6]) | (u32::from(e[12]) << 8);
-            if let Some(&idx) = port_ifindex.get(&no) {
-                let mut mac = [0u8; 6];
-                mac.copy_from_slice(&e[..6]);
-                out.insert(BridgePortKey::new(br_index, mac), idx);
-            }
-        }
-    }
-    out
-}
-
-/// A sysfs number, decimal or `0x` hexadecimal.
-fn read_u32(path: &Path) -> Option<u32> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let text = text.trim();
-    match text.strip_prefix("0x") {
-        Some(hex) => u32::from_str_radix(hex, 16).ok(),
-        None => text.parse().ok(),
-    }
+/// ifindex of the port that leads to the MAC (learnt entries only).
+pub fn bridge_ports() -> std::io::Result<std::collections::BTreeMap<BridgePortKey, u32>> {
+    Ok(crate::netinfo::bridge_fdb()?
+        .into_iter()
+        .map(|e| (BridgePortKey::new(e.bridge_ifindex, e.mac), e.port_ifindex))
+        .collect())
 }

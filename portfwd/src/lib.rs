@@ -5,5 +5,6 @@
 
 pub mod daemon;
 pub mod dataplane;
+pub mod netinfo;
 pub mod protocol;
 pub mod rule;

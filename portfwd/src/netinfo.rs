@@ -1,0 +1,214 @@
+//! What the daemon reads about this network namespace's interfaces, through the kernel
+//! interfaces that answer for the *calling* namespace (netlink, ioctls). sysfs is not
+//! used: `/sys/class/net` shows the namespace of whoever mounted `/sys`, which is not the
+//! daemon's when it runs under `nsenter --net=...`.
+
+use std::{io, mem, os::fd::AsRawFd, os::fd::FromRawFd, os::fd::OwnedFd};
+
+/// The interface's index, if it exists in this namespace.
+pub fn ifindex(iface: &str) -> Option<u32> {
+    nix::net::if_::if_nametoindex(iface).ok()
+}
+
+/// Whether `iface` is virtual (veth, bridge, tap, ...): its driver reports no bus
+/// (`ETHTOOL_GDRVINFO`), where a NIC, virtio included, reports its PCI address.
+pub fn is_virtual(iface: &str) -> bool {
+    drvinfo_bus(iface).is_none_or(|bus| bus.is_empty())
+}
+
+const ETHTOOL_GDRVINFO: u32 = 0x3;
+
+#[repr(C)]
+struct EthtoolDrvinfo {
+    cmd: u32,
+    driver: [u8; 32],
+    version: [u8; 32],
+    fw_version: [u8; 32],
+    bus_info: [u8; 32],
+    erom_version: [u8; 32],
+    reserved2: [u8; 12],
+    n_priv_flags: u32,
+    n_stats: u32,
+    testinfo_len: u32,
+    eedump_len: u32,
+    regdump_len: u32,
+}
+
+#[repr(C)]
+struct IfreqData {
+    name: [u8; libc::IFNAMSIZ],
+    data: *mut libc::c_void,
+    _pad: [u8; 16],
+}
+
+/// The driver's bus address (`ethtool -i`'s bus-info), or `None` if it cannot be read.
+fn drvinfo_bus(iface: &str) -> Option<String> {
+    if iface.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is a fresh, valid descriptor that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: all-zero is a valid value for these plain-data structs.
+    let mut info: EthtoolDrvinfo = unsafe { mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    let mut req = IfreqData {
+        name: [0; libc::IFNAMSIZ],
+        data: (&mut info as *mut EthtoolDrvinfo).cast(),
+        _pad: [0; 16],
+    };
+    req.name[..iface.len()].copy_from_slice(iface.as_bytes());
+    // SAFETY: SIOCETHTOOL with an ifreq whose data points to a live ethtool_drvinfo.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut req) };
+    if rc != 0 {
+        return None;
+    }
+    let end = info.bus_info.iter().position(|&b| b == 0).unwrap_or(32);
+    Some(String::from_utf8_lossy(&info.bus_info[..end]).into_owned())
+}
+
+/// One learnt entry of a bridge's forwarding database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdbEntry {
+    pub bridge_ifindex: u32,
+    pub mac: [u8; 6],
+    pub port_ifindex: u32,
+}
+
+const NDA_LLADDR: u16 = 2;
+const NDA_MASTER: u16 = 9;
+const NUD_PERMANENT: u16 = 0x80;
+
+#[repr(C)]
+struct Ndmsg {
+    family: u8,
+    pad1: u8,
+    pad2: u16,
+    ifindex: i32,
+    state: u16,
+    flags: u8,
+    ty: u8,
+}
+
+/// The learnt (not the bridges' own, permanent) entries of every bridge's forwarding
+/// database, from an `RTM_GETNEIGH` dump of family `AF_BRIDGE`.
+pub fn bridge_fdb() -> io::Result<Vec<FdbEntry>> {
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh, valid descriptor that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+
+    let hdr_len = mem::size_of::<libc::nlmsghdr>();
+    let mut req = vec![0u8; hdr_len + mem::size_of::<Ndmsg>()];
+    let hdr = libc::nlmsghdr {
+        nlmsg_len: req.len() as u32,
+        nlmsg_type: libc::RTM_GETNEIGH,
+        nlmsg_flags: (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
+        nlmsg_seq: 1,
+        nlmsg_pid: 0,
+    };
+    // SAFETY: both structs are plain data; the buffer holds exactly both.
+    unsafe {
+        std::ptr::write_unaligned(req.as_mut_ptr().cast(), hdr);
+        std::ptr::write_unaligned(
+            req.as_mut_ptr().add(hdr_len).cast(),
+            Ndmsg {
+                family: libc::AF_BRIDGE as u8,
+                pad1: 0,
+                pad2: 0,
+                ifindex: 0,
+                state: 0,
+                flags: 0,
+                ty: 0,
+            },
+        );
+    }
+    // SAFETY: sending our own buffer on our own socket (to the kernel: address zeroed).
+    let sent = unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: receiving into our own buffer of the given length.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut msgs = &buf[..n as usize];
+        while msgs.len() >= hdr_len {
+            // SAFETY: at least a header's worth of bytes remain.
+            let h: libc::nlmsghdr = unsafe { std::ptr::read_unaligned(msgs.as_ptr().cast()) };
+            let len = h.nlmsg_len as usize;
+            if len < hdr_len || len > msgs.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "truncated netlink message",
+                ));
+            }
+            match i32::from(h.nlmsg_type) {
+                libc::NLMSG_DONE => return Ok(out),
+                libc::NLMSG_ERROR => return Err(io::Error::other("netlink dump failed")),
+                t if t == i32::from(libc::RTM_NEWNEIGH) => {
+                    if let Some(e) = parse_neigh(&msgs[hdr_len..len]) {
+                        out.push(e);
+                    }
+                }
+                _ => {}
+            }
+            // Messages are 4-byte aligned.
+            msgs = msgs.get((len + 3) & !3..).unwrap_or(&[]);
+        }
+    }
+}
+
+/// A learnt FDB entry from one RTM_NEWNEIGH payload.
+fn parse_neigh(payload: &[u8]) -> Option<FdbEntry> {
+    let nd_len = mem::size_of::<Ndmsg>();
+    if payload.len() < nd_len {
+        return None;
+    }
+    // SAFETY: at least an ndmsg's worth of bytes.
+    let nd: Ndmsg = unsafe { std::ptr::read_unaligned(payload.as_ptr().cast()) };
+    if nd.family != libc::AF_BRIDGE as u8 || nd.state & NUD_PERMANENT != 0 {
+        return None;
+    }
+    let (mut mac, mut master) = (None, None);
+    let mut attrs = &payload[nd_len..];
+    while attrs.len() >= 4 {
+        let alen = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+        let atype = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
+        if alen < 4 || alen > attrs.len() {
+            break;
+        }
+        let data = &attrs[4..alen];
+        match atype {
+            NDA_LLADDR if data.len() == 6 => mac = Some(<[u8; 6]>::try_from(data).ok()?),
+            NDA_MASTER if data.len() == 4 => {
+                master = Some(u32::from_ne_bytes(<[u8; 4]>::try_from(data).ok()?))
+            }
+            _ => {}
+        }
+        attrs = attrs.get((alen + 3) & !3..).unwrap_or(&[]);
+    }
+    Some(FdbEntry {
+        bridge_ifindex: master?,
+        mac: mac?,
+        port_ifindex: u32::try_from(nd.ifindex).ok()?,
+    })
+}
