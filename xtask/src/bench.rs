@@ -100,7 +100,7 @@ pub fn run(args: Args) -> Result<()> {
         .context("workspace root")?
         .to_path_buf();
     eprintln!("bench: building portfwd and the rig (release)");
-    let art = build(&root)?;
+    let mut art = build(&root)?;
     // The rig's own servers and clients must not be a debug build: run the release one.
     if cfg!(debug_assertions) && std::env::var_os("PORTFWD_BENCH_REEXEC").is_none() {
         use std::os::unix::process::CommandExt;
@@ -116,12 +116,14 @@ pub fn run(args: Args) -> Result<()> {
 
     let pid = std::process::id();
     sys::sweep_stale("pfb-");
+    sys::sweep_stale_cgroups("pfb-");
     let stamp = timestamp();
     let out = args
         .out
         .clone()
         .unwrap_or_else(|| root.join("bench-results").join(&stamp));
-    std::fs::create_dir_all(&out)?;
+    std::fs::create_dir_all(out.join("logs"))?;
+    art.log_dir = out.join("logs");
     let sock_dir = format!("/run/pfb-{pid}");
     std::fs::create_dir_all(&sock_dir)?;
     let _sock_dir_guard = RemoveDir(PathBuf::from(&sock_dir));
@@ -263,13 +265,13 @@ fn run_variant(
         let cpu0 = sys::CpuStat::now();
         let r = match w {
             Workload::Tcp1 => {
-                work::iperf3(&topo.client, t.addr, t.iperf, 1, cfg.secs).map(|m| vec![m])
+                work::iperf3(&topo.client, None, t.addr, t.iperf, 1, cfg.secs).map(|m| vec![m])
             }
             Workload::Tcp4 => {
-                work::iperf3(&topo.client, t.addr, t.iperf, 4, cfg.secs).map(|m| vec![m])
+                work::iperf3(&topo.client, None, t.addr, t.iperf, 4, cfg.secs).map(|m| vec![m])
             }
-            Workload::Crr => work::wrk(&topo.client, t.addr, t.http, true, cfg.secs),
-            Workload::KeepAlive => work::wrk(&topo.client, t.addr, t.http, false, cfg.secs),
+            Workload::Crr => work::wrk(&topo.client, None, t.addr, t.http, true, cfg.secs),
+            Workload::KeepAlive => work::wrk(&topo.client, None, t.addr, t.http, false, cfg.secs),
             Workload::Latency => work::latency(&topo.client, t.addr, t.echo, cfg.latency_secs),
             Workload::Udp64 => {
                 work::udp64(&topo, art, t.addr, t.udp.unwrap_or(0), cfg.latency_secs)
@@ -280,9 +282,10 @@ fn run_variant(
                     continue;
                 };
                 if w == Workload::LocalCrr {
-                    work::wrk(&topo.host, addr, http, true, cfg.secs)
+                    work::wrk(&topo.host, Some(&topo.cgroup), addr, http, true, cfg.secs)
                 } else {
-                    work::iperf3(&topo.host, addr, iperf, 1, cfg.secs).map(|m| vec![m])
+                    work::iperf3(&topo.host, Some(&topo.cgroup), addr, iperf, 1, cfg.secs)
+                        .map(|m| vec![m])
                 }
             }
         };
@@ -478,6 +481,7 @@ fn build(root: &Path) -> Result<Artifacts> {
         ctl,
         bpf_object: objdir.join("portfwd.bpf.o"),
         bench_object: objdir.join("portfwd-bench.bpf.o"),
+        log_dir: std::env::temp_dir(),
     })
 }
 

@@ -48,11 +48,27 @@ pub fn run(
     if let (Some(daemon), Some(ctl)) = (&art.daemon, &art.ctl) {
         for &count in counts {
             let ns = namespace(&next("p"))?;
-            out.push(portfwd(&ns, daemon, ctl, sock_dir, count, false)?);
+            out.push(portfwd(
+                &ns,
+                daemon,
+                ctl,
+                sock_dir,
+                &art.log_dir,
+                count,
+                false,
+            )?);
         }
         let range = *counts.iter().max().unwrap_or(&1);
         let ns = namespace(&next("p"))?;
-        out.push(portfwd(&ns, daemon, ctl, sock_dir, range, true)?);
+        out.push(portfwd(
+            &ns,
+            daemon,
+            ctl,
+            sock_dir,
+            &art.log_dir,
+            range,
+            true,
+        )?);
     } else {
         out.push(ControlResult {
             publisher: "portfwd".into(),
@@ -107,15 +123,19 @@ fn portfwd(
     daemon: &std::path::Path,
     ctl: &std::path::Path,
     sock_dir: &str,
+    art_log_dir: &std::path::Path,
     count: u32,
     range: bool,
 ) -> Result<ControlResult> {
     let sock = format!("{sock_dir}/{}.sock", ns.name);
-    let log = std::fs::File::create(format!("{sock_dir}/{}.log", ns.name))?;
-    let mut cmd = ns.cmd(daemon);
-    cmd.args(["--iface", "pf0", "--ingress", "tc", "--socket", &sock])
-        .stdout(log.try_clone()?)
-        .stderr(log);
+    let log = std::fs::File::create(art_log_dir.join(format!("{}.log", ns.name)))?;
+    let mut cmd = ns.daemon_cmd(daemon);
+    let cgroup = sys::Cgroup::new(&ns.name)?;
+    cmd.args(["--iface", "pf0", "--ingress", "tc", "--socket", &sock]);
+    if super::variants::daemon_has_cgroup_flag(daemon) {
+        cmd.arg("--cgroup").arg(&cgroup.daemon_path);
+    }
+    cmd.stdout(log.try_clone()?).stderr(log);
     let mut d = Proc::spawn("portfwd", &mut cmd)?;
     sys::wait_for("the portfwd socket", Duration::from_secs(10), || {
         std::path::Path::new(&sock).exists()
@@ -165,6 +185,7 @@ fn portfwd(
         .count();
     let rss = sys::rss_kib(d.pid());
     d.stop()?;
+    drop(cgroup);
     Ok(ControlResult {
         publisher: "portfwd".into(),
         method: method.into(),

@@ -70,6 +70,25 @@ impl Netns {
         c
     }
 
+    /// The daemon inside the namespace, in a private mount namespace where /sys is this
+    /// namespace's sysfs (the daemon looks interfaces up there) and cgroup2 is mounted at
+    /// /sys/fs/cgroup (the cgroup it serves). Same pid all along (`exec` chain), so it
+    /// can be signalled and measured.
+    pub fn daemon_cmd(&self, prog: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path())).args([
+            "unshare",
+            "--mount",
+            "--propagation",
+            "slave",
+            "sh",
+            "-ec",
+            r#"mount -t sysfs sysfs /sys; mount -t cgroup2 cgroup2 /sys/fs/cgroup; exec "$0" "$@""#,
+        ]);
+        c.arg(prog);
+        c
+    }
+
     /// A shell script inside the namespace; `ip netns exec` so that /sys shows its devices.
     pub fn sh(&self, script: &str) -> Result<()> {
         run(Command::new("ip")
@@ -331,4 +350,79 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// A cgroup v2 made for the rig (the daemon serves local clients of this cgroup only,
+/// never the whole machine's); removed on drop once its processes have exited.
+pub struct Cgroup {
+    pub path: std::path::PathBuf,
+    /// The same cgroup as the daemon sees it (cgroup2 mounted at /sys/fs/cgroup).
+    pub daemon_path: std::path::PathBuf,
+}
+
+impl Cgroup {
+    pub fn new(name: &str) -> Result<Self> {
+        let root = cgroup2_root().context("no cgroup2 mount")?;
+        let path = root.join(name);
+        std::fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
+        Ok(Self {
+            path,
+            daemon_path: Path::new("/sys/fs/cgroup").join(name),
+        })
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Where cgroup2 is mounted (`/sys/fs/cgroup` or `/sys/fs/cgroup/unified`).
+pub fn cgroup2_root() -> Option<std::path::PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        let mountpoint = left.split_whitespace().nth(4)?;
+        (fstype == "cgroup2").then(|| std::path::PathBuf::from(mountpoint))
+    })
+}
+
+/// Deletes rig cgroups (`pfb-<pid>-...`) left by a killed run whose process is gone.
+pub fn sweep_stale_cgroups(prefix: &str) {
+    let Some(root) = cgroup2_root() else { return };
+    let Ok(dir) = std::fs::read_dir(&root) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        let pid = rest.split('-').next().unwrap_or("");
+        if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+}
+
+/// `prog` in namespace `ns`, started inside `cgroup` when given (nsenter keeps the
+/// cgroup: it only changes the network namespace).
+pub fn client_cmd(ns: &Netns, cgroup: Option<&Cgroup>, prog: &str) -> Command {
+    match cgroup {
+        None => ns.cmd(prog),
+        Some(cg) => {
+            let mut c = Command::new("sh");
+            c.arg("-ec")
+                .arg(r#"echo $$ > "$0/cgroup.procs"; ns=$1; shift; exec nsenter --net="$ns" "$@""#);
+            c.arg(&cg.path).arg(ns.path()).arg(prog);
+            c
+        }
+    }
 }

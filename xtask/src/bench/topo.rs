@@ -37,6 +37,9 @@ pub const CT_IF: &str = "s0";
 pub struct Topology {
     // Fields drop in order: servers before the namespaces they live in.
     pub servers: Vec<Proc>,
+    /// Local clients (`localhost:PORT` workloads) run in this cgroup, the only one the
+    /// daemon serves at the socket.
+    pub cgroup: sys::Cgroup,
     pub client: Netns,
     pub host: Netns,
     pub ct: Netns,
@@ -78,6 +81,7 @@ impl Topology {
         ))?;
         let mut topo = Self {
             servers: Vec::new(),
+            cgroup: sys::Cgroup::new(prefix)?,
             client,
             host,
             ct,
@@ -149,4 +153,6 @@ pub struct Artifacts {
     pub ctl: Option<PathBuf>,
     pub bpf_object: PathBuf,
     pub bench_object: PathBuf,
+    /// Daemon logs go here (inside the results directory).
+    pub log_dir: PathBuf,
 }

@@ -193,8 +193,8 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
                 _ => "xdp",
             };
             let sock = format!("{sock_dir}/{}.sock", topo.host.name);
-            let log = std::fs::File::create(format!("{sock_dir}/{}.log", topo.host.name))?;
-            let mut cmd = topo.host.cmd(daemon);
+            let log = std::fs::File::create(art.log_dir.join(format!("{}.log", topo.host.name)))?;
+            let mut cmd = topo.host.daemon_cmd(daemon);
             cmd.args([
                 "--iface",
                 &topo.host_if,
@@ -202,9 +202,12 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
                 ingress,
                 "--socket",
                 &sock,
-            ])
-            .stdout(log.try_clone()?)
-            .stderr(log);
+            ]);
+            // Local clients: only the rig's cgroup, never the machine's root cgroup.
+            if daemon_has_cgroup_flag(daemon) {
+                cmd.arg("--cgroup").arg(&topo.cgroup.daemon_path);
+            }
+            cmd.stdout(log.try_clone()?).stderr(log);
             let mut d = Proc::spawn("portfwd", &mut cmd)?;
             sys::wait_for("the portfwd socket", Duration::from_secs(10), || {
                 std::path::Path::new(&sock).exists()
@@ -240,6 +243,16 @@ fn docker_proxy_cmd(topo: &Topology, host: u16, ct: u16) -> Command {
     c
 }
 
+/// Whether this daemon build takes `--cgroup` (the cgroup whose processes it serves as
+/// local clients).
+pub fn daemon_has_cgroup_flag(daemon: &std::path::Path) -> bool {
+    Command::new(daemon)
+        .arg("--help")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("--cgroup"))
+        .unwrap_or(false)
+}
+
 /// Whether the daemon serves `localhost:PORT` at the socket (its `list --json` says so).
 fn local_service(ctl: &std::path::Path, sock: &str) -> Result<(Ipv4Addr, u16, u16), String> {
     let out = Command::new(ctl)
@@ -248,12 +261,7 @@ fn local_service(ctl: &std::path::Path, sock: &str) -> Result<(Ipv4Addr, u16, u1
         .map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&out.stdout);
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-    let s = json.to_string();
-    // The daemon reports its socket-level (cgroup connect) service as `local`.
-    let has_local = s.contains("\"local\":true")
-        || s.contains("\"local_service\":true")
-        || s.contains("\"socket_hooks\":true")
-        || s.contains("\"local\":\"attached\"");
+    let has_local = json["local_clients"]["served"].as_bool() == Some(true);
     if has_local {
         Ok((LOCALHOST, HTTP.1, IPERF.1))
     } else {

@@ -111,8 +111,15 @@ pub fn cpu_unit(metric: &str) -> (&'static str, f64) {
     }
 }
 
-pub fn iperf3(ns: &Netns, addr: Ipv4Addr, port: u16, streams: u32, secs: u64) -> Result<Measure> {
-    let out = sys::run(ns.cmd("iperf3").args([
+pub fn iperf3(
+    ns: &Netns,
+    cgroup: Option<&sys::Cgroup>,
+    addr: Ipv4Addr,
+    port: u16,
+    streams: u32,
+    secs: u64,
+) -> Result<Measure> {
+    let out = sys::run(sys::client_cmd(ns, cgroup, "iperf3").args([
         "-c",
         &addr.to_string(),
         "-p",
@@ -137,8 +144,15 @@ pub fn iperf3(ns: &Netns, addr: Ipv4Addr, port: u16, streams: u32, secs: u64) ->
 }
 
 /// wrk against the container's HTTP server; `close`: a new connection per request.
-pub fn wrk(ns: &Netns, addr: Ipv4Addr, port: u16, close: bool, secs: u64) -> Result<Vec<Measure>> {
-    let mut cmd = ns.cmd("wrk");
+pub fn wrk(
+    ns: &Netns,
+    cgroup: Option<&sys::Cgroup>,
+    addr: Ipv4Addr,
+    port: u16,
+    close: bool,
+    secs: u64,
+) -> Result<Vec<Measure>> {
+    let mut cmd = sys::client_cmd(ns, cgroup, "wrk");
     cmd.args(["-t1", "-c32", &format!("-d{secs}s"), "--latency"]);
     if close {
         cmd.args(["-H", "Connection: close"]);
