@@ -29,10 +29,15 @@ pub enum Variant {
     PortfwdXdpGeneric,
     /// portfwd at native XDP on the veth: splits GSO super-packets; labelled as such.
     PortfwdXdpNative,
+    /// portfwd's fast path (`--fast-path`: FIB lookup, MAC rewrite, redirect to the
+    /// backend's port) from TC ingress.
+    PortfwdTcFast,
+    /// The fast path from native XDP on the veth (XDP_REDIRECT; GSO trap for TCP).
+    PortfwdXdpFast,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 7] = [
+    pub const ALL: [Variant; 9] = [
         Variant::Direct,
         Variant::Iptables,
         Variant::Socat,
@@ -40,6 +45,8 @@ impl Variant {
         Variant::PortfwdTc,
         Variant::PortfwdXdpGeneric,
         Variant::PortfwdXdpNative,
+        Variant::PortfwdTcFast,
+        Variant::PortfwdXdpFast,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +58,8 @@ impl Variant {
             Variant::PortfwdTc => "portfwd-tc",
             Variant::PortfwdXdpGeneric => "portfwd-xdp-generic",
             Variant::PortfwdXdpNative => "portfwd-xdp-native",
+            Variant::PortfwdTcFast => "portfwd-tc-fast",
+            Variant::PortfwdXdpFast => "portfwd-xdp-fast",
         }
     }
 
@@ -63,6 +72,8 @@ impl Variant {
             Variant::PortfwdTc => "portfwd, TC ingress",
             Variant::PortfwdXdpGeneric => "portfwd, generic XDP",
             Variant::PortfwdXdpNative => "portfwd, native XDP on veth (GSO trap)",
+            Variant::PortfwdTcFast => "portfwd fast path (redirect), TC ingress",
+            Variant::PortfwdXdpFast => "portfwd fast path (XDP_REDIRECT), native XDP on veth",
         }
     }
 
@@ -73,7 +84,11 @@ impl Variant {
     pub fn is_portfwd(self) -> bool {
         matches!(
             self,
-            Variant::PortfwdTc | Variant::PortfwdXdpGeneric | Variant::PortfwdXdpNative
+            Variant::PortfwdTc
+                | Variant::PortfwdXdpGeneric
+                | Variant::PortfwdXdpNative
+                | Variant::PortfwdTcFast
+                | Variant::PortfwdXdpFast
         )
     }
 
@@ -183,12 +198,16 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
                 local: Ok((LOCALHOST, HTTP.1, IPERF.1)),
             })
         }
-        Variant::PortfwdTc | Variant::PortfwdXdpGeneric | Variant::PortfwdXdpNative => {
+        Variant::PortfwdTc
+        | Variant::PortfwdXdpGeneric
+        | Variant::PortfwdXdpNative
+        | Variant::PortfwdTcFast
+        | Variant::PortfwdXdpFast => {
             let (Some(daemon), Some(ctl)) = (&art.daemon, &art.ctl) else {
                 bail!("portfwd is not built");
             };
             let ingress = match v {
-                Variant::PortfwdTc => "tc",
+                Variant::PortfwdTc | Variant::PortfwdTcFast => "tc",
                 Variant::PortfwdXdpGeneric => "xdp-generic",
                 _ => "xdp",
             };
@@ -203,6 +222,9 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
                 "--socket",
                 &sock,
             ]);
+            if matches!(v, Variant::PortfwdTcFast | Variant::PortfwdXdpFast) {
+                cmd.arg("--fast-path");
+            }
             // Local clients: only the rig's cgroup, never the machine's root cgroup.
             if daemon_has_cgroup_flag(daemon) {
                 cmd.arg("--cgroup").arg(&topo.cgroup.daemon_path);
