@@ -11,6 +11,8 @@ pub const PORTFWD: &str = "portfwd";
 pub const PORTFWD_CTL: &str = "portfwd-ctl";
 /// This crate's test server.
 pub const TESTSRV: &str = "portfwd-testsrv";
+/// This crate's local client for the socket-hook tests.
+pub const TESTCLI: &str = "portfwd-testcli";
 
 /// The directory that holds the workspace's binaries for the running test's profile.
 pub fn profile_dir() -> PathBuf {

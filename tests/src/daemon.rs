@@ -103,6 +103,8 @@ pub struct Rule {
     pub bytes: u64,
     pub reply_packets: u64,
     pub reply_bytes: u64,
+    /// Connections (TCP) or datagrams (UDP) of local clients served at the socket.
+    pub local: u64,
 }
 
 impl Rule {
@@ -128,6 +130,7 @@ impl Rule {
             bytes: n("bytes"),
             reply_packets: n("reply_packets"),
             reply_bytes: n("reply_bytes"),
+            local: n("local"),
         }
     }
 
