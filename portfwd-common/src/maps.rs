@@ -331,7 +331,11 @@ const _: () = assert!(core::mem::size_of::<BridgePortKey>() == 12);
 impl BridgePortKey {
     #[inline(always)]
     pub const fn new(bridge_ifindex: u32, mac: [u8; 6]) -> Self {
-        Self { bridge_ifindex, mac, _pad: [0; 2] }
+        Self {
+            bridge_ifindex,
+            mac,
+            _pad: [0; 2],
+        }
     }
 }
 
