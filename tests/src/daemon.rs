@@ -188,8 +188,15 @@ impl Daemon {
     }
 
     /// Starts the daemon and waits until its socket answers `list`.
+    /// `ingress` is an `--ingress` mode, optionally with `+fast` for `--fast-path`
+    /// (e.g. `xdp+fast`).
     pub fn start(ns: &Netns, dir: &Path, ifaces: &[&str], ingress: &str) -> Self {
-        let mut d = Self::spawn(ns, dir, ifaces, &["--ingress", ingress]);
+        let mut d = match ingress.split_once('+') {
+            Some((mode, "fast")) => {
+                Self::spawn(ns, dir, ifaces, &["--ingress", mode, "--fast-path"])
+            }
+            _ => Self::spawn(ns, dir, ifaces, &["--ingress", ingress]),
+        };
         d.wait_ready();
         d
     }

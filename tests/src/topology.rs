@@ -122,6 +122,9 @@ impl Topology {
             c.ip(&format!("addr add {}/24 dev eth0", CONTAINER_IPS[i]));
             c.ip("link set eth0 up");
             c.ip(&format!("route add default via {BRIDGE_IP}"));
+            // The fast path's XDP redirect into a veth delivers only when the receiving
+            // end runs NAPI (GRO on, or an XDP program): what `--fast-path` documents.
+            c.exec_ok("ethtool", &["-K", "eth0", "gro", "on"]);
         }
     }
 

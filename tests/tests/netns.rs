@@ -36,9 +36,9 @@ fn setup(test: &str, tag: &str, ingress: &str) -> Option<Topology> {
     let d = topo.start_daemon(ingress);
     // The daemon reports the hook it attached; it must be the one asked for.
     let ifaces = d.list_json()["interfaces"].clone();
-    let want = match ingress {
-        "xdp" => "xdp",
-        "xdp-generic" => "xdp-generic",
+    let want = match ingress.split('+').next() {
+        Some("xdp") => "xdp",
+        Some("xdp-generic") => "xdp-generic",
         _ => "tc-ingress",
     };
     assert!(
@@ -377,6 +377,49 @@ per_hook! {
     xdp => "xdp", "x";
     xdp_generic => "xdp-generic", "g";
     tc => "tc", "t";
+    xdp_fast_path => "xdp+fast", "xf";
+    tc_fast_path => "tc+fast", "tf";
+}
+
+/// With `--fast-path`, translated packets must really take it (redirected straight to
+/// the backend's bridge port), not just pass through the fallback.
+mod fast_path {
+    use super::*;
+
+    fn redirects(ingress: &str, tag: &str) {
+        let Some(topo) = setup("fast_path_redirects", tag, ingress) else {
+            return;
+        };
+        let d = topo.daemon();
+        d.add("9000", &backend(0));
+        // The first packets may fall back while the bridge learns the container's MAC
+        // and the daemon reads it (once a second): keep asking until they are redirected.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while d.reason("redirected") == 0 {
+            assert_eq!(get_body(&topo, 9000).body_text(), body(0));
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nothing was redirected: {}",
+                d.list_json()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let before = d.reason("redirected");
+        for _ in 0..5 {
+            assert_eq!(get_body(&topo, 9000).body_text(), body(0));
+        }
+        assert!(d.reason("redirected") >= before + 5, "{}", d.list_json());
+    }
+
+    #[test]
+    fn xdp_redirects() {
+        redirects("xdp+fast", "fpx")
+    }
+
+    #[test]
+    fn tc_redirects() {
+        redirects("tc+fast", "fpt")
+    }
 }
 
 /// The control plane's refusals and the daemon's life cycle (hook-independent).
