@@ -1,25 +1,37 @@
 //! The daemon: its rule table (the source of truth for what is published), the counter
-//! slot allocator, the request handler, and the control-socket server.
+//! slot allocator, the request handler (add, del, list, apply), and the control-socket
+//! server.
 //!
 //! Invariants:
-//! - Every rule in [`RuleTable`] is in the kernel's [`portfwd_common::RULES_V4`] with the
-//!   same backend and counter slot, and nothing else is. An operation changes the table
-//!   only after the kernel accepted the change, so a failed request leaves both untouched.
-//! - Conflicts follow Docker: one (address, port, protocol) at a time, and a wildcard
-//!   (0.0.0.0) rule excludes every specific-address rule on the same port and protocol.
+//! - Every rule in [`RuleTable`] is in the kernel's [`portfwd_common::RULES_V4`], one
+//!   entry per published port, with the rule's backend port for that port and the rule's
+//!   one counter slot (a range shares it); nothing else is. Every change goes through
+//!   [`Daemon::commit`], which changes the table only after the kernel accepted every
+//!   write, and undoes the writes it made when one fails: a failed request leaves both
+//!   untouched.
+//! - Conflicts follow Docker, per port: one (address, port, protocol) at a time, and a
+//!   wildcard (0.0.0.0) rule excludes every specific-address rule on the same port and
+//!   protocol. A range conflicts at its first common port, which the error names.
+//! - Each rule has a source: `cli` (`portfwd-ctl add`) or `file` (a declarations file).
+//!   `apply` replaces the file rules only, keeps the ones the file still declares
+//!   untouched (same map entries, so their flows go on), and refuses, changing nothing,
+//!   when a file rule would conflict with a runtime rule.
+//! - When a rule goes (del, or apply removing or changing it), the tracked flows to its
+//!   backends are forgotten unless another rule still sends there, so no reply is
+//!   translated from stale state and the next datagram follows the rules as they are.
 //! - Nothing a client sends can stop the daemon: each connection is its own task with a
 //!   read timeout and a size limit, every failure becomes an error response, and the
 //!   code has no `unwrap`.
 //!
-//! Later (not built yet) this table is also what a declarations file's atomic `apply`
-//! diffs against, and what a restarted daemon rebuilds from pinned maps.
+//! IPv6 rules parse into the same model, and are refused here with one clear error
+//! until the dataplane has IPv6 maps ([`DaemonError::Ipv6Unsupported`]).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     fs::{self, File, OpenOptions},
     future::Future,
     io,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
@@ -28,7 +40,9 @@ use std::{
 
 use log::{debug, info, warn};
 use nix::fcntl::{Flock, FlockArg};
-use portfwd_common::{BackendV4, Reason, RuleKeyV4, RuleStats, MAX_STATS_SLOTS};
+use portfwd_common::{
+    BackendV4, FlowKeyV4, FlowV4, Reason, RuleKeyV4, RuleStats, CONNTRACK_V4, MAX_STATS_SLOTS,
+};
 use thiserror::Error;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -38,8 +52,11 @@ use tokio::{
 
 use crate::{
     dataplane::{self, Attachment, Dataplane, DataplaneError},
-    protocol::{self, ListReply, LocalClients, Request, RuleReply, RuleStatus, MAX_REQUEST},
-    rule::{Backend, Proto, Publish, Rule},
+    protocol::{
+        self, ApplyReply, FileDeclaration, ListReply, LocalClients, Request, RuleReply, RuleStatus,
+        Source, MAX_REQUEST,
+    },
+    rule::{self, Backend, Declaration, HostPorts, PortRange, Proto, Publish, Rule, RuleError},
 };
 
 /// How long a client may take to send its request (and to read the answer).
@@ -52,10 +69,17 @@ pub const HOST_ADDR_REFRESH: Duration = Duration::from_secs(1);
 /// Why a request failed. Each message is one line; the first two are Docker's words.
 #[derive(Debug, Error)]
 pub enum DaemonError {
+    /// `holder` is the published rule the port belongs to (not shown: Docker's words).
     #[error("Bind for {addr_port} failed: port is already allocated")]
-    PortAllocated { addr_port: String },
+    PortAllocated {
+        addr_port: String,
+        port: u16,
+        holder: Publish,
+    },
     #[error("No published port {publish}")]
     NotPublished { publish: Publish },
+    #[error("No published port {publish}: it is part of {rule}, which is removed whole")]
+    PartOfRange { publish: Publish, rule: Publish },
     #[error("cannot publish {publish}: all {max} counter slots are in use", max = MAX_STATS_SLOTS)]
     NoSlot { publish: Publish },
     #[error("cannot {action} {publish}: {source}")]
@@ -65,8 +89,39 @@ pub enum DaemonError {
         #[source]
         source: Box<DataplaneError>,
     },
-    #[error("cannot publish {publish}: a local process already uses it (address already in use)")]
-    HeldLocally { publish: Publish },
+    #[error(
+        "cannot publish {publish}: a local process already uses {what} (address already in use)"
+    )]
+    HeldLocally { publish: Publish, what: String },
+    #[error("cannot publish {declaration}: {why}")]
+    NoFreePort {
+        declaration: Box<Declaration>,
+        why: String,
+    },
+    #[error("cannot publish {what}: IPv6 is not supported by this dataplane yet")]
+    Ipv6Unsupported { what: String },
+    #[error("{0}")]
+    Invalid(#[from] RuleError),
+    #[error("Bind for {addr_port} failed: port is already allocated (by line {line})")]
+    AllocatedInFile { addr_port: String, line: u32 },
+    #[error(
+        "{publish} conflicts with the runtime rule {runtime} at port {port} \
+         (added with portfwd-ctl add; del it first or drop it from the file)"
+    )]
+    RuntimeConflict {
+        publish: String,
+        runtime: Publish,
+        port: u16,
+    },
+    /// An error of one entry of a declarations file.
+    #[error("{file}:{line}: entry `{entry}`: {source}")]
+    InFile {
+        file: String,
+        line: u32,
+        entry: String,
+        #[source]
+        source: Box<DaemonError>,
+    },
     #[error("cannot read the counters: {0}")]
     Stats(#[source] Box<DataplaneError>),
 }
@@ -78,19 +133,23 @@ pub trait Kernel {
     fn remove_rule(&mut self, key: &RuleKeyV4) -> Result<(), DataplaneError>;
     fn reset_rule_stats(&mut self, slot: u32) -> Result<(), DataplaneError>;
     fn rule_stats(&self, slot: u32) -> Result<RuleStats, DataplaneError>;
-    fn forget_flows_to(
+    /// Forgets every tracked flow to one of `backends` (address, port, protocol number),
+    /// in one pass over the flow table; returns how many.
+    fn forget_flows(
         &mut self,
-        backend: (Ipv4Addr, u16),
-        proto: u8,
+        backends: &BTreeSet<(Ipv4Addr, u16, u8)>,
     ) -> Result<usize, DataplaneError>;
     fn reason_stats(&self) -> Result<Vec<(Reason, u64)>, DataplaneError>;
     fn attachments(&self) -> Vec<Attachment>;
     fn sync_host_addrs(&mut self, addrs: &BTreeSet<Ipv4Addr>) -> Result<(), DataplaneError>;
     /// The cgroup whose processes are served as local clients, if any.
     fn local_cgroup(&self) -> Option<PathBuf>;
-    /// Whether a local process already holds `publish` (a TCP listener, a bound UDP
-    /// socket): publishing it would silently take its traffic.
-    fn held_locally(&self, publish: &Publish) -> bool;
+    /// Whether a local process already holds `ip:port` for `proto` (a TCP listener, a
+    /// bound UDP socket): publishing it would silently take its traffic.
+    fn held_locally(&self, ip: IpAddr, port: u16, proto: Proto) -> bool;
+    /// The host's ephemeral ports (`net.ipv4.ip_local_port_range` of the daemon's
+    /// namespace), where "any free port" is chosen.
+    fn ephemeral_ports(&self) -> PortRange;
     /// Re-reads what the fast path needs from the host (the bridges' forwarding
     /// databases); nothing when the fast path is off.
     fn refresh_fast_path(&mut self) -> Result<(), DataplaneError> {
@@ -111,12 +170,37 @@ impl Kernel for Dataplane {
     fn rule_stats(&self, slot: u32) -> Result<RuleStats, DataplaneError> {
         Dataplane::rule_stats(self, slot)
     }
-    fn forget_flows_to(
+    fn forget_flows(
         &mut self,
-        backend: (Ipv4Addr, u16),
-        proto: u8,
+        backends: &BTreeSet<(Ipv4Addr, u16, u8)>,
     ) -> Result<usize, DataplaneError> {
-        Dataplane::forget_flows_to(self, backend, proto)
+        if backends.is_empty() {
+            return Ok(0);
+        }
+        let map = self
+            .ebpf_mut()
+            .map_mut(CONNTRACK_V4)
+            .ok_or(DataplaneError::MissingMap(CONNTRACK_V4))?;
+        let map_err = |source| DataplaneError::Map {
+            name: CONNTRACK_V4,
+            source,
+        };
+        // aya's HashMap also handles LRU hash maps.
+        let mut ct: aya::maps::HashMap<&mut aya::maps::MapData, FlowKeyV4, FlowV4> =
+            aya::maps::HashMap::try_from(map).map_err(map_err)?;
+        let stale: Vec<FlowKeyV4> = ct
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                let (ip, port) = k.backend();
+                backends.contains(&(ip, port, k.proto()))
+            })
+            .collect();
+        for k in &stale {
+            // Gone already (LRU eviction, flow ended): nothing to forget.
+            let _ = ct.remove(k);
+        }
+        Ok(stale.len())
     }
     fn reason_stats(&self) -> Result<Vec<(Reason, u64)>, DataplaneError> {
         Dataplane::reason_stats(self)
@@ -130,8 +214,11 @@ impl Kernel for Dataplane {
     fn local_cgroup(&self) -> Option<PathBuf> {
         Dataplane::local_cgroup(self).map(Path::to_path_buf)
     }
-    fn held_locally(&self, publish: &Publish) -> bool {
-        port_held_locally(publish)
+    fn held_locally(&self, ip: IpAddr, port: u16, proto: Proto) -> bool {
+        port_held_locally(ip, port, proto)
+    }
+    fn ephemeral_ports(&self) -> PortRange {
+        ephemeral_ports()
     }
     fn refresh_fast_path(&mut self) -> Result<(), DataplaneError> {
         if self.fast_path() {
@@ -144,31 +231,52 @@ impl Kernel for Dataplane {
     }
 }
 
-/// Tries to bind `publish` in this namespace. TCP uses `SO_REUSEADDR`, so only a
+/// Tries to bind `ip:port` in this namespace. TCP uses `SO_REUSEADDR`, so only a
 /// listener (not a connection in TIME_WAIT or a client's ephemeral port) counts. An
-/// address that is not the host's (`EADDRNOTAVAIL`) is held by no local process.
-pub fn port_held_locally(publish: &Publish) -> bool {
+/// address that is not the host's (`EADDRNOTAVAIL`) is held by no local process, and
+/// neither is a port the daemon publishes (its bind4 program refuses with `EPERM`).
+pub fn port_held_locally(ip: IpAddr, port: u16, proto: Proto) -> bool {
     use nix::sys::socket::{
         bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn,
+        SockaddrIn6,
     };
-    let ty = match publish.proto() {
+    use std::os::fd::AsRawFd;
+    let ty = match proto {
         Proto::Tcp => SockType::Stream,
         Proto::Udp => SockType::Datagram,
     };
-    let Ok(fd) = socket(AddressFamily::Inet, ty, SockFlag::SOCK_CLOEXEC, None) else {
+    let family = match ip {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let Ok(fd) = socket(family, ty, SockFlag::SOCK_CLOEXEC, None) else {
         return false;
     };
     if ty == SockType::Stream {
         let _ = setsockopt(&fd, sockopt::ReuseAddr, &true);
     }
-    let addr = SockaddrIn::from(std::net::SocketAddrV4::new(
-        publish.host_ip(),
-        publish.host_port(),
-    ));
-    matches!(
-        bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr),
-        Err(nix::errno::Errno::EADDRINUSE)
-    )
+    let bound = match ip {
+        IpAddr::V4(v4) => bind(
+            fd.as_raw_fd(),
+            &SockaddrIn::from(std::net::SocketAddrV4::new(v4, port)),
+        ),
+        IpAddr::V6(v6) => bind(
+            fd.as_raw_fd(),
+            &SockaddrIn6::from(std::net::SocketAddrV6::new(v6, port, 0, 0)),
+        ),
+    };
+    matches!(bound, Err(nix::errno::Errno::EADDRINUSE))
+}
+
+/// `net.ipv4.ip_local_port_range` of this network namespace, or Linux's default.
+pub fn ephemeral_ports() -> PortRange {
+    let read = || -> Option<PortRange> {
+        let text = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+        let mut it = text.split_whitespace().map(str::parse::<u16>);
+        let (lo, hi) = (it.next()?.ok()?, it.next()?.ok()?);
+        PortRange::new(lo, hi).ok()
+    };
+    read().unwrap_or(PortRange::LINUX_EPHEMERAL)
 }
 
 /// Hands out counter slots `0..MAX_STATS_SLOTS`. Fresh slots go first and freed ones are
@@ -199,28 +307,33 @@ impl SlotAllocator {
 pub struct Entry {
     pub backend: Backend,
     pub stats_slot: u32,
+    pub source: Source,
 }
 
 /// The published rules, keyed by what is published. Pure: no kernel calls.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct RuleTable {
     rules: BTreeMap<Publish, Entry>,
 }
 
 impl RuleTable {
+    /// The rule `publish` would conflict with at its first common port, if any (when
+    /// several would, the one with the lowest such port).
+    pub fn first_conflict(&self, publish: &Publish) -> Option<(u16, Publish)> {
+        self.rules
+            .keys()
+            .filter_map(|p| publish.conflict(p).map(|port| (port, *p)))
+            .min()
+    }
     /// Docker's conflict check: the error `add` gives if `publish` cannot be added.
     pub fn check_free(&self, publish: &Publish) -> Result<(), DaemonError> {
-        let taken = self.rules.keys().any(|p| {
-            p.host_port() == publish.host_port()
-                && p.proto() == publish.proto()
-                && (p.host_ip() == publish.host_ip() || p.is_wildcard() || publish.is_wildcard())
-        });
-        if taken {
-            Err(DaemonError::PortAllocated {
-                addr_port: publish.addr_port(),
-            })
-        } else {
-            Ok(())
+        match self.first_conflict(publish) {
+            Some((port, holder)) => Err(DaemonError::PortAllocated {
+                addr_port: rule::addr_port(publish.host_ip(), port),
+                port,
+                holder,
+            }),
+            None => Ok(()),
         }
     }
     pub fn get(&self, publish: &Publish) -> Option<&Entry> {
@@ -235,11 +348,17 @@ impl RuleTable {
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
     }
-    /// Whether any rule sends `proto` traffic to `backend`.
-    pub fn uses_backend(&self, backend: Backend, proto: Proto) -> bool {
+    /// Whether any rule sends `proto` traffic to `ip:port`.
+    pub fn uses_backend(&self, ip: IpAddr, port: u16, proto: Proto) -> bool {
+        self.rules.iter().any(|(p, e)| {
+            p.proto() == proto && e.backend.ip() == ip && e.backend.ports().contains(port)
+        })
+    }
+    /// Whether one of the rules publishes `port` of `ip`/`proto` (exactly that address).
+    fn publishes(&self, ip: IpAddr, port: u16, proto: Proto) -> bool {
         self.rules
-            .iter()
-            .any(|(p, e)| e.backend == backend && p.proto() == proto)
+            .keys()
+            .any(|p| p.host_ip() == ip && p.proto() == proto && p.ports().contains(port))
     }
     fn insert(&mut self, publish: Publish, entry: Entry) {
         self.rules.insert(publish, entry);
@@ -247,6 +366,41 @@ impl RuleTable {
     fn remove(&mut self, publish: &Publish) -> Option<Entry> {
         self.rules.remove(publish)
     }
+}
+
+/// One write to `RULES_V4` and what the key held before (to undo it).
+struct Write {
+    key: RuleKeyV4,
+    new: Option<BackendV4>,
+    old: Option<BackendV4>,
+    /// The rule it belongs to, for messages.
+    owner: Publish,
+}
+
+/// The kernel's view of a rule: one `RULES_V4` entry per port, all with its slot.
+fn map_entries(
+    publish: &Publish,
+    backend: &Backend,
+    slot: u32,
+) -> Result<Vec<(RuleKeyV4, BackendV4)>, DaemonError> {
+    let IpAddr::V4(backend_ip) = backend.ip() else {
+        return Err(DaemonError::Ipv6Unsupported {
+            what: publish.to_string(),
+        });
+    };
+    publish
+        .ports()
+        .ports()
+        .zip(backend.ports().ports())
+        .map(|(hp, bp)| {
+            let key = publish
+                .map_key_v4(hp)
+                .ok_or_else(|| DaemonError::Ipv6Unsupported {
+                    what: publish.to_string(),
+                })?;
+            Ok((key, BackendV4::new(backend_ip, bp, slot)))
+        })
+        .collect()
 }
 
 /// The daemon's state: the kernel side and the table that mirrors it.
@@ -277,68 +431,422 @@ impl<K: Kernel> Daemon<K> {
         &self.table
     }
 
-    /// Publishes `rule`, or fails leaving everything as it was.
-    pub fn add(&mut self, rule: Rule) -> Result<RuleReply, DaemonError> {
-        let Rule { publish, backend } = rule;
-        self.table.check_free(&publish)?;
-        if self.kernel.held_locally(&publish) {
-            return Err(DaemonError::HeldLocally { publish });
+    /// Publishes `decl` as a runtime (`cli`) rule, choosing its host ports if it leaves
+    /// them open, or fails leaving everything as it was.
+    pub fn add(&mut self, decl: Declaration) -> Result<RuleReply, DaemonError> {
+        if decl.needs_ipv6() {
+            return Err(DaemonError::Ipv6Unsupported {
+                what: decl.to_string(),
+            });
         }
-        let slot = self.slots.alloc().ok_or(DaemonError::NoSlot { publish })?;
-        let kernel_err = |source| DaemonError::Kernel {
-            action: "publish",
-            publish,
-            source: Box::new(source),
-        };
-        let inserted = self.kernel.reset_rule_stats(slot).and_then(|()| {
-            self.kernel.insert_rule(
-                publish.map_key(),
-                BackendV4::new(backend.ip(), backend.port(), slot),
-            )
-        });
-        if let Err(e) = inserted {
-            self.slots.release(slot);
-            return Err(kernel_err(e));
-        }
-        self.table.insert(
-            publish,
-            Entry {
-                backend,
-                stats_slot: slot,
-            },
-        );
-        info!("published {rule} (counter slot {slot})");
-        Ok(RuleReply { publish, backend })
+        let rule = self.resolve(&decl, &self.table)?;
+        self.commit(&[], &[rule], Source::Cli)?;
+        info!("published {rule} (source cli)");
+        Ok(RuleReply {
+            publish: rule.publish,
+            backend: rule.backend,
+        })
     }
 
-    /// Unpublishes `publish`: new flows stop at once; tracked flows to its backend are
-    /// forgotten unless another rule still sends to that backend.
-    pub fn del(&mut self, publish: Publish) -> Result<RuleReply, DaemonError> {
-        let entry = *self
-            .table
-            .get(&publish)
-            .ok_or(DaemonError::NotPublished { publish })?;
-        self.kernel
-            .remove_rule(&publish.map_key())
-            .map_err(|source| DaemonError::Kernel {
-                action: "unpublish",
-                publish,
-                source: Box::new(source),
-            })?;
-        self.table.remove(&publish);
-        self.slots.release(entry.stats_slot);
-        let backend = entry.backend;
-        info!("unpublished {publish} -> {backend}");
-        if !self.table.uses_backend(backend, publish.proto()) {
-            match self
-                .kernel
-                .forget_flows_to((backend.ip(), backend.port()), publish.proto().number())
-            {
-                Ok(n) => debug!("forgot {n} tracked flows to {backend}/{}", publish.proto()),
-                Err(e) => warn!("cannot forget the tracked flows to {backend}: {e}"),
+    /// The concrete rule for `decl` given the rules in `view`: exact ports if free, else
+    /// the first free port of a range, else any free block of the ephemeral range.
+    fn resolve(&self, decl: &Declaration, view: &RuleTable) -> Result<Rule, DaemonError> {
+        let (ip, proto, backend) = (decl.host_ip(), decl.proto(), decl.backend());
+        match decl.host_ports() {
+            HostPorts::Exact(ports) => {
+                let publish = Publish::new(ip, ports, proto)?;
+                view.check_free(&publish)?;
+                if let Some(port) = self.first_held(&publish) {
+                    return Err(DaemonError::HeldLocally {
+                        publish,
+                        what: if ports.is_single() {
+                            "it".to_string()
+                        } else {
+                            format!("port {port}")
+                        },
+                    });
+                }
+                Ok(Rule::new(publish, backend)?)
+            }
+            HostPorts::FirstFree(range) => {
+                for port in range.ports() {
+                    let publish = Publish::single(ip, port, proto)?;
+                    if view.first_conflict(&publish).is_none()
+                        && self.first_held(&publish).is_none()
+                    {
+                        return Ok(Rule::new(publish, backend)?);
+                    }
+                }
+                Err(DaemonError::NoFreePort {
+                    declaration: Box::new(*decl),
+                    why: format!("every port of {range} is already allocated or in use"),
+                })
+            }
+            HostPorts::Any => {
+                let eph = self.kernel.ephemeral_ports();
+                let n = backend.ports().len();
+                let mut start = eph.start();
+                while let Some(ports) =
+                    PortRange::from_len(start, n).filter(|r| r.end() <= eph.end())
+                {
+                    let publish = Publish::new(ip, ports, proto)?;
+                    let taken = view
+                        .first_conflict(&publish)
+                        .map(|(port, _)| port)
+                        .or_else(|| self.first_held(&publish));
+                    match taken {
+                        None => return Ok(Rule::new(publish, backend)?),
+                        Some(port) if port < u16::MAX => start = port + 1,
+                        Some(_) => break,
+                    }
+                }
+                Err(DaemonError::NoFreePort {
+                    declaration: Box::new(*decl),
+                    why: format!(
+                        "no {n} free consecutive port{} in the ephemeral range {eph}",
+                        if n == 1 { "" } else { "s" }
+                    ),
+                })
             }
         }
-        Ok(RuleReply { publish, backend })
+    }
+
+    /// The first port of `publish` a local process holds. Ports the daemon publishes
+    /// itself are skipped (their rule was checked when published).
+    fn first_held(&self, publish: &Publish) -> Option<u16> {
+        let (ip, proto) = (publish.host_ip(), publish.proto());
+        publish.ports().ports().find(|&port| {
+            !self.table.publishes(ip, port, proto) && self.kernel.held_locally(ip, port, proto)
+        })
+    }
+
+    /// Removes the rules `remove` and publishes `add` (with `source`) in one step: every
+    /// kernel write succeeds and the table follows, or the writes made are undone and
+    /// nothing changes. New entries are written before stale ones are deleted, so a port
+    /// whose backend changes is overwritten in place and never unpublished in between.
+    /// Entries of rules in neither list are not touched.
+    pub fn commit(
+        &mut self,
+        remove: &[Publish],
+        add: &[Rule],
+        source: Source,
+    ) -> Result<(), DaemonError> {
+        // Counter slots first: running out changes nothing.
+        let mut slots = Vec::with_capacity(add.len());
+        for rule in add {
+            match self.slots.alloc() {
+                Some(s) => slots.push(s),
+                None => {
+                    for s in slots {
+                        self.slots.release(s);
+                    }
+                    return Err(DaemonError::NoSlot {
+                        publish: rule.publish,
+                    });
+                }
+            }
+        }
+        let release = |d: &mut Self, slots: &[u32]| {
+            for &s in slots {
+                d.slots.release(s);
+            }
+        };
+        // The writes, with what each key holds now.
+        let mut old: HashMap<RuleKeyV4, (BackendV4, Publish)> = HashMap::new();
+        for p in remove {
+            let Some(e) = self.table.get(p) else {
+                release(self, &slots);
+                return Err(DaemonError::NotPublished { publish: *p });
+            };
+            for (k, v) in map_entries(p, &e.backend, e.stats_slot)? {
+                old.insert(k, (v, *p));
+            }
+        }
+        let mut writes = Vec::new();
+        for (rule, &slot) in add.iter().zip(&slots) {
+            let entries = match map_entries(&rule.publish, &rule.backend, slot) {
+                Ok(e) => e,
+                Err(e) => {
+                    release(self, &slots);
+                    return Err(e);
+                }
+            };
+            for (key, v) in entries {
+                writes.push(Write {
+                    key,
+                    new: Some(v),
+                    old: old.remove(&key).map(|(b, _)| b),
+                    owner: rule.publish,
+                });
+            }
+        }
+        let mut deletes: Vec<Write> = old
+            .into_iter()
+            .map(|(key, (b, owner))| Write {
+                key,
+                new: None,
+                old: Some(b),
+                owner,
+            })
+            .collect();
+        deletes.sort_by_key(|w| (w.owner, w.key.port()));
+        writes.extend(deletes);
+
+        let mut failed = None;
+        for (rule, &slot) in add.iter().zip(&slots) {
+            if let Err(e) = self.kernel.reset_rule_stats(slot) {
+                failed = Some((0, "publish", rule.publish, e));
+                break;
+            }
+        }
+        let mut done = 0;
+        if failed.is_none() {
+            for w in &writes {
+                let r = match w.new {
+                    Some(v) => self.kernel.insert_rule(w.key, v),
+                    None => self.kernel.remove_rule(&w.key),
+                };
+                if let Err(e) = r {
+                    let action = if w.new.is_some() {
+                        "publish"
+                    } else {
+                        "unpublish"
+                    };
+                    failed = Some((done, action, w.owner, e));
+                    break;
+                }
+                done += 1;
+            }
+        }
+        if let Some((done, action, publish, source)) = failed {
+            // Roll back, newest first; a failing undo is logged (the kernel refuses
+            // writes only when something is badly wrong).
+            for w in writes[..done].iter().rev() {
+                let r = match w.old {
+                    Some(v) => self.kernel.insert_rule(w.key, v),
+                    None => self.kernel.remove_rule(&w.key),
+                };
+                if let Err(e) = r {
+                    warn!(
+                        "cannot undo a change to {} port {}: {e}",
+                        w.owner,
+                        w.key.port()
+                    );
+                }
+            }
+            release(self, &slots);
+            return Err(DaemonError::Kernel {
+                action,
+                publish,
+                source: Box::new(source),
+            });
+        }
+
+        // The kernel has it all: the table follows.
+        let mut gone = Vec::new();
+        for p in remove {
+            if let Some(e) = self.table.remove(p) {
+                self.slots.release(e.stats_slot);
+                gone.push((*p, e.backend));
+                info!("unpublished {p} -> {}", e.backend);
+            }
+        }
+        for (rule, &slot) in add.iter().zip(&slots) {
+            self.table.insert(
+                rule.publish,
+                Entry {
+                    backend: rule.backend,
+                    stats_slot: slot,
+                    source,
+                },
+            );
+        }
+        self.forget_stale_flows(&gone);
+        Ok(())
+    }
+
+    /// Forgets the tracked flows to the backends of rules that went, unless another rule
+    /// still sends to them.
+    fn forget_stale_flows(&mut self, gone: &[(Publish, Backend)]) {
+        let mut stale = BTreeSet::new();
+        for (p, b) in gone {
+            let IpAddr::V4(ip) = b.ip() else { continue };
+            for port in b.ports().ports() {
+                if !self.table.uses_backend(b.ip(), port, p.proto()) {
+                    stale.insert((ip, port, p.proto().number()));
+                }
+            }
+        }
+        if stale.is_empty() {
+            return;
+        }
+        match self.kernel.forget_flows(&stale) {
+            Ok(n) => debug!("forgot {n} tracked flows to {} backend ports", stale.len()),
+            Err(e) => warn!("cannot forget the tracked flows of removed rules: {e}"),
+        }
+    }
+
+    /// Unpublishes `publish` (a whole rule, as `list` shows it): new flows stop at once;
+    /// tracked flows to its backend are forgotten unless another rule still sends there.
+    pub fn del(&mut self, publish: Publish) -> Result<RuleReply, DaemonError> {
+        let Some(entry) = self.table.get(&publish).copied() else {
+            let part_of = self.table.iter().find(|(p, _)| {
+                p.host_ip() == publish.host_ip()
+                    && p.proto() == publish.proto()
+                    && p.ports().first_common(&publish.ports()).is_some()
+            });
+            return Err(match part_of {
+                Some((rule, _)) => DaemonError::PartOfRange {
+                    publish,
+                    rule: *rule,
+                },
+                None => DaemonError::NotPublished { publish },
+            });
+        };
+        self.commit(&[publish], &[], entry.source)
+            .map_err(|e| match e {
+                DaemonError::Kernel {
+                    publish, source, ..
+                } => DaemonError::Kernel {
+                    action: "unpublish",
+                    publish,
+                    source,
+                },
+                other => other,
+            })?;
+        Ok(RuleReply {
+            publish,
+            backend: entry.backend,
+        })
+    }
+
+    /// Replaces the file-sourced rules with `declarations` (from `file`), atomically:
+    /// every entry is validated and every port resolved before anything changes; rules
+    /// the file still declares stay as they are (same map entries, same counters); a
+    /// file rule that would conflict with a runtime rule refuses the whole apply. With
+    /// `dry_run`, only says what would change.
+    pub fn apply(
+        &mut self,
+        file: &str,
+        declarations: &[FileDeclaration],
+        dry_run: bool,
+    ) -> Result<ApplyReply, DaemonError> {
+        let in_file = |d: &FileDeclaration, e: DaemonError| DaemonError::InFile {
+            file: file.to_string(),
+            line: d.line,
+            entry: d.entry.clone(),
+            source: Box::new(e),
+        };
+        let mut decls = Vec::with_capacity(declarations.len());
+        for d in declarations {
+            let decl = Declaration::new(d.publish, d.backend).map_err(|e| in_file(d, e.into()))?;
+            if decl.needs_ipv6() {
+                let what = decl.to_string();
+                return Err(in_file(d, DaemonError::Ipv6Unsupported { what }));
+            }
+            decls.push(decl);
+        }
+        // Rules the file still declares stay; the other file rules go.
+        let mut unclaimed: BTreeSet<Publish> = self
+            .table
+            .iter()
+            .filter(|(_, e)| e.source == Source::File)
+            .map(|(p, _)| *p)
+            .collect();
+        let mut unchanged = Vec::new();
+        let mut pending = Vec::new();
+        let mut lines: BTreeMap<Publish, u32> = BTreeMap::new();
+        for (d, decl) in declarations.iter().zip(&decls) {
+            let kept = unclaimed.iter().copied().find(|p| {
+                self.table.get(p).is_some_and(|e| {
+                    decl.satisfied_by(&Rule {
+                        publish: *p,
+                        backend: e.backend,
+                    })
+                })
+            });
+            match kept {
+                Some(p) => {
+                    unclaimed.remove(&p);
+                    lines.insert(p, d.line);
+                    unchanged.push(p);
+                }
+                None => pending.push((d, decl)),
+            }
+        }
+        let removed: Vec<Publish> = unclaimed.into_iter().collect();
+        let mut view = self.table.clone();
+        for p in &removed {
+            view.remove(p);
+        }
+        let mut added = Vec::new();
+        for (d, decl) in pending {
+            let rule = self.resolve(decl, &view).map_err(|e| {
+                let e = match e {
+                    DaemonError::PortAllocated {
+                        addr_port,
+                        port,
+                        holder,
+                    } => match (view.get(&holder).map(|e| e.source), lines.get(&holder)) {
+                        (Some(Source::Cli), _) => DaemonError::RuntimeConflict {
+                            publish: decl.to_string(),
+                            runtime: holder,
+                            port,
+                        },
+                        (_, Some(&line)) => DaemonError::AllocatedInFile { addr_port, line },
+                        _ => DaemonError::PortAllocated {
+                            addr_port,
+                            port,
+                            holder,
+                        },
+                    },
+                    other => other,
+                };
+                in_file(d, e)
+            })?;
+            view.insert(
+                rule.publish,
+                Entry {
+                    backend: rule.backend,
+                    stats_slot: u32::MAX,
+                    source: Source::File,
+                },
+            );
+            lines.insert(rule.publish, d.line);
+            added.push(rule);
+        }
+        let reply_of = |p: &Publish| {
+            self.table.get(p).map(|e| RuleReply {
+                publish: *p,
+                backend: e.backend,
+            })
+        };
+        let mut reply = ApplyReply {
+            dry_run,
+            added: added
+                .iter()
+                .map(|r| RuleReply {
+                    publish: r.publish,
+                    backend: r.backend,
+                })
+                .collect(),
+            removed: removed.iter().filter_map(reply_of).collect(),
+            unchanged: unchanged.iter().filter_map(reply_of).collect(),
+        };
+        for list in [&mut reply.added, &mut reply.removed, &mut reply.unchanged] {
+            list.sort_by_key(|r| r.publish);
+        }
+        if dry_run {
+            return Ok(reply);
+        }
+        self.commit(&removed, &added, Source::File)?;
+        info!(
+            "applied {file}: {} added, {} removed, {} unchanged",
+            reply.added.len(),
+            reply.removed.len(),
+            reply.unchanged.len()
+        );
+        Ok(reply)
     }
 
     /// Every rule with its counters, the attachments and the reason counters.
@@ -354,9 +862,12 @@ impl<K: Kernel> Daemon<K> {
                 Ok(RuleStatus {
                     host_ip: p.host_ip(),
                     host_port: p.host_port(),
+                    host_port_end: p.ports().end(),
                     proto: p.proto(),
                     backend_ip: e.backend.ip(),
                     backend_port: e.backend.port(),
+                    backend_port_end: e.backend.ports().end(),
+                    source: e.source,
                     packets: s.packets,
                     bytes: s.bytes,
                     reply_packets: s.reply_packets,
@@ -391,11 +902,19 @@ impl<K: Kernel> Daemon<K> {
             Err(e) => return protocol::encode_err(&format!("invalid request: {e}")),
         };
         let reply = match req {
-            Request::Add { publish, backend } => self
-                .add(Rule { publish, backend })
+            Request::Add { publish, backend } => Declaration::new(publish, backend)
+                .map_err(DaemonError::from)
+                .and_then(|d| self.add(d))
                 .map(|r| protocol::encode_ok(&r)),
             Request::Del { publish } => self.del(publish).map(|r| protocol::encode_ok(&r)),
             Request::List => self.list().map(|r| protocol::encode_ok(&r)),
+            Request::Apply {
+                file,
+                dry_run,
+                declarations,
+            } => self
+                .apply(&file, &declarations, dry_run)
+                .map(|r| protocol::encode_ok(&r)),
         };
         reply.unwrap_or_else(|e| {
             debug!("request failed: {e}");
@@ -681,19 +1200,30 @@ pub fn ipv4_forwarding_disabled() -> Option<bool> {
 mod tests {
     use super::*;
 
+    type Key = (Ipv4Addr, u16, u8);
+
     /// A kernel that records what the daemon asked of it and can be told to fail.
     #[derive(Default)]
     struct FakeKernel {
-        rules: BTreeMap<(Ipv4Addr, u16, u8), BackendV4>,
+        rules: BTreeMap<Key, BackendV4>,
+        /// Writes (inserts and removes) per key, to see what was touched.
+        writes: BTreeMap<Key, usize>,
         reset: Vec<u32>,
-        forgotten: Vec<((Ipv4Addr, u16), u8)>,
+        forgotten: Vec<Key>,
         fail_insert: bool,
+        /// Fail the insert after this many more succeed.
+        fail_insert_after: Option<usize>,
         fail_remove: bool,
-        held: Vec<Publish>,
+        held: Vec<(IpAddr, u16, Proto)>,
+        ephemeral: Option<PortRange>,
     }
 
     fn fake_err() -> DataplaneError {
         DataplaneError::MissingMap("TEST")
+    }
+
+    fn key(k: &RuleKeyV4) -> Key {
+        (k.addr(), k.port(), k.proto())
     }
 
     impl Kernel for FakeKernel {
@@ -701,14 +1231,22 @@ mod tests {
             if self.fail_insert {
                 return Err(fake_err());
             }
-            self.rules.insert((k.addr(), k.port(), k.proto()), b);
+            if let Some(n) = self.fail_insert_after.as_mut() {
+                if *n == 0 {
+                    return Err(fake_err());
+                }
+                *n -= 1;
+            }
+            self.rules.insert(key(&k), b);
+            *self.writes.entry(key(&k)).or_default() += 1;
             Ok(())
         }
         fn remove_rule(&mut self, k: &RuleKeyV4) -> Result<(), DataplaneError> {
             if self.fail_remove {
                 return Err(fake_err());
             }
-            self.rules.remove(&(k.addr(), k.port(), k.proto()));
+            self.rules.remove(&key(k));
+            *self.writes.entry(key(k)).or_default() += 1;
             Ok(())
         }
         fn reset_rule_stats(&mut self, slot: u32) -> Result<(), DataplaneError> {
@@ -721,12 +1259,8 @@ mod tests {
                 ..RuleStats::default()
             })
         }
-        fn forget_flows_to(
-            &mut self,
-            backend: (Ipv4Addr, u16),
-            proto: u8,
-        ) -> Result<usize, DataplaneError> {
-            self.forgotten.push((backend, proto));
+        fn forget_flows(&mut self, backends: &BTreeSet<Key>) -> Result<usize, DataplaneError> {
+            self.forgotten.extend(backends.iter().copied());
             Ok(0)
         }
         fn reason_stats(&self) -> Result<Vec<(Reason, u64)>, DataplaneError> {
@@ -741,39 +1275,71 @@ mod tests {
         fn local_cgroup(&self) -> Option<PathBuf> {
             None
         }
-        fn held_locally(&self, publish: &Publish) -> bool {
-            self.held.contains(publish)
+        fn held_locally(&self, ip: IpAddr, port: u16, proto: Proto) -> bool {
+            self.held.contains(&(ip, port, proto))
+        }
+        fn ephemeral_ports(&self) -> PortRange {
+            self.ephemeral.unwrap_or(PortRange::LINUX_EPHEMERAL)
         }
     }
 
-    fn rule(p: &str, b: &str) -> Rule {
-        Rule {
-            publish: p.parse().expect("valid publish"),
-            backend: b.parse().expect("valid backend"),
-        }
+    fn decl(p: &str, b: &str) -> Declaration {
+        Declaration::parse(p, b).unwrap_or_else(|e| panic!("{p} {b}: {e}"))
+    }
+
+    fn publish(p: &str) -> Publish {
+        p.parse().unwrap_or_else(|e| panic!("{p}: {e}"))
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
     }
 
     fn kernel_rules(d: &Daemon<FakeKernel>) -> Vec<String> {
         d.kernel()
             .rules
             .iter()
-            .map(|((a, p, pr), b)| format!("{a}:{p}/{pr} -> {}:{}", b.addr(), b.port()))
+            .map(|((a, p, pr), b)| {
+                format!(
+                    "{a}:{p}/{pr} -> {}:{} #{}",
+                    b.addr(),
+                    b.port(),
+                    b.stats_slot()
+                )
+            })
+            .collect()
+    }
+
+    fn table_rules(d: &Daemon<FakeKernel>) -> Vec<String> {
+        d.table()
+            .iter()
+            .map(|(p, e)| format!("{p} -> {} ({})", e.backend, e.source))
             .collect()
     }
 
     #[test]
     fn add_refuses_a_port_a_local_process_holds() {
         let mut d = Daemon::new(FakeKernel {
-            held: vec!["9000".parse().expect("publish")],
+            held: vec![
+                (ip("0.0.0.0"), 9000, Proto::Tcp),
+                (ip("0.0.0.0"), 9105, Proto::Tcp),
+            ],
             ..FakeKernel::default()
         });
-        let err = d.add(rule("9000", "198.18.1.2:8080")).expect_err("held");
+        let err = d.add(decl("9000", "198.18.1.2:8080")).expect_err("held");
         assert_eq!(
             err.to_string(),
             "cannot publish 0.0.0.0:9000/tcp: a local process already uses it (address already in use)"
         );
+        let err = d
+            .add(decl("9100-9109", "198.18.1.2:8100-8109"))
+            .expect_err("held");
+        assert_eq!(
+            err.to_string(),
+            "cannot publish 0.0.0.0:9100-9109/tcp: a local process already uses port 9105 (address already in use)"
+        );
         assert!(kernel_rules(&d).is_empty() && d.table().is_empty());
-        d.add(rule("9000/udp", "198.18.1.2:8080"))
+        d.add(decl("9000/udp", "198.18.1.2:8080"))
             .expect("udp is free");
     }
 
@@ -803,11 +1369,6 @@ mod tests {
                 "9000",
                 Some("Bind for 0.0.0.0:9000 failed: port is already allocated"),
             ),
-            (
-                &["198.51.100.7:9000"],
-                "198.51.100.7:9000",
-                Some("Bind for 198.51.100.7:9000 failed: port is already allocated"),
-            ),
             (&["198.51.100.7:9000"], "198.51.100.8:9000", None),
             (&["198.51.100.7:9000"], "198.51.100.7:9000/udp", None),
             (
@@ -815,49 +1376,180 @@ mod tests {
                 "0.0.0.0:9000",
                 Some("Bind for 0.0.0.0:9000 failed: port is already allocated"),
             ),
+            // Per port: a range fails at its first port that is taken.
             (
-                &["5353/udp"],
-                "5353/udp",
-                Some("Bind for 0.0.0.0:5353 failed: port is already allocated"),
+                &["9005"],
+                "9000-9009",
+                Some("Bind for 0.0.0.0:9005 failed: port is already allocated"),
             ),
+            (
+                &["9007", "9003/udp", "9004"],
+                "9000-9009",
+                Some("Bind for 0.0.0.0:9004 failed: port is already allocated"),
+            ),
+            (
+                &["8995-9001"],
+                "198.51.100.7:9000-9009",
+                Some("Bind for 198.51.100.7:9000 failed: port is already allocated"),
+            ),
+            (&["8990-8999"], "9000-9009", None),
+            (&["9010-9019"], "9000-9009", None),
         ];
         for &(existing, new, want) in table {
             let mut d = Daemon::new(FakeKernel::default());
             for p in existing {
-                d.add(rule(p, "172.17.0.2:8080")).expect("setup");
+                let n = publish(p).ports().len();
+                let be = if n == 1 {
+                    "172.17.0.2:8080".to_string()
+                } else {
+                    format!("172.17.0.2:1000-{}", 999 + n)
+                };
+                d.add(decl(p, &be)).expect("setup");
             }
             let before = kernel_rules(&d);
-            let got = d
-                .add(rule(new, "172.17.0.3:8081"))
-                .err()
-                .map(|e| e.to_string());
+            let n = publish(new).ports().len();
+            let be = if n == 1 {
+                "172.17.0.3:8081".to_string()
+            } else {
+                format!("172.17.0.3:2000-{}", 1999 + n)
+            };
+            let got = d.add(decl(new, &be)).err().map(|e| e.to_string());
             assert_eq!(got.as_deref(), want, "{existing:?} then {new}");
             if want.is_some() {
-                assert_eq!(kernel_rules(&d), before, "existing rule untouched");
+                assert_eq!(kernel_rules(&d), before, "nothing applied");
                 assert_eq!(d.table().len(), existing.len());
             }
         }
     }
 
     #[test]
+    fn a_range_is_one_entry_per_port_and_one_slot() {
+        let mut d = Daemon::new(FakeKernel::default());
+        let r = d
+            .add(decl("9000-9009", "172.17.0.2:8000-8009"))
+            .expect("range");
+        assert_eq!(
+            r.to_string(),
+            "0.0.0.0:9000-9009/tcp -> 172.17.0.2:8000-8009"
+        );
+        let k = &d.kernel().rules;
+        assert_eq!(k.len(), 10);
+        for (hp, bp) in (9000..=9009).zip(8000..=8009) {
+            let b = k[&(Ipv4Addr::UNSPECIFIED, hp, 6)];
+            assert_eq!((b.port(), b.stats_slot()), (bp, 0), "port {hp}");
+        }
+        assert_eq!(d.kernel().reset, vec![0], "one counter slot");
+        let list = d.list().expect("list");
+        assert_eq!(list.rules.len(), 1, "one row");
+        let row = &list.rules[0];
+        assert_eq!(
+            (
+                row.host_port,
+                row.host_port_end,
+                row.backend_port,
+                row.backend_port_end
+            ),
+            (9000, 9009, 8000, 8009)
+        );
+        assert_eq!(row.source, Source::Cli);
+
+        // A port inside it cannot be deleted alone; the whole range can.
+        let err = d.del(publish("9005")).expect_err("part of a range");
+        assert_eq!(
+            err.to_string(),
+            "No published port 0.0.0.0:9005/tcp: it is part of 0.0.0.0:9000-9009/tcp, which is removed whole"
+        );
+        d.del(publish("9000-9009")).expect("del range");
+        assert!(d.kernel().rules.is_empty());
+        assert_eq!(d.kernel().forgotten.len(), 10, "each backend port's flows");
+
+        // A 10,000-port range: 10,000 entries, one slot.
+        d.add(decl("20000-29999/udp", "172.17.0.2:30000-39999"))
+            .expect("10k range");
+        assert_eq!(d.kernel().rules.len(), 10_000);
+        assert_eq!(d.table().len(), 1);
+    }
+
+    #[test]
+    fn first_free_and_any_free_ports() {
+        let mut d = Daemon::new(FakeKernel {
+            ephemeral: Some(PortRange::new(40000, 40009).expect("range")),
+            held: vec![(ip("0.0.0.0"), 40001, Proto::Tcp)],
+            ..FakeKernel::default()
+        });
+        d.add(decl("8000", "172.17.0.2:80")).expect("8000");
+        // A host range to one backend port: the first free port of the range.
+        let r = d
+            .add(decl("8000-8010", "172.17.0.3:80"))
+            .expect("first free");
+        assert_eq!(r.to_string(), "0.0.0.0:8001/tcp -> 172.17.0.3:80");
+        // No host port: the ephemeral range, skipping published and held ports.
+        let r = d.add(decl("", "172.17.0.2:80")).expect("any");
+        assert_eq!(r.to_string(), "0.0.0.0:40000/tcp -> 172.17.0.2:80");
+        let r = d.add(decl("0", "172.17.0.2:81")).expect("any");
+        assert_eq!(
+            r.to_string(),
+            "0.0.0.0:40002/tcp -> 172.17.0.2:81",
+            "40001 is held"
+        );
+        // Several container ports: as many consecutive free host ports.
+        d.add(decl("40004", "172.17.0.2:90")).expect("40004");
+        let r = d.add(decl("/udp", "172.17.0.2:53")).expect("udp any");
+        assert_eq!(r.to_string(), "0.0.0.0:40000/udp -> 172.17.0.2:53");
+        let r = d.add(decl("", "172.17.0.2:100-102")).expect("block");
+        assert_eq!(
+            r.to_string(),
+            "0.0.0.0:40005-40007/tcp -> 172.17.0.2:100-102"
+        );
+        let err = d.add(decl("", "172.17.0.2:200-203")).expect_err("no block");
+        assert_eq!(
+            err.to_string(),
+            "cannot publish 0.0.0.0:(any)/tcp -> 172.17.0.2:200-203: no 4 free consecutive ports in the ephemeral range 40000-40009"
+        );
+        let err = d.add(decl("8000-8001", "172.17.0.4:80")).expect_err("full");
+        assert_eq!(
+            err.to_string(),
+            "cannot publish 0.0.0.0:(first free of 8000-8001)/tcp -> 172.17.0.4:80: every port of 8000-8001 is already allocated or in use"
+        );
+    }
+
+    #[test]
+    fn ipv6_is_refused_clearly() {
+        let mut d = Daemon::new(FakeKernel::default());
+        for (p, b) in [
+            ("[2001:db8::1]:9000", "[2001:db8::2]:8080"),
+            ("[::1]:9000", "[2001:db8::2]:8080"),
+            ("9000", "[2001:db8::2]:8080"),
+        ] {
+            let err = d.add(decl(p, b)).expect_err("v6").to_string();
+            assert!(
+                err.ends_with("IPv6 is not supported by this dataplane yet"),
+                "{err}"
+            );
+            assert!(!err.contains('\n'));
+        }
+        assert!(d.table().is_empty() && d.kernel().rules.is_empty());
+    }
+
+    #[test]
     fn same_backend_on_two_ports_and_flow_forgetting() {
         let mut d = Daemon::new(FakeKernel::default());
-        d.add(rule("9000", "172.17.0.2:8080")).expect("first");
-        d.add(rule("9001", "172.17.0.2:8080"))
+        d.add(decl("9000", "172.17.0.2:8080")).expect("first");
+        d.add(decl("9001", "172.17.0.2:8080"))
             .expect("same backend, other port");
-        d.add(rule("9000/udp", "172.17.0.2:8080"))
+        d.add(decl("9000/udp", "172.17.0.2:8080"))
             .expect("same backend, udp");
         assert_eq!(d.kernel().rules.len(), 3);
 
         // Another TCP rule still uses the backend: its flows stay.
-        d.del("9000".parse().expect("valid")).expect("del");
+        d.del(publish("9000")).expect("del");
         assert!(d.kernel().forgotten.is_empty());
         // The last TCP rule to it: TCP flows go, UDP ones are another matter.
-        d.del("9001".parse().expect("valid")).expect("del");
-        let be = (Ipv4Addr::new(172, 17, 0, 2), 8080);
-        assert_eq!(d.kernel().forgotten, vec![(be, 6)]);
-        d.del("9000/udp".parse().expect("valid")).expect("del");
-        assert_eq!(d.kernel().forgotten, vec![(be, 6), (be, 17)]);
+        d.del(publish("9001")).expect("del");
+        let be = Ipv4Addr::new(172, 17, 0, 2);
+        assert_eq!(d.kernel().forgotten, vec![(be, 8080, 6)]);
+        d.del(publish("9000/udp")).expect("del");
+        assert_eq!(d.kernel().forgotten, vec![(be, 8080, 6), (be, 8080, 17)]);
         assert!(d.kernel().rules.is_empty());
         assert!(d.table().is_empty());
     }
@@ -865,7 +1557,7 @@ mod tests {
     #[test]
     fn del_of_unpublished() {
         let mut d = Daemon::new(FakeKernel::default());
-        d.add(rule("198.51.100.7:9000", "172.17.0.2:8080"))
+        d.add(decl("198.51.100.7:9000", "172.17.0.2:8080"))
             .expect("add");
         for (spec, want) in [
             ("9000", "No published port 0.0.0.0:9000/tcp"),
@@ -875,21 +1567,20 @@ mod tests {
                 "No published port 198.51.100.8:9000/tcp",
             ),
         ] {
-            let err = d.del(spec.parse().expect("valid")).expect_err(spec);
+            let err = d.del(publish(spec)).expect_err(spec);
             assert_eq!(err.to_string(), want);
         }
         assert_eq!(d.kernel().rules.len(), 1);
-        d.del("198.51.100.7:9000".parse().expect("valid"))
-            .expect("del");
+        d.del(publish("198.51.100.7:9000")).expect("del");
     }
 
     #[test]
     fn kernel_failures_change_nothing() {
         let mut d = Daemon::new(FakeKernel::default());
-        d.add(rule("9000", "172.17.0.2:8080")).expect("add");
+        d.add(decl("9000", "172.17.0.2:8080")).expect("add");
         d.kernel.fail_insert = true;
         let err = d
-            .add(rule("9001", "172.17.0.2:8080"))
+            .add(decl("9001", "172.17.0.2:8080"))
             .expect_err("insert fails");
         assert!(
             err.to_string()
@@ -899,21 +1590,38 @@ mod tests {
         assert_eq!(d.table().len(), 1);
         d.kernel.fail_insert = false;
         d.kernel.fail_remove = true;
-        d.del("9000".parse().expect("valid"))
-            .expect_err("remove fails");
+        let err = d.del(publish("9000")).expect_err("remove fails");
+        assert!(
+            err.to_string()
+                .starts_with("cannot unpublish 0.0.0.0:9000/tcp: "),
+            "{err}"
+        );
         assert_eq!(d.table().len(), 1);
         assert_eq!(d.kernel().rules.len(), 1);
         d.kernel.fail_remove = false;
-        d.del("9000".parse().expect("valid")).expect("del");
+        d.del(publish("9000")).expect("del");
+
+        // A range that fails midway is rolled back: nothing of it stays.
+        d.add(decl("7000", "172.17.0.2:80")).expect("add");
+        let before = kernel_rules(&d);
+        d.kernel.fail_insert_after = Some(5);
+        d.add(decl("9000-9009", "172.17.0.2:8000-8009"))
+            .expect_err("fails at the 6th port");
+        assert_eq!(kernel_rules(&d), before);
+        assert_eq!(d.table().len(), 1);
+        d.kernel.fail_insert_after = None;
+        // Its slot went back: the next rule still works.
+        d.add(decl("9000-9009", "172.17.0.2:8000-8009"))
+            .expect("then it works");
     }
 
     #[test]
     fn slots_are_reset_and_reused_last() {
         let mut d = Daemon::new(FakeKernel::default());
-        d.add(rule("1", "10.0.0.1:1")).expect("add");
-        d.add(rule("2", "10.0.0.1:1")).expect("add");
-        d.del("1".parse().expect("valid")).expect("del");
-        d.add(rule("3", "10.0.0.1:1")).expect("add");
+        d.add(decl("1", "10.0.0.1:1")).expect("add");
+        d.add(decl("2", "10.0.0.1:1")).expect("add");
+        d.del(publish("1")).expect("del");
+        d.add(decl("3", "10.0.0.1:1")).expect("add");
         assert_eq!(d.kernel().reset, vec![0, 1, 2]);
         let slots: Vec<u32> = d.table().iter().map(|(_, e)| e.stats_slot).collect();
         assert_eq!(slots, vec![1, 2]);
@@ -926,6 +1634,183 @@ mod tests {
         a.release(7);
         a.release(3);
         assert_eq!((a.alloc(), a.alloc(), a.alloc()), (Some(7), Some(3), None));
+    }
+
+    fn file(entries: &[(u32, &str, &str)]) -> Vec<FileDeclaration> {
+        entries
+            .iter()
+            .map(|&(line, mapping, to)| {
+                let d = Declaration::from_mapping(mapping, ip(to))
+                    .unwrap_or_else(|e| panic!("{mapping}: {e}"));
+                FileDeclaration {
+                    line,
+                    entry: mapping.to_string(),
+                    publish: d.spec(),
+                    backend: d.backend(),
+                }
+            })
+            .collect()
+    }
+
+    fn shown(list: &[RuleReply]) -> Vec<String> {
+        list.iter().map(ToString::to_string).collect()
+    }
+
+    const A: &str = "172.17.0.2";
+    const B: &str = "172.17.0.3";
+
+    #[test]
+    fn apply_adds_removes_and_keeps() {
+        let mut d = Daemon::new(FakeKernel {
+            ephemeral: Some(PortRange::new(40000, 40099).expect("range")),
+            ..FakeKernel::default()
+        });
+        d.add(decl("6000", "172.17.0.9:80"))
+            .expect("a runtime rule");
+        let first = file(&[
+            (3, "9000:8080", A),
+            (3, "5353:53/udp", A),
+            (4, "7000-7009:7000-7009", A),
+            (5, "80", B),
+        ]);
+        let r = d.apply("f.toml", &first, false).expect("first apply");
+        assert_eq!(
+            shown(&r.added),
+            vec![
+                "0.0.0.0:5353/udp -> 172.17.0.2:53",
+                "0.0.0.0:7000-7009/tcp -> 172.17.0.2:7000-7009",
+                "0.0.0.0:9000/tcp -> 172.17.0.2:8080",
+                "0.0.0.0:40000/tcp -> 172.17.0.3:80",
+            ]
+        );
+        assert!(r.removed.is_empty() && r.unchanged.is_empty());
+        assert_eq!(d.kernel().rules.len(), 1 + 13);
+        let writes_before = d.kernel().writes.clone();
+
+        // Keep 9000 and the random one, change 5353's backend, drop the range, add 9443.
+        let second = file(&[
+            (3, "9000:8080", A),
+            (4, "5353:53/udp", B),
+            (5, "80", B),
+            (6, "127.0.0.1:9443:443", A),
+        ]);
+        let dry = d.apply("f.toml", &second, true).expect("dry run");
+        assert!(dry.dry_run);
+        assert_eq!(d.kernel().writes, writes_before, "a dry run writes nothing");
+        let r = d.apply("f.toml", &second, false).expect("second apply");
+        assert_eq!(
+            (dry.added.clone(), dry.removed.clone()),
+            (r.added.clone(), r.removed.clone())
+        );
+        assert_eq!(
+            shown(&r.added),
+            vec![
+                "0.0.0.0:5353/udp -> 172.17.0.3:53",
+                "127.0.0.1:9443/tcp -> 172.17.0.2:443",
+            ]
+        );
+        assert_eq!(
+            shown(&r.removed),
+            vec![
+                "0.0.0.0:5353/udp -> 172.17.0.2:53",
+                "0.0.0.0:7000-7009/tcp -> 172.17.0.2:7000-7009",
+            ]
+        );
+        assert_eq!(
+            shown(&r.unchanged),
+            vec![
+                "0.0.0.0:9000/tcp -> 172.17.0.2:8080",
+                "0.0.0.0:40000/tcp -> 172.17.0.3:80",
+            ]
+        );
+        // Unchanged rules (and the runtime rule) were not written at all.
+        let w = &d.kernel().writes;
+        let any = Ipv4Addr::UNSPECIFIED;
+        for k in [(any, 9000, 6), (any, 40000, 6), (any, 6000, 6)] {
+            assert_eq!(w.get(&k), writes_before.get(&k), "{k:?} untouched");
+        }
+        // The changed port was overwritten in place (one more write, no delete).
+        assert_eq!(w[&(any, 5353, 17)], writes_before[&(any, 5353, 17)] + 1);
+        assert_eq!(
+            d.kernel().rules[&(any, 5353, 17)].addr(),
+            Ipv4Addr::new(172, 17, 0, 3)
+        );
+        // Flows of the old backends are forgotten: 5353's old backend and the range's.
+        let fa = Ipv4Addr::new(172, 17, 0, 2);
+        assert!(d.kernel().forgotten.contains(&(fa, 53, 17)));
+        assert!(d.kernel().forgotten.contains(&(fa, 7005, 6)));
+        assert!(!d.kernel().forgotten.contains(&(fa, 8080, 6)));
+        assert_eq!(
+            table_rules(&d),
+            vec![
+                "0.0.0.0:5353/udp -> 172.17.0.3:53 (file)",
+                "0.0.0.0:6000/tcp -> 172.17.0.9:80 (cli)",
+                "0.0.0.0:9000/tcp -> 172.17.0.2:8080 (file)",
+                "127.0.0.1:9443/tcp -> 172.17.0.2:443 (file)",
+                "0.0.0.0:40000/tcp -> 172.17.0.3:80 (file)",
+            ]
+        );
+        // An empty file removes the file rules only.
+        let r = d.apply("f.toml", &[], false).expect("empty");
+        assert_eq!(r.removed.len(), 4);
+        assert_eq!(
+            table_rules(&d),
+            vec!["0.0.0.0:6000/tcp -> 172.17.0.9:80 (cli)"]
+        );
+        assert_eq!(d.kernel().rules.len(), 1);
+    }
+
+    #[test]
+    fn apply_refuses_and_changes_nothing() {
+        let mut d = Daemon::new(FakeKernel::default());
+        d.add(decl("6000", "172.17.0.9:80")).expect("runtime rule");
+        d.apply(
+            "f.toml",
+            &file(&[(2, "9000:80", A), (3, "7000:70", A)]),
+            false,
+        )
+        .expect("initial");
+        let (k0, t0) = (kernel_rules(&d), table_rules(&d));
+        let table: Vec<(Vec<FileDeclaration>, &str)> = vec![
+            (
+                file(&[(2, "9000:80", A), (4, "5990-6010:5990-6010", B)]),
+                "f.toml:4: entry `5990-6010:5990-6010`: 0.0.0.0:5990-6010/tcp -> 172.17.0.3:5990-6010 conflicts with the runtime rule 0.0.0.0:6000/tcp at port 6000 (added with portfwd-ctl add; del it first or drop it from the file)",
+            ),
+            (
+                file(&[(2, "9000:80", A), (5, "127.0.0.1:9000:81", B)]),
+                "f.toml:5: entry `127.0.0.1:9000:81`: Bind for 127.0.0.1:9000 failed: port is already allocated (by line 2)",
+            ),
+            (
+                file(&[(2, "9000:80", A), (7, "[2001:db8::1]:9001:80", "2001:db8::2")]),
+                "f.toml:7: entry `[2001:db8::1]:9001:80`: cannot publish [2001:db8::1]:9001/tcp -> [2001:db8::2]:80: IPv6 is not supported by this dataplane yet",
+            ),
+        ];
+        for (decls, want) in table {
+            for dry in [true, false] {
+                let err = d.apply("f.toml", &decls, dry).expect_err(want);
+                assert_eq!(err.to_string(), want);
+                assert_eq!(
+                    (kernel_rules(&d), table_rules(&d)),
+                    (k0.clone(), t0.clone())
+                );
+            }
+        }
+        // A kernel failure midway is rolled back, removed rules included.
+        d.kernel.fail_insert_after = Some(3);
+        let err = d
+            .apply(
+                "f.toml",
+                &file(&[(2, "9000:80", A), (3, "8000-8009:8000-8009", B)]),
+                false,
+            )
+            .expect_err("fails midway");
+        assert!(
+            err.to_string()
+                .starts_with("cannot publish 0.0.0.0:8000-8009/tcp: "),
+            "{err}"
+        );
+        assert_eq!((kernel_rules(&d), table_rules(&d)), (k0, t0));
+        d.kernel.fail_insert_after = None;
     }
 
     #[test]
@@ -942,6 +1827,12 @@ mod tests {
             again["error"],
             "Bind for 0.0.0.0:9000 failed: port is already allocated"
         );
+        let mismatch = br#"{"cmd":"add","publish":{"host_port":7000,"host_port_end":7009},"backend":{"ip":"172.17.0.2","port":80,"port_end":81}}"#;
+        let r = ok(d.handle_line(mismatch));
+        assert_eq!(
+            r["error"],
+            "port ranges `7000-7009` (10 ports) and `80-81` (2 ports) differ in length"
+        );
         for garbage in [
             &b""[..],
             b"\xff\xfe",
@@ -950,6 +1841,7 @@ mod tests {
             b"{\"cmd\":\"add\"}",
             b"{\"cmd\":\"nope\"}",
             b"{\"cmd\":\"del\",\"publish\":{\"host_port\":0}}",
+            b"{\"cmd\":\"apply\",\"file\":\"f\"}",
         ] {
             let r = ok(d.handle_line(garbage));
             assert_eq!(r["ok"], false, "{garbage:?}");
@@ -963,6 +1855,7 @@ mod tests {
         assert_eq!(list["ok"], true);
         assert_eq!(list["rules"][0]["host_port"], 9000);
         assert_eq!(list["rules"][0]["backend_ip"], "172.17.0.2");
+        assert_eq!(list["rules"][0]["source"], "cli");
         assert_eq!(list["reasons"]["translated"], 0);
         assert_eq!(list["reasons"]["drop_checksum"], 10);
         let del = ok(d.handle_line(br#"{"cmd":"del","publish":{"host_port":9000}}"#));
@@ -1009,7 +1902,10 @@ mod tests {
             .starts_with("{\"ok\":true"));
         let huge = vec![b'x'; MAX_REQUEST + 10];
         let r = exchange(&sock, &huge, false).await;
-        assert!(r.contains("request larger than 65536 bytes"), "{r}");
+        assert!(
+            r.contains(&format!("request larger than {MAX_REQUEST} bytes")),
+            "{r}"
+        );
         let r = exchange(&sock, b"garbage\n", false).await;
         assert!(r.contains("invalid request"), "{r}");
         let r = exchange(&sock, b"{\"cmd\":", true).await;

@@ -1,10 +1,13 @@
 //! portfwd: in-kernel port forwarding for container hosts.
 //!
 //! The library behind the `portfwd` daemon and `portfwd-ctl`: the dataplane (kernel
-//! programs and maps), the rule model and its validation, and the control protocol.
+//! programs and maps), the rule model and its validation, the declarations file and its
+//! Compose import, and the control protocol.
 
+pub mod compose;
 pub mod daemon;
 pub mod dataplane;
+pub mod declfile;
 pub mod netinfo;
 pub mod protocol;
 pub mod rule;

@@ -7,24 +7,29 @@
 //! Requests:
 //! ```json
 //! {"cmd":"add","publish":{"host_ip":"0.0.0.0","host_port":9000,"proto":"tcp"},"backend":{"ip":"172.17.0.2","port":8080}}
+//! {"cmd":"add","publish":{"host_port":9000,"host_port_end":9009},"backend":{"ip":"172.17.0.2","port":8000,"port_end":8009}}
 //! {"cmd":"del","publish":{"host_ip":"0.0.0.0","host_port":9000,"proto":"tcp"}}
 //! {"cmd":"list"}
+//! {"cmd":"apply","file":"/etc/portfwd.toml","dry_run":false,"declarations":[{"line":3,"entry":"9000:8080","publish":{...},"backend":{...}}]}
 //! ```
-//! In `publish`, `host_ip` defaults to `"0.0.0.0"` (every host address) and `proto` to
-//! `"tcp"` (case-insensitive). Unknown fields are rejected.
+//! In `publish`, `host_ip` defaults to `"0.0.0.0"` (every host address), `proto` to
+//! `"tcp"` (case-insensitive), `host_port_end` and `port_end` to the first port (a single
+//! port). In `add` (and `apply`), a `host_port` of 0 or absent means "any free port", and a
+//! host range with a single backend port means "the first free port of the range".
+//! Unknown fields are rejected.
 //!
 //! Responses: `{"ok":false,"error":"<one line>"}` on failure, otherwise `{"ok":true, ...}`
-//! with the fields of [`RuleReply`] (add, del: the rule published or removed) or of
-//! [`ListReply`] (list).
+//! with the fields of [`RuleReply`] (add, del: the rule published or removed), of
+//! [`ListReply`] (list) or of [`ApplyReply`] (apply).
 //!
-//! Trust: [`Publish`] and [`Backend`] deserialize through the same validation as the
-//! command-line parser (same messages), so a request that parses is a valid request; the
-//! daemon never relies on the client having checked anything.
+//! Trust: [`Publish`], [`PublishSpec`] and [`Backend`] deserialize through the same
+//! validation as the command-line parser (same messages), so a request that parses is a
+//! valid request; the daemon never relies on the client having checked anything.
 
 use std::{
     collections::BTreeMap,
     io::{self, BufRead, BufReader, Write},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     time::Duration,
@@ -35,26 +40,73 @@ use thiserror::Error;
 
 use crate::{
     dataplane::Attachment,
-    rule::{self, Backend, Proto, Publish, RuleError},
+    rule::{self, Backend, Proto, Publish, PublishSpec, RuleError},
 };
 
 /// Default control socket (`--socket`, `PORTFWD_SOCKET`).
 pub const DEFAULT_SOCKET: &str = "/run/portfwd/portfwd.sock";
 /// Environment variable both binaries read for the socket path.
 pub const SOCKET_ENV: &str = "PORTFWD_SOCKET";
-/// Largest request line the daemon reads, newline excluded.
-pub const MAX_REQUEST: usize = 64 * 1024;
+/// Largest request line the daemon reads, newline excluded (an `apply` carries a whole
+/// declarations file: about 150 bytes per entry).
+pub const MAX_REQUEST: usize = 1024 * 1024;
 
 /// One request. Tagged by `cmd`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
-    /// Publish `publish` to `backend`.
-    Add { publish: Publish, backend: Backend },
-    /// Unpublish `publish`.
+    /// Publish `publish` to `backend` (a runtime rule, source `cli`).
+    Add {
+        publish: PublishSpec,
+        backend: Backend,
+    },
+    /// Unpublish `publish` (as `list` shows it: a range is removed whole).
     Del { publish: Publish },
     /// Every rule with its counters, the attachments and the reason counters.
     List,
+    /// Replace the file-sourced rules with `declarations` (atomic), or only say what
+    /// would change (`dry_run`).
+    Apply {
+        /// The file the declarations come from, for messages.
+        file: String,
+        #[serde(default)]
+        dry_run: bool,
+        declarations: Vec<FileDeclaration>,
+    },
+}
+
+/// One entry of a declarations file, as the client parsed it. The daemon pairs and
+/// validates it again ([`crate::rule::Declaration::new`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDeclaration {
+    /// 1-based line of the entry in the file.
+    pub line: u32,
+    /// The entry as written (a `ports` string, or the long form's table).
+    pub entry: String,
+    pub publish: PublishSpec,
+    pub backend: Backend,
+}
+
+/// Where a rule came from: `portfwd-ctl add` (runtime) or a declarations file
+/// (`portfwd --config`, `portfwd-ctl apply`).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    #[default]
+    Cli,
+    File,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Source::Cli => "cli",
+            Source::File => "file",
+        })
+    }
 }
 
 /// The answer to `add` (the rule now published) and `del` (the rule removed).
@@ -62,6 +114,22 @@ pub enum Request {
 pub struct RuleReply {
     pub publish: Publish,
     pub backend: Backend,
+}
+
+impl std::fmt::Display for RuleReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} -> {}", self.publish, self.backend)
+    }
+}
+
+/// The answer to `apply`: the difference between the rule set before and after (or, on
+/// a dry run, what it would be). A rule whose backend changed is removed and added.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyReply {
+    pub dry_run: bool,
+    pub added: Vec<RuleReply>,
+    pub removed: Vec<RuleReply>,
+    pub unchanged: Vec<RuleReply>,
 }
 
 /// The answer to `list`; also what `portfwd-ctl list --json` prints.
@@ -85,14 +153,23 @@ pub struct LocalClients {
     pub cgroup: Option<String>,
 }
 
-/// One published rule and its counters (summed over CPUs).
+/// One published rule (a range is one rule) and its counters (summed over CPUs and over
+/// the range's ports: they share one counter slot).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleStatus {
-    pub host_ip: Ipv4Addr,
+    pub host_ip: IpAddr,
+    /// The first host port; `host_port_end` is the last (equal for a single port).
     pub host_port: u16,
+    #[serde(default)]
+    pub host_port_end: u16,
     pub proto: Proto,
-    pub backend_ip: Ipv4Addr,
+    pub backend_ip: IpAddr,
     pub backend_port: u16,
+    #[serde(default)]
+    pub backend_port_end: u16,
+    /// `cli` (portfwd-ctl add) or `file` (a declarations file).
+    #[serde(default)]
+    pub source: Source,
     /// Client-to-backend packets and bytes translated at ingress.
     pub packets: u64,
     pub bytes: u64,
@@ -109,7 +186,11 @@ pub struct RuleStatus {
 struct PublishWire {
     #[serde(default = "wildcard")]
     host_ip: String,
+    /// 0 (or absent): any free port, in `add` only.
+    #[serde(default)]
     host_port: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    host_port_end: Option<u64>,
     #[serde(default = "tcp")]
     proto: String,
 }
@@ -121,12 +202,34 @@ fn tcp() -> String {
     Proto::Tcp.to_string()
 }
 
+fn end_of(r: rule::PortRange) -> Option<u64> {
+    (!r.is_single()).then_some(r.end().into())
+}
+
 impl TryFrom<PublishWire> for Publish {
     type Error = RuleError;
     fn try_from(w: PublishWire) -> Result<Self, RuleError> {
-        let ip = rule::parse_ipv4(&w.host_ip)?;
-        let port = rule::port_from_number(w.host_port)?;
-        Publish::new(ip, port, w.proto.parse()?)
+        let ip = rule::parse_ip(&w.host_ip)?;
+        let ports = rule::range_from_numbers(w.host_port, w.host_port_end)?;
+        Publish::new(ip, ports, w.proto.parse()?)
+    }
+}
+
+impl TryFrom<PublishWire> for PublishSpec {
+    type Error = RuleError;
+    fn try_from(w: PublishWire) -> Result<Self, RuleError> {
+        let host_ip = rule::parse_ip(&w.host_ip)?;
+        let ports = match (w.host_port, w.host_port_end) {
+            (0, None) => None,
+            (start, end) => Some(rule::range_from_numbers(start, end)?),
+        };
+        // Validates the address the same way the text form does.
+        let p = Publish::new(host_ip, rule::PortRange::single(1)?, w.proto.parse()?)?;
+        Ok(PublishSpec {
+            host_ip,
+            ports,
+            proto: p.proto(),
+        })
     }
 }
 
@@ -135,6 +238,7 @@ impl Serialize for Publish {
         PublishWire {
             host_ip: self.host_ip().to_string(),
             host_port: self.host_port().into(),
+            host_port_end: end_of(self.ports()),
             proto: self.proto().to_string(),
         }
         .serialize(s)
@@ -148,12 +252,33 @@ impl<'de> Deserialize<'de> for Publish {
     }
 }
 
+impl Serialize for PublishSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        PublishWire {
+            host_ip: self.host_ip.to_string(),
+            host_port: self.ports.map_or(0, |r| r.start().into()),
+            host_port_end: self.ports.and_then(end_of),
+            proto: self.proto.to_string(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for PublishSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = PublishWire::deserialize(d)?;
+        PublishSpec::try_from(w).map_err(serde::de::Error::custom)
+    }
+}
+
 /// `backend` as it travels, checked by [`Backend::new`] on arrival.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BackendWire {
     ip: String,
     port: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    port_end: Option<u64>,
 }
 
 impl Serialize for Backend {
@@ -161,6 +286,7 @@ impl Serialize for Backend {
         BackendWire {
             ip: self.ip().to_string(),
             port: self.port().into(),
+            port_end: end_of(self.ports()),
         }
         .serialize(s)
     }
@@ -170,7 +296,10 @@ impl<'de> Deserialize<'de> for Backend {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let w = BackendWire::deserialize(d)?;
         let check = || -> Result<Backend, RuleError> {
-            Backend::new(rule::parse_ipv4(&w.ip)?, rule::port_from_number(w.port)?)
+            Backend::new(
+                rule::parse_ip(&w.ip)?,
+                rule::range_from_numbers(w.port, w.port_end)?,
+            )
         };
         check().map_err(serde::de::Error::custom)
     }
@@ -301,6 +430,40 @@ mod tests {
             publish: "198.51.100.7:9000/udp".parse().expect("valid"),
             backend: "172.17.0.2:53".parse().expect("valid"),
         };
+        let range = Request::Add {
+            publish: "9000-9009".parse().expect("valid"),
+            backend: "172.17.0.2:8000-8009".parse().expect("valid"),
+        };
+        let json = serde_json::to_string(&range).expect("encodes");
+        assert_eq!(
+            json,
+            r#"{"cmd":"add","publish":{"host_ip":"0.0.0.0","host_port":9000,"host_port_end":9009,"proto":"tcp"},"backend":{"ip":"172.17.0.2","port":8000,"port_end":8009}}"#
+        );
+        assert_eq!(parse(&json), Ok(range));
+        // No host port: any free one.
+        let any = parse(
+            r#"{"cmd":"add","publish":{"host_ip":"::1"},"backend":{"ip":"2001:db8::2","port":80}}"#,
+        )
+        .expect("valid");
+        assert_eq!(
+            any,
+            Request::Add {
+                publish: "[::1]:".parse().expect("valid"),
+                backend: "[2001:db8::2]:80".parse().expect("valid"),
+            }
+        );
+        let apply = Request::Apply {
+            file: "ports.toml".into(),
+            dry_run: true,
+            declarations: vec![FileDeclaration {
+                line: 3,
+                entry: "9000:8080".into(),
+                publish: "9000".parse().expect("valid"),
+                backend: "172.17.0.2:8080".parse().expect("valid"),
+            }],
+        };
+        let json = serde_json::to_string(&apply).expect("encodes");
+        assert_eq!(parse(&json), Ok(apply));
         let json = serde_json::to_string(&add).expect("encodes");
         assert_eq!(
             json,
@@ -342,16 +505,32 @@ mod tests {
                 "invalid type",
             ),
             (
-                r#"{"cmd":"del","publish":{"host_port":80,"proto":"sctp"}}"#,
-                "unknown protocol `sctp`",
+                r#"{"cmd":"del","publish":{"host_port":80,"proto":"icmp"}}"#,
+                "unknown protocol `icmp`",
             ),
             (
                 r#"{"cmd":"del","publish":{"host_ip":"1.2.3","host_port":80}}"#,
-                "invalid IPv4 address `1.2.3`",
+                "invalid IP address `1.2.3`",
             ),
             (
-                r#"{"cmd":"del","publish":{"host_ip":"::1","host_port":80}}"#,
-                "not supported yet",
+                r#"{"cmd":"del","publish":{"host_ip":"224.0.0.1","host_port":80}}"#,
+                "224.0.0.1 cannot be a host address",
+            ),
+            (
+                r#"{"cmd":"del","publish":{"host_port":9009,"host_port_end":9000}}"#,
+                "invalid port range `9009-9000`",
+            ),
+            (
+                r#"{"cmd":"add","publish":{"host_port":80},"backend":{"ip":"10.0.0.1","port":65535,"port_end":65536}}"#,
+                "goes past 65535",
+            ),
+            (
+                r#"{"cmd":"add","publish":{"host_port":80,"proto":"sctp"},"backend":{"ip":"10.0.0.1","port":80}}"#,
+                "`sctp` is not supported",
+            ),
+            (
+                r#"{"cmd":"apply","file":"f","declarations":[{"line":1,"entry":"x","publish":{"host_port":80},"backend":{"ip":"::","port":80}}]}"#,
+                ":: cannot be a backend",
             ),
             (
                 r#"{"cmd":"del","publish":{"host_port":80,"extra":1}}"#,
@@ -427,11 +606,14 @@ mod tests {
     fn list_json_field_names() {
         let reply = ListReply {
             rules: vec![RuleStatus {
-                host_ip: Ipv4Addr::UNSPECIFIED,
+                host_ip: Ipv4Addr::UNSPECIFIED.into(),
                 host_port: 9000,
+                host_port_end: 9009,
                 proto: Proto::Tcp,
-                backend_ip: Ipv4Addr::new(172, 17, 0, 2),
+                backend_ip: Ipv4Addr::new(172, 17, 0, 2).into(),
                 backend_port: 8080,
+                backend_port_end: 8089,
+                source: Source::File,
                 packets: 1,
                 bytes: 2,
                 reply_packets: 3,
@@ -449,8 +631,9 @@ mod tests {
         assert_eq!(
             v,
             serde_json::json!({
-                "rules": [{"host_ip":"0.0.0.0","host_port":9000,"proto":"tcp",
-                           "backend_ip":"172.17.0.2","backend_port":8080,
+                "rules": [{"host_ip":"0.0.0.0","host_port":9000,"host_port_end":9009,"proto":"tcp",
+                           "backend_ip":"172.17.0.2","backend_port":8080,"backend_port_end":8089,
+                           "source":"file",
                            "packets":1,"bytes":2,"reply_packets":3,"reply_bytes":4,"local":5}],
                 "interfaces": [],
                 "reasons": {"translated": 7},

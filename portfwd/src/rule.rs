@@ -1,32 +1,42 @@
-//! The rule model: what an operator publishes, how it is written on the command line, and
-//! what makes it valid.
+//! The rule model: what an operator publishes, how it is written (Docker's `-p` grammar),
+//! and what makes it valid.
 //!
-//! Grammar (a subset of Docker's `-p`, written so it can grow into all of it):
+//! Grammar (the command line and the declarations file accept the same strings):
 //!
 //! ```text
-//! publish := [HOST_IP ":"] HOST_PORT ["/" PROTO]      e.g. 9000, 5353/udp, 198.51.100.7:9000/tcp
-//! backend := BACKEND_IP ":" BACKEND_PORT              e.g. 172.17.0.2:8080
-//! PROTO   := tcp | udp                                 (case-insensitive, default tcp)
+//! mapping := [HOST_IP ":"] [HOST_PORTS ":"] CONTAINER_PORTS ["/" PROTO]   (Docker's -p, the file's `ports`)
+//! spec    := [HOST_IP ":"] [HOST_PORTS] ["/" PROTO]                       (portfwd-ctl add SPEC)
+//! backend := BACKEND_IP ":" PORTS                                        (portfwd-ctl add ... BACKEND)
+//! PORTS   := PORT | PORT "-" PORT                                        (inclusive, 1..=65535)
+//! HOST_IP := dotted IPv4 | "[" IPv6 "]"                                  (default 0.0.0.0: every host address)
+//! PROTO   := tcp | udp                                                   (case-insensitive, default tcp)
 //! ```
 //!
-//! Not supported yet, each rejected with its own error rather than misparsed: IPv6
-//! addresses (`[::1]:9000`), port ranges (`8000-8010`) and random host ports
-//! (`198.51.100.7::` in Docker). The parser already splits the spec the way Docker does
-//! (protocol suffix, then an optional bracketed or dotted address, then the port part),
-//! so each of these becomes a new branch, not a rewrite.
+//! How host and backend ports pair (Docker's rules): ranges of the same length map one to
+//! one (`9000-9009` to `8000-8009`); a host range with a single backend port means "the
+//! first free port of the range"; an empty or zero host port means "any free port" (of the
+//! host's ephemeral range, chosen by the daemon). Docker also knows `sctp`, which portfwd
+//! refuses with its own error; neither Docker nor Compose has a `tcp+udp` shorthand (one
+//! mapping per protocol), so there is none here either.
 //!
-//! Invariant: a [`Publish`] or [`Backend`] value is always valid. They are only built by
-//! the parsers here or by [`Publish::new`] / [`Backend::new`], which validate; the control
-//! protocol deserializes through the same checks, so the daemon never trusts a client.
+//! Invariants: a [`Publish`], [`Backend`], [`Declaration`] or [`Rule`] value is always
+//! valid. They are only built by the parsers here or by the constructors, which validate;
+//! the control protocol deserializes through the same checks, so the daemon never trusts
+//! a client. Addresses are [`IpAddr`]: IPv6 parses into the same model, and only the
+//! kernel boundary (`RULES_V4` keys) is family-specific.
 
-use std::{fmt, net::Ipv4Addr, str::FromStr};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
 
 use portfwd_common::{proto, RuleKeyV4};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// Why a publish spec or a backend was rejected. Every message is one line and names the
-/// offending part as the user wrote it.
+/// Why a publish spec, a port mapping or a backend was rejected. Every message is one
+/// line and names the offending part as the user wrote it.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum RuleError {
     #[error("empty {what}")]
@@ -35,26 +45,56 @@ pub enum RuleError {
     PortNotNumber { port: String },
     #[error("invalid port `{port}`: must be between 1 and 65535")]
     PortOutOfRange { port: String },
-    #[error("port range `{range}` is not supported yet: publish one port per rule")]
-    RangeNotSupported { range: String },
-    #[error("missing host port in `{spec}` (random host ports are not supported yet)")]
-    MissingHostPort { spec: String },
-    #[error("invalid IPv4 address `{addr}`")]
+    #[error("invalid port range `{range}`: port 0 cannot be part of a range")]
+    PortZeroInRange { range: String },
+    #[error("invalid port range `{range}`: it ends before it starts")]
+    RangeReversed { range: String },
+    #[error("invalid port range `{range}`: it goes past 65535")]
+    RangeCrosses65535 { range: String },
+    #[error(
+        "port ranges `{host}` ({host_len} ports) and `{backend}` ({backend_len} ports) differ in length"
+    )]
+    RangeLengths {
+        host: String,
+        host_len: u32,
+        backend: String,
+        backend_len: u32,
+    },
+    #[error("invalid IP address `{addr}`")]
     BadAddress { addr: String },
-    #[error("IPv6 address `{addr}` is not supported yet: use an IPv4 address")]
-    Ipv6NotSupported { addr: String },
+    #[error("IPv6 address in `{spec}` must be in brackets, e.g. [2001:db8::1]:9000")]
+    Ipv6NeedsBrackets { spec: String },
     #[error("unknown protocol `{proto}`: expected tcp or udp")]
     UnknownProtocol { proto: String },
-    #[error("invalid backend `{spec}`: expected BACKEND_IP:BACKEND_PORT")]
+    #[error("protocol `{proto}` is not supported: portfwd forwards tcp and udp")]
+    ProtocolNotSupported { proto: String },
+    #[error(
+        "invalid port mapping `{spec}`: expected [HOST_IP:][HOST_PORT[-END]:]CONTAINER_PORT[-END][/PROTO]"
+    )]
+    MappingFormat { spec: String },
+    #[error("invalid backend `{spec}`: expected BACKEND_IP:BACKEND_PORT[-END]")]
     BackendFormat { spec: String },
     #[error(
         "invalid backend `{spec}`: a protocol belongs on the published port (e.g. 5353/udp), not on the backend"
     )]
     BackendProtocol { spec: String },
     #[error("{addr} cannot be a backend: {why}")]
-    BackendNotUnicast { addr: Ipv4Addr, why: &'static str },
+    BackendNotUnicast { addr: IpAddr, why: &'static str },
     #[error("{addr} cannot be a host address: {why}")]
-    HostNotUnicast { addr: Ipv4Addr, why: &'static str },
+    HostNotUnicast { addr: IpAddr, why: &'static str },
+    #[error(
+        "host address {host} is {} but backend {backend} is {}: both ends of a rule must be the same family",
+        family(host), family(backend)
+    )]
+    FamilyMismatch { host: IpAddr, backend: IpAddr },
+}
+
+fn family(ip: &IpAddr) -> &'static str {
+    if ip.is_ipv4() {
+        "IPv4"
+    } else {
+        "IPv6"
+    }
 }
 
 /// A transport protocol portfwd translates.
@@ -95,6 +135,10 @@ impl FromStr for Proto {
             Ok(Proto::Tcp)
         } else if s.eq_ignore_ascii_case("udp") {
             Ok(Proto::Udp)
+        } else if s.eq_ignore_ascii_case("sctp") {
+            Err(RuleError::ProtocolNotSupported {
+                proto: s.to_string(),
+            })
         } else {
             Err(RuleError::UnknownProtocol {
                 proto: s.to_string(),
@@ -103,126 +147,312 @@ impl FromStr for Proto {
     }
 }
 
-/// What is published: a host address (0.0.0.0 = every address of the host), a port and a
-/// protocol. This is the rule's identity (the key of the daemon's table and of
-/// [`portfwd_common::RULES_V4`]). Ordered by port, then protocol, then address (the field
-/// order), so that a table lists a port's rules together.
+/// An inclusive, non-empty range of ports in `1..=65535`; a single port is a range of one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortRange {
+    start: u16,
+    end: u16,
+}
+
+impl PortRange {
+    /// Linux's default ephemeral ports (`net.ipv4.ip_local_port_range`).
+    pub const LINUX_EPHEMERAL: PortRange = PortRange {
+        start: 32768,
+        end: 60999,
+    };
+
+    /// Validates and builds; `shown` is how the user wrote it, for the message.
+    pub fn new(start: u16, end: u16) -> Result<Self, RuleError> {
+        let shown = || format!("{start}-{end}");
+        if start == end {
+            return Self::single(start);
+        }
+        if start == 0 || end == 0 {
+            return Err(RuleError::PortZeroInRange { range: shown() });
+        }
+        if end < start {
+            return Err(RuleError::RangeReversed { range: shown() });
+        }
+        Ok(Self { start, end })
+    }
+    pub fn single(port: u16) -> Result<Self, RuleError> {
+        check_port(port, || port.to_string())?;
+        Ok(Self {
+            start: port,
+            end: port,
+        })
+    }
+    /// `len` ports from `start`, if they stay within 65535.
+    pub fn from_len(start: u16, len: u32) -> Option<Self> {
+        let end = u32::from(start).checked_add(len.checked_sub(1)?)?;
+        let end = u16::try_from(end).ok()?;
+        Self::new(start, end).ok()
+    }
+    pub fn start(&self) -> u16 {
+        self.start
+    }
+    pub fn end(&self) -> u16 {
+        self.end
+    }
+    /// Number of ports (1..=65535).
+    pub fn len(&self) -> u32 {
+        u32::from(self.end) - u32::from(self.start) + 1
+    }
+    /// Never: a range holds at least one port (here for clippy's `len_without_is_empty`).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+    pub fn is_single(&self) -> bool {
+        self.start == self.end
+    }
+    pub fn contains(&self, port: u16) -> bool {
+        (self.start..=self.end).contains(&port)
+    }
+    pub fn ports(&self) -> std::ops::RangeInclusive<u16> {
+        self.start..=self.end
+    }
+    /// The first port both ranges hold, if any.
+    pub fn first_common(&self, other: &PortRange) -> Option<u16> {
+        let lo = self.start.max(other.start);
+        (lo <= self.end.min(other.end)).then_some(lo)
+    }
+    /// The port at `offset` from the start (callers keep `offset < len`).
+    pub fn nth(&self, offset: u32) -> u16 {
+        // Saturating: an out-of-range offset stays a valid port rather than wrapping.
+        u16::try_from(u32::from(self.start) + offset).unwrap_or(self.end)
+    }
+}
+
+/// `9000` or `9000-9009`.
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_single() {
+            write!(f, "{}", self.start)
+        } else {
+            write!(f, "{}-{}", self.start, self.end)
+        }
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = RuleError;
+    /// `PORT` or `START-END`.
+    fn from_str(s: &str) -> Result<Self, RuleError> {
+        match s.split_once('-') {
+            None => {
+                let n = parse_number(s)?;
+                let port = u16::try_from(n).map_err(|_| RuleError::PortOutOfRange {
+                    port: s.to_string(),
+                })?;
+                check_port(port, || s.to_string())?;
+                Self::single(port)
+            }
+            Some((a, b)) => {
+                if !is_digits(a) || !is_digits(b) {
+                    return Err(RuleError::PortNotNumber {
+                        port: s.to_string(),
+                    });
+                }
+                let (na, nb) = (parse_number(a)?, parse_number(b)?);
+                let range = || s.to_string();
+                if na == 0 || nb == 0 {
+                    return Err(RuleError::PortZeroInRange { range: range() });
+                }
+                let start = u16::try_from(na).map_err(|_| RuleError::PortOutOfRange {
+                    port: a.to_string(),
+                })?;
+                let Ok(end) = u16::try_from(nb) else {
+                    return Err(RuleError::RangeCrosses65535 { range: range() });
+                };
+                if end < start {
+                    return Err(RuleError::RangeReversed { range: range() });
+                }
+                Ok(Self { start, end })
+            }
+        }
+    }
+}
+
+/// Digits only (no sign, no spaces); the value, saturated at `u64::MAX` (out of range
+/// either way).
+fn parse_number(s: &str) -> Result<u64, RuleError> {
+    if !is_digits(s) {
+        return Err(RuleError::PortNotNumber {
+            port: s.to_string(),
+        });
+    }
+    Ok(s.parse::<u64>().unwrap_or(u64::MAX))
+}
+
+/// What is published: a host address (0.0.0.0 = every address of the host), ports and a
+/// protocol. This is the rule's identity (the key of the daemon's table); each port is
+/// one key of [`portfwd_common::RULES_V4`]. Ordered by first port, then protocol, then
+/// address (the field order), so that a table lists a port's rules together.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Publish {
-    host_port: u16,
+    ports: PortRange,
     proto: Proto,
-    host_ip: Ipv4Addr,
+    host_ip: IpAddr,
 }
 
 impl Publish {
     /// Validates and builds. `host_ip` 0.0.0.0 is the wildcard.
-    pub fn new(host_ip: Ipv4Addr, host_port: u16, proto: Proto) -> Result<Self, RuleError> {
-        check_port(host_port, || host_port.to_string())?;
-        if let Some(why) = not_a_host_address(host_ip) {
-            return Err(RuleError::HostNotUnicast { addr: host_ip, why });
-        }
+    pub fn new(host_ip: IpAddr, ports: PortRange, proto: Proto) -> Result<Self, RuleError> {
+        check_host_ip(host_ip)?;
         Ok(Self {
-            host_ip,
-            host_port,
+            ports,
             proto,
+            host_ip,
         })
     }
-
-    pub fn host_ip(&self) -> Ipv4Addr {
+    /// One port.
+    pub fn single(host_ip: IpAddr, port: u16, proto: Proto) -> Result<Self, RuleError> {
+        Self::new(host_ip, PortRange::single(port)?, proto)
+    }
+    pub fn host_ip(&self) -> IpAddr {
         self.host_ip
     }
+    /// The first (for a single port, the only) host port.
     pub fn host_port(&self) -> u16 {
-        self.host_port
+        self.ports.start
+    }
+    pub fn ports(&self) -> PortRange {
+        self.ports
     }
     pub fn proto(&self) -> Proto {
         self.proto
     }
-    /// True for 0.0.0.0: every address of the host.
+    /// True for 0.0.0.0 (and `::`): every address of the host.
     pub fn is_wildcard(&self) -> bool {
         self.host_ip.is_unspecified()
     }
-    /// `0.0.0.0:9000`, as Docker's messages write it.
+    /// `0.0.0.0:9000`, as Docker's messages write it (the first port of a range).
     pub fn addr_port(&self) -> String {
-        format!("{}:{}", self.host_ip, self.host_port)
+        addr_port(self.host_ip, self.ports.start)
     }
-    /// The key of [`portfwd_common::RULES_V4`].
-    pub fn map_key(&self) -> RuleKeyV4 {
-        RuleKeyV4::from_parts(self.host_ip, self.host_port, self.proto.number())
+    /// The key of [`portfwd_common::RULES_V4`] for `port`, or `None` for IPv6.
+    pub fn map_key_v4(&self, port: u16) -> Option<RuleKeyV4> {
+        match self.host_ip {
+            IpAddr::V4(ip) => Some(RuleKeyV4::from_parts(ip, port, self.proto.number())),
+            IpAddr::V6(_) => None,
+        }
+    }
+    /// Whether `self` and `other` cannot both be published (Docker's rule: same protocol,
+    /// a common port, and the same address or a wildcard on either side); the first
+    /// common port if so.
+    pub fn conflict(&self, other: &Publish) -> Option<u16> {
+        let addr = self.host_ip == other.host_ip || self.is_wildcard() || other.is_wildcard();
+        if self.proto != other.proto || !addr {
+            return None;
+        }
+        self.ports.first_common(&other.ports)
     }
 }
 
-/// `0.0.0.0:9000/tcp`.
+/// `0.0.0.0:9000-9009/tcp`, `[::1]:9000/udp`.
 impl fmt::Display for Publish {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.host_ip, self.host_port, self.proto)
+        write!(
+            f,
+            "{}/{}",
+            addr_port_text(self.host_ip, self.ports),
+            self.proto
+        )
     }
 }
 
 impl FromStr for Publish {
     type Err = RuleError;
 
-    /// `[HOST_IP:]HOST_PORT[/PROTO]`.
+    /// `[HOST_IP:]HOST_PORT[-END][/PROTO]` (a published rule, as `del` names it).
     fn from_str(spec: &str) -> Result<Self, RuleError> {
-        if spec.is_empty() {
-            return Err(RuleError::Empty {
+        let s: PublishSpec = spec.parse()?;
+        match s.ports {
+            Some(ports) => Publish::new(s.host_ip, ports, s.proto),
+            None if spec.is_empty() => Err(RuleError::Empty {
                 what: "published port",
-            });
+            }),
+            None => Err(RuleError::PortOutOfRange {
+                port: split_proto(spec)
+                    .and_then(|(rest, _)| split_addr(rest))
+                    .map(|(_, p)| p.to_string())
+                    .unwrap_or_default(),
+            }),
         }
-        // The protocol suffix first: nothing before it may contain a `/`.
-        let (rest, proto) = match spec.rsplit_once('/') {
-            Some((rest, p)) => (rest, p.parse()?),
-            None => (spec, Proto::Tcp),
-        };
-        let (addr, port) = split_host_port(rest)?;
-        let host_ip = match addr {
-            Some(a) => parse_ipv4(a)?,
-            None => Ipv4Addr::UNSPECIFIED,
-        };
-        if port.is_empty() {
-            return Err(RuleError::MissingHostPort {
-                spec: spec.to_string(),
-            });
-        }
-        let host_port = parse_port(port)?;
-        Self::new(host_ip, host_port, proto)
     }
 }
 
-/// Where a published port goes: a unicast IPv4 address and a port.
+/// What `portfwd-ctl add` asks to publish: like [`Publish`], but the host ports may be
+/// left to the daemon (`None`: any free port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PublishSpec {
+    pub host_ip: IpAddr,
+    pub ports: Option<PortRange>,
+    pub proto: Proto,
+}
+
+impl FromStr for PublishSpec {
+    type Err = RuleError;
+
+    /// `[HOST_IP:][HOST_PORT[-END]][/PROTO]`; an empty or zero port is "any free port".
+    fn from_str(spec: &str) -> Result<Self, RuleError> {
+        let (rest, proto) = split_proto(spec)?;
+        let (addr, port) = split_addr(rest)?;
+        let host_ip = match addr {
+            Some(a) => parse_addr(a)?,
+            None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        };
+        check_host_ip(host_ip)?;
+        Ok(Self {
+            host_ip,
+            ports: parse_host_ports(port)?,
+            proto,
+        })
+    }
+}
+
+/// Where a published port goes: a unicast address and as many ports as are published.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Backend {
-    ip: Ipv4Addr,
-    port: u16,
+    ip: IpAddr,
+    ports: PortRange,
 }
 
 impl Backend {
     /// Validates and builds.
-    pub fn new(ip: Ipv4Addr, port: u16) -> Result<Self, RuleError> {
-        check_port(port, || port.to_string())?;
+    pub fn new(ip: IpAddr, ports: PortRange) -> Result<Self, RuleError> {
         if let Some(why) = not_a_backend(ip) {
             return Err(RuleError::BackendNotUnicast { addr: ip, why });
         }
-        Ok(Self { ip, port })
+        Ok(Self { ip, ports })
     }
-    pub fn ip(&self) -> Ipv4Addr {
+    /// One port.
+    pub fn single(ip: IpAddr, port: u16) -> Result<Self, RuleError> {
+        Self::new(ip, PortRange::single(port)?)
+    }
+    pub fn ip(&self) -> IpAddr {
         self.ip
     }
+    /// The first (for a single port, the only) backend port.
     pub fn port(&self) -> u16 {
-        self.port
+        self.ports.start
+    }
+    pub fn ports(&self) -> PortRange {
+        self.ports
     }
 }
 
-/// `172.17.0.2:8080`.
+/// `172.17.0.2:8080`, `172.17.0.2:8000-8009`, `[2001:db8::2]:8080`.
 impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.ip, self.port)
+        f.write_str(&addr_port_text(self.ip, self.ports))
     }
 }
 
 impl FromStr for Backend {
     type Err = RuleError;
 
-    /// `BACKEND_IP:BACKEND_PORT`.
+    /// `BACKEND_IP:BACKEND_PORT[-END]`.
     fn from_str(spec: &str) -> Result<Self, RuleError> {
         if spec.is_empty() {
             return Err(RuleError::Empty { what: "backend" });
@@ -232,23 +462,206 @@ impl FromStr for Backend {
                 spec: spec.to_string(),
             });
         }
-        let (addr, port) = split_host_port(spec)?;
+        let (addr, port) = split_addr(spec)?;
         let (Some(addr), false) = (addr, port.is_empty()) else {
             return Err(RuleError::BackendFormat {
                 spec: spec.to_string(),
             });
         };
-        let ip = parse_ipv4(addr)?;
-        let port = parse_port(port)?;
-        Self::new(ip, port)
+        let ip = parse_addr(addr)?;
+        Self::new(ip, port.parse()?)
     }
 }
 
-/// One published port and its backend.
+/// How a declaration's host ports are chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HostPorts {
+    /// Exactly these, one to one with the backend's ports.
+    Exact(PortRange),
+    /// The first free port of the range, to a single backend port (Docker's
+    /// `8000-8010:80`).
+    FirstFree(PortRange),
+    /// Any free port(s) of the host's ephemeral range: as many consecutive ports as the
+    /// backend has.
+    Any,
+}
+
+/// A publish request as written: host address, host ports (maybe left open), protocol
+/// and backend, paired by Docker's rules. The daemon resolves it into a [`Rule`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Declaration {
+    host_ip: IpAddr,
+    host_ports: HostPorts,
+    proto: Proto,
+    backend: Backend,
+}
+
+impl Declaration {
+    /// Pairs a spec with a backend: equal ranges one to one, a host range to one backend
+    /// port as "first free", no host port as "any free port"; same family on both ends
+    /// unless the host address is the wildcard 0.0.0.0.
+    pub fn new(spec: PublishSpec, backend: Backend) -> Result<Self, RuleError> {
+        let host_ports = match spec.ports {
+            None => HostPorts::Any,
+            Some(h) if h.len() == backend.ports.len() => HostPorts::Exact(h),
+            Some(h) if backend.ports.is_single() => HostPorts::FirstFree(h),
+            Some(h) => {
+                return Err(RuleError::RangeLengths {
+                    host: h.to_string(),
+                    host_len: h.len(),
+                    backend: backend.ports.to_string(),
+                    backend_len: backend.ports.len(),
+                })
+            }
+        };
+        check_host_ip(spec.host_ip)?;
+        if !spec.host_ip.is_unspecified() && spec.host_ip.is_ipv4() != backend.ip.is_ipv4() {
+            return Err(RuleError::FamilyMismatch {
+                host: spec.host_ip,
+                backend: backend.ip,
+            });
+        }
+        Ok(Self {
+            host_ip: spec.host_ip,
+            host_ports,
+            proto: spec.proto,
+            backend,
+        })
+    }
+    /// `portfwd-ctl add SPEC BACKEND`.
+    pub fn parse(spec: &str, backend: &str) -> Result<Self, RuleError> {
+        Self::new(spec.parse()?, backend.parse()?)
+    }
+    /// A Docker/Compose short-syntax mapping
+    /// `[HOST_IP:][HOST_PORT[-END]:]CONTAINER_PORT[-END][/PROTO]` to the container at `to`.
+    pub fn from_mapping(mapping: &str, to: IpAddr) -> Result<Self, RuleError> {
+        let (rest, proto) = split_proto(mapping)?;
+        let format_err = || RuleError::MappingFormat {
+            spec: mapping.to_string(),
+        };
+        // The container ports follow the last colon that is not inside brackets.
+        let bracket_end = rest.rfind(']').map_or(0, |i| i + 1);
+        let (host, container) = match rest[bracket_end..].rfind(':') {
+            Some(i) => (Some(&rest[..bracket_end + i]), &rest[bracket_end + i + 1..]),
+            None if bracket_end > 0 => return Err(format_err()),
+            None => (None, rest),
+        };
+        if container.is_empty() {
+            return Err(format_err());
+        }
+        let backend = Backend::new(to, container.parse()?)?;
+        let spec = match host {
+            None => PublishSpec {
+                host_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                ports: None,
+                proto,
+            },
+            // `HOST_IP:HOST_PORT`, `HOST_IP:` or `[V6]:...`; or a bare `HOST_PORT`.
+            Some(h) if h.contains(':') || h.starts_with('[') => {
+                let (addr, port) = split_addr(h)?;
+                let host_ip = match addr {
+                    Some(a) => parse_addr(a)?,
+                    None => return Err(format_err()),
+                };
+                PublishSpec {
+                    host_ip,
+                    ports: parse_host_ports(port)?,
+                    proto,
+                }
+            }
+            Some(port) => PublishSpec {
+                host_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                ports: parse_host_ports(port)?,
+                proto,
+            },
+        };
+        Self::new(spec, backend)
+    }
+    pub fn host_ip(&self) -> IpAddr {
+        self.host_ip
+    }
+    pub fn host_ports(&self) -> HostPorts {
+        self.host_ports
+    }
+    pub fn proto(&self) -> Proto {
+        self.proto
+    }
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+    /// Whether the published rule `rule` is one this declaration could have produced
+    /// (same address, protocol and backend, host ports as allowed).
+    pub fn satisfied_by(&self, rule: &Rule) -> bool {
+        let p = &rule.publish;
+        p.host_ip == self.host_ip
+            && p.proto == self.proto
+            && rule.backend == self.backend
+            && match self.host_ports {
+                HostPorts::Exact(r) => p.ports == r,
+                HostPorts::FirstFree(r) => p.ports.is_single() && r.contains(p.ports.start),
+                HostPorts::Any => true,
+            }
+    }
+    /// The declaration's wire form (what `add` sends).
+    pub fn spec(&self) -> PublishSpec {
+        PublishSpec {
+            host_ip: self.host_ip,
+            ports: match self.host_ports {
+                HostPorts::Exact(r) | HostPorts::FirstFree(r) => Some(r),
+                HostPorts::Any => None,
+            },
+            proto: self.proto,
+        }
+    }
+    /// Whether the dataplane needs IPv6 maps for it.
+    pub fn needs_ipv6(&self) -> bool {
+        self.host_ip.is_ipv6() || self.backend.ip.is_ipv6()
+    }
+}
+
+/// `0.0.0.0:9000-9009/tcp -> 172.17.0.2:8000-8009`; open host ports show as `0.0.0.0:(any)`
+/// or `0.0.0.0:(first free of 8000-8010)`.
+impl fmt::Display for Declaration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let host = match self.host_ports {
+            HostPorts::Exact(r) => addr_port_text(self.host_ip, r),
+            HostPorts::FirstFree(r) => {
+                format!("{}:(first free of {r})", ip_text(self.host_ip))
+            }
+            HostPorts::Any => format!("{}:(any)", ip_text(self.host_ip)),
+        };
+        write!(f, "{host}/{} -> {}", self.proto, self.backend)
+    }
+}
+
+/// One published rule: ports and their backend, of the same length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Rule {
     pub publish: Publish,
     pub backend: Backend,
+}
+
+impl Rule {
+    /// Validates that both ends have as many ports.
+    pub fn new(publish: Publish, backend: Backend) -> Result<Self, RuleError> {
+        if publish.ports.len() != backend.ports.len() {
+            return Err(RuleError::RangeLengths {
+                host: publish.ports.to_string(),
+                host_len: publish.ports.len(),
+                backend: backend.ports.to_string(),
+                backend_len: backend.ports.len(),
+            });
+        }
+        Ok(Self { publish, backend })
+    }
+    /// Whether the dataplane needs IPv6 maps for it.
+    pub fn needs_ipv6(&self) -> bool {
+        self.publish.host_ip.is_ipv6() || self.backend.ip.is_ipv6()
+    }
+    /// (host port, backend port) pairs, one per published port.
+    pub fn port_pairs(&self) -> impl Iterator<Item = (u16, u16)> + '_ {
+        self.publish.ports.ports().zip(self.backend.ports.ports())
+    }
 }
 
 /// `0.0.0.0:9000/tcp -> 172.17.0.2:8080`.
@@ -258,63 +671,101 @@ impl fmt::Display for Rule {
     }
 }
 
-/// Splits `[ADDR:]PORT` into its address and port parts, recognising (and rejecting for
-/// now) IPv6 in either form, bracketed or bare.
-fn split_host_port(s: &str) -> Result<(Option<&str>, &str), RuleError> {
-    if let Some(inner) = s.strip_prefix('[') {
-        let addr = inner.split_once(']').map_or(inner, |(a, _)| a);
-        return Err(RuleError::Ipv6NotSupported {
-            addr: addr.to_string(),
-        });
+/// `0.0.0.0:9000`, `[::1]:9000`.
+pub fn addr_port(ip: IpAddr, port: u16) -> String {
+    format!("{}:{port}", ip_text(ip))
+}
+
+fn addr_port_text(ip: IpAddr, ports: PortRange) -> String {
+    format!("{}:{ports}", ip_text(ip))
+}
+
+/// An address as it precedes `:PORT`: IPv6 in brackets.
+pub fn ip_text(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    }
+}
+
+/// Splits off `/PROTO` (default tcp): nothing before it may contain a `/`.
+fn split_proto(spec: &str) -> Result<(&str, Proto), RuleError> {
+    match spec.rsplit_once('/') {
+        Some((rest, p)) => Ok((rest, p.parse()?)),
+        None => Ok((spec, Proto::Tcp)),
+    }
+}
+
+/// Splits `[ADDR:]PORT` into its address (brackets kept) and port parts. IPv6 must be
+/// bracketed (as Docker requires): a bare one is refused rather than split at a guess.
+fn split_addr(s: &str) -> Result<(Option<&str>, &str), RuleError> {
+    if s.starts_with('[') {
+        let Some(close) = s.find(']') else {
+            return Err(RuleError::BadAddress {
+                addr: s.to_string(),
+            });
+        };
+        let (addr, rest) = s.split_at(close + 1);
+        return match rest.strip_prefix(':') {
+            Some(port) => Ok((Some(addr), port)),
+            None if rest.is_empty() => Ok((Some(addr), "")),
+            None => Err(RuleError::BadAddress {
+                addr: s.to_string(),
+            }),
+        };
     }
     match s.split_once(':') {
         // `ADDR:PORT` where PORT holds another colon (Docker's `ip::port`): a bad port.
         Some((addr, port)) if port.contains(':') && addr.parse::<Ipv4Addr>().is_ok() => {
             Ok((Some(addr), port))
         }
-        // Any other second colon: a bare IPv6 address (Docker requires brackets there).
-        Some((_, port)) if port.contains(':') => Err(RuleError::Ipv6NotSupported {
-            addr: s.to_string(),
+        // Any other second colon: a bare IPv6 address.
+        Some((_, port)) if port.contains(':') => Err(RuleError::Ipv6NeedsBrackets {
+            spec: s.to_string(),
         }),
         Some((addr, port)) => Ok((Some(addr), port)),
         None => Ok((None, s)),
     }
 }
 
-/// An IPv4 address as written (dotted quad); IPv6 gets its own "not yet" error.
-pub(crate) fn parse_ipv4(s: &str) -> Result<Ipv4Addr, RuleError> {
-    if s.contains(':') {
-        return Err(RuleError::Ipv6NotSupported {
-            addr: s.to_string(),
+/// An address as written before a port: dotted IPv4 or bracketed IPv6.
+fn parse_addr(s: &str) -> Result<IpAddr, RuleError> {
+    let bad = || RuleError::BadAddress {
+        addr: s.to_string(),
+    };
+    if let Some(inner) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        return inner.parse::<Ipv6Addr>().map(IpAddr::V6).map_err(|_| bad());
+    }
+    if s.parse::<Ipv6Addr>().is_ok() {
+        return Err(RuleError::Ipv6NeedsBrackets {
+            spec: s.to_string(),
         });
     }
-    if s.is_empty() {
-        return Err(RuleError::BadAddress {
-            addr: s.to_string(),
-        });
+    s.parse::<Ipv4Addr>().map(IpAddr::V4).map_err(|_| bad())
+}
+
+/// An address in the control protocol or a file's `to`/`host_ip`: IPv4, IPv6 bare or in
+/// brackets.
+pub fn parse_ip(s: &str) -> Result<IpAddr, RuleError> {
+    if let Some(inner) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        return inner
+            .parse::<Ipv6Addr>()
+            .map(IpAddr::V6)
+            .map_err(|_| RuleError::BadAddress {
+                addr: s.to_string(),
+            });
     }
     s.parse().map_err(|_| RuleError::BadAddress {
         addr: s.to_string(),
     })
 }
 
-/// A port as written: ASCII digits only (no sign, no spaces), 1..=65535.
-fn parse_port(s: &str) -> Result<u16, RuleError> {
-    if s.contains('-') && s.split('-').all(|p| is_digits(p.trim())) {
-        return Err(RuleError::RangeNotSupported {
-            range: s.to_string(),
-        });
+/// Host ports as written: empty or zero means "any free port".
+pub fn parse_host_ports(s: &str) -> Result<Option<PortRange>, RuleError> {
+    if s.is_empty() || (is_digits(s) && s.bytes().all(|b| b == b'0')) {
+        return Ok(None);
     }
-    if !is_digits(s) {
-        return Err(RuleError::PortNotNumber {
-            port: s.to_string(),
-        });
-    }
-    let port = s.parse::<u16>().map_err(|_| RuleError::PortOutOfRange {
-        port: s.to_string(),
-    })?;
-    check_port(port, || s.to_string())?;
-    Ok(port)
+    s.parse().map(Some)
 }
 
 /// A port received as a JSON number (the control protocol): same checks, same messages.
@@ -324,6 +775,20 @@ pub(crate) fn port_from_number(n: u64) -> Result<u16, RuleError> {
         _ => Err(RuleError::PortOutOfRange {
             port: n.to_string(),
         }),
+    }
+}
+
+/// A port range received as JSON numbers (`end` absent: one port).
+pub(crate) fn range_from_numbers(start: u64, end: Option<u64>) -> Result<PortRange, RuleError> {
+    let start = port_from_number(start)?;
+    match end {
+        None => PortRange::single(start),
+        Some(end) => {
+            let end = u16::try_from(end).map_err(|_| RuleError::RangeCrosses65535 {
+                range: format!("{start}-{end}"),
+            })?;
+            PortRange::new(start, end)
+        }
     }
 }
 
@@ -339,11 +804,18 @@ fn check_port(port: u16, shown: impl FnOnce() -> String) -> Result<(), RuleError
     }
 }
 
+fn check_host_ip(ip: IpAddr) -> Result<(), RuleError> {
+    match not_a_host_address(ip) {
+        Some(why) => Err(RuleError::HostNotUnicast { addr: ip, why }),
+        None => Ok(()),
+    }
+}
+
 /// Why `ip` cannot be a backend, if it cannot.
-fn not_a_backend(ip: Ipv4Addr) -> Option<&'static str> {
+fn not_a_backend(ip: IpAddr) -> Option<&'static str> {
     if ip.is_unspecified() {
         Some("it is the unspecified address")
-    } else if ip.is_broadcast() {
+    } else if matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
         Some("it is the broadcast address")
     } else if ip.is_multicast() {
         Some("it is a multicast address")
@@ -355,8 +827,8 @@ fn not_a_backend(ip: Ipv4Addr) -> Option<&'static str> {
 }
 
 /// Why `ip` cannot be a published host address, if it cannot (0.0.0.0 is the wildcard).
-fn not_a_host_address(ip: Ipv4Addr) -> Option<&'static str> {
-    if ip.is_broadcast() {
+fn not_a_host_address(ip: IpAddr) -> Option<&'static str> {
+    if matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
         Some("it is the broadcast address")
     } else if ip.is_multicast() {
         Some("it is a multicast address")
@@ -369,33 +841,56 @@ fn not_a_host_address(ip: Ipv4Addr) -> Option<&'static str> {
 mod tests {
     use super::*;
 
-    fn ip(s: &str) -> Ipv4Addr {
+    fn ip(s: &str) -> IpAddr {
         s.parse().expect("test address")
     }
+    fn range(a: u16, b: u16) -> PortRange {
+        PortRange::new(a, b).expect("test range")
+    }
+    const C: &str = "172.17.0.2";
 
     #[test]
     fn publish_accepted() {
-        let table: &[(&str, &str, u16, Proto)] = &[
-            ("9000", "0.0.0.0", 9000, Proto::Tcp),
-            ("1", "0.0.0.0", 1, Proto::Tcp),
-            ("65535", "0.0.0.0", 65535, Proto::Tcp),
-            ("09000", "0.0.0.0", 9000, Proto::Tcp),
-            ("9000/tcp", "0.0.0.0", 9000, Proto::Tcp),
-            ("5353/udp", "0.0.0.0", 5353, Proto::Udp),
-            ("5353/UDP", "0.0.0.0", 5353, Proto::Udp),
-            ("5353/Tcp", "0.0.0.0", 5353, Proto::Tcp),
-            ("198.51.100.7:9000", "198.51.100.7", 9000, Proto::Tcp),
-            ("198.51.100.7:9000/udp", "198.51.100.7", 9000, Proto::Udp),
-            ("0.0.0.0:9000", "0.0.0.0", 9000, Proto::Tcp),
-            ("127.0.0.1:9000", "127.0.0.1", 9000, Proto::Tcp),
+        let table: &[(&str, &str, u16, u16, Proto)] = &[
+            ("9000", "0.0.0.0", 9000, 9000, Proto::Tcp),
+            ("1", "0.0.0.0", 1, 1, Proto::Tcp),
+            ("65535", "0.0.0.0", 65535, 65535, Proto::Tcp),
+            ("09000", "0.0.0.0", 9000, 9000, Proto::Tcp),
+            ("9000/tcp", "0.0.0.0", 9000, 9000, Proto::Tcp),
+            ("5353/udp", "0.0.0.0", 5353, 5353, Proto::Udp),
+            ("5353/UDP", "0.0.0.0", 5353, 5353, Proto::Udp),
+            ("5353/Tcp", "0.0.0.0", 5353, 5353, Proto::Tcp),
+            ("198.51.100.7:9000", "198.51.100.7", 9000, 9000, Proto::Tcp),
+            (
+                "198.51.100.7:9000/udp",
+                "198.51.100.7",
+                9000,
+                9000,
+                Proto::Udp,
+            ),
+            ("0.0.0.0:9000", "0.0.0.0", 9000, 9000, Proto::Tcp),
+            ("127.0.0.1:9000", "127.0.0.1", 9000, 9000, Proto::Tcp),
+            ("9000-9009", "0.0.0.0", 9000, 9009, Proto::Tcp),
+            ("9000-9000", "0.0.0.0", 9000, 9000, Proto::Tcp),
+            ("1-65535/udp", "0.0.0.0", 1, 65535, Proto::Udp),
+            ("10.0.0.1:7000-7010/udp", "10.0.0.1", 7000, 7010, Proto::Udp),
+            ("[::1]:9000", "::1", 9000, 9000, Proto::Tcp),
+            (
+                "[2001:db8::1]:9000-9001/udp",
+                "2001:db8::1",
+                9000,
+                9001,
+                Proto::Udp,
+            ),
+            ("[::]:9000", "::", 9000, 9000, Proto::Tcp),
         ];
-        for &(spec, addr, port, proto) in table {
+        for &(spec, addr, start, end, proto) in table {
             let p: Publish = spec
                 .parse()
                 .unwrap_or_else(|e| panic!("{spec}: rejected: {e}"));
             assert_eq!(
-                (p.host_ip(), p.host_port(), p.proto()),
-                (ip(addr), port, proto),
+                (p.host_ip(), p.ports(), p.proto()),
+                (ip(addr), range(start, end), proto),
                 "{spec}"
             );
         }
@@ -414,6 +909,7 @@ mod tests {
             ),
             ("0", PortOutOfRange { port: s("0") }),
             ("00", PortOutOfRange { port: s("00") }),
+            ("1.2.3.4:", PortOutOfRange { port: s("") }),
             ("65536", PortOutOfRange { port: s("65536") }),
             (
                 "99999999999999999999",
@@ -425,8 +921,16 @@ mod tests {
             ("+80", PortNotNumber { port: s("+80") }),
             (" 80", PortNotNumber { port: s(" 80") }),
             ("-1", PortNotNumber { port: s("-1") }),
+            ("9000-", PortNotNumber { port: s("9000-") }),
+            (
+                "9000-9001-9002",
+                PortNotNumber {
+                    port: s("9000-9001-9002"),
+                },
+            ),
             ("9000/", UnknownProtocol { proto: s("") }),
-            ("9000/sctp", UnknownProtocol { proto: s("sctp") }),
+            ("9000/icmp", UnknownProtocol { proto: s("icmp") }),
+            ("9000/sctp", ProtocolNotSupported { proto: s("sctp") }),
             (
                 "9000/tcp/udp",
                 PortNotNumber {
@@ -434,35 +938,42 @@ mod tests {
                 },
             ),
             (
-                "8000-8010",
-                RangeNotSupported {
-                    range: s("8000-8010"),
+                "9009-9000",
+                RangeReversed {
+                    range: s("9009-9000"),
                 },
             ),
+            ("0-10", PortZeroInRange { range: s("0-10") }),
+            ("10-0", PortZeroInRange { range: s("10-0") }),
             (
-                "8000-8010/udp",
-                RangeNotSupported {
-                    range: s("8000-8010"),
+                "65530-65540",
+                RangeCrosses65535 {
+                    range: s("65530-65540"),
                 },
             ),
-            (
-                "1.2.3.4:8000-8010",
-                RangeNotSupported {
-                    range: s("8000-8010"),
-                },
-            ),
-            ("[::1]:9000", Ipv6NotSupported { addr: s("::1") }),
-            ("[::]:9000/udp", Ipv6NotSupported { addr: s("::") }),
+            ("70000-70001", PortOutOfRange { port: s("70000") }),
             (
                 "::1:9000",
-                Ipv6NotSupported {
-                    addr: s("::1:9000"),
+                Ipv6NeedsBrackets {
+                    spec: s("::1:9000"),
                 },
             ),
             (
-                "1.2.3.4:",
-                MissingHostPort {
-                    spec: s("1.2.3.4:"),
+                "[::1:9000",
+                BadAddress {
+                    addr: s("[::1:9000"),
+                },
+            ),
+            (
+                "[::1]9000",
+                BadAddress {
+                    addr: s("[::1]9000"),
+                },
+            ),
+            (
+                "[1.2.3.4]:9000",
+                BadAddress {
+                    addr: s("[1.2.3.4]"),
                 },
             ),
             ("1.2.3.4::80", PortNotNumber { port: s(":80") }),
@@ -478,7 +989,7 @@ mod tests {
             (
                 "255.255.255.255:9000",
                 HostNotUnicast {
-                    addr: Ipv4Addr::BROADCAST,
+                    addr: ip("255.255.255.255"),
                     why: "it is the broadcast address",
                 },
             ),
@@ -489,6 +1000,13 @@ mod tests {
                     why: "it is a multicast address",
                 },
             ),
+            (
+                "[ff02::1]:9000",
+                HostNotUnicast {
+                    addr: ip("ff02::1"),
+                    why: "it is a multicast address",
+                },
+            ),
         ];
         for (spec, want) in table {
             assert_eq!(spec.parse::<Publish>(), Err(want), "{spec:?}");
@@ -496,16 +1014,426 @@ mod tests {
     }
 
     #[test]
+    fn add_declarations_accepted() {
+        let any = HostPorts::Any;
+        let ex = |a, b| HostPorts::Exact(range(a, b));
+        let ff = |a, b| HostPorts::FirstFree(range(a, b));
+        let table: &[(&str, &str, &str, HostPorts, Proto, &str)] = &[
+            (
+                "9000",
+                "172.17.0.2:8080",
+                "0.0.0.0",
+                ex(9000, 9000),
+                Proto::Tcp,
+                "172.17.0.2:8080",
+            ),
+            (
+                "9000-9009",
+                "172.17.0.2:8000-8009",
+                "0.0.0.0",
+                ex(9000, 9009),
+                Proto::Tcp,
+                "172.17.0.2:8000-8009",
+            ),
+            (
+                "9000-9009/udp",
+                "172.17.0.2:53",
+                "0.0.0.0",
+                ff(9000, 9009),
+                Proto::Udp,
+                "172.17.0.2:53",
+            ),
+            (
+                "",
+                "172.17.0.2:80",
+                "0.0.0.0",
+                any,
+                Proto::Tcp,
+                "172.17.0.2:80",
+            ),
+            (
+                "0",
+                "172.17.0.2:80",
+                "0.0.0.0",
+                any,
+                Proto::Tcp,
+                "172.17.0.2:80",
+            ),
+            (
+                "/udp",
+                "172.17.0.2:53",
+                "0.0.0.0",
+                any,
+                Proto::Udp,
+                "172.17.0.2:53",
+            ),
+            (
+                "127.0.0.1:",
+                "172.17.0.2:80",
+                "127.0.0.1",
+                any,
+                Proto::Tcp,
+                "172.17.0.2:80",
+            ),
+            (
+                "127.0.0.1:0/udp",
+                "172.17.0.2:80-81",
+                "127.0.0.1",
+                any,
+                Proto::Udp,
+                "172.17.0.2:80-81",
+            ),
+            (
+                "[2001:db8::1]:9000",
+                "[2001:db8::2]:8080",
+                "2001:db8::1",
+                ex(9000, 9000),
+                Proto::Tcp,
+                "[2001:db8::2]:8080",
+            ),
+            (
+                "[::1]:9000",
+                "[2001:db8::2]:8080",
+                "::1",
+                ex(9000, 9000),
+                Proto::Tcp,
+                "[2001:db8::2]:8080",
+            ),
+            (
+                "9000",
+                "[2001:db8::2]:8080",
+                "0.0.0.0",
+                ex(9000, 9000),
+                Proto::Tcp,
+                "[2001:db8::2]:8080",
+            ),
+            (
+                "[::]:",
+                "[2001:db8::2]:8080",
+                "::",
+                any,
+                Proto::Tcp,
+                "[2001:db8::2]:8080",
+            ),
+        ];
+        for &(spec, backend, addr, ports, proto, shown) in table {
+            let d = Declaration::parse(spec, backend)
+                .unwrap_or_else(|e| panic!("{spec} {backend}: rejected: {e}"));
+            assert_eq!(
+                (
+                    d.host_ip(),
+                    d.host_ports(),
+                    d.proto(),
+                    d.backend().to_string()
+                ),
+                (ip(addr), ports, proto, shown.to_string()),
+                "{spec} {backend}"
+            );
+            // The wire form pairs back to the same declaration.
+            assert_eq!(Declaration::new(d.spec(), d.backend()), Ok(d));
+        }
+    }
+
+    #[test]
+    fn add_declarations_rejected() {
+        use RuleError::*;
+        let s = |x: &str| x.to_string();
+        let table: Vec<(&str, &str, RuleError)> = vec![
+            (
+                "9000-9009",
+                "172.17.0.2:8000-8004",
+                RangeLengths {
+                    host: s("9000-9009"),
+                    host_len: 10,
+                    backend: s("8000-8004"),
+                    backend_len: 5,
+                },
+            ),
+            (
+                "9000",
+                "172.17.0.2:8000-8001",
+                RangeLengths {
+                    host: s("9000"),
+                    host_len: 1,
+                    backend: s("8000-8001"),
+                    backend_len: 2,
+                },
+            ),
+            (
+                "10.0.0.1:9000",
+                "[2001:db8::2]:8080",
+                FamilyMismatch {
+                    host: ip("10.0.0.1"),
+                    backend: ip("2001:db8::2"),
+                },
+            ),
+            (
+                "[2001:db8::1]:9000",
+                "172.17.0.2:8080",
+                FamilyMismatch {
+                    host: ip("2001:db8::1"),
+                    backend: ip("172.17.0.2"),
+                },
+            ),
+            (
+                "9000",
+                "172.17.0.2:8009-8000",
+                RangeReversed {
+                    range: s("8009-8000"),
+                },
+            ),
+            (
+                "9000",
+                "172.17.0.2:0-5",
+                PortZeroInRange { range: s("0-5") },
+            ),
+            (
+                "9000",
+                "172.17.0.2:65535-65536",
+                RangeCrosses65535 {
+                    range: s("65535-65536"),
+                },
+            ),
+            (
+                "9000",
+                "[::1]:8080",
+                BackendNotUnicast {
+                    addr: ip("::1"),
+                    why: "loopback addresses are not routed to from outside the host",
+                },
+            ),
+            (
+                "9000",
+                "[::]:8080",
+                BackendNotUnicast {
+                    addr: ip("::"),
+                    why: "it is the unspecified address",
+                },
+            ),
+            (
+                "9000",
+                "2001:db8::2:8080",
+                Ipv6NeedsBrackets {
+                    spec: s("2001:db8::2:8080"),
+                },
+            ),
+            (
+                "9000/sctp",
+                "172.17.0.2:8080",
+                ProtocolNotSupported { proto: s("sctp") },
+            ),
+            ("abc", "172.17.0.2:8080", PortNotNumber { port: s("abc") }),
+        ];
+        for (spec, backend, want) in table {
+            assert_eq!(
+                Declaration::parse(spec, backend),
+                Err(want),
+                "{spec} {backend}"
+            );
+        }
+    }
+
+    /// Docker's and Compose's short syntax, as the file's `ports` strings.
+    #[test]
+    fn mappings_accepted() {
+        let any = HostPorts::Any;
+        let ex = |a, b| HostPorts::Exact(range(a, b));
+        let ff = |a, b| HostPorts::FirstFree(range(a, b));
+        let table: &[(&str, &str, HostPorts, Proto, PortRange)] = &[
+            ("8080", "0.0.0.0", any, Proto::Tcp, range(8080, 8080)),
+            ("3000-3005", "0.0.0.0", any, Proto::Tcp, range(3000, 3005)),
+            (
+                "9000:8080",
+                "0.0.0.0",
+                ex(9000, 9000),
+                Proto::Tcp,
+                range(8080, 8080),
+            ),
+            (
+                "5353:53/udp",
+                "0.0.0.0",
+                ex(5353, 5353),
+                Proto::Udp,
+                range(53, 53),
+            ),
+            (
+                "7000-7010:7000-7010",
+                "0.0.0.0",
+                ex(7000, 7010),
+                Proto::Tcp,
+                range(7000, 7010),
+            ),
+            (
+                "9090-9091:8080-8081",
+                "0.0.0.0",
+                ex(9090, 9091),
+                Proto::Tcp,
+                range(8080, 8081),
+            ),
+            (
+                "8000-9000:80",
+                "0.0.0.0",
+                ff(8000, 9000),
+                Proto::Tcp,
+                range(80, 80),
+            ),
+            (
+                "127.0.0.1:9443:443",
+                "127.0.0.1",
+                ex(9443, 9443),
+                Proto::Tcp,
+                range(443, 443),
+            ),
+            (
+                "127.0.0.1:5000-5010:5000-5010",
+                "127.0.0.1",
+                ex(5000, 5010),
+                Proto::Tcp,
+                range(5000, 5010),
+            ),
+            ("127.0.0.1::80", "127.0.0.1", any, Proto::Tcp, range(80, 80)),
+            (
+                "127.0.0.1:0:80/udp",
+                "127.0.0.1",
+                any,
+                Proto::Udp,
+                range(80, 80),
+            ),
+            ("0:80", "0.0.0.0", any, Proto::Tcp, range(80, 80)),
+            (
+                "49100:22/TCP",
+                "0.0.0.0",
+                ex(49100, 49100),
+                Proto::Tcp,
+                range(22, 22),
+            ),
+        ];
+        for &(mapping, addr, ports, proto, container) in table {
+            let d = Declaration::from_mapping(mapping, ip(C))
+                .unwrap_or_else(|e| panic!("{mapping}: rejected: {e}"));
+            assert_eq!(
+                (d.host_ip(), d.host_ports(), d.proto(), d.backend().ports()),
+                (ip(addr), ports, proto, container),
+                "{mapping}"
+            );
+        }
+        let v6: IpAddr = ip("2001:db8::2");
+        for (mapping, addr, ports) in [
+            ("[2001:db8::1]:9000:8080", "2001:db8::1", ex(9000, 9000)),
+            ("[::1]:9000:8080", "::1", ex(9000, 9000)),
+            ("[::1]::8080", "::1", any),
+            ("9000:8080", "0.0.0.0", ex(9000, 9000)),
+        ] {
+            let d = Declaration::from_mapping(mapping, v6)
+                .unwrap_or_else(|e| panic!("{mapping}: rejected: {e}"));
+            assert_eq!(
+                (d.host_ip(), d.host_ports()),
+                (ip(addr), ports),
+                "{mapping}"
+            );
+            assert!(d.needs_ipv6());
+        }
+    }
+
+    #[test]
+    fn mappings_rejected() {
+        use RuleError::*;
+        let s = |x: &str| x.to_string();
+        let table: Vec<(&str, RuleError)> = vec![
+            ("", MappingFormat { spec: s("") }),
+            ("9000:", MappingFormat { spec: s("9000:") }),
+            ("[::1]", MappingFormat { spec: s("[::1]") }),
+            ("9000:8080/sctp", ProtocolNotSupported { proto: s("sctp") }),
+            (
+                "9000:8080/tcp+udp",
+                UnknownProtocol {
+                    proto: s("tcp+udp"),
+                },
+            ),
+            (
+                "9000-9009:8000-8004",
+                RangeLengths {
+                    host: s("9000-9009"),
+                    host_len: 10,
+                    backend: s("8000-8004"),
+                    backend_len: 5,
+                },
+            ),
+            (
+                "9009-9000:8000",
+                RangeReversed {
+                    range: s("9009-9000"),
+                },
+            ),
+            (
+                "9000:8009-8000",
+                RangeReversed {
+                    range: s("8009-8000"),
+                },
+            ),
+            (
+                "65535-65536:80",
+                RangeCrosses65535 {
+                    range: s("65535-65536"),
+                },
+            ),
+            ("0-9:0-9", PortZeroInRange { range: s("0-9") }),
+            ("9000:0", PortOutOfRange { port: s("0") }),
+            ("9000:http", PortNotNumber { port: s("http") }),
+            (
+                "1.2.3.4:9000:8080:80",
+                PortNotNumber {
+                    port: s("9000:8080"),
+                },
+            ),
+            (
+                "::1:9000:8080",
+                Ipv6NeedsBrackets {
+                    spec: s("::1:9000"),
+                },
+            ),
+            (
+                "[::1]:9000:8080",
+                FamilyMismatch {
+                    host: ip("::1"),
+                    backend: ip(C),
+                },
+            ),
+            (
+                "localhost:9000:8080",
+                BadAddress {
+                    addr: s("localhost"),
+                },
+            ),
+            (
+                "127.0.0.1:8080",
+                PortNotNumber {
+                    port: s("127.0.0.1"),
+                },
+            ),
+        ];
+        for (mapping, want) in table {
+            assert_eq!(
+                Declaration::from_mapping(mapping, ip(C)),
+                Err(want),
+                "{mapping:?}"
+            );
+        }
+    }
+
+    #[test]
     fn backend_accepted() {
-        for (spec, addr, port) in [
-            ("172.17.0.2:8080", "172.17.0.2", 8080),
-            ("10.0.0.1:1", "10.0.0.1", 1),
-            ("198.18.0.2:65535", "198.18.0.2", 65535),
+        for (spec, addr, ports) in [
+            ("172.17.0.2:8080", "172.17.0.2", range(8080, 8080)),
+            ("10.0.0.1:1", "10.0.0.1", range(1, 1)),
+            ("198.18.0.2:65535", "198.18.0.2", range(65535, 65535)),
+            ("172.17.0.2:8000-8009", "172.17.0.2", range(8000, 8009)),
+            ("[2001:db8::2]:8080", "2001:db8::2", range(8080, 8080)),
         ] {
             let b: Backend = spec
                 .parse()
                 .unwrap_or_else(|e| panic!("{spec}: rejected: {e}"));
-            assert_eq!((b.ip(), b.port()), (ip(addr), port), "{spec}");
+            assert_eq!((b.ip(), b.ports()), (ip(addr), ports), "{spec}");
             assert_eq!(b.to_string(), spec);
         }
     }
@@ -529,15 +1457,15 @@ mod tests {
                     spec: s("172.17.0.2:"),
                 },
             ),
+            (
+                "[2001:db8::2]",
+                BackendFormat {
+                    spec: s("[2001:db8::2]"),
+                },
+            ),
             ("172.17.0.2:0", PortOutOfRange { port: s("0") }),
             ("172.17.0.2:65536", PortOutOfRange { port: s("65536") }),
             ("172.17.0.2:http", PortNotNumber { port: s("http") }),
-            (
-                "172.17.0.2:8080-8081",
-                RangeNotSupported {
-                    range: s("8080-8081"),
-                },
-            ),
             (
                 "172.17.0.2:53/udp",
                 BackendProtocol {
@@ -551,11 +1479,10 @@ mod tests {
                 },
             ),
             (":8080", BadAddress { addr: s("") }),
-            ("[fd00::2]:8080", Ipv6NotSupported { addr: s("fd00::2") }),
             (
                 "fd00::2:8080",
-                Ipv6NotSupported {
-                    addr: s("fd00::2:8080"),
+                Ipv6NeedsBrackets {
+                    spec: s("fd00::2:8080"),
                 },
             ),
             (
@@ -568,7 +1495,7 @@ mod tests {
             (
                 "255.255.255.255:8080",
                 BackendNotUnicast {
-                    addr: Ipv4Addr::BROADCAST,
+                    addr: ip("255.255.255.255"),
                     why: "it is the broadcast address",
                 },
             ),
@@ -577,13 +1504,6 @@ mod tests {
                 BackendNotUnicast {
                     addr: ip("239.1.2.3"),
                     why: "it is a multicast address",
-                },
-            ),
-            (
-                "127.0.0.1:8080",
-                BackendNotUnicast {
-                    addr: ip("127.0.0.1"),
-                    why: "loopback addresses are not routed to from outside the host",
                 },
             ),
             (
@@ -601,39 +1521,85 @@ mod tests {
 
     #[test]
     fn messages_are_one_line_and_name_the_part() {
-        for (spec, part) in [
-            ("0", "`0`"),
-            ("65536/udp", "`65536`"),
-            ("9000/icmp", "`icmp`"),
-            ("1.2.3:9000", "`1.2.3`"),
-            ("[::1]:9000", "::1"),
-            ("8000-8010", "`8000-8010`"),
-        ] {
-            let msg = spec
-                .parse::<Publish>()
-                .err()
-                .unwrap_or_else(|| panic!("{spec} accepted"))
-                .to_string();
+        let cases: Vec<(RuleError, &str)> = vec![
+            ("0".parse::<Publish>().expect_err("0"), "`0`"),
+            ("65536/udp".parse::<Publish>().expect_err("x"), "`65536`"),
+            ("9000/icmp".parse::<Publish>().expect_err("x"), "`icmp`"),
+            (
+                "9000/sctp".parse::<Publish>().expect_err("x"),
+                "`sctp` is not supported",
+            ),
+            ("1.2.3:9000".parse::<Publish>().expect_err("x"), "`1.2.3`"),
+            (
+                "9009-9000".parse::<Publish>().expect_err("x"),
+                "`9009-9000`",
+            ),
+            (
+                "65000-70000".parse::<Publish>().expect_err("x"),
+                "past 65535",
+            ),
+            ("0-5".parse::<Publish>().expect_err("x"), "port 0"),
+            (
+                Declaration::parse("9000-9009", "10.0.0.2:80-81").expect_err("x"),
+                "`9000-9009` (10 ports) and `80-81` (2 ports)",
+            ),
+            (
+                Declaration::parse("10.0.0.1:9000", "[2001:db8::2]:80").expect_err("x"),
+                "host address 10.0.0.1 is IPv4 but backend 2001:db8::2 is IPv6",
+            ),
+        ];
+        for (err, part) in cases {
+            let msg = err.to_string();
             assert!(!msg.contains('\n'), "{msg}");
-            assert!(msg.contains(part), "{spec}: {msg}");
+            assert!(msg.contains(part), "{msg} lacks {part}");
         }
     }
 
     #[test]
-    fn display_and_key() {
+    fn display_keys_and_conflicts() {
         let p: Publish = "198.51.100.7:9000/udp".parse().expect("valid");
         assert_eq!(p.to_string(), "198.51.100.7:9000/udp");
         assert_eq!(p.addr_port(), "198.51.100.7:9000");
-        let k = p.map_key();
+        let k = p.map_key_v4(9000).expect("v4");
         assert_eq!(
             (k.addr(), k.port(), k.proto()),
-            (ip("198.51.100.7"), 9000, 17)
+            ("198.51.100.7".parse::<Ipv4Addr>().expect("ip"), 9000, 17)
         );
-        let w: Publish = "9000".parse().expect("valid");
+        let w: Publish = "9000-9009".parse().expect("valid");
         assert!(w.is_wildcard());
-        assert_eq!(w.to_string(), "0.0.0.0:9000/tcp");
-        // What Display writes parses back to the same value.
-        assert_eq!(w.to_string().parse::<Publish>(), Ok(w));
-        assert_eq!(p.to_string().parse::<Publish>(), Ok(p));
+        assert_eq!(w.to_string(), "0.0.0.0:9000-9009/tcp");
+        let v6: Publish = "[::1]:9000".parse().expect("valid");
+        assert_eq!(v6.to_string(), "[::1]:9000/tcp");
+        assert_eq!(v6.map_key_v4(9000), None);
+        for p in [p, w, v6] {
+            assert_eq!(p.to_string().parse::<Publish>(), Ok(p));
+        }
+        // (a, b, first conflicting port)
+        for (a, b, want) in [
+            ("9000-9009", "9005", Some(9005)),
+            ("9005", "9000-9009", Some(9005)),
+            ("9000-9009", "9009-9020", Some(9009)),
+            ("9000-9009", "9010-9020", None),
+            ("9000-9009", "9000-9009/udp", None),
+            ("1.2.3.4:9000-9009", "9003-9004", Some(9003)),
+            ("1.2.3.4:9000-9009", "1.2.3.5:9003-9004", None),
+        ] {
+            let (a, b): (Publish, Publish) = (a.parse().expect("a"), b.parse().expect("b"));
+            assert_eq!(a.conflict(&b), want, "{a} vs {b}");
+        }
+        let rule = Rule::new(
+            "9000-9002".parse().expect("p"),
+            "10.0.0.2:8000-8002".parse().expect("b"),
+        )
+        .expect("rule");
+        assert_eq!(
+            rule.port_pairs().collect::<Vec<_>>(),
+            vec![(9000, 8000), (9001, 8001), (9002, 8002)]
+        );
+        assert!(Rule::new(
+            "9000".parse().expect("p"),
+            "10.0.0.2:1-2".parse().expect("b")
+        )
+        .is_err());
     }
 }

@@ -18,6 +18,7 @@ use log::{info, warn, LevelFilter};
 use portfwd::{
     daemon::{self, Daemon, SocketClaim},
     dataplane::{self, Dataplane, IngressMode},
+    declfile,
     protocol::{DEFAULT_SOCKET, SOCKET_ENV},
 };
 
@@ -46,6 +47,10 @@ struct Args {
     /// backend's veth peer must take XDP frames (GRO on, or an XDP program).
     #[arg(long)]
     fast_path: bool,
+    /// Declarations file (TOML) to publish at start, as `portfwd-ctl apply -f FILE`
+    /// would. A file with any error stops the daemon before anything is attached.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Log level (default: info, or RUST_LOG).
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<LevelFilter>,
@@ -75,6 +80,14 @@ fn run(args: Args) -> Result<(), String> {
     if let Some(dup) = args.ifaces.iter().find(|i| !seen.insert(i.as_str())) {
         return Err(format!("interface `{dup}` given twice"));
     }
+    // The file is read and checked before anything is claimed or attached.
+    let config = match &args.config {
+        Some(path) => Some((
+            path.display().to_string(),
+            declfile::load(path).map_err(|e| e.to_string())?,
+        )),
+        None => None,
+    };
     let claim = SocketClaim::acquire(&args.socket).map_err(|e| e.to_string())?;
 
     // Dropping the dataplane detaches everything attached so far: every `?` below
@@ -109,6 +122,11 @@ fn run(args: Args) -> Result<(), String> {
     }
     let mut state = Daemon::new(dp);
     state.set_host_addrs(dataplane::local_ipv4_addrs());
+    if let Some((file, decls)) = &config {
+        // An error here returns, and dropping the state detaches everything.
+        let r = state.apply(file, decls, false).map_err(|e| e.to_string())?;
+        info!("loaded {file}: {} rules published", r.added.len());
+    }
     let listener = claim.bind().map_err(|e| e.to_string())?;
 
     let rt = tokio::runtime::Builder::new_current_thread()

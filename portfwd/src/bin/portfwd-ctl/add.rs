@@ -4,24 +4,31 @@ use std::path::Path;
 
 use portfwd::{
     protocol::{self, Request, RuleReply},
-    rule::{Backend, Publish},
+    rule::Declaration,
 };
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// What to publish: `[HOST_IP:]HOST_PORT[/tcp|/udp]` (default: every host address, tcp).
+    /// What to publish: `[HOST_IP:][HOST_PORT[-END]][/tcp|/udp]`. No host port (or 0):
+    /// any free port; a host range to a single backend port: the first free one.
     #[arg(value_name = "SPEC", allow_hyphen_values = true)]
     publish: String,
-    /// Where it goes: `BACKEND_IP:BACKEND_PORT`.
+    /// Where it goes: `BACKEND_IP:BACKEND_PORT[-END]` (IPv6 in brackets).
     #[arg(value_name = "BACKEND", allow_hyphen_values = true)]
     backend: String,
 }
 
 pub fn run(socket: &Path, args: Args) -> Result<(), String> {
-    let publish: Publish = args.publish.parse().map_err(|e| format!("{e}"))?;
-    let backend: Backend = args.backend.parse().map_err(|e| format!("{e}"))?;
-    let reply: RuleReply =
-        protocol::call(socket, &Request::Add { publish, backend }).map_err(|e| e.to_string())?;
-    println!("published {} -> {}", reply.publish, reply.backend);
+    let decl = Declaration::parse(&args.publish, &args.backend).map_err(|e| e.to_string())?;
+    let reply: RuleReply = protocol::call(
+        socket,
+        &Request::Add {
+            publish: decl.spec(),
+            backend: decl.backend(),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    // The chosen ports, for scripts: `published 0.0.0.0:32768/tcp -> 172.17.0.2:80`.
+    println!("published {reply}");
     Ok(())
 }

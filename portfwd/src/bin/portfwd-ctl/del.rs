@@ -9,7 +9,8 @@ use portfwd::{
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// What to unpublish: `[HOST_IP:]HOST_PORT[/tcp|/udp]`, as it was added.
+    /// What to unpublish: `[HOST_IP:]HOST_PORT[-END][/tcp|/udp]`, as `list` shows it (a
+    /// range is removed whole).
     #[arg(value_name = "SPEC", allow_hyphen_values = true)]
     publish: String,
 }
@@ -18,6 +19,6 @@ pub fn run(socket: &Path, args: Args) -> Result<(), String> {
     let publish: Publish = args.publish.parse().map_err(|e| format!("{e}"))?;
     let reply: RuleReply =
         protocol::call(socket, &Request::Del { publish }).map_err(|e| e.to_string())?;
-    println!("unpublished {} -> {}", reply.publish, reply.backend);
+    println!("unpublished {reply}");
     Ok(())
 }

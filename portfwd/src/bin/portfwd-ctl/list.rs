@@ -24,18 +24,37 @@ pub fn run(socket: &Path, args: Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Columns PUBLISHED, BACKEND, PROTO, PACKETS, BYTES (both directions), then a footer
-/// with the interfaces and their hooks.
+/// `0.0.0.0:9000`, `0.0.0.0:9000-9009`, `[::1]:9000`.
+fn ports(ip: std::net::IpAddr, start: u16, end: u16) -> String {
+    let ip = portfwd::rule::ip_text(ip);
+    if end > start {
+        format!("{ip}:{start}-{end}")
+    } else {
+        format!("{ip}:{start}")
+    }
+}
+
+/// Columns PUBLISHED, BACKEND, PROTO, SOURCE, PACKETS, BYTES (both directions; a range
+/// is one row and one counter), then a footer with the interfaces and their hooks.
 pub fn table(reply: &ListReply) -> String {
-    let header = ["PUBLISHED", "BACKEND", "PROTO", "PACKETS", "BYTES"].map(String::from);
-    let rows: Vec<[String; 5]> = reply
+    let header = [
+        "PUBLISHED",
+        "BACKEND",
+        "PROTO",
+        "SOURCE",
+        "PACKETS",
+        "BYTES",
+    ]
+    .map(String::from);
+    let rows: Vec<[String; 6]> = reply
         .rules
         .iter()
         .map(|r| {
             [
-                format!("{}:{}", r.host_ip, r.host_port),
-                format!("{}:{}", r.backend_ip, r.backend_port),
+                ports(r.host_ip, r.host_port, r.host_port_end),
+                ports(r.backend_ip, r.backend_port, r.backend_port_end),
                 r.proto.to_string(),
+                r.source.to_string(),
                 (r.packets + r.reply_packets).to_string(),
                 (r.bytes + r.reply_bytes).to_string(),
             ]
@@ -50,17 +69,19 @@ pub fn table(reply: &ListReply) -> String {
     let mut out = String::new();
     for row in std::iter::once(&header).chain(&rows) {
         let line = format!(
-            "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}  {:>w4$}",
+            "{:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {:>w4$}  {:>w5$}",
             row[0],
             row[1],
             row[2],
             row[3],
             row[4],
+            row[5],
             w0 = width[0],
             w1 = width[1],
             w2 = width[2],
             w3 = width[3],
             w4 = width[4],
+            w5 = width[5],
         );
         let _ = writeln!(out, "{}", line.trim_end());
     }
@@ -92,7 +113,7 @@ mod tests {
     use super::*;
     use portfwd::{
         dataplane::{Attachment, Hook},
-        protocol::RuleStatus,
+        protocol::{RuleStatus, Source},
         rule::Proto,
     };
 
@@ -103,9 +124,12 @@ mod tests {
                 RuleStatus {
                     host_ip: "0.0.0.0".parse().expect("ip"),
                     host_port: 9000,
+                    host_port_end: 9009,
                     proto: Proto::Tcp,
                     backend_ip: "172.17.0.2".parse().expect("ip"),
                     backend_port: 8080,
+                    backend_port_end: 8089,
+                    source: Source::File,
                     packets: 10,
                     bytes: 1000,
                     reply_packets: 8,
@@ -115,9 +139,12 @@ mod tests {
                 RuleStatus {
                     host_ip: "198.51.100.7".parse().expect("ip"),
                     host_port: 5353,
+                    host_port_end: 5353,
                     proto: Proto::Udp,
                     backend_ip: "172.17.0.3".parse().expect("ip"),
                     backend_port: 53,
+                    backend_port_end: 53,
+                    source: Source::Cli,
                     packets: 0,
                     bytes: 0,
                     reply_packets: 0,
@@ -135,9 +162,9 @@ mod tests {
         };
         assert_eq!(
             table(&reply),
-            "PUBLISHED          BACKEND          PROTO  PACKETS  BYTES\n\
-             0.0.0.0:9000       172.17.0.2:8080  tcp         18   6000\n\
-             198.51.100.7:5353  172.17.0.3:53    udp          0      0\n\
+            "PUBLISHED          BACKEND               PROTO  SOURCE  PACKETS  BYTES\n\
+             0.0.0.0:9000-9009  172.17.0.2:8080-8089  tcp    file         18   6000\n\
+             198.51.100.7:5353  172.17.0.3:53         udp    cli           0      0\n\
              2 rules on eth0 (TC ingress, TC egress)\n\
              local clients: not served (no cgroup2 mount)\n"
         );

@@ -5,7 +5,9 @@
 //! stderr, `portfwd-ctl: <message>`, and exit code 1; success is exit code 0.
 
 mod add;
+mod apply;
 mod del;
+mod import_compose;
 mod list;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -26,12 +28,18 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Publish a port: `add [HOST_IP:]HOST_PORT[/tcp|/udp] BACKEND_IP:BACKEND_PORT`.
+    /// Publish ports: `add [HOST_IP:][HOST_PORT[-END]][/tcp|/udp] BACKEND_IP:PORT[-END]`.
     Add(add::Args),
-    /// Unpublish a port: `del [HOST_IP:]HOST_PORT[/tcp|/udp]`.
+    /// Unpublish a rule: `del [HOST_IP:]HOST_PORT[-END][/tcp|/udp]`.
     Del(del::Args),
-    /// Show the published ports and their counters.
+    /// Show the published ports, their source and their counters.
     List(list::Args),
+    /// Replace the file-sourced rules with a declarations file's, atomically, and print
+    /// the difference: `apply [--dry-run] -f FILE`.
+    Apply(apply::Args),
+    /// Print a declarations file for a Compose file's published ports:
+    /// `import-compose FILE --to SERVICE=IP ...`.
+    ImportCompose(import_compose::Args),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +59,8 @@ fn main() -> ExitCode {
         Command::Add(a) => add::run(&args.socket, a),
         Command::Del(a) => del::run(&args.socket, a),
         Command::List(a) => list::run(&args.socket, a),
+        Command::Apply(a) => apply::run(&args.socket, a),
+        Command::ImportCompose(a) => import_compose::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

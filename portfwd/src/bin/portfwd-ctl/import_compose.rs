@@ -1,0 +1,34 @@
+//! `portfwd-ctl import-compose FILE --to SERVICE=IP ...`.
+
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+
+use portfwd::{compose, rule};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The Compose file (docker-compose.yml, compose.yaml).
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    /// The address of a service's container (repeatable; one per service with ports).
+    #[arg(long = "to", value_name = "SERVICE=IP")]
+    to: Vec<String>,
+}
+
+pub fn run(args: Args) -> Result<(), String> {
+    let mut to: BTreeMap<String, IpAddr> = BTreeMap::new();
+    for pair in &args.to {
+        let Some((service, ip)) = pair.split_once('=') else {
+            return Err(format!("--to `{pair}`: expected SERVICE=IP"));
+        };
+        let ip = rule::parse_ip(ip).map_err(|e| format!("--to `{pair}`: {e}"))?;
+        if to.insert(service.to_string(), ip).is_some() {
+            return Err(format!("--to: service `{service}` given twice"));
+        }
+    }
+    let file = args.file.display().to_string();
+    let yaml =
+        std::fs::read_to_string(&args.file).map_err(|e| format!("cannot read {file}: {e}"))?;
+    let out = compose::import(&file, &yaml, &to).map_err(|e| e.to_string())?;
+    print!("{out}");
+    Ok(())
+}

@@ -1,0 +1,388 @@
+//! The declarations file: what a host publishes, in TOML, one `[[publish]]` per backend
+//! with Docker/Compose port strings, or Compose's long form as a table:
+//!
+//! ```toml
+//! [[publish]]
+//! to = "172.17.0.2"
+//! ports = ["9000:8080", "127.0.0.1:9443:443", "5353:53/udp", "7000-7010:7000-7010"]
+//!
+//! [[publish]]
+//! to = "172.17.0.3"
+//! ports = [{ target = 80, published = "8080", host_ip = "127.0.0.1", protocol = "tcp" }]
+//! ```
+//!
+//! Parsing validates everything the grammar can ([`crate::rule`]), and conflicts between
+//! the file's own fixed ports; every error is one line naming the file, the line and the
+//! entry as written. Each entry keeps its line, and the whole parsed list travels to the
+//! daemon ([`crate::protocol::Request::Apply`]), which validates it again.
+
+use std::{collections::BTreeMap, net::IpAddr, ops::Range, path::Path};
+
+use serde::Deserialize;
+use thiserror::Error;
+use toml::Spanned;
+
+use crate::{
+    protocol::FileDeclaration,
+    rule::{
+        self, Backend, Declaration, HostPorts, PortRange, Proto, Publish, PublishSpec, RuleError,
+    },
+};
+
+/// Why a declarations file was refused. One line each, naming the file and the line.
+#[derive(Debug, Error)]
+pub enum FileError {
+    #[error("cannot read {file}: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}: {message}")]
+    Syntax {
+        file: String,
+        line: u32,
+        message: String,
+    },
+    #[error("{file}:{line}: entry `{entry}`: {source}")]
+    Entry {
+        file: String,
+        line: u32,
+        entry: String,
+        #[source]
+        source: RuleError,
+    },
+    #[error(
+        "{file}:{line}: entry `{entry}`: Bind for {addr_port} failed: port is already allocated (by line {other})"
+    )]
+    Conflict {
+        file: String,
+        line: u32,
+        entry: String,
+        addr_port: String,
+        other: u32,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Doc {
+    #[serde(default)]
+    publish: Vec<PublishTable>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishTable {
+    to: Spanned<String>,
+    ports: Vec<Spanned<PortEntry>>,
+}
+
+/// A `ports` item: a Docker/Compose short string, or Compose's long form.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PortEntry {
+    Short(String),
+    Long(LongPort),
+}
+
+/// Compose's long syntax (`mode`, `name` and `app_protocol` are accepted and ignored: they
+/// mean nothing to a port forwarder).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LongPort {
+    pub target: NumOrText,
+    #[serde(default)]
+    pub published: Option<NumOrText>,
+    #[serde(default)]
+    pub host_ip: Option<String>,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub app_protocol: Option<String>,
+}
+
+/// A port written as a number or a string (`8080`, `"8080"`, `"8080-8081"`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum NumOrText {
+    Num(u64),
+    Text(String),
+}
+
+impl NumOrText {
+    fn text(&self) -> String {
+        match self {
+            NumOrText::Num(n) => n.to_string(),
+            NumOrText::Text(s) => s.clone(),
+        }
+    }
+}
+
+impl LongPort {
+    /// The declaration this long-form entry stands for, to the backend at `to`.
+    pub fn declaration(&self, to: IpAddr) -> Result<Declaration, RuleError> {
+        let host_ip = match self.host_ip.as_deref() {
+            None | Some("") => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            Some(ip) => rule::parse_ip(ip)?,
+        };
+        let proto: Proto = match self.protocol.as_deref() {
+            None | Some("") => Proto::Tcp,
+            Some(p) => p.parse()?,
+        };
+        let ports = match &self.published {
+            None => None,
+            Some(p) => rule::parse_host_ports(&p.text())?,
+        };
+        let target: PortRange = self.target.text().parse()?;
+        Declaration::new(
+            PublishSpec {
+                host_ip,
+                ports,
+                proto,
+            },
+            Backend::new(to, target)?,
+        )
+    }
+}
+
+/// The 1-based line of byte `offset` of `text`.
+fn line_of(text: &str, offset: usize) -> u32 {
+    let upto = text.get(..offset).unwrap_or(text);
+    u32::try_from(upto.matches('\n').count() + 1).unwrap_or(u32::MAX)
+}
+
+/// The entry as written, on one line.
+fn entry_text(text: &str, span: Range<usize>) -> String {
+    let raw = text.get(span).unwrap_or_default();
+    crate::protocol::one_line(raw)
+}
+
+/// Parses and validates a declarations file's `text`; `file` names it in messages.
+pub fn parse(file: &str, text: &str) -> Result<Vec<FileDeclaration>, FileError> {
+    let doc: Doc = toml::from_str(text).map_err(|e| FileError::Syntax {
+        file: file.to_string(),
+        line: e.span().map_or(1, |s| line_of(text, s.start)),
+        message: crate::protocol::one_line(e.message()),
+    })?;
+    let mut out = Vec::new();
+    for table in &doc.publish {
+        let to_line = line_of(text, table.to.span().start);
+        let to = rule::parse_ip(table.to.get_ref()).map_err(|source| FileError::Entry {
+            file: file.to_string(),
+            line: to_line,
+            entry: format!("to = {}", entry_text(text, table.to.span())),
+            source,
+        })?;
+        for port in &table.ports {
+            let line = line_of(text, port.span().start);
+            let (entry, decl) = match port.get_ref() {
+                PortEntry::Short(s) => (s.clone(), Declaration::from_mapping(s, to)),
+                PortEntry::Long(l) => (entry_text(text, port.span()), l.declaration(to)),
+            };
+            let decl = decl.map_err(|source| FileError::Entry {
+                file: file.to_string(),
+                line,
+                entry: entry.clone(),
+                source,
+            })?;
+            out.push(FileDeclaration {
+                line,
+                entry,
+                publish: decl.spec(),
+                backend: decl.backend(),
+            });
+        }
+    }
+    check_conflicts(file, &out)?;
+    Ok(out)
+}
+
+/// Reads and parses the file at `path`.
+pub fn load(path: &Path) -> Result<Vec<FileDeclaration>, FileError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| FileError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    parse(&file, &text)
+}
+
+/// The file's own conflicts between fixed ports (Docker's rule, per port); open ports are
+/// the daemon's to choose.
+fn check_conflicts(file: &str, decls: &[FileDeclaration]) -> Result<(), FileError> {
+    let mut fixed: BTreeMap<Publish, u32> = BTreeMap::new();
+    for d in decls {
+        let Ok(decl) = Declaration::new(d.publish, d.backend) else {
+            continue;
+        };
+        let HostPorts::Exact(ports) = decl.host_ports() else {
+            continue;
+        };
+        let Ok(publish) = Publish::new(decl.host_ip(), ports, decl.proto()) else {
+            continue;
+        };
+        let first = fixed
+            .iter()
+            .filter_map(|(p, line)| publish.conflict(p).map(|port| (port, *line)))
+            .min();
+        if let Some((port, other)) = first {
+            return Err(FileError::Conflict {
+                file: file.to_string(),
+                line: d.line,
+                entry: d.entry.clone(),
+                addr_port: rule::addr_port(publish.host_ip(), port),
+                other,
+            });
+        }
+        fixed.insert(publish, d.line);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"# the web tier
+[[publish]]
+to = "172.17.0.2"
+ports = ["9000:8080", "127.0.0.1:9443:443", "5353:53/udp", "7000-7010:7000-7010"]
+
+[[publish]]
+to = "172.17.0.3"
+ports = [
+  "80",
+  { target = 80, published = "8080", host_ip = "127.0.0.1", protocol = "tcp" },
+  { target = 53, published = 10053, protocol = "udp", mode = "host" },
+  { target = "6000-6001", published = "16000-16001" },
+  "8000-8010:443",
+]
+"#;
+
+    fn shown(d: &FileDeclaration) -> String {
+        let decl = Declaration::new(d.publish, d.backend).expect("valid");
+        format!("{}: {decl}", d.line)
+    }
+
+    #[test]
+    fn parses_short_and_long_forms_with_lines() {
+        let decls = parse("ports.toml", GOOD).expect("valid file");
+        let got: Vec<String> = decls.iter().map(shown).collect();
+        assert_eq!(
+            got,
+            vec![
+                "4: 0.0.0.0:9000/tcp -> 172.17.0.2:8080",
+                "4: 127.0.0.1:9443/tcp -> 172.17.0.2:443",
+                "4: 0.0.0.0:5353/udp -> 172.17.0.2:53",
+                "4: 0.0.0.0:7000-7010/tcp -> 172.17.0.2:7000-7010",
+                "9: 0.0.0.0:(any)/tcp -> 172.17.0.3:80",
+                "10: 127.0.0.1:8080/tcp -> 172.17.0.3:80",
+                "11: 0.0.0.0:10053/udp -> 172.17.0.3:53",
+                "12: 0.0.0.0:16000-16001/tcp -> 172.17.0.3:6000-6001",
+                "13: 0.0.0.0:(first free of 8000-8010)/tcp -> 172.17.0.3:443",
+            ]
+        );
+        assert_eq!(decls[0].entry, "9000:8080");
+        assert_eq!(
+            decls[5].entry,
+            r#"{ target = 80, published = "8080", host_ip = "127.0.0.1", protocol = "tcp" }"#
+        );
+        assert!(parse("empty.toml", "").expect("empty is valid").is_empty());
+    }
+
+    #[test]
+    fn errors_name_file_line_and_entry() {
+        let table: &[(&str, &str)] = &[
+            (
+                "[[publish]]\nto = \"172.17.0.2\"\nports = [\"9000:8080\",\n  \"9001-9000:80\"]\n",
+                "f.toml:4: entry `9001-9000:80`: invalid port range `9001-9000`: it ends before it starts",
+            ),
+            (
+                "[[publish]]\nto = \"172.17.0.2\"\nports = [\"9000-9009:8000-8004\"]\n",
+                "f.toml:3: entry `9000-9009:8000-8004`: port ranges `9000-9009` (10 ports) and `8000-8004` (5 ports) differ in length",
+            ),
+            (
+                "[[publish]]\nto = \"172.17.0.2\"\nports = [\"53/sctp\"]\n",
+                "f.toml:3: entry `53/sctp`: protocol `sctp` is not supported: portfwd forwards tcp and udp",
+            ),
+            (
+                "[[publish]]\nto = \"172.17.0.2\"\nports = [\"[::1]:9000:8080\"]\n",
+                "f.toml:3: entry `[::1]:9000:8080`: host address ::1 is IPv6 but backend 172.17.0.2 is IPv4: both ends of a rule must be the same family",
+            ),
+            (
+                "[[publish]]\nto = \"2001:db8::2\"\nports = [\"10.0.0.1:9000:8080\"]\n",
+                "f.toml:3: entry `10.0.0.1:9000:8080`: host address 10.0.0.1 is IPv4 but backend 2001:db8::2 is IPv6: both ends of a rule must be the same family",
+            ),
+            (
+                "[[publish]]\nto = \"172.17.0\"\nports = [\"80\"]\n",
+                "f.toml:2: entry `to = \"172.17.0\"`: invalid IP address `172.17.0`",
+            ),
+            (
+                "[[publish]]\nto = \"127.0.0.1\"\nports = [\"80\"]\n",
+                "f.toml:3: entry `80`: 127.0.0.1 cannot be a backend: loopback addresses are not routed to from outside the host",
+            ),
+            (
+                "\n[[publish]]\nto = \"172.17.0.2\"\nports = [\n  { target = 80, published = \"0-5\" },\n]\n",
+                "f.toml:5: entry `{ target = 80, published = \"0-5\" }`: invalid port range `0-5`: port 0 cannot be part of a range",
+            ),
+            (
+                "[[publish]]\nto = \"172.17.0.2\"\nports = [\"9000:80\"]\n[[publish]]\nto = \"172.17.0.3\"\nports = [\"8990-9010:8990-9010\"]\n",
+                "f.toml:6: entry `8990-9010:8990-9010`: Bind for 0.0.0.0:9000 failed: port is already allocated (by line 3)",
+            ),
+            (
+                "[[publish]]\nto = \"172.17.0.2\"\nports = [\"127.0.0.1:9000:80\", \"9000:81\"]\n",
+                "f.toml:3: entry `9000:81`: Bind for 0.0.0.0:9000 failed: port is already allocated (by line 3)",
+            ),
+        ];
+        for (text, want) in table {
+            let err = parse("f.toml", text).expect_err(want).to_string();
+            assert_eq!(&err, want);
+        }
+    }
+
+    #[test]
+    fn syntax_and_shape_errors_have_lines() {
+        for (text, prefix, part) in [
+            (
+                "[[publish]]\nto = \"172.17.0.2\"\nports = [\"80\"\n",
+                "f.toml:3: ",
+                "",
+            ),
+            (
+                "[[publish]]\nto = \"172.17.0.2\"\n",
+                "f.toml:1: ",
+                "missing field `ports`",
+            ),
+            (
+                "[[publish]]\nto = \"172.17.0.2\"\nports = [\"80\"]\nport = 1\n",
+                "f.toml:4: ",
+                "unknown field `port`",
+            ),
+            (
+                "[[publish]]\nto = \"172.17.0.2\"\nports = [true]\n",
+                "f.toml:3: ",
+                "",
+            ),
+            (
+                "[[publish]]\nto = \"172.17.0.2\"\nports = [{ target = 80, bogus = 1 }]\n",
+                "f.toml:3: ",
+                "",
+            ),
+            (
+                "[[publsh]]\nto = \"172.17.0.2\"\n",
+                "f.toml:1: ",
+                "unknown field `publsh`",
+            ),
+        ] {
+            let err = parse("f.toml", text).expect_err(text).to_string();
+            assert!(err.starts_with(prefix), "{text:?}: {err}");
+            assert!(err.contains(part), "{text:?}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+    }
+}
