@@ -200,6 +200,10 @@ pub fn run(args: Args) -> Result<()> {
                 });
             }
         }
+        res.meta.insert(
+            "rounds completed".into(),
+            format!("{} of {}", round + 1, cfg.rounds),
+        );
         res.write(&out)?;
     }
 
@@ -418,6 +422,7 @@ fn meta(res: &mut Results, cfg: &Config, args: &Args, stamp: &str) {
         );
     }
     let rev = Command::new("git")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
         .args(["rev-parse", "--short", "HEAD"])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())

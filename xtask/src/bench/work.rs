@@ -119,7 +119,13 @@ pub fn iperf3(
     streams: u32,
     secs: u64,
 ) -> Result<Measure> {
-    let out = sys::run(sys::client_cmd(ns, cgroup, "iperf3").args([
+    // `timeout`: a client that cannot connect (a broken path) must not stall the run.
+    let limit = (secs + 30).to_string();
+    let out = sys::run(sys::client_cmd(ns, cgroup, "timeout").args([
+        "-k",
+        "5",
+        &limit,
+        "iperf3",
         "-c",
         &addr.to_string(),
         "-p",
@@ -152,7 +158,8 @@ pub fn wrk(
     close: bool,
     secs: u64,
 ) -> Result<Vec<Measure>> {
-    let mut cmd = sys::client_cmd(ns, cgroup, "wrk");
+    let mut cmd = sys::client_cmd(ns, cgroup, "timeout");
+    cmd.args(["-k", "5", &(secs + 30).to_string(), "wrk"]);
     cmd.args(["-t1", "-c32", &format!("-d{secs}s"), "--latency"]);
     if close {
         cmd.args(["-H", "Connection: close"]);
