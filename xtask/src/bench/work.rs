@@ -120,12 +120,14 @@ pub fn iperf3(
     secs: u64,
 ) -> Result<Measure> {
     // `timeout`: a client that cannot connect (a broken path) must not stall the run.
-    let limit = (secs + 30).to_string();
+    let limit = (secs + 10).to_string();
     let out = sys::run(sys::client_cmd(ns, cgroup, "timeout").args([
         "-k",
         "5",
         &limit,
         "iperf3",
+        "--connect-timeout",
+        "3000",
         "-c",
         &addr.to_string(),
         "-p",
@@ -159,7 +161,7 @@ pub fn wrk(
     secs: u64,
 ) -> Result<Vec<Measure>> {
     let mut cmd = sys::client_cmd(ns, cgroup, "timeout");
-    cmd.args(["-k", "5", &(secs + 30).to_string(), "wrk"]);
+    cmd.args(["-k", "5", &(secs + 10).to_string(), "wrk"]);
     cmd.args(["-t1", "-c32", &format!("-d{secs}s"), "--latency"]);
     if close {
         cmd.args(["-H", "Connection: close"]);
