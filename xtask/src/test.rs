@@ -66,20 +66,94 @@ pub fn run(args: Args) -> Result<()> {
             ],
         ));
     }
+    let mut tally = None;
     let build = cargo_step("build", &["build", "--workspace", "--bins"]);
     let built = build.ok;
     results.push(build);
     if built {
-        let mut test: Vec<&str> = vec!["test", "--workspace"];
+        let mut test: Vec<&str> = vec!["test", "--workspace", "--no-fail-fast"];
         if !args.test_args.is_empty() {
             test.push("--");
             test.extend(args.test_args.iter().map(String::as_str));
         }
-        results.push(cargo_step("test", &test));
+        let (step, counts) = cargo_test_step(&test);
+        results.push(step);
+        tally = Some(counts);
     } else {
         println!("==> test: skipped, the build failed");
     }
-    finish(&results, started)
+    let outcome = finish(&results, started);
+    // The last line: every test counted, in the plain form CI reads.
+    if let Some(t) = tally {
+        println!(
+            "tests: {} passed, {} failed, {} skipped",
+            t.passed, t.failed, t.ignored
+        );
+    }
+    outcome
+}
+
+/// Totals over every `test result:` line of a `cargo test` run.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Tally {
+    /// Adds a libtest summary line: `test result: ok. 5 passed; 0 failed; 1 ignored; ...`.
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs `cargo test`, echoing its output as it comes and counting its results.
+fn cargo_test_step(args: &[&str]) -> (StepResult, Tally) {
+    use std::io::{BufRead, BufReader};
+    let mut cmd = Command::new(cargo());
+    cmd.args(args)
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped());
+    println!("==> test: {}", describe(&cmd));
+    let t = Instant::now();
+    let mut tally = Tally::default();
+    let ok = match cmd.spawn() {
+        Ok(mut child) => {
+            if let Some(out) = child.stdout.take() {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    println!("{line}");
+                    tally.add_line(&line);
+                }
+            }
+            child.wait().map(|s| s.success()).unwrap_or(false)
+        }
+        Err(e) => {
+            eprintln!("cannot run cargo: {e}");
+            false
+        }
+    };
+    let step = StepResult {
+        name: "test",
+        ok: ok && tally.failed == 0,
+        took: t.elapsed(),
+    };
+    (step, tally)
 }
 
 fn cargo_step(name: &'static str, args: &[&str]) -> StepResult {
