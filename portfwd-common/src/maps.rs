@@ -2,7 +2,7 @@
 //! the daemon. All types are `repr(C)`, `Copy`, have explicit padding and a size checked at
 //! compile time; addresses and ports are network-order byte arrays behind accessors.
 
-use core::net::Ipv4Addr;
+use core::net::{Ipv4Addr, Ipv6Addr};
 
 /// Published rules, IPv4: (host address or 0.0.0.0 for "every host address", port,
 /// protocol) to backend. Written by the daemon, read by the ingress programs.
@@ -22,6 +22,18 @@ pub const REASON_STATS: &str = "REASON_STATS";
 /// socket and the backend it was sent to instead, so `recvmsg` and `getpeername` can show
 /// the published address. Written by connect4/sendmsg4, read by recvmsg4/getpeername4.
 pub const LOCAL_PEERS_V4: &str = "LOCAL_PEERS_V4";
+/// Published rules, IPv6: (host address or `::` for "every host address", port,
+/// protocol) to an IPv6 backend. Written by the daemon, read by the ingress programs
+/// and the socket hooks.
+pub const RULES_V6: &str = "RULES_V6";
+/// Per-flow translation state, IPv6, keyed as the backend's replies look (see
+/// [`CONNTRACK_V4`]). Written by the ingress programs, read by the reply translator.
+pub const CONNTRACK_V6: &str = "CONNTRACK_V6";
+/// The host's own IPv6 addresses, for wildcard (`::`) rules. Written by the daemon.
+pub const HOST_ADDRS_V6: &str = "HOST_ADDRS_V6";
+/// Local clients over IPv6 (see [`LOCAL_PEERS_V4`]). Written by connect6/sendmsg6, read
+/// by recvmsg6/getpeername6.
+pub const LOCAL_PEERS_V6: &str = "LOCAL_PEERS_V6";
 /// Entry 0: [`Config`], written by the daemon at start.
 pub const CONFIG: &str = "CONFIG";
 /// Fast path: (bridge ifindex, destination MAC) to the bridge port leading to that MAC,
@@ -44,6 +56,16 @@ pub mod programs {
     pub const SOCK_GETPEERNAME4: &str = "portfwd_getpeername4";
     /// cgroup/bind4: a published port belongs to the daemon; local binds are refused.
     pub const SOCK_BIND4: &str = "portfwd_bind4";
+    /// cgroup/connect6: as connect4, for IPv6 sockets.
+    pub const SOCK_CONNECT6: &str = "portfwd_connect6";
+    /// cgroup/sendmsg6: as sendmsg4, for IPv6 sockets.
+    pub const SOCK_SENDMSG6: &str = "portfwd_sendmsg6";
+    /// cgroup/recvmsg6: as recvmsg4, for IPv6 sockets.
+    pub const SOCK_RECVMSG6: &str = "portfwd_recvmsg6";
+    /// cgroup/getpeername6: as getpeername4, for IPv6 sockets.
+    pub const SOCK_GETPEERNAME6: &str = "portfwd_getpeername6";
+    /// cgroup/bind6: as bind4, for IPv6 sockets.
+    pub const SOCK_BIND6: &str = "portfwd_bind6";
 }
 
 /// Rules the dataplane holds (each published port of a range is one entry).
@@ -299,6 +321,232 @@ impl LocalPeerV4 {
     }
 }
 
+/// Key of [`RULES_V6`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RuleKeyV6 {
+    addr: [u8; 16],
+    port: [u8; 2],
+    proto: u8,
+    _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<RuleKeyV6>() == 20);
+
+impl RuleKeyV6 {
+    /// `addr` `::` means every host address.
+    #[inline(always)]
+    pub const fn new(addr: [u8; 16], port_be: [u8; 2], proto: u8) -> Self {
+        Self {
+            addr,
+            port: port_be,
+            proto,
+            _pad: 0,
+        }
+    }
+    pub fn from_parts(addr: Ipv6Addr, port: u16, proto: u8) -> Self {
+        Self::new(addr.octets(), port.to_be_bytes(), proto)
+    }
+    pub fn addr(&self) -> Ipv6Addr {
+        Ipv6Addr::from(self.addr)
+    }
+    pub fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port)
+    }
+    pub fn proto(&self) -> u8 {
+        self.proto
+    }
+}
+
+/// Value of [`RULES_V6`]: where a published port goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendV6 {
+    addr: [u8; 16],
+    port: [u8; 2],
+    _pad: [u8; 2],
+    stats_slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<BackendV6>() == 24);
+
+impl BackendV6 {
+    pub fn new(addr: Ipv6Addr, port: u16, stats_slot: u32) -> Self {
+        Self {
+            addr: addr.octets(),
+            port: port.to_be_bytes(),
+            _pad: [0; 2],
+            stats_slot,
+        }
+    }
+    #[inline(always)]
+    pub const fn addr_bytes(&self) -> [u8; 16] {
+        self.addr
+    }
+    #[inline(always)]
+    pub const fn port_be(&self) -> [u8; 2] {
+        self.port
+    }
+    #[inline(always)]
+    pub const fn stats_slot(&self) -> u32 {
+        self.stats_slot
+    }
+    pub fn addr(&self) -> Ipv6Addr {
+        Ipv6Addr::from(self.addr)
+    }
+    pub fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port)
+    }
+}
+
+/// Key of [`CONNTRACK_V6`]: a flow as the backend's replies carry it
+/// (source = backend, destination = client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKeyV6 {
+    backend_addr: [u8; 16],
+    client_addr: [u8; 16],
+    backend_port: [u8; 2],
+    client_port: [u8; 2],
+    proto: u8,
+    _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowKeyV6>() == 40);
+
+impl FlowKeyV6 {
+    #[inline(always)]
+    pub const fn new(
+        backend_addr: [u8; 16],
+        backend_port_be: [u8; 2],
+        client_addr: [u8; 16],
+        client_port_be: [u8; 2],
+        proto: u8,
+    ) -> Self {
+        Self {
+            backend_addr,
+            client_addr,
+            backend_port: backend_port_be,
+            client_port: client_port_be,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+    pub fn backend(&self) -> (Ipv6Addr, u16) {
+        (
+            Ipv6Addr::from(self.backend_addr),
+            u16::from_be_bytes(self.backend_port),
+        )
+    }
+    pub fn client(&self) -> (Ipv6Addr, u16) {
+        (
+            Ipv6Addr::from(self.client_addr),
+            u16::from_be_bytes(self.client_port),
+        )
+    }
+    pub fn proto(&self) -> u8 {
+        self.proto
+    }
+}
+
+/// Value of [`CONNTRACK_V6`]: the published address the client sent to, which replies
+/// must carry as their source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowV6 {
+    host_addr: [u8; 16],
+    host_port: [u8; 2],
+    _pad: [u8; 2],
+    stats_slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<FlowV6>() == 24);
+
+impl FlowV6 {
+    #[inline(always)]
+    pub const fn new(host_addr: [u8; 16], host_port_be: [u8; 2], stats_slot: u32) -> Self {
+        Self {
+            host_addr,
+            host_port: host_port_be,
+            _pad: [0; 2],
+            stats_slot,
+        }
+    }
+    #[inline(always)]
+    pub const fn host_addr_bytes(&self) -> [u8; 16] {
+        self.host_addr
+    }
+    #[inline(always)]
+    pub const fn host_port_be(&self) -> [u8; 2] {
+        self.host_port
+    }
+    #[inline(always)]
+    pub const fn stats_slot(&self) -> u32 {
+        self.stats_slot
+    }
+    pub fn host(&self) -> (Ipv6Addr, u16) {
+        (
+            Ipv6Addr::from(self.host_addr),
+            u16::from_be_bytes(self.host_port),
+        )
+    }
+}
+
+/// Key of [`LOCAL_PEERS_V6`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LocalPeerKeyV6 {
+    socket_cookie: u64,
+    backend_addr: [u8; 16],
+    backend_port: [u8; 2],
+    proto: u8,
+    _pad: [u8; 5],
+}
+const _: () = assert!(core::mem::size_of::<LocalPeerKeyV6>() == 32);
+
+impl LocalPeerKeyV6 {
+    #[inline(always)]
+    pub const fn new(
+        socket_cookie: u64,
+        backend_addr: [u8; 16],
+        backend_port_be: [u8; 2],
+        proto: u8,
+    ) -> Self {
+        Self {
+            socket_cookie,
+            backend_addr,
+            backend_port: backend_port_be,
+            proto,
+            _pad: [0; 5],
+        }
+    }
+}
+
+/// Value of [`LOCAL_PEERS_V6`]: the published address the local client used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalPeerV6 {
+    host_addr: [u8; 16],
+    host_port: [u8; 2],
+    _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<LocalPeerV6>() == 20);
+
+impl LocalPeerV6 {
+    #[inline(always)]
+    pub const fn new(host_addr: [u8; 16], host_port_be: [u8; 2]) -> Self {
+        Self {
+            host_addr,
+            host_port: host_port_be,
+            _pad: [0; 2],
+        }
+    }
+    #[inline(always)]
+    pub const fn host_addr_bytes(&self) -> [u8; 16] {
+        self.host_addr
+    }
+    #[inline(always)]
+    pub const fn host_port_be(&self) -> [u8; 2] {
+        self.host_port
+    }
+}
+
 /// Value of [`CONFIG`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -341,15 +589,21 @@ impl BridgePortKey {
 
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY (every impl below): each type is repr(C), Copy, has no implicit padding
+    // (sizes asserted above) and every bit pattern is a valid value.
     unsafe impl aya::Pod for super::LocalPeerKeyV4 {}
     unsafe impl aya::Pod for super::LocalPeerV4 {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::BridgePortKey {}
-    // SAFETY: each type is repr(C), Copy, has no implicit padding (sizes asserted above)
-    // and every bit pattern is a valid value.
     unsafe impl aya::Pod for super::RuleKeyV4 {}
     unsafe impl aya::Pod for super::BackendV4 {}
     unsafe impl aya::Pod for super::FlowKeyV4 {}
     unsafe impl aya::Pod for super::FlowV4 {}
     unsafe impl aya::Pod for super::RuleStats {}
+    unsafe impl aya::Pod for super::RuleKeyV6 {}
+    unsafe impl aya::Pod for super::BackendV6 {}
+    unsafe impl aya::Pod for super::FlowKeyV6 {}
+    unsafe impl aya::Pod for super::FlowV6 {}
+    unsafe impl aya::Pod for super::LocalPeerKeyV6 {}
+    unsafe impl aya::Pod for super::LocalPeerV6 {}
 }

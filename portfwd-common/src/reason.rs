@@ -9,11 +9,12 @@ pub enum Reason {
     Translated = 0,
     /// Reply side: source rewritten back to the published address.
     ReplyTranslated = 1,
-    /// Not IPv4 (ARP, IPv6, ...): passed untouched.
-    PassNotIpv4 = 2,
-    /// IPv4 but neither TCP nor UDP (ICMP, ...): passed untouched.
+    /// Neither IPv4 nor IPv6 (ARP, LLDP, ...): passed untouched.
+    PassNotIp = 2,
+    /// IPv4 or IPv6 but neither TCP nor UDP (ICMP, ICMPv6, ...): passed untouched.
     PassNotTcpUdp = 3,
-    /// A fragment: only the first carries ports, so none is translated.
+    /// A fragment (IPv4 MF/offset, or an IPv6 Fragment header): only the first carries
+    /// ports, so none is translated.
     PassFragment = 4,
     /// Headers shorter than they claim, or a bad IHL: passed for the stack to judge.
     PassMalformed = 5,
@@ -36,14 +37,17 @@ pub enum Reason {
     /// Fast path: no route, neighbour or bridge port known yet, TTL expiring, or a
     /// redirect failure: the kernel routes the translated packet instead.
     FastPathFallback = 14,
+    /// IPv6 with an extension header (hop-by-hop, routing, destination options, AH,
+    /// ESP, ...) before the transport header: passed untouched, the chain is not walked.
+    PassIpv6ExtHeader = 15,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Translated,
         Reason::ReplyTranslated,
-        Reason::PassNotIpv4,
+        Reason::PassNotIp,
         Reason::PassNotTcpUdp,
         Reason::PassFragment,
         Reason::PassMalformed,
@@ -56,6 +60,7 @@ impl Reason {
         Reason::LocalBindRefused,
         Reason::Redirected,
         Reason::FastPathFallback,
+        Reason::PassIpv6ExtHeader,
     ];
 
     /// Stable snake_case name, for `list` and metrics.
@@ -63,7 +68,7 @@ impl Reason {
         match self {
             Reason::Translated => "translated",
             Reason::ReplyTranslated => "reply_translated",
-            Reason::PassNotIpv4 => "pass_not_ipv4",
+            Reason::PassNotIp => "pass_not_ip",
             Reason::PassNotTcpUdp => "pass_not_tcp_udp",
             Reason::PassFragment => "pass_fragment",
             Reason::PassMalformed => "pass_malformed",
@@ -76,6 +81,19 @@ impl Reason {
             Reason::LocalBindRefused => "local_bind_refused",
             Reason::Redirected => "redirected",
             Reason::FastPathFallback => "fast_path_fallback",
+            Reason::PassIpv6ExtHeader => "pass_ipv6_ext_header",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Reason;
+
+    #[test]
+    fn all_is_in_index_order() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
         }
     }
 }

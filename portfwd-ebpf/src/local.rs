@@ -13,6 +13,12 @@
 //! `127.0.0.1:9000` is its own, so loopback destinations and binds are left alone in
 //! other namespaces. The host's other addresses are reachable from every namespace
 //! (hairpin).
+//!
+//! IPv6 sockets get the same five programs (`connect6`, ...), over `RULES_V6`,
+//! `HOST_ADDRS_V6` and `LOCAL_PEERS_V6`, with `::1` as the loopback. A dual-stack IPv6
+//! socket addressing an IPv4-mapped address (`::ffff:a.b.c.d`) never reaches the IPv4
+//! programs (the kernel connects it as IPv4 without running connect4), so the IPv6
+//! programs serve it from the IPv4 rules, and give it the backend as a mapped address.
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
@@ -21,11 +27,16 @@ use aya_ebpf::{
     programs::SockAddrContext,
     EbpfContext,
 };
-use portfwd_common::{proto, BackendV4, LocalPeerKeyV4, LocalPeerV4, Reason, RuleKeyV4};
+use portfwd_common::{
+    proto, BackendV4, LocalPeerKeyV4, LocalPeerKeyV6, LocalPeerV4, LocalPeerV6, Reason, RuleKeyV4,
+    RuleKeyV6,
+};
 
 use crate::{
     count,
-    maps::{self, HOST_ADDRS_V4, LOCAL_PEERS_V4, RULES_V4},
+    maps::{
+        self, HOST_ADDRS_V4, HOST_ADDRS_V6, LOCAL_PEERS_V4, LOCAL_PEERS_V6, RULES_V4, RULES_V6,
+    },
 };
 
 /// sock_addr programs: 1 lets the call proceed, 0 fails it with EPERM.
@@ -172,5 +183,204 @@ fn restore_published(ctx: &SockAddrContext) {
     // SAFETY: copied out at once.
     if let Some(p) = unsafe { LOCAL_PEERS_V4.get(&key) }.copied() {
         set_addr(ctx, p.host_addr_bytes(), p.host_port_be());
+    }
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn portfwd_connect6(ctx: SockAddrContext) -> i32 {
+    redirect_to_backend6(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn portfwd_sendmsg6(ctx: SockAddrContext) -> i32 {
+    redirect_to_backend6(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn portfwd_recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore_published6(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn portfwd_getpeername6(ctx: SockAddrContext) -> i32 {
+    restore_published6(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn portfwd_bind6(ctx: SockAddrContext) -> i32 {
+    let sa = fields6(&ctx);
+    if !in_host_netns(&ctx) || sa.port == [0, 0] {
+        return ALLOW;
+    }
+    if lookup6(sa.addr, sa.port, sa.proto, true).is_none()
+        // `[::]` on a dual-stack socket also takes the IPv4 wildcard's port.
+        && !(sa.addr == [0; 16] && lookup([0; 4], sa.port, sa.proto, true).is_some())
+    {
+        return ALLOW;
+    }
+    count(Reason::LocalBindRefused);
+    DENY
+}
+
+/// [`SockAddr`] of an IPv6 sock_addr call.
+struct SockAddr6 {
+    addr: [u8; 16],
+    port: [u8; 2],
+    proto: u8,
+}
+
+/// Where a local IPv6 client goes: the backend's address (IPv4-mapped for an IPv4
+/// rule), port (network order) and counter slot.
+struct Target6 {
+    addr: [u8; 16],
+    port: [u8; 2],
+    slot: u32,
+}
+
+const LOOPBACK6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+#[inline(always)]
+fn fields6(ctx: &SockAddrContext) -> SockAddr6 {
+    let mut addr = [0u8; 16];
+    // SAFETY: the kernel passes a valid bpf_sock_addr; user_ip6 words, user_port and
+    // protocol are readable with 4-byte loads in every IPv6 sock_addr program (volatile
+    // keeps each load 4 bytes wide, the width the verifier expects).
+    unsafe {
+        let sa = raw(ctx);
+        let mut i = 0;
+        while i < 4 {
+            let w = core::ptr::read_volatile(&(*sa).user_ip6[i]).to_ne_bytes();
+            addr[4 * i] = w[0];
+            addr[4 * i + 1] = w[1];
+            addr[4 * i + 2] = w[2];
+            addr[4 * i + 3] = w[3];
+            i += 1;
+        }
+        SockAddr6 {
+            addr,
+            port: (core::ptr::read_volatile(&(*sa).user_port) as u16).to_ne_bytes(),
+            proto: core::ptr::read_volatile(&(*sa).protocol) as u8,
+        }
+    }
+}
+
+#[inline(always)]
+fn set_addr6(ctx: &SockAddrContext, addr: [u8; 16], port: [u8; 2]) {
+    // SAFETY: user_ip6 words and user_port are writable with 4-byte stores in these
+    // programs.
+    unsafe {
+        let sa = raw(ctx);
+        let mut i = 0;
+        while i < 4 {
+            let w = u32::from_ne_bytes([
+                addr[4 * i],
+                addr[4 * i + 1],
+                addr[4 * i + 2],
+                addr[4 * i + 3],
+            ]);
+            core::ptr::write_volatile(&mut (*sa).user_ip6[i], w);
+            i += 1;
+        }
+        core::ptr::write_volatile(&mut (*sa).user_port, u16::from_ne_bytes(port) as u32);
+    }
+}
+
+/// The IPv4 address inside an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
+#[inline(always)]
+fn mapped_v4(a: &[u8; 16]) -> Option<[u8; 4]> {
+    let mut i = 0;
+    while i < 10 {
+        if a[i] != 0 {
+            return None;
+        }
+        i += 1;
+    }
+    if a[10] != 0xff || a[11] != 0xff {
+        return None;
+    }
+    Some([a[12], a[13], a[14], a[15]])
+}
+
+#[inline(always)]
+fn map_v4(a: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
+}
+
+/// As [`lookup`], for an IPv6 socket: `::1` is the loopback, `RULES_V6` the rules; an
+/// IPv4-mapped address is looked up in the IPv4 rules.
+#[inline(always)]
+fn lookup6(addr: [u8; 16], port: [u8; 2], l4: u8, host_ns: bool) -> Option<Target6> {
+    if let Some(v4) = mapped_v4(&addr) {
+        let b = lookup(v4, port, l4, host_ns)?;
+        return Some(Target6 {
+            addr: map_v4(b.addr_bytes()),
+            port: b.port_be(),
+            slot: b.stats_slot(),
+        });
+    }
+    if l4 != proto::TCP && l4 != proto::UDP {
+        return None;
+    }
+    let loopback = addr == LOOPBACK6;
+    if loopback && !host_ns {
+        return None;
+    }
+    // SAFETY (all three): values are copied out at once.
+    let b = match unsafe { RULES_V6.get(&RuleKeyV6::new(addr, port, l4)) } {
+        Some(b) => *b,
+        None => {
+            let wildcard = unsafe { RULES_V6.get(&RuleKeyV6::new([0; 16], port, l4)) }.copied()?;
+            // `::` itself: a bind there would take the wildcard's port on every address.
+            if !(loopback || addr == [0; 16] || unsafe { HOST_ADDRS_V6.get(&addr) }.is_some()) {
+                return None;
+            }
+            wildcard
+        }
+    };
+    Some(Target6 {
+        addr: b.addr_bytes(),
+        port: b.port_be(),
+        slot: b.stats_slot(),
+    })
+}
+
+#[inline(always)]
+fn redirect_to_backend6(ctx: &SockAddrContext) {
+    let sa = fields6(ctx);
+    if sa.addr == [0; 16] {
+        return;
+    }
+    let Some(target) = lookup6(sa.addr, sa.port, sa.proto, in_host_netns(ctx)) else {
+        return;
+    };
+    // SAFETY: plain helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = LocalPeerKeyV6::new(cookie, target.addr, target.port, sa.proto);
+    let published = LocalPeerV6::new(sa.addr, sa.port);
+    // SAFETY: compared by value at once.
+    let known = matches!(unsafe { LOCAL_PEERS_V6.get(&key) }, Some(p) if *p == published);
+    if !known && LOCAL_PEERS_V6.insert(&key, &published, 0).is_err() {
+        count(Reason::FlowInsertFailed);
+    }
+    set_addr6(ctx, target.addr, target.port);
+    maps::count_local(target.slot);
+    count(Reason::LocalTranslated);
+}
+
+#[inline(always)]
+fn restore_published6(ctx: &SockAddrContext) {
+    let sa = fields6(ctx);
+    // SAFETY: plain helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = LocalPeerKeyV6::new(cookie, sa.addr, sa.port, sa.proto);
+    // SAFETY: copied out at once.
+    if let Some(p) = unsafe { LOCAL_PEERS_V6.get(&key) }.copied() {
+        set_addr6(ctx, p.host_addr_bytes(), p.host_port_be());
     }
 }

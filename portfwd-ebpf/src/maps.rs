@@ -5,8 +5,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use portfwd_common::{
-    BackendV4, BridgePortKey, Config, FlowKeyV4, FlowV4, LocalPeerKeyV4, LocalPeerV4, Reason,
-    RuleKeyV4, RuleStats, MAX_BRIDGE_PORTS, MAX_FLOWS, MAX_HOST_ADDRS, MAX_LOCAL_PEERS, MAX_RULES,
+    BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6,
+    LocalPeerKeyV4, LocalPeerKeyV6, LocalPeerV4, LocalPeerV6, Reason, RuleKeyV4, RuleKeyV6,
+    RuleStats, MAX_BRIDGE_PORTS, MAX_FLOWS, MAX_HOST_ADDRS, MAX_LOCAL_PEERS, MAX_RULES,
     MAX_STATS_SLOTS,
 };
 
@@ -19,6 +20,15 @@ pub static CONNTRACK_V4: LruHashMap<FlowKeyV4, FlowV4> = LruHashMap::with_max_en
 #[map(name = "HOST_ADDRS_V4")]
 pub static HOST_ADDRS_V4: HashMap<[u8; 4], u8> = HashMap::with_max_entries(MAX_HOST_ADDRS, 0);
 
+#[map(name = "RULES_V6")]
+pub static RULES_V6: HashMap<RuleKeyV6, BackendV6> = HashMap::with_max_entries(MAX_RULES, 0);
+
+#[map(name = "CONNTRACK_V6")]
+pub static CONNTRACK_V6: LruHashMap<FlowKeyV6, FlowV6> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+#[map(name = "HOST_ADDRS_V6")]
+pub static HOST_ADDRS_V6: HashMap<[u8; 16], u8> = HashMap::with_max_entries(MAX_HOST_ADDRS, 0);
+
 #[map(name = "RULE_STATS")]
 pub static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAX_STATS_SLOTS, 0);
 
@@ -27,6 +37,10 @@ pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason
 
 #[map(name = "LOCAL_PEERS_V4")]
 pub static LOCAL_PEERS_V4: LruHashMap<LocalPeerKeyV4, LocalPeerV4> =
+    LruHashMap::with_max_entries(MAX_LOCAL_PEERS, 0);
+
+#[map(name = "LOCAL_PEERS_V6")]
+pub static LOCAL_PEERS_V6: LruHashMap<LocalPeerKeyV6, LocalPeerV6> =
     LruHashMap::with_max_entries(MAX_LOCAL_PEERS, 0);
 
 #[map(name = "CONFIG")]

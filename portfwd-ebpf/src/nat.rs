@@ -1,18 +1,31 @@
 //! The translation itself, written once for every hook: `ingress` (destination NAT of a
 //! published port) and `reply` (source NAT of the backend's answers). How the bytes and
 //! checksums are written differs per hook and lives behind [`Packet`].
+//!
+//! Both families share the entry points: the parser branches once on the ethertype, and
+//! each family has its own maps (`RULES_V4`/`RULES_V6`, ...). IPv6 has no header
+//! checksum; its pseudo-header covers both addresses, so an address rewrite changes the
+//! L4 checksum only. The fast path (FIB lookup and redirect) is IPv4-only: translated
+//! IPv6 packets always take the kernel's routing.
 
+use aya_ebpf::helpers::bpf_csum_diff;
 use aya_ebpf::{
     bindings::BPF_F_PSEUDO_HDR,
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
-use portfwd_common::{csum, BackendV4, FlowKeyV4, FlowV4, Reason, RuleKeyV4, CONFIG_FAST_PATH};
+use portfwd_common::{
+    csum, BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Reason, RuleKeyV4, RuleKeyV6,
+    CONFIG_FAST_PATH,
+};
 
 use crate::{
     count, fastpath,
-    maps::{self, CONNTRACK_V4, HOST_ADDRS_V4, RULES_V4},
-    packet::{bytes_at, parse_ipv4, Ipv4Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF},
+    maps::{self, CONNTRACK_V4, CONNTRACK_V6, HOST_ADDRS_V4, HOST_ADDRS_V6, RULES_V4, RULES_V6},
+    packet::{
+        bytes_at, parse_eth, parse_ipv4, parse_ipv6, Ipv4Flow, Ipv6Flow, IP6_DST_OFF, IP6_SRC_OFF,
+        IPV6_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, L3,
+    },
 };
 
 pub enum Verdict {
@@ -40,17 +53,46 @@ pub trait Packet {
     fn forward(&mut self, f: &Ipv4Flow, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), ()>;
     /// Rewrites the address and port of `end`, updating the IPv4 and L4 checksums.
     fn rewrite(&mut self, f: &Ipv4Flow, end: End, addr: [u8; 4], port: [u8; 2]) -> Result<(), ()>;
+    /// Rewrites the address and port of `end` of an IPv6 packet, updating the L4 checksum.
+    fn rewrite_v6(
+        &mut self,
+        f: &Ipv6Flow,
+        end: End,
+        addr: [u8; 16],
+        port: [u8; 2],
+    ) -> Result<(), ()>;
 }
 
 #[inline(always)]
 pub fn ingress<P: Packet>(pkt: &mut P) -> Verdict {
-    let flow = match parse_ipv4(pkt.data(), pkt.data_end()) {
-        Ok(f) => f,
-        Err(reason) => {
-            count(reason);
-            return Verdict::Pass;
-        }
+    let (data, data_end) = (pkt.data(), pkt.data_end());
+    let parsed = match parse_eth(data, data_end) {
+        Ok(L3::Ipv4 { ip_off }) => parse_ipv4(data, data_end, ip_off).map(|f| ingress_v4(pkt, f)),
+        Ok(L3::Ipv6 { ip_off }) => parse_ipv6(data, data_end, ip_off).map(|f| ingress_v6(pkt, f)),
+        Err(reason) => Err(reason),
     };
+    parsed.unwrap_or_else(|reason| {
+        count(reason);
+        Verdict::Pass
+    })
+}
+
+#[inline(always)]
+pub fn reply<P: Packet>(pkt: &mut P) -> Verdict {
+    let (data, data_end) = (pkt.data(), pkt.data_end());
+    let parsed = match parse_eth(data, data_end) {
+        Ok(L3::Ipv4 { ip_off }) => parse_ipv4(data, data_end, ip_off).map(|f| reply_v4(pkt, f)),
+        Ok(L3::Ipv6 { ip_off }) => parse_ipv6(data, data_end, ip_off).map(|f| reply_v6(pkt, f)),
+        Err(reason) => Err(reason),
+    };
+    parsed.unwrap_or_else(|reason| {
+        count(reason);
+        Verdict::Pass
+    })
+}
+
+#[inline(always)]
+fn ingress_v4<P: Packet>(pkt: &mut P, flow: Ipv4Flow) -> Verdict {
     let backend = match lookup_rule(&flow) {
         Ok(b) => b,
         Err(reason) => {
@@ -88,14 +130,7 @@ pub fn ingress<P: Packet>(pkt: &mut P) -> Verdict {
 }
 
 #[inline(always)]
-pub fn reply<P: Packet>(pkt: &mut P) -> Verdict {
-    let flow = match parse_ipv4(pkt.data(), pkt.data_end()) {
-        Ok(f) => f,
-        Err(reason) => {
-            count(reason);
-            return Verdict::Pass;
-        }
-    };
+fn reply_v4<P: Packet>(pkt: &mut P, flow: Ipv4Flow) -> Verdict {
     let key = FlowKeyV4::new(flow.src, flow.sport, flow.dst, flow.dport, flow.proto);
     // SAFETY: the value is copied out at once; LRU entries may be evicted concurrently.
     let Some(tracked) = (unsafe { CONNTRACK_V4.get(&key) }).copied() else {
@@ -158,6 +193,108 @@ fn record_flow(flow: &Ipv4Flow, backend: &BackendV4) {
     }
     if CONNTRACK_V4.insert(&key, &value, 0).is_err() {
         count(Reason::FlowInsertFailed);
+    }
+}
+
+#[inline(always)]
+fn ingress_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow) -> Verdict {
+    let backend = match lookup_rule_v6(&flow) {
+        Ok(b) => b,
+        Err(reason) => {
+            count(reason);
+            return Verdict::Pass;
+        }
+    };
+    record_flow_v6(&flow, &backend);
+    if pkt
+        .rewrite_v6(&flow, End::Dst, backend.addr_bytes(), backend.port_be())
+        .is_err()
+    {
+        count(Reason::DropChecksum);
+        return Verdict::Drop;
+    }
+    maps::count_rule(backend.stats_slot(), pkt.len(), false);
+    count(Reason::Translated);
+    // No IPv6 fast path: the kernel routes the translated packet.
+    if maps::config().flags & CONFIG_FAST_PATH != 0 {
+        count(Reason::FastPathFallback);
+    }
+    Verdict::Pass
+}
+
+#[inline(always)]
+fn reply_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow) -> Verdict {
+    let key = FlowKeyV6::new(flow.src, flow.sport, flow.dst, flow.dport, flow.proto);
+    // SAFETY: the value is copied out at once; LRU entries may be evicted concurrently.
+    let Some(tracked) = (unsafe { CONNTRACK_V6.get(&key) }).copied() else {
+        count(Reason::PassNoFlow);
+        return Verdict::Pass;
+    };
+    if pkt
+        .rewrite_v6(
+            &flow,
+            End::Src,
+            tracked.host_addr_bytes(),
+            tracked.host_port_be(),
+        )
+        .is_err()
+    {
+        count(Reason::DropChecksum);
+        return Verdict::Drop;
+    }
+    maps::count_rule(tracked.stats_slot(), pkt.len(), true);
+    count(Reason::ReplyTranslated);
+    Verdict::Pass
+}
+
+/// As [`lookup_rule`], for IPv6: the exact address, then the `::` wildcard, which only
+/// covers the host's own addresses.
+#[inline(always)]
+fn lookup_rule_v6(flow: &Ipv6Flow) -> Result<BackendV6, Reason> {
+    let exact = RuleKeyV6::new(flow.dst, flow.dport, flow.proto);
+    // SAFETY: values are copied out at once; the daemon may replace them concurrently.
+    if let Some(b) = unsafe { RULES_V6.get(&exact) } {
+        return Ok(*b);
+    }
+    let wildcard = RuleKeyV6::new([0; 16], flow.dport, flow.proto);
+    let Some(b) = (unsafe { RULES_V6.get(&wildcard) }).copied() else {
+        return Err(Reason::PassNoRule);
+    };
+    if unsafe { HOST_ADDRS_V6.get(&flow.dst) }.is_none() {
+        return Err(Reason::PassNotHostAddr);
+    }
+    Ok(b)
+}
+
+/// As [`record_flow`], for IPv6.
+#[inline(always)]
+fn record_flow_v6(flow: &Ipv6Flow, backend: &BackendV6) {
+    let key = FlowKeyV6::new(
+        backend.addr_bytes(),
+        backend.port_be(),
+        flow.src,
+        flow.sport,
+        flow.proto,
+    );
+    let value = FlowV6::new(flow.dst, flow.dport, backend.stats_slot());
+    // SAFETY: compared by value at once.
+    if let Some(existing) = unsafe { CONNTRACK_V6.get(&key) } {
+        if *existing == value {
+            return;
+        }
+    }
+    if CONNTRACK_V6.insert(&key, &value, 0).is_err() {
+        count(Reason::FlowInsertFailed);
+    }
+}
+
+/// Offsets (from the start of the IPv6 header, and of the L4 header) of `end`'s address
+/// and port.
+#[inline(always)]
+fn v6_field_offsets(end: End) -> (usize, usize) {
+    match end {
+        End::Src => (IP6_SRC_OFF, 0),
+        End::Dst => (IP6_DST_OFF, 2),
     }
 }
 
@@ -262,6 +399,42 @@ impl Packet for XdpPacket<'_> {
         }
         Ok(())
     }
+
+    #[inline(always)]
+    fn rewrite_v6(
+        &mut self,
+        f: &Ipv6Flow,
+        end: End,
+        addr: [u8; 16],
+        port: [u8; 2],
+    ) -> Result<(), ()> {
+        let (data, data_end) = (self.data(), self.data_end());
+        let ip = bytes_at(data, data_end, f.ip_off, IPV6_HLEN).ok_or(())?;
+        let l4 = bytes_at(data, data_end, f.l4_off, f.l4_hlen()).ok_or(())?;
+        let (old_addr, old_port) = match end {
+            End::Src => (f.src, f.sport),
+            End::Dst => (f.dst, f.dport),
+        };
+        let (addr_at, port_at) = v6_field_offsets(end);
+        let l4_csum_at = f.l4_csum_off() - f.l4_off;
+        // SAFETY: `ip` spans the 40-byte IPv6 header and `l4` the whole L4 header
+        // (checked above); every offset below is inside them.
+        unsafe {
+            write(ip.add(addr_at), &addr);
+            let l4_check = u16::from_be_bytes([*l4.add(l4_csum_at), *l4.add(l4_csum_at + 1)]);
+            let l4_check = csum::l4_update_v6(
+                l4_check,
+                old_addr,
+                addr,
+                u16::from_be_bytes(old_port),
+                u16::from_be_bytes(port),
+                f.is_udp(),
+            );
+            write(l4.add(l4_csum_at), &l4_check.to_be_bytes());
+            write(l4.add(port_at), &port);
+        }
+        Ok(())
+    }
 }
 
 #[inline(always)]
@@ -281,9 +454,12 @@ pub struct TcPacket<'a> {
     ctx: &'a TcContext,
 }
 
-/// Enough linear bytes for Ethernet + VLAN + the longest IPv4 header + TCP.
+/// Enough linear bytes for Ethernet + VLAN + the longest IPv4 header + TCP (more than
+/// Ethernet + VLAN + IPv6 + TCP).
 const TC_LINEAR_WANT: u32 = 14 + 4 + 60 + 20;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
+/// `bpf_l4_csum_replace` on IPv6 (include/uapi/linux/bpf.h, 6.16+; not in aya's bindings).
+const BPF_F_IPV6: u64 = 1 << 7;
 
 impl<'a> TcPacket<'a> {
     #[inline(always)]
@@ -382,4 +558,68 @@ impl Packet for TcPacket<'_> {
             .map_err(|_| ())?;
         Ok(())
     }
+
+    #[inline(always)]
+    fn rewrite_v6(
+        &mut self,
+        f: &Ipv6Flow,
+        end: End,
+        addr: [u8; 16],
+        port: [u8; 2],
+    ) -> Result<(), ()> {
+        let (old_addr, old_port) = match end {
+            End::Src => (f.src, f.sport),
+            End::Dst => (f.dst, f.dport),
+        };
+        let (addr_at, port_at) = v6_field_offsets(end);
+        let (data, data_end) = (self.data(), self.data_end());
+        let ip = bytes_at(data, data_end, f.ip_off, IPV6_HLEN).ok_or(())?;
+        let l4 = bytes_at(data, data_end, f.l4_off, f.l4_hlen()).ok_or(())?;
+        // SAFETY: `ip` spans the IPv6 header and `l4` the whole L4 header (checked above).
+        unsafe {
+            write(ip.add(addr_at), &addr);
+            write(l4.add(port_at), &port);
+        }
+        // The 16-byte address change as one checksum difference (bpf_csum_diff), applied
+        // with size 0 ("`to` is a diff"); the pseudo-header flag keeps a partial
+        // (offloaded) checksum and skb->csum right, as for IPv4.
+        let mut from = words(old_addr);
+        let mut to = words(addr);
+        // SAFETY: both buffers are 16 bytes on our stack, sizes multiples of 4.
+        let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
+        if diff < 0 {
+            return Err(());
+        }
+        let l4_csum = f.l4_csum_off();
+        let mangled = if f.is_udp() { BPF_F_MARK_MANGLED_0 } else { 0 };
+        let (old_p, new_p) = (
+            u16::from_ne_bytes(old_port) as u64,
+            u16::from_ne_bytes(port) as u64,
+        );
+        let c = self.ctx;
+        // BPF_F_IPV6 (6.16+): the address change is not compensated by an IP header
+        // checksum, so skb->csum (CHECKSUM_COMPLETE) must be left alone. Kernels without
+        // the flag refuse it (EINVAL) before touching anything: retry without it there.
+        let flags = BPF_F_PSEUDO_HDR as u64 | mangled;
+        let diff = diff as u32 as u64;
+        if c.l4_csum_replace(l4_csum, 0, diff, flags | BPF_F_IPV6)
+            .is_err()
+        {
+            c.l4_csum_replace(l4_csum, 0, diff, flags).map_err(|_| ())?;
+        }
+        c.l4_csum_replace(l4_csum, old_p, new_p, mangled | 2)
+            .map_err(|_| ())?;
+        Ok(())
+    }
+}
+
+/// An address as the 32-bit words `bpf_csum_diff` reads (memory order kept).
+#[inline(always)]
+fn words(a: [u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
 }

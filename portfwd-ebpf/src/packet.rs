@@ -1,18 +1,30 @@
 //! Header parsing over `[data, data_end)`: Ethernet (with at most one 802.1Q/802.1ad tag),
-//! IPv4 (any IHL, options skipped), then the TCP or UDP ports. Every read is bounds-checked
-//! against `data_end` before it happens, so the verifier accepts it and a truncated packet
-//! is a [`Reason::PassMalformed`], never an out-of-bounds read.
+//! then IPv4 (any IHL, options skipped) or IPv6 (the fixed header only), then the TCP or
+//! UDP ports. Every read is bounds-checked against `data_end` before it happens, so the
+//! verifier accepts it and a truncated packet is a [`Reason::PassMalformed`], never an
+//! out-of-bounds read.
+//!
+//! IPv6 extension headers are not walked: a Fragment header is a [`Reason::PassFragment`]
+//! (as an IPv4 fragment is), any other extension header before the transport header a
+//! [`Reason::PassIpv6ExtHeader`]; both go to the stack untouched. TCP and UDP from hosts
+//! almost never carry one, and a bounded walk costs verifier complexity on every packet.
 
 use portfwd_common::{proto, Reason};
 
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPV4_MIN_HLEN: usize = 20;
 /// Fragment offset and "more fragments": any set bit means the packet is a fragment.
 const IP_FRAG_MASK: u16 = 0x3fff;
+pub const IPV6_HLEN: usize = 40;
+/// IPv6 next-header values of the extension headers (RFC 8200, and the IANA registry's
+/// "IPv6 Extension Header Types"). Fragment is [`Reason::PassFragment`].
+const IPV6_NH_FRAGMENT: u8 = 44;
+const IPV6_EXT_HEADERS: [u8; 9] = [0, 43, 50, 51, 60, 135, 139, 140, 253];
 pub const TCP_HLEN: usize = 20;
 pub const UDP_HLEN: usize = 8;
 
@@ -23,21 +35,26 @@ pub const IP_SRC_OFF: usize = 12;
 pub const IP_DST_OFF: usize = 16;
 pub const TCP_CSUM_OFF: usize = 16;
 pub const UDP_CSUM_OFF: usize = 6;
+pub const IP6_SRC_OFF: usize = 8;
+pub const IP6_DST_OFF: usize = 24;
 
-/// What the NAT needs of an IPv4 TCP/UDP packet: offsets from the start of the frame and
-/// the fields, in network order.
+/// What the NAT needs of a TCP/UDP packet: offsets from the start of the frame and the
+/// fields, in network order. `N` is the address length: 4 or 16.
 #[derive(Clone, Copy)]
-pub struct Ipv4Flow {
+pub struct Flow<const N: usize> {
     pub ip_off: usize,
     pub l4_off: usize,
     pub proto: u8,
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
+    pub src: [u8; N],
+    pub dst: [u8; N],
     pub sport: [u8; 2],
     pub dport: [u8; 2],
 }
 
-impl Ipv4Flow {
+pub type Ipv4Flow = Flow<4>;
+pub type Ipv6Flow = Flow<16>;
+
+impl<const N: usize> Flow<N> {
     #[inline(always)]
     pub fn is_udp(&self) -> bool {
         self.proto == proto::UDP
@@ -85,8 +102,16 @@ fn read<const N: usize>(p: *const u8, at: usize) -> [u8; N] {
     out
 }
 
+/// The network layer of a frame, after Ethernet and at most one VLAN tag.
+pub enum L3 {
+    Ipv4 { ip_off: usize },
+    Ipv6 { ip_off: usize },
+}
+
+/// Parses Ethernet; callers dispatch on the result: one branch for IPv4, as before IPv6
+/// existed, and IPv6 only on the other side of it.
 #[inline(always)]
-pub fn parse_ipv4(data: usize, data_end: usize) -> Result<Ipv4Flow, Reason> {
+pub fn parse_eth(data: usize, data_end: usize) -> Result<L3, Reason> {
     let eth = bytes_at(data, data_end, 0, ETH_HLEN).ok_or(Reason::PassMalformed)?;
     let mut ethertype = u16::from_be_bytes(read(eth, 12));
     let mut ip_off = ETH_HLEN;
@@ -95,10 +120,17 @@ pub fn parse_ipv4(data: usize, data_end: usize) -> Result<Ipv4Flow, Reason> {
         ethertype = u16::from_be_bytes(read(tag, 2));
         ip_off += VLAN_HLEN;
     }
-    if ethertype != ETH_P_IP {
-        return Err(Reason::PassNotIpv4);
+    if ethertype == ETH_P_IP {
+        Ok(L3::Ipv4 { ip_off })
+    } else if ethertype == ETH_P_IPV6 {
+        Ok(L3::Ipv6 { ip_off })
+    } else {
+        Err(Reason::PassNotIp)
     }
+}
 
+#[inline(always)]
+pub fn parse_ipv4(data: usize, data_end: usize, ip_off: usize) -> Result<Ipv4Flow, Reason> {
     let ip = bytes_at(data, data_end, ip_off, IPV4_MIN_HLEN).ok_or(Reason::PassMalformed)?;
     let [ver_ihl] = read::<1>(ip, 0);
     let ihl = ((ver_ihl & 0x0f) as usize) * 4;
@@ -128,4 +160,47 @@ pub fn parse_ipv4(data: usize, data_end: usize) -> Result<Ipv4Flow, Reason> {
         sport: read(l4, 0),
         dport: read(l4, 2),
     })
+}
+
+#[inline(always)]
+pub fn parse_ipv6(data: usize, data_end: usize, ip_off: usize) -> Result<Ipv6Flow, Reason> {
+    let ip = bytes_at(data, data_end, ip_off, IPV6_HLEN).ok_or(Reason::PassMalformed)?;
+    let [ver] = read::<1>(ip, 0);
+    if ver >> 4 != 6 {
+        return Err(Reason::PassMalformed);
+    }
+    let [next] = read::<1>(ip, 6);
+    let l4_hlen = match next {
+        proto::TCP => TCP_HLEN,
+        proto::UDP => UDP_HLEN,
+        IPV6_NH_FRAGMENT => return Err(Reason::PassFragment),
+        n if is_ext_header(n) => return Err(Reason::PassIpv6ExtHeader),
+        _ => return Err(Reason::PassNotTcpUdp),
+    };
+    let src = read(ip, IP6_SRC_OFF);
+    let dst = read(ip, IP6_DST_OFF);
+
+    let l4_off = ip_off + IPV6_HLEN;
+    let l4 = bytes_at(data, data_end, l4_off, l4_hlen).ok_or(Reason::PassMalformed)?;
+    Ok(Ipv6Flow {
+        ip_off,
+        l4_off,
+        proto: next,
+        src,
+        dst,
+        sport: read(l4, 0),
+        dport: read(l4, 2),
+    })
+}
+
+#[inline(always)]
+fn is_ext_header(next: u8) -> bool {
+    let mut i = 0;
+    while i < IPV6_EXT_HEADERS.len() {
+        if IPV6_EXT_HEADERS[i] == next {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }

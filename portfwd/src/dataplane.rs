@@ -2,7 +2,12 @@
 //! programs to interfaces, and gives typed access to the maps. Dropping a [`Dataplane`]
 //! detaches everything it attached (aya owns the links).
 
-use std::{collections::BTreeSet, fmt, net::Ipv4Addr, path::Path};
+use std::{
+    collections::BTreeSet,
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
@@ -10,9 +15,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use portfwd_common::{
-    programs, BackendV4, BridgePortKey, Config, FlowKeyV4, FlowV4, Reason, RuleKeyV4, RuleStats,
-    BRIDGE_PORTS, CONFIG, CONFIG_FAST_PATH, CONNTRACK_V4, HOST_ADDRS_V4, REASON_STATS, RULES_V4,
-    RULE_STATS,
+    programs, BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6,
+    Reason, RuleKeyV4, RuleKeyV6, RuleStats, BRIDGE_PORTS, CONFIG, CONFIG_FAST_PATH, CONNTRACK_V4,
+    CONNTRACK_V6, HOST_ADDRS_V4, HOST_ADDRS_V6, REASON_STATS, RULES_V4, RULES_V6, RULE_STATS,
 };
 use thiserror::Error;
 
@@ -118,13 +123,18 @@ pub struct Attachment {
     pub egress: Hook,
 }
 
-/// The socket programs serving local clients, in attach order.
-const SOCKET_PROGRAMS: [&str; 5] = [
+/// The socket programs serving local clients (IPv4 and IPv6), in attach order.
+const SOCKET_PROGRAMS: [&str; 10] = [
     programs::SOCK_BIND4,
     programs::SOCK_RECVMSG4,
     programs::SOCK_GETPEERNAME4,
     programs::SOCK_SENDMSG4,
     programs::SOCK_CONNECT4,
+    programs::SOCK_BIND6,
+    programs::SOCK_RECVMSG6,
+    programs::SOCK_GETPEERNAME6,
+    programs::SOCK_SENDMSG6,
+    programs::SOCK_CONNECT6,
 ];
 
 pub struct Dataplane {
@@ -208,7 +218,8 @@ impl Dataplane {
     }
 
     /// Serves local clients of every process in the cgroup v2 at `cgroup` (and below):
-    /// attaches the socket programs and records this network namespace as the host's.
+    /// attaches the socket programs (IPv4 and IPv6) and records this network namespace as
+    /// the host's.
     /// Attached as BPF links (5.7+), which coexist with other programs on the cgroup
     /// (the kernel refuses attach flags on link creation, hence `Single`).
     pub fn attach_local(&mut self, cgroup: &Path) -> Result<(), DataplaneError> {
@@ -449,6 +460,104 @@ impl Dataplane {
         }
         Ok(())
     }
+    fn rules_v6(&mut self) -> Result<HashMap<&mut MapData, RuleKeyV6, BackendV6>, DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(RULES_V6)
+            .ok_or(DataplaneError::MissingMap(RULES_V6))?;
+        HashMap::try_from(map).map_err(map_err(RULES_V6))
+    }
+
+    /// Publishes (or replaces) one IPv6 port (`::` as the key's address: every host
+    /// address in [`Self::sync_host_addrs_v6`]).
+    pub fn insert_rule_v6(
+        &mut self,
+        key: RuleKeyV6,
+        backend: BackendV6,
+    ) -> Result<(), DataplaneError> {
+        self.rules_v6()?
+            .insert(key, backend, 0)
+            .map_err(map_err(RULES_V6))
+    }
+
+    /// Unpublishes one IPv6 port; absent keys are not an error.
+    pub fn remove_rule_v6(&mut self, key: &RuleKeyV6) -> Result<(), DataplaneError> {
+        match self.rules_v6()?.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(RULES_V6)(e)),
+        }
+    }
+
+    /// Every IPv6 rule the kernel holds.
+    pub fn rules_snapshot_v6(&mut self) -> Result<Vec<(RuleKeyV6, BackendV6)>, DataplaneError> {
+        let rules = self.rules_v6()?;
+        rules
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(RULES_V6))
+    }
+
+    /// Forgets every tracked IPv6 flow of a backend (see [`Self::forget_flows_to`]).
+    pub fn forget_flows_to_v6(
+        &mut self,
+        backend: (Ipv6Addr, u16),
+        proto: u8,
+    ) -> Result<usize, DataplaneError> {
+        self.forget_flows_v6(&[(backend.0, backend.1, proto)].into_iter().collect())
+    }
+
+    /// Forgets every tracked IPv6 flow to one of `backends` (address, port, protocol
+    /// number), in one pass over the flow table; returns how many.
+    pub fn forget_flows_v6(
+        &mut self,
+        backends: &BTreeSet<(Ipv6Addr, u16, u8)>,
+    ) -> Result<usize, DataplaneError> {
+        if backends.is_empty() {
+            return Ok(0);
+        }
+        let map = self
+            .ebpf
+            .map_mut(CONNTRACK_V6)
+            .ok_or(DataplaneError::MissingMap(CONNTRACK_V6))?;
+        // aya's HashMap also handles LRU hash maps.
+        let mut ct: HashMap<&mut MapData, FlowKeyV6, FlowV6> =
+            HashMap::try_from(map).map_err(map_err(CONNTRACK_V6))?;
+        let stale: Vec<FlowKeyV6> = ct
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                let (ip, port) = k.backend();
+                backends.contains(&(ip, port, k.proto()))
+            })
+            .collect();
+        for k in &stale {
+            let _ = ct.remove(k);
+        }
+        Ok(stale.len())
+    }
+
+    /// Makes the kernel's set of IPv6 host addresses (for `::` rules) equal to `addrs`.
+    pub fn sync_host_addrs_v6(&mut self, addrs: &BTreeSet<Ipv6Addr>) -> Result<(), DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(HOST_ADDRS_V6)
+            .ok_or(DataplaneError::MissingMap(HOST_ADDRS_V6))?;
+        let mut m: HashMap<&mut MapData, [u8; 16], u8> =
+            HashMap::try_from(map).map_err(map_err(HOST_ADDRS_V6))?;
+        let current: BTreeSet<Ipv6Addr> = m
+            .keys()
+            .filter_map(Result::ok)
+            .map(Ipv6Addr::from)
+            .collect();
+        for gone in current.difference(addrs) {
+            let _ = m.remove(&gone.octets());
+        }
+        for new in addrs.difference(&current) {
+            m.insert(new.octets(), 1, 0)
+                .map_err(map_err(HOST_ADDRS_V6))?;
+        }
+        Ok(())
+    }
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DataplaneError>
@@ -476,6 +585,20 @@ pub fn local_ipv4_addrs() -> BTreeSet<Ipv4Addr> {
         .filter_map(|a| {
             a.address
                 .and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip()))
+        })
+        .collect()
+}
+
+/// The IPv6 addresses configured on this network namespace's interfaces (link-local
+/// ones included: a wildcard rule answers on them too, as a socket bound to `::` does).
+pub fn local_ipv6_addrs() -> BTreeSet<Ipv6Addr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return BTreeSet::new();
+    };
+    addrs
+        .filter_map(|a| {
+            a.address
+                .and_then(|s| s.as_sockaddr_in6().map(|sin6| sin6.ip()))
         })
         .collect()
 }

@@ -338,9 +338,10 @@ fn ingress_cases() -> Vec<Case> {
     arp.extend_from_slice(&CLIENT.octets());
     arp.extend_from_slice(&[0; 6]);
     arp.extend_from_slice(&HOST.octets());
-    cases.push(untouched("ARP", arp, Reason::PassNotIpv4));
+    cases.push(untouched("ARP", arp, Reason::PassNotIp));
 
-    // IPv6 UDP to port 5353.
+    // IPv6 UDP to port 5353: the IPv4 wildcard rule does not cover IPv6 (the IPv6
+    // fixtures are in prog_run_v6.rs).
     let mut v6 = Vec::new();
     PacketBuilder::ethernet2(MAC_A, MAC_B)
         .ipv6(
@@ -351,7 +352,11 @@ fn ingress_cases() -> Vec<Case> {
         .udp(1234, 5353)
         .write(&mut v6, b"v6")
         .expect("v6 frame");
-    cases.push(untouched("IPv6", v6, Reason::PassNotIpv4));
+    cases.push(untouched(
+        "IPv6 without an IPv6 rule",
+        v6,
+        Reason::PassNoRule,
+    ));
 
     let mut icmp = Vec::new();
     PacketBuilder::ethernet2(MAC_A, MAC_B)
@@ -539,7 +544,7 @@ fn tc_egress_reply_fixtures() {
                     .find(|c| c.what == "ARP")
                     .expect("arp")
                     .input,
-                Reason::PassNotIpv4,
+                Reason::PassNotIp,
             ),
             untouched(
                 "truncated reply",
