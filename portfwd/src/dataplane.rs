@@ -349,8 +349,8 @@ impl Dataplane {
     /// Unpublishes one port; absent keys are not an error.
     pub fn remove_rule(&mut self, key: &RuleKeyV4) -> Result<(), DataplaneError> {
         match self.rules()?.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(RULES_V4)(e)),
+            Err(e) if !is_not_found(&e) => Err(map_err(RULES_V4)(e)),
+            _ => Ok(()),
         }
     }
 
@@ -483,8 +483,8 @@ impl Dataplane {
     /// Unpublishes one IPv6 port; absent keys are not an error.
     pub fn remove_rule_v6(&mut self, key: &RuleKeyV6) -> Result<(), DataplaneError> {
         match self.rules_v6()?.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(RULES_V6)(e)),
+            Err(e) if !is_not_found(&e) => Err(map_err(RULES_V6)(e)),
+            _ => Ok(()),
         }
     }
 
@@ -557,6 +557,15 @@ impl Dataplane {
                 .map_err(map_err(HOST_ADDRS_V6))?;
         }
         Ok(())
+    }
+}
+
+/// A map delete of an absent key: aya reports it as the syscall's ENOENT.
+fn is_not_found(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
 }
 

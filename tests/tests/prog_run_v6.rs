@@ -1,0 +1,708 @@
+//! BPF_PROG_RUN fixture tables for IPv6: the same programs as `prog_run.rs` (one entry
+//! point per hook serves both families), run by the real kernel on crafted IPv6 frames
+//! with seeded IPv6 maps. Each case gives the input frame, the expected verdict and the
+//! expected output bytes (the untouched input, or the frame rebuilt from scratch with
+//! the translated address and port and a freshly computed checksum).
+//!
+//! Needs root (CAP_BPF + CAP_NET_ADMIN). Without it the suite skips, except under
+//! `CI=true`, where it fails.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use aya::programs::{tc::SchedClassifier, TestRun, TestRunOptions, Xdp};
+use etherparse::PacketBuilder;
+use portfwd::dataplane::Dataplane;
+use portfwd_common::{
+    programs, proto, BackendV4, BackendV6, Reason, RuleKeyV4, RuleKeyV6, CONNTRACK_V6,
+};
+
+const XDP_PASS: u32 = 2;
+/// TC_ACT_UNSPEC: TCX's "next program", what the TC programs return for "go on".
+const TC_NEXT: u32 = -1i32 as u32;
+
+/// Addresses from 2001:2::/48 (RFC 5180, benchmarking).
+const CLIENT: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
+const HOST: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+const HOST2: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 9, 0, 0, 0, 1);
+const OTHER: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 7, 0, 0, 0, 7);
+const BACKEND: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 2);
+const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+const ETH: usize = 14;
+const IP6: usize = 40;
+
+fn privileged() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "BPF_PROG_RUN tests need root, and CI=true forbids skipping them"
+    );
+    eprintln!("skipping: BPF_PROG_RUN tests need root");
+    false
+}
+
+/// An IPv6 frame described by its fields; `build` makes the bytes with correct checksums.
+#[derive(Clone)]
+struct Frame {
+    src: (Ipv6Addr, u16),
+    dst: (Ipv6Addr, u16),
+    proto: u8,
+    vlan: Option<u16>,
+    payload: Vec<u8>,
+}
+
+impl Frame {
+    fn new(proto: u8, src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16)) -> Self {
+        Self {
+            src,
+            dst,
+            proto,
+            vlan: None,
+            payload: b"portfwd v6 fixture payload".to_vec(),
+        }
+    }
+    fn tcp(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16)) -> Self {
+        Self::new(proto::TCP, src, dst)
+    }
+    fn udp(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16)) -> Self {
+        Self::new(proto::UDP, src, dst)
+    }
+    fn with_src(&self, src: (Ipv6Addr, u16)) -> Self {
+        Self {
+            src,
+            ..self.clone()
+        }
+    }
+    fn with_dst(&self, dst: (Ipv6Addr, u16)) -> Self {
+        Self {
+            dst,
+            ..self.clone()
+        }
+    }
+    /// Where the IPv6 header starts.
+    fn ip_off(&self) -> usize {
+        ETH + if self.vlan.is_some() { 4 } else { 0 }
+    }
+
+    fn build(&self) -> Vec<u8> {
+        let (s, d) = (self.src.0.octets(), self.dst.0.octets());
+        let eth = PacketBuilder::ethernet2(MAC_A, MAC_B);
+        let mut out = Vec::new();
+        match (self.vlan, self.proto) {
+            (None, proto::TCP) => eth
+                .ipv6(s, d, 64)
+                .tcp(self.src.1, self.dst.1, 1000, 64240)
+                .syn()
+                .write(&mut out, &self.payload),
+            (None, proto::UDP) => eth
+                .ipv6(s, d, 64)
+                .udp(self.src.1, self.dst.1)
+                .write(&mut out, &self.payload),
+            (Some(vid), proto::TCP) => eth
+                .single_vlan(vid.try_into().expect("vlan id"))
+                .ipv6(s, d, 64)
+                .tcp(self.src.1, self.dst.1, 1000, 64240)
+                .syn()
+                .write(&mut out, &self.payload),
+            (Some(vid), proto::UDP) => eth
+                .single_vlan(vid.try_into().expect("vlan id"))
+                .ipv6(s, d, 64)
+                .udp(self.src.1, self.dst.1)
+                .write(&mut out, &self.payload),
+            _ => panic!("unsupported protocol"),
+        }
+        .expect("write frame");
+        out
+    }
+
+    /// The frame with an 8-byte extension header of type `next_header` inserted before
+    /// the transport header (checksums are not fixed: the frame must pass untouched).
+    fn with_ext_header(&self, next_header: u8) -> Vec<u8> {
+        let mut f = self.build();
+        let ip = self.ip_off();
+        let transport = f[ip + 6];
+        let mut ext = [0u8; 8];
+        ext[0] = transport;
+        if next_header == 44 {
+            // Fragment header: offset 0, M flag set, an identification.
+            ext[3] = 1;
+            ext[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+        } else {
+            // Hdr Ext Len 0 (8 bytes), a PadN option filling the rest.
+            ext[2] = 1;
+            ext[3] = 4;
+        }
+        f[ip + 6] = next_header;
+        let plen = u16::from_be_bytes([f[ip + 4], f[ip + 5]]) + 8;
+        f[ip + 4..ip + 6].copy_from_slice(&plen.to_be_bytes());
+        f.splice(ip + IP6..ip + IP6, ext);
+        f
+    }
+}
+
+/// A loaded dataplane with the fixture rules: [HOST]:9000/tcp and [::]:5353/udp to
+/// BACKEND, [::]:9001/tcp to the same backend port (one backend behind two host ports),
+/// and an IPv4 wildcard on 7000/tcp (which must not serve IPv6).
+fn fixture_dataplane() -> Dataplane {
+    let mut dp = Dataplane::load().expect("load programs");
+    dp.insert_rule_v6(
+        RuleKeyV6::from_parts(HOST, 9000, proto::TCP),
+        BackendV6::new(BACKEND, 8080, 1),
+    )
+    .expect("rule");
+    dp.insert_rule_v6(
+        RuleKeyV6::from_parts(Ipv6Addr::UNSPECIFIED, 5353, proto::UDP),
+        BackendV6::new(BACKEND, 53, 2),
+    )
+    .expect("rule");
+    dp.insert_rule_v6(
+        RuleKeyV6::from_parts(Ipv6Addr::UNSPECIFIED, 9001, proto::TCP),
+        BackendV6::new(BACKEND, 8080, 3),
+    )
+    .expect("rule");
+    dp.insert_rule(
+        RuleKeyV4::from_parts(Ipv4Addr::UNSPECIFIED, 7000, proto::TCP),
+        BackendV4::new(Ipv4Addr::new(198, 18, 1, 2), 8080, 4),
+    )
+    .expect("v4 rule");
+    dp.sync_host_addrs_v6(&[HOST, HOST2].into_iter().collect())
+        .expect("host addrs");
+    dp
+}
+
+/// Which program a case runs.
+#[derive(Clone, Copy, Debug)]
+enum Prog {
+    XdpIngress,
+    TcIngress,
+    TcEgress,
+}
+
+fn run(dp: &Dataplane, prog: Prog, input: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; input.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(input);
+    opts.data_out = Some(&mut out);
+    let ebpf = dp.ebpf();
+    let result = match prog {
+        Prog::XdpIngress => {
+            let p: &Xdp = ebpf
+                .program(programs::XDP_INGRESS)
+                .expect("xdp program")
+                .try_into()
+                .expect("xdp");
+            p.test_run(opts).expect("test run")
+        }
+        Prog::TcIngress | Prog::TcEgress => {
+            let name = if matches!(prog, Prog::TcIngress) {
+                programs::TC_INGRESS
+            } else {
+                programs::TC_EGRESS
+            };
+            let p: &SchedClassifier = ebpf
+                .program(name)
+                .expect("tc program")
+                .try_into()
+                .expect("tc");
+            p.test_run(opts).expect("test run")
+        }
+    };
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+fn pass_verdict(prog: Prog) -> u32 {
+    match prog {
+        Prog::XdpIngress => XDP_PASS,
+        _ => TC_NEXT,
+    }
+}
+
+fn reason_count(dp: &Dataplane, reason: Reason) -> u64 {
+    dp.reason_stats()
+        .expect("reason stats")
+        .into_iter()
+        .find(|(r, _)| *r == reason)
+        .map(|(_, n)| n)
+        .expect("reason present")
+}
+
+struct Case {
+    what: &'static str,
+    input: Vec<u8>,
+    /// `None`: the frame must come out untouched.
+    expect: Option<Vec<u8>>,
+    reason: Reason,
+}
+
+fn translated(what: &'static str, input: &Frame, output: &Frame) -> Case {
+    Case {
+        what,
+        input: input.build(),
+        expect: Some(output.build()),
+        reason: Reason::Translated,
+    }
+}
+
+fn untouched(what: &'static str, input: Vec<u8>, reason: Reason) -> Case {
+    Case {
+        what,
+        input,
+        expect: None,
+        reason,
+    }
+}
+
+fn ingress_cases() -> Vec<Case> {
+    let tcp = Frame::tcp((CLIENT, 40000), (HOST, 9000));
+    let udp = Frame::udp((CLIENT, 40001), (HOST2, 5353));
+    let mut cases = vec![
+        translated(
+            "tcp to an address-bound rule",
+            &tcp,
+            &tcp.with_dst((BACKEND, 8080)),
+        ),
+        translated(
+            "udp to a wildcard rule, host address",
+            &udp,
+            &udp.with_dst((BACKEND, 53)),
+        ),
+        translated(
+            "udp to a wildcard rule, the other host address",
+            &udp.with_dst((HOST, 5353)),
+            &udp.with_dst((BACKEND, 53)),
+        ),
+        translated(
+            "second host port of the same backend",
+            &tcp.with_dst((HOST2, 9001)),
+            &tcp.with_dst((BACKEND, 8080)),
+        ),
+    ];
+    let mut vlan = udp.clone();
+    vlan.vlan = Some(42);
+    cases.push(translated(
+        "802.1Q tag",
+        &vlan,
+        &vlan.with_dst((BACKEND, 53)),
+    ));
+    let mut vlan_tcp = tcp.clone();
+    vlan_tcp.vlan = Some(7);
+    cases.push(translated(
+        "802.1Q tag, tcp",
+        &vlan_tcp,
+        &vlan_tcp.with_dst((BACKEND, 8080)),
+    ));
+    let big = Frame {
+        payload: vec![0xa5; 1400],
+        ..tcp.clone()
+    };
+    cases.push(translated(
+        "full-size frame",
+        &big,
+        &big.with_dst((BACKEND, 8080)),
+    ));
+
+    // A UDP checksum of zero is invalid over IPv6 (the receiver drops the datagram);
+    // it is left zero, as the kernel's BPF_F_MARK_MANGLED_0 does on the TC path.
+    let csum = ETH + IP6 + 6;
+    let mut zero_in = udp.build();
+    let mut zero_out = udp.with_dst((BACKEND, 53)).build();
+    for f in [&mut zero_in, &mut zero_out] {
+        f[csum] = 0;
+        f[csum + 1] = 0;
+    }
+    cases.push(Case {
+        what: "udp zero checksum stays zero",
+        input: zero_in,
+        expect: Some(zero_out),
+        reason: Reason::Translated,
+    });
+
+    cases.push(untouched(
+        "no rule for the port",
+        tcp.with_dst((HOST, 9999)).build(),
+        Reason::PassNoRule,
+    ));
+    cases.push(untouched(
+        "rule for the port, other protocol",
+        Frame::udp((CLIENT, 1), (HOST, 9000)).build(),
+        Reason::PassNoRule,
+    ));
+    cases.push(untouched(
+        "address-bound rule, other host address",
+        tcp.with_dst((HOST2, 9000)).build(),
+        Reason::PassNoRule,
+    ));
+    cases.push(untouched(
+        "an IPv4 wildcard rule does not serve IPv6",
+        tcp.with_dst((HOST, 7000)).build(),
+        Reason::PassNoRule,
+    ));
+    cases.push(untouched(
+        "wildcard rule, not a host address (routed through)",
+        udp.with_dst((OTHER, 5353)).build(),
+        Reason::PassNotHostAddr,
+    ));
+    cases.push(untouched(
+        "fragment header",
+        udp.with_ext_header(44),
+        Reason::PassFragment,
+    ));
+    cases.push(untouched(
+        "fragment header, tcp",
+        tcp.with_ext_header(44),
+        Reason::PassFragment,
+    ));
+    cases.push(untouched(
+        "hop-by-hop options header",
+        udp.with_ext_header(0),
+        Reason::PassIpv6ExtHeader,
+    ));
+    cases.push(untouched(
+        "destination options header",
+        tcp.with_ext_header(60),
+        Reason::PassIpv6ExtHeader,
+    ));
+    let mut vlan_frag = vlan.clone();
+    vlan_frag.payload = b"x".to_vec();
+    cases.push(untouched(
+        "802.1Q tag, routing header",
+        vlan_frag.with_ext_header(43),
+        Reason::PassIpv6ExtHeader,
+    ));
+
+    let mut icmp = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(CLIENT.octets(), HOST.octets(), 64)
+        .icmpv6_echo_request(1, 1)
+        .write(&mut icmp, b"ping")
+        .expect("icmpv6 frame");
+    cases.push(untouched("ICMPv6", icmp, Reason::PassNotTcpUdp));
+
+    let full = tcp.build();
+    cases.push(untouched(
+        "Ethernet header only",
+        full[..ETH].to_vec(),
+        Reason::PassMalformed,
+    ));
+    cases.push(untouched(
+        "IPv6 header cut short",
+        full[..ETH + 30].to_vec(),
+        Reason::PassMalformed,
+    ));
+    cases.push(untouched(
+        "TCP header cut short",
+        full[..ETH + IP6 + 10].to_vec(),
+        Reason::PassMalformed,
+    ));
+    cases.push(untouched(
+        "UDP header cut short",
+        udp.build()[..ETH + IP6 + 6].to_vec(),
+        Reason::PassMalformed,
+    ));
+    let mut vlan_cut = vlan.build();
+    vlan_cut.truncate(ETH + 4 + IP6 + 4);
+    cases.push(untouched(
+        "802.1Q tag, UDP header cut short",
+        vlan_cut,
+        Reason::PassMalformed,
+    ));
+    let mut bad_ver = full.clone();
+    bad_ver[ETH] = 0x45;
+    cases.push(untouched(
+        "IP version 4 in an IPv6 ethertype",
+        bad_ver,
+        Reason::PassMalformed,
+    ));
+    cases
+}
+
+fn check_case(dp: &Dataplane, prog: Prog, case: &Case) {
+    let before = reason_count(dp, case.reason);
+    let (verdict, out) = run(dp, prog, &case.input);
+    assert_eq!(
+        verdict,
+        pass_verdict(prog),
+        "{prog:?}: {}: verdict",
+        case.what
+    );
+    let expect = case.expect.as_ref().unwrap_or(&case.input);
+    assert_eq!(&out, expect, "{prog:?}: {}: output bytes", case.what);
+    assert_eq!(
+        reason_count(dp, case.reason),
+        before + 1,
+        "{prog:?}: {}: counted as {:?}",
+        case.what,
+        case.reason
+    );
+}
+
+#[test]
+fn xdp_ingress_fixtures_v6() {
+    if !privileged() {
+        return;
+    }
+    let dp = fixture_dataplane();
+    for case in ingress_cases() {
+        check_case(&dp, Prog::XdpIngress, &case);
+    }
+}
+
+#[test]
+fn tc_ingress_fixtures_v6() {
+    if !privileged() {
+        return;
+    }
+    let dp = fixture_dataplane();
+    // The kernel's skb test run refuses (EINVAL) an IPv6 frame shorter than an IPv6
+    // header; such an skb never reaches TC, as the stack drops it first.
+    for case in ingress_cases()
+        .iter()
+        .filter(|c| c.input.len() >= ETH + IP6)
+    {
+        check_case(&dp, Prog::TcIngress, case);
+    }
+}
+
+#[test]
+fn rule_counters_count_translated_v6_packets() {
+    if !privileged() {
+        return;
+    }
+    let dp = fixture_dataplane();
+    let frame = Frame::tcp((CLIENT, 40000), (HOST, 9000)).build();
+    for _ in 0..3 {
+        run(&dp, Prog::XdpIngress, &frame);
+    }
+    let s = dp.rule_stats(1).expect("stats");
+    assert_eq!((s.packets, s.bytes), (3, 3 * frame.len() as u64));
+    run(
+        &dp,
+        Prog::TcIngress,
+        &Frame::tcp((CLIENT, 1), (HOST, 4444)).build(),
+    );
+    assert_eq!(
+        dp.rule_stats(1).expect("stats").packets,
+        3,
+        "a miss counts nothing"
+    );
+}
+
+/// Replies: the ingress side records the flow, the egress side translates the reply's
+/// source back to the address the client used, for each of two host ports of one backend.
+#[test]
+fn tc_egress_reply_fixtures_v6() {
+    if !privileged() {
+        return;
+    }
+    for ingress in [Prog::XdpIngress, Prog::TcIngress] {
+        let dp = fixture_dataplane();
+        let reply_tcp = Frame::tcp((BACKEND, 8080), (CLIENT, 40000));
+
+        // Before any request: no flow, the reply is untouched.
+        check_case(
+            &dp,
+            Prog::TcEgress,
+            &untouched(
+                "reply without a flow",
+                reply_tcp.build(),
+                Reason::PassNoFlow,
+            ),
+        );
+
+        for req in [
+            Frame::tcp((CLIENT, 40000), (HOST, 9000)),
+            Frame::tcp((CLIENT, 40002), (HOST2, 9001)),
+            Frame::udp((CLIENT, 40001), (HOST2, 5353)),
+        ] {
+            let (v, _) = run(&dp, ingress, &req.build());
+            assert_eq!(v, pass_verdict(ingress));
+        }
+
+        let reply_udp = Frame::udp((BACKEND, 53), (CLIENT, 40001));
+        let reply_9001 = Frame::tcp((BACKEND, 8080), (CLIENT, 40002));
+        let mut reply_vlan = reply_udp.clone();
+        reply_vlan.vlan = Some(42);
+        let cases = [
+            Case {
+                what: "tcp reply of [HOST]:9000",
+                input: reply_tcp.build(),
+                expect: Some(reply_tcp.with_src((HOST, 9000)).build()),
+                reason: Reason::ReplyTranslated,
+            },
+            Case {
+                what: "same backend, reply of [HOST2]:9001",
+                input: reply_9001.build(),
+                expect: Some(reply_9001.with_src((HOST2, 9001)).build()),
+                reason: Reason::ReplyTranslated,
+            },
+            Case {
+                what: "udp reply",
+                input: reply_udp.build(),
+                expect: Some(reply_udp.with_src((HOST2, 5353)).build()),
+                reason: Reason::ReplyTranslated,
+            },
+            Case {
+                what: "udp reply with an 802.1Q tag",
+                input: reply_vlan.build(),
+                expect: Some(reply_vlan.with_src((HOST2, 5353)).build()),
+                reason: Reason::ReplyTranslated,
+            },
+            untouched(
+                "other client port",
+                reply_tcp.with_dst((CLIENT, 40999)).build(),
+                Reason::PassNoFlow,
+            ),
+            untouched(
+                "reply behind a fragment header",
+                reply_udp.with_ext_header(44),
+                Reason::PassFragment,
+            ),
+            untouched(
+                "truncated reply",
+                reply_tcp.build()[..ETH + IP6 + 3].to_vec(),
+                Reason::PassMalformed,
+            ),
+        ];
+        for case in &cases {
+            check_case(&dp, Prog::TcEgress, case);
+        }
+        let s = dp.rule_stats(1).expect("stats");
+        assert_eq!(s.reply_packets, 1, "{ingress:?}: reply counted on the rule");
+        assert_eq!(dp.rule_stats(2).expect("stats").reply_packets, 2);
+    }
+}
+
+/// The typed v6 methods: a removed rule stops translating, forgotten flows stop reply
+/// translation, and a host address taken out of the set stops the wildcard.
+#[test]
+fn v6_rule_flow_and_host_address_methods() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = fixture_dataplane();
+    let req = Frame::udp((CLIENT, 40001), (HOST2, 5353));
+    let reply = Frame::udp((BACKEND, 53), (CLIENT, 40001));
+    run(&dp, Prog::XdpIngress, &req.build());
+    let flows = |dp: &Dataplane| {
+        let map = dp.ebpf().map(CONNTRACK_V6).expect("conntrack map");
+        let ct: aya::maps::HashMap<_, portfwd_common::FlowKeyV6, portfwd_common::FlowV6> =
+            aya::maps::HashMap::try_from(map).expect("hash map");
+        ct.keys().filter_map(Result::ok).collect::<Vec<_>>()
+    };
+    let tracked = flows(&dp);
+    assert_eq!(tracked.len(), 1, "one flow recorded");
+    assert_eq!(tracked[0].backend(), (BACKEND, 53));
+    assert_eq!(tracked[0].client(), (CLIENT, 40001));
+
+    // Another backend's flows are not touched; this one's are.
+    assert_eq!(
+        dp.forget_flows_to_v6((BACKEND, 8080), proto::UDP)
+            .expect("forget"),
+        0
+    );
+    assert_eq!(
+        dp.forget_flows_to_v6((BACKEND, 53), proto::UDP)
+            .expect("forget"),
+        1
+    );
+    check_case(
+        &dp,
+        Prog::TcEgress,
+        &untouched("reply after forget", reply.build(), Reason::PassNoFlow),
+    );
+
+    // HOST2 leaves the host: the wildcard no longer answers there, still on HOST.
+    dp.sync_host_addrs_v6(&[HOST].into_iter().collect())
+        .expect("sync");
+    check_case(
+        &dp,
+        Prog::XdpIngress,
+        &untouched(
+            "wildcard, former host address",
+            req.build(),
+            Reason::PassNotHostAddr,
+        ),
+    );
+    check_case(
+        &dp,
+        Prog::XdpIngress,
+        &translated(
+            "wildcard, remaining host address",
+            &req.with_dst((HOST, 5353)),
+            &req.with_dst((BACKEND, 53)),
+        ),
+    );
+
+    dp.remove_rule_v6(&RuleKeyV6::from_parts(HOST, 9000, proto::TCP))
+        .expect("remove");
+    dp.remove_rule_v6(&RuleKeyV6::from_parts(HOST, 9000, proto::TCP))
+        .expect("removing an absent rule is not an error");
+    check_case(
+        &dp,
+        Prog::TcIngress,
+        &untouched(
+            "removed rule",
+            Frame::tcp((CLIENT, 40000), (HOST, 9000)).build(),
+            Reason::PassNoRule,
+        ),
+    );
+    let rules = dp.rules_snapshot_v6().expect("snapshot");
+    assert_eq!(rules.len(), 2, "{rules:?}");
+}
+
+/// Property: for random clients, ports and payloads, XDP and TC ingress produce the same
+/// bytes, and those bytes equal the frame rebuilt with the backend as destination; the
+/// reply, translated by TC egress, equals the frame rebuilt with the published source.
+#[test]
+fn ingress_hooks_agree_on_random_v6_frames() {
+    if !privileged() {
+        return;
+    }
+    use proptest::{prelude::*, test_runner::TestRunner};
+    let dp = fixture_dataplane();
+    let mut runner = TestRunner::new(ProptestConfig::with_cases(200));
+    runner
+        .run(
+            &(
+                any::<[u8; 16]>(),
+                1u16..,
+                any::<bool>(),
+                any::<bool>(),
+                proptest::collection::vec(any::<u8>(), 0..64),
+            ),
+            |(client, sport, is_udp, vlan, payload)| {
+                let client = Ipv6Addr::from(client);
+                let (dst, backend) = if is_udp {
+                    ((HOST2, 5353), (BACKEND, 53))
+                } else {
+                    ((HOST, 9000), (BACKEND, 8080))
+                };
+                let mut f = Frame::new(
+                    if is_udp { proto::UDP } else { proto::TCP },
+                    (client, sport),
+                    dst,
+                );
+                f.payload = payload;
+                f.vlan = vlan.then_some(100);
+                let input = f.build();
+                let (_, xdp_out) = run(&dp, Prog::XdpIngress, &input);
+                let (_, tc_out) = run(&dp, Prog::TcIngress, &input);
+                let expect = f.with_dst(backend).build();
+                prop_assert_eq!(&xdp_out, &expect);
+                prop_assert_eq!(&tc_out, &expect);
+
+                let reply = Frame {
+                    src: backend,
+                    dst: (client, sport),
+                    ..f.clone()
+                };
+                let (_, reply_out) = run(&dp, Prog::TcEgress, &reply.build());
+                prop_assert_eq!(&reply_out, &reply.with_src(dst).build());
+                Ok(())
+            },
+        )
+        .expect("property");
+}
