@@ -23,15 +23,19 @@
 //!   read timeout and a size limit, every failure becomes an error response, and the
 //!   code has no `unwrap`.
 //!
-//! IPv6 rules parse into the same model, and are refused here with one clear error
-//! until the dataplane has IPv6 maps ([`DaemonError::Ipv6Unsupported`]).
+//! - IPv6: a rule's kernel entries go to the map of its backend's family
+//!   ([`portfwd_common::RULES_V4`] or [`portfwd_common::RULES_V6`]); a specific host
+//!   address has the backend's family (the model checks it), and a wildcard host (0.0.0.0
+//!   or `::`) becomes the wildcard key of the backend's family. The dataplane does not
+//!   translate between families, so a wildcard rule serves the clients of its backend's
+//!   family (local clients of IPv4-mapped addresses included).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     fs::{self, File, OpenOptions},
     future::Future,
     io,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
@@ -41,7 +45,8 @@ use std::{
 use log::{debug, info, warn};
 use nix::fcntl::{Flock, FlockArg};
 use portfwd_common::{
-    BackendV4, FlowKeyV4, FlowV4, Reason, RuleKeyV4, RuleStats, CONNTRACK_V4, MAX_STATS_SLOTS,
+    BackendV4, BackendV6, FlowKeyV4, FlowV4, Reason, RuleKeyV4, RuleKeyV6, RuleStats, CONNTRACK_V4,
+    MAX_STATS_SLOTS,
 };
 use thiserror::Error;
 use tokio::{
@@ -98,8 +103,6 @@ pub enum DaemonError {
         declaration: Box<Declaration>,
         why: String,
     },
-    #[error("cannot publish {what}: IPv6 is not supported by this dataplane yet")]
-    Ipv6Unsupported { what: String },
     #[error("{0}")]
     Invalid(#[from] RuleError),
     #[error("Bind for {addr_port} failed: port is already allocated (by line {line})")]
@@ -142,6 +145,14 @@ pub trait Kernel {
     fn reason_stats(&self) -> Result<Vec<(Reason, u64)>, DataplaneError>;
     fn attachments(&self) -> Vec<Attachment>;
     fn sync_host_addrs(&mut self, addrs: &BTreeSet<Ipv4Addr>) -> Result<(), DataplaneError>;
+    fn insert_rule_v6(&mut self, key: RuleKeyV6, backend: BackendV6) -> Result<(), DataplaneError>;
+    fn remove_rule_v6(&mut self, key: &RuleKeyV6) -> Result<(), DataplaneError>;
+    /// As [`Kernel::forget_flows`], for the IPv6 flow table.
+    fn forget_flows_v6(
+        &mut self,
+        backends: &BTreeSet<(Ipv6Addr, u16, u8)>,
+    ) -> Result<usize, DataplaneError>;
+    fn sync_host_addrs_v6(&mut self, addrs: &BTreeSet<Ipv6Addr>) -> Result<(), DataplaneError>;
     /// The cgroup whose processes are served as local clients, if any.
     fn local_cgroup(&self) -> Option<PathBuf>;
     /// Whether a local process already holds `ip:port` for `proto` (a TCP listener, a
@@ -210,6 +221,21 @@ impl Kernel for Dataplane {
     }
     fn sync_host_addrs(&mut self, addrs: &BTreeSet<Ipv4Addr>) -> Result<(), DataplaneError> {
         Dataplane::sync_host_addrs(self, addrs)
+    }
+    fn insert_rule_v6(&mut self, key: RuleKeyV6, backend: BackendV6) -> Result<(), DataplaneError> {
+        Dataplane::insert_rule_v6(self, key, backend)
+    }
+    fn remove_rule_v6(&mut self, key: &RuleKeyV6) -> Result<(), DataplaneError> {
+        Dataplane::remove_rule_v6(self, key)
+    }
+    fn forget_flows_v6(
+        &mut self,
+        backends: &BTreeSet<(Ipv6Addr, u16, u8)>,
+    ) -> Result<usize, DataplaneError> {
+        Dataplane::forget_flows_v6(self, backends)
+    }
+    fn sync_host_addrs_v6(&mut self, addrs: &BTreeSet<Ipv6Addr>) -> Result<(), DataplaneError> {
+        Dataplane::sync_host_addrs_v6(self, addrs)
     }
     fn local_cgroup(&self) -> Option<PathBuf> {
         Dataplane::local_cgroup(self).map(Path::to_path_buf)
@@ -368,39 +394,110 @@ impl RuleTable {
     }
 }
 
-/// One write to `RULES_V4` and what the key held before (to undo it).
+/// A key of `RULES_V4` or `RULES_V6`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum MapKey {
+    V4(RuleKeyV4),
+    V6(RuleKeyV6),
+}
+
+impl MapKey {
+    fn port(&self) -> u16 {
+        match self {
+            MapKey::V4(k) => k.port(),
+            MapKey::V6(k) => k.port(),
+        }
+    }
+}
+
+/// One kernel rule entry, key and value of the same family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MapEntry {
+    V4(RuleKeyV4, BackendV4),
+    V6(RuleKeyV6, BackendV6),
+}
+
+impl MapEntry {
+    fn key(&self) -> MapKey {
+        match self {
+            MapEntry::V4(k, _) => MapKey::V4(*k),
+            MapEntry::V6(k, _) => MapKey::V6(*k),
+        }
+    }
+}
+
+/// One write to a rules map: `key` set to `new` (or deleted), and what it held before
+/// (to undo it).
 struct Write {
-    key: RuleKeyV4,
-    new: Option<BackendV4>,
-    old: Option<BackendV4>,
+    key: MapKey,
+    new: Option<MapEntry>,
+    old: Option<MapEntry>,
     /// The rule it belongs to, for messages.
     owner: Publish,
 }
 
-/// The kernel's view of a rule: one `RULES_V4` entry per port, all with its slot.
+/// Sets `key` to `entry` (same key), or deletes it.
+fn write_entry<K: Kernel>(
+    kernel: &mut K,
+    key: MapKey,
+    entry: Option<MapEntry>,
+) -> Result<(), DataplaneError> {
+    match (entry, key) {
+        (Some(MapEntry::V4(k, b)), _) => kernel.insert_rule(k, b),
+        (Some(MapEntry::V6(k, b)), _) => kernel.insert_rule_v6(k, b),
+        (None, MapKey::V4(k)) => kernel.remove_rule(&k),
+        (None, MapKey::V6(k)) => kernel.remove_rule_v6(&k),
+    }
+}
+
+/// The kernel's view of a rule: one entry per port, all with its slot, in the map of the
+/// backend's family (a wildcard host becomes that family's wildcard key).
 fn map_entries(
     publish: &Publish,
     backend: &Backend,
     slot: u32,
-) -> Result<Vec<(RuleKeyV4, BackendV4)>, DaemonError> {
-    let IpAddr::V4(backend_ip) = backend.ip() else {
-        return Err(DaemonError::Ipv6Unsupported {
-            what: publish.to_string(),
-        });
-    };
-    publish
-        .ports()
-        .ports()
-        .zip(backend.ports().ports())
-        .map(|(hp, bp)| {
-            let key = publish
-                .map_key_v4(hp)
-                .ok_or_else(|| DaemonError::Ipv6Unsupported {
-                    what: publish.to_string(),
-                })?;
-            Ok((key, BackendV4::new(backend_ip, bp, slot)))
+) -> Result<Vec<MapEntry>, DaemonError> {
+    let proto = publish.proto().number();
+    let host = publish.host_ip();
+    let mismatch = || {
+        DaemonError::Invalid(RuleError::FamilyMismatch {
+            host,
+            backend: backend.ip(),
         })
-        .collect()
+    };
+    let pairs = publish.ports().ports().zip(backend.ports().ports());
+    match backend.ip() {
+        IpAddr::V4(b) => {
+            let h = match host {
+                IpAddr::V4(h) => h,
+                IpAddr::V6(h) if h.is_unspecified() => Ipv4Addr::UNSPECIFIED,
+                IpAddr::V6(_) => return Err(mismatch()),
+            };
+            Ok(pairs
+                .map(|(hp, bp)| {
+                    MapEntry::V4(
+                        RuleKeyV4::from_parts(h, hp, proto),
+                        BackendV4::new(b, bp, slot),
+                    )
+                })
+                .collect())
+        }
+        IpAddr::V6(b) => {
+            let h = match host {
+                IpAddr::V6(h) => h,
+                IpAddr::V4(h) if h.is_unspecified() => Ipv6Addr::UNSPECIFIED,
+                IpAddr::V4(_) => return Err(mismatch()),
+            };
+            Ok(pairs
+                .map(|(hp, bp)| {
+                    MapEntry::V6(
+                        RuleKeyV6::from_parts(h, hp, proto),
+                        BackendV6::new(b, bp, slot),
+                    )
+                })
+                .collect())
+        }
+    }
 }
 
 /// The daemon's state: the kernel side and the table that mirrors it.
@@ -410,6 +507,8 @@ pub struct Daemon<K> {
     slots: SlotAllocator,
     host_addrs: Option<BTreeSet<Ipv4Addr>>,
     host_addrs_failing: bool,
+    host_addrs_v6: Option<BTreeSet<Ipv6Addr>>,
+    host_addrs_v6_failing: bool,
 }
 
 impl<K: Kernel> Daemon<K> {
@@ -420,6 +519,8 @@ impl<K: Kernel> Daemon<K> {
             slots: SlotAllocator::default(),
             host_addrs: None,
             host_addrs_failing: false,
+            host_addrs_v6: None,
+            host_addrs_v6_failing: false,
         }
     }
 
@@ -434,11 +535,6 @@ impl<K: Kernel> Daemon<K> {
     /// Publishes `decl` as a runtime (`cli`) rule, choosing its host ports if it leaves
     /// them open, or fails leaving everything as it was.
     pub fn add(&mut self, decl: Declaration) -> Result<RuleReply, DaemonError> {
-        if decl.needs_ipv6() {
-            return Err(DaemonError::Ipv6Unsupported {
-                what: decl.to_string(),
-            });
-        }
         let rule = self.resolve(&decl, &self.table)?;
         self.commit(&[], &[rule], Source::Cli)?;
         info!("published {rule} (source cli)");
@@ -552,14 +648,14 @@ impl<K: Kernel> Daemon<K> {
             }
         };
         // The writes, with what each key holds now.
-        let mut old: HashMap<RuleKeyV4, (BackendV4, Publish)> = HashMap::new();
+        let mut old: HashMap<MapKey, (MapEntry, Publish)> = HashMap::new();
         for p in remove {
             let Some(e) = self.table.get(p) else {
                 release(self, &slots);
                 return Err(DaemonError::NotPublished { publish: *p });
             };
-            for (k, v) in map_entries(p, &e.backend, e.stats_slot)? {
-                old.insert(k, (v, *p));
+            for v in map_entries(p, &e.backend, e.stats_slot)? {
+                old.insert(v.key(), (v, *p));
             }
         }
         let mut writes = Vec::new();
@@ -571,7 +667,8 @@ impl<K: Kernel> Daemon<K> {
                     return Err(e);
                 }
             };
-            for (key, v) in entries {
+            for v in entries {
+                let key = v.key();
                 writes.push(Write {
                     key,
                     new: Some(v),
@@ -602,10 +699,7 @@ impl<K: Kernel> Daemon<K> {
         let mut done = 0;
         if failed.is_none() {
             for w in &writes {
-                let r = match w.new {
-                    Some(v) => self.kernel.insert_rule(w.key, v),
-                    None => self.kernel.remove_rule(&w.key),
-                };
+                let r = write_entry(&mut self.kernel, w.key, w.new);
                 if let Err(e) = r {
                     let action = if w.new.is_some() {
                         "publish"
@@ -622,10 +716,7 @@ impl<K: Kernel> Daemon<K> {
             // Roll back, newest first; a failing undo is logged (the kernel refuses
             // writes only when something is badly wrong).
             for w in writes[..done].iter().rev() {
-                let r = match w.old {
-                    Some(v) => self.kernel.insert_rule(w.key, v),
-                    None => self.kernel.remove_rule(&w.key),
-                };
+                let r = write_entry(&mut self.kernel, w.key, w.old);
                 if let Err(e) = r {
                     warn!(
                         "cannot undo a change to {} port {}: {e}",
@@ -668,21 +759,32 @@ impl<K: Kernel> Daemon<K> {
     /// Forgets the tracked flows to the backends of rules that went, unless another rule
     /// still sends to them.
     fn forget_stale_flows(&mut self, gone: &[(Publish, Backend)]) {
-        let mut stale = BTreeSet::new();
+        let (mut stale, mut stale_v6) = (BTreeSet::new(), BTreeSet::new());
         for (p, b) in gone {
-            let IpAddr::V4(ip) = b.ip() else { continue };
             for port in b.ports().ports() {
-                if !self.table.uses_backend(b.ip(), port, p.proto()) {
-                    stale.insert((ip, port, p.proto().number()));
+                if self.table.uses_backend(b.ip(), port, p.proto()) {
+                    continue;
                 }
+                match b.ip() {
+                    IpAddr::V4(ip) => stale.insert((ip, port, p.proto().number())),
+                    IpAddr::V6(ip) => stale_v6.insert((ip, port, p.proto().number())),
+                };
             }
         }
-        if stale.is_empty() {
-            return;
+        if !stale.is_empty() {
+            match self.kernel.forget_flows(&stale) {
+                Ok(n) => debug!("forgot {n} tracked flows to {} backend ports", stale.len()),
+                Err(e) => warn!("cannot forget the tracked flows of removed rules: {e}"),
+            }
         }
-        match self.kernel.forget_flows(&stale) {
-            Ok(n) => debug!("forgot {n} tracked flows to {} backend ports", stale.len()),
-            Err(e) => warn!("cannot forget the tracked flows of removed rules: {e}"),
+        if !stale_v6.is_empty() {
+            match self.kernel.forget_flows_v6(&stale_v6) {
+                Ok(n) => debug!(
+                    "forgot {n} tracked IPv6 flows to {} backend ports",
+                    stale_v6.len()
+                ),
+                Err(e) => warn!("cannot forget the tracked IPv6 flows of removed rules: {e}"),
+            }
         }
     }
 
@@ -740,10 +842,6 @@ impl<K: Kernel> Daemon<K> {
         let mut decls = Vec::with_capacity(declarations.len());
         for d in declarations {
             let decl = Declaration::new(d.publish, d.backend).map_err(|e| in_file(d, e.into()))?;
-            if decl.needs_ipv6() {
-                let what = decl.to_string();
-                return Err(in_file(d, DaemonError::Ipv6Unsupported { what }));
-            }
             decls.push(decl);
         }
         // Rules the file still declares stay; the other file rules go.
@@ -946,6 +1044,30 @@ impl<K: Kernel> Daemon<K> {
             }
         }
     }
+
+    /// As [`Self::set_host_addrs`], for the IPv6 addresses (what `::` rules match).
+    pub fn set_host_addrs_v6(&mut self, addrs: BTreeSet<Ipv6Addr>) {
+        if self.host_addrs_v6.as_ref() == Some(&addrs) {
+            return;
+        }
+        match self.kernel.sync_host_addrs_v6(&addrs) {
+            Ok(()) => {
+                debug!("host IPv6 addresses: {addrs:?}");
+                if self.host_addrs_v6_failing {
+                    info!("host IPv6 addresses updated again");
+                }
+                self.host_addrs_v6_failing = false;
+                self.host_addrs_v6 = Some(addrs);
+            }
+            Err(e) => {
+                if !self.host_addrs_v6_failing {
+                    warn!("cannot update the host IPv6 addresses: {e}");
+                }
+                self.host_addrs_v6_failing = true;
+                self.host_addrs_v6 = None;
+            }
+        }
+    }
 }
 
 /// The daemon shared between connection tasks. The lock is never held across an await.
@@ -974,6 +1096,7 @@ pub async fn serve<K: Kernel + Send + 'static>(
             _ = refresh.tick() => {
                 let mut d = lock(&daemon);
                 d.set_host_addrs(dataplane::local_ipv4_addrs());
+                d.set_host_addrs_v6(dataplane::local_ipv6_addrs());
                 if let Err(e) = d.kernel.refresh_fast_path() {
                     debug!("cannot refresh the fast path's bridge ports: {e}");
                 }
@@ -1216,6 +1339,14 @@ mod tests {
         fail_remove: bool,
         held: Vec<(IpAddr, u16, Proto)>,
         ephemeral: Option<PortRange>,
+        rules_v6: BTreeMap<KeyV6, BackendV6>,
+        forgotten_v6: Vec<KeyV6>,
+    }
+
+    type KeyV6 = (Ipv6Addr, u16, u8);
+
+    fn key_v6(k: &RuleKeyV6) -> KeyV6 {
+        (k.addr(), k.port(), k.proto())
     }
 
     fn fake_err() -> DataplaneError {
@@ -1270,6 +1401,33 @@ mod tests {
             Vec::new()
         }
         fn sync_host_addrs(&mut self, _: &BTreeSet<Ipv4Addr>) -> Result<(), DataplaneError> {
+            Ok(())
+        }
+        fn insert_rule_v6(&mut self, k: RuleKeyV6, b: BackendV6) -> Result<(), DataplaneError> {
+            if self.fail_insert {
+                return Err(fake_err());
+            }
+            if let Some(n) = self.fail_insert_after.as_mut() {
+                if *n == 0 {
+                    return Err(fake_err());
+                }
+                *n -= 1;
+            }
+            self.rules_v6.insert(key_v6(&k), b);
+            Ok(())
+        }
+        fn remove_rule_v6(&mut self, k: &RuleKeyV6) -> Result<(), DataplaneError> {
+            if self.fail_remove {
+                return Err(fake_err());
+            }
+            self.rules_v6.remove(&key_v6(k));
+            Ok(())
+        }
+        fn forget_flows_v6(&mut self, backends: &BTreeSet<KeyV6>) -> Result<usize, DataplaneError> {
+            self.forgotten_v6.extend(backends.iter().copied());
+            Ok(0)
+        }
+        fn sync_host_addrs_v6(&mut self, _: &BTreeSet<Ipv6Addr>) -> Result<(), DataplaneError> {
             Ok(())
         }
         fn local_cgroup(&self) -> Option<PathBuf> {
@@ -1513,22 +1671,77 @@ mod tests {
         );
     }
 
+    fn kernel_rules_v6(d: &Daemon<FakeKernel>) -> Vec<String> {
+        d.kernel()
+            .rules_v6
+            .iter()
+            .map(|((a, p, pr), b)| {
+                format!(
+                    "[{a}]:{p}/{pr} -> [{}]:{} #{}",
+                    b.addr(),
+                    b.port(),
+                    b.stats_slot()
+                )
+            })
+            .collect()
+    }
+
+    /// IPv6 rules go to the IPv6 map, one entry per port; a wildcard host becomes the
+    /// wildcard of the backend's family; del forgets the IPv6 flows.
     #[test]
-    fn ipv6_is_refused_clearly() {
+    fn ipv6_rules_go_to_the_v6_map() {
         let mut d = Daemon::new(FakeKernel::default());
         for (p, b) in [
             ("[2001:db8::1]:9000", "[2001:db8::2]:8080"),
-            ("[::1]:9000", "[2001:db8::2]:8080"),
-            ("9000", "[2001:db8::2]:8080"),
+            ("[::1]:9001-9002/udp", "[2001:db8::2]:53-54"),
+            ("9003", "[2001:db8::3]:80"),
+            ("[::]:9004", "[2001:db8::3]:81"),
+            ("[::]:9005", "172.17.0.2:80"),
         ] {
-            let err = d.add(decl(p, b)).expect_err("v6").to_string();
-            assert!(
-                err.ends_with("IPv6 is not supported by this dataplane yet"),
-                "{err}"
-            );
-            assert!(!err.contains('\n'));
+            d.add(decl(p, b)).unwrap_or_else(|e| panic!("{p} {b}: {e}"));
         }
-        assert!(d.table().is_empty() && d.kernel().rules.is_empty());
+        assert_eq!(
+            kernel_rules_v6(&d),
+            [
+                "[::]:9003/6 -> [2001:db8::3]:80 #2",
+                "[::]:9004/6 -> [2001:db8::3]:81 #3",
+                "[::1]:9001/17 -> [2001:db8::2]:53 #1",
+                "[::1]:9002/17 -> [2001:db8::2]:54 #1",
+                "[2001:db8::1]:9000/6 -> [2001:db8::2]:8080 #0",
+            ]
+        );
+        assert_eq!(kernel_rules(&d), ["0.0.0.0:9005/6 -> 172.17.0.2:80 #4"]);
+
+        d.del(publish("[2001:db8::1]:9000")).expect("del");
+        assert!(!kernel_rules_v6(&d)
+            .iter()
+            .any(|r| r.starts_with("[2001:db8::1]")));
+        assert_eq!(
+            d.kernel().forgotten_v6,
+            [(ip6("2001:db8::2"), 8080, 6)],
+            "the backend's IPv6 flows are forgotten"
+        );
+        assert!(d.kernel().forgotten.is_empty());
+    }
+
+    /// A failing IPv6 write undoes the writes made before it, in both maps.
+    #[test]
+    fn ipv6_apply_rolls_back_across_families() {
+        let mut d = Daemon::new(FakeKernel::default());
+        d.add(decl("9000", "172.17.0.2:80")).expect("add");
+        let (k0, k60) = (kernel_rules(&d), kernel_rules_v6(&d));
+        d.kernel.fail_insert_after = Some(2);
+        let decls = file(&[
+            (1, "9100:80", "172.17.0.3"),
+            (2, "[2001:db8::1]:9101-9102:80-81", "2001:db8::2"),
+        ]);
+        d.apply("f.toml", &decls, false)
+            .expect_err("third insert fails");
+        assert_eq!((kernel_rules(&d), kernel_rules_v6(&d)), (k0, k60));
+    }
+
+    fn ip6(s: &str) -> Ipv6Addr {
+        s.parse().expect("ip6")
     }
 
     #[test]
@@ -1779,10 +1992,6 @@ mod tests {
             (
                 file(&[(2, "9000:80", A), (5, "127.0.0.1:9000:81", B)]),
                 "f.toml:5: entry `127.0.0.1:9000:81`: Bind for 127.0.0.1:9000 failed: port is already allocated (by line 2)",
-            ),
-            (
-                file(&[(2, "9000:80", A), (7, "[2001:db8::1]:9001:80", "2001:db8::2")]),
-                "f.toml:7: entry `[2001:db8::1]:9001:80`: cannot publish [2001:db8::1]:9001/tcp -> [2001:db8::2]:80: IPv6 is not supported by this dataplane yet",
             ),
         ];
         for (decls, want) in table {
