@@ -84,15 +84,22 @@ fn tcp(addr: &str) -> Result<Value, String> {
     Err(last)
 }
 
-fn udp_socket() -> Result<UdpSocket, String> {
-    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+/// An unbound-port UDP socket of the family of `addr` (an IPv6 target needs an IPv6
+/// socket).
+fn udp_socket(addr: &str) -> Result<UdpSocket, String> {
+    let v6 = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("resolve {addr}: {e}"))?
+        .next()
+        .is_some_and(|a| a.is_ipv6());
+    let s = UdpSocket::bind(if v6 { "[::]:0" } else { "0.0.0.0:0" }).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(TIMEOUT))
         .map_err(|e| e.to_string())?;
     Ok(s)
 }
 
 fn udp(addr: &str, text: &str) -> Result<Value, String> {
-    let s = udp_socket()?;
+    let s = udp_socket(addr)?;
     s.send_to(text.as_bytes(), addr)
         .map_err(|e| format!("sendto {addr}: {e}"))?;
     let mut buf = [0u8; 2048];
@@ -103,7 +110,7 @@ fn udp(addr: &str, text: &str) -> Result<Value, String> {
 }
 
 fn udp_connected(addr: &str, text: &str) -> Result<Value, String> {
-    let s = udp_socket()?;
+    let s = udp_socket(addr)?;
     s.connect(addr)
         .map_err(|e| format!("connect {addr}: {e}"))?;
     let peer = s.peer_addr().map_err(|e| e.to_string())?;
