@@ -452,7 +452,11 @@ mod cli {
         let d = topo.daemon();
         assert_eq!(d.add("9000", &backend(0)), EXPECTED);
         let b = backend(1);
-        refused(d, &["add", "0", &b], &["port", "0"]);
+        // A host port 0 alone means "any free port" (Docker's `-p 0:80`); in a range it
+        // is an error, like a reversed range or one past 65535.
+        refused(d, &["add", "0-10", &b], &["port 0"]);
+        refused(d, &["add", "9010-9000", &b], &["9010-9000"]);
+        refused(d, &["add", "65530-65540", &b], &["65535"]);
         refused(d, &["add", "70000", &b], &["70000"]);
         refused(d, &["add", "9002", "198.18.1.3:0"], &["port", "0"]);
         refused(d, &["add", "9002", "198.18.1.3:70000"], &["70000"]);
