@@ -43,7 +43,10 @@ pub const BRIDGE_PORTS: &str = "BRIDGE_PORTS";
 
 /// Entry points in the object, as their ELF symbols (aya finds programs by symbol).
 pub mod programs {
+    /// Ingress at native XDP.
     pub const XDP_INGRESS: &str = "portfwd_xdp_ingress";
+    /// Ingress at generic (skb) XDP: the same code, its own fast-path switch.
+    pub const XDP_GENERIC_INGRESS: &str = "portfwd_xdp_generic";
     pub const TC_INGRESS: &str = "portfwd_tc_ingress";
     pub const TC_EGRESS: &str = "portfwd_tc_egress";
     /// cgroup/connect4: TCP connects and UDP connects of local clients.
@@ -560,8 +563,13 @@ pub struct Config {
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
 
 /// [`Config::flags`]: redirect translated packets straight to the backend's bridge port
-/// (FIB lookup, MAC rewrite, redirect) instead of letting the kernel route them.
+/// (FIB lookup, MAC rewrite, redirect) instead of letting the kernel route them, from
+/// the skb hooks (TC, generic XDP), whose redirects every device accepts.
 pub const CONFIG_FAST_PATH: u64 = 1;
+/// [`Config::flags`]: the same from native XDP. A veth delivers redirected XDP frames
+/// only when its peer runs NAPI (GRO on, or an XDP program) and drops them otherwise,
+/// so this is a switch of its own.
+pub const CONFIG_FAST_PATH_NATIVE_XDP: u64 = 2;
 
 /// Most bridge forwarding entries tracked for the fast path.
 pub const MAX_BRIDGE_PORTS: u32 = 16_384;

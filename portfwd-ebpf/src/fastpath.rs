@@ -9,10 +9,10 @@ use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS},
     helpers::bpf_fib_lookup,
 };
-use portfwd_common::{BridgePortKey, CONFIG_FAST_PATH};
+use portfwd_common::BridgePortKey;
 
 use crate::{
-    maps::{self, BRIDGE_PORTS},
+    maps::BRIDGE_PORTS,
     nat::Packet,
     packet::{bytes_at, Ipv4Flow, IP_TTL_OFF},
 };
@@ -28,13 +28,10 @@ pub struct NextHop {
     pub dmac: [u8; 6],
 }
 
-/// The bridge port leading to `f.dst` (already the backend), if the fast path is on and
-/// every lookup completes.
+/// The bridge port leading to `f.dst` (already the backend), if every lookup completes.
+/// The caller checks that the fast path is on at its hook.
 #[inline(always)]
 pub fn next_hop<P: Packet>(pkt: &P, f: &Ipv4Flow) -> Option<NextHop> {
-    if maps::config().flags & CONFIG_FAST_PATH == 0 {
-        return None;
-    }
     let ip = bytes_at(pkt.data(), pkt.data_end(), f.ip_off, 20)?;
     // SAFETY: 20 bytes of IPv4 header are inside the packet (checked above).
     let (ttl, tot_len) = unsafe {

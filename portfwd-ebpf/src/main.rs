@@ -25,15 +25,27 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use portfwd_common::Reason;
+use portfwd_common::{Reason, CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP};
 
 use crate::nat::{TcPacket, Verdict, XdpPacket};
 
-/// Ingress DNAT at the XDP hook.
+/// Ingress DNAT at the XDP hook, attached natively (in the driver).
 #[xdp]
 pub fn portfwd_xdp_ingress(ctx: XdpContext) -> u32 {
-    let mut pkt = XdpPacket::new(&ctx);
-    match nat::ingress(&mut pkt) {
+    xdp_ingress(&ctx, CONFIG_FAST_PATH_NATIVE_XDP)
+}
+
+/// The same, attached as generic (skb) XDP: its redirects take the skb path, which any
+/// device accepts, so the fast path has its own switch.
+#[xdp]
+pub fn portfwd_xdp_generic(ctx: XdpContext) -> u32 {
+    xdp_ingress(&ctx, CONFIG_FAST_PATH)
+}
+
+#[inline(always)]
+fn xdp_ingress(ctx: &XdpContext, fast_path_bit: u64) -> u32 {
+    let mut pkt = XdpPacket::new(ctx);
+    match nat::ingress(&mut pkt, fast_path_bit) {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
         // SAFETY: plain helper call; it returns XDP_REDIRECT, or XDP_ABORTED on a bad index.
@@ -45,7 +57,7 @@ pub fn portfwd_xdp_ingress(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn portfwd_tc_ingress(ctx: TcContext) -> i32 {
     let mut pkt = TcPacket::new(&ctx);
-    tc_action(nat::ingress(&mut pkt))
+    tc_action(nat::ingress(&mut pkt, CONFIG_FAST_PATH))
 }
 
 /// Reply translation at TC egress of the published interfaces.

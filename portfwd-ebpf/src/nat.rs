@@ -16,15 +16,14 @@ use aya_ebpf::{
 };
 use portfwd_common::{
     csum, BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Reason, RuleKeyV4, RuleKeyV6,
-    CONFIG_FAST_PATH,
 };
 
 use crate::{
     count, fastpath,
     maps::{self, CONNTRACK_V4, CONNTRACK_V6, HOST_ADDRS_V4, HOST_ADDRS_V6, RULES_V4, RULES_V6},
     packet::{
-        bytes_at, parse_eth, parse_ipv4, parse_ipv6, Ipv4Flow, Ipv6Flow, IP6_DST_OFF, IP6_SRC_OFF,
-        IPV6_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, L3,
+        bytes_at, may_start_flow, parse_eth, parse_ipv4, parse_ipv6, Ipv4Flow, Ipv6Flow,
+        IP6_DST_OFF, IP6_SRC_OFF, IPV6_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, L3,
     },
 };
 
@@ -64,11 +63,16 @@ pub trait Packet {
 }
 
 #[inline(always)]
-pub fn ingress<P: Packet>(pkt: &mut P) -> Verdict {
+/// `fast_path_bit`: the `CONFIG_FAST_PATH_*` bit that enables the fast path at this hook.
+pub fn ingress<P: Packet>(pkt: &mut P, fast_path_bit: u64) -> Verdict {
     let (data, data_end) = (pkt.data(), pkt.data_end());
     let parsed = match parse_eth(data, data_end) {
-        Ok(L3::Ipv4 { ip_off }) => parse_ipv4(data, data_end, ip_off).map(|f| ingress_v4(pkt, f)),
-        Ok(L3::Ipv6 { ip_off }) => parse_ipv6(data, data_end, ip_off).map(|f| ingress_v6(pkt, f)),
+        Ok(L3::Ipv4 { ip_off }) => {
+            parse_ipv4(data, data_end, ip_off).map(|f| ingress_v4(pkt, f, fast_path_bit))
+        }
+        Ok(L3::Ipv6 { ip_off }) => {
+            parse_ipv6(data, data_end, ip_off).map(|f| ingress_v6(pkt, f, fast_path_bit))
+        }
         Err(reason) => Err(reason),
     };
     parsed.unwrap_or_else(|reason| {
@@ -92,7 +96,7 @@ pub fn reply<P: Packet>(pkt: &mut P) -> Verdict {
 }
 
 #[inline(always)]
-fn ingress_v4<P: Packet>(pkt: &mut P, flow: Ipv4Flow) -> Verdict {
+fn ingress_v4<P: Packet>(pkt: &mut P, flow: Ipv4Flow, fast_path_bit: u64) -> Verdict {
     let backend = match lookup_rule(&flow) {
         Ok(b) => b,
         Err(reason) => {
@@ -115,15 +119,16 @@ fn ingress_v4<P: Packet>(pkt: &mut P, flow: Ipv4Flow) -> Verdict {
         dport: backend.port_be(),
         ..flow
     };
+    if maps::config().flags & fast_path_bit == 0 {
+        return Verdict::Pass;
+    }
     match fastpath::next_hop(pkt, &translated) {
         Some(hop) if pkt.forward(&translated, hop.smac, hop.dmac).is_ok() => {
             count(Reason::Redirected);
             Verdict::Redirect(hop.port_ifindex)
         }
         _ => {
-            if maps::config().flags & CONFIG_FAST_PATH != 0 {
-                count(Reason::FastPathFallback);
-            }
+            count(Reason::FastPathFallback);
             Verdict::Pass
         }
     }
@@ -173,10 +178,14 @@ fn lookup_rule(flow: &Ipv4Flow) -> Result<BackendV4, Reason> {
     Ok(b)
 }
 
-/// Records the flow so that replies are translated back. Written once per flow: an
-/// existing identical entry is left alone (LRU lookups refresh it).
+/// Records the flow so that replies are translated back. Written once per flow: only a
+/// packet that may start one (UDP, TCP SYN) is looked at, and an existing identical
+/// entry is left alone (the egress lookups of replies keep it fresh in the LRU).
 #[inline(always)]
 fn record_flow(flow: &Ipv4Flow, backend: &BackendV4) {
+    if !may_start_flow(flow.proto, flow.tcp_flags) {
+        return;
+    }
     let key = FlowKeyV4::new(
         backend.addr_bytes(),
         backend.port_be(),
@@ -197,7 +206,7 @@ fn record_flow(flow: &Ipv4Flow, backend: &BackendV4) {
 }
 
 #[inline(always)]
-fn ingress_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow) -> Verdict {
+fn ingress_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow, fast_path_bit: u64) -> Verdict {
     let backend = match lookup_rule_v6(&flow) {
         Ok(b) => b,
         Err(reason) => {
@@ -216,7 +225,7 @@ fn ingress_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow) -> Verdict {
     maps::count_rule(backend.stats_slot(), pkt.len(), false);
     count(Reason::Translated);
     // No IPv6 fast path: the kernel routes the translated packet.
-    if maps::config().flags & CONFIG_FAST_PATH != 0 {
+    if maps::config().flags & fast_path_bit != 0 {
         count(Reason::FastPathFallback);
     }
     Verdict::Pass
@@ -269,6 +278,9 @@ fn lookup_rule_v6(flow: &Ipv6Flow) -> Result<BackendV6, Reason> {
 /// As [`record_flow`], for IPv6.
 #[inline(always)]
 fn record_flow_v6(flow: &Ipv6Flow, backend: &BackendV6) {
+    if !may_start_flow(flow.proto, flow.tcp_flags) {
+        return;
+    }
     let key = FlowKeyV6::new(
         backend.addr_bytes(),
         backend.port_be(),

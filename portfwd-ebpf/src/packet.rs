@@ -49,6 +49,8 @@ pub struct Flow<const N: usize> {
     pub dst: [u8; N],
     pub sport: [u8; 2],
     pub dport: [u8; 2],
+    /// TCP flags (0 for UDP).
+    pub tcp_flags: u8,
 }
 
 pub type Ipv4Flow = Flow<4>;
@@ -159,6 +161,7 @@ pub fn parse_ipv4(data: usize, data_end: usize, ip_off: usize) -> Result<Ipv4Flo
         dst,
         sport: read(l4, 0),
         dport: read(l4, 2),
+        tcp_flags: tcp_flags(l4, l4_hlen),
     })
 }
 
@@ -190,6 +193,7 @@ pub fn parse_ipv6(data: usize, data_end: usize, ip_off: usize) -> Result<Ipv6Flo
         dst,
         sport: read(l4, 0),
         dport: read(l4, 2),
+        tcp_flags: tcp_flags(l4, l4_hlen),
     })
 }
 
@@ -203,4 +207,28 @@ fn is_ext_header(next: u8) -> bool {
         i += 1;
     }
     false
+}
+
+const TCP_FLAGS_OFF: usize = 13;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+/// The TCP flags byte of the L4 header at `l4` (`l4_hlen` bytes checked present), or 0
+/// for UDP.
+#[inline(always)]
+fn tcp_flags(l4: *mut u8, l4_hlen: usize) -> u8 {
+    if l4_hlen == TCP_HLEN {
+        let [flags] = read::<1>(l4, TCP_FLAGS_OFF);
+        flags
+    } else {
+        0
+    }
+}
+
+/// Whether this packet may start a flow: any UDP datagram, or a TCP SYN without ACK.
+/// Flow state is written only for these, so an established TCP flow costs no conntrack
+/// work at ingress (its replies keep the entry fresh in the LRU).
+#[inline(always)]
+pub fn may_start_flow(proto: u8, tcp_flags: u8) -> bool {
+    proto != proto::TCP || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }

@@ -16,8 +16,9 @@ use aya::{
 };
 use portfwd_common::{
     programs, BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6,
-    Reason, RuleKeyV4, RuleKeyV6, RuleStats, BRIDGE_PORTS, CONFIG, CONFIG_FAST_PATH, CONNTRACK_V4,
-    CONNTRACK_V6, HOST_ADDRS_V4, HOST_ADDRS_V6, REASON_STATS, RULES_V4, RULES_V6, RULE_STATS,
+    Reason, RuleKeyV4, RuleKeyV6, RuleStats, BRIDGE_PORTS, CONFIG, CONFIG_FAST_PATH,
+    CONFIG_FAST_PATH_NATIVE_XDP, CONNTRACK_V4, CONNTRACK_V6, HOST_ADDRS_V4, HOST_ADDRS_V6,
+    REASON_STATS, RULES_V4, RULES_V6, RULE_STATS,
 };
 use thiserror::Error;
 
@@ -159,11 +160,11 @@ impl Dataplane {
             prog.load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
-        let xdp: &mut Xdp = program(&mut ebpf, programs::XDP_INGRESS)?;
-        xdp.load().map_err(|source| DataplaneError::Program {
-            name: programs::XDP_INGRESS,
-            source,
-        })?;
+        for name in [programs::XDP_INGRESS, programs::XDP_GENERIC_INGRESS] {
+            let xdp: &mut Xdp = program(&mut ebpf, name)?;
+            xdp.load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
         for name in SOCKET_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load()
@@ -249,17 +250,27 @@ impl Dataplane {
 
     /// Turns the fast path on or off: translated packets are redirected straight to the
     /// backend's bridge port when the FIB, neighbour and bridge lookups all complete.
-    pub fn set_fast_path(&mut self, on: bool) -> Result<(), DataplaneError> {
-        if on {
+    /// `skb_hooks` covers TC and generic XDP ingress; `native_xdp` native XDP, whose
+    /// redirects into a veth arrive only when the veth's peer runs NAPI (GRO on, or an
+    /// XDP program there) and are dropped otherwise.
+    pub fn set_fast_path(
+        &mut self,
+        skb_hooks: bool,
+        native_xdp: bool,
+    ) -> Result<(), DataplaneError> {
+        self.config.flags &= !(CONFIG_FAST_PATH | CONFIG_FAST_PATH_NATIVE_XDP);
+        if skb_hooks {
             self.config.flags |= CONFIG_FAST_PATH;
-        } else {
-            self.config.flags &= !CONFIG_FAST_PATH;
+        }
+        if native_xdp {
+            self.config.flags |= CONFIG_FAST_PATH_NATIVE_XDP;
         }
         self.write_config()
     }
 
+    /// Whether the fast path is on at any hook.
     pub fn fast_path(&self) -> bool {
-        self.config.flags & CONFIG_FAST_PATH != 0
+        self.config.flags & (CONFIG_FAST_PATH | CONFIG_FAST_PATH_NATIVE_XDP) != 0
     }
 
     fn write_config(&mut self) -> Result<(), DataplaneError> {
@@ -302,7 +313,12 @@ impl Dataplane {
         } else {
             Hook::Xdp
         };
-        let prog: &mut Xdp = program(&mut self.ebpf, programs::XDP_INGRESS)?;
+        let name = if mode == XdpMode::Skb {
+            programs::XDP_GENERIC_INGRESS
+        } else {
+            programs::XDP_INGRESS
+        };
+        let prog: &mut Xdp = program(&mut self.ebpf, name)?;
         prog.attach(iface, mode)
             .map_err(|source| DataplaneError::Attach {
                 hook,

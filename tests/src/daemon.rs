@@ -192,9 +192,12 @@ impl Daemon {
     /// (e.g. `xdp+fast`).
     pub fn start(ns: &Netns, dir: &Path, ifaces: &[&str], ingress: &str) -> Self {
         let mut d = match ingress.split_once('+') {
-            Some((mode, "fast")) => {
-                Self::spawn(ns, dir, ifaces, &["--ingress", mode, "--fast-path"])
-            }
+            Some((mode, "fast")) => Self::spawn(
+                ns,
+                dir,
+                ifaces,
+                &["--ingress", mode, "--fast-path", "--fast-path-native-xdp"],
+            ),
             _ => Self::spawn(ns, dir, ifaces, &["--ingress", ingress]),
         };
         d.wait_ready();

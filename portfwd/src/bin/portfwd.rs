@@ -42,11 +42,16 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     cgroup: Option<PathBuf>,
     /// Redirect translated packets straight to the backend's bridge port (FIB lookup,
-    /// MAC rewrite, redirect) instead of routing them through the host's stack; falls
-    /// back to the stack whenever a lookup cannot complete. With XDP ingress, the
-    /// backend's veth peer must take XDP frames (GRO on, or an XDP program).
+    /// MAC rewrite, redirect) instead of routing them through the host's stack, from TC
+    /// and generic XDP ingress; falls back to the stack whenever a lookup cannot
+    /// complete.
     #[arg(long)]
     fast_path: bool,
+    /// The fast path from native XDP too. Only when every backend's veth peer takes XDP
+    /// frames (GRO on, or an XDP program, in the container): otherwise the kernel drops
+    /// the redirected frames.
+    #[arg(long)]
+    fast_path_native_xdp: bool,
     /// Declarations file (TOML) to publish at start, as `portfwd-ctl apply -f FILE`
     /// would. A file with any error stops the daemon before anything is attached.
     #[arg(long, value_name = "FILE")]
@@ -100,9 +105,17 @@ fn run(args: Args) -> Result<(), String> {
             a.iface, a.ingress, a.egress
         );
     }
-    if args.fast_path {
-        dp.set_fast_path(true).map_err(|e| e.to_string())?;
-        info!("fast path on: translated packets go straight to the backend's bridge port");
+    if args.fast_path || args.fast_path_native_xdp {
+        dp.set_fast_path(args.fast_path, args.fast_path_native_xdp)
+            .map_err(|e| e.to_string())?;
+        info!(
+            "fast path on ({}): translated packets go straight to the backend's bridge port",
+            match (args.fast_path, args.fast_path_native_xdp) {
+                (true, true) => "TC, generic and native XDP",
+                (true, false) => "TC and generic XDP",
+                _ => "native XDP",
+            }
+        );
     }
     match args.cgroup.clone().or_else(dataplane::cgroup2_root) {
         Some(cgroup) => {

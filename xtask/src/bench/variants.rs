@@ -222,8 +222,18 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
                 "--socket",
                 &sock,
             ]);
-            if matches!(v, Variant::PortfwdTcFast | Variant::PortfwdXdpFast) {
-                cmd.arg("--fast-path");
+            match v {
+                Variant::PortfwdTcFast => {
+                    cmd.arg("--fast-path");
+                }
+                Variant::PortfwdXdpFast => {
+                    // Redirected XDP frames reach the container only when its end of the
+                    // veth runs NAPI: GRO on, as `--fast-path-native-xdp` requires.
+                    topo.ct
+                        .sh(&format!("ethtool -K {} gro on", super::topo::CT_IF))?;
+                    cmd.args(["--fast-path", "--fast-path-native-xdp"]);
+                }
+                _ => {}
             }
             // Local clients: only the rig's cgroup, never the machine's root cgroup.
             if daemon_has_cgroup_flag(daemon) {
