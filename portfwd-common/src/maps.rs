@@ -41,6 +41,25 @@ pub const CONFIG: &str = "CONFIG";
 /// programs to redirect a translated packet straight to the backend's port.
 pub const BRIDGE_PORTS: &str = "BRIDGE_PORTS";
 
+/// Which (port, protocol) pairs rules publish, of either family, and how: entry = port,
+/// value = [`port_bits`] (an address-bound rule, a wildcard rule). A cheap array filter
+/// before the rule hash lookups: traffic to unpublished ports (most of a host's traffic)
+/// costs one array read, and a port with only a wildcard rule skips the exact lookup.
+/// Written by the daemon (bits set before a rule is inserted, cleared after the last
+/// one of that kind is removed).
+pub const PUBLISHED_PORTS: &str = "PUBLISHED_PORTS";
+
+/// The [`PUBLISHED_PORTS`] bits of a protocol: (address-bound rule, wildcard rule);
+/// zero for anything else.
+#[inline(always)]
+pub const fn port_bits(proto: u8) -> (u8, u8) {
+    match proto {
+        crate::proto::TCP => (1, 2),
+        crate::proto::UDP => (4, 8),
+        _ => (0, 0),
+    }
+}
+
 /// Entry points in the object, as their ELF symbols (aya finds programs by symbol).
 pub mod programs {
     /// Ingress at native XDP.

@@ -43,6 +43,21 @@ pub static LOCAL_PEERS_V4: LruHashMap<LocalPeerKeyV4, LocalPeerV4> =
 pub static LOCAL_PEERS_V6: LruHashMap<LocalPeerKeyV6, LocalPeerV6> =
     LruHashMap::with_max_entries(MAX_LOCAL_PEERS, 0);
 
+#[map(name = "PUBLISHED_PORTS")]
+pub static PUBLISHED_PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
+
+/// Which rules may exist for `port` (network order) and `proto`:
+/// (address-bound, wildcard).
+#[inline(always)]
+pub fn port_rules(port_be: [u8; 2], proto: u8) -> (bool, bool) {
+    let bits = match PUBLISHED_PORTS.get(u16::from_be_bytes(port_be) as u32) {
+        Some(bits) => *bits,
+        None => 0,
+    };
+    let (exact, wildcard) = portfwd_common::port_bits(proto);
+    (bits & exact != 0, bits & wildcard != 0)
+}
+
 #[map(name = "CONFIG")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 

@@ -160,13 +160,20 @@ fn reply_v4<P: Packet>(pkt: &mut P, flow: Ipv4Flow) -> Verdict {
 }
 
 /// The rule for the packet's destination: the exact host address first, then the
-/// wildcard, which only covers the host's own addresses.
+/// wildcard, which only covers the host's own addresses; [`maps::port_rules`] says
+/// which of the two lookups can hit at all.
 #[inline(always)]
 fn lookup_rule(flow: &Ipv4Flow) -> Result<BackendV4, Reason> {
-    let exact = RuleKeyV4::new(flow.dst, flow.dport, flow.proto);
-    // SAFETY: values are copied out at once; the daemon may replace them concurrently.
-    if let Some(b) = unsafe { RULES_V4.get(&exact) } {
-        return Ok(*b);
+    let (may_exact, may_wildcard) = maps::port_rules(flow.dport, flow.proto);
+    if may_exact {
+        let exact = RuleKeyV4::new(flow.dst, flow.dport, flow.proto);
+        // SAFETY: values are copied out at once; the daemon may replace them concurrently.
+        if let Some(b) = unsafe { RULES_V4.get(&exact) } {
+            return Ok(*b);
+        }
+    }
+    if !may_wildcard {
+        return Err(Reason::PassNoRule);
     }
     let wildcard = RuleKeyV4::new([0; 4], flow.dport, flow.proto);
     let Some(b) = (unsafe { RULES_V4.get(&wildcard) }).copied() else {
@@ -260,10 +267,16 @@ fn reply_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow) -> Verdict {
 /// covers the host's own addresses.
 #[inline(always)]
 fn lookup_rule_v6(flow: &Ipv6Flow) -> Result<BackendV6, Reason> {
-    let exact = RuleKeyV6::new(flow.dst, flow.dport, flow.proto);
-    // SAFETY: values are copied out at once; the daemon may replace them concurrently.
-    if let Some(b) = unsafe { RULES_V6.get(&exact) } {
-        return Ok(*b);
+    let (may_exact, may_wildcard) = maps::port_rules(flow.dport, flow.proto);
+    if may_exact {
+        let exact = RuleKeyV6::new(flow.dst, flow.dport, flow.proto);
+        // SAFETY: values are copied out at once; the daemon may replace them concurrently.
+        if let Some(b) = unsafe { RULES_V6.get(&exact) } {
+            return Ok(*b);
+        }
+    }
+    if !may_wildcard {
+        return Err(Reason::PassNoRule);
     }
     let wildcard = RuleKeyV6::new([0; 16], flow.dport, flow.proto);
     let Some(b) = (unsafe { RULES_V6.get(&wildcard) }).copied() else {

@@ -15,10 +15,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use portfwd_common::{
-    programs, BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6,
-    Reason, RuleKeyV4, RuleKeyV6, RuleStats, BRIDGE_PORTS, CONFIG, CONFIG_FAST_PATH,
+    port_bits, programs, BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4,
+    FlowV6, Reason, RuleKeyV4, RuleKeyV6, RuleStats, BRIDGE_PORTS, CONFIG, CONFIG_FAST_PATH,
     CONFIG_FAST_PATH_NATIVE_XDP, CONNTRACK_V4, CONNTRACK_V6, HOST_ADDRS_V4, HOST_ADDRS_V6,
-    REASON_STATS, RULES_V4, RULES_V6, RULE_STATS,
+    PUBLISHED_PORTS, REASON_STATS, RULES_V4, RULES_V6, RULE_STATS,
 };
 use thiserror::Error;
 
@@ -143,6 +143,9 @@ pub struct Dataplane {
     attachments: Vec<Attachment>,
     local_cgroup: Option<std::path::PathBuf>,
     config: Config,
+    /// Rules per (port, protocol, wildcard?), both families: what [`PUBLISHED_PORTS`]
+    /// summarizes.
+    port_refs: std::collections::HashMap<(u16, u8, bool), u32>,
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
@@ -175,6 +178,7 @@ impl Dataplane {
             attachments: Vec::new(),
             local_cgroup: None,
             config: Config::default(),
+            port_refs: std::collections::HashMap::new(),
         })
     }
 
@@ -351,22 +355,74 @@ impl Dataplane {
         HashMap::try_from(map).map_err(map_err(RULES_V4))
     }
 
+    /// Counts one rule more (`add`) or less on (port, protocol, wildcard?), keeping its
+    /// bit in [`PUBLISHED_PORTS`]: set before the first such rule goes in, cleared after
+    /// the last one went out, so the filter never hides a rule.
+    fn port_ref(
+        &mut self,
+        port: u16,
+        proto: u8,
+        wildcard: bool,
+        add: bool,
+    ) -> Result<(), DataplaneError> {
+        let key = (port, proto, wildcard);
+        let refs = self.port_refs.entry(key).or_insert(0);
+        let before = *refs;
+        *refs = if add {
+            before + 1
+        } else {
+            before.saturating_sub(1)
+        };
+        let after = *refs;
+        if after == 0 {
+            self.port_refs.remove(&key);
+        }
+        if (before == 0) == (after == 0) {
+            return Ok(());
+        }
+        let (exact_bit, wildcard_bit) = port_bits(proto);
+        let bit = if wildcard { wildcard_bit } else { exact_bit };
+        let map = self
+            .ebpf
+            .map_mut(PUBLISHED_PORTS)
+            .ok_or(DataplaneError::MissingMap(PUBLISHED_PORTS))?;
+        let mut ports: Array<&mut MapData, u8> =
+            Array::try_from(map).map_err(map_err(PUBLISHED_PORTS))?;
+        let bits = ports
+            .get(&u32::from(port), 0)
+            .map_err(map_err(PUBLISHED_PORTS))?;
+        let bits = if after > 0 { bits | bit } else { bits & !bit };
+        ports
+            .set(u32::from(port), bits, 0)
+            .map_err(map_err(PUBLISHED_PORTS))
+    }
+
     /// Publishes (or replaces) one port.
     pub fn insert_rule(
         &mut self,
         key: RuleKeyV4,
         backend: BackendV4,
     ) -> Result<(), DataplaneError> {
-        self.rules()?
+        let new = self.rules()?.get(&key, 0).is_err();
+        if new {
+            self.port_ref(key.port(), key.proto(), key.addr().is_unspecified(), true)?;
+        }
+        let inserted = self
+            .rules()?
             .insert(key, backend, 0)
-            .map_err(map_err(RULES_V4))
+            .map_err(map_err(RULES_V4));
+        if inserted.is_err() && new {
+            self.port_ref(key.port(), key.proto(), key.addr().is_unspecified(), false)?;
+        }
+        inserted
     }
 
     /// Unpublishes one port; absent keys are not an error.
     pub fn remove_rule(&mut self, key: &RuleKeyV4) -> Result<(), DataplaneError> {
         match self.rules()?.remove(key) {
             Err(e) if !is_not_found(&e) => Err(map_err(RULES_V4)(e)),
-            _ => Ok(()),
+            Err(_) => Ok(()),
+            Ok(()) => self.port_ref(key.port(), key.proto(), key.addr().is_unspecified(), false),
         }
     }
 
@@ -491,16 +547,26 @@ impl Dataplane {
         key: RuleKeyV6,
         backend: BackendV6,
     ) -> Result<(), DataplaneError> {
-        self.rules_v6()?
+        let new = self.rules_v6()?.get(&key, 0).is_err();
+        if new {
+            self.port_ref(key.port(), key.proto(), key.addr().is_unspecified(), true)?;
+        }
+        let inserted = self
+            .rules_v6()?
             .insert(key, backend, 0)
-            .map_err(map_err(RULES_V6))
+            .map_err(map_err(RULES_V6));
+        if inserted.is_err() && new {
+            self.port_ref(key.port(), key.proto(), key.addr().is_unspecified(), false)?;
+        }
+        inserted
     }
 
     /// Unpublishes one IPv6 port; absent keys are not an error.
     pub fn remove_rule_v6(&mut self, key: &RuleKeyV6) -> Result<(), DataplaneError> {
         match self.rules_v6()?.remove(key) {
             Err(e) if !is_not_found(&e) => Err(map_err(RULES_V6)(e)),
-            _ => Ok(()),
+            Err(_) => Ok(()),
+            Ok(()) => self.port_ref(key.port(), key.proto(), key.addr().is_unspecified(), false),
         }
     }
 

@@ -602,3 +602,37 @@ fn ingress_hooks_agree_on_random_frames() {
         )
         .expect("property");
 }
+
+/// The published-ports filter follows the rules: an address-bound and a wildcard rule on
+/// one port, removed one at a time, leave the other one working, then nothing.
+#[test]
+fn published_ports_filter_follows_rule_removal() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = fixture_dataplane();
+    let frame = Frame::tcp((CLIENT, 40000), (HOST, 9000));
+    let wildcard = RuleKeyV4::from_parts(Ipv4Addr::UNSPECIFIED, 9000, proto::TCP);
+    dp.insert_rule(wildcard, BackendV4::new(BACKEND, 8081, 4))
+        .expect("wildcard rule");
+    let exact = RuleKeyV4::from_parts(HOST, 9000, proto::TCP);
+    let (_, out) = run(&dp, Prog::XdpIngress, &frame.build());
+    assert_eq!(
+        out,
+        frame.with_dst((BACKEND, 8080)).build(),
+        "exact rule first"
+    );
+    dp.remove_rule(&exact).expect("remove exact");
+    let (_, out) = run(&dp, Prog::XdpIngress, &frame.build());
+    assert_eq!(
+        out,
+        frame.with_dst((BACKEND, 8081)).build(),
+        "then the wildcard"
+    );
+    dp.remove_rule(&wildcard).expect("remove wildcard");
+    check_case(
+        &dp,
+        Prog::XdpIngress,
+        &untouched("no rule left", frame.build(), Reason::PassNoRule),
+    );
+}

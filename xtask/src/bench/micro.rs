@@ -16,7 +16,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use portfwd_common::{
-    programs, proto, BackendV4, FlowKeyV4, FlowV4, RuleKeyV4, CONNTRACK_V4, HOST_ADDRS_V4, RULES_V4,
+    port_bits, programs, proto, BackendV4, FlowKeyV4, FlowV4, RuleKeyV4, CONNTRACK_V4,
+    HOST_ADDRS_V4, PUBLISHED_PORTS, RULES_V4,
 };
 
 use super::topo::{CLIENT_IP, CT_IP, HOST_IP};
@@ -138,6 +139,13 @@ fn seed(ebpf: &mut Ebpf) -> Result<()> {
         BackendV4::new(HOST_IP, 9001, 1),
         0,
     )?;
+    // The ports' bits in the published-ports filter, as the daemon sets them.
+    let mut ports: aya::maps::Array<_, u8> =
+        aya::maps::Array::try_from(ebpf.map_mut(PUBLISHED_PORTS).context(PUBLISHED_PORTS)?)?;
+    let (exact, wildcard) = port_bits(proto::TCP);
+    for (port, bit) in [(9000u32, exact), (8080, exact), (9001, wildcard)] {
+        ports.set(port, bit, 0)?;
+    }
     let mut hosts: HashMap<_, [u8; 4], u8> =
         HashMap::try_from(ebpf.map_mut(HOST_ADDRS_V4).context(HOST_ADDRS_V4)?)?;
     hosts.insert(HOST_IP.octets(), 1, 0)?;
