@@ -51,6 +51,9 @@ struct Demo {
     dir: PathBuf,
     namespaces: Vec<String>,
     children: Vec<(String, Child)>,
+    /// The demo's own cgroup: the daemon serves local clients of it only, never the
+    /// machine's root cgroup (which holds every process on the machine).
+    cgroup: Option<PathBuf>,
 }
 
 impl Demo {
@@ -62,6 +65,7 @@ impl Demo {
             tag,
             namespaces: Vec::new(),
             children: Vec::new(),
+            cgroup: None,
         }
     }
 
@@ -146,9 +150,18 @@ impl Demo {
         let socket = self.dir.join("portfwd.sock");
         let log = self.dir.join("portfwd.log");
         let logf = std::fs::File::create(&log)?;
+        let cgroup = cgroup2_root().context("no cgroup2 mount")?.join(&self.tag);
+        std::fs::create_dir_all(&cgroup)
+            .with_context(|| format!("cannot create cgroup {}", cgroup.display()))?;
+        self.cgroup = Some(cgroup.clone());
         let mut cmd = self.in_ns(&host, self.bins.join("portfwd"));
-        cmd.args(["--iface", "cli0", "--socket"]).arg(&socket);
+        cmd.args(["--iface", "cli0", "--socket"])
+            .arg(&socket)
+            .arg("--cgroup")
+            .arg(&cgroup);
         say("nsenter (not `ip netns exec`) keeps the cgroup2 mount visible to the daemon.");
+        say("--cgroup: local clients are served for the demo's own cgroup only (the default,");
+        say("the cgroup2 root, is every process on a real host).");
         println!("$ {} &", describe(&cmd));
         let child = cmd
             .env("RUST_LOG", "info")
@@ -202,7 +215,24 @@ impl Demo {
             "address (the X-Peer header is the peer the server saw: {CLIENT_IP}, not the host)."
         ));
 
-        chapter("6. Publishing a port twice fails, as in Docker");
+        chapter("6. And from the host itself: curl localhost:9000");
+        say("Local processes never pass the ingress program: cgroup socket programs send the");
+        say("connection straight to the container (no proxy, no NAT). The shell joins the");
+        say("demo's cgroup first.");
+        let mut local = self.in_ns(&host, "sh");
+        local.args([
+            "-c",
+            &format!(
+                "echo $$ > {}/cgroup.procs && exec curl -sS --max-time 10 http://localhost:9000/",
+                cgroup.display()
+            ),
+        ]);
+        let out = sh(&mut local)?;
+        if !out.contains("Hello from container 1") {
+            bail!("unexpected answer from localhost:9000: {out:?}");
+        }
+
+        chapter("7. Publishing a port twice fails, as in Docker");
         let mut dup = ctl(&["add", "9000", &format!("{}:8080", CONTAINERS[1])]);
         println!("$ {}", describe(&dup));
         let out = dup.output()?;
@@ -213,7 +243,7 @@ impl Demo {
             bail!("the duplicate add succeeded");
         }
 
-        chapter("7. What is published, with per-rule counters");
+        chapter("8. What is published, with per-rule counters");
         sh(&mut ctl(&["list"]))?;
         Ok(())
     }
@@ -273,8 +303,22 @@ impl Drop for Demo {
             println!("$ ip netns del {ns}");
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
+        if let Some(cg) = &self.cgroup {
+            println!("$ rmdir {}", cg.display());
+            let _ = std::fs::remove_dir(cg);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Where cgroup2 is mounted (`/sys/fs/cgroup/unified` on hybrid layouts).
+fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mountpoint = left.split_whitespace().nth(4)?;
+        (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mountpoint))
+    })
 }
 
 /// SIGTERM to our own (not yet reaped) child.

@@ -35,7 +35,8 @@ fn ports(ip: std::net::IpAddr, start: u16, end: u16) -> String {
 }
 
 /// Columns PUBLISHED, BACKEND, PROTO, SOURCE, PACKETS, BYTES (both directions; a range
-/// is one row and one counter), then a footer with the interfaces and their hooks.
+/// is one row and one counter), LOCAL (connections or datagrams of local clients, served
+/// at the socket), then a footer with the interfaces and their hooks.
 pub fn table(reply: &ListReply) -> String {
     let header = [
         "PUBLISHED",
@@ -44,9 +45,10 @@ pub fn table(reply: &ListReply) -> String {
         "SOURCE",
         "PACKETS",
         "BYTES",
+        "LOCAL",
     ]
     .map(String::from);
-    let rows: Vec<[String; 6]> = reply
+    let rows: Vec<[String; 7]> = reply
         .rules
         .iter()
         .map(|r| {
@@ -57,6 +59,7 @@ pub fn table(reply: &ListReply) -> String {
                 r.source.to_string(),
                 (r.packets + r.reply_packets).to_string(),
                 (r.bytes + r.reply_bytes).to_string(),
+                r.local.to_string(),
             ]
         })
         .collect();
@@ -69,19 +72,21 @@ pub fn table(reply: &ListReply) -> String {
     let mut out = String::new();
     for row in std::iter::once(&header).chain(&rows) {
         let line = format!(
-            "{:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {:>w4$}  {:>w5$}",
+            "{:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {:>w4$}  {:>w5$}  {:>w6$}",
             row[0],
             row[1],
             row[2],
             row[3],
             row[4],
             row[5],
+            row[6],
             w0 = width[0],
             w1 = width[1],
             w2 = width[2],
             w3 = width[3],
             w4 = width[4],
             w5 = width[5],
+            w6 = width[6],
         );
         let _ = writeln!(out, "{}", line.trim_end());
     }
@@ -134,7 +139,7 @@ mod tests {
                     bytes: 1000,
                     reply_packets: 8,
                     reply_bytes: 5000,
-                    local: 0,
+                    local: 3,
                 },
                 RuleStatus {
                     host_ip: "198.51.100.7".parse().expect("ip"),
@@ -162,9 +167,9 @@ mod tests {
         };
         assert_eq!(
             table(&reply),
-            "PUBLISHED          BACKEND               PROTO  SOURCE  PACKETS  BYTES\n\
-             0.0.0.0:9000-9009  172.17.0.2:8080-8089  tcp    file         18   6000\n\
-             198.51.100.7:5353  172.17.0.3:53         udp    cli           0      0\n\
+            "PUBLISHED          BACKEND               PROTO  SOURCE  PACKETS  BYTES  LOCAL\n\
+             0.0.0.0:9000-9009  172.17.0.2:8080-8089  tcp    file         18   6000      3\n\
+             198.51.100.7:5353  172.17.0.3:53         udp    cli           0      0      0\n\
              2 rules on eth0 (TC ingress, TC egress)\n\
              local clients: not served (no cgroup2 mount)\n"
         );
