@@ -45,8 +45,7 @@ use std::{
 use log::{debug, info, warn};
 use nix::fcntl::{Flock, FlockArg};
 use portfwd_common::{
-    BackendV4, BackendV6, FlowKeyV4, FlowV4, Reason, RuleKeyV4, RuleKeyV6, RuleStats, CONNTRACK_V4,
-    MAX_STATS_SLOTS,
+    BackendV4, BackendV6, Reason, RuleKeyV4, RuleKeyV6, RuleStats, MAX_STATS_SLOTS,
 };
 use thiserror::Error;
 use tokio::{
@@ -185,33 +184,7 @@ impl Kernel for Dataplane {
         &mut self,
         backends: &BTreeSet<(Ipv4Addr, u16, u8)>,
     ) -> Result<usize, DataplaneError> {
-        if backends.is_empty() {
-            return Ok(0);
-        }
-        let map = self
-            .ebpf_mut()
-            .map_mut(CONNTRACK_V4)
-            .ok_or(DataplaneError::MissingMap(CONNTRACK_V4))?;
-        let map_err = |source| DataplaneError::Map {
-            name: CONNTRACK_V4,
-            source,
-        };
-        // aya's HashMap also handles LRU hash maps.
-        let mut ct: aya::maps::HashMap<&mut aya::maps::MapData, FlowKeyV4, FlowV4> =
-            aya::maps::HashMap::try_from(map).map_err(map_err)?;
-        let stale: Vec<FlowKeyV4> = ct
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| {
-                let (ip, port) = k.backend();
-                backends.contains(&(ip, port, k.proto()))
-            })
-            .collect();
-        for k in &stale {
-            // Gone already (LRU eviction, flow ended): nothing to forget.
-            let _ = ct.remove(k);
-        }
-        Ok(stale.len())
+        Dataplane::forget_flows(self, backends)
     }
     fn reason_stats(&self) -> Result<Vec<(Reason, u64)>, DataplaneError> {
         Dataplane::reason_stats(self)

@@ -442,6 +442,18 @@ impl Dataplane {
         backend: (Ipv4Addr, u16),
         proto: u8,
     ) -> Result<usize, DataplaneError> {
+        self.forget_flows(&[(backend.0, backend.1, proto)].into_iter().collect())
+    }
+
+    /// Forgets every tracked IPv4 flow to one of `backends` (address, port, protocol
+    /// number), in one pass over the flow table; returns how many.
+    pub fn forget_flows(
+        &mut self,
+        backends: &BTreeSet<(Ipv4Addr, u16, u8)>,
+    ) -> Result<usize, DataplaneError> {
+        if backends.is_empty() {
+            return Ok(0);
+        }
         let map = self
             .ebpf
             .map_mut(CONNTRACK_V4)
@@ -452,9 +464,13 @@ impl Dataplane {
         let stale: Vec<FlowKeyV4> = ct
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| k.backend() == backend && k.proto() == proto)
+            .filter(|k| {
+                let (ip, port) = k.backend();
+                backends.contains(&(ip, port, k.proto()))
+            })
             .collect();
         for k in &stale {
+            // Gone already (LRU eviction, flow ended): nothing to forget.
             let _ = ct.remove(k);
         }
         Ok(stale.len())
