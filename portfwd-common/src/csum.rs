@@ -74,15 +74,11 @@ pub const fn l4_update_v6(
     new_port: u16,
     is_udp: bool,
 ) -> u16 {
-    if is_udp && check == 0 {
-        return 0;
-    }
-    let c = replace2(replace16(check, old_addr, new_addr), old_port, new_port);
-    if is_udp && c == 0 {
-        0xffff
-    } else {
-        c
-    }
+    udp_zero_rules(
+        check,
+        replace2(replace16(check, old_addr, new_addr), old_port, new_port),
+        is_udp,
+    )
 }
 
 /// Updates a transport checksum after an address and a port change.
@@ -98,14 +94,25 @@ pub const fn l4_update(
     new_port: u16,
     is_udp: bool,
 ) -> u16 {
-    if is_udp && check == 0 {
-        return 0;
-    }
-    let c = replace2(replace4(check, old_addr, new_addr), old_port, new_port);
-    if is_udp && c == 0 {
+    udp_zero_rules(
+        check,
+        replace2(replace4(check, old_addr, new_addr), old_port, new_port),
+        is_udp,
+    )
+}
+
+/// UDP's special checksum values, for both families: a zero checksum ("none sent")
+/// stays zero, and a computed zero is sent as `0xFFFF` (RFC 768, RFC 8200 8.1).
+#[inline(always)]
+const fn udp_zero_rules(old: u16, updated: u16, is_udp: bool) -> u16 {
+    if !is_udp {
+        updated
+    } else if old == 0 {
+        0
+    } else if updated == 0 {
         0xffff
     } else {
-        c
+        updated
     }
 }
 
