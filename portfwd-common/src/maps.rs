@@ -411,6 +411,17 @@ impl BackendV6 {
     pub const fn stats_slot(&self) -> u32 {
         self.stats_slot
     }
+    /// An IPv4 backend written as `::ffff:a.b.c.d`: the rule of an IPv6 host address
+    /// whose backend has no IPv6 address. Local clients reach it (the socket hooks
+    /// connect a dual-stack socket to the mapped address); the packet path cannot, since
+    /// it does not translate between families.
+    #[inline(always)]
+    pub fn is_ipv4_mapped(&self) -> bool {
+        let a = &self.addr;
+        a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0
+            && a[10] == 0xff
+            && a[11] == 0xff
+    }
     pub fn addr(&self) -> Ipv6Addr {
         Ipv6Addr::from(self.addr)
     }

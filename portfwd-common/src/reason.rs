@@ -40,10 +40,15 @@ pub enum Reason {
     /// IPv6 with an extension header (hop-by-hop, routing, destination options, AH,
     /// ESP, ...) before the transport header: passed untouched, the chain is not walked.
     PassIpv6ExtHeader = 15,
+    /// An IPv6 client of a rule whose backend has only an IPv4 address: the socket hooks
+    /// serve local clients (as IPv4-mapped connections), but packets are not translated
+    /// between families, and a local unconnected UDP `sendmsg` cannot be redirected to a
+    /// mapped address (the kernel refuses it). Passed untouched.
+    PassNoIpv6Backend = 16,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Translated,
         Reason::ReplyTranslated,
@@ -61,6 +66,7 @@ impl Reason {
         Reason::Redirected,
         Reason::FastPathFallback,
         Reason::PassIpv6ExtHeader,
+        Reason::PassNoIpv6Backend,
     ];
 
     /// Stable snake_case name, for `list` and metrics.
@@ -82,6 +88,7 @@ impl Reason {
             Reason::Redirected => "redirected",
             Reason::FastPathFallback => "fast_path_fallback",
             Reason::PassIpv6ExtHeader => "pass_ipv6_ext_header",
+            Reason::PassNoIpv6Backend => "pass_no_ipv6_backend",
         }
     }
 }

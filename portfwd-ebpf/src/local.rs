@@ -19,6 +19,9 @@
 //! socket addressing an IPv4-mapped address (`::ffff:a.b.c.d`) never reaches the IPv4
 //! programs (the kernel connects it as IPv4 without running connect4), so the IPv6
 //! programs serve it from the IPv4 rules, and give it the backend as a mapped address.
+//! The same holds for an IPv6 rule whose backend is IPv4 only (`RULES_V6` holds it as
+//! `::ffff:a.b.c.d`): `curl [::1]:9000` connects to the mapped backend. Only connects can
+//! be redirected so (the kernel refuses a `sendmsg6` rewritten to a mapped address).
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
@@ -188,13 +191,13 @@ fn restore_published(ctx: &SockAddrContext) {
 
 #[cgroup_sock_addr(connect6)]
 pub fn portfwd_connect6(ctx: SockAddrContext) -> i32 {
-    redirect_to_backend6(&ctx);
+    redirect_to_backend6(&ctx, true);
     ALLOW
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn portfwd_sendmsg6(ctx: SockAddrContext) -> i32 {
-    redirect_to_backend6(&ctx);
+    redirect_to_backend6(&ctx, false);
     ALLOW
 }
 
@@ -350,8 +353,11 @@ fn lookup6(addr: [u8; 16], port: [u8; 2], l4: u8, host_ns: bool) -> Option<Targe
     })
 }
 
+/// `connect`: the call is a connect (TCP, or UDP `connect()`), which the kernel lets
+/// a dual-stack socket make to an IPv4-mapped address; an unconnected UDP `sendmsg`
+/// rewritten to one fails with ENOTSUPP, so it is left alone.
 #[inline(always)]
-fn redirect_to_backend6(ctx: &SockAddrContext) {
+fn redirect_to_backend6(ctx: &SockAddrContext, connect: bool) {
     let sa = fields6(ctx);
     if sa.addr == [0; 16] {
         return;
@@ -359,6 +365,10 @@ fn redirect_to_backend6(ctx: &SockAddrContext) {
     let Some(target) = lookup6(sa.addr, sa.port, sa.proto, in_host_netns(ctx)) else {
         return;
     };
+    if !connect && mapped_v4(&target.addr).is_some() {
+        count(Reason::PassNoIpv6Backend);
+        return;
+    }
     // SAFETY: plain helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = LocalPeerKeyV6::new(cookie, target.addr, target.port, sa.proto);

@@ -271,8 +271,8 @@ fn lookup_rule_v6(flow: &Ipv6Flow) -> Result<BackendV6, Reason> {
     if may_exact {
         let exact = RuleKeyV6::new(flow.dst, flow.dport, flow.proto);
         // SAFETY: values are copied out at once; the daemon may replace them concurrently.
-        if let Some(b) = unsafe { RULES_V6.get(&exact) } {
-            return Ok(*b);
+        if let Some(b) = unsafe { RULES_V6.get(&exact) }.copied() {
+            return backend_v6(b);
         }
     }
     if !may_wildcard {
@@ -284,6 +284,16 @@ fn lookup_rule_v6(flow: &Ipv6Flow) -> Result<BackendV6, Reason> {
     };
     if unsafe { HOST_ADDRS_V6.get(&flow.dst) }.is_none() {
         return Err(Reason::PassNotHostAddr);
+    }
+    backend_v6(b)
+}
+
+/// A rule's backend, if the packet path can reach it (not an IPv4 backend behind an
+/// IPv6 address, which only local clients reach).
+#[inline(always)]
+fn backend_v6(b: BackendV6) -> Result<BackendV6, Reason> {
+    if b.is_ipv4_mapped() {
+        return Err(Reason::PassNoIpv6Backend);
     }
     Ok(b)
 }

@@ -1,19 +1,20 @@
 //! `portfwd-ctl import-compose`: a declarations file ([`crate::declfile`]) from a Compose
 //! file's `services.*.ports`, short syntax (`"8080:80"`, `3000`, `"127.0.0.1::80/udp"`)
 //! and long syntax (`target`, `published`, `host_ip`, `protocol`). Compose knows the
-//! containers by service name; portfwd needs their addresses, given as `--to SERVICE=IP`.
+//! containers by service name; portfwd needs their addresses, given as `--to SERVICE=IP`
+//! (`--to SERVICE=IPV4,IPV6` for a dual-stack container).
 //!
 //! The output is checked by parsing it back ([`crate::declfile::parse`]), so what it
 //! prints always loads.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
+use std::{collections::BTreeMap, fmt::Write as _};
 
 use serde_norway::Value;
 use thiserror::Error;
 
 use crate::{
     declfile::{self, LongPort},
-    rule::{Declaration, RuleError},
+    rule::{Addrs, Declaration, RuleError},
 };
 
 #[derive(Debug, Error)]
@@ -70,7 +71,7 @@ fn scalar(v: &Value) -> Option<String> {
 }
 
 /// One `ports` item as a TOML array element, checked against `to`.
-fn entry(v: &Value, to: IpAddr) -> Result<String, (String, String)> {
+fn entry(v: &Value, to: Addrs) -> Result<String, (String, String)> {
     let shown = |v: &Value| {
         serde_norway::to_string(v)
             .map(|s| crate::protocol::one_line(&s))
@@ -113,7 +114,7 @@ fn scalar_of(n: &declfile::NumOrText) -> String {
 pub fn import(
     file: &str,
     yaml: &str,
-    to: &BTreeMap<String, IpAddr>,
+    to: &BTreeMap<String, Addrs>,
 ) -> Result<String, ComposeError> {
     let doc: Value = serde_norway::from_str(yaml).map_err(|e| ComposeError::Yaml {
         file: file.to_string(),
@@ -181,10 +182,14 @@ pub fn import(
                 })?,
             );
         }
+        let to_text: Vec<String> = ip.ips().map(|a| toml_str(&a.to_string())).collect();
+        let to_text = match to_text.as_slice() {
+            [one] => one.clone(),
+            many => format!("[{}]", many.join(", ")),
+        };
         let _ = write!(
             out,
-            "\n# service {name}\n[[publish]]\nto = {}\nports = [\n",
-            toml_str(&ip.to_string())
+            "\n# service {name}\n[[publish]]\nto = {to_text}\nports = [\n"
         );
         for e in entries {
             let _ = writeln!(out, "  {e},");
@@ -224,10 +229,13 @@ services:
         protocol: udp
 "#;
 
-    fn to(pairs: &[(&str, &str)]) -> BTreeMap<String, IpAddr> {
+    fn to(pairs: &[(&str, &str)]) -> BTreeMap<String, Addrs> {
         pairs
             .iter()
-            .map(|(s, ip)| (s.to_string(), ip.parse().expect("ip")))
+            .map(|(s, ip)| {
+                let ip = ip.parse().expect("ip");
+                (s.to_string(), Addrs::new(ip).expect("backend address"))
+            })
             .collect()
     }
 

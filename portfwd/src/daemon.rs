@@ -3,15 +3,15 @@
 //! server.
 //!
 //! Invariants:
-//! - Every rule in [`RuleTable`] is in the kernel's [`portfwd_common::RULES_V4`], one
-//!   entry per published port, with the rule's backend port for that port and the rule's
-//!   one counter slot (a range shares it); nothing else is. Every change goes through
+//! - Every rule in [`RuleTable`] is in the kernel's rule maps, one entry per published
+//!   port and family served (see `map_entries`), with the rule's backend port for that
+//!   port and the rule's one counter slot (a range shares it); nothing else is. Every change goes through
 //!   [`Daemon::commit`], which changes the table only after the kernel accepted every
 //!   write, and undoes the writes it made when one fails: a failed request leaves both
 //!   untouched.
-//! - Conflicts follow Docker, per port: one (address, port, protocol) at a time, and a
-//!   wildcard (0.0.0.0) rule excludes every specific-address rule on the same port and
-//!   protocol. A range conflicts at its first common port, which the error names.
+//! - Conflicts follow Docker, per port: one (address, port, protocol) at a time; a
+//!   family's wildcard (`0.0.0.0`, `[::]`) excludes every address of its family on the
+//!   same port and protocol, and `*` (no host address) every address of both. A range conflicts at its first common port, which the error names.
 //! - Each rule has a source: `cli` (`portfwd-ctl add`) or `file` (a declarations file).
 //!   `apply` replaces the file rules only, keeps the ones the file still declares
 //!   untouched (same map entries, so their flows go on), and refuses, changing nothing,
@@ -23,12 +23,10 @@
 //!   read timeout and a size limit, every failure becomes an error response, and the
 //!   code has no `unwrap`.
 //!
-//! - IPv6: a rule's kernel entries go to the map of its backend's family
-//!   ([`portfwd_common::RULES_V4`] or [`portfwd_common::RULES_V6`]); a specific host
-//!   address has the backend's family (the model checks it), and a wildcard host (0.0.0.0
-//!   or `::`) becomes the wildcard key of the backend's family. The dataplane does not
-//!   translate between families, so a wildcard rule serves the clients of its backend's
-//!   family (local clients of IPv4-mapped addresses included).
+//! - Families: `*` writes both maps' wildcard keys, an address its family's map. IPv4
+//!   clients need a backend IPv4 address (the model refuses an IPv4 host address
+//!   without one; `*` then serves IPv6 only); IPv6 clients go to the backend's IPv6
+//!   address, or to its IPv4 one as `::ffff:a.b.c.d`, which only local clients reach.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
@@ -60,7 +58,9 @@ use crate::{
         self, ApplyReply, FileDeclaration, ListReply, LocalClients, Request, RuleReply, RuleStatus,
         Source, MAX_REQUEST,
     },
-    rule::{self, Backend, Declaration, HostPorts, PortRange, Proto, Publish, Rule, RuleError},
+    rule::{
+        self, Backend, Declaration, Host, HostPorts, PortRange, Proto, Publish, Rule, RuleError,
+    },
 };
 
 /// How long a client may take to send its request (and to read the answer).
@@ -328,7 +328,7 @@ impl RuleTable {
     pub fn check_free(&self, publish: &Publish) -> Result<(), DaemonError> {
         match self.first_conflict(publish) {
             Some((port, holder)) => Err(DaemonError::PortAllocated {
-                addr_port: rule::addr_port(publish.host_ip(), port),
+                addr_port: rule::addr_port(publish.host(), port),
                 port,
                 holder,
             }),
@@ -350,14 +350,17 @@ impl RuleTable {
     /// Whether any rule sends `proto` traffic to `ip:port`.
     pub fn uses_backend(&self, ip: IpAddr, port: u16, proto: Proto) -> bool {
         self.rules.iter().any(|(p, e)| {
-            p.proto() == proto && e.backend.ip() == ip && e.backend.ports().contains(port)
+            p.proto() == proto
+                && e.backend.addrs().ips().any(|b| b == ip)
+                && e.backend.ports().contains(port)
         })
     }
-    /// Whether one of the rules publishes `port` of `ip`/`proto` (exactly that address).
+    /// Whether one of the rules holds `port` of `ip`/`proto` for local binds (exactly
+    /// that address, or `*` for either wildcard).
     fn publishes(&self, ip: IpAddr, port: u16, proto: Proto) -> bool {
-        self.rules
-            .keys()
-            .any(|p| p.host_ip() == ip && p.proto() == proto && p.ports().contains(port))
+        self.rules.keys().any(|p| {
+            p.host().bind_addrs().contains(&ip) && p.proto() == proto && p.ports().contains(port)
+        })
     }
     fn insert(&mut self, publish: Publish, entry: Entry) {
         self.rules.insert(publish, entry);
@@ -423,54 +426,56 @@ fn write_entry<K: Kernel>(
     }
 }
 
-/// The kernel's view of a rule: one entry per port, all with its slot, in the map of the
-/// backend's family (a wildcard host becomes that family's wildcard key).
+/// The kernel's view of a rule: one entry per port and family served, all with its
+/// slot. IPv4 clients go to the backend's IPv4 address (`RULES_V4`); IPv6 clients to its
+/// IPv6 address, or to its IPv4 one as `::ffff:a.b.c.d`, which the socket hooks serve and
+/// the packet path passes (`RULES_V6`). `*` takes each family's wildcard key.
 fn map_entries(
     publish: &Publish,
     backend: &Backend,
     slot: u32,
 ) -> Result<Vec<MapEntry>, DaemonError> {
     let proto = publish.proto().number();
-    let host = publish.host_ip();
-    let mismatch = || {
-        DaemonError::Invalid(RuleError::FamilyMismatch {
-            host,
-            backend: backend.ip(),
-        })
-    };
-    let pairs = publish.ports().ports().zip(backend.ports().ports());
-    match backend.ip() {
-        IpAddr::V4(b) => {
-            let h = match host {
-                IpAddr::V4(h) => h,
-                IpAddr::V6(h) if h.is_unspecified() => Ipv4Addr::UNSPECIFIED,
-                IpAddr::V6(_) => return Err(mismatch()),
-            };
-            Ok(pairs
-                .map(|(hp, bp)| {
-                    MapEntry::V4(
-                        RuleKeyV4::from_parts(h, hp, proto),
-                        BackendV4::new(b, bp, slot),
-                    )
-                })
-                .collect())
-        }
-        IpAddr::V6(b) => {
-            let h = match host {
-                IpAddr::V6(h) => h,
-                IpAddr::V4(h) if h.is_unspecified() => Ipv6Addr::UNSPECIFIED,
-                IpAddr::V4(_) => return Err(mismatch()),
-            };
-            Ok(pairs
-                .map(|(hp, bp)| {
-                    MapEntry::V6(
-                        RuleKeyV6::from_parts(h, hp, proto),
-                        BackendV6::new(b, bp, slot),
-                    )
-                })
-                .collect())
+    let host = publish.host();
+    let addrs = backend.addrs();
+    let pairs = || publish.ports().ports().zip(backend.ports().ports());
+    let mut entries = Vec::new();
+    if host.serves_v4() {
+        let h = match host.ip() {
+            Some(IpAddr::V4(h)) => h,
+            _ => Ipv4Addr::UNSPECIFIED,
+        };
+        match addrs.v4() {
+            Some(b) => entries.extend(pairs().map(|(hp, bp)| {
+                MapEntry::V4(
+                    RuleKeyV4::from_parts(h, hp, proto),
+                    BackendV4::new(b, bp, slot),
+                )
+            })),
+            // `*` to an IPv6-only backend: no IPv4 client can reach it.
+            None if host == Host::Any => {}
+            None => {
+                return Err(DaemonError::Invalid(RuleError::FamilyMismatch {
+                    host: IpAddr::V4(h),
+                    backend: addrs,
+                }))
+            }
         }
     }
+    if host.serves_v6() {
+        let h = match host.ip() {
+            Some(IpAddr::V6(h)) => h,
+            _ => Ipv6Addr::UNSPECIFIED,
+        };
+        let b = addrs.for_v6_clients();
+        entries.extend(pairs().map(|(hp, bp)| {
+            MapEntry::V6(
+                RuleKeyV6::from_parts(h, hp, proto),
+                BackendV6::new(b, bp, slot),
+            )
+        }));
+    }
+    Ok(entries)
 }
 
 /// The daemon's state: the kernel side and the table that mirrors it.
@@ -520,7 +525,7 @@ impl<K: Kernel> Daemon<K> {
     /// The concrete rule for `decl` given the rules in `view`: exact ports if free, else
     /// the first free port of a range, else any free block of the ephemeral range.
     fn resolve(&self, decl: &Declaration, view: &RuleTable) -> Result<Rule, DaemonError> {
-        let (ip, proto, backend) = (decl.host_ip(), decl.proto(), decl.backend());
+        let (ip, proto, backend) = (decl.host(), decl.proto(), decl.backend());
         match decl.host_ports() {
             HostPorts::Exact(ports) => {
                 let publish = Publish::new(ip, ports, proto)?;
@@ -583,9 +588,11 @@ impl<K: Kernel> Daemon<K> {
     /// The first port of `publish` a local process holds. Ports the daemon publishes
     /// itself are skipped (their rule was checked when published).
     fn first_held(&self, publish: &Publish) -> Option<u16> {
-        let (ip, proto) = (publish.host_ip(), publish.proto());
+        let (addrs, proto) = (publish.host().bind_addrs(), publish.proto());
         publish.ports().ports().find(|&port| {
-            !self.table.publishes(ip, port, proto) && self.kernel.held_locally(ip, port, proto)
+            addrs.iter().any(|&ip| {
+                !self.table.publishes(ip, port, proto) && self.kernel.held_locally(ip, port, proto)
+            })
         })
     }
 
@@ -734,14 +741,16 @@ impl<K: Kernel> Daemon<K> {
     fn forget_stale_flows(&mut self, gone: &[(Publish, Backend)]) {
         let (mut stale, mut stale_v6) = (BTreeSet::new(), BTreeSet::new());
         for (p, b) in gone {
-            for port in b.ports().ports() {
-                if self.table.uses_backend(b.ip(), port, p.proto()) {
-                    continue;
+            for ip in b.addrs().ips() {
+                for port in b.ports().ports() {
+                    if self.table.uses_backend(ip, port, p.proto()) {
+                        continue;
+                    }
+                    match ip {
+                        IpAddr::V4(ip) => stale.insert((ip, port, p.proto().number())),
+                        IpAddr::V6(ip) => stale_v6.insert((ip, port, p.proto().number())),
+                    };
                 }
-                match b.ip() {
-                    IpAddr::V4(ip) => stale.insert((ip, port, p.proto().number())),
-                    IpAddr::V6(ip) => stale_v6.insert((ip, port, p.proto().number())),
-                };
             }
         }
         if !stale.is_empty() {
@@ -766,7 +775,7 @@ impl<K: Kernel> Daemon<K> {
     pub fn del(&mut self, publish: Publish) -> Result<RuleReply, DaemonError> {
         let Some(entry) = self.table.get(&publish).copied() else {
             let part_of = self.table.iter().find(|(p, _)| {
-                p.host_ip() == publish.host_ip()
+                p.host() == publish.host()
                     && p.proto() == publish.proto()
                     && p.ports().first_common(&publish.ports()).is_some()
             });
@@ -931,11 +940,12 @@ impl<K: Kernel> Daemon<K> {
                     .rule_stats(e.stats_slot)
                     .map_err(|e| DaemonError::Stats(Box::new(e)))?;
                 Ok(RuleStatus {
-                    host_ip: p.host_ip(),
+                    host_ip: p.host(),
                     host_port: p.host_port(),
                     host_port_end: p.ports().end(),
                     proto: p.proto(),
-                    backend_ip: e.backend.ip(),
+                    backend_ip: e.backend.addrs().first(),
+                    backend_ip6: e.backend.addrs().v4().and(e.backend.addrs().v6()),
                     backend_port: e.backend.port(),
                     backend_port_end: e.backend.ports().end(),
                     source: e.source,
@@ -1460,14 +1470,14 @@ mod tests {
         let err = d.add(decl("9000", "198.18.1.2:8080")).expect_err("held");
         assert_eq!(
             err.to_string(),
-            "cannot publish 0.0.0.0:9000/tcp: a local process already uses it (address already in use)"
+            "cannot publish *:9000/tcp: a local process already uses it (address already in use)"
         );
         let err = d
             .add(decl("9100-9109", "198.18.1.2:8100-8109"))
             .expect_err("held");
         assert_eq!(
             err.to_string(),
-            "cannot publish 0.0.0.0:9100-9109/tcp: a local process already uses port 9105 (address already in use)"
+            "cannot publish *:9100-9109/tcp: a local process already uses port 9105 (address already in use)"
         );
         assert!(kernel_rules(&d).is_empty() && d.table().is_empty());
         d.add(decl("9000/udp", "198.18.1.2:8080"))
@@ -1504,7 +1514,7 @@ mod tests {
             (&["198.51.100.7:9000"], "198.51.100.7:9000/udp", None),
             (
                 &["198.51.100.7:9000", "198.51.100.8:9000"],
-                "0.0.0.0:9000",
+                "*:9000",
                 Some("Bind for 0.0.0.0:9000 failed: port is already allocated"),
             ),
             // Per port: a range fails at its first port that is taken.
@@ -1559,10 +1569,7 @@ mod tests {
         let r = d
             .add(decl("9000-9009", "172.17.0.2:8000-8009"))
             .expect("range");
-        assert_eq!(
-            r.to_string(),
-            "0.0.0.0:9000-9009/tcp -> 172.17.0.2:8000-8009"
-        );
+        assert_eq!(r.to_string(), "*:9000-9009/tcp -> 172.17.0.2:8000-8009");
         let k = &d.kernel().rules;
         assert_eq!(k.len(), 10);
         for (hp, bp) in (9000..=9009).zip(8000..=8009) {
@@ -1588,7 +1595,7 @@ mod tests {
         let err = d.del(publish("9005")).expect_err("part of a range");
         assert_eq!(
             err.to_string(),
-            "No published port 0.0.0.0:9005/tcp: it is part of 0.0.0.0:9000-9009/tcp, which is removed whole"
+            "No published port *:9005/tcp: it is part of *:9000-9009/tcp, which is removed whole"
         );
         d.del(publish("9000-9009")).expect("del range");
         assert!(d.kernel().rules.is_empty());
@@ -1613,34 +1620,31 @@ mod tests {
         let r = d
             .add(decl("8000-8010", "172.17.0.3:80"))
             .expect("first free");
-        assert_eq!(r.to_string(), "0.0.0.0:8001/tcp -> 172.17.0.3:80");
+        assert_eq!(r.to_string(), "*:8001/tcp -> 172.17.0.3:80");
         // No host port: the ephemeral range, skipping published and held ports.
         let r = d.add(decl("", "172.17.0.2:80")).expect("any");
-        assert_eq!(r.to_string(), "0.0.0.0:40000/tcp -> 172.17.0.2:80");
+        assert_eq!(r.to_string(), "*:40000/tcp -> 172.17.0.2:80");
         let r = d.add(decl("0", "172.17.0.2:81")).expect("any");
         assert_eq!(
             r.to_string(),
-            "0.0.0.0:40002/tcp -> 172.17.0.2:81",
+            "*:40002/tcp -> 172.17.0.2:81",
             "40001 is held"
         );
         // Several container ports: as many consecutive free host ports.
         d.add(decl("40004", "172.17.0.2:90")).expect("40004");
         let r = d.add(decl("/udp", "172.17.0.2:53")).expect("udp any");
-        assert_eq!(r.to_string(), "0.0.0.0:40000/udp -> 172.17.0.2:53");
+        assert_eq!(r.to_string(), "*:40000/udp -> 172.17.0.2:53");
         let r = d.add(decl("", "172.17.0.2:100-102")).expect("block");
-        assert_eq!(
-            r.to_string(),
-            "0.0.0.0:40005-40007/tcp -> 172.17.0.2:100-102"
-        );
+        assert_eq!(r.to_string(), "*:40005-40007/tcp -> 172.17.0.2:100-102");
         let err = d.add(decl("", "172.17.0.2:200-203")).expect_err("no block");
         assert_eq!(
             err.to_string(),
-            "cannot publish 0.0.0.0:(any)/tcp -> 172.17.0.2:200-203: no 4 free consecutive ports in the ephemeral range 40000-40009"
+            "cannot publish *:(any)/tcp -> 172.17.0.2:200-203: no 4 free consecutive ports in the ephemeral range 40000-40009"
         );
         let err = d.add(decl("8000-8001", "172.17.0.4:80")).expect_err("full");
         assert_eq!(
             err.to_string(),
-            "cannot publish 0.0.0.0:(first free of 8000-8001)/tcp -> 172.17.0.4:80: every port of 8000-8001 is already allocated or in use"
+            "cannot publish *:(first free of 8000-8001)/tcp -> 172.17.0.4:80: every port of 8000-8001 is already allocated or in use"
         );
     }
 
@@ -1659,8 +1663,8 @@ mod tests {
             .collect()
     }
 
-    /// IPv6 rules go to the IPv6 map, one entry per port; a wildcard host becomes the
-    /// wildcard of the backend's family; del forgets the IPv6 flows.
+    /// IPv6 rules go to the IPv6 map, one entry per port; `*` becomes the wildcard of
+    /// each family it can serve; del forgets the IPv6 flows.
     #[test]
     fn ipv6_rules_go_to_the_v6_map() {
         let mut d = Daemon::new(FakeKernel::default());
@@ -1670,6 +1674,11 @@ mod tests {
             ("9003", "[2001:db8::3]:80"),
             ("[::]:9004", "[2001:db8::3]:81"),
             ("[::]:9005", "172.17.0.2:80"),
+            // `*` to an IPv4-only backend: IPv6 clients get it IPv4-mapped.
+            ("9006", "172.17.0.2:80"),
+            // A dual-stack backend: each family to its own address.
+            ("9007", "172.17.0.3:80,[2001:db8::3]:80"),
+            ("0.0.0.0:9008", "172.17.0.3:80,[2001:db8::3]:80"),
         ] {
             d.add(decl(p, b)).unwrap_or_else(|e| panic!("{p} {b}: {e}"));
         }
@@ -1678,12 +1687,23 @@ mod tests {
             [
                 "[::]:9003/6 -> [2001:db8::3]:80 #2",
                 "[::]:9004/6 -> [2001:db8::3]:81 #3",
+                "[::]:9005/6 -> [::ffff:172.17.0.2]:80 #4",
+                "[::]:9006/6 -> [::ffff:172.17.0.2]:80 #5",
+                "[::]:9007/6 -> [2001:db8::3]:80 #6",
                 "[::1]:9001/17 -> [2001:db8::2]:53 #1",
                 "[::1]:9002/17 -> [2001:db8::2]:54 #1",
                 "[2001:db8::1]:9000/6 -> [2001:db8::2]:8080 #0",
             ]
         );
-        assert_eq!(kernel_rules(&d), ["0.0.0.0:9005/6 -> 172.17.0.2:80 #4"]);
+        // Only `*` and `0.0.0.0` rules serve IPv4 clients, and only with an IPv4 backend.
+        assert_eq!(
+            kernel_rules(&d),
+            [
+                "0.0.0.0:9006/6 -> 172.17.0.2:80 #5",
+                "0.0.0.0:9007/6 -> 172.17.0.3:80 #6",
+                "0.0.0.0:9008/6 -> 172.17.0.3:80 #7",
+            ]
+        );
 
         d.del(publish("[2001:db8::1]:9000")).expect("del");
         assert!(!kernel_rules_v6(&d)
@@ -1746,8 +1766,8 @@ mod tests {
         d.add(decl("198.51.100.7:9000", "172.17.0.2:8080"))
             .expect("add");
         for (spec, want) in [
-            ("9000", "No published port 0.0.0.0:9000/tcp"),
-            ("9000/udp", "No published port 0.0.0.0:9000/udp"),
+            ("9000", "No published port *:9000/tcp"),
+            ("9000/udp", "No published port *:9000/udp"),
             (
                 "198.51.100.8:9000",
                 "No published port 198.51.100.8:9000/tcp",
@@ -1769,8 +1789,7 @@ mod tests {
             .add(decl("9001", "172.17.0.2:8080"))
             .expect_err("insert fails");
         assert!(
-            err.to_string()
-                .starts_with("cannot publish 0.0.0.0:9001/tcp: "),
+            err.to_string().starts_with("cannot publish *:9001/tcp: "),
             "{err}"
         );
         assert_eq!(d.table().len(), 1);
@@ -1778,8 +1797,7 @@ mod tests {
         d.kernel.fail_remove = true;
         let err = d.del(publish("9000")).expect_err("remove fails");
         assert!(
-            err.to_string()
-                .starts_with("cannot unpublish 0.0.0.0:9000/tcp: "),
+            err.to_string().starts_with("cannot unpublish *:9000/tcp: "),
             "{err}"
         );
         assert_eq!(d.table().len(), 1);
@@ -1826,7 +1844,8 @@ mod tests {
         entries
             .iter()
             .map(|&(line, mapping, to)| {
-                let d = Declaration::from_mapping(mapping, ip(to))
+                let to = crate::rule::Addrs::new(ip(to)).expect("backend address");
+                let d = Declaration::from_mapping(mapping, to)
                     .unwrap_or_else(|e| panic!("{mapping}: {e}"));
                 FileDeclaration {
                     line,
@@ -1863,10 +1882,10 @@ mod tests {
         assert_eq!(
             shown(&r.added),
             vec![
-                "0.0.0.0:5353/udp -> 172.17.0.2:53",
-                "0.0.0.0:7000-7009/tcp -> 172.17.0.2:7000-7009",
-                "0.0.0.0:9000/tcp -> 172.17.0.2:8080",
-                "0.0.0.0:40000/tcp -> 172.17.0.3:80",
+                "*:5353/udp -> 172.17.0.2:53",
+                "*:7000-7009/tcp -> 172.17.0.2:7000-7009",
+                "*:9000/tcp -> 172.17.0.2:8080",
+                "*:40000/tcp -> 172.17.0.3:80",
             ]
         );
         assert!(r.removed.is_empty() && r.unchanged.is_empty());
@@ -1891,22 +1910,22 @@ mod tests {
         assert_eq!(
             shown(&r.added),
             vec![
-                "0.0.0.0:5353/udp -> 172.17.0.3:53",
+                "*:5353/udp -> 172.17.0.3:53",
                 "127.0.0.1:9443/tcp -> 172.17.0.2:443",
             ]
         );
         assert_eq!(
             shown(&r.removed),
             vec![
-                "0.0.0.0:5353/udp -> 172.17.0.2:53",
-                "0.0.0.0:7000-7009/tcp -> 172.17.0.2:7000-7009",
+                "*:5353/udp -> 172.17.0.2:53",
+                "*:7000-7009/tcp -> 172.17.0.2:7000-7009",
             ]
         );
         assert_eq!(
             shown(&r.unchanged),
             vec![
-                "0.0.0.0:9000/tcp -> 172.17.0.2:8080",
-                "0.0.0.0:40000/tcp -> 172.17.0.3:80",
+                "*:9000/tcp -> 172.17.0.2:8080",
+                "*:40000/tcp -> 172.17.0.3:80",
             ]
         );
         // Unchanged rules (and the runtime rule) were not written at all.
@@ -1929,20 +1948,17 @@ mod tests {
         assert_eq!(
             table_rules(&d),
             vec![
-                "0.0.0.0:5353/udp -> 172.17.0.3:53 (file)",
-                "0.0.0.0:6000/tcp -> 172.17.0.9:80 (cli)",
-                "0.0.0.0:9000/tcp -> 172.17.0.2:8080 (file)",
+                "*:5353/udp -> 172.17.0.3:53 (file)",
+                "*:6000/tcp -> 172.17.0.9:80 (cli)",
+                "*:9000/tcp -> 172.17.0.2:8080 (file)",
                 "127.0.0.1:9443/tcp -> 172.17.0.2:443 (file)",
-                "0.0.0.0:40000/tcp -> 172.17.0.3:80 (file)",
+                "*:40000/tcp -> 172.17.0.3:80 (file)",
             ]
         );
         // An empty file removes the file rules only.
         let r = d.apply("f.toml", &[], false).expect("empty");
         assert_eq!(r.removed.len(), 4);
-        assert_eq!(
-            table_rules(&d),
-            vec!["0.0.0.0:6000/tcp -> 172.17.0.9:80 (cli)"]
-        );
+        assert_eq!(table_rules(&d), vec!["*:6000/tcp -> 172.17.0.9:80 (cli)"]);
         assert_eq!(d.kernel().rules.len(), 1);
     }
 
@@ -1960,7 +1976,7 @@ mod tests {
         let table: Vec<(Vec<FileDeclaration>, &str)> = vec![
             (
                 file(&[(2, "9000:80", A), (4, "5990-6010:5990-6010", B)]),
-                "f.toml:4: entry `5990-6010:5990-6010`: 0.0.0.0:5990-6010/tcp -> 172.17.0.3:5990-6010 conflicts with the runtime rule 0.0.0.0:6000/tcp at port 6000 (added with portfwd-ctl add; del it first or drop it from the file)",
+                "f.toml:4: entry `5990-6010:5990-6010`: *:5990-6010/tcp -> 172.17.0.3:5990-6010 conflicts with the runtime rule *:6000/tcp at port 6000 (added with portfwd-ctl add; del it first or drop it from the file)",
             ),
             (
                 file(&[(2, "9000:80", A), (5, "127.0.0.1:9000:81", B)]),
@@ -1988,7 +2004,7 @@ mod tests {
             .expect_err("fails midway");
         assert!(
             err.to_string()
-                .starts_with("cannot publish 0.0.0.0:8000-8009/tcp: "),
+                .starts_with("cannot publish *:8000-8009/tcp: "),
             "{err}"
         );
         assert_eq!((kernel_rules(&d), table_rules(&d)), (k0, t0));
@@ -2043,7 +2059,7 @@ mod tests {
         let del = ok(d.handle_line(br#"{"cmd":"del","publish":{"host_port":9000}}"#));
         assert_eq!(del["ok"], true);
         let del = ok(d.handle_line(br#"{"cmd":"del","publish":{"host_port":9000}}"#));
-        assert_eq!(del["error"], "No published port 0.0.0.0:9000/tcp");
+        assert_eq!(del["error"], "No published port *:9000/tcp");
     }
 
     #[tokio::test(flavor = "current_thread")]

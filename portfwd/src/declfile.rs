@@ -9,6 +9,10 @@
 //! [[publish]]
 //! to = "172.17.0.3"
 //! ports = [{ target = 80, published = "8080", host_ip = "127.0.0.1", protocol = "tcp" }]
+//!
+//! [[publish]]
+//! to = ["172.17.0.4", "2001:db8::4"]   # a dual-stack container: each family to its own
+//! ports = ["9080:80"]
 //! ```
 //!
 //! Parsing validates everything the grammar can ([`crate::rule`]), and conflicts between
@@ -16,7 +20,7 @@
 //! entry as written. Each entry keeps its line, and the whole parsed list travels to the
 //! daemon ([`crate::protocol::Request::Apply`]), which validates it again.
 
-use std::{collections::BTreeMap, net::IpAddr, ops::Range, path::Path};
+use std::{collections::BTreeMap, ops::Range, path::Path};
 
 use serde::Deserialize;
 use thiserror::Error;
@@ -25,7 +29,8 @@ use toml::Spanned;
 use crate::{
     protocol::FileDeclaration,
     rule::{
-        self, Backend, Declaration, HostPorts, PortRange, Proto, Publish, PublishSpec, RuleError,
+        self, Addrs, Backend, Declaration, Host, HostPorts, PortRange, Proto, Publish, PublishSpec,
+        RuleError,
     },
 };
 
@@ -74,8 +79,31 @@ struct Doc {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PublishTable {
-    to: Spanned<String>,
+    to: Spanned<To>,
     ports: Vec<Spanned<PortEntry>>,
+}
+
+/// `to`: one address, or one per family.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum To {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl To {
+    fn addrs(&self) -> Result<Addrs, RuleError> {
+        match self {
+            To::One(ip) => Addrs::new(rule::parse_ip(ip)?),
+            To::Many(ips) => {
+                let ips = ips
+                    .iter()
+                    .map(|ip| rule::parse_ip(ip))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Addrs::from_list(&ips)
+            }
+        }
+    }
 }
 
 /// A `ports` item: a Docker/Compose short string, or Compose's long form.
@@ -125,10 +153,10 @@ impl NumOrText {
 
 impl LongPort {
     /// The declaration this long-form entry stands for, to the backend at `to`.
-    pub fn declaration(&self, to: IpAddr) -> Result<Declaration, RuleError> {
-        let host_ip = match self.host_ip.as_deref() {
-            None | Some("") => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-            Some(ip) => rule::parse_ip(ip)?,
+    pub fn declaration(&self, to: Addrs) -> Result<Declaration, RuleError> {
+        let host = match self.host_ip.as_deref() {
+            None | Some("") => Host::Any,
+            Some(ip) => rule::parse_host_text(ip)?,
         };
         let proto: Proto = match self.protocol.as_deref() {
             None | Some("") => Proto::Tcp,
@@ -140,12 +168,8 @@ impl LongPort {
         };
         let target: PortRange = self.target.text().parse()?;
         Declaration::new(
-            PublishSpec {
-                host_ip,
-                ports,
-                proto,
-            },
-            Backend::new(to, target)?,
+            PublishSpec { host, ports, proto },
+            Backend::with_addrs(to, target),
         )
     }
 }
@@ -172,12 +196,16 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<FileDeclaration>, FileError> 
     let mut out = Vec::new();
     for table in &doc.publish {
         let to_line = line_of(text, table.to.span().start);
-        let to = rule::parse_ip(table.to.get_ref()).map_err(|source| FileError::Entry {
-            file: file.to_string(),
-            line: to_line,
-            entry: format!("to = {}", entry_text(text, table.to.span())),
-            source,
-        })?;
+        let to = table
+            .to
+            .get_ref()
+            .addrs()
+            .map_err(|source| FileError::Entry {
+                file: file.to_string(),
+                line: to_line,
+                entry: format!("to = {}", entry_text(text, table.to.span())),
+                source,
+            })?;
         for port in &table.ports {
             let line = line_of(text, port.span().start);
             let (entry, decl) = match port.get_ref() {
@@ -223,7 +251,7 @@ fn check_conflicts(file: &str, decls: &[FileDeclaration]) -> Result<(), FileErro
         let HostPorts::Exact(ports) = decl.host_ports() else {
             continue;
         };
-        let Ok(publish) = Publish::new(decl.host_ip(), ports, decl.proto()) else {
+        let Ok(publish) = Publish::new(decl.host(), ports, decl.proto()) else {
             continue;
         };
         let first = fixed
@@ -235,7 +263,7 @@ fn check_conflicts(file: &str, decls: &[FileDeclaration]) -> Result<(), FileErro
                 file: file.to_string(),
                 line: d.line,
                 entry: d.entry.clone(),
-                addr_port: rule::addr_port(publish.host_ip(), port),
+                addr_port: rule::addr_port(publish.host(), port),
                 other,
             });
         }
@@ -276,15 +304,15 @@ ports = [
         assert_eq!(
             got,
             vec![
-                "4: 0.0.0.0:9000/tcp -> 172.17.0.2:8080",
+                "4: *:9000/tcp -> 172.17.0.2:8080",
                 "4: 127.0.0.1:9443/tcp -> 172.17.0.2:443",
-                "4: 0.0.0.0:5353/udp -> 172.17.0.2:53",
-                "4: 0.0.0.0:7000-7010/tcp -> 172.17.0.2:7000-7010",
-                "9: 0.0.0.0:(any)/tcp -> 172.17.0.3:80",
+                "4: *:5353/udp -> 172.17.0.2:53",
+                "4: *:7000-7010/tcp -> 172.17.0.2:7000-7010",
+                "9: *:(any)/tcp -> 172.17.0.3:80",
                 "10: 127.0.0.1:8080/tcp -> 172.17.0.3:80",
-                "11: 0.0.0.0:10053/udp -> 172.17.0.3:53",
-                "12: 0.0.0.0:16000-16001/tcp -> 172.17.0.3:6000-6001",
-                "13: 0.0.0.0:(first free of 8000-8010)/tcp -> 172.17.0.3:443",
+                "11: *:10053/udp -> 172.17.0.3:53",
+                "12: *:16000-16001/tcp -> 172.17.0.3:6000-6001",
+                "13: *:(first free of 8000-8010)/tcp -> 172.17.0.3:443",
             ]
         );
         assert_eq!(decls[0].entry, "9000:8080");
@@ -311,12 +339,16 @@ ports = [
                 "f.toml:3: entry `53/sctp`: protocol `sctp` is not supported: portfwd forwards tcp and udp",
             ),
             (
-                "[[publish]]\nto = \"172.17.0.2\"\nports = [\"[::1]:9000:8080\"]\n",
-                "f.toml:3: entry `[::1]:9000:8080`: host address ::1 is IPv6 but backend 172.17.0.2 is IPv4: both ends of a rule must be the same family",
+                "[[publish]]\nto = \"2001:db8::2\"\nports = [\"10.0.0.1:9000:8080\"]\n",
+                "f.toml:3: entry `10.0.0.1:9000:8080`: host address 10.0.0.1 is IPv4 but backend [2001:db8::2] has no IPv4 address: IPv4 clients cannot reach it",
             ),
             (
-                "[[publish]]\nto = \"2001:db8::2\"\nports = [\"10.0.0.1:9000:8080\"]\n",
-                "f.toml:3: entry `10.0.0.1:9000:8080`: host address 10.0.0.1 is IPv4 but backend 2001:db8::2 is IPv6: both ends of a rule must be the same family",
+                "[[publish]]\nto = [\"172.17.0.2\", \"172.17.0.3\"]\nports = [\"80\"]\n",
+                "f.toml:2: entry `to = [\"172.17.0.2\", \"172.17.0.3\"]`: backend 172.17.0.2 cannot also have 172.17.0.3: a backend has at most one IPv4 and one IPv6 address",
+            ),
+            (
+                "[[publish]]\nto = []\nports = [\"80\"]\n",
+                "f.toml:2: entry `to = []`: empty backend",
             ),
             (
                 "[[publish]]\nto = \"172.17.0\"\nports = [\"80\"]\n",
@@ -324,7 +356,7 @@ ports = [
             ),
             (
                 "[[publish]]\nto = \"127.0.0.1\"\nports = [\"80\"]\n",
-                "f.toml:3: entry `80`: 127.0.0.1 cannot be a backend: loopback addresses are not routed to from outside the host",
+                "f.toml:2: entry `to = \"127.0.0.1\"`: 127.0.0.1 cannot be a backend: loopback addresses are not routed to from outside the host",
             ),
             (
                 "\n[[publish]]\nto = \"172.17.0.2\"\nports = [\n  { target = 80, published = \"0-5\" },\n]\n",

@@ -12,10 +12,12 @@
 //! {"cmd":"list"}
 //! {"cmd":"apply","file":"/etc/portfwd.toml","dry_run":false,"declarations":[{"line":3,"entry":"9000:8080","publish":{...},"backend":{...}}]}
 //! ```
-//! In `publish`, `host_ip` defaults to `"0.0.0.0"` (every host address), `proto` to
+//! In `publish`, `host_ip` defaults to `"*"` (every host address, both families;
+//! `"0.0.0.0"` is IPv4's only, `"::"` IPv6's), `proto` to
 //! `"tcp"` (case-insensitive), `host_port_end` and `port_end` to the first port (a single
 //! port). In `add` (and `apply`), a `host_port` of 0 or absent means "any free port", and a
 //! host range with a single backend port means "the first free port of the range".
+//! A dual-stack `backend` gives its IPv4 address as `ip` and its IPv6 one as `ip6`.
 //! Unknown fields are rejected.
 //!
 //! Responses: `{"ok":false,"error":"<one line>"}` on failure, otherwise `{"ok":true, ...}`
@@ -29,7 +31,7 @@
 use std::{
     collections::BTreeMap,
     io::{self, BufRead, BufReader, Write},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv6Addr},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     time::Duration,
@@ -40,7 +42,7 @@ use thiserror::Error;
 
 use crate::{
     dataplane::Attachment,
-    rule::{self, Backend, Proto, Publish, PublishSpec, RuleError},
+    rule::{self, Addrs, Backend, Host, Proto, Publish, PublishSpec, RuleError},
 };
 
 /// Default control socket (`--socket`, `PORTFWD_SOCKET`).
@@ -157,13 +159,18 @@ pub struct LocalClients {
 /// the range's ports: they share one counter slot).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleStatus {
-    pub host_ip: IpAddr,
+    /// `*` (both families), an address, or a family's wildcard.
+    pub host_ip: Host,
     /// The first host port; `host_port_end` is the last (equal for a single port).
     pub host_port: u16,
     #[serde(default)]
     pub host_port_end: u16,
     pub proto: Proto,
+    /// The backend's first address (IPv4 if it has one).
     pub backend_ip: IpAddr,
+    /// A dual-stack backend's IPv6 address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_ip6: Option<Ipv6Addr>,
     pub backend_port: u16,
     #[serde(default)]
     pub backend_port_end: u16,
@@ -196,7 +203,7 @@ struct PublishWire {
 }
 
 fn wildcard() -> String {
-    Ipv4Addr::UNSPECIFIED.to_string()
+    Host::Any.to_string()
 }
 fn tcp() -> String {
     Proto::Tcp.to_string()
@@ -209,24 +216,24 @@ fn end_of(r: rule::PortRange) -> Option<u64> {
 impl TryFrom<PublishWire> for Publish {
     type Error = RuleError;
     fn try_from(w: PublishWire) -> Result<Self, RuleError> {
-        let ip = rule::parse_ip(&w.host_ip)?;
+        let host = rule::parse_host_text(&w.host_ip)?;
         let ports = rule::range_from_numbers(w.host_port, w.host_port_end)?;
-        Publish::new(ip, ports, w.proto.parse()?)
+        Publish::new(host, ports, w.proto.parse()?)
     }
 }
 
 impl TryFrom<PublishWire> for PublishSpec {
     type Error = RuleError;
     fn try_from(w: PublishWire) -> Result<Self, RuleError> {
-        let host_ip = rule::parse_ip(&w.host_ip)?;
+        let host = rule::parse_host_text(&w.host_ip)?;
         let ports = match (w.host_port, w.host_port_end) {
             (0, None) => None,
             (start, end) => Some(rule::range_from_numbers(start, end)?),
         };
         // Validates the address the same way the text form does.
-        let p = Publish::new(host_ip, rule::PortRange::single(1)?, w.proto.parse()?)?;
+        let p = Publish::new(host, rule::PortRange::single(1)?, w.proto.parse()?)?;
         Ok(PublishSpec {
-            host_ip,
+            host,
             ports,
             proto: p.proto(),
         })
@@ -236,7 +243,7 @@ impl TryFrom<PublishWire> for PublishSpec {
 impl Serialize for Publish {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         PublishWire {
-            host_ip: self.host_ip().to_string(),
+            host_ip: host_wire(self.host()),
             host_port: self.host_port().into(),
             host_port_end: end_of(self.ports()),
             proto: self.proto().to_string(),
@@ -255,7 +262,7 @@ impl<'de> Deserialize<'de> for Publish {
 impl Serialize for PublishSpec {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         PublishWire {
-            host_ip: self.host_ip.to_string(),
+            host_ip: host_wire(self.host),
             host_port: self.ports.map_or(0, |r| r.start().into()),
             host_port_end: self.ports.and_then(end_of),
             proto: self.proto.to_string(),
@@ -271,11 +278,35 @@ impl<'de> Deserialize<'de> for PublishSpec {
     }
 }
 
+/// A host as the wire writes it: `*`, or a bare address.
+fn host_wire(host: Host) -> String {
+    match host {
+        Host::Any => host.to_string(),
+        Host::Ip(ip) => ip.to_string(),
+    }
+}
+
+impl Serialize for Host {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        host_wire(*self).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Host {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        rule::parse_host_text(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// `backend` as it travels, checked by [`Backend::new`] on arrival.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BackendWire {
     ip: String,
+    /// A dual-stack backend's IPv6 address (`ip` is then its IPv4 one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ip6: Option<String>,
     port: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     port_end: Option<u64>,
@@ -283,8 +314,11 @@ struct BackendWire {
 
 impl Serialize for Backend {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let addrs = self.addrs();
+        let dual = addrs.v4().zip(addrs.v6());
         BackendWire {
-            ip: self.ip().to_string(),
+            ip: addrs.first().to_string(),
+            ip6: dual.map(|(_, v6)| v6.to_string()),
             port: self.port().into(),
             port_end: end_of(self.ports()),
         }
@@ -296,10 +330,17 @@ impl<'de> Deserialize<'de> for Backend {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let w = BackendWire::deserialize(d)?;
         let check = || -> Result<Backend, RuleError> {
-            Backend::new(
-                rule::parse_ip(&w.ip)?,
+            let mut addrs = Addrs::new(rule::parse_ip(&w.ip)?)?;
+            if let Some(ip6) = &w.ip6 {
+                match rule::parse_ip(ip6)? {
+                    ip @ IpAddr::V6(_) if addrs.v6().is_none() => addrs = addrs.with(ip)?,
+                    more => return Err(RuleError::BackendFamilies { addrs, more }),
+                }
+            }
+            Ok(Backend::with_addrs(
+                addrs,
                 rule::range_from_numbers(w.port, w.port_end)?,
-            )
+            ))
         };
         check().map_err(serde::de::Error::custom)
     }
@@ -437,7 +478,7 @@ mod tests {
         let json = serde_json::to_string(&range).expect("encodes");
         assert_eq!(
             json,
-            r#"{"cmd":"add","publish":{"host_ip":"0.0.0.0","host_port":9000,"host_port_end":9009,"proto":"tcp"},"backend":{"ip":"172.17.0.2","port":8000,"port_end":8009}}"#
+            r#"{"cmd":"add","publish":{"host_ip":"*","host_port":9000,"host_port_end":9009,"proto":"tcp"},"backend":{"ip":"172.17.0.2","port":8000,"port_end":8009}}"#
         );
         assert_eq!(parse(&json), Ok(range));
         // No host port: any free one.
@@ -574,21 +615,18 @@ mod tests {
         let line = encode_ok(&reply);
         assert_eq!(
             std::str::from_utf8(&line).expect("utf-8"),
-            "{\"ok\":true,\"publish\":{\"host_ip\":\"0.0.0.0\",\"host_port\":9000,\"proto\":\"tcp\"},\"backend\":{\"ip\":\"172.17.0.2\",\"port\":8080}}\n"
+            "{\"ok\":true,\"publish\":{\"host_ip\":\"*\",\"host_port\":9000,\"proto\":\"tcp\"},\"backend\":{\"ip\":\"172.17.0.2\",\"port\":8080}}\n"
         );
         assert_eq!(decode::<RuleReply>(&line).expect("decodes"), reply);
 
-        let line = encode_err("Bind for 0.0.0.0:9000 failed:\nport is already allocated");
+        let line = encode_err("Bind for *:9000 failed:\nport is already allocated");
         assert_eq!(
             line,
-            b"{\"ok\":false,\"error\":\"Bind for 0.0.0.0:9000 failed: port is already allocated\"}\n"
+            b"{\"ok\":false,\"error\":\"Bind for *:9000 failed: port is already allocated\"}\n"
         );
         match decode::<RuleReply>(&line) {
             Err(ClientError::Refused(msg)) => {
-                assert_eq!(
-                    msg,
-                    "Bind for 0.0.0.0:9000 failed: port is already allocated"
-                )
+                assert_eq!(msg, "Bind for *:9000 failed: port is already allocated")
             }
             other => panic!("{other:?}"),
         }
@@ -606,11 +644,12 @@ mod tests {
     fn list_json_field_names() {
         let reply = ListReply {
             rules: vec![RuleStatus {
-                host_ip: Ipv4Addr::UNSPECIFIED.into(),
+                host_ip: Host::Any,
                 host_port: 9000,
                 host_port_end: 9009,
                 proto: Proto::Tcp,
-                backend_ip: Ipv4Addr::new(172, 17, 0, 2).into(),
+                backend_ip: std::net::Ipv4Addr::new(172, 17, 0, 2).into(),
+                backend_ip6: None,
                 backend_port: 8080,
                 backend_port_end: 8089,
                 source: Source::File,
@@ -631,7 +670,7 @@ mod tests {
         assert_eq!(
             v,
             serde_json::json!({
-                "rules": [{"host_ip":"0.0.0.0","host_port":9000,"host_port_end":9009,"proto":"tcp",
+                "rules": [{"host_ip":"*","host_port":9000,"host_port_end":9009,"proto":"tcp",
                            "backend_ip":"172.17.0.2","backend_port":8080,"backend_port_end":8089,
                            "source":"file",
                            "packets":1,"bytes":2,"reply_packets":3,"reply_bytes":4,"local":5}],

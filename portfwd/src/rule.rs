@@ -6,9 +6,9 @@
 //! ```text
 //! mapping := [HOST_IP ":"] [HOST_PORTS ":"] CONTAINER_PORTS ["/" PROTO]   (Docker's -p, the file's `ports`)
 //! spec    := [HOST_IP ":"] [HOST_PORTS] ["/" PROTO]                       (portfwd-ctl add SPEC)
-//! backend := BACKEND_IP ":" PORTS                                        (portfwd-ctl add ... BACKEND)
+//! backend := BACKEND_IP ":" PORTS ["," BACKEND_IP ":" PORTS]             (portfwd-ctl add ... BACKEND; one IPv4 and one IPv6 address)
 //! PORTS   := PORT | PORT "-" PORT                                        (inclusive, 1..=65535)
-//! HOST_IP := dotted IPv4 | "[" IPv6 "]"                                  (default 0.0.0.0: every host address)
+//! HOST_IP := dotted IPv4 | "[" IPv6 "]" | "*"                            (default `*`: every address, both families)
 //! PROTO   := tcp | udp                                                   (case-insensitive, default tcp)
 //! ```
 //!
@@ -18,6 +18,14 @@
 //! host's ephemeral range, chosen by the daemon). Docker also knows `sctp`, which portfwd
 //! refuses with its own error; neither Docker nor Compose has a `tcp+udp` shorthand (one
 //! mapping per protocol), so there is none here either.
+//!
+//! Families (Docker's, since 20.10): no host address publishes on every address of both
+//! families (`*`, as `ss` writes a dual-stack listener); `0.0.0.0` narrows a rule to
+//! IPv4, `[::]` to IPv6. A backend has an IPv4 address, an IPv6 address, or both (a
+//! dual-stack container); each family's clients go to the backend address of their
+//! family. IPv6 clients of a backend with no IPv6 address are served at the socket
+//! (local clients connect to it as `::ffff:a.b.c.d`); IPv4 clients of an IPv6-only
+//! backend are not served (an IPv4 host address with one is refused).
 //!
 //! Invariants: a [`Publish`], [`Backend`], [`Declaration`] or [`Rule`] value is always
 //! valid. They are only built by the parsers here or by the constructors, which validate;
@@ -31,7 +39,7 @@ use std::{
     str::FromStr,
 };
 
-use portfwd_common::{proto, RuleKeyV4};
+use portfwd_common::proto;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -83,18 +91,17 @@ pub enum RuleError {
     #[error("{addr} cannot be a host address: {why}")]
     HostNotUnicast { addr: IpAddr, why: &'static str },
     #[error(
-        "host address {host} is {} but backend {backend} is {}: both ends of a rule must be the same family",
-        family(host), family(backend)
+        "host address {host} is IPv4 but backend {backend} has no IPv4 address: IPv4 clients cannot reach it"
     )]
-    FamilyMismatch { host: IpAddr, backend: IpAddr },
-}
-
-fn family(ip: &IpAddr) -> &'static str {
-    if ip.is_ipv4() {
-        "IPv4"
-    } else {
-        "IPv6"
-    }
+    FamilyMismatch { host: IpAddr, backend: Addrs },
+    #[error(
+        "backend {addrs} cannot also have {more}: a backend has at most one IPv4 and one IPv6 address"
+    )]
+    BackendFamilies { addrs: Addrs, more: IpAddr },
+    #[error(
+        "backends `{first}` and `{second}` take different ports: both addresses of a backend take the same ports"
+    )]
+    BackendPorts { first: String, second: String },
 }
 
 /// A transport protocol portfwd translates.
@@ -284,33 +291,113 @@ fn parse_number(s: &str) -> Result<u64, RuleError> {
     Ok(s.parse::<u64>().unwrap_or(u64::MAX))
 }
 
-/// What is published: a host address (0.0.0.0 = every address of the host), ports and a
-/// protocol. This is the rule's identity (the key of the daemon's table); each port is
+/// The host addresses a rule publishes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Host {
+    /// No address written: every address of both families (Docker's `-p 9000:80`, which
+    /// binds `0.0.0.0` and `[::]`). Shown as `*`.
+    Any,
+    /// One address, or one family's wildcard (`0.0.0.0`, `[::]`).
+    Ip(IpAddr),
+}
+
+impl Host {
+    /// Whether IPv4 clients are served.
+    pub fn serves_v4(&self) -> bool {
+        matches!(self, Host::Any | Host::Ip(IpAddr::V4(_)))
+    }
+    /// Whether IPv6 clients are served.
+    pub fn serves_v6(&self) -> bool {
+        matches!(self, Host::Any | Host::Ip(IpAddr::V6(_)))
+    }
+    /// `*`, `0.0.0.0` or `[::]`: every address (of a family).
+    pub fn is_wildcard(&self) -> bool {
+        match self {
+            Host::Any => true,
+            Host::Ip(ip) => ip.is_unspecified(),
+        }
+    }
+    /// The address, if one was given.
+    pub fn ip(&self) -> Option<IpAddr> {
+        match self {
+            Host::Any => None,
+            Host::Ip(ip) => Some(*ip),
+        }
+    }
+    /// Whether both can receive the same connection (Docker's rule: the same address,
+    /// or a wildcard of the other's family, or `*`).
+    pub fn overlaps(&self, other: &Host) -> bool {
+        match (self, other) {
+            (Host::Any, _) | (_, Host::Any) => true,
+            (Host::Ip(a), Host::Ip(b)) => {
+                a == b || (a.is_ipv4() == b.is_ipv4() && (a.is_unspecified() || b.is_unspecified()))
+            }
+        }
+    }
+    /// The addresses a local listener would have to hold to take this host's port: `*`
+    /// covers both wildcards.
+    pub fn bind_addrs(&self) -> Vec<IpAddr> {
+        match self {
+            Host::Any => vec![Ipv4Addr::UNSPECIFIED.into(), Ipv6Addr::UNSPECIFIED.into()],
+            Host::Ip(ip) => vec![*ip],
+        }
+    }
+    /// As Docker's "Bind for ... failed" message writes it: `*` is `0.0.0.0` there.
+    fn docker_text(&self) -> String {
+        match self {
+            Host::Any => Ipv4Addr::UNSPECIFIED.to_string(),
+            Host::Ip(ip) => ip_text(*ip),
+        }
+    }
+}
+
+/// `*`, `198.51.100.7`, `[::1]`.
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Any => f.write_str("*"),
+            Host::Ip(ip) => f.write_str(&ip_text(*ip)),
+        }
+    }
+}
+
+impl FromStr for Host {
+    type Err = RuleError;
+    /// `*`, or an address (IPv6 bare or in brackets).
+    fn from_str(s: &str) -> Result<Self, RuleError> {
+        parse_host_text(s)
+    }
+}
+
+impl From<IpAddr> for Host {
+    fn from(ip: IpAddr) -> Self {
+        Host::Ip(ip)
+    }
+}
+
+/// What is published: host addresses (see [`Host`]), ports and a protocol. This is the rule's identity (the key of the daemon's table); each port is
 /// one key of [`portfwd_common::RULES_V4`]. Ordered by first port, then protocol, then
 /// address (the field order), so that a table lists a port's rules together.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Publish {
     ports: PortRange,
     proto: Proto,
-    host_ip: IpAddr,
+    host: Host,
 }
 
 impl Publish {
-    /// Validates and builds. `host_ip` 0.0.0.0 is the wildcard.
-    pub fn new(host_ip: IpAddr, ports: PortRange, proto: Proto) -> Result<Self, RuleError> {
-        check_host_ip(host_ip)?;
-        Ok(Self {
-            ports,
-            proto,
-            host_ip,
-        })
+    /// Validates and builds.
+    pub fn new(host: impl Into<Host>, ports: PortRange, proto: Proto) -> Result<Self, RuleError> {
+        let host = host.into();
+        check_host(host)?;
+        Ok(Self { ports, proto, host })
     }
     /// One port.
-    pub fn single(host_ip: IpAddr, port: u16, proto: Proto) -> Result<Self, RuleError> {
-        Self::new(host_ip, PortRange::single(port)?, proto)
+    pub fn single(host: impl Into<Host>, port: u16, proto: Proto) -> Result<Self, RuleError> {
+        Self::new(host, PortRange::single(port)?, proto)
     }
-    pub fn host_ip(&self) -> IpAddr {
-        self.host_ip
+    pub fn host(&self) -> Host {
+        self.host
     }
     /// The first (for a single port, the only) host port.
     pub fn host_port(&self) -> u16 {
@@ -322,42 +409,29 @@ impl Publish {
     pub fn proto(&self) -> Proto {
         self.proto
     }
-    /// True for 0.0.0.0 (and `::`): every address of the host.
+    /// True for `*`, `0.0.0.0` and `[::]`: every address (of a family).
     pub fn is_wildcard(&self) -> bool {
-        self.host_ip.is_unspecified()
+        self.host.is_wildcard()
     }
     /// `0.0.0.0:9000`, as Docker's messages write it (the first port of a range).
     pub fn addr_port(&self) -> String {
-        addr_port(self.host_ip, self.ports.start)
-    }
-    /// The key of [`portfwd_common::RULES_V4`] for `port`, or `None` for IPv6.
-    pub fn map_key_v4(&self, port: u16) -> Option<RuleKeyV4> {
-        match self.host_ip {
-            IpAddr::V4(ip) => Some(RuleKeyV4::from_parts(ip, port, self.proto.number())),
-            IpAddr::V6(_) => None,
-        }
+        addr_port(self.host, self.ports.start)
     }
     /// Whether `self` and `other` cannot both be published (Docker's rule: same protocol,
-    /// a common port, and the same address or a wildcard on either side); the first
+    /// a common port, and overlapping addresses, see [`Host::overlaps`]); the first
     /// common port if so.
     pub fn conflict(&self, other: &Publish) -> Option<u16> {
-        let addr = self.host_ip == other.host_ip || self.is_wildcard() || other.is_wildcard();
-        if self.proto != other.proto || !addr {
+        if self.proto != other.proto || !self.host.overlaps(&other.host) {
             return None;
         }
         self.ports.first_common(&other.ports)
     }
 }
 
-/// `0.0.0.0:9000-9009/tcp`, `[::1]:9000/udp`.
+/// `*:9000-9009/tcp`, `0.0.0.0:9000/tcp`, `[::1]:9000/udp`.
 impl fmt::Display for Publish {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}/{}",
-            addr_port_text(self.host_ip, self.ports),
-            self.proto
-        )
+        write!(f, "{}:{}/{}", self.host, self.ports, self.proto)
     }
 }
 
@@ -368,7 +442,7 @@ impl FromStr for Publish {
     fn from_str(spec: &str) -> Result<Self, RuleError> {
         let s: PublishSpec = spec.parse()?;
         match s.ports {
-            Some(ports) => Publish::new(s.host_ip, ports, s.proto),
+            Some(ports) => Publish::new(s.host, ports, s.proto),
             None if spec.is_empty() => Err(RuleError::Empty {
                 what: "published port",
             }),
@@ -386,7 +460,7 @@ impl FromStr for Publish {
 /// left to the daemon (`None`: any free port).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PublishSpec {
-    pub host_ip: IpAddr,
+    pub host: Host,
     pub ports: Option<PortRange>,
     pub proto: Proto,
 }
@@ -398,40 +472,138 @@ impl FromStr for PublishSpec {
     fn from_str(spec: &str) -> Result<Self, RuleError> {
         let (rest, proto) = split_proto(spec)?;
         let (addr, port) = split_addr(rest)?;
-        let host_ip = match addr {
-            Some(a) => parse_addr(a)?,
-            None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        let host = match addr {
+            Some(a) => parse_host(a)?,
+            None => Host::Any,
         };
-        check_host_ip(host_ip)?;
+        check_host(host)?;
         Ok(Self {
-            host_ip,
+            host,
             ports: parse_host_ports(port)?,
             proto,
         })
     }
 }
 
-/// Where a published port goes: a unicast address and as many ports as are published.
+/// A backend's addresses: one per family, at least one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Addrs {
+    v4: Option<Ipv4Addr>,
+    v6: Option<Ipv6Addr>,
+}
+
+impl Addrs {
+    /// One address.
+    pub fn new(ip: IpAddr) -> Result<Self, RuleError> {
+        if let Some(why) = not_a_backend(ip) {
+            return Err(RuleError::BackendNotUnicast { addr: ip, why });
+        }
+        Ok(match ip {
+            IpAddr::V4(v4) => Self {
+                v4: Some(v4),
+                v6: None,
+            },
+            IpAddr::V6(v6) => Self {
+                v4: None,
+                v6: Some(v6),
+            },
+        })
+    }
+    /// One or two addresses (`to = ["172.17.0.2", "2001:db8::2"]`): at most one per
+    /// family.
+    pub fn from_list(ips: &[IpAddr]) -> Result<Self, RuleError> {
+        let (first, rest) = ips
+            .split_first()
+            .ok_or(RuleError::Empty { what: "backend" })?;
+        let mut addrs = Self::new(*first)?;
+        for ip in rest {
+            addrs = addrs.with(*ip)?;
+        }
+        Ok(addrs)
+    }
+    /// These addresses and `ip`, which must be of the family they lack.
+    pub fn with(self, ip: IpAddr) -> Result<Self, RuleError> {
+        let more = Self::new(ip)?;
+        match (self.v4.or(more.v4), self.v6.or(more.v6)) {
+            (v4, v6) if self.v4.is_some() != more.v4.is_some() => Ok(Self { v4, v6 }),
+            _ => Err(RuleError::BackendFamilies {
+                addrs: self,
+                more: ip,
+            }),
+        }
+    }
+    pub fn v4(&self) -> Option<Ipv4Addr> {
+        self.v4
+    }
+    pub fn v6(&self) -> Option<Ipv6Addr> {
+        self.v6
+    }
+    /// The addresses, IPv4 first.
+    pub fn ips(&self) -> impl Iterator<Item = IpAddr> {
+        let v4 = self.v4.map(IpAddr::V4);
+        let v6 = self.v6.map(IpAddr::V6);
+        v4.into_iter().chain(v6)
+    }
+    /// The first address (IPv4 if there is one).
+    pub fn first(&self) -> IpAddr {
+        self.ips()
+            .next()
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    }
+    /// Where IPv6 clients go: the IPv6 address, or the IPv4 one as `::ffff:a.b.c.d`
+    /// (reached by local clients only, see the module docs).
+    pub fn for_v6_clients(&self) -> Ipv6Addr {
+        self.v6
+            .or_else(|| self.v4.map(|v4| v4.to_ipv6_mapped()))
+            .unwrap_or(Ipv6Addr::UNSPECIFIED)
+    }
+}
+
+/// `172.17.0.2`, `[2001:db8::2]`, `172.17.0.2,[2001:db8::2]`.
+impl fmt::Display for Addrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text: Vec<String> = self.ips().map(ip_text).collect();
+        f.write_str(&text.join(","))
+    }
+}
+
+/// Where a published port goes: its addresses (see [`Addrs`]) and as many ports as are
+/// published, the same ports on each address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Backend {
-    ip: IpAddr,
+    addrs: Addrs,
     ports: PortRange,
 }
 
 impl Backend {
-    /// Validates and builds.
+    /// Validates and builds (one address).
     pub fn new(ip: IpAddr, ports: PortRange) -> Result<Self, RuleError> {
-        if let Some(why) = not_a_backend(ip) {
-            return Err(RuleError::BackendNotUnicast { addr: ip, why });
-        }
-        Ok(Self { ip, ports })
+        Ok(Self::with_addrs(Addrs::new(ip)?, ports))
     }
-    /// One port.
+    /// Addresses already validated.
+    pub fn with_addrs(addrs: Addrs, ports: PortRange) -> Self {
+        Self { addrs, ports }
+    }
+    /// One address, one port.
     pub fn single(ip: IpAddr, port: u16) -> Result<Self, RuleError> {
         Self::new(ip, PortRange::single(port)?)
     }
-    pub fn ip(&self) -> IpAddr {
-        self.ip
+    /// Both backends' addresses (one per family), which must take the same ports.
+    pub fn merge(self, other: Backend) -> Result<Self, RuleError> {
+        if self.ports != other.ports {
+            return Err(RuleError::BackendPorts {
+                first: self.to_string(),
+                second: other.to_string(),
+            });
+        }
+        let mut addrs = self.addrs;
+        for ip in other.addrs.ips() {
+            addrs = addrs.with(ip)?;
+        }
+        Ok(Self::with_addrs(addrs, self.ports))
+    }
+    pub fn addrs(&self) -> Addrs {
+        self.addrs
     }
     /// The first (for a single port, the only) backend port.
     pub fn port(&self) -> u16 {
@@ -442,18 +614,27 @@ impl Backend {
     }
 }
 
-/// `172.17.0.2:8080`, `172.17.0.2:8000-8009`, `[2001:db8::2]:8080`.
+/// `172.17.0.2:8080`, `172.17.0.2:8000-8009`, `[2001:db8::2]:8080`,
+/// `172.17.0.2:8080,[2001:db8::2]:8080`.
 impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&addr_port_text(self.ip, self.ports))
+        let text: Vec<String> = self
+            .addrs
+            .ips()
+            .map(|ip| addr_port_text(ip, self.ports))
+            .collect();
+        f.write_str(&text.join(","))
     }
 }
 
 impl FromStr for Backend {
     type Err = RuleError;
 
-    /// `BACKEND_IP:BACKEND_PORT[-END]`.
+    /// `BACKEND_IP:BACKEND_PORT[-END]`, or two of them (one per family) joined by `,`.
     fn from_str(spec: &str) -> Result<Self, RuleError> {
+        if let Some((a, b)) = spec.split_once(',') {
+            return a.parse::<Backend>()?.merge(b.parse()?);
+        }
         if spec.is_empty() {
             return Err(RuleError::Empty { what: "backend" });
         }
@@ -490,7 +671,7 @@ pub enum HostPorts {
 /// and backend, paired by Docker's rules. The daemon resolves it into a [`Rule`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Declaration {
-    host_ip: IpAddr,
+    host: Host,
     host_ports: HostPorts,
     proto: Proto,
     backend: Backend,
@@ -498,8 +679,8 @@ pub struct Declaration {
 
 impl Declaration {
     /// Pairs a spec with a backend: equal ranges one to one, a host range to one backend
-    /// port as "first free", no host port as "any free port"; same family on both ends
-    /// unless the host address is the wildcard 0.0.0.0.
+    /// port as "first free", no host port as "any free port"; an IPv4 host address needs
+    /// a backend with an IPv4 address.
     pub fn new(spec: PublishSpec, backend: Backend) -> Result<Self, RuleError> {
         let host_ports = match spec.ports {
             None => HostPorts::Any,
@@ -514,15 +695,10 @@ impl Declaration {
                 })
             }
         };
-        check_host_ip(spec.host_ip)?;
-        if !spec.host_ip.is_unspecified() && spec.host_ip.is_ipv4() != backend.ip.is_ipv4() {
-            return Err(RuleError::FamilyMismatch {
-                host: spec.host_ip,
-                backend: backend.ip,
-            });
-        }
+        check_host(spec.host)?;
+        check_families(spec.host, backend.addrs)?;
         Ok(Self {
-            host_ip: spec.host_ip,
+            host: spec.host,
             host_ports,
             proto: spec.proto,
             backend,
@@ -534,7 +710,7 @@ impl Declaration {
     }
     /// A Docker/Compose short-syntax mapping
     /// `[HOST_IP:][HOST_PORT[-END]:]CONTAINER_PORT[-END][/PROTO]` to the container at `to`.
-    pub fn from_mapping(mapping: &str, to: IpAddr) -> Result<Self, RuleError> {
+    pub fn from_mapping(mapping: &str, to: Addrs) -> Result<Self, RuleError> {
         let (rest, proto) = split_proto(mapping)?;
         let format_err = || RuleError::MappingFormat {
             spec: mapping.to_string(),
@@ -549,36 +725,36 @@ impl Declaration {
         if container.is_empty() {
             return Err(format_err());
         }
-        let backend = Backend::new(to, container.parse()?)?;
+        let backend = Backend::with_addrs(to, container.parse()?);
         let spec = match host {
             None => PublishSpec {
-                host_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                host: Host::Any,
                 ports: None,
                 proto,
             },
             // `HOST_IP:HOST_PORT`, `HOST_IP:` or `[V6]:...`; or a bare `HOST_PORT`.
             Some(h) if h.contains(':') || h.starts_with('[') => {
                 let (addr, port) = split_addr(h)?;
-                let host_ip = match addr {
-                    Some(a) => parse_addr(a)?,
+                let host = match addr {
+                    Some(a) => parse_host(a)?,
                     None => return Err(format_err()),
                 };
                 PublishSpec {
-                    host_ip,
+                    host,
                     ports: parse_host_ports(port)?,
                     proto,
                 }
             }
             Some(port) => PublishSpec {
-                host_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                host: Host::Any,
                 ports: parse_host_ports(port)?,
                 proto,
             },
         };
         Self::new(spec, backend)
     }
-    pub fn host_ip(&self) -> IpAddr {
-        self.host_ip
+    pub fn host(&self) -> Host {
+        self.host
     }
     pub fn host_ports(&self) -> HostPorts {
         self.host_ports
@@ -593,7 +769,7 @@ impl Declaration {
     /// (same address, protocol and backend, host ports as allowed).
     pub fn satisfied_by(&self, rule: &Rule) -> bool {
         let p = &rule.publish;
-        p.host_ip == self.host_ip
+        p.host == self.host
             && p.proto == self.proto
             && rule.backend == self.backend
             && match self.host_ports {
@@ -605,7 +781,7 @@ impl Declaration {
     /// The declaration's wire form (what `add` sends).
     pub fn spec(&self) -> PublishSpec {
         PublishSpec {
-            host_ip: self.host_ip,
+            host: self.host,
             ports: match self.host_ports {
                 HostPorts::Exact(r) | HostPorts::FirstFree(r) => Some(r),
                 HostPorts::Any => None,
@@ -613,22 +789,20 @@ impl Declaration {
             proto: self.proto,
         }
     }
-    /// Whether the dataplane needs IPv6 maps for it.
+    /// Whether it publishes for IPv6 clients.
     pub fn needs_ipv6(&self) -> bool {
-        self.host_ip.is_ipv6() || self.backend.ip.is_ipv6()
+        self.host.serves_v6()
     }
 }
 
-/// `0.0.0.0:9000-9009/tcp -> 172.17.0.2:8000-8009`; open host ports show as `0.0.0.0:(any)`
-/// or `0.0.0.0:(first free of 8000-8010)`.
+/// `*:9000-9009/tcp -> 172.17.0.2:8000-8009`; open host ports show as `*:(any)` or
+/// `*:(first free of 8000-8010)`.
 impl fmt::Display for Declaration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let host = match self.host_ports {
-            HostPorts::Exact(r) => addr_port_text(self.host_ip, r),
-            HostPorts::FirstFree(r) => {
-                format!("{}:(first free of {r})", ip_text(self.host_ip))
-            }
-            HostPorts::Any => format!("{}:(any)", ip_text(self.host_ip)),
+            HostPorts::Exact(r) => format!("{}:{r}", self.host),
+            HostPorts::FirstFree(r) => format!("{}:(first free of {r})", self.host),
+            HostPorts::Any => format!("{}:(any)", self.host),
         };
         write!(f, "{host}/{} -> {}", self.proto, self.backend)
     }
@@ -642,8 +816,10 @@ pub struct Rule {
 }
 
 impl Rule {
-    /// Validates that both ends have as many ports.
+    /// Validates that both ends have as many ports, and families as for a
+    /// [`Declaration`].
     pub fn new(publish: Publish, backend: Backend) -> Result<Self, RuleError> {
+        check_families(publish.host, backend.addrs)?;
         if publish.ports.len() != backend.ports.len() {
             return Err(RuleError::RangeLengths {
                 host: publish.ports.to_string(),
@@ -653,10 +829,6 @@ impl Rule {
             });
         }
         Ok(Self { publish, backend })
-    }
-    /// Whether the dataplane needs IPv6 maps for it.
-    pub fn needs_ipv6(&self) -> bool {
-        self.publish.host_ip.is_ipv6() || self.backend.ip.is_ipv6()
     }
     /// (host port, backend port) pairs, one per published port.
     pub fn port_pairs(&self) -> impl Iterator<Item = (u16, u16)> + '_ {
@@ -671,9 +843,10 @@ impl fmt::Display for Rule {
     }
 }
 
-/// `0.0.0.0:9000`, `[::1]:9000`.
-pub fn addr_port(ip: IpAddr, port: u16) -> String {
-    format!("{}:{port}", ip_text(ip))
+/// `0.0.0.0:9000`, `[::1]:9000`, as Docker's "Bind for ... failed" writes it (`*` is
+/// `0.0.0.0` there).
+pub fn addr_port(host: Host, port: u16) -> String {
+    format!("{}:{port}", host.docker_text())
 }
 
 fn addr_port_text(ip: IpAddr, ports: PortRange) -> String {
@@ -728,6 +901,15 @@ fn split_addr(s: &str) -> Result<(Option<&str>, &str), RuleError> {
     }
 }
 
+/// A host address as written before a port: `*` (both families), dotted IPv4 or
+/// bracketed IPv6.
+fn parse_host(s: &str) -> Result<Host, RuleError> {
+    if s == "*" {
+        return Ok(Host::Any);
+    }
+    parse_addr(s).map(Host::Ip)
+}
+
 /// An address as written before a port: dotted IPv4 or bracketed IPv6.
 fn parse_addr(s: &str) -> Result<IpAddr, RuleError> {
     let bad = || RuleError::BadAddress {
@@ -742,6 +924,15 @@ fn parse_addr(s: &str) -> Result<IpAddr, RuleError> {
         });
     }
     s.parse::<Ipv4Addr>().map(IpAddr::V4).map_err(|_| bad())
+}
+
+/// A host in the control protocol or a file's `host_ip`: `*`, or an address as
+/// [`parse_ip`] takes it.
+pub fn parse_host_text(s: &str) -> Result<Host, RuleError> {
+    if s == "*" {
+        return Ok(Host::Any);
+    }
+    parse_ip(s).map(Host::Ip)
 }
 
 /// An address in the control protocol or a file's `to`/`host_ip`: IPv4, IPv6 bare or in
@@ -804,10 +995,24 @@ fn check_port(port: u16, shown: impl FnOnce() -> String) -> Result<(), RuleError
     }
 }
 
-fn check_host_ip(ip: IpAddr) -> Result<(), RuleError> {
-    match not_a_host_address(ip) {
-        Some(why) => Err(RuleError::HostNotUnicast { addr: ip, why }),
+fn check_host(host: Host) -> Result<(), RuleError> {
+    match host
+        .ip()
+        .and_then(|ip| not_a_host_address(ip).map(|why| (ip, why)))
+    {
+        Some((addr, why)) => Err(RuleError::HostNotUnicast { addr, why }),
         None => Ok(()),
+    }
+}
+
+/// An IPv4 host address needs an IPv4 backend address (nothing translates IPv4 clients
+/// to IPv6); IPv6 clients reach an IPv4-only backend at the socket.
+fn check_families(host: Host, backend: Addrs) -> Result<(), RuleError> {
+    match host {
+        Host::Ip(ip @ IpAddr::V4(_)) if backend.v4.is_none() => {
+            Err(RuleError::FamilyMismatch { host: ip, backend })
+        }
+        _ => Ok(()),
     }
 }
 
@@ -844,6 +1049,12 @@ mod tests {
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("test address")
     }
+    fn host(s: &str) -> Host {
+        parse_host_text(s).expect("test host")
+    }
+    fn addrs(s: &str) -> Addrs {
+        Addrs::new(ip(s)).expect("test backend address")
+    }
     fn range(a: u16, b: u16) -> PortRange {
         PortRange::new(a, b).expect("test range")
     }
@@ -852,14 +1063,14 @@ mod tests {
     #[test]
     fn publish_accepted() {
         let table: &[(&str, &str, u16, u16, Proto)] = &[
-            ("9000", "0.0.0.0", 9000, 9000, Proto::Tcp),
-            ("1", "0.0.0.0", 1, 1, Proto::Tcp),
-            ("65535", "0.0.0.0", 65535, 65535, Proto::Tcp),
-            ("09000", "0.0.0.0", 9000, 9000, Proto::Tcp),
-            ("9000/tcp", "0.0.0.0", 9000, 9000, Proto::Tcp),
-            ("5353/udp", "0.0.0.0", 5353, 5353, Proto::Udp),
-            ("5353/UDP", "0.0.0.0", 5353, 5353, Proto::Udp),
-            ("5353/Tcp", "0.0.0.0", 5353, 5353, Proto::Tcp),
+            ("9000", "*", 9000, 9000, Proto::Tcp),
+            ("1", "*", 1, 1, Proto::Tcp),
+            ("65535", "*", 65535, 65535, Proto::Tcp),
+            ("09000", "*", 9000, 9000, Proto::Tcp),
+            ("9000/tcp", "*", 9000, 9000, Proto::Tcp),
+            ("5353/udp", "*", 5353, 5353, Proto::Udp),
+            ("5353/UDP", "*", 5353, 5353, Proto::Udp),
+            ("5353/Tcp", "*", 5353, 5353, Proto::Tcp),
             ("198.51.100.7:9000", "198.51.100.7", 9000, 9000, Proto::Tcp),
             (
                 "198.51.100.7:9000/udp",
@@ -869,10 +1080,11 @@ mod tests {
                 Proto::Udp,
             ),
             ("0.0.0.0:9000", "0.0.0.0", 9000, 9000, Proto::Tcp),
+            ("*:9000", "*", 9000, 9000, Proto::Tcp),
             ("127.0.0.1:9000", "127.0.0.1", 9000, 9000, Proto::Tcp),
-            ("9000-9009", "0.0.0.0", 9000, 9009, Proto::Tcp),
-            ("9000-9000", "0.0.0.0", 9000, 9000, Proto::Tcp),
-            ("1-65535/udp", "0.0.0.0", 1, 65535, Proto::Udp),
+            ("9000-9009", "*", 9000, 9009, Proto::Tcp),
+            ("9000-9000", "*", 9000, 9000, Proto::Tcp),
+            ("1-65535/udp", "*", 1, 65535, Proto::Udp),
             ("10.0.0.1:7000-7010/udp", "10.0.0.1", 7000, 7010, Proto::Udp),
             ("[::1]:9000", "::1", 9000, 9000, Proto::Tcp),
             (
@@ -889,8 +1101,8 @@ mod tests {
                 .parse()
                 .unwrap_or_else(|e| panic!("{spec}: rejected: {e}"));
             assert_eq!(
-                (p.host_ip(), p.ports(), p.proto()),
-                (ip(addr), range(start, end), proto),
+                (p.host(), p.ports(), p.proto()),
+                (host(addr), range(start, end), proto),
                 "{spec}"
             );
         }
@@ -1022,7 +1234,7 @@ mod tests {
             (
                 "9000",
                 "172.17.0.2:8080",
-                "0.0.0.0",
+                "*",
                 ex(9000, 9000),
                 Proto::Tcp,
                 "172.17.0.2:8080",
@@ -1030,7 +1242,7 @@ mod tests {
             (
                 "9000-9009",
                 "172.17.0.2:8000-8009",
-                "0.0.0.0",
+                "*",
                 ex(9000, 9009),
                 Proto::Tcp,
                 "172.17.0.2:8000-8009",
@@ -1038,31 +1250,17 @@ mod tests {
             (
                 "9000-9009/udp",
                 "172.17.0.2:53",
-                "0.0.0.0",
+                "*",
                 ff(9000, 9009),
                 Proto::Udp,
                 "172.17.0.2:53",
             ),
-            (
-                "",
-                "172.17.0.2:80",
-                "0.0.0.0",
-                any,
-                Proto::Tcp,
-                "172.17.0.2:80",
-            ),
-            (
-                "0",
-                "172.17.0.2:80",
-                "0.0.0.0",
-                any,
-                Proto::Tcp,
-                "172.17.0.2:80",
-            ),
+            ("", "172.17.0.2:80", "*", any, Proto::Tcp, "172.17.0.2:80"),
+            ("0", "172.17.0.2:80", "*", any, Proto::Tcp, "172.17.0.2:80"),
             (
                 "/udp",
                 "172.17.0.2:53",
-                "0.0.0.0",
+                "*",
                 any,
                 Proto::Udp,
                 "172.17.0.2:53",
@@ -1102,10 +1300,42 @@ mod tests {
             (
                 "9000",
                 "[2001:db8::2]:8080",
-                "0.0.0.0",
+                "*",
                 ex(9000, 9000),
                 Proto::Tcp,
                 "[2001:db8::2]:8080",
+            ),
+            (
+                "0.0.0.0:9000",
+                "172.17.0.2:8080",
+                "0.0.0.0",
+                ex(9000, 9000),
+                Proto::Tcp,
+                "172.17.0.2:8080",
+            ),
+            (
+                "[2001:db8::1]:9000",
+                "172.17.0.2:8080",
+                "2001:db8::1",
+                ex(9000, 9000),
+                Proto::Tcp,
+                "172.17.0.2:8080",
+            ),
+            (
+                "9000",
+                "172.17.0.2:8080,[2001:db8::2]:8080",
+                "*",
+                ex(9000, 9000),
+                Proto::Tcp,
+                "172.17.0.2:8080,[2001:db8::2]:8080",
+            ),
+            (
+                "9000-9001",
+                "[2001:db8::2]:80-81,172.17.0.2:80-81",
+                "*",
+                ex(9000, 9001),
+                Proto::Tcp,
+                "172.17.0.2:80-81,[2001:db8::2]:80-81",
             ),
             (
                 "[::]:",
@@ -1120,13 +1350,8 @@ mod tests {
             let d = Declaration::parse(spec, backend)
                 .unwrap_or_else(|e| panic!("{spec} {backend}: rejected: {e}"));
             assert_eq!(
-                (
-                    d.host_ip(),
-                    d.host_ports(),
-                    d.proto(),
-                    d.backend().to_string()
-                ),
-                (ip(addr), ports, proto, shown.to_string()),
+                (d.host(), d.host_ports(), d.proto(), d.backend().to_string()),
+                (host(addr), ports, proto, shown.to_string()),
                 "{spec} {backend}"
             );
             // The wire form pairs back to the same declaration.
@@ -1164,15 +1389,39 @@ mod tests {
                 "[2001:db8::2]:8080",
                 FamilyMismatch {
                     host: ip("10.0.0.1"),
-                    backend: ip("2001:db8::2"),
+                    backend: addrs("2001:db8::2"),
                 },
             ),
             (
-                "[2001:db8::1]:9000",
-                "172.17.0.2:8080",
+                "0.0.0.0:9000",
+                "[2001:db8::2]:8080",
                 FamilyMismatch {
-                    host: ip("2001:db8::1"),
-                    backend: ip("172.17.0.2"),
+                    host: ip("0.0.0.0"),
+                    backend: addrs("2001:db8::2"),
+                },
+            ),
+            (
+                "9000",
+                "[2001:db8::2]:8080,[2001:db8::3]:8080",
+                BackendFamilies {
+                    addrs: addrs("2001:db8::2"),
+                    more: ip("2001:db8::3"),
+                },
+            ),
+            (
+                "9000",
+                "172.17.0.2:8080,[2001:db8::2]:8081",
+                BackendPorts {
+                    first: s("172.17.0.2:8080"),
+                    second: s("[2001:db8::2]:8081"),
+                },
+            ),
+            (
+                "9000",
+                "172.17.0.2:8080,[::1]:8080",
+                BackendNotUnicast {
+                    addr: ip("::1"),
+                    why: "loopback addresses are not routed to from outside the host",
                 },
             ),
             (
@@ -1240,39 +1489,39 @@ mod tests {
         let ex = |a, b| HostPorts::Exact(range(a, b));
         let ff = |a, b| HostPorts::FirstFree(range(a, b));
         let table: &[(&str, &str, HostPorts, Proto, PortRange)] = &[
-            ("8080", "0.0.0.0", any, Proto::Tcp, range(8080, 8080)),
-            ("3000-3005", "0.0.0.0", any, Proto::Tcp, range(3000, 3005)),
+            ("8080", "*", any, Proto::Tcp, range(8080, 8080)),
+            ("3000-3005", "*", any, Proto::Tcp, range(3000, 3005)),
             (
                 "9000:8080",
-                "0.0.0.0",
+                "*",
                 ex(9000, 9000),
                 Proto::Tcp,
                 range(8080, 8080),
             ),
             (
                 "5353:53/udp",
-                "0.0.0.0",
+                "*",
                 ex(5353, 5353),
                 Proto::Udp,
                 range(53, 53),
             ),
             (
                 "7000-7010:7000-7010",
-                "0.0.0.0",
+                "*",
                 ex(7000, 7010),
                 Proto::Tcp,
                 range(7000, 7010),
             ),
             (
                 "9090-9091:8080-8081",
-                "0.0.0.0",
+                "*",
                 ex(9090, 9091),
                 Proto::Tcp,
                 range(8080, 8081),
             ),
             (
                 "8000-9000:80",
-                "0.0.0.0",
+                "*",
                 ff(8000, 9000),
                 Proto::Tcp,
                 range(80, 80),
@@ -1299,38 +1548,34 @@ mod tests {
                 Proto::Udp,
                 range(80, 80),
             ),
-            ("0:80", "0.0.0.0", any, Proto::Tcp, range(80, 80)),
+            ("0:80", "*", any, Proto::Tcp, range(80, 80)),
             (
                 "49100:22/TCP",
-                "0.0.0.0",
+                "*",
                 ex(49100, 49100),
                 Proto::Tcp,
                 range(22, 22),
             ),
         ];
         for &(mapping, addr, ports, proto, container) in table {
-            let d = Declaration::from_mapping(mapping, ip(C))
+            let d = Declaration::from_mapping(mapping, addrs(C))
                 .unwrap_or_else(|e| panic!("{mapping}: rejected: {e}"));
             assert_eq!(
-                (d.host_ip(), d.host_ports(), d.proto(), d.backend().ports()),
-                (ip(addr), ports, proto, container),
+                (d.host(), d.host_ports(), d.proto(), d.backend().ports()),
+                (host(addr), ports, proto, container),
                 "{mapping}"
             );
         }
-        let v6: IpAddr = ip("2001:db8::2");
+        let v6 = addrs("2001:db8::2");
         for (mapping, addr, ports) in [
             ("[2001:db8::1]:9000:8080", "2001:db8::1", ex(9000, 9000)),
             ("[::1]:9000:8080", "::1", ex(9000, 9000)),
             ("[::1]::8080", "::1", any),
-            ("9000:8080", "0.0.0.0", ex(9000, 9000)),
+            ("9000:8080", "*", ex(9000, 9000)),
         ] {
             let d = Declaration::from_mapping(mapping, v6)
                 .unwrap_or_else(|e| panic!("{mapping}: rejected: {e}"));
-            assert_eq!(
-                (d.host_ip(), d.host_ports()),
-                (ip(addr), ports),
-                "{mapping}"
-            );
+            assert_eq!((d.host(), d.host_ports()), (host(addr), ports), "{mapping}");
             assert!(d.needs_ipv6());
         }
     }
@@ -1393,13 +1638,6 @@ mod tests {
                 },
             ),
             (
-                "[::1]:9000:8080",
-                FamilyMismatch {
-                    host: ip("::1"),
-                    backend: ip(C),
-                },
-            ),
-            (
                 "localhost:9000:8080",
                 BadAddress {
                     addr: s("localhost"),
@@ -1414,7 +1652,7 @@ mod tests {
         ];
         for (mapping, want) in table {
             assert_eq!(
-                Declaration::from_mapping(mapping, ip(C)),
+                Declaration::from_mapping(mapping, addrs(C)),
                 Err(want),
                 "{mapping:?}"
             );
@@ -1433,7 +1671,7 @@ mod tests {
             let b: Backend = spec
                 .parse()
                 .unwrap_or_else(|e| panic!("{spec}: rejected: {e}"));
-            assert_eq!((b.ip(), b.ports()), (ip(addr), ports), "{spec}");
+            assert_eq!((b.addrs().first(), b.ports()), (ip(addr), ports), "{spec}");
             assert_eq!(b.to_string(), spec);
         }
     }
@@ -1545,7 +1783,7 @@ mod tests {
             ),
             (
                 Declaration::parse("10.0.0.1:9000", "[2001:db8::2]:80").expect_err("x"),
-                "host address 10.0.0.1 is IPv4 but backend 2001:db8::2 is IPv6",
+                "host address 10.0.0.1 is IPv4 but backend [2001:db8::2] has no IPv4 address",
             ),
         ];
         for (err, part) in cases {
@@ -1560,17 +1798,11 @@ mod tests {
         let p: Publish = "198.51.100.7:9000/udp".parse().expect("valid");
         assert_eq!(p.to_string(), "198.51.100.7:9000/udp");
         assert_eq!(p.addr_port(), "198.51.100.7:9000");
-        let k = p.map_key_v4(9000).expect("v4");
-        assert_eq!(
-            (k.addr(), k.port(), k.proto()),
-            ("198.51.100.7".parse::<Ipv4Addr>().expect("ip"), 9000, 17)
-        );
         let w: Publish = "9000-9009".parse().expect("valid");
         assert!(w.is_wildcard());
-        assert_eq!(w.to_string(), "0.0.0.0:9000-9009/tcp");
+        assert_eq!(w.to_string(), "*:9000-9009/tcp");
         let v6: Publish = "[::1]:9000".parse().expect("valid");
         assert_eq!(v6.to_string(), "[::1]:9000/tcp");
-        assert_eq!(v6.map_key_v4(9000), None);
         for p in [p, w, v6] {
             assert_eq!(p.to_string().parse::<Publish>(), Ok(p));
         }
@@ -1583,6 +1815,14 @@ mod tests {
             ("9000-9009", "9000-9009/udp", None),
             ("1.2.3.4:9000-9009", "9003-9004", Some(9003)),
             ("1.2.3.4:9000-9009", "1.2.3.5:9003-9004", None),
+            // Families: `*` takes both, `0.0.0.0` and `[::]` one each.
+            ("9000", "[::1]:9000", Some(9000)),
+            ("*:9000", "0.0.0.0:9000", Some(9000)),
+            ("0.0.0.0:9000", "[::]:9000", None),
+            ("0.0.0.0:9000", "[::1]:9000", None),
+            ("[::]:9000", "127.0.0.1:9000", None),
+            ("[::]:9000", "[2001:db8::1]:9000", Some(9000)),
+            ("0.0.0.0:9000", "127.0.0.1:9000", Some(9000)),
         ] {
             let (a, b): (Publish, Publish) = (a.parse().expect("a"), b.parse().expect("b"));
             assert_eq!(a.conflict(&b), want, "{a} vs {b}");

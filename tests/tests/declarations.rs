@@ -98,7 +98,7 @@ fn range_reached_at_first_middle_and_last_port() {
     assert_eq!(
         line,
         format!(
-            "published 0.0.0.0:9000-9999/tcp -> {c}:{}-{HTTP_PORT}",
+            "published *:9000-9999/tcp -> {c}:{}-{HTTP_PORT}",
             HTTP_PORT - 999
         )
     );
@@ -137,9 +137,9 @@ fn random_port_reached_at_the_printed_port() {
     };
     let d = topo.daemon();
     let line = d.add("", &format!("{}:{HTTP_PORT}", CONTAINER_IPS[1]));
-    // `published 0.0.0.0:PORT/tcp -> ...`
+    // `published *:PORT/tcp -> ...`
     let port: u16 = line
-        .strip_prefix("published 0.0.0.0:")
+        .strip_prefix("published *:")
         .and_then(|r| r.split_once("/tcp"))
         .and_then(|(p, _)| p.parse().ok())
         .unwrap_or_else(|| panic!("no port in {line:?}"));
@@ -193,9 +193,9 @@ fn apply_adds_removes_and_keeps_while_a_transfer_runs() {
             !t.is_finished(),
             "the transfer ended before the apply: make it longer"
         );
-        assert!(out.contains("+ 0.0.0.0:9200/tcp"), "{out}");
-        assert!(out.contains("- 0.0.0.0:9100/tcp"), "{out}");
-        assert!(out.contains("= 0.0.0.0:9000/tcp"), "{out}");
+        assert!(out.contains("+ *:9200/tcp"), "{out}");
+        assert!(out.contains("- *:9100/tcp"), "{out}");
+        assert!(out.contains("= *:9000/tcp"), "{out}");
         assert!(out.contains("1 added, 1 removed, 1 unchanged"), "{out}");
         assert_eq!(get_body(&topo, 9200), body(1));
         assert_not_forwarded(&topo, 9100);
@@ -236,7 +236,7 @@ fn broken_file_changes_nothing() {
         (
             "runtime.toml",
             format!("[[publish]]\nto = \"{a}\"\nports = [\"9001:{HTTP_PORT}\", \"6000:{HTTP_PORT}\"]\n"),
-            ":3: entry `6000:8080`: 0.0.0.0:6000/tcp -> 198.18.1.2:8080 conflicts with the runtime rule 0.0.0.0:6000/tcp at port 6000",
+            ":3: entry `6000:8080`: *:6000/tcp -> 198.18.1.2:8080 conflicts with the runtime rule *:6000/tcp at port 6000",
         ),
     ] {
         let path = write_file(&topo, name, &text);

@@ -12,6 +12,10 @@
 //! ```
 //! Each container runs a second test server on its IPv6 address (the topology's serves
 //! 0.0.0.0 only), with the same body.
+//!
+//! Families: a rule without a host address (`9000`) serves both; `0.0.0.0` and `[::]`
+//! narrow it to one. A dual-stack backend takes each family to its own address; IPv6
+//! local clients of an IPv4-only backend connect to it IPv4-mapped at the socket.
 
 use std::{
     net::{Ipv6Addr, SocketAddr, SocketAddrV6, TcpStream, UdpSocket},
@@ -23,7 +27,10 @@ use portfwd_tests::{
     bins, client,
     process::ChildGuard,
     require_root,
-    topology::{body, Topology, HOST_IFACE, HTTP_PORT, UDP_PORT},
+    topology::{
+        backend, body, published, udp_backend, Topology, BRIDGE_IP, CLIENT_IP, CONTAINER_IPS,
+        HOST_IFACE, HTTP_PORT, UDP_PORT,
+    },
 };
 use serde_json::Value;
 
@@ -261,4 +268,179 @@ fn container_reaches_the_host_ipv6_address_hairpin() {
         !ok,
         "a container's [::1]:9000 must not reach the host's rule: {v}"
     );
+}
+
+/// `9000` to an IPv4-only backend serves both families: IPv4 clients as ever, and IPv6
+/// local clients (`[::1]`, the host's IPv6 address, a container calling it) connect to
+/// the backend as `::ffff:a.b.c.d` at the socket. Remote IPv6 clients cannot be served
+/// without translating between families: they are passed and counted.
+#[test]
+fn wildcard_rule_to_an_ipv4_backend_serves_ipv6_local_clients() {
+    let Some(net) = Net6::new(
+        "wildcard_rule_to_an_ipv4_backend_serves_ipv6_local_clients",
+        "6w",
+        "tc",
+    ) else {
+        return;
+    };
+    let (topo, d) = (&net.topo, net.topo.daemon());
+    d.add("9000", &backend(0));
+    d.add("5353/udp", &udp_backend(0));
+    assert_eq!(
+        d.rule(9000, "tcp").host_ip,
+        "*",
+        "no host address: both families"
+    );
+
+    for addr in ["[::1]:9000".to_string(), published6(9000).to_string()] {
+        let (ok, v) = testcli(topo, &topo.host, &["tcp", &addr]);
+        assert!(ok, "local GET {addr}: {v}");
+        assert_eq!(v["body"], body(0), "{addr}: {v}");
+        assert_eq!(
+            v["peername"], addr,
+            "getpeername shows the published address: {v}"
+        );
+        let x_peer = v["x_peer"].as_str().expect("x_peer");
+        assert!(
+            x_peer.starts_with(&format!("{BRIDGE_IP}:")),
+            "{addr}: the backend sees the host's IPv4 address: {x_peer}"
+        );
+    }
+    // Hairpin: a container calling the host's IPv6 address.
+    let target = published6(9000).to_string();
+    let (ok, v) = testcli(topo, &topo.containers[1], &["tcp", &target]);
+    assert!(ok, "hairpin GET {target}: {v}");
+    assert_eq!(v["body"], body(0), "{v}");
+    let x_peer = v["x_peer"].as_str().expect("x_peer");
+    assert!(
+        x_peer.starts_with(&format!("{}:", CONTAINER_IPS[1])),
+        "the backend sees the calling container: {x_peer}"
+    );
+    // Connected UDP goes through connect6 too.
+    let (ok, v) = testcli(topo, &topo.host, &["udp-connected", "[::1]:5353", "mapped"]);
+    assert!(ok, "{v}");
+    assert_eq!(v["peername"], "[::1]:5353", "{v}");
+    assert!(
+        v["reply"].as_str().expect("reply").ends_with("mapped"),
+        "{v}"
+    );
+
+    // An unconnected sendto cannot be redirected to a mapped address (the kernel would
+    // fail it with ENOTSUPP): it is left alone, so the send succeeds and no reply comes.
+    let before = d.reason("pass_no_ipv6_backend");
+    let (ok, v) = testcli(topo, &topo.host, &["udp", "[::1]:5353", "unmapped"]);
+    let err = v["error"].as_str().unwrap_or_default();
+    assert!(
+        !ok && err.starts_with("recvfrom"),
+        "the send itself succeeds: {v}"
+    );
+    assert!(d.reason("pass_no_ipv6_backend") > before);
+
+    // The binds of both families are the rule's.
+    for addr in ["[::]:9000", "[::1]:9000", "0.0.0.0:9000"] {
+        let (_, v) = testcli(topo, &topo.host, &["bind", "tcp", addr]);
+        assert_eq!(v["errno"], libc::EPERM, "bind {addr}: {v}");
+    }
+
+    // IPv4 remote clients as ever; IPv6 remote ones are passed and counted.
+    let r = client::get(&topo.client, published(9000), "/").expect("GET over IPv4");
+    assert_eq!(r.body_text(), body(0));
+    let before = d.reason("pass_no_ipv6_backend");
+    assert!(
+        remote_get(topo, published6(9000)).is_err(),
+        "a remote IPv6 client of an IPv4-only backend is not translated"
+    );
+    assert!(d.reason("pass_no_ipv6_backend") > before);
+}
+
+/// A dual-stack backend (`add 9000 IPV4:PORT [IPV6]:PORT`): each family's clients go to
+/// the backend's address of their family, remote ones included, with no NAT.
+#[test]
+fn dual_stack_backend_serves_each_family_natively() {
+    let Some(net) = Net6::new("dual_stack_backend_serves_each_family_natively", "6d", "tc") else {
+        return;
+    };
+    let (topo, d) = (&net.topo, net.topo.daemon());
+    let out = d.ctl(&["add", "9000", &backend(0), &backend6(0)]);
+    assert_eq!(
+        out.expect_ok("dual-stack add").trim(),
+        format!("published *:9000/tcp -> {},{}", backend(0), backend6(0))
+    );
+    let rule = d.rule(9000, "tcp");
+    assert_eq!(rule.backend_ip, CONTAINER_IPS[0].to_string());
+
+    let r = remote_get(topo, published6(9000)).expect("GET over IPv6");
+    assert_eq!(r.body_text(), body(0));
+    assert_eq!(
+        r.peer_seen().ip(),
+        CLIENT6,
+        "the backend sees the IPv6 client"
+    );
+    let r = client::get(&topo.client, published(9000), "/").expect("GET over IPv4");
+    assert_eq!(r.body_text(), body(0));
+    assert_eq!(
+        r.peer_seen().ip(),
+        CLIENT_IP,
+        "the backend sees the IPv4 client"
+    );
+
+    let (ok, v) = testcli(topo, &topo.host, &["tcp", "[::1]:9000"]);
+    assert!(ok, "{v}");
+    let x_peer = v["x_peer"].as_str().expect("x_peer");
+    assert!(
+        x_peer.starts_with(&format!("[{BRIDGE6}]:")),
+        "a local IPv6 client reaches the IPv6 address: {x_peer}"
+    );
+
+    // Two addresses of one family, or different ports, are refused.
+    let err = d
+        .ctl(&["add", "9001", &backend(0), &backend(1)])
+        .expect_error("two IPv4 addresses");
+    assert!(
+        err.contains("at most one IPv4 and one IPv6 address"),
+        "{err}"
+    );
+    let err = d
+        .ctl(&[
+            "add",
+            "9001",
+            &backend(0),
+            &format!("[{}]:81", CONTAINER6[0]),
+        ])
+        .expect_error("different ports");
+    assert!(err.contains("take different ports"), "{err}");
+}
+
+/// `0.0.0.0` and `[::]` narrow a rule to one family, leaving the other family's port to
+/// another rule; `*` conflicts with both.
+#[test]
+fn a_host_address_narrows_the_rule_to_its_family() {
+    let Some(net) = Net6::new("a_host_address_narrows_the_rule_to_its_family", "6n", "tc") else {
+        return;
+    };
+    let (topo, d) = (&net.topo, net.topo.daemon());
+    d.add("0.0.0.0:9000", &backend(0));
+    d.add("[::]:9000", &backend6(1));
+    let r = client::get(&topo.client, published(9000), "/").expect("GET over IPv4");
+    assert_eq!(r.body_text(), body(0));
+    let r = remote_get(topo, published6(9000)).expect("GET over IPv6");
+    assert_eq!(r.body_text(), body(1));
+    for (addr, want) in [("127.0.0.1:9000", body(0)), ("[::1]:9000", body(1))] {
+        let (ok, v) = testcli(topo, &topo.host, &["tcp", addr]);
+        assert!(ok, "{addr}: {v}");
+        assert_eq!(v["body"], want, "{addr}: {v}");
+    }
+    let err = d
+        .ctl(&["add", "9000", &backend(1)])
+        .expect_error("`*` over both families' rules");
+    assert!(
+        err.ends_with("Bind for 0.0.0.0:9000 failed: port is already allocated"),
+        "{err}"
+    );
+
+    // Only the IPv4 rule goes.
+    d.del("0.0.0.0:9000");
+    let r = remote_get(topo, published6(9000)).expect("IPv6 rule kept");
+    assert_eq!(r.body_text(), body(1));
+    assert!(client::get(&topo.client, published(9000), "/").is_err());
 }

@@ -240,7 +240,7 @@ fn add_is_refused_while_a_local_listener_holds_the_port() {
         .ctl(&["add", "9300", &backend(1)])
         .expect_error("add over a local listener");
     assert!(
-        line.contains("0.0.0.0:9300/tcp") && line.contains("already"),
+        line.contains("*:9300/tcp") && line.contains("already"),
         "{line}"
     );
     assert_eq!(d.rules(), before, "nothing changed");

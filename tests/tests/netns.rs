@@ -83,11 +83,11 @@ fn two_containers(ingress: &str, tag: &str) {
     let d = topo.daemon();
     assert_eq!(
         d.add("9000", &backend(0)),
-        "published 0.0.0.0:9000/tcp -> 198.18.1.2:8080"
+        "published *:9000/tcp -> 198.18.1.2:8080"
     );
     assert_eq!(
         d.add("9001/tcp", &backend(1)),
-        "published 0.0.0.0:9001/tcp -> 198.18.1.3:8080"
+        "published *:9001/tcp -> 198.18.1.3:8080"
     );
     for _ in 0..3 {
         assert_eq!(get_body(&topo, 9000).body_text(), body(0));
@@ -171,7 +171,7 @@ fn udp_echo(ingress: &str, tag: &str) {
     let d = topo.daemon();
     assert_eq!(
         d.add("5353/udp", &udp_backend(0)),
-        "published 0.0.0.0:5353/udp -> 198.18.1.2:5353"
+        "published *:5353/udp -> 198.18.1.2:5353"
     );
     // Same port number, other protocol: a separate rule, no conflict.
     d.add("7000/udp", &udp_backend(1));
@@ -426,7 +426,7 @@ mod fast_path {
 mod cli {
     use super::*;
 
-    const EXPECTED: &str = "published 0.0.0.0:9000/tcp -> 198.18.1.2:8080";
+    const EXPECTED: &str = "published *:9000/tcp -> 198.18.1.2:8080";
 
     /// Runs a refused command, checks its one line contains every `needles` (case
     /// insensitive), and that the rules did not change.

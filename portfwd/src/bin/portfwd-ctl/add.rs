@@ -1,4 +1,4 @@
-//! `portfwd-ctl add SPEC BACKEND`.
+//! `portfwd-ctl add SPEC BACKEND [BACKEND_IPV6]`.
 
 use std::path::Path;
 
@@ -9,17 +9,27 @@ use portfwd::{
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// What to publish: `[HOST_IP:][HOST_PORT[-END]][/tcp|/udp]`. No host port (or 0):
-    /// any free port; a host range to a single backend port: the first free one.
+    /// What to publish: `[HOST_IP:][HOST_PORT[-END]][/tcp|/udp]`. No host address: every
+    /// address of both families (`0.0.0.0` narrows to IPv4, `[::]` to IPv6). No host
+    /// port (or 0): any free port; a host range to a single backend port: the first free
+    /// one.
     #[arg(value_name = "SPEC", allow_hyphen_values = true)]
     publish: String,
     /// Where it goes: `BACKEND_IP:BACKEND_PORT[-END]` (IPv6 in brackets).
     #[arg(value_name = "BACKEND", allow_hyphen_values = true)]
     backend: String,
+    /// A dual-stack backend's other address, same ports (`[2001:db8::2]:8080`): each
+    /// family's clients go to the backend address of their family.
+    #[arg(value_name = "BACKEND_OTHER_FAMILY", allow_hyphen_values = true)]
+    other: Option<String>,
 }
 
 pub fn run(socket: &Path, args: Args) -> Result<(), String> {
-    let decl = Declaration::parse(&args.publish, &args.backend).map_err(|e| e.to_string())?;
+    let backend = match &args.other {
+        None => args.backend.clone(),
+        Some(other) => format!("{},{other}", args.backend),
+    };
+    let decl = Declaration::parse(&args.publish, &backend).map_err(|e| e.to_string())?;
     let reply: RuleReply = protocol::call(
         socket,
         &Request::Add {
@@ -28,7 +38,7 @@ pub fn run(socket: &Path, args: Args) -> Result<(), String> {
         },
     )
     .map_err(|e| e.to_string())?;
-    // The chosen ports, for scripts: `published 0.0.0.0:32768/tcp -> 172.17.0.2:80`.
+    // The chosen ports, for scripts: `published *:32768/tcp -> 172.17.0.2:80`.
     println!("published {reply}");
     Ok(())
 }

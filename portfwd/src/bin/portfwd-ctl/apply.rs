@@ -80,8 +80,8 @@ mod tests {
         };
         assert_eq!(
             render("ports.toml", &reply),
-            "- 0.0.0.0:7000/udp -> 172.17.0.3:53\n\
-             + 0.0.0.0:9000-9009/tcp -> 172.17.0.2:8000-8009\n\
+            "- *:7000/udp -> 172.17.0.3:53\n\
+             + *:9000-9009/tcp -> 172.17.0.2:8000-8009\n\
              = 127.0.0.1:9443/tcp -> 172.17.0.2:443\n\
              applied ports.toml: 1 added, 1 removed, 1 unchanged\n"
         );

@@ -1,6 +1,6 @@
-//! `portfwd-ctl import-compose FILE --to SERVICE=IP ...`.
+//! `portfwd-ctl import-compose FILE --to SERVICE=IP[,IPV6] ...`.
 
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+use std::{collections::BTreeMap, path::PathBuf};
 
 use portfwd::{compose, rule};
 
@@ -9,18 +9,24 @@ pub struct Args {
     /// The Compose file (docker-compose.yml, compose.yaml).
     #[arg(value_name = "FILE")]
     file: PathBuf,
-    /// The address of a service's container (repeatable; one per service with ports).
-    #[arg(long = "to", value_name = "SERVICE=IP")]
+    /// The address of a service's container (repeatable; one per service with ports);
+    /// `SERVICE=IPV4,IPV6` for a dual-stack container.
+    #[arg(long = "to", value_name = "SERVICE=IP[,IPV6]")]
     to: Vec<String>,
 }
 
 pub fn run(args: Args) -> Result<(), String> {
-    let mut to: BTreeMap<String, IpAddr> = BTreeMap::new();
+    let mut to: BTreeMap<String, rule::Addrs> = BTreeMap::new();
     for pair in &args.to {
-        let Some((service, ip)) = pair.split_once('=') else {
+        let Some((service, ips)) = pair.split_once('=') else {
             return Err(format!("--to `{pair}`: expected SERVICE=IP"));
         };
-        let ip = rule::parse_ip(ip).map_err(|e| format!("--to `{pair}`: {e}"))?;
+        let ip = ips
+            .split(',')
+            .map(rule::parse_ip)
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|ips| rule::Addrs::from_list(&ips))
+            .map_err(|e| format!("--to `{pair}`: {e}"))?;
         if to.insert(service.to_string(), ip).is_some() {
             return Err(format!("--to: service `{service}` given twice"));
         }

@@ -24,13 +24,23 @@ pub fn run(socket: &Path, args: Args) -> Result<(), String> {
     Ok(())
 }
 
-/// `0.0.0.0:9000`, `0.0.0.0:9000-9009`, `[::1]:9000`.
-fn ports(ip: std::net::IpAddr, start: u16, end: u16) -> String {
-    let ip = portfwd::rule::ip_text(ip);
+/// `*:9000`, `0.0.0.0:9000-9009`, `[::1]:9000`.
+fn ports(host: impl std::fmt::Display, start: u16, end: u16) -> String {
+    let ip = host;
     if end > start {
         format!("{ip}:{start}-{end}")
     } else {
         format!("{ip}:{start}")
+    }
+}
+
+/// `172.17.0.2:8080`, or a dual-stack backend's `172.17.0.2:8080,[2001:db8::2]:8080`.
+fn backend(r: &portfwd::protocol::RuleStatus) -> String {
+    let (start, end) = (r.backend_port, r.backend_port_end);
+    let first = ports(portfwd::rule::ip_text(r.backend_ip), start, end);
+    match r.backend_ip6 {
+        Some(v6) => format!("{first},{}", ports(format!("[{v6}]"), start, end)),
+        None => first,
     }
 }
 
@@ -54,7 +64,7 @@ pub fn table(reply: &ListReply) -> String {
         .map(|r| {
             [
                 ports(r.host_ip, r.host_port, r.host_port_end),
-                ports(r.backend_ip, r.backend_port, r.backend_port_end),
+                backend(r),
                 r.proto.to_string(),
                 r.source.to_string(),
                 (r.packets + r.reply_packets).to_string(),
@@ -132,6 +142,7 @@ mod tests {
                     host_port_end: 9009,
                     proto: Proto::Tcp,
                     backend_ip: "172.17.0.2".parse().expect("ip"),
+                    backend_ip6: None,
                     backend_port: 8080,
                     backend_port_end: 8089,
                     source: Source::File,
@@ -147,6 +158,7 @@ mod tests {
                     host_port_end: 5353,
                     proto: Proto::Udp,
                     backend_ip: "172.17.0.3".parse().expect("ip"),
+                    backend_ip6: None,
                     backend_port: 53,
                     backend_port_end: 53,
                     source: Source::Cli,
