@@ -68,6 +68,12 @@ pub mod programs {
     pub const XDP_GENERIC_INGRESS: &str = "portfwd_xdp_generic";
     pub const TC_INGRESS: &str = "portfwd_tc_ingress";
     pub const TC_EGRESS: &str = "portfwd_tc_egress";
+    /// NAT64, both directions: tail-called by the TC ingress program (its own stack).
+    pub const TC_NAT64: &str = "portfwd_tc_nat64";
+    /// NAT64's door where `portfwd_tc_ingress` is not attached: TC ingress of the
+    /// backends' interfaces (replies) and of interfaces whose ingress is XDP (which
+    /// cannot change a packet's family). Tail-calls NAT64, lets everything else by.
+    pub const TC_NAT64_ENTRY: &str = "portfwd_tc_nat64_entry";
     /// cgroup/connect4: TCP connects and UDP connects of local clients.
     pub const SOCK_CONNECT4: &str = "portfwd_connect4";
     /// cgroup/sendmsg4: unconnected UDP sends of local clients.
@@ -601,6 +607,57 @@ pub const CONFIG_FAST_PATH: u64 = 1;
 /// so this is a switch of its own.
 pub const CONFIG_FAST_PATH_NATIVE_XDP: u64 = 2;
 
+/// NAT64 (remote IPv6 clients of an IPv4-only backend, at TC): the translation of each
+/// such flow, keyed by the client's flow as it arrives ([`FlowKeyV6`]: client address
+/// and port, published address and port). Written by the TC ingress program on the
+/// flow's first packet (UDP datagram, TCP SYN).
+pub const NAT64_FLOWS: &str = "NAT64_FLOWS";
+/// NAT64, the other way: the backend's replies ([`FlowKeyV4`]: backend, host's source
+/// address and NAT64 port) back to the IPv6 flow. Written with [`NAT64_FLOWS`]; an
+/// insert that finds the key taken moves on to the next port, so ports are unique.
+pub const NAT64_REPLIES: &str = "NAT64_REPLIES";
+/// Program array: entry [`NAT64_PROG_INDEX`] is [`programs::TC_NAT64`], which the TC
+/// ingress program tail-calls (a tail call starts a fresh 512-byte stack, which the
+/// ingress program's own frame leaves no room for). Written by the daemon at load.
+pub const NAT64_PROGS: &str = "NAT64_PROGS";
+pub const NAT64_PROG_INDEX: u32 = 0;
+/// Flows NAT64 tracks at once (each map; LRU).
+pub const MAX_NAT64_FLOWS: u32 = 65_536;
+/// The source ports NAT64 gives its IPv4 side: above Linux's default ephemeral range
+/// (32768-60999), so the host's own connections do not pick them.
+pub const NAT64_PORT_MIN: u16 = 61_000;
+pub const NAT64_PORT_COUNT: u16 = 4_536;
+/// How many ports an allocation tries before giving up (the flow is then passed).
+pub const NAT64_PORT_TRIES: u16 = 8;
+
+/// Value of [`NAT64_FLOWS`]: the IPv4 side of a translated flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Nat64Flow {
+    /// The host's address towards the backend (the translated source).
+    pub snat_addr: [u8; 4],
+    pub backend_addr: [u8; 4],
+    pub snat_port: [u8; 2],
+    pub backend_port: [u8; 2],
+    pub stats_slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<Nat64Flow>() == 16);
+
+/// Value of [`NAT64_REPLIES`]: the IPv6 flow a reply belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Nat64Reply {
+    pub client_addr: [u8; 16],
+    pub host_addr: [u8; 16],
+    pub client_port: [u8; 2],
+    pub host_port: [u8; 2],
+    pub stats_slot: u32,
+    /// Where the client's packets arrive: replies leave there (no IPv6 route lookup, so
+    /// IPv6 forwarding need not be on).
+    pub client_ifindex: u32,
+}
+const _: () = assert!(core::mem::size_of::<Nat64Reply>() == 44);
+
 /// Most bridge forwarding entries tracked for the fast path.
 pub const MAX_BRIDGE_PORTS: u32 = 16_384;
 
@@ -644,4 +701,6 @@ mod pod {
     unsafe impl aya::Pod for super::FlowV6 {}
     unsafe impl aya::Pod for super::LocalPeerKeyV6 {}
     unsafe impl aya::Pod for super::LocalPeerV6 {}
+    unsafe impl aya::Pod for super::Nat64Flow {}
+    unsafe impl aya::Pod for super::Nat64Reply {}
 }

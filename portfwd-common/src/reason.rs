@@ -40,15 +40,24 @@ pub enum Reason {
     /// IPv6 with an extension header (hop-by-hop, routing, destination options, AH,
     /// ESP, ...) before the transport header: passed untouched, the chain is not walked.
     PassIpv6ExtHeader = 15,
-    /// An IPv6 client of a rule whose backend has only an IPv4 address: the socket hooks
-    /// serve local clients (as IPv4-mapped connections), but packets are not translated
-    /// between families, and a local unconnected UDP `sendmsg` cannot be redirected to a
-    /// mapped address (the kernel refuses it). Passed untouched.
+    /// An IPv6 client of a rule whose backend has only an IPv4 address, where it cannot
+    /// be served: at XDP (NAT64 runs at TC), or a local unconnected UDP `sendmsg` (the
+    /// kernel refuses one redirected to a mapped address). Passed untouched.
     PassNoIpv6Backend = 16,
+    /// NAT64 (TC ingress): an IPv6 client's packet to an IPv4-only backend, translated
+    /// to IPv4 and sent to the backend's interface.
+    Nat64Translated = 17,
+    /// NAT64 (TC ingress of the backend's interface): a backend's reply translated back
+    /// to IPv6 and sent to the client's interface.
+    Nat64ReplyTranslated = 18,
+    /// NAT64 could not translate: no route to the backend, no free source port, a VLAN
+    /// tag, IPv4 options, an expiring hop limit, or a helper failure before the packet
+    /// changed. Passed untouched.
+    Nat64Failed = 19,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 20;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Translated,
         Reason::ReplyTranslated,
@@ -67,6 +76,9 @@ impl Reason {
         Reason::FastPathFallback,
         Reason::PassIpv6ExtHeader,
         Reason::PassNoIpv6Backend,
+        Reason::Nat64Translated,
+        Reason::Nat64ReplyTranslated,
+        Reason::Nat64Failed,
     ];
 
     /// Stable snake_case name, for `list` and metrics.
@@ -89,6 +101,9 @@ impl Reason {
             Reason::FastPathFallback => "fast_path_fallback",
             Reason::PassIpv6ExtHeader => "pass_ipv6_ext_header",
             Reason::PassNoIpv6Backend => "pass_no_ipv6_backend",
+            Reason::Nat64Translated => "nat64_translated",
+            Reason::Nat64ReplyTranslated => "nat64_reply_translated",
+            Reason::Nat64Failed => "nat64_failed",
         }
     }
 }

@@ -17,11 +17,12 @@ mod fastpath;
 mod local;
 mod maps;
 mod nat;
+mod nat64;
 mod packet;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_redirect,
+    helpers::{bpf_redirect, bpf_redirect_neigh},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -50,6 +51,8 @@ fn xdp_ingress(ctx: &XdpContext, fast_path_bit: u64) -> u32 {
         Verdict::Drop => xdp_action::XDP_DROP,
         // SAFETY: plain helper call; it returns XDP_REDIRECT, or XDP_ABORTED on a bad index.
         Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
+        // Never produced at XDP (NAT64 is TC's).
+        Verdict::RedirectNeigh(_) => xdp_action::XDP_PASS,
     }
 }
 
@@ -58,6 +61,23 @@ fn xdp_ingress(ctx: &XdpContext, fast_path_bit: u64) -> u32 {
 pub fn portfwd_tc_ingress(ctx: TcContext) -> i32 {
     let mut pkt = TcPacket::new(&ctx);
     tc_action(nat::ingress(&mut pkt, CONFIG_FAST_PATH))
+}
+
+/// NAT64, tail-called from `portfwd_tc_ingress` (see `nat64.rs`).
+#[classifier]
+pub fn portfwd_tc_nat64(ctx: TcContext) -> i32 {
+    tc_action(nat64::program(&ctx))
+}
+
+/// NAT64's entry where `portfwd_tc_ingress` is not attached (see `nat64::entry`).
+#[classifier]
+pub fn portfwd_tc_nat64_entry(ctx: TcContext) -> i32 {
+    // Headers made linear as for the other TC programs.
+    let _ = TcPacket::new(&ctx);
+    match nat64::entry(&ctx) {
+        Some(v) => tc_action(v),
+        None => TC_ACT_UNSPEC,
+    }
 }
 
 /// Reply translation at TC egress of the published interfaces.
@@ -78,6 +98,14 @@ fn tc_action(v: Verdict) -> i32 {
             r if r == TC_ACT_REDIRECT as i32 => r,
             _ => TC_ACT_UNSPEC,
         },
+        // SAFETY: plain helper call, no neighbour parameters; TC_ACT_REDIRECT on
+        // success. The packet has changed family by now: on failure it is dropped.
+        Verdict::RedirectNeigh(ifindex) => {
+            match unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32 {
+                r if r == TC_ACT_REDIRECT as i32 => r,
+                _ => TC_ACT_SHOT as i32,
+            }
+        }
     }
 }
 

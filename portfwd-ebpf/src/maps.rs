@@ -2,13 +2,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use portfwd_common::{
     BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6,
-    LocalPeerKeyV4, LocalPeerKeyV6, LocalPeerV4, LocalPeerV6, Reason, RuleKeyV4, RuleKeyV6,
-    RuleStats, MAX_BRIDGE_PORTS, MAX_FLOWS, MAX_HOST_ADDRS, MAX_LOCAL_PEERS, MAX_RULES,
-    MAX_STATS_SLOTS,
+    LocalPeerKeyV4, LocalPeerKeyV6, LocalPeerV4, LocalPeerV6, Nat64Flow, Nat64Reply, Reason,
+    RuleKeyV4, RuleKeyV6, RuleStats, MAX_BRIDGE_PORTS, MAX_FLOWS, MAX_HOST_ADDRS,
+    MAX_LOCAL_PEERS, MAX_NAT64_FLOWS, MAX_RULES, MAX_STATS_SLOTS,
 };
 
 #[map(name = "RULES_V4")]
@@ -28,6 +28,17 @@ pub static CONNTRACK_V6: LruHashMap<FlowKeyV6, FlowV6> = LruHashMap::with_max_en
 
 #[map(name = "HOST_ADDRS_V6")]
 pub static HOST_ADDRS_V6: HashMap<[u8; 16], u8> = HashMap::with_max_entries(MAX_HOST_ADDRS, 0);
+
+#[map(name = "NAT64_FLOWS")]
+pub static NAT64_FLOWS: LruHashMap<FlowKeyV6, Nat64Flow> =
+    LruHashMap::with_max_entries(MAX_NAT64_FLOWS, 0);
+
+#[map(name = "NAT64_REPLIES")]
+pub static NAT64_REPLIES: LruHashMap<FlowKeyV4, Nat64Reply> =
+    LruHashMap::with_max_entries(MAX_NAT64_FLOWS, 0);
+
+#[map(name = "NAT64_PROGS")]
+pub static NAT64_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 #[map(name = "RULE_STATS")]
 pub static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAX_STATS_SLOTS, 0);

@@ -19,7 +19,7 @@ use portfwd_common::{
 };
 
 use crate::{
-    count, fastpath,
+    count, fastpath, nat64,
     maps::{self, CONNTRACK_V4, CONNTRACK_V6, HOST_ADDRS_V4, HOST_ADDRS_V6, RULES_V4, RULES_V6},
     packet::{
         bytes_at, may_start_flow, parse_eth, parse_ipv4, parse_ipv6, Ipv4Flow, Ipv6Flow,
@@ -32,6 +32,9 @@ pub enum Verdict {
     Drop,
     /// Send out of this interface (the fast path), via the hook's redirect.
     Redirect(u32),
+    /// Send out of this interface with the kernel's neighbour lookup filling the MACs
+    /// (`bpf_redirect_neigh`, TC only: NAT64).
+    RedirectNeigh(u32),
 }
 
 /// Which end of the flow a rewrite changes.
@@ -60,6 +63,11 @@ pub trait Packet {
         addr: [u8; 16],
         port: [u8; 2],
     ) -> Result<(), ()>;
+    /// An IPv6 packet for an IPv4-only backend (held IPv4-mapped): NAT64 where the hook
+    /// can change a packet's family, else passed (see `nat64`).
+    fn nat64(&mut self, f: &Ipv6Flow, backend: &BackendV6) -> Verdict;
+    /// An IPv4 packet that may be a reply of a NAT64 flow: translated back, or `None`.
+    fn nat64_reply(&mut self, f: &Ipv4Flow) -> Option<Verdict>;
 }
 
 #[inline(always)]
@@ -97,6 +105,12 @@ pub fn reply<P: Packet>(pkt: &mut P) -> Verdict {
 
 #[inline(always)]
 fn ingress_v4<P: Packet>(pkt: &mut P, flow: Ipv4Flow, fast_path_bit: u64) -> Verdict {
+    // A NAT64 flow's reply, on the backend's interface: its port is no published one.
+    if nat64::is_nat64_port(flow.dport) {
+        if let Some(v) = pkt.nat64_reply(&flow) {
+            return v;
+        }
+    }
     let backend = match lookup_rule(&flow) {
         Ok(b) => b,
         Err(reason) => {
@@ -221,6 +235,9 @@ fn ingress_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow, fast_path_bit: u64) -> Ver
             return Verdict::Pass;
         }
     };
+    if backend.is_ipv4_mapped() {
+        return pkt.nat64(&flow, &backend);
+    }
     record_flow_v6(&flow, &backend);
     if pkt
         .rewrite_v6(&flow, End::Dst, backend.addr_bytes(), backend.port_be())
@@ -266,13 +283,13 @@ fn reply_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow) -> Verdict {
 /// As [`lookup_rule`], for IPv6: the exact address, then the `::` wildcard, which only
 /// covers the host's own addresses.
 #[inline(always)]
-fn lookup_rule_v6(flow: &Ipv6Flow) -> Result<BackendV6, Reason> {
+pub fn lookup_rule_v6(flow: &Ipv6Flow) -> Result<BackendV6, Reason> {
     let (may_exact, may_wildcard) = maps::port_rules(flow.dport, flow.proto);
     if may_exact {
         let exact = RuleKeyV6::new(flow.dst, flow.dport, flow.proto);
         // SAFETY: values are copied out at once; the daemon may replace them concurrently.
-        if let Some(b) = unsafe { RULES_V6.get(&exact) }.copied() {
-            return backend_v6(b);
+        if let Some(b) = unsafe { RULES_V6.get(&exact) } {
+            return Ok(*b);
         }
     }
     if !may_wildcard {
@@ -284,16 +301,6 @@ fn lookup_rule_v6(flow: &Ipv6Flow) -> Result<BackendV6, Reason> {
     };
     if unsafe { HOST_ADDRS_V6.get(&flow.dst) }.is_none() {
         return Err(Reason::PassNotHostAddr);
-    }
-    backend_v6(b)
-}
-
-/// A rule's backend, if the packet path can reach it (not an IPv4 backend behind an
-/// IPv6 address, which only local clients reach).
-#[inline(always)]
-fn backend_v6(b: BackendV6) -> Result<BackendV6, Reason> {
-    if b.is_ipv4_mapped() {
-        return Err(Reason::PassNoIpv6Backend);
     }
     Ok(b)
 }
@@ -355,6 +362,16 @@ impl<'a> XdpPacket<'a> {
 }
 
 impl Packet for XdpPacket<'_> {
+    #[inline(always)]
+    fn nat64(&mut self, _: &Ipv6Flow, _: &BackendV6) -> Verdict {
+        // XDP cannot change a packet's family (no bpf_skb_change_proto): TC can.
+        count(Reason::PassNoIpv6Backend);
+        Verdict::Pass
+    }
+    #[inline(always)]
+    fn nat64_reply(&mut self, _: &Ipv4Flow) -> Option<Verdict> {
+        None
+    }
     #[inline(always)]
     fn data(&self) -> usize {
         self.ctx.data()
@@ -514,6 +531,14 @@ impl<'a> TcPacket<'a> {
 }
 
 impl Packet for TcPacket<'_> {
+    #[inline(always)]
+    fn nat64(&mut self, _: &Ipv6Flow, _: &BackendV6) -> Verdict {
+        nat64::tail_call(self.ctx)
+    }
+    #[inline(always)]
+    fn nat64_reply(&mut self, f: &Ipv4Flow) -> Option<Verdict> {
+        nat64::is_reply(f).then(|| nat64::tail_call(self.ctx))
+    }
     #[inline(always)]
     fn data(&self) -> usize {
         self.ctx.data()

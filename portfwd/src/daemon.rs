@@ -152,6 +152,11 @@ pub trait Kernel {
         backends: &BTreeSet<(Ipv6Addr, u16, u8)>,
     ) -> Result<usize, DataplaneError>;
     fn sync_host_addrs_v6(&mut self, addrs: &BTreeSet<Ipv6Addr>) -> Result<(), DataplaneError>;
+    /// Puts NAT64's entry where the IPv4 `backends` of IPv6 rules need it (see
+    /// [`Dataplane::sync_nat64`]); the interfaces newly attached.
+    fn sync_nat64(&mut self, backends: &BTreeSet<Ipv4Addr>) -> Result<Vec<String>, DataplaneError>;
+    /// Interfaces where NAT64's entry runs.
+    fn nat64_entries(&self) -> Vec<String>;
     /// The cgroup whose processes are served as local clients, if any.
     fn local_cgroup(&self) -> Option<PathBuf>;
     /// Whether a local process already holds `ip:port` for `proto` (a TCP listener, a
@@ -209,6 +214,12 @@ impl Kernel for Dataplane {
     }
     fn sync_host_addrs_v6(&mut self, addrs: &BTreeSet<Ipv6Addr>) -> Result<(), DataplaneError> {
         Dataplane::sync_host_addrs_v6(self, addrs)
+    }
+    fn sync_nat64(&mut self, backends: &BTreeSet<Ipv4Addr>) -> Result<Vec<String>, DataplaneError> {
+        Dataplane::sync_nat64(self, backends)
+    }
+    fn nat64_entries(&self) -> Vec<String> {
+        Dataplane::nat64_entries(self).to_vec()
     }
     fn local_cgroup(&self) -> Option<PathBuf> {
         Dataplane::local_cgroup(self).map(Path::to_path_buf)
@@ -487,6 +498,7 @@ pub struct Daemon<K> {
     host_addrs_failing: bool,
     host_addrs_v6: Option<BTreeSet<Ipv6Addr>>,
     host_addrs_v6_failing: bool,
+    nat64_failing: bool,
 }
 
 impl<K: Kernel> Daemon<K> {
@@ -499,6 +511,7 @@ impl<K: Kernel> Daemon<K> {
             host_addrs_failing: false,
             host_addrs_v6: None,
             host_addrs_v6_failing: false,
+            nat64_failing: false,
         }
     }
 
@@ -733,7 +746,37 @@ impl<K: Kernel> Daemon<K> {
             );
         }
         self.forget_stale_flows(&gone);
+        self.sync_nat64();
         Ok(())
+    }
+
+    /// Keeps NAT64's entry program where the rules' IPv4-only backends need it (a rule
+    /// serving IPv6 clients with a backend that has no IPv6 address); logs once when this
+    /// starts or stops failing. Called after every change and every refresh.
+    pub fn sync_nat64(&mut self) {
+        let backends: BTreeSet<Ipv4Addr> = self
+            .table
+            .iter()
+            .filter(|(p, e)| p.host().serves_v6() && e.backend.addrs().v6().is_none())
+            .filter_map(|(_, e)| e.backend.addrs().v4())
+            .collect();
+        match self.kernel.sync_nat64(&backends) {
+            Ok(attached) => {
+                for iface in attached {
+                    info!("NAT64 entry attached to {iface} (TC ingress)");
+                }
+                if self.nat64_failing {
+                    info!("NAT64 entries attached again");
+                }
+                self.nat64_failing = false;
+            }
+            Err(e) => {
+                if !self.nat64_failing {
+                    warn!("cannot attach NAT64's entry: {e}");
+                }
+                self.nat64_failing = true;
+            }
+        }
     }
 
     /// Forgets the tracked flows to the backends of rules that went, unless another rule
@@ -968,6 +1011,7 @@ impl<K: Kernel> Daemon<K> {
         Ok(ListReply {
             rules,
             interfaces: self.kernel.attachments(),
+            nat64_entries: self.kernel.nat64_entries(),
             reasons,
             local_clients: LocalClients {
                 served: cgroup.is_some(),
@@ -1080,6 +1124,7 @@ pub async fn serve<K: Kernel + Send + 'static>(
                 let mut d = lock(&daemon);
                 d.set_host_addrs(dataplane::local_ipv4_addrs());
                 d.set_host_addrs_v6(dataplane::local_ipv6_addrs());
+                d.sync_nat64();
                 if let Err(e) = d.kernel.refresh_fast_path() {
                     debug!("cannot refresh the fast path's bridge ports: {e}");
                 }
@@ -1381,6 +1426,12 @@ mod tests {
             Ok(Reason::ALL.iter().map(|&r| (r, r as u64)).collect())
         }
         fn attachments(&self) -> Vec<Attachment> {
+            Vec::new()
+        }
+        fn sync_nat64(&mut self, _: &BTreeSet<Ipv4Addr>) -> Result<Vec<String>, DataplaneError> {
+            Ok(Vec::new())
+        }
+        fn nat64_entries(&self) -> Vec<String> {
             Vec::new()
         }
         fn sync_host_addrs(&mut self, _: &BTreeSet<Ipv4Addr>) -> Result<(), DataplaneError> {

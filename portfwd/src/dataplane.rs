@@ -10,15 +10,16 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues, ProgramArray},
     programs::{tc::SchedClassifier, CgroupAttachMode, CgroupSockAddr, TcAttachType, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 use portfwd_common::{
     port_bits, programs, BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4,
-    FlowV6, Reason, RuleKeyV4, RuleKeyV6, RuleStats, BRIDGE_PORTS, CONFIG, CONFIG_FAST_PATH,
-    CONFIG_FAST_PATH_NATIVE_XDP, CONNTRACK_V4, CONNTRACK_V6, HOST_ADDRS_V4, HOST_ADDRS_V6,
-    PUBLISHED_PORTS, REASON_STATS, RULES_V4, RULES_V6, RULE_STATS,
+    FlowV6, Nat64Flow, Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, RuleStats, BRIDGE_PORTS, CONFIG,
+    CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONNTRACK_V4, CONNTRACK_V6, HOST_ADDRS_V4,
+    HOST_ADDRS_V6, NAT64_FLOWS, NAT64_PROGS, NAT64_PROG_INDEX, NAT64_REPLIES, PUBLISHED_PORTS,
+    REASON_STATS, RULES_V4, RULES_V6, RULE_STATS,
 };
 use thiserror::Error;
 
@@ -146,6 +147,8 @@ pub struct Dataplane {
     /// Rules per (port, protocol, wildcard?), both families: what [`PUBLISHED_PORTS`]
     /// summarizes.
     port_refs: std::collections::HashMap<(u16, u8, bool), u32>,
+    /// Interfaces where NAT64's entry program is attached (see [`Self::sync_nat64`]).
+    nat64_entries: Vec<String>,
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
@@ -158,11 +161,34 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new()
             .load(BPF_OBJECT)
             .map_err(DataplaneError::Load)?;
-        for name in [programs::TC_INGRESS, programs::TC_EGRESS] {
+        for name in [
+            programs::TC_INGRESS,
+            programs::TC_EGRESS,
+            programs::TC_NAT64,
+            programs::TC_NAT64_ENTRY,
+        ] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
+        // TC ingress tail-calls NAT64 through this array.
+        let nat64 = program::<SchedClassifier>(&mut ebpf, programs::TC_NAT64)?
+            .fd()
+            .map_err(|source| DataplaneError::Program {
+                name: programs::TC_NAT64,
+                source,
+            })?
+            .try_clone()
+            .map_err(|e| DataplaneError::Program {
+                name: programs::TC_NAT64,
+                source: aya::programs::ProgramError::IOError(e),
+            })?;
+        let map = ebpf
+            .map_mut(NAT64_PROGS)
+            .ok_or(DataplaneError::MissingMap(NAT64_PROGS))?;
+        ProgramArray::try_from(map)
+            .and_then(|mut a| a.set(NAT64_PROG_INDEX, &nat64, 0))
+            .map_err(map_err(NAT64_PROGS))?;
         for name in [programs::XDP_INGRESS, programs::XDP_GENERIC_INGRESS] {
             let xdp: &mut Xdp = program(&mut ebpf, name)?;
             xdp.load()
@@ -179,6 +205,7 @@ impl Dataplane {
             local_cgroup: None,
             config: Config::default(),
             port_refs: std::collections::HashMap::new(),
+            nat64_entries: Vec::new(),
         })
     }
 
@@ -220,6 +247,60 @@ impl Dataplane {
         };
         self.attachments.push(a.clone());
         Ok(a)
+    }
+
+    /// Makes NAT64 reachable for the IPv4 backends `backends` (of rules serving IPv6
+    /// clients): its entry program goes on the TC ingress of each backend's interface,
+    /// where the replies arrive, and of each `--iface` whose ingress is XDP, where IPv6
+    /// clients arrive and XDP cannot translate them; not where `portfwd_tc_ingress`
+    /// already runs. Entries stay until the daemon stops. Returns the interfaces it
+    /// attached to now.
+    pub fn sync_nat64(
+        &mut self,
+        backends: &BTreeSet<Ipv4Addr>,
+    ) -> Result<Vec<String>, DataplaneError> {
+        if backends.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tc_ingress = |d: &Self, iface: &str| {
+            d.attachments
+                .iter()
+                .any(|a| a.iface == iface && a.ingress == Hook::TcIngress)
+        };
+        let mut want: BTreeSet<String> = self
+            .attachments
+            .iter()
+            .filter(|a| a.ingress != Hook::TcIngress)
+            .map(|a| a.iface.clone())
+            .collect();
+        for b in backends {
+            if let Some(iface) = crate::netinfo::iface_of_v4_subnet(*b) {
+                if !tc_ingress(self, &iface) {
+                    want.insert(iface);
+                }
+            }
+        }
+        let mut attached = Vec::new();
+        for iface in want {
+            if self.nat64_entries.contains(&iface) {
+                continue;
+            }
+            let prog: &mut SchedClassifier = program(&mut self.ebpf, programs::TC_NAT64_ENTRY)?;
+            prog.attach(&iface, TcAttachType::Ingress)
+                .map_err(|source| DataplaneError::Attach {
+                    hook: Hook::TcIngress,
+                    iface: iface.clone(),
+                    source,
+                })?;
+            self.nat64_entries.push(iface.clone());
+            attached.push(iface);
+        }
+        Ok(attached)
+    }
+
+    /// Interfaces where NAT64's entry program runs.
+    pub fn nat64_entries(&self) -> &[String] {
+        &self.nat64_entries
     }
 
     /// Serves local clients of every process in the cgroup v2 at `cgroup` (and below):
@@ -454,13 +535,44 @@ impl Dataplane {
         if backends.is_empty() {
             return Ok(0);
         }
+        let n = self.forget_in::<FlowV4>(CONNTRACK_V4, backends)?;
+        // NAT64's flows to these backends, both ways (replies are keyed as conntrack is).
+        self.forget_in::<Nat64Reply>(NAT64_REPLIES, backends)?;
         let map = self
             .ebpf
-            .map_mut(CONNTRACK_V4)
-            .ok_or(DataplaneError::MissingMap(CONNTRACK_V4))?;
+            .map_mut(NAT64_FLOWS)
+            .ok_or(DataplaneError::MissingMap(NAT64_FLOWS))?;
+        let mut flows: HashMap<&mut MapData, FlowKeyV6, Nat64Flow> =
+            HashMap::try_from(map).map_err(map_err(NAT64_FLOWS))?;
+        let stale: Vec<FlowKeyV6> = flows
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| {
+                let ip = Ipv4Addr::from(v.backend_addr);
+                backends.contains(&(ip, u16::from_be_bytes(v.backend_port), k.proto()))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale {
+            let _ = flows.remove(k);
+        }
+        Ok(n)
+    }
+
+    /// Removes the entries of `name` (an LRU map keyed by [`FlowKeyV4`]) whose backend
+    /// is one of `backends`; how many.
+    fn forget_in<V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        backends: &BTreeSet<(Ipv4Addr, u16, u8)>,
+    ) -> Result<usize, DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap(name))?;
         // aya's HashMap also handles LRU hash maps.
-        let mut ct: HashMap<&mut MapData, FlowKeyV4, FlowV4> =
-            HashMap::try_from(map).map_err(map_err(CONNTRACK_V4))?;
+        let mut ct: HashMap<&mut MapData, FlowKeyV4, V> =
+            HashMap::try_from(map).map_err(map_err(name))?;
         let stale: Vec<FlowKeyV4> = ct
             .keys()
             .filter_map(Result::ok)

@@ -212,3 +212,31 @@ fn parse_neigh(payload: &[u8]) -> Option<FdbEntry> {
         port_ifindex: u32::try_from(nd.ifindex).ok()?,
     })
 }
+
+/// The interface whose IPv4 subnet holds `addr` (the longest prefix wins): where a
+/// directly connected backend is, and where its packets arrive. Loopback is skipped.
+pub fn iface_of_v4_subnet(addr: std::net::Ipv4Addr) -> Option<String> {
+    let addrs = nix::ifaddrs::getifaddrs().ok()?;
+    let mut best: Option<(u32, String)> = None;
+    for a in addrs {
+        let (Some(ip), Some(mask)) = (
+            a.address
+                .and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip())),
+            a.netmask
+                .and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip())),
+        ) else {
+            continue;
+        };
+        let (ip, mask) = (u32::from(ip), u32::from(mask));
+        if ip >> 24 == 127 || (ip & mask) != (u32::from(addr) & mask) {
+            continue;
+        }
+        if best
+            .as_ref()
+            .is_none_or(|(m, _)| mask.count_ones() > m.count_ones())
+        {
+            best = Some((mask, a.interface_name));
+        }
+    }
+    best.map(|(_, name)| name)
+}

@@ -139,6 +139,10 @@ pub struct ApplyReply {
 pub struct ListReply {
     pub rules: Vec<RuleStatus>,
     pub interfaces: Vec<Attachment>,
+    /// Interfaces where NAT64's entry program runs at TC ingress (attached for IPv6
+    /// rules with IPv4-only backends: their backends' interfaces, XDP interfaces).
+    #[serde(default)]
+    pub nat64_entries: Vec<String>,
     /// Packet counts by [`portfwd_common::Reason::name`].
     pub reasons: BTreeMap<String, u64>,
     /// Whether local clients (the host's own processes, containers calling the host's
@@ -660,6 +664,7 @@ mod tests {
                 local: 5,
             }],
             interfaces: vec![],
+            nat64_entries: vec!["br0".into()],
             reasons: [("translated".to_string(), 7)].into_iter().collect(),
             local_clients: LocalClients {
                 served: true,
@@ -675,6 +680,7 @@ mod tests {
                            "source":"file",
                            "packets":1,"bytes":2,"reply_packets":3,"reply_bytes":4,"local":5}],
                 "interfaces": [],
+                "nat64_entries": ["br0"],
                 "reasons": {"translated": 7},
                 "local_clients": {"served": true, "cgroup": "/sys/fs/cgroup"},
             })

@@ -109,7 +109,11 @@ pub struct Download {
 
 /// Downloads `/bytes/n` from `to` (from inside `ns`) and checks every byte as it arrives.
 pub fn download(ns: &Netns, to: SocketAddrV4, n: u64) -> std::io::Result<Download> {
-    let mut s = connect(ns, to)?;
+    download_on(connect(ns, to)?, n)
+}
+
+/// As [`download`], on a connected stream (any family).
+pub fn download_on(mut s: TcpStream, n: u64) -> std::io::Result<Download> {
     write!(
         s,
         "GET /bytes/{n} HTTP/1.1\r\nHost: portfwd-test\r\nConnection: close\r\n\r\n"

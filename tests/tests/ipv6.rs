@@ -342,15 +342,11 @@ fn wildcard_rule_to_an_ipv4_backend_serves_ipv6_local_clients() {
         assert_eq!(v["errno"], libc::EPERM, "bind {addr}: {v}");
     }
 
-    // IPv4 remote clients as ever; IPv6 remote ones are passed and counted.
+    // Remote clients of both families (IPv6 through NAT64, see below).
     let r = client::get(&topo.client, published(9000), "/").expect("GET over IPv4");
     assert_eq!(r.body_text(), body(0));
-    let before = d.reason("pass_no_ipv6_backend");
-    assert!(
-        remote_get(topo, published6(9000)).is_err(),
-        "a remote IPv6 client of an IPv4-only backend is not translated"
-    );
-    assert!(d.reason("pass_no_ipv6_backend") > before);
+    let r = remote_get(topo, published6(9000)).expect("GET over IPv6");
+    assert_eq!(r.body_text(), body(0));
 }
 
 /// A dual-stack backend (`add 9000 IPV4:PORT [IPV6]:PORT`): each family's clients go to
@@ -443,4 +439,95 @@ fn a_host_address_narrows_the_rule_to_its_family() {
     let r = remote_get(topo, published6(9000)).expect("IPv6 rule kept");
     assert_eq!(r.body_text(), body(1));
     assert!(client::get(&topo.client, published(9000), "/").is_err());
+}
+
+/// NAT64: remote IPv6 clients reach an IPv4-only backend too, TCP and UDP, the backend
+/// seeing the host's address and a NAT64 port, the client seeing the published address.
+/// The daemon puts NAT64's entry on the backend's bridge by itself (replies arrive
+/// there), and on an XDP interface (XDP cannot change a packet's family).
+fn nat64_case(test: &str, tag: &str, ingress: &str) {
+    let Some(net) = Net6::new(test, tag, ingress) else {
+        return;
+    };
+    let (topo, d) = (&net.topo, net.topo.daemon());
+    d.add("9000", &backend(0));
+    d.add("5353/udp", &udp_backend(1));
+    let entries = d.list_json()["nat64_entries"].clone();
+    let want: &[&str] = if ingress == "tc" {
+        &["br0"]
+    } else {
+        &["br0", HOST_IFACE]
+    };
+    assert_eq!(entries, serde_json::json!(want), "{ingress}: NAT64 entries");
+
+    let r = remote_get(topo, published6(9000)).expect("GET over IPv6 to an IPv4 backend");
+    assert_eq!(r.body_text(), body(0));
+    let seen = r.peer_seen();
+    assert_eq!(
+        seen.ip(),
+        std::net::IpAddr::V4(BRIDGE_IP),
+        "backend saw {seen}"
+    );
+    assert!(
+        (portfwd_common::NAT64_PORT_MIN..).contains(&seen.port()),
+        "a NAT64 source port: {seen}"
+    );
+    // Several connections in a row, each its own port.
+    for _ in 0..5 {
+        let r = remote_get(topo, published6(9000)).expect("again");
+        assert_eq!(r.body_text(), body(0));
+    }
+    let (reply, from) = remote_udp(topo, published6(5353), b"v6-to-v4");
+    assert_eq!(
+        from,
+        published6(5353),
+        "the reply comes from the published address"
+    );
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(
+        reply.starts_with(&format!("peer={BRIDGE_IP}:")) && reply.ends_with("v6-to-v4"),
+        "{reply}"
+    );
+    let tcp = d.rule(9000, "tcp");
+    assert!(tcp.packets > 0 && tcp.reply_packets > 0, "{tcp:?}");
+    assert!(d.reason("nat64_translated") > 0);
+    assert!(d.reason("nat64_reply_translated") > 0);
+
+    // A bulk transfer: many full-size segments back through the translation.
+    let n: u64 = 4 << 20;
+    let stream = topo
+        .client
+        .run(|| TcpStream::connect_timeout(&published6(9000), Duration::from_secs(10)))
+        .expect("connect");
+    stream
+        .set_read_timeout(Some(client::IO_TIMEOUT))
+        .expect("timeout");
+    let got = client::download_on(stream, n).expect("download over NAT64");
+    assert_eq!(
+        (got.len, got.first_mismatch),
+        (n, None),
+        "every byte, intact"
+    );
+
+    // Unpublished: new connections stop.
+    d.del("9000");
+    assert!(remote_get(topo, published6(9000)).is_err());
+}
+
+#[test]
+fn nat64_serves_remote_ipv6_clients_of_an_ipv4_backend_tc() {
+    nat64_case(
+        "nat64_serves_remote_ipv6_clients_of_an_ipv4_backend_tc",
+        "6n4",
+        "tc",
+    );
+}
+
+#[test]
+fn nat64_serves_remote_ipv6_clients_of_an_ipv4_backend_xdp() {
+    nat64_case(
+        "nat64_serves_remote_ipv6_clients_of_an_ipv4_backend_xdp",
+        "6x4",
+        "xdp",
+    );
 }

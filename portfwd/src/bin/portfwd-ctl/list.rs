@@ -116,6 +116,13 @@ pub fn table(reply: &ListReply) -> String {
             ifaces.join(", ")
         }
     );
+    if !reply.nat64_entries.is_empty() {
+        let _ = writeln!(
+            out,
+            "NAT64 entry on {} (TC ingress)",
+            reply.nat64_entries.join(", ")
+        );
+    }
     let _ = match (&reply.local_clients.served, &reply.local_clients.cgroup) {
         (true, Some(cg)) => writeln!(out, "local clients: served (cgroup {cg})"),
         _ => writeln!(out, "local clients: not served (no cgroup2 mount)"),
@@ -174,6 +181,7 @@ mod tests {
                 ingress: Hook::TcIngress,
                 egress: Hook::TcEgress,
             }],
+            nat64_entries: vec!["br0".into()],
             reasons: Default::default(),
             local_clients: Default::default(),
         };
@@ -183,6 +191,7 @@ mod tests {
              0.0.0.0:9000-9009  172.17.0.2:8080-8089  tcp    file         18   6000      3\n\
              198.51.100.7:5353  172.17.0.3:53         udp    cli           0      0      0\n\
              2 rules on eth0 (TC ingress, TC egress)\n\
+             NAT64 entry on br0 (TC ingress)\n\
              local clients: not served (no cgroup2 mount)\n"
         );
     }

@@ -1,0 +1,555 @@
+//! NAT64 for remote IPv6 clients of an IPv4-only backend, at TC (it needs
+//! `bpf_skb_change_proto`, which XDP lacks).
+//!
+//! A `*` or IPv6 rule whose backend has no IPv6 address holds it IPv4-mapped
+//! (`::ffff:a.b.c.d`). An IPv6 packet for it becomes IPv4: destination the backend,
+//! source the host's own address towards the backend (`bpf_fib_lookup` with
+//! `BPF_FIB_LOOKUP_SRC`) and a port of its own from `NAT64_PORT_MIN..`, since an IPv6
+//! client address does not fit in IPv4 (what Docker's userland proxy does, without the
+//! proxy). The packet is then sent to the backend's interface (`bpf_redirect_neigh`); it
+//! cannot go up the stack, which drops a source that is one of the host's addresses.
+//!
+//! The backend answers the host's address, on the backend's interface: that interface's
+//! TC ingress (it must be one of the daemon's `--iface`) finds the flow in
+//! `NAT64_REPLIES`, makes the packet IPv6 again (source the published address and port,
+//! destination the client) and sends it out of the interface the client's packets came
+//! in on.
+//!
+//! Checksums: the L4 checksum moves from one pseudo-header to the other by one
+//! `bpf_csum_diff` of the addresses, then the port changes; the new L3 header is written
+//! whole. MSS needs no clamping: the client's SYN announces an MSS for IPv6 headers, 20
+//! bytes larger than IPv4's, so the backend's segments grow back to the client's MTU.
+
+use aya_ebpf::{
+    macros::map,
+    maps::PerCpuArray,
+    bindings::{
+        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
+        BPF_FIB_LOOKUP_SRC, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, BPF_NOEXIST,
+    },
+    helpers::bpf_fib_lookup,
+    programs::TcContext,
+    EbpfContext,
+};
+use portfwd_common::{
+    csum, BackendV6, FlowKeyV4, FlowKeyV6, Nat64Flow, Nat64Reply, Reason, NAT64_PORT_COUNT,
+    NAT64_PORT_MIN, NAT64_PORT_TRIES, NAT64_PROG_INDEX,
+};
+
+use crate::{
+    count,
+    maps::{self, NAT64_FLOWS, NAT64_PROGS, NAT64_REPLIES},
+    nat::{self, Verdict},
+    packet::{
+        bytes_at, may_start_flow, parse_eth, parse_ipv4, parse_ipv6, Ipv4Flow, Ipv6Flow, L3,
+        IPV6_HLEN, TCP_CSUM_OFF, UDP_CSUM_OFF,
+    },
+};
+
+const ETH_HLEN: usize = 14;
+const ETH_PROTO_OFF: usize = 12;
+const IPV4_HLEN: usize = 20;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const AF_INET: u8 = 2;
+const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
+/// IPv4 "don't fragment": IPv6 never fragments in flight either.
+const IP_DF: u8 = 0x40;
+
+/// Whether `port` (network order) is one NAT64 hands out: only those can be replies.
+#[inline(always)]
+pub fn is_nat64_port(port: [u8; 2]) -> bool {
+    let p = u16::from_be_bytes(port);
+    p >= NAT64_PORT_MIN && p - NAT64_PORT_MIN < NAT64_PORT_COUNT
+}
+
+/// The NAT64 program (`portfwd_tc_nat64`), tail-called by TC ingress for an IPv6 packet
+/// of an IPv4-mapped rule or an IPv4 packet of a tracked NAT64 reply: it parses the
+/// packet again (a tail call carries nothing over) and translates it.
+#[inline(always)]
+pub fn program(ctx: &TcContext) -> Verdict {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let verdict = match parse_eth(data, data_end) {
+        Ok(L3::Ipv6 { ip_off }) => parse_ipv6(data, data_end, ip_off).and_then(|f| {
+            let backend = nat::lookup_rule_v6(&f)?;
+            if !backend.is_ipv4_mapped() {
+                return Err(Reason::Nat64Failed);
+            }
+            Ok(forward(ctx, &f, &backend))
+        }),
+        Ok(L3::Ipv4 { ip_off }) => parse_ipv4(data, data_end, ip_off)
+            .and_then(|f| reply(ctx, &f).ok_or(Reason::Nat64Failed)),
+        Err(reason) => Err(reason),
+    };
+    verdict.unwrap_or_else(|reason| {
+        count(reason);
+        Verdict::Pass
+    })
+}
+
+/// `portfwd_tc_nat64_entry`: a NAT64 packet (an IPv6 one of an IPv4-mapped rule, an
+/// IPv4 tracked reply) jumps to NAT64; anything else goes on, untouched and uncounted
+/// (the interface's own programs, if any, count it).
+#[inline(always)]
+pub fn entry(ctx: &TcContext) -> Option<Verdict> {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let is_nat64 = match parse_eth(data, data_end).ok()? {
+        L3::Ipv4 { ip_off } => {
+            let f = parse_ipv4(data, data_end, ip_off).ok()?;
+            is_nat64_port(f.dport) && is_reply(&f)
+        }
+        L3::Ipv6 { ip_off } => {
+            let f = parse_ipv6(data, data_end, ip_off).ok()?;
+            nat::lookup_rule_v6(&f).is_ok_and(|b| b.is_ipv4_mapped())
+        }
+    };
+    is_nat64.then(|| tail_call(ctx))
+}
+
+/// Jumps to the NAT64 program; if the jump fails (not loaded), the packet is passed.
+#[inline(always)]
+pub fn tail_call(ctx: &TcContext) -> Verdict {
+    // SAFETY: a tail call either does not return or leaves everything as it was.
+    unsafe { NAT64_PROGS.tail_call(ctx, NAT64_PROG_INDEX) };
+    count(Reason::Nat64Failed);
+    Verdict::Pass
+}
+
+/// Whether an IPv4 packet is a tracked NAT64 reply (one lookup, only for NAT64's ports).
+#[inline(always)]
+pub fn is_reply(f: &Ipv4Flow) -> bool {
+    let key = FlowKeyV4::new(f.src, f.sport, f.dst, f.dport, f.proto);
+    // SAFETY: only tested for presence.
+    unsafe { NAT64_REPLIES.get(&key) }.is_some()
+}
+
+/// Room for what a translation builds, per CPU: the program's 512-byte stack cannot
+/// hold it next to the parsed packet.
+#[repr(C)]
+pub struct Scratch {
+    fib: FibParams,
+    key6: FlowKeyV6,
+    key4: FlowKeyV4,
+    reply: Nat64Reply,
+    header: [u8; IPV6_HLEN],
+}
+
+#[map(name = "NAT64_SCRATCH")]
+static NAT64_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// An IPv6 client's packet for `backend` (IPv4-mapped): translated and redirected, or
+/// passed untouched when it cannot be.
+#[inline(always)]
+fn forward(ctx: &TcContext, f: &Ipv6Flow, backend: &BackendV6) -> Verdict {
+    let Some(s) = NAT64_SCRATCH.get_ptr_mut(0) else {
+        count(Reason::Nat64Failed);
+        return Verdict::Pass;
+    };
+    // SAFETY: the per-CPU scratch entry is ours for the length of this program run.
+    match try_forward(ctx, f, backend, unsafe { &mut *s }) {
+        Ok(v) => v,
+        Err(reason) => {
+            count(reason);
+            Verdict::Pass
+        }
+    }
+}
+
+#[inline(always)]
+fn try_forward(
+    ctx: &TcContext,
+    f: &Ipv6Flow,
+    backend: &BackendV6,
+    s: &mut Scratch,
+) -> Result<Verdict, Reason> {
+    // VLAN-tagged frames keep their tag's offsets: not translated.
+    if f.ip_off != ETH_HLEN {
+        return Err(Reason::Nat64Failed);
+    }
+    let ip = bytes_at(ctx.data(), ctx.data_end(), f.ip_off, IPV6_HLEN).ok_or(Reason::Nat64Failed)?;
+    // SAFETY: the 40-byte IPv6 header is inside the packet (checked above).
+    let (tclass, payload_len, hop_limit) = unsafe {
+        (
+            (*ip << 4) | (*ip.add(1) >> 4),
+            u16::from_be_bytes([*ip.add(4), *ip.add(5)]),
+            *ip.add(7),
+        )
+    };
+    // Forwarded, so the hop limit drops by one; an expiring one is the stack's to answer.
+    if hop_limit <= 1 {
+        return Err(Reason::Nat64Failed);
+    }
+    let a = backend.addr_bytes();
+    let backend_addr = [a[12], a[13], a[14], a[15]];
+    let backend_port = backend.port_be();
+
+    // Every packet: the route to the backend (it may change), and the host's address on it.
+    // SAFETY: all-zero is a valid (empty) bpf_fib_lookup request.
+    unsafe { core::ptr::write_bytes(&mut s.fib, 0, 1) };
+    s.fib.family = AF_INET;
+    s.fib.l4_protocol = f.proto;
+    s.fib.ifindex = ingress_ifindex(ctx);
+    s.fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(backend_addr);
+    // SAFETY: a valid request in map memory, of the size passed.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut s.fib,
+            core::mem::size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return Err(Reason::Nat64Failed);
+    }
+    // SAFETY: BPF_FIB_LOOKUP_SRC filled the source in on success.
+    let snat_addr = unsafe { s.fib.__bindgen_anon_3.ipv4_src }.to_ne_bytes();
+    let out_ifindex = s.fib.ifindex;
+
+    s.key6 = FlowKeyV6::new(f.dst, f.dport, f.src, f.sport, f.proto);
+    // SAFETY: copied out at once; LRU entries may be evicted concurrently.
+    let known = unsafe { NAT64_FLOWS.get(&s.key6) }.copied();
+    let flow = match known {
+        Some(t)
+            if t.backend_addr == backend_addr
+                && t.backend_port == backend_port
+                && t.snat_addr == snat_addr =>
+        {
+            t
+        }
+        // A new flow (or the rule or the route changed): a new source port.
+        _ if may_start_flow(f.proto, f.tcp_flags) => {
+            let flow = Nat64Flow {
+                snat_addr,
+                backend_addr,
+                snat_port: [0; 2],
+                backend_port,
+                stats_slot: backend.stats_slot(),
+            };
+            allocate(ctx, f, s, flow)?
+        }
+        _ => return Err(Reason::PassNoFlow),
+    };
+
+    // The checksum difference of the pseudo-header addresses, taken before they go.
+    let diff = words(
+        words(
+            words(words(0, &f.src, true), &f.dst, true),
+            &flow.snat_addr,
+            false,
+        ),
+        &flow.backend_addr,
+        false,
+    );
+    ipv4_header(
+        &mut s.header,
+        tclass,
+        payload_len.wrapping_add(IPV4_HLEN as u16),
+        hop_limit - 1,
+        f.proto,
+        flow.snat_addr,
+        flow.backend_addr,
+    );
+    ctx.change_proto(ETH_P_IP.to_be(), 0)
+        .map_err(|_| Reason::Nat64Failed)?;
+    // From here the packet is IPv4; a failure must drop it, not pass it half-made.
+    // SAFETY: the first 20 bytes of the 40-byte buffer, as an array reference.
+    let header = unsafe { &*(s.header.as_ptr() as *const [u8; IPV4_HLEN]) };
+    let l4_off = ETH_HLEN + IPV4_HLEN;
+    let written = ctx
+        .store(ETH_HLEN, header, BPF_F_RECOMPUTE_CSUM as u64)
+        .and_then(|_| ctx.store(ETH_PROTO_OFF, &ETH_P_IP.to_be_bytes(), 0))
+        .is_ok()
+        && l4_rewrite(
+            ctx,
+            f.proto,
+            l4_off,
+            diff,
+            (f.sport, flow.snat_port),
+            (f.dport, flow.backend_port),
+        )
+        .is_ok();
+    if !written {
+        count(Reason::DropChecksum);
+        return Ok(Verdict::Drop);
+    }
+    maps::count_rule(flow.stats_slot, ctx.len() as u64, false);
+    count(Reason::Nat64Translated);
+    Ok(Verdict::RedirectNeigh(out_ifindex))
+}
+
+/// A source port for a new flow (`flow` without one): tried from a hash of the client,
+/// the first one whose reply key is free wins (`BPF_NOEXIST`), then the flow is recorded
+/// both ways (`s.key6` is its key).
+#[inline(always)]
+fn allocate(
+    ctx: &TcContext,
+    f: &Ipv6Flow,
+    s: &mut Scratch,
+    mut flow: Nat64Flow,
+) -> Result<Nat64Flow, Reason> {
+    let mut seed: u32 = u16::from_ne_bytes(f.sport) as u32;
+    let mut i = 0;
+    while i < 4 {
+        seed = seed.rotate_left(5) ^ word(&f.src, i);
+        i += 1;
+    }
+    let start = (seed ^ (seed >> 16)) as u16 % NAT64_PORT_COUNT;
+    s.reply = Nat64Reply {
+        client_addr: f.src,
+        host_addr: f.dst,
+        client_port: f.sport,
+        host_port: f.dport,
+        stats_slot: flow.stats_slot,
+        client_ifindex: ingress_ifindex(ctx),
+    };
+    let mut n: u16 = 0;
+    while n < NAT64_PORT_TRIES {
+        let port = (NAT64_PORT_MIN + (start + n) % NAT64_PORT_COUNT).to_be_bytes();
+        s.key4 = FlowKeyV4::new(
+            flow.backend_addr,
+            flow.backend_port,
+            flow.snat_addr,
+            port,
+            f.proto,
+        );
+        if NAT64_REPLIES
+            .insert(&s.key4, &s.reply, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            flow.snat_port = port;
+            if NAT64_FLOWS.insert(&s.key6, &flow, 0).is_err() {
+                let _ = NAT64_REPLIES.remove(&s.key4);
+                return Err(Reason::FlowInsertFailed);
+            }
+            return Ok(flow);
+        }
+        n += 1;
+    }
+    Err(Reason::Nat64Failed)
+}
+
+/// A backend's IPv4 packet to one of NAT64's ports: back to IPv6 and the client, if it
+/// is a tracked reply (`None`: not NAT64's).
+#[inline(always)]
+fn reply(ctx: &TcContext, f: &Ipv4Flow) -> Option<Verdict> {
+    let s = NAT64_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: the per-CPU scratch entry is ours for the length of this program run.
+    let s = unsafe { &mut *s };
+    s.key4 = FlowKeyV4::new(f.src, f.sport, f.dst, f.dport, f.proto);
+    // SAFETY: copied out at once; LRU entries may be evicted concurrently.
+    s.reply = unsafe { NAT64_REPLIES.get(&s.key4) }.copied()?;
+    Some(match try_reply(ctx, f, s) {
+        Ok(v) => v,
+        Err(reason) => {
+            count(reason);
+            Verdict::Pass
+        }
+    })
+}
+
+#[inline(always)]
+fn try_reply(ctx: &TcContext, f: &Ipv4Flow, s: &mut Scratch) -> Result<Verdict, Reason> {
+    // No VLAN tag, no IPv4 options: the fixed layout the header rewrite assumes.
+    if f.ip_off != ETH_HLEN || f.l4_off != ETH_HLEN + IPV4_HLEN {
+        return Err(Reason::Nat64Failed);
+    }
+    let ip = bytes_at(ctx.data(), ctx.data_end(), f.ip_off, IPV4_HLEN).ok_or(Reason::Nat64Failed)?;
+    // SAFETY: the 20-byte IPv4 header is inside the packet (checked above).
+    let (tos, tot_len, ttl) = unsafe {
+        (
+            *ip.add(1),
+            u16::from_be_bytes([*ip.add(2), *ip.add(3)]),
+            *ip.add(8),
+        )
+    };
+    if ttl <= 1 || tot_len < IPV4_HLEN as u16 {
+        return Err(Reason::Nat64Failed);
+    }
+    // A UDP datagram without a checksum cannot be made IPv6 by a difference.
+    if f.is_udp() {
+        let l4 = bytes_at(ctx.data(), ctx.data_end(), f.l4_off, 8).ok_or(Reason::Nat64Failed)?;
+        // SAFETY: the 8-byte UDP header is inside the packet (checked above).
+        if unsafe { *l4.add(UDP_CSUM_OFF) | *l4.add(UDP_CSUM_OFF + 1) } == 0 {
+            return Err(Reason::Nat64Failed);
+        }
+    }
+    let back = &s.reply;
+    let diff = words(
+        words(
+            words(words(0, &f.src, true), &f.dst, true),
+            &back.host_addr,
+            false,
+        ),
+        &back.client_addr,
+        false,
+    );
+    let (host_port, client_port, slot, out) = (
+        back.host_port,
+        back.client_port,
+        back.stats_slot,
+        back.client_ifindex,
+    );
+    ipv6_header(
+        &mut s.header,
+        tos,
+        tot_len - IPV4_HLEN as u16,
+        f.proto,
+        ttl - 1,
+        &s.reply.host_addr,
+        &s.reply.client_addr,
+    );
+    ctx.change_proto(ETH_P_IPV6.to_be(), 0)
+        .map_err(|_| Reason::Nat64Failed)?;
+    let l4_off = ETH_HLEN + IPV6_HLEN;
+    let written = ctx
+        .store(ETH_HLEN, &s.header, BPF_F_RECOMPUTE_CSUM as u64)
+        .and_then(|_| ctx.store(ETH_PROTO_OFF, &ETH_P_IPV6.to_be_bytes(), 0))
+        .is_ok()
+        && l4_rewrite(
+            ctx,
+            f.proto,
+            l4_off,
+            diff,
+            (f.sport, host_port),
+            (f.dport, client_port),
+        )
+        .is_ok();
+    if !written {
+        count(Reason::DropChecksum);
+        return Ok(Verdict::Drop);
+    }
+    maps::count_rule(slot, ctx.len() as u64, true);
+    count(Reason::Nat64ReplyTranslated);
+    Ok(Verdict::RedirectNeigh(out))
+}
+
+/// The L4 side of a family change at `l4_off`: the pseudo-header difference `diff`, then
+/// the source and destination ports (old, new).
+#[inline(always)]
+fn l4_rewrite(
+    ctx: &TcContext,
+    proto: u8,
+    l4_off: usize,
+    diff: u64,
+    sport: ([u8; 2], [u8; 2]),
+    dport: ([u8; 2], [u8; 2]),
+) -> Result<(), ()> {
+    let udp = proto == portfwd_common::proto::UDP;
+    let csum_off = l4_off + if udp { UDP_CSUM_OFF } else { TCP_CSUM_OFF };
+    let mangled = if udp { BPF_F_MARK_MANGLED_0 } else { 0 };
+    // Size 0: `diff` is a precomputed difference. No BPF_F_IPV6: the header bytes were
+    // written with BPF_F_RECOMPUTE_CSUM, so only the checksum field's own change is left
+    // to account for in a complete skb->csum.
+    ctx.l4_csum_replace(csum_off, 0, diff, BPF_F_PSEUDO_HDR as u64 | mangled)
+        .map_err(|_| ())?;
+    let port = |at: usize, (old, new): ([u8; 2], [u8; 2])| {
+        ctx.store(l4_off + at, &new, 0).map_err(|_| ())?;
+        ctx.l4_csum_replace(
+            csum_off,
+            u16::from_ne_bytes(old) as u64,
+            u16::from_ne_bytes(new) as u64,
+            mangled | 2,
+        )
+        .map_err(|_| ())
+    };
+    port(0, sport)?;
+    port(2, dport)
+}
+
+/// A 20-byte IPv4 header (no options, DF set, ID 0) with its checksum, into the start
+/// of `h`.
+#[inline(always)]
+fn ipv4_header(
+    h: &mut [u8; IPV6_HLEN],
+    tos: u8,
+    tot_len: u16,
+    ttl: u8,
+    proto: u8,
+    src: [u8; 4],
+    dst: [u8; 4],
+) {
+    let len = tot_len.to_be_bytes();
+    h[0] = 0x45;
+    h[1] = tos;
+    h[2] = len[0];
+    h[3] = len[1];
+    h[4] = 0;
+    h[5] = 0;
+    h[6] = IP_DF;
+    h[7] = 0;
+    h[8] = ttl;
+    h[9] = proto;
+    h[10] = 0;
+    h[11] = 0;
+    let mut i = 0;
+    while i < 4 {
+        h[12 + i] = src[i];
+        h[16 + i] = dst[i];
+        i += 1;
+    }
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < IPV4_HLEN {
+        sum += u16::from_be_bytes([h[i], h[i + 1]]) as u32;
+        i += 2;
+    }
+    let check = (!csum::fold(sum)).to_be_bytes();
+    h[10] = check[0];
+    h[11] = check[1];
+}
+
+/// A 40-byte IPv6 header (flow label 0), into `h`.
+#[inline(always)]
+fn ipv6_header(
+    h: &mut [u8; IPV6_HLEN],
+    tclass: u8,
+    payload_len: u16,
+    next: u8,
+    hop_limit: u8,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+) {
+    let len = payload_len.to_be_bytes();
+    h[0] = 0x60 | (tclass >> 4);
+    h[1] = tclass << 4;
+    h[2] = 0;
+    h[3] = 0;
+    h[4] = len[0];
+    h[5] = len[1];
+    h[6] = next;
+    h[7] = hop_limit;
+    let mut i = 0;
+    while i < 16 {
+        h[8 + i] = src[i];
+        h[24 + i] = dst[i];
+        i += 1;
+    }
+}
+
+/// Adds the 16-bit words of `a` (or their complements: `out`) to a one's complement
+/// sum, read in memory order as the kernel's checksum helpers do; the result, folded,
+/// is the `__wsum` difference `bpf_l4_csum_replace` takes.
+#[inline(always)]
+fn words<const N: usize>(sum: u64, a: &[u8; N], out: bool) -> u64 {
+    let mut s = sum;
+    let mut i = 0;
+    while i + 1 < N {
+        let w = u16::from_ne_bytes([a[i], a[i + 1]]) as u64;
+        s += if out { !w & 0xffff } else { w };
+        i += 2;
+    }
+    (s & 0xffff) + (s >> 16)
+}
+
+/// Word `i` of an IPv6 address, 32 bits in memory order (a hash input).
+#[inline(always)]
+fn word(a: &[u8; 16], i: usize) -> u32 {
+    u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
+}
+
+#[inline(always)]
+fn ingress_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: reading a field of the kernel-provided __sk_buff.
+    unsafe { (*ctx.skb.skb).ifindex }
+}

@@ -1,0 +1,291 @@
+//! BPF_PROG_RUN of NAT64 (remote IPv6 clients of an IPv4-only backend): the real
+//! programs, run by the kernel on crafted frames carrying full checksums (as from a
+//! wire), their output parsed back and checked field by field, with every checksum
+//! recomputed from scratch (etherparse) and compared.
+//!
+//! NAT64 asks the kernel's FIB for the route to the backend and the host's address on
+//! it, and BPF_PROG_RUN runs in the caller's network namespace: the runs happen inside a
+//! namespace of their own holding 198.18.1.1/24 (never the root namespace's routes).
+//!
+//! Needs root; skips without it, except under `CI=true`, where it fails.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use aya::programs::{tc::SchedClassifier, TestRun, TestRunOptions};
+use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
+use portfwd::dataplane::Dataplane;
+use portfwd_common::{
+    programs, proto, BackendV6, Reason, RuleKeyV6, NAT64_PORT_COUNT, NAT64_PORT_MIN,
+};
+use portfwd_tests::{netns::Netns, require_root};
+
+const CLIENT: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
+const HOST: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+/// The host's address on the backends' network, and a backend (IPv4 only).
+const HOST4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+/// TC_ACT_REDIRECT, and TCX's "next program".
+const TC_REDIRECT: u32 = 7;
+const TC_NEXT: u32 = -1i32 as u32;
+
+/// The rules: `*`:9000/tcp and `*`:5353/udp to the IPv4-only BACKEND, as the daemon
+/// writes them (the IPv6 side holds the backend IPv4-mapped).
+fn dataplane() -> Dataplane {
+    let mut dp = Dataplane::load().expect("load programs");
+    let mapped = BACKEND.to_ipv6_mapped();
+    for (port, l4, backend_port, slot) in [(9000, proto::TCP, 8080, 1), (5353, proto::UDP, 53, 2)] {
+        dp.insert_rule_v6(
+            RuleKeyV6::from_parts(Ipv6Addr::UNSPECIFIED, port, l4),
+            BackendV6::new(mapped, backend_port, slot),
+        )
+        .expect("rule");
+    }
+    dp.sync_host_addrs_v6(&[HOST].into_iter().collect())
+        .expect("host addrs");
+    dp
+}
+
+/// A namespace with the backends' network on a veth (its peer stays in the namespace
+/// too), forwarding on.
+fn backend_net() -> Netns {
+    let ns = Netns::new("n64", "run");
+    ns.ip("link add d0 type veth peer name d1");
+    ns.ip(&format!("addr add {HOST4}/24 dev d0"));
+    ns.ip("link set d1 up");
+    ns.ip("link set d0 up");
+    ns.ip("link set lo up");
+    ns.sysctl("net.ipv4.ip_forward", "1");
+    ns
+}
+
+fn run(dp: &Dataplane, ns: &Netns, prog: &'static str, input: &[u8]) -> (u32, Vec<u8>) {
+    let p: &SchedClassifier = dp
+        .ebpf()
+        .program(prog)
+        .expect("program")
+        .try_into()
+        .expect("tc program");
+    ns.run(|| {
+        let mut out = vec![0u8; input.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(input);
+        opts.data_out = Some(&mut out);
+        let r = p.test_run(opts).expect("test run");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    })
+}
+
+fn reason(dp: &Dataplane, reason: Reason) -> u64 {
+    dp.reason_stats()
+        .expect("reason stats")
+        .into_iter()
+        .find(|(r, _)| *r == reason)
+        .map_or(0, |(_, n)| n)
+}
+
+const PAYLOAD: &[u8] = b"portfwd nat64 fixture payload";
+
+fn v6_frame(l4: u8, src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), hops: u8) -> Vec<u8> {
+    let ip = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv6(src.0.octets(), dst.0.octets(), hops);
+    let mut out = Vec::new();
+    match l4 {
+        proto::TCP => ip
+            .tcp(src.1, dst.1, 1000, 64240)
+            .syn()
+            .write(&mut out, PAYLOAD),
+        _ => ip.udp(src.1, dst.1).write(&mut out, PAYLOAD),
+    }
+    .expect("frame");
+    out
+}
+
+fn v4_frame(l4: u8, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), ttl: u8) -> Vec<u8> {
+    let ip = PacketBuilder::ethernet2(MAC_B, MAC_A).ipv4(src.0.octets(), dst.0.octets(), ttl);
+    let mut out = Vec::new();
+    match l4 {
+        proto::TCP => ip
+            .tcp(src.1, dst.1, 2000, 64240)
+            .syn()
+            .ack(1001)
+            .write(&mut out, PAYLOAD),
+        _ => ip.udp(src.1, dst.1).write(&mut out, PAYLOAD),
+    }
+    .expect("frame");
+    out
+}
+
+/// What a translated frame says: (source, destination, TTL or hop limit, protocol),
+/// after checking every checksum it carries against one computed from scratch.
+fn parse_checked(frame: &[u8]) -> ((String, u16), (String, u16), u8, u8) {
+    let h = PacketHeaders::from_ethernet_slice(frame).expect("a parsable frame");
+    let payload = h.payload.slice();
+    assert_eq!(payload, PAYLOAD, "payload intact");
+    let (src, dst, ttl, l4) = match &h.net {
+        Some(NetHeaders::Ipv4(ip, _)) => {
+            assert_eq!(
+                ip.header_checksum,
+                ip.calc_header_checksum(),
+                "IPv4 header checksum"
+            );
+            assert!(ip.dont_fragment, "DF set");
+            (
+                Ipv4Addr::from(ip.source).to_string(),
+                Ipv4Addr::from(ip.destination).to_string(),
+                ip.time_to_live,
+                ip.protocol.0,
+            )
+        }
+        Some(NetHeaders::Ipv6(ip, _)) => (
+            Ipv6Addr::from(ip.source).to_string(),
+            Ipv6Addr::from(ip.destination).to_string(),
+            ip.hop_limit,
+            ip.next_header.0,
+        ),
+        other => panic!("not IP: {other:?}"),
+    };
+    let (sport, dport) = match (&h.net, &h.transport) {
+        (Some(NetHeaders::Ipv4(ip, _)), Some(TransportHeader::Tcp(t))) => {
+            assert_eq!(
+                t.checksum,
+                t.calc_checksum_ipv4(ip, payload).expect("sum"),
+                "TCP/IPv4 checksum"
+            );
+            (t.source_port, t.destination_port)
+        }
+        (Some(NetHeaders::Ipv6(ip, _)), Some(TransportHeader::Tcp(t))) => {
+            assert_eq!(
+                t.checksum,
+                t.calc_checksum_ipv6(ip, payload).expect("sum"),
+                "TCP/IPv6 checksum"
+            );
+            (t.source_port, t.destination_port)
+        }
+        (Some(NetHeaders::Ipv4(ip, _)), Some(TransportHeader::Udp(u))) => {
+            assert_eq!(
+                u.checksum,
+                u.calc_checksum_ipv4(ip, payload).expect("sum"),
+                "UDP/IPv4 checksum"
+            );
+            (u.source_port, u.destination_port)
+        }
+        (Some(NetHeaders::Ipv6(ip, _)), Some(TransportHeader::Udp(u))) => {
+            assert_eq!(
+                u.checksum,
+                u.calc_checksum_ipv6(ip, payload).expect("sum"),
+                "UDP/IPv6 checksum"
+            );
+            (u.source_port, u.destination_port)
+        }
+        other => panic!("not TCP/UDP: {other:?}"),
+    };
+    ((src, sport), (dst, dport), ttl, l4)
+}
+
+/// Both directions, TCP and UDP: the client's IPv6 packet leaves as IPv4 from the host's
+/// address and a NAT64 port to the backend; the backend's reply to that port leaves as
+/// IPv6 from the published address to the client. Checksums are right both ways.
+#[test]
+fn nat64_translates_both_ways_with_valid_checksums() {
+    if !require_root("nat64_translates_both_ways_with_valid_checksums") {
+        return;
+    }
+    let dp = dataplane();
+    let ns = backend_net();
+    for (l4, host_port, backend_port) in [(proto::TCP, 9000, 8080), (proto::UDP, 5353, 53)] {
+        let what = if l4 == proto::TCP { "tcp" } else { "udp" };
+        let input = v6_frame(l4, (CLIENT, 40000), (HOST, host_port), 64);
+        let (verdict, out) = run(&dp, &ns, programs::TC_INGRESS, &input);
+        assert_eq!(
+            verdict, TC_REDIRECT,
+            "{what}: sent to the backend's interface"
+        );
+        let (src, dst, ttl, got_l4) = parse_checked(&out);
+        assert_eq!(out.len(), input.len() - 20, "{what}: 20 header bytes fewer");
+        assert_eq!(got_l4, l4);
+        assert_eq!(src.0, HOST4.to_string(), "{what}: from the host's address");
+        let port = src.1;
+        assert!(
+            port >= NAT64_PORT_MIN
+                && u32::from(port - NAT64_PORT_MIN) < u32::from(NAT64_PORT_COUNT),
+            "{what}: a NAT64 port, got {port}"
+        );
+        assert_eq!(dst, (BACKEND.to_string(), backend_port), "{what}");
+        assert_eq!(ttl, 63, "{what}: forwarded, one hop less");
+
+        // The same flow again keeps its port.
+        let (_, again) = run(&dp, &ns, programs::TC_INGRESS, &input);
+        assert_eq!(
+            parse_checked(&again).0 .1,
+            port,
+            "{what}: same flow, same port"
+        );
+
+        // The backend's reply, as from the wire, arriving on its interface.
+        let reply = v4_frame(l4, (BACKEND, backend_port), (HOST4, port), 64);
+        let before = reason(&dp, Reason::Nat64ReplyTranslated);
+        for prog in [programs::TC_INGRESS, programs::TC_NAT64_ENTRY] {
+            let (verdict, out) = run(&dp, &ns, prog, &reply);
+            assert_eq!(
+                verdict, TC_REDIRECT,
+                "{what} {prog}: sent to the client's interface"
+            );
+            assert_eq!(out.len(), reply.len() + 20, "{what}: 20 header bytes more");
+            let (src, dst, hops, got_l4) = parse_checked(&out);
+            assert_eq!(got_l4, l4);
+            assert_eq!(
+                src,
+                (HOST.to_string(), host_port),
+                "{what}: from the published address"
+            );
+            assert_eq!(dst, (CLIENT.to_string(), 40000), "{what}: to the client");
+            assert_eq!(hops, 63);
+        }
+        assert_eq!(reason(&dp, Reason::Nat64ReplyTranslated), before + 2);
+    }
+    assert!(reason(&dp, Reason::Nat64Translated) >= 4);
+}
+
+/// What NAT64 leaves alone: a new client's mid-flow TCP segment (no state to translate
+/// it with), a reply to a NAT64 port that no flow holds, ordinary IPv4 traffic through
+/// the entry program, an IPv6 packet whose hop limit would expire.
+#[test]
+fn nat64_leaves_the_rest_untouched() {
+    if !require_root("nat64_leaves_the_rest_untouched") {
+        return;
+    }
+    let dp = dataplane();
+    let ns = backend_net();
+    let mut mid_flow = v6_frame(proto::TCP, (CLIENT, 41000), (HOST, 9000), 64);
+    // SYN → ACK: flags byte of the TCP header; the checksum is left stale on purpose
+    // (an untouched frame is compared byte for byte, not checked).
+    mid_flow[14 + 40 + 13] = 0x10;
+    let cases: [(&str, &str, Vec<u8>, u32); 4] = [
+        ("mid-flow tcp", programs::TC_INGRESS, mid_flow, TC_NEXT),
+        (
+            "reply without a flow",
+            programs::TC_INGRESS,
+            v4_frame(proto::TCP, (BACKEND, 8080), (HOST4, NAT64_PORT_MIN), 64),
+            TC_NEXT,
+        ),
+        (
+            "ordinary IPv4 through the entry",
+            programs::TC_NAT64_ENTRY,
+            v4_frame(proto::TCP, (BACKEND, 8080), (HOST4, 40000), 64),
+            TC_NEXT,
+        ),
+        (
+            "hop limit 1",
+            programs::TC_INGRESS,
+            v6_frame(proto::UDP, (CLIENT, 41001), (HOST, 5353), 1),
+            TC_NEXT,
+        ),
+    ];
+    for (what, prog, input, want) in cases {
+        let (verdict, out) = run(&dp, &ns, prog, &input);
+        assert_eq!(verdict, want, "{what}");
+        assert_eq!(out, input, "{what}: untouched");
+    }
+}
