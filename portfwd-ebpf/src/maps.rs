@@ -7,8 +7,8 @@ use aya_ebpf::{
 use portfwd_common::{
     BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6,
     LocalPeerKeyV4, LocalPeerKeyV6, LocalPeerV4, LocalPeerV6, Nat64Flow, Nat64Reply, Reason,
-    RuleKeyV4, RuleKeyV6, RuleStats, MAX_BRIDGE_PORTS, MAX_FLOWS, MAX_HOST_ADDRS,
-    MAX_LOCAL_PEERS, MAX_NAT64_FLOWS, MAX_RULES, MAX_STATS_SLOTS,
+    RuleKeyV4, RuleKeyV6, RuleStats, MAX_BRIDGE_PORTS, MAX_FLOWS, MAX_HOST_ADDRS, MAX_LOCAL_PEERS,
+    MAX_NAT64_FLOWS, MAX_RULES, MAX_STATS_SLOTS,
 };
 
 #[map(name = "RULES_V4")]

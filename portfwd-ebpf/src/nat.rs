@@ -19,8 +19,9 @@ use portfwd_common::{
 };
 
 use crate::{
-    count, fastpath, nat64,
+    count, fastpath,
     maps::{self, CONNTRACK_V4, CONNTRACK_V6, HOST_ADDRS_V4, HOST_ADDRS_V6, RULES_V4, RULES_V6},
+    nat64,
     packet::{
         bytes_at, may_start_flow, parse_eth, parse_ipv4, parse_ipv6, Ipv4Flow, Ipv6Flow,
         IP6_DST_OFF, IP6_SRC_OFF, IPV6_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, L3,

@@ -21,13 +21,13 @@
 //! bytes larger than IPv4's, so the backend's segments grow back to the client's MTU.
 
 use aya_ebpf::{
-    macros::map,
-    maps::PerCpuArray,
     bindings::{
         bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
         BPF_FIB_LOOKUP_SRC, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, BPF_NOEXIST,
     },
     helpers::bpf_fib_lookup,
+    macros::map,
+    maps::PerCpuArray,
     programs::TcContext,
     EbpfContext,
 };
@@ -41,8 +41,8 @@ use crate::{
     maps::{self, NAT64_FLOWS, NAT64_PROGS, NAT64_REPLIES},
     nat::{self, Verdict},
     packet::{
-        bytes_at, may_start_flow, parse_eth, parse_ipv4, parse_ipv6, Ipv4Flow, Ipv6Flow, L3,
-        IPV6_HLEN, TCP_CSUM_OFF, UDP_CSUM_OFF,
+        bytes_at, may_start_flow, parse_eth, parse_ipv4, parse_ipv6, Ipv4Flow, Ipv6Flow, IPV6_HLEN,
+        L3, TCP_CSUM_OFF, UDP_CSUM_OFF,
     },
 };
 
@@ -166,7 +166,8 @@ fn try_forward(
     if f.ip_off != ETH_HLEN {
         return Err(Reason::Nat64Failed);
     }
-    let ip = bytes_at(ctx.data(), ctx.data_end(), f.ip_off, IPV6_HLEN).ok_or(Reason::Nat64Failed)?;
+    let ip =
+        bytes_at(ctx.data(), ctx.data_end(), f.ip_off, IPV6_HLEN).ok_or(Reason::Nat64Failed)?;
     // SAFETY: the 40-byte IPv6 header is inside the packet (checked above).
     let (tclass, payload_len, hop_limit) = unsafe {
         (
@@ -354,7 +355,8 @@ fn try_reply(ctx: &TcContext, f: &Ipv4Flow, s: &mut Scratch) -> Result<Verdict, 
     if f.ip_off != ETH_HLEN || f.l4_off != ETH_HLEN + IPV4_HLEN {
         return Err(Reason::Nat64Failed);
     }
-    let ip = bytes_at(ctx.data(), ctx.data_end(), f.ip_off, IPV4_HLEN).ok_or(Reason::Nat64Failed)?;
+    let ip =
+        bytes_at(ctx.data(), ctx.data_end(), f.ip_off, IPV4_HLEN).ok_or(Reason::Nat64Failed)?;
     // SAFETY: the 20-byte IPv4 header is inside the packet (checked above).
     let (tos, tot_len, ttl) = unsafe {
         (

@@ -54,6 +54,16 @@ pub fn run(args: Args) -> Result<()> {
     }
     if !args.no_lint {
         results.push(cargo_step("fmt", &["fmt", "--all", "--check"]));
+        // The kernel crate is outside the workspace (its own target and lock file).
+        results.push(cargo_step(
+            "fmt (kernel programs)",
+            &[
+                "fmt",
+                "--manifest-path",
+                "portfwd-ebpf/Cargo.toml",
+                "--check",
+            ],
+        ));
         results.push(cargo_step(
             "clippy",
             &[
