@@ -606,6 +606,9 @@ pub const CONFIG_FAST_PATH: u64 = 1;
 /// only when its peer runs NAPI (GRO on, or an XDP program) and drops them otherwise,
 /// so this is a switch of its own.
 pub const CONFIG_FAST_PATH_NATIVE_XDP: u64 = 2;
+/// [`Config::flags`]: no NAT64 (`portfwd --no-nat64`): remote IPv6 clients of an
+/// IPv4-only backend are passed (`pass_no_ipv6_backend`) instead of translated.
+pub const CONFIG_NO_NAT64: u64 = 4;
 
 /// NAT64 (remote IPv6 clients of an IPv4-only backend, at TC): the translation of each
 /// such flow, keyed by the client's flow as it arrives ([`FlowKeyV6`]: client address

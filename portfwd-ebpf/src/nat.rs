@@ -16,6 +16,7 @@ use aya_ebpf::{
 };
 use portfwd_common::{
     csum, BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Reason, RuleKeyV4, RuleKeyV6,
+    CONFIG_NO_NAT64,
 };
 
 use crate::{
@@ -237,6 +238,10 @@ fn ingress_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow, fast_path_bit: u64) -> Ver
         }
     };
     if backend.is_ipv4_mapped() {
+        if maps::config().flags & CONFIG_NO_NAT64 != 0 {
+            count(Reason::PassNoIpv6Backend);
+            return Verdict::Pass;
+        }
         return pkt.nat64(&flow, &backend);
     }
     record_flow_v6(&flow, &backend);

@@ -17,9 +17,9 @@ use aya::{
 use portfwd_common::{
     port_bits, programs, BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4,
     FlowV6, Nat64Flow, Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, RuleStats, BRIDGE_PORTS, CONFIG,
-    CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONNTRACK_V4, CONNTRACK_V6, HOST_ADDRS_V4,
-    HOST_ADDRS_V6, NAT64_FLOWS, NAT64_PROGS, NAT64_PROG_INDEX, NAT64_REPLIES, PUBLISHED_PORTS,
-    REASON_STATS, RULES_V4, RULES_V6, RULE_STATS,
+    CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONFIG_NO_NAT64, CONNTRACK_V4, CONNTRACK_V6,
+    HOST_ADDRS_V4, HOST_ADDRS_V6, NAT64_FLOWS, NAT64_PROGS, NAT64_PROG_INDEX, NAT64_REPLIES,
+    PUBLISHED_PORTS, REASON_STATS, RULES_V4, RULES_V6, RULE_STATS,
 };
 use thiserror::Error;
 
@@ -259,7 +259,7 @@ impl Dataplane {
         &mut self,
         backends: &BTreeSet<Ipv4Addr>,
     ) -> Result<Vec<String>, DataplaneError> {
-        if backends.is_empty() {
+        if backends.is_empty() || self.config.flags & CONFIG_NO_NAT64 != 0 {
             return Ok(Vec::new());
         }
         let tc_ingress = |d: &Self, iface: &str| {
@@ -349,6 +349,17 @@ impl Dataplane {
         }
         if native_xdp {
             self.config.flags |= CONFIG_FAST_PATH_NATIVE_XDP;
+        }
+        self.write_config()
+    }
+
+    /// Turns NAT64 (remote IPv6 clients of IPv4-only backends) on or off; on by default.
+    /// Off, no entry program is attached and such clients are passed.
+    pub fn set_nat64(&mut self, on: bool) -> Result<(), DataplaneError> {
+        if on {
+            self.config.flags &= !CONFIG_NO_NAT64;
+        } else {
+            self.config.flags |= CONFIG_NO_NAT64;
         }
         self.write_config()
     }

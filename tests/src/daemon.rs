@@ -190,6 +190,14 @@ impl Daemon {
     /// Starts the daemon and waits until its socket answers `list`.
     /// `ingress` is an `--ingress` mode, optionally with `+fast` for `--fast-path`
     /// (e.g. `xdp+fast`).
+    /// Starts with these arguments besides the interfaces, socket and cgroup, and waits
+    /// until it answers.
+    pub fn start_with(ns: &Netns, dir: &Path, ifaces: &[&str], args: &[&str]) -> Self {
+        let mut d = Self::spawn(ns, dir, ifaces, args);
+        d.wait_ready();
+        d
+    }
+
     pub fn start(ns: &Netns, dir: &Path, ifaces: &[&str], ingress: &str) -> Self {
         let mut d = match ingress.split_once('+') {
             Some((mode, "fast")) => Self::spawn(

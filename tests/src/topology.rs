@@ -157,6 +157,13 @@ impl Topology {
         self.daemon.insert(d)
     }
 
+    /// As [`Self::start_daemon`], with these daemon arguments instead of `--ingress`.
+    pub fn start_daemon_with(&mut self, args: &[&str]) -> &Daemon {
+        assert!(self.daemon.is_none(), "daemon already started");
+        let d = Daemon::start_with(&self.host, self.dir.path(), &[HOST_IFACE], args);
+        self.daemon.insert(d)
+    }
+
     /// The running daemon.
     pub fn daemon(&self) -> &Daemon {
         self.daemon.as_ref().expect("start_daemon first")

@@ -51,6 +51,11 @@ struct Net6 {
 
 impl Net6 {
     fn new(test: &str, tag: &str, ingress: &str) -> Option<Self> {
+        Self::with_args(test, tag, &["--ingress", ingress])
+    }
+
+    /// With these daemon arguments (instead of `--ingress`).
+    fn with_args(test: &str, tag: &str, args: &[&str]) -> Option<Self> {
         if !require_root(test) {
             return None;
         }
@@ -76,7 +81,7 @@ impl Net6 {
                 Duration::from_secs(30),
             ));
         }
-        topo.start_daemon(ingress);
+        topo.start_daemon_with(args);
         Some(Self {
             _servers: servers,
             topo,
@@ -530,4 +535,29 @@ fn nat64_serves_remote_ipv6_clients_of_an_ipv4_backend_xdp() {
         "6x4",
         "xdp",
     );
+}
+
+/// `--no-nat64`: remote IPv6 clients of an IPv4-only backend are passed and counted, no
+/// entry program is attached; local IPv6 clients are still served at the socket.
+#[test]
+fn no_nat64_passes_remote_ipv6_clients_of_an_ipv4_backend() {
+    let Some(net) = Net6::with_args(
+        "no_nat64_passes_remote_ipv6_clients_of_an_ipv4_backend",
+        "6o",
+        &["--ingress", "tc", "--no-nat64"],
+    ) else {
+        return;
+    };
+    let (topo, d) = (&net.topo, net.topo.daemon());
+    d.add("9000", &backend(0));
+    let before = d.reason("pass_no_ipv6_backend");
+    assert!(
+        remote_get(topo, published6(9000)).is_err(),
+        "no NAT64: a remote IPv6 client is not served"
+    );
+    assert!(d.reason("pass_no_ipv6_backend") > before);
+    assert_eq!(d.reason("nat64_translated"), 0);
+    assert_eq!(d.list_json()["nat64_entries"], serde_json::json!([]));
+    let (ok, v) = testcli(topo, &topo.host, &["tcp", "[::1]:9000"]);
+    assert!(ok, "local IPv6 clients are still served: {v}");
 }

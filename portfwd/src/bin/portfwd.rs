@@ -52,6 +52,11 @@ struct Args {
     /// the redirected frames.
     #[arg(long)]
     fast_path_native_xdp: bool,
+    /// No NAT64: remote IPv6 clients of a rule whose backend has no IPv6 address are
+    /// not translated to IPv4 (they are passed, counted as `pass_no_ipv6_backend`), and
+    /// no NAT64 entry program goes on the backends' interfaces.
+    #[arg(long)]
+    no_nat64: bool,
     /// Declarations file (TOML) to publish at start, as `portfwd-ctl apply -f FILE`
     /// would. A file with any error stops the daemon before anything is attached.
     #[arg(long, value_name = "FILE")]
@@ -116,6 +121,10 @@ fn run(args: Args) -> Result<(), String> {
                 _ => "native XDP",
             }
         );
+    }
+    if args.no_nat64 {
+        dp.set_nat64(false).map_err(|e| e.to_string())?;
+        info!("NAT64 off: remote IPv6 clients of IPv4-only backends are not served");
     }
     match args.cgroup.clone().or_else(dataplane::cgroup2_root) {
         Some(cgroup) => {
