@@ -9,15 +9,20 @@
 //! proxy). The packet is then sent to the backend's interface (`bpf_redirect_neigh`); it
 //! cannot go up the stack, which drops a source that is one of the host's addresses.
 //!
-//! The backend answers the host's address, on the backend's interface: that interface's
-//! TC ingress (it must be one of the daemon's `--iface`) finds the flow in
-//! `NAT64_REPLIES`, makes the packet IPv6 again (source the published address and port,
-//! destination the client) and sends it out of the interface the client's packets came
-//! in on.
+//! The backend answers the host's address, on the backend's interface: the TC ingress
+//! there (`portfwd_tc_nat64_entry`, which the daemon attaches, or `portfwd_tc_ingress`
+//! on an `--iface`) finds the flow in `NAT64_REPLIES` and jumps here, which makes the
+//! packet IPv6 again (source the published address and port, destination the client)
+//! and sends it out of the interface the client's packets came in on.
+//!
+//! This is a program of its own, reached by tail call: the ingress program's stack has
+//! no room left for it, and a tail call starts a fresh one. Large temporaries live in a
+//! per-CPU scratch map for the same reason.
 //!
 //! Checksums: the L4 checksum moves from one pseudo-header to the other by one
-//! `bpf_csum_diff` of the addresses, then the port changes; the new L3 header is written
-//! whole. MSS needs no clamping: the client's SYN announces an MSS for IPv6 headers, 20
+//! one's complement difference of the addresses, then the port changes; the new L3
+//! header is written whole (with `BPF_F_RECOMPUTE_CSUM`, which keeps a complete
+//! `skb->csum` right). MSS needs no clamping: the client's SYN announces an MSS for IPv6 headers, 20
 //! bytes larger than IPv4's, so the backend's segments grow back to the client's MTU.
 
 use aya_ebpf::{

@@ -275,6 +275,26 @@ ports = [
         assert_eq!(decls.len(), 7);
     }
 
+    /// `--to web=IPV4,IPV6`: `to` lists both addresses, and the file loads back.
+    #[test]
+    fn imports_a_dual_stack_service() {
+        let yaml = "services:\n  web:\n    ports: [\"8080:80\"]\n";
+        let mut to = BTreeMap::new();
+        let addrs = Addrs::from_list(&[
+            "172.17.0.2".parse().expect("ip"),
+            "2001:db8::2".parse().expect("ip"),
+        ])
+        .expect("dual");
+        to.insert("web".to_string(), addrs);
+        let out = import("compose.yml", yaml, &to).expect("imports");
+        assert!(
+            out.contains("to = [\"172.17.0.2\", \"2001:db8::2\"]"),
+            "{out}"
+        );
+        let decls = declfile::parse("out.toml", &out).expect("loads");
+        assert_eq!(decls[0].backend.addrs(), addrs);
+    }
+
     #[test]
     fn errors() {
         type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);

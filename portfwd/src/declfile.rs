@@ -323,6 +323,23 @@ ports = [
         assert!(parse("empty.toml", "").expect("empty is valid").is_empty());
     }
 
+    /// `to` with one address per family: one declaration per port string, both
+    /// addresses on its backend; the families' wildcards apart.
+    #[test]
+    fn dual_stack_to_and_family_wildcards() {
+        let text = "[[publish]]\nto = [\"172.17.0.4\", \"2001:db8::4\"]\nports = [\"9080:80\", \"0.0.0.0:9081:81\"]\n\n[[publish]]\nto = \"2001:db8::5\"\nports = [\"[::]:9081:81\"]\n";
+        let decls = parse("dual.toml", text).expect("valid file");
+        let got: Vec<String> = decls.iter().map(shown).collect();
+        assert_eq!(
+            got,
+            vec![
+                "3: *:9080/tcp -> 172.17.0.4:80,[2001:db8::4]:80",
+                "3: 0.0.0.0:9081/tcp -> 172.17.0.4:81,[2001:db8::4]:81",
+                "7: [::]:9081/tcp -> [2001:db8::5]:81",
+            ]
+        );
+    }
+
     #[test]
     fn errors_name_file_line_and_entry() {
         let table: &[(&str, &str)] = &[

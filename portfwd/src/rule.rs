@@ -524,8 +524,11 @@ impl Addrs {
     /// These addresses and `ip`, which must be of the family they lack.
     pub fn with(self, ip: IpAddr) -> Result<Self, RuleError> {
         let more = Self::new(ip)?;
-        match (self.v4.or(more.v4), self.v6.or(more.v6)) {
-            (v4, v6) if self.v4.is_some() != more.v4.is_some() => Ok(Self { v4, v6 }),
+        match (ip, self.v4, self.v6) {
+            (IpAddr::V4(_), None, _) | (IpAddr::V6(_), _, None) => Ok(Self {
+                v4: self.v4.or(more.v4),
+                v6: self.v6.or(more.v6),
+            }),
             _ => Err(RuleError::BackendFamilies {
                 addrs: self,
                 more: ip,
@@ -1657,6 +1660,40 @@ mod tests {
                 "{mapping:?}"
             );
         }
+    }
+
+    #[test]
+    fn backend_addresses_one_per_family() {
+        let dual = Addrs::from_list(&[ip("172.17.0.2"), ip("2001:db8::2")]).expect("dual");
+        assert_eq!(dual.to_string(), "172.17.0.2,[2001:db8::2]");
+        assert_eq!(
+            dual.for_v6_clients(),
+            "2001:db8::2".parse::<Ipv6Addr>().expect("ip")
+        );
+        let v4 = addrs("172.17.0.2");
+        assert_eq!(
+            v4.for_v6_clients(),
+            "::ffff:172.17.0.2".parse::<Ipv6Addr>().expect("ip")
+        );
+        for (base, more) in [
+            (dual, "2001:db8::3"),
+            (dual, "172.17.0.3"),
+            (v4, "172.17.0.3"),
+            (addrs("2001:db8::2"), "2001:db8::3"),
+        ] {
+            assert_eq!(
+                base.with(ip(more)),
+                Err(RuleError::BackendFamilies {
+                    addrs: base,
+                    more: ip(more)
+                }),
+                "{base} + {more}"
+            );
+        }
+        assert_eq!(
+            Addrs::from_list(&[]),
+            Err(RuleError::Empty { what: "backend" })
+        );
     }
 
     #[test]
