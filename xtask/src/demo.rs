@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: Docker's `-p 9000:8080` story, played in network namespaces and
 //! narrated step by step. Two "containers" serve `Hello from container 1/2` on 8080, the
 //! daemon runs in a "host" namespace, `portfwd-ctl` publishes them on 9000 and 9001, a
-//! "client" namespace makes requests, then the duplicate-port error, the counters, and a
+//! "client" namespace makes requests (IPv4, then IPv6 to the IPv4-only container through
+//! NAT64), then the duplicate-port error, the counters, and a
 //! teardown that happens whatever went wrong (namespaces named `pfdemo-<pid>-*`; stale
 //! ones of dead demos are swept at start). Nothing touches the root namespace's
 //! interfaces or sysctls.
@@ -22,6 +23,9 @@ const HOST_IP: &str = "198.18.0.1";
 const CLIENT_IP: &str = "198.18.0.2";
 const BRIDGE_IP: &str = "198.18.1.1";
 const CONTAINERS: [&str; 2] = ["198.18.1.2", "198.18.1.3"];
+/// IPv6 on the client's link only (2001:2::/48, RFC 5180): the containers stay IPv4-only.
+const HOST_IP6: &str = "2001:2::1";
+const CLIENT_IP6: &str = "2001:2::2";
 
 pub fn run() -> Result<()> {
     setup::ensure()?;
@@ -99,6 +103,12 @@ impl Demo {
         ip(&client, &format!("addr add {CLIENT_IP}/24 dev eth0"))?;
         ip(&client, "link set eth0 up")?;
         ip(&client, &format!("route add default via {HOST_IP}"))?;
+        say("IPv6 on that link too (nodad: usable at once); the containers stay IPv4-only:");
+        ip(&host, &format!("-6 addr add {HOST_IP6}/64 dev cli0 nodad"))?;
+        ip(
+            &client,
+            &format!("-6 addr add {CLIENT_IP6}/64 dev eth0 nodad"),
+        )?;
         say("Full checksums from the client, as from a real NIC:");
         sh(self
             .in_ns(&client, "ethtool")
@@ -232,7 +242,38 @@ impl Demo {
             bail!("unexpected answer from localhost:9000: {out:?}");
         }
 
-        chapter("7. Publishing a port twice fails, as in Docker");
+        chapter("7. The same rule over IPv6, to an IPv4-only container");
+        say("`9000` (no host address) publishes on both families, as Docker's -p does. The");
+        say("container has no IPv6 address: Docker would run a userland proxy here; portfwd");
+        say("translates in the kernel (NAT64 at TC: the container sees the host's address).");
+        let mut c = self.in_ns(&client, "curl");
+        c.args([
+            "-sS",
+            "-i",
+            "--max-time",
+            "10",
+            &format!("http://[{HOST_IP6}]:9000/"),
+        ]);
+        let out = sh(&mut c)?;
+        if !out.contains("Hello from container 1") {
+            bail!("unexpected answer over IPv6: {out:?}");
+        }
+        say("And [::1]:9000 on the host: a dual-stack socket connects to the container's");
+        say("address as ::ffff:198.18.1.2, at the socket again.");
+        let mut local6 = self.in_ns(&host, "sh");
+        local6.args([
+            "-c",
+            &format!(
+                "echo $$ > {}/cgroup.procs && exec curl -sS --max-time 10 -g http://[::1]:9000/",
+                cgroup.display()
+            ),
+        ]);
+        let out = sh(&mut local6)?;
+        if !out.contains("Hello from container 1") {
+            bail!("unexpected answer from [::1]:9000: {out:?}");
+        }
+
+        chapter("8. Publishing a port twice fails, as in Docker");
         let mut dup = ctl(&["add", "9000", &format!("{}:8080", CONTAINERS[1])]);
         println!("$ {}", describe(&dup));
         let out = dup.output()?;
@@ -243,7 +284,7 @@ impl Demo {
             bail!("the duplicate add succeeded");
         }
 
-        chapter("8. What is published, with per-rule counters");
+        chapter("9. What is published, with per-rule counters");
         sh(&mut ctl(&["list"]))?;
         Ok(())
     }
