@@ -46,16 +46,14 @@ use crate::{
     maps::{self, NAT64_FLOWS, NAT64_PROGS, NAT64_REPLIES},
     nat::{self, Verdict},
     packet::{
-        bytes_at, may_start_flow, parse_eth, parse_ipv4, parse_ipv6, Ipv4Flow, Ipv6Flow, IPV6_HLEN,
-        L3, TCP_CSUM_OFF, UDP_CSUM_OFF,
+        bytes_at, may_start_flow, parse_eth, parse_ipv4, parse_ipv6, Ipv4Flow, Ipv6Flow, ETH_HLEN,
+        ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN, L3, TCP_CSUM_OFF, UDP_CSUM_OFF,
     },
 };
 
-const ETH_HLEN: usize = 14;
 const ETH_PROTO_OFF: usize = 12;
-const IPV4_HLEN: usize = 20;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+/// The IPv4 header NAT64 writes: no options.
+const IPV4_HLEN: usize = IPV4_MIN_HLEN;
 const AF_INET: u8 = 2;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 /// IPv4 "don't fragment": IPv6 never fragments in flight either.
@@ -238,15 +236,7 @@ fn try_forward(
     };
 
     // The checksum difference of the pseudo-header addresses, taken before they go.
-    let diff = words(
-        words(
-            words(words(0, &f.src, true), &f.dst, true),
-            &flow.snat_addr,
-            false,
-        ),
-        &flow.backend_addr,
-        false,
-    );
+    let diff = pseudo_diff((&f.src, &f.dst), (&flow.snat_addr, &flow.backend_addr));
     ipv4_header(
         &mut s.header,
         tclass,
@@ -256,27 +246,10 @@ fn try_forward(
         flow.snat_addr,
         flow.backend_addr,
     );
-    ctx.change_proto(ETH_P_IP.to_be(), 0)
-        .map_err(|_| Reason::Nat64Failed)?;
-    // From here the packet is IPv4; a failure must drop it, not pass it half-made.
     // SAFETY: the first 20 bytes of the 40-byte buffer, as an array reference.
     let header = unsafe { &*(s.header.as_ptr() as *const [u8; IPV4_HLEN]) };
-    let l4_off = ETH_HLEN + IPV4_HLEN;
-    let written = ctx
-        .store(ETH_HLEN, header, BPF_F_RECOMPUTE_CSUM as u64)
-        .and_then(|_| ctx.store(ETH_PROTO_OFF, &ETH_P_IP.to_be_bytes(), 0))
-        .is_ok()
-        && l4_rewrite(
-            ctx,
-            f.proto,
-            l4_off,
-            diff,
-            (f.sport, flow.snat_port),
-            (f.dport, flow.backend_port),
-        )
-        .is_ok();
-    if !written {
-        count(Reason::DropChecksum);
+    let ports = ((f.sport, flow.snat_port), (f.dport, flow.backend_port));
+    if !change_family(ctx, ETH_P_IP, header, f.proto, diff, ports)? {
         return Ok(Verdict::Drop);
     }
     maps::count_rule(flow.stats_slot, ctx.len() as u64, false);
@@ -382,15 +355,7 @@ fn try_reply(ctx: &TcContext, f: &Ipv4Flow, s: &mut Scratch) -> Result<Verdict, 
         }
     }
     let back = &s.reply;
-    let diff = words(
-        words(
-            words(words(0, &f.src, true), &f.dst, true),
-            &back.host_addr,
-            false,
-        ),
-        &back.client_addr,
-        false,
-    );
+    let diff = pseudo_diff((&f.src, &f.dst), (&back.host_addr, &back.client_addr));
     let (host_port, client_port, slot, out) = (
         back.host_port,
         back.client_port,
@@ -406,29 +371,53 @@ fn try_reply(ctx: &TcContext, f: &Ipv4Flow, s: &mut Scratch) -> Result<Verdict, 
         &s.reply.host_addr,
         &s.reply.client_addr,
     );
-    ctx.change_proto(ETH_P_IPV6.to_be(), 0)
-        .map_err(|_| Reason::Nat64Failed)?;
-    let l4_off = ETH_HLEN + IPV6_HLEN;
-    let written = ctx
-        .store(ETH_HLEN, &s.header, BPF_F_RECOMPUTE_CSUM as u64)
-        .and_then(|_| ctx.store(ETH_PROTO_OFF, &ETH_P_IPV6.to_be_bytes(), 0))
-        .is_ok()
-        && l4_rewrite(
-            ctx,
-            f.proto,
-            l4_off,
-            diff,
-            (f.sport, host_port),
-            (f.dport, client_port),
-        )
-        .is_ok();
-    if !written {
-        count(Reason::DropChecksum);
+    let ports = ((f.sport, host_port), (f.dport, client_port));
+    if !change_family(ctx, ETH_P_IPV6, &s.header, f.proto, diff, ports)? {
         return Ok(Verdict::Drop);
     }
     maps::count_rule(slot, ctx.len() as u64, true);
     count(Reason::Nat64ReplyTranslated);
     Ok(Verdict::RedirectNeigh(out))
+}
+
+/// Changes the packet's family to `ethertype`: the new L3 `header` (its length is the
+/// family's), the Ethernet type, then the L4 side ([`l4_rewrite`]). `Err`: nothing
+/// changed (the packet may go on as it was); `Ok(false)`: a helper failed after the
+/// family changed, the packet must be dropped (counted).
+#[inline(always)]
+fn change_family<const H: usize>(
+    ctx: &TcContext,
+    ethertype: u16,
+    header: &[u8; H],
+    proto: u8,
+    diff: u64,
+    ports: PortChanges,
+) -> Result<bool, Reason> {
+    ctx.change_proto(ethertype.to_be(), 0)
+        .map_err(|_| Reason::Nat64Failed)?;
+    let written = ctx
+        .store(ETH_HLEN, header, BPF_F_RECOMPUTE_CSUM as u64)
+        .and_then(|_| ctx.store(ETH_PROTO_OFF, &ethertype.to_be_bytes(), 0))
+        .is_ok()
+        && l4_rewrite(ctx, proto, ETH_HLEN + H, diff, ports.0, ports.1).is_ok();
+    if !written {
+        count(Reason::DropChecksum);
+    }
+    Ok(written)
+}
+
+/// (old, new) of the source port, then of the destination port.
+type PortChanges = (([u8; 2], [u8; 2]), ([u8; 2], [u8; 2]));
+
+/// The one's complement difference, as a `__wsum`, of a pseudo-header's addresses going
+/// from `old` (source, destination) to `new`, whatever their families.
+#[inline(always)]
+fn pseudo_diff<const A: usize, const B: usize>(
+    old: (&[u8; A], &[u8; A]),
+    new: (&[u8; B], &[u8; B]),
+) -> u64 {
+    let out = words(words(0, old.0, true), old.1, true);
+    words(words(out, new.0, false), new.1, false)
 }
 
 /// The L4 side of a family change at `l4_off`: the pseudo-header difference `diff`, then

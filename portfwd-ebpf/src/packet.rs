@@ -11,13 +11,13 @@
 
 use portfwd_common::{proto, Reason};
 
-const ETH_HLEN: usize = 14;
+pub const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
-const IPV4_MIN_HLEN: usize = 20;
+pub const IPV4_MIN_HLEN: usize = 20;
 /// Fragment offset and "more fragments": any set bit means the packet is a fragment.
 const IP_FRAG_MASK: u16 = 0x3fff;
 pub const IPV6_HLEN: usize = 40;

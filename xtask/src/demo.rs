@@ -206,15 +206,7 @@ impl Demo {
 
         chapter("5. The client asks the host");
         for port in [9000, 9001] {
-            let mut c = self.in_ns(&client, "curl");
-            c.args([
-                "-sS",
-                "-i",
-                "--max-time",
-                "10",
-                &format!("http://{HOST_IP}:{port}/"),
-            ]);
-            let out = sh(&mut c)?;
+            let out = sh(&mut self.curl(&client, &format!("http://{HOST_IP}:{port}/")))?;
             if !out.contains("Hello from container") {
                 bail!("unexpected answer on port {port}: {out:?}");
             }
@@ -229,15 +221,7 @@ impl Demo {
         say("Local processes never pass the ingress program: cgroup socket programs send the");
         say("connection straight to the container (no proxy, no NAT). The shell joins the");
         say("demo's cgroup first.");
-        let mut local = self.in_ns(&host, "sh");
-        local.args([
-            "-c",
-            &format!(
-                "echo $$ > {}/cgroup.procs && exec curl -sS --max-time 10 http://localhost:9000/",
-                cgroup.display()
-            ),
-        ]);
-        let out = sh(&mut local)?;
+        let out = sh(&mut self.local_curl(&host, &cgroup, "http://localhost:9000/"))?;
         if !out.contains("Hello from container 1") {
             bail!("unexpected answer from localhost:9000: {out:?}");
         }
@@ -246,29 +230,13 @@ impl Demo {
         say("`9000` (no host address) publishes on both families, as Docker's -p does. The");
         say("container has no IPv6 address: Docker would run a userland proxy here; portfwd");
         say("translates in the kernel (NAT64 at TC: the container sees the host's address).");
-        let mut c = self.in_ns(&client, "curl");
-        c.args([
-            "-sS",
-            "-i",
-            "--max-time",
-            "10",
-            &format!("http://[{HOST_IP6}]:9000/"),
-        ]);
-        let out = sh(&mut c)?;
+        let out = sh(&mut self.curl(&client, &format!("http://[{HOST_IP6}]:9000/")))?;
         if !out.contains("Hello from container 1") {
             bail!("unexpected answer over IPv6: {out:?}");
         }
         say("And [::1]:9000 on the host: a dual-stack socket connects to the container's");
         say("address as ::ffff:198.18.1.2, at the socket again.");
-        let mut local6 = self.in_ns(&host, "sh");
-        local6.args([
-            "-c",
-            &format!(
-                "echo $$ > {}/cgroup.procs && exec curl -sS --max-time 10 -g http://[::1]:9000/",
-                cgroup.display()
-            ),
-        ]);
-        let out = sh(&mut local6)?;
+        let out = sh(&mut self.local_curl(&host, &cgroup, "http://[::1]:9000/"))?;
         if !out.contains("Hello from container 1") {
             bail!("unexpected answer from [::1]:9000: {out:?}");
         }
@@ -316,6 +284,27 @@ impl Demo {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// `curl -i URL` in `ns` (headers shown: the server's X-Peer says who it saw).
+    fn curl(&self, ns: &str, url: &str) -> Command {
+        let mut c = self.in_ns(ns, "curl");
+        c.args(["-sS", "-i", "--max-time", "10", "-g", url]);
+        c
+    }
+
+    /// `curl URL` from a shell in `ns` that joins `cgroup` first (the daemon serves
+    /// local clients of that cgroup only).
+    fn local_curl(&self, ns: &str, cgroup: &Path, url: &str) -> Command {
+        let mut c = self.in_ns(ns, "sh");
+        c.args([
+            "-c",
+            &format!(
+                "echo $$ > {}/cgroup.procs && exec curl -sS --max-time 10 -g {url}",
+                cgroup.display()
+            ),
+        ]);
+        c
     }
 
     fn in_ns(&self, ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
