@@ -632,6 +632,14 @@ pub const NAT64_PORT_MIN: u16 = 61_000;
 pub const NAT64_PORT_COUNT: u16 = 4_536;
 /// How many ports an allocation tries before giving up (the flow is then passed).
 pub const NAT64_PORT_TRIES: u16 = 8;
+/// When a NAT64 flow's port may go to a new flow: a TCP flow that saw a FIN or RST,
+/// this long after its last packet; a UDP flow, this long idle; any flow, this long
+/// idle. Without reuse, 4,536 flows to one backend port would use the ports up for good.
+pub const NAT64_CLOSED_REUSE_NS: u64 = 10_000_000_000;
+pub const NAT64_UDP_IDLE_NS: u64 = 60_000_000_000;
+pub const NAT64_IDLE_NS: u64 = 7_200_000_000_000;
+/// [`Nat64Reply::flags`]: the TCP flow saw a FIN or an RST.
+pub const NAT64_CLOSING: u8 = 1;
 
 /// Value of [`NAT64_FLOWS`]: the IPv4 side of a translated flow.
 #[repr(C)]
@@ -658,8 +666,24 @@ pub struct Nat64Reply {
     /// Where the client's packets arrive: replies leave there (no IPv6 route lookup, so
     /// IPv6 forwarding need not be on).
     pub client_ifindex: u32,
+    /// [`NAT64_CLOSING`].
+    pub flags: u8,
+    pub _pad: [u8; 3],
+    /// `bpf_ktime_get_coarse_ns` of the flow's last packet, either way.
+    pub last_seen_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Nat64Reply>() == 44);
+const _: () = assert!(core::mem::size_of::<Nat64Reply>() == 56);
+
+impl Nat64Reply {
+    /// Whether the flow is over (or long idle) at `now_ns`, so its port may be reused.
+    #[inline(always)]
+    pub fn reusable(&self, now_ns: u64, proto: u8) -> bool {
+        let idle = now_ns.saturating_sub(self.last_seen_ns);
+        (self.flags & NAT64_CLOSING != 0 && idle > NAT64_CLOSED_REUSE_NS)
+            || (proto == crate::proto::UDP && idle > NAT64_UDP_IDLE_NS)
+            || idle > NAT64_IDLE_NS
+    }
+}
 
 /// Most bridge forwarding entries tracked for the fast path.
 pub const MAX_BRIDGE_PORTS: u32 = 16_384;
@@ -706,4 +730,45 @@ mod pod {
     unsafe impl aya::Pod for super::LocalPeerV6 {}
     unsafe impl aya::Pod for super::Nat64Flow {}
     unsafe impl aya::Pod for super::Nat64Reply {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(flags: u8, last_seen_ns: u64) -> Nat64Reply {
+        Nat64Reply {
+            client_addr: [0; 16],
+            host_addr: [0; 16],
+            client_port: [0; 2],
+            host_port: [0; 2],
+            stats_slot: 0,
+            client_ifindex: 0,
+            flags,
+            _pad: [0; 3],
+            last_seen_ns,
+        }
+    }
+
+    #[test]
+    fn nat64_ports_are_reused_once_a_flow_is_over() {
+        let s = 1_000_000_000u64;
+        let t0 = 100_000 * s;
+        let (tcp, udp) = (crate::proto::TCP, crate::proto::UDP);
+        // (flags, seconds since the last packet, protocol, reusable?)
+        for (flags, ago, proto, want) in [
+            (0, 5, tcp, false),
+            (NAT64_CLOSING, 5, tcp, false),
+            (NAT64_CLOSING, 11, tcp, true),
+            (0, 3600, tcp, false),
+            (0, 7201, tcp, true),
+            (0, 59, udp, false),
+            (0, 61, udp, true),
+        ] {
+            let r = reply(flags, t0 - ago * s);
+            assert_eq!(r.reusable(t0, proto), want, "{flags} {ago} s {proto}");
+        }
+        // A clock behind the entry (another CPU wrote it just now) is not idle.
+        assert!(!reply(NAT64_CLOSING, t0 + s).reusable(t0, tcp));
+    }
 }

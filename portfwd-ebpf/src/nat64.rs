@@ -27,18 +27,18 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
+        bpf_fib_lookup as FibParams, BPF_ANY, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
         BPF_FIB_LOOKUP_SRC, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, BPF_NOEXIST,
     },
-    helpers::bpf_fib_lookup,
+    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns},
     macros::map,
     maps::PerCpuArray,
     programs::TcContext,
     EbpfContext,
 };
 use portfwd_common::{
-    csum, BackendV6, FlowKeyV4, FlowKeyV6, Nat64Flow, Nat64Reply, Reason, NAT64_PORT_COUNT,
-    NAT64_PORT_MIN, NAT64_PORT_TRIES, NAT64_PROG_INDEX,
+    csum, BackendV6, FlowKeyV4, FlowKeyV6, Nat64Flow, Nat64Reply, Reason, NAT64_CLOSING,
+    NAT64_PORT_COUNT, NAT64_PORT_MIN, NAT64_PORT_TRIES, NAT64_PROG_INDEX,
 };
 
 use crate::{
@@ -47,7 +47,8 @@ use crate::{
     nat::{self, Verdict},
     packet::{
         bytes_at, may_start_flow, parse_eth, parse_ipv4, parse_ipv6, Ipv4Flow, Ipv6Flow, ETH_HLEN,
-        ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN, L3, TCP_CSUM_OFF, UDP_CSUM_OFF,
+        ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN, L3, TCP_CSUM_OFF, TCP_FIN, TCP_RST,
+        UDP_CSUM_OFF,
     },
 };
 
@@ -217,7 +218,8 @@ fn try_forward(
         Some(t)
             if t.backend_addr == backend_addr
                 && t.backend_port == backend_port
-                && t.snat_addr == snat_addr =>
+                && t.snat_addr == snat_addr
+                && still_ours(f, &t, s) =>
         {
             t
         }
@@ -257,9 +259,47 @@ fn try_forward(
     Ok(Verdict::RedirectNeigh(out_ifindex))
 }
 
+/// Whether the flow `t` of the client's packet `f` still holds its port (the port may
+/// have gone to a new flow once this one looked over); if so, its last packet is now.
+#[inline(always)]
+fn still_ours(f: &Ipv6Flow, t: &Nat64Flow, s: &mut Scratch) -> bool {
+    s.key4 = FlowKeyV4::new(
+        t.backend_addr,
+        t.backend_port,
+        t.snat_addr,
+        t.snat_port,
+        f.proto,
+    );
+    let Some(r) = NAT64_REPLIES.get_ptr_mut(&s.key4) else {
+        return false;
+    };
+    // SAFETY: a live map value; fields are read and written in place.
+    let r = unsafe { &mut *r };
+    if r.client_addr != f.src
+        || r.client_port != f.sport
+        || r.host_addr != f.dst
+        || r.host_port != f.dport
+    {
+        return false;
+    }
+    seen(r, f.proto, f.tcp_flags);
+    true
+}
+
+/// Marks a packet of the flow `r`: its time, and a TCP FIN or RST.
+#[inline(always)]
+fn seen(r: &mut Nat64Reply, proto: u8, tcp_flags: u8) {
+    // SAFETY: a plain helper call.
+    r.last_seen_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    if proto == portfwd_common::proto::TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        r.flags |= NAT64_CLOSING;
+    }
+}
+
 /// A source port for a new flow (`flow` without one): tried from a hash of the client,
-/// the first one whose reply key is free wins (`BPF_NOEXIST`), then the flow is recorded
-/// both ways (`s.key6` is its key).
+/// the first one whose reply key is free (`BPF_NOEXIST`), or held by a flow that is over
+/// ([`Nat64Reply::reusable`]), wins; then the flow is recorded both ways (`s.key6` is its
+/// key).
 #[inline(always)]
 fn allocate(
     ctx: &TcContext,
@@ -281,6 +321,10 @@ fn allocate(
         host_port: f.dport,
         stats_slot: flow.stats_slot,
         client_ifindex: ingress_ifindex(ctx),
+        flags: 0,
+        _pad: [0; 3],
+        // SAFETY: a plain helper call.
+        last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
     };
     let mut n: u16 = 0;
     while n < NAT64_PORT_TRIES {
@@ -292,10 +336,19 @@ fn allocate(
             port,
             f.proto,
         );
-        if NAT64_REPLIES
-            .insert(&s.key4, &s.reply, BPF_NOEXIST as u64)
-            .is_ok()
-        {
+        // A free port is claimed with BPF_NOEXIST, so two CPUs cannot both get it; a
+        // port whose flow is over is taken over.
+        // SAFETY: only read, at once.
+        let claimed = match unsafe { NAT64_REPLIES.get(&s.key4) } {
+            None => NAT64_REPLIES
+                .insert(&s.key4, &s.reply, BPF_NOEXIST as u64)
+                .is_ok(),
+            Some(r) if r.reusable(s.reply.last_seen_ns, f.proto) => NAT64_REPLIES
+                .insert(&s.key4, &s.reply, BPF_ANY as u64)
+                .is_ok(),
+            Some(_) => false,
+        };
+        if claimed {
             flow.snat_port = port;
             if NAT64_FLOWS.insert(&s.key6, &flow, 0).is_err() {
                 let _ = NAT64_REPLIES.remove(&s.key4);
@@ -316,8 +369,12 @@ fn reply(ctx: &TcContext, f: &Ipv4Flow) -> Option<Verdict> {
     // SAFETY: the per-CPU scratch entry is ours for the length of this program run.
     let s = unsafe { &mut *s };
     s.key4 = FlowKeyV4::new(f.src, f.sport, f.dst, f.dport, f.proto);
-    // SAFETY: copied out at once; LRU entries may be evicted concurrently.
-    s.reply = unsafe { NAT64_REPLIES.get(&s.key4) }.copied()?;
+    let r = NAT64_REPLIES.get_ptr_mut(&s.key4)?;
+    // SAFETY: a live map value, updated in place, then copied out.
+    unsafe {
+        seen(&mut *r, f.proto, f.tcp_flags);
+        s.reply = *r;
+    }
     Some(match try_reply(ctx, f, s) {
         Ok(v) => v,
         Err(reason) => {

@@ -212,6 +212,8 @@ fn is_ext_header(next: u8) -> bool {
 const TCP_FLAGS_OFF: usize = 13;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
 
 /// The TCP flags byte of the L4 header at `l4` (`l4_hlen` bytes checked present), or 0
 /// for UDP.

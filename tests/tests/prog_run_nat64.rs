@@ -11,16 +11,21 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use aya::maps::HashMap;
 use aya::programs::{tc::SchedClassifier, TestRun, TestRunOptions};
 use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
 use portfwd::dataplane::Dataplane;
 use portfwd_common::{
-    programs, proto, BackendV6, Reason, RuleKeyV6, NAT64_PORT_COUNT, NAT64_PORT_MIN,
+    programs, proto, BackendV6, FlowKeyV4, Nat64Reply, Reason, RuleKeyV6, NAT64_CLOSING,
+    NAT64_PORT_COUNT, NAT64_PORT_MIN, NAT64_REPLIES,
 };
 use portfwd_tests::{netns::Netns, require_root};
 
 const CLIENT: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
 const HOST: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+/// A second host address: the same client port to it is another flow, whose port search
+/// starts at the same place (the start hashes the client's address and port).
+const HOST2: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 9, 0, 0, 0, 1);
 /// The host's address on the backends' network, and a backend (IPv4 only).
 const HOST4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
@@ -42,7 +47,7 @@ fn dataplane() -> Dataplane {
         )
         .expect("rule");
     }
-    dp.sync_host_addrs_v6(&[HOST].into_iter().collect())
+    dp.sync_host_addrs_v6(&[HOST, HOST2].into_iter().collect())
         .expect("host addrs");
     dp
 }
@@ -288,4 +293,68 @@ fn nat64_leaves_the_rest_untouched() {
         assert_eq!(verdict, want, "{what}");
         assert_eq!(out, input, "{what}: untouched");
     }
+}
+
+/// The NAT64 source port of translating `input` (a TCP SYN or UDP datagram to `*`:9000 or
+/// `*`:5353), after checking it was translated.
+fn nat64_port(dp: &Dataplane, ns: &Netns, input: &[u8]) -> u16 {
+    let (verdict, out) = run(dp, ns, programs::TC_INGRESS, input);
+    assert_eq!(verdict, TC_REDIRECT, "translated");
+    parse_checked(&out).0 .1
+}
+
+/// Ports are unique while flows live, and go to new flows once theirs are over: a port
+/// whose flow is live is skipped; one whose TCP flow closed (FIN or RST) a while ago is
+/// taken over, and the old flow, if it sends again, no longer owns it.
+#[test]
+fn nat64_ports_are_unique_while_live_and_reused_once_over() {
+    if !require_root("nat64_ports_are_unique_while_live_and_reused_once_over") {
+        return;
+    }
+    let mut dp = dataplane();
+    // `*`:9001 to the backend's 8080 as well (one backend port, so one port space).
+    dp.insert_rule_v6(
+        RuleKeyV6::from_parts(Ipv6Addr::UNSPECIFIED, 9001, proto::TCP),
+        BackendV6::new(BACKEND.to_ipv6_mapped(), 8080, 3),
+    )
+    .expect("rule");
+    let ns = backend_net();
+    // Flow A, then flow B: same client address and port (same search start), other
+    // published address. A is live: B gets another port.
+    let a = v6_frame(proto::TCP, (CLIENT, 45000), (HOST, 9000), 64);
+    let b = v6_frame(proto::TCP, (CLIENT, 45000), (HOST2, 9000), 64);
+    let port_a = nat64_port(&dp, &ns, &a);
+    let port_b = nat64_port(&dp, &ns, &b);
+    assert_ne!(port_a, port_b, "a live flow's port is not shared");
+
+    // A closes (an RST seen), long enough ago: its reply entry says so.
+    let key = FlowKeyV4::new(
+        BACKEND.octets(),
+        8080u16.to_be_bytes(),
+        HOST4.octets(),
+        port_a.to_be_bytes(),
+        proto::TCP,
+    );
+    {
+        let mut replies: HashMap<_, FlowKeyV4, Nat64Reply> =
+            HashMap::try_from(dp.ebpf_mut().map_mut(NAT64_REPLIES).expect("NAT64_REPLIES"))
+                .expect("hash map");
+        let mut r = replies.get(&key, 0).expect("A's reply entry");
+        r.flags |= NAT64_CLOSING;
+        r.last_seen_ns = 0;
+        replies.insert(key, r, 0).expect("age it");
+    }
+    // Flow C (same search start) takes A's port over.
+    let c = v6_frame(proto::TCP, (CLIENT, 45000), (HOST2, 9001), 64);
+    let port_c = nat64_port(&dp, &ns, &c);
+    assert_eq!(port_c, port_a, "a closed flow's port goes to the next flow");
+    // A's next segment finds its port gone: not translated with C's port.
+    let mut a_again = a.clone();
+    a_again[14 + 40 + 13] = 0x10;
+    let (verdict, out) = run(&dp, &ns, programs::TC_INGRESS, &a_again);
+    assert_eq!(
+        (verdict, out),
+        (TC_NEXT, a_again),
+        "the old flow no longer owns it"
+    );
 }
