@@ -46,7 +46,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     variants: Vec<String>,
     /// Workloads, comma-separated (default all): tcp1, tcp4, crr, keepalive, latency,
-    /// local-crr, local-tcp1, udp64.
+    /// local-crr, local-tcp1, v6-tcp1, v6-crr, udp64.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
     /// Skip the BPF_PROG_RUN program costs.
@@ -265,19 +265,32 @@ fn run_variant(
         if w == Workload::Udp64 && t.udp.is_none() {
             continue;
         }
+        let v6 = matches!(w, Workload::V6Tcp1 | Workload::V6Crr);
+        if v6 && t.addr6.is_none() {
+            continue;
+        }
         let bg_load = sys::settle(cfg.settle);
         let syn_ns = if local { &topo.host } else { &topo.client };
         let syn0 = work::syn_retrans(syn_ns);
         let cpu0 = sys::CpuStat::now();
         let r = match w {
-            Workload::Tcp1 => {
-                work::iperf3(&topo.client, None, t.addr, t.iperf, 1, cfg.secs).map(|m| vec![m])
+            Workload::Tcp1 => work::iperf3(&topo.client, None, t.addr.into(), t.iperf, 1, cfg.secs)
+                .map(|m| vec![m]),
+            Workload::Tcp4 => work::iperf3(&topo.client, None, t.addr.into(), t.iperf, 4, cfg.secs)
+                .map(|m| vec![m]),
+            Workload::Crr => work::wrk(&topo.client, None, t.addr.into(), t.http, true, cfg.secs),
+            Workload::KeepAlive => {
+                work::wrk(&topo.client, None, t.addr.into(), t.http, false, cfg.secs)
             }
-            Workload::Tcp4 => {
-                work::iperf3(&topo.client, None, t.addr, t.iperf, 4, cfg.secs).map(|m| vec![m])
+            Workload::V6Tcp1 | Workload::V6Crr => {
+                let Some(addr6) = t.addr6 else { continue };
+                if w == Workload::V6Tcp1 {
+                    work::iperf3(&topo.client, None, addr6.into(), t.iperf, 1, cfg.secs)
+                        .map(|m| vec![m])
+                } else {
+                    work::wrk(&topo.client, None, addr6.into(), t.http, true, cfg.secs)
+                }
             }
-            Workload::Crr => work::wrk(&topo.client, None, t.addr, t.http, true, cfg.secs),
-            Workload::KeepAlive => work::wrk(&topo.client, None, t.addr, t.http, false, cfg.secs),
             Workload::Latency => work::latency(&topo.client, t.addr, t.echo, cfg.latency_secs),
             Workload::Udp64 => {
                 work::udp64(&topo, art, t.addr, t.udp.unwrap_or(0), cfg.latency_secs)
@@ -288,15 +301,29 @@ fn run_variant(
                     continue;
                 };
                 if w == Workload::LocalCrr {
-                    work::wrk(&topo.host, Some(&topo.cgroup), addr, http, true, cfg.secs)
+                    work::wrk(
+                        &topo.host,
+                        Some(&topo.cgroup),
+                        addr.into(),
+                        http,
+                        true,
+                        cfg.secs,
+                    )
                 } else {
-                    work::iperf3(&topo.host, Some(&topo.cgroup), addr, iperf, 1, cfg.secs)
-                        .map(|m| vec![m])
+                    work::iperf3(
+                        &topo.host,
+                        Some(&topo.cgroup),
+                        addr.into(),
+                        iperf,
+                        1,
+                        cfg.secs,
+                    )
+                    .map(|m| vec![m])
                 }
             }
         };
         let cpu1 = sys::CpuStat::now();
-        let syn = matches!(w, Workload::Crr | Workload::LocalCrr)
+        let syn = matches!(w, Workload::Crr | Workload::LocalCrr | Workload::V6Crr)
             .then(|| work::syn_retrans(syn_ns).saturating_sub(syn0));
         match r {
             Ok(ms) => {

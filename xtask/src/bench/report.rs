@@ -78,7 +78,7 @@ fn overlap(a: &Stat, b: &Stat) -> bool {
 }
 
 /// The headline metric of each workload: (workload, metric, label, unit, higher is better).
-pub const HEADLINES: [(&str, &str, &str, &str, bool); 9] = [
+pub const HEADLINES: [(&str, &str, &str, &str, bool); 11] = [
     ("tcp1", "gbit_s", "TCP, 1 stream", "Gbit/s", true),
     ("tcp4", "gbit_s", "TCP, 4 streams", "Gbit/s", true),
     ("crr", "req_s", "new connection per request", "req/s", true),
@@ -110,6 +110,20 @@ pub const HEADLINES: [(&str, &str, &str, &str, bool); 9] = [
         "gbit_s",
         "localhost:PORT, TCP 1 stream",
         "Gbit/s",
+        true,
+    ),
+    (
+        "v6-tcp1",
+        "gbit_s",
+        "IPv6 client, IPv4-only container, TCP 1 stream",
+        "Gbit/s",
+        true,
+    ),
+    (
+        "v6-crr",
+        "req_s",
+        "IPv6 client, IPv4-only container, new connection per request",
+        "req/s",
         true,
     ),
 ];
@@ -503,14 +517,28 @@ impl Results {
                 measured,
                 status,
             );
-            let (measured, _) = self.check(v, "socat", "local-crr", "req_s", 1.8, true);
-            if measured != "–" {
-                row(
-                    "(for reference, no target) localhost new connections/s vs socat",
-                    v,
-                    measured,
-                    "–".into(),
-                );
+            for (what, w, m) in [
+                ("localhost new connections/s", "local-crr", "req_s"),
+                (
+                    "IPv6 client → IPv4-only container, TCP",
+                    "v6-tcp1",
+                    "gbit_s",
+                ),
+                (
+                    "IPv6 client → IPv4-only container, new connections/s",
+                    "v6-crr",
+                    "req_s",
+                ),
+            ] {
+                let (measured, _) = self.check(v, "socat", w, m, 1.0, true);
+                if measured != "–" {
+                    row(
+                        &format!("(for reference, no target) {what} vs socat"),
+                        v,
+                        measured,
+                        "–".into(),
+                    );
+                }
             }
             // CPU per unit below iptables on every workload.
             let mut worse = Vec::new();

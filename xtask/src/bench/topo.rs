@@ -8,9 +8,11 @@
 //! The client's default route is the host, so `direct` reaches the container by its own
 //! address (no translation); every other variant publishes the container's ports on the
 //! host's address. The container runs iperf3 and the rig's HTTP and echo servers.
+//! The client's link also has IPv6 (client 2001:2::2, host 2001:2::1, RFC 5180); the
+//! container is IPv4-only, so IPv6 clients need a proxy or NAT64 (the `v6-*` workloads).
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -23,6 +25,8 @@ pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 pub const BRIDGE_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 pub const CT_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
+pub const HOST_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
 
 /// (container port, published host port) of each service.
 pub const HTTP: (u16, u16) = (8080, 9000);
@@ -63,8 +67,10 @@ impl Topology {
         // offload on, a veth hands XDP partial checksums no wire ever carries.
         client.sh(&format!(
             "ip addr add {CLIENT_IP}/24 dev {CLIENT_IF}
+             ip -6 addr add {CLIENT_IP6}/64 dev {CLIENT_IF} nodad
              ip link set {CLIENT_IF} up
              ip route add default via {HOST_IP}
+             ip -6 route add default via {HOST_IP6}
              ethtool -K {CLIENT_IF} tx off"
         ))?;
         host.sh(&format!(
@@ -72,6 +78,7 @@ impl Topology {
              sysctl -qw net.ipv4.conf.all.rp_filter=0
              sysctl -qw net.ipv4.conf.default.rp_filter=0
              ip addr add {HOST_IP}/24 dev {host_if}
+             ip -6 addr add {HOST_IP6}/64 dev {host_if} nodad
              ip addr add {BRIDGE_IP}/24 dev br0
              ip link set {host_if} up
              ip link set br0 up
@@ -122,6 +129,19 @@ impl Topology {
             Duration::from_secs(10),
             || {
                 ns.output(&format!("ss -Hltn 'sport = :{port}'"))
+                    .map(|o| !o.trim().is_empty())
+                    .unwrap_or(false)
+            },
+        )
+    }
+
+    /// Waits until an IPv6 TCP listener on `port` exists in `ns`.
+    pub fn wait_listening6(&self, ns: &Netns, port: u16) -> Result<()> {
+        sys::wait_for(
+            &format!("an IPv6 listener on port {port} in {}", ns.name),
+            Duration::from_secs(10),
+            || {
+                ns.output(&format!("ss -Hltn6 'sport = :{port}'"))
                     .map(|o| !o.trim().is_empty())
                     .unwrap_or(false)
             },

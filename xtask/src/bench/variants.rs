@@ -1,7 +1,7 @@
 //! The ways a port reaches the container, each set up inside a fresh topology.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     process::{Command, Stdio},
     time::Duration,
 };
@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 
 use super::{
     sys::{self, Proc},
-    topo::{Artifacts, Topology, CT_IP, ECHO, HOST_IP, HTTP, IPERF, UDP},
+    topo::{Artifacts, Topology, CT_IP, ECHO, HOST_IP, HOST_IP6, HTTP, IPERF, UDP},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -117,6 +117,9 @@ pub struct Targets {
     pub echo: u16,
     /// None: the variant does not forward UDP.
     pub udp: Option<u16>,
+    /// Where IPv6 clients of the IPv4-only container go (same ports), or None: the
+    /// variant cannot serve them.
+    pub addr6: Option<Ipv6Addr>,
 }
 
 /// A variant set up in a topology; dropping it stops what it started.
@@ -138,6 +141,8 @@ pub fn published() -> Targets {
         iperf: IPERF.1,
         echo: ECHO.1,
         udp: Some(UDP.1),
+        // portfwd: NAT64 at TC. socat: a second, IPv6 listener.
+        addr6: Some(HOST_IP6),
     }
 }
 
@@ -151,6 +156,8 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
                 iperf: IPERF.0,
                 echo: ECHO.0,
                 udp: Some(UDP.0),
+                // The container has no IPv6 address.
+                addr6: None,
             },
             // A host process talking straight to the container.
             local: Ok((CT_IP, HTTP.0, IPERF.0)),
@@ -169,7 +176,11 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
             topo.host.sh(&script).context("iptables DNAT rules")?;
             Ok(Active {
                 _procs: Vec::new(),
-                targets: published(),
+                // ip6tables cannot DNAT IPv6 to an IPv4 address.
+                targets: Targets {
+                    addr6: None,
+                    ..published()
+                },
                 local: Err(
                     "not measured (Docker's localhost case is served by docker-proxy)".into(),
                 ),
@@ -192,6 +203,23 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
             }
             let mut t = published();
             t.udp = None;
+            // IPv6 clients: socat listens on IPv6 too (docker-proxy would, for a
+            // container without IPv6); docker-proxy itself is not measured there.
+            if v == Variant::Socat {
+                for (ct, host) in [HTTP, IPERF] {
+                    let mut c = topo.host.cmd("socat");
+                    c.arg(format!(
+                        "TCP6-LISTEN:{host},fork,reuseaddr,backlog=4096,ipv6only=1"
+                    ))
+                    .arg(format!("TCP:{CT_IP}:{ct}"))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                    procs.push(Proc::spawn("socat (IPv6)", &mut c)?);
+                    topo.wait_listening6(&topo.host, host)?;
+                }
+            } else {
+                t.addr6 = None;
+            }
             Ok(Active {
                 _procs: procs,
                 targets: t,

@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     time::{Duration, Instant},
 };
 
@@ -30,10 +30,12 @@ pub enum Workload {
     Udp64,
     LocalCrr,
     LocalTcp1,
+    V6Tcp1,
+    V6Crr,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 8] = [
+    pub const ALL: [Workload; 10] = [
         Workload::Tcp1,
         Workload::Tcp4,
         Workload::Crr,
@@ -41,6 +43,8 @@ impl Workload {
         Workload::Latency,
         Workload::LocalCrr,
         Workload::LocalTcp1,
+        Workload::V6Tcp1,
+        Workload::V6Crr,
         // Last: it turns on GRO and threaded NAPI on the host's veth.
         Workload::Udp64,
     ];
@@ -55,6 +59,8 @@ impl Workload {
             Workload::Udp64 => "udp64",
             Workload::LocalCrr => "local-crr",
             Workload::LocalTcp1 => "local-tcp1",
+            Workload::V6Tcp1 => "v6-tcp1",
+            Workload::V6Crr => "v6-crr",
         }
     }
 
@@ -68,6 +74,8 @@ impl Workload {
             Workload::Udp64 => "64-byte UDP (live-frames generator, BPF sink)",
             Workload::LocalCrr => "localhost:PORT from the host, new connection per request",
             Workload::LocalTcp1 => "localhost:PORT from the host, TCP 1 stream",
+            Workload::V6Tcp1 => "IPv6 client to the IPv4-only container, TCP 1 stream",
+            Workload::V6Crr => "IPv6 client to the IPv4-only container, new connection per request",
         }
     }
 
@@ -114,7 +122,7 @@ pub fn cpu_unit(metric: &str) -> (&'static str, f64) {
 pub fn iperf3(
     ns: &Netns,
     cgroup: Option<&sys::Cgroup>,
-    addr: Ipv4Addr,
+    addr: IpAddr,
     port: u16,
     streams: u32,
     secs: u64,
@@ -155,7 +163,7 @@ pub fn iperf3(
 pub fn wrk(
     ns: &Netns,
     cgroup: Option<&sys::Cgroup>,
-    addr: Ipv4Addr,
+    addr: IpAddr,
     port: u16,
     close: bool,
     secs: u64,
@@ -166,7 +174,7 @@ pub fn wrk(
     if close {
         cmd.args(["-H", "Connection: close"]);
     }
-    cmd.arg(format!("http://{addr}:{port}/"));
+    cmd.arg(format!("http://{}/", SocketAddr::new(addr, port)));
     let out = sys::run(&mut cmd)?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let rps = text
