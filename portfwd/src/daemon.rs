@@ -84,6 +84,13 @@ pub enum DaemonError {
     NotPublished { publish: Publish },
     #[error("No published port {publish}: it is part of {rule}, which is removed whole")]
     PartOfRange { publish: Publish, rule: Publish },
+    /// `del` of one address or family where rules of others hold the port (`del 9000`
+    /// with `0.0.0.0:9000` published, or the reverse).
+    #[error("No published port {publish} (published there: {})", others.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
+    PublishedOtherwise {
+        publish: Publish,
+        others: Vec<Publish>,
+    },
     #[error("cannot publish {publish}: all {max} counter slots are in use", max = MAX_STATS_SLOTS)]
     NoSlot { publish: Publish },
     #[error("cannot {action} {publish}: {source}")]
@@ -822,11 +829,18 @@ impl<K: Kernel> Daemon<K> {
                     && p.proto() == publish.proto()
                     && p.ports().first_common(&publish.ports()).is_some()
             });
+            let others: Vec<Publish> = self
+                .table
+                .iter()
+                .map(|(p, _)| *p)
+                .filter(|p| p.conflict(&publish).is_some())
+                .collect();
             return Err(match part_of {
                 Some((rule, _)) => DaemonError::PartOfRange {
                     publish,
                     rule: *rule,
                 },
+                None if !others.is_empty() => DaemonError::PublishedOtherwise { publish, others },
                 None => DaemonError::NotPublished { publish },
             });
         };
@@ -1816,19 +1830,29 @@ mod tests {
         let mut d = Daemon::new(FakeKernel::default());
         d.add(decl("198.51.100.7:9000", "172.17.0.2:8080"))
             .expect("add");
+        d.add(decl("[::]:9001", "[2001:db8::2]:8080")).expect("add");
         for (spec, want) in [
-            ("9000", "No published port *:9000/tcp"),
+            (
+                "9000",
+                "No published port *:9000/tcp (published there: 198.51.100.7:9000/tcp)",
+            ),
             ("9000/udp", "No published port *:9000/udp"),
             (
                 "198.51.100.8:9000",
                 "No published port 198.51.100.8:9000/tcp",
             ),
+            (
+                "*:9001",
+                "No published port *:9001/tcp (published there: [::]:9001/tcp)",
+            ),
+            ("0.0.0.0:9001", "No published port 0.0.0.0:9001/tcp"),
         ] {
             let err = d.del(publish(spec)).expect_err(spec);
             assert_eq!(err.to_string(), want);
         }
         assert_eq!(d.kernel().rules.len(), 1);
         d.del(publish("198.51.100.7:9000")).expect("del");
+        d.del(publish("[::]:9001")).expect("del");
     }
 
     #[test]
