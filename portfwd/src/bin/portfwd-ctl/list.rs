@@ -160,12 +160,12 @@ mod tests {
                     local: 3,
                 },
                 RuleStatus {
-                    host_ip: "198.51.100.7".parse().expect("ip"),
+                    host_ip: "*".parse().expect("host"),
                     host_port: 5353,
                     host_port_end: 5353,
                     proto: Proto::Udp,
                     backend_ip: "172.17.0.3".parse().expect("ip"),
-                    backend_ip6: None,
+                    backend_ip6: Some("2001:db8::3".parse().expect("ip")),
                     backend_port: 53,
                     backend_port_end: 53,
                     source: Source::Cli,
@@ -187,9 +187,9 @@ mod tests {
         };
         assert_eq!(
             table(&reply),
-            "PUBLISHED          BACKEND               PROTO  SOURCE  PACKETS  BYTES  LOCAL\n\
-             0.0.0.0:9000-9009  172.17.0.2:8080-8089  tcp    file         18   6000      3\n\
-             198.51.100.7:5353  172.17.0.3:53         udp    cli           0      0      0\n\
+            "PUBLISHED          BACKEND                         PROTO  SOURCE  PACKETS  BYTES  LOCAL\n\
+             0.0.0.0:9000-9009  172.17.0.2:8080-8089            tcp    file         18   6000      3\n\
+             *:5353             172.17.0.3:53,[2001:db8::3]:53  udp    cli           0      0      0\n\
              2 rules on eth0 (TC ingress, TC egress)\n\
              NAT64 entry on br0 (TC ingress)\n\
              local clients: not served (no cgroup2 mount)\n"
