@@ -280,22 +280,32 @@ impl Dataplane {
                 }
             }
         }
-        let mut attached = Vec::new();
+        // One interface failing (it just went away, say) does not keep the others
+        // without their entry; the first failure is reported.
+        let (mut attached, mut failed) = (Vec::new(), None);
         for iface in want {
             if self.nat64_entries.contains(&iface) {
                 continue;
             }
             let prog: &mut SchedClassifier = program(&mut self.ebpf, programs::TC_NAT64_ENTRY)?;
-            prog.attach(&iface, TcAttachType::Ingress)
-                .map_err(|source| DataplaneError::Attach {
-                    hook: Hook::TcIngress,
-                    iface: iface.clone(),
-                    source,
-                })?;
-            self.nat64_entries.push(iface.clone());
-            attached.push(iface);
+            match prog.attach(&iface, TcAttachType::Ingress) {
+                Ok(_) => {
+                    self.nat64_entries.push(iface.clone());
+                    attached.push(iface);
+                }
+                Err(source) => {
+                    failed.get_or_insert(DataplaneError::Attach {
+                        hook: Hook::TcIngress,
+                        iface,
+                        source,
+                    });
+                }
+            }
         }
-        Ok(attached)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(attached),
+        }
     }
 
     /// Interfaces where NAT64's entry program runs.
