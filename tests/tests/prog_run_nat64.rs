@@ -94,40 +94,24 @@ fn reason(dp: &Dataplane, reason: Reason) -> u64 {
 const PAYLOAD: &[u8] = b"portfwd nat64 fixture payload";
 
 fn v6_frame(l4: u8, src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), hops: u8) -> Vec<u8> {
-    let ip = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv6(src.0.octets(), dst.0.octets(), hops);
-    let mut out = Vec::new();
-    match l4 {
-        proto::TCP => ip
-            .tcp(src.1, dst.1, 1000, 64240)
-            .syn()
-            .write(&mut out, PAYLOAD),
-        _ => ip.udp(src.1, dst.1).write(&mut out, PAYLOAD),
-    }
-    .expect("frame");
-    out
+    frame_v6(l4, src, dst, hops, PAYLOAD)
 }
 
 fn v4_frame(l4: u8, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), ttl: u8) -> Vec<u8> {
-    let ip = PacketBuilder::ethernet2(MAC_B, MAC_A).ipv4(src.0.octets(), dst.0.octets(), ttl);
-    let mut out = Vec::new();
-    match l4 {
-        proto::TCP => ip
-            .tcp(src.1, dst.1, 2000, 64240)
-            .syn()
-            .ack(1001)
-            .write(&mut out, PAYLOAD),
-        _ => ip.udp(src.1, dst.1).write(&mut out, PAYLOAD),
-    }
-    .expect("frame");
-    out
+    frame_v4(l4, src, dst, ttl, PAYLOAD)
 }
 
 /// What a translated frame says: (source, destination, TTL or hop limit, protocol),
 /// after checking every checksum it carries against one computed from scratch.
 fn parse_checked(frame: &[u8]) -> ((String, u16), (String, u16), u8, u8) {
+    parse_checked_with(frame, PAYLOAD)
+}
+
+/// As [`parse_checked`], for a frame carrying `want` as its payload.
+fn parse_checked_with(frame: &[u8], want: &[u8]) -> ((String, u16), (String, u16), u8, u8) {
     let h = PacketHeaders::from_ethernet_slice(frame).expect("a parsable frame");
     let payload = h.payload.slice();
-    assert_eq!(payload, PAYLOAD, "payload intact");
+    assert_eq!(payload, want, "payload intact");
     let (src, dst, ttl, l4) = match &h.net {
         Some(NetHeaders::Ipv4(ip, _)) => {
             assert_eq!(
@@ -357,4 +341,100 @@ fn nat64_ports_are_unique_while_live_and_reused_once_over() {
         (TC_NEXT, a_again),
         "the old flow no longer owns it"
     );
+}
+
+/// Property: for random clients, ports, payload sizes, traffic classes and hop limits,
+/// both directions come out with every field as NAT64 defines it and every checksum
+/// right (recomputed from scratch).
+#[test]
+fn nat64_random_frames_both_ways() {
+    if !require_root("nat64_random_frames_both_ways") {
+        return;
+    }
+    use proptest::{prelude::*, test_runner::TestRunner};
+    let dp = dataplane();
+    let ns = backend_net();
+    let mut runner = TestRunner::new(ProptestConfig::with_cases(100));
+    runner
+        .run(
+            &(
+                any::<[u8; 16]>(),
+                1u16..,
+                any::<bool>(),
+                proptest::collection::vec(any::<u8>(), 0..1400),
+                any::<u8>(),
+                2u8..,
+            ),
+            |(client, sport, is_udp, payload, class, hops)| {
+                let client = Ipv6Addr::from(client);
+                let (l4, host_port, backend_port) = if is_udp {
+                    (proto::UDP, 5353, 53)
+                } else {
+                    (proto::TCP, 9000, 8080)
+                };
+                // The client's packet, its traffic class set (not in any checksum).
+                let mut input = frame_v6(l4, (client, sport), (HOST, host_port), hops, &payload);
+                input[14] = (input[14] & 0xf0) | (class >> 4);
+                input[15] = (input[15] & 0x0f) | (class << 4);
+                let (verdict, out) = run(&dp, &ns, programs::TC_INGRESS, &input);
+                prop_assert_eq!(verdict, TC_REDIRECT);
+                let (src, dst, ttl, got_l4) = parse_checked_with(&out, &payload);
+                prop_assert_eq!(got_l4, l4);
+                prop_assert_eq!(&src.0, &HOST4.to_string());
+                prop_assert_eq!(dst, (BACKEND.to_string(), backend_port));
+                prop_assert_eq!(ttl, hops - 1);
+                prop_assert_eq!(out[15], class, "TOS = traffic class");
+
+                // The backend's answer, same payload, back to the client.
+                let reply = frame_v4(l4, (BACKEND, backend_port), (HOST4, src.1), hops, &payload);
+                let (verdict, back) = run(&dp, &ns, programs::TC_INGRESS, &reply);
+                prop_assert_eq!(verdict, TC_REDIRECT);
+                let (src6, dst6, hop_limit, _) = parse_checked_with(&back, &payload);
+                prop_assert_eq!(src6, (HOST.to_string(), host_port));
+                prop_assert_eq!(dst6, (client.to_string(), sport));
+                prop_assert_eq!(hop_limit, hops - 1);
+                Ok(())
+            },
+        )
+        .expect("property");
+}
+
+fn frame_v6(
+    l4: u8,
+    src: (Ipv6Addr, u16),
+    dst: (Ipv6Addr, u16),
+    hops: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let ip = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv6(src.0.octets(), dst.0.octets(), hops);
+    let mut out = Vec::new();
+    match l4 {
+        proto::TCP => ip
+            .tcp(src.1, dst.1, 1000, 64240)
+            .syn()
+            .write(&mut out, payload),
+        _ => ip.udp(src.1, dst.1).write(&mut out, payload),
+    }
+    .expect("frame");
+    out
+}
+
+fn frame_v4(
+    l4: u8,
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    ttl: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let ip = PacketBuilder::ethernet2(MAC_B, MAC_A).ipv4(src.0.octets(), dst.0.octets(), ttl);
+    let mut out = Vec::new();
+    match l4 {
+        proto::TCP => ip
+            .tcp(src.1, dst.1, 2000, 64240)
+            .ack(1001)
+            .write(&mut out, payload),
+        _ => ip.udp(src.1, dst.1).write(&mut out, payload),
+    }
+    .expect("frame");
+    out
 }
