@@ -449,12 +449,163 @@ impl Dataplane {
         Ok(hook)
     }
 
-    fn rules(&mut self) -> Result<HashMap<&mut MapData, RuleKeyV4, BackendV4>, DataplaneError> {
+    // One body per operation for both families, through [`Family`]; the public methods
+    // below name the family.
+
+    fn rules_of<F: Family>(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, F::RuleKey, F::Backend>, DataplaneError> {
         let map = self
             .ebpf
-            .map_mut(RULES_V4)
-            .ok_or(DataplaneError::MissingMap(RULES_V4))?;
-        HashMap::try_from(map).map_err(map_err(RULES_V4))
+            .map_mut(F::RULES)
+            .ok_or(DataplaneError::MissingMap(F::RULES))?;
+        HashMap::try_from(map).map_err(map_err(F::RULES))
+    }
+
+    /// Publishes (or replaces) one port; the published-ports filter learns it first.
+    fn insert_rule_of<F: Family>(
+        &mut self,
+        key: F::RuleKey,
+        backend: F::Backend,
+    ) -> Result<(), DataplaneError> {
+        let (port, proto, wildcard) = F::rule_port(&key);
+        let new = self.rules_of::<F>()?.get(&key, 0).is_err();
+        if new {
+            self.port_ref(port, proto, wildcard, true)?;
+        }
+        let inserted = self
+            .rules_of::<F>()?
+            .insert(key, backend, 0)
+            .map_err(map_err(F::RULES));
+        if inserted.is_err() && new {
+            self.port_ref(port, proto, wildcard, false)?;
+        }
+        inserted
+    }
+
+    /// Unpublishes one port; absent keys are not an error.
+    fn remove_rule_of<F: Family>(&mut self, key: &F::RuleKey) -> Result<(), DataplaneError> {
+        let (port, proto, wildcard) = F::rule_port(key);
+        match self.rules_of::<F>()?.remove(key) {
+            Err(e) if !is_not_found(&e) => Err(map_err(F::RULES)(e)),
+            Err(_) => Ok(()),
+            Ok(()) => self.port_ref(port, proto, wildcard, false),
+        }
+    }
+
+    fn rules_snapshot_of<F: Family>(&mut self) -> Result<Vec<RuleEntry<F>>, DataplaneError> {
+        let rules = self.rules_of::<F>()?;
+        rules
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(F::RULES))
+    }
+
+    /// Removes the entries of `name` (an LRU map keyed by the family's flow key) whose
+    /// backend is one of `backends`; how many.
+    fn forget_in<F: Family, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        backends: &BTreeSet<(F::Addr, u16, u8)>,
+    ) -> Result<usize, DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap(name))?;
+        // aya's HashMap also handles LRU hash maps.
+        let mut ct: HashMap<&mut MapData, F::FlowKey, V> =
+            HashMap::try_from(map).map_err(map_err(name))?;
+        let stale: Vec<F::FlowKey> = ct
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| backends.contains(&F::flow_backend(k)))
+            .collect();
+        for k in &stale {
+            // Gone already (LRU eviction, flow ended): nothing to forget.
+            let _ = ct.remove(k);
+        }
+        Ok(stale.len())
+    }
+
+    /// Makes the kernel's set of the family's host addresses (what wildcard rules
+    /// match) equal to `addrs`.
+    fn sync_host_addrs_of<F: Family>(
+        &mut self,
+        addrs: &BTreeSet<F::Addr>,
+    ) -> Result<(), DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(F::HOST_ADDRS)
+            .ok_or(DataplaneError::MissingMap(F::HOST_ADDRS))?;
+        let mut m: HashMap<&mut MapData, F::Octets, u8> =
+            HashMap::try_from(map).map_err(map_err(F::HOST_ADDRS))?;
+        let current: BTreeSet<F::Addr> = m.keys().filter_map(Result::ok).map(F::addr).collect();
+        for &gone in current.difference(addrs) {
+            let _ = m.remove(&F::octets(gone));
+        }
+        for &new in addrs.difference(&current) {
+            m.insert(F::octets(new), 1, 0)
+                .map_err(map_err(F::HOST_ADDRS))?;
+        }
+        Ok(())
+    }
+
+    /// Publishes (or replaces) one port.
+    pub fn insert_rule(
+        &mut self,
+        key: RuleKeyV4,
+        backend: BackendV4,
+    ) -> Result<(), DataplaneError> {
+        self.insert_rule_of::<V4>(key, backend)
+    }
+
+    /// Unpublishes one port; absent keys are not an error.
+    pub fn remove_rule(&mut self, key: &RuleKeyV4) -> Result<(), DataplaneError> {
+        self.remove_rule_of::<V4>(key)
+    }
+
+    /// Every rule the kernel holds.
+    pub fn rules_snapshot(&mut self) -> Result<Vec<(RuleKeyV4, BackendV4)>, DataplaneError> {
+        self.rules_snapshot_of::<V4>()
+    }
+
+    /// Makes the kernel's set of host addresses (for wildcard rules) equal to `addrs`.
+    pub fn sync_host_addrs(&mut self, addrs: &BTreeSet<Ipv4Addr>) -> Result<(), DataplaneError> {
+        self.sync_host_addrs_of::<V4>(addrs)
+    }
+
+    /// Publishes (or replaces) one IPv6 port (`::` as the key's address: every host
+    /// address in [`Self::sync_host_addrs_v6`]).
+    pub fn insert_rule_v6(
+        &mut self,
+        key: RuleKeyV6,
+        backend: BackendV6,
+    ) -> Result<(), DataplaneError> {
+        self.insert_rule_of::<V6>(key, backend)
+    }
+
+    /// Unpublishes one IPv6 port; absent keys are not an error.
+    pub fn remove_rule_v6(&mut self, key: &RuleKeyV6) -> Result<(), DataplaneError> {
+        self.remove_rule_of::<V6>(key)
+    }
+
+    /// Every IPv6 rule the kernel holds.
+    pub fn rules_snapshot_v6(&mut self) -> Result<Vec<(RuleKeyV6, BackendV6)>, DataplaneError> {
+        self.rules_snapshot_of::<V6>()
+    }
+
+    /// Forgets every tracked IPv6 flow to one of `backends` (address, port, protocol
+    /// number), in one pass over the flow table; returns how many.
+    pub fn forget_flows_v6(
+        &mut self,
+        backends: &BTreeSet<(Ipv6Addr, u16, u8)>,
+    ) -> Result<usize, DataplaneError> {
+        self.forget_in::<V6, FlowV6>(CONNTRACK_V6, backends)
+    }
+
+    /// Makes the kernel's set of IPv6 host addresses (for `::` rules) equal to `addrs`.
+    pub fn sync_host_addrs_v6(&mut self, addrs: &BTreeSet<Ipv6Addr>) -> Result<(), DataplaneError> {
+        self.sync_host_addrs_of::<V6>(addrs)
     }
 
     /// Counts one rule more (`add`) or less on (port, protocol, wildcard?), keeping its
@@ -499,44 +650,6 @@ impl Dataplane {
             .map_err(map_err(PUBLISHED_PORTS))
     }
 
-    /// Publishes (or replaces) one port.
-    pub fn insert_rule(
-        &mut self,
-        key: RuleKeyV4,
-        backend: BackendV4,
-    ) -> Result<(), DataplaneError> {
-        let new = self.rules()?.get(&key, 0).is_err();
-        if new {
-            self.port_ref(key.port(), key.proto(), key.addr().is_unspecified(), true)?;
-        }
-        let inserted = self
-            .rules()?
-            .insert(key, backend, 0)
-            .map_err(map_err(RULES_V4));
-        if inserted.is_err() && new {
-            self.port_ref(key.port(), key.proto(), key.addr().is_unspecified(), false)?;
-        }
-        inserted
-    }
-
-    /// Unpublishes one port; absent keys are not an error.
-    pub fn remove_rule(&mut self, key: &RuleKeyV4) -> Result<(), DataplaneError> {
-        match self.rules()?.remove(key) {
-            Err(e) if !is_not_found(&e) => Err(map_err(RULES_V4)(e)),
-            Err(_) => Ok(()),
-            Ok(()) => self.port_ref(key.port(), key.proto(), key.addr().is_unspecified(), false),
-        }
-    }
-
-    /// Every rule the kernel holds.
-    pub fn rules_snapshot(&mut self) -> Result<Vec<(RuleKeyV4, BackendV4)>, DataplaneError> {
-        let rules = self.rules()?;
-        rules
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(RULES_V4))
-    }
-
     /// Forgets every tracked flow of a backend (its rule changed or went away), so that
     /// UDP flows are not black-holed by stale state.
     pub fn forget_flows_to(
@@ -556,9 +669,9 @@ impl Dataplane {
         if backends.is_empty() {
             return Ok(0);
         }
-        let n = self.forget_in::<FlowV4>(CONNTRACK_V4, backends)?;
+        let n = self.forget_in::<V4, FlowV4>(CONNTRACK_V4, backends)?;
         // NAT64's flows to these backends, both ways (replies are keyed as conntrack is).
-        self.forget_in::<Nat64Reply>(NAT64_REPLIES, backends)?;
+        self.forget_in::<V4, Nat64Reply>(NAT64_REPLIES, backends)?;
         let map = self
             .ebpf
             .map_mut(NAT64_FLOWS)
@@ -578,35 +691,6 @@ impl Dataplane {
             let _ = flows.remove(k);
         }
         Ok(n)
-    }
-
-    /// Removes the entries of `name` (an LRU map keyed by [`FlowKeyV4`]) whose backend
-    /// is one of `backends`; how many.
-    fn forget_in<V: aya::Pod>(
-        &mut self,
-        name: &'static str,
-        backends: &BTreeSet<(Ipv4Addr, u16, u8)>,
-    ) -> Result<usize, DataplaneError> {
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(DataplaneError::MissingMap(name))?;
-        // aya's HashMap also handles LRU hash maps.
-        let mut ct: HashMap<&mut MapData, FlowKeyV4, V> =
-            HashMap::try_from(map).map_err(map_err(name))?;
-        let stale: Vec<FlowKeyV4> = ct
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| {
-                let (ip, port) = k.backend();
-                backends.contains(&(ip, port, k.proto()))
-            })
-            .collect();
-        for k in &stale {
-            // Gone already (LRU eviction, flow ended): nothing to forget.
-            let _ = ct.remove(k);
-        }
-        Ok(stale.len())
     }
 
     /// A rule's counters, summed over CPUs.
@@ -659,75 +743,6 @@ impl Dataplane {
             .collect()
     }
 
-    /// Makes the kernel's set of host addresses (for wildcard rules) equal to `addrs`.
-    pub fn sync_host_addrs(&mut self, addrs: &BTreeSet<Ipv4Addr>) -> Result<(), DataplaneError> {
-        let map = self
-            .ebpf
-            .map_mut(HOST_ADDRS_V4)
-            .ok_or(DataplaneError::MissingMap(HOST_ADDRS_V4))?;
-        let mut m: HashMap<&mut MapData, [u8; 4], u8> =
-            HashMap::try_from(map).map_err(map_err(HOST_ADDRS_V4))?;
-        let current: BTreeSet<Ipv4Addr> = m
-            .keys()
-            .filter_map(Result::ok)
-            .map(Ipv4Addr::from)
-            .collect();
-        for gone in current.difference(addrs) {
-            let _ = m.remove(&gone.octets());
-        }
-        for new in addrs.difference(&current) {
-            m.insert(new.octets(), 1, 0)
-                .map_err(map_err(HOST_ADDRS_V4))?;
-        }
-        Ok(())
-    }
-    fn rules_v6(&mut self) -> Result<HashMap<&mut MapData, RuleKeyV6, BackendV6>, DataplaneError> {
-        let map = self
-            .ebpf
-            .map_mut(RULES_V6)
-            .ok_or(DataplaneError::MissingMap(RULES_V6))?;
-        HashMap::try_from(map).map_err(map_err(RULES_V6))
-    }
-
-    /// Publishes (or replaces) one IPv6 port (`::` as the key's address: every host
-    /// address in [`Self::sync_host_addrs_v6`]).
-    pub fn insert_rule_v6(
-        &mut self,
-        key: RuleKeyV6,
-        backend: BackendV6,
-    ) -> Result<(), DataplaneError> {
-        let new = self.rules_v6()?.get(&key, 0).is_err();
-        if new {
-            self.port_ref(key.port(), key.proto(), key.addr().is_unspecified(), true)?;
-        }
-        let inserted = self
-            .rules_v6()?
-            .insert(key, backend, 0)
-            .map_err(map_err(RULES_V6));
-        if inserted.is_err() && new {
-            self.port_ref(key.port(), key.proto(), key.addr().is_unspecified(), false)?;
-        }
-        inserted
-    }
-
-    /// Unpublishes one IPv6 port; absent keys are not an error.
-    pub fn remove_rule_v6(&mut self, key: &RuleKeyV6) -> Result<(), DataplaneError> {
-        match self.rules_v6()?.remove(key) {
-            Err(e) if !is_not_found(&e) => Err(map_err(RULES_V6)(e)),
-            Err(_) => Ok(()),
-            Ok(()) => self.port_ref(key.port(), key.proto(), key.addr().is_unspecified(), false),
-        }
-    }
-
-    /// Every IPv6 rule the kernel holds.
-    pub fn rules_snapshot_v6(&mut self) -> Result<Vec<(RuleKeyV6, BackendV6)>, DataplaneError> {
-        let rules = self.rules_v6()?;
-        rules
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(RULES_V6))
-    }
-
     /// Forgets every tracked IPv6 flow of a backend (see [`Self::forget_flows_to`]).
     pub fn forget_flows_to_v6(
         &mut self,
@@ -736,58 +751,78 @@ impl Dataplane {
     ) -> Result<usize, DataplaneError> {
         self.forget_flows_v6(&[(backend.0, backend.1, proto)].into_iter().collect())
     }
+}
 
-    /// Forgets every tracked IPv6 flow to one of `backends` (address, port, protocol
-    /// number), in one pass over the flow table; returns how many.
-    pub fn forget_flows_v6(
-        &mut self,
-        backends: &BTreeSet<(Ipv6Addr, u16, u8)>,
-    ) -> Result<usize, DataplaneError> {
-        if backends.is_empty() {
-            return Ok(0);
-        }
-        let map = self
-            .ebpf
-            .map_mut(CONNTRACK_V6)
-            .ok_or(DataplaneError::MissingMap(CONNTRACK_V6))?;
-        // aya's HashMap also handles LRU hash maps.
-        let mut ct: HashMap<&mut MapData, FlowKeyV6, FlowV6> =
-            HashMap::try_from(map).map_err(map_err(CONNTRACK_V6))?;
-        let stale: Vec<FlowKeyV6> = ct
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| {
-                let (ip, port) = k.backend();
-                backends.contains(&(ip, port, k.proto()))
-            })
-            .collect();
-        for k in &stale {
-            let _ = ct.remove(k);
-        }
-        Ok(stale.len())
+/// One address family's map names and types, so that the `Dataplane` operations on
+/// rules, flows and host addresses are written once for IPv4 and IPv6.
+pub trait Family {
+    type Addr: Copy + Ord;
+    /// The address as map keys hold it (network order).
+    type Octets: aya::Pod;
+    type RuleKey: aya::Pod;
+    type Backend: aya::Pod;
+    type FlowKey: aya::Pod;
+    const RULES: &'static str;
+    const HOST_ADDRS: &'static str;
+    fn octets(a: Self::Addr) -> Self::Octets;
+    fn addr(o: Self::Octets) -> Self::Addr;
+    /// A rule key's port, protocol and whether it is the wildcard.
+    fn rule_port(k: &Self::RuleKey) -> (u16, u8, bool);
+    /// A flow key's backend: address, port, protocol.
+    fn flow_backend(k: &Self::FlowKey) -> (Self::Addr, u16, u8);
+}
+
+/// One entry of a family's rules map.
+pub type RuleEntry<F> = (<F as Family>::RuleKey, <F as Family>::Backend);
+
+/// IPv4's maps.
+pub enum V4 {}
+/// IPv6's maps.
+pub enum V6 {}
+
+impl Family for V4 {
+    type Addr = Ipv4Addr;
+    type Octets = [u8; 4];
+    type RuleKey = RuleKeyV4;
+    type Backend = BackendV4;
+    type FlowKey = FlowKeyV4;
+    const RULES: &'static str = RULES_V4;
+    const HOST_ADDRS: &'static str = HOST_ADDRS_V4;
+    fn octets(a: Ipv4Addr) -> [u8; 4] {
+        a.octets()
     }
+    fn addr(o: [u8; 4]) -> Ipv4Addr {
+        Ipv4Addr::from(o)
+    }
+    fn rule_port(k: &RuleKeyV4) -> (u16, u8, bool) {
+        (k.port(), k.proto(), k.addr().is_unspecified())
+    }
+    fn flow_backend(k: &FlowKeyV4) -> (Ipv4Addr, u16, u8) {
+        let (ip, port) = k.backend();
+        (ip, port, k.proto())
+    }
+}
 
-    /// Makes the kernel's set of IPv6 host addresses (for `::` rules) equal to `addrs`.
-    pub fn sync_host_addrs_v6(&mut self, addrs: &BTreeSet<Ipv6Addr>) -> Result<(), DataplaneError> {
-        let map = self
-            .ebpf
-            .map_mut(HOST_ADDRS_V6)
-            .ok_or(DataplaneError::MissingMap(HOST_ADDRS_V6))?;
-        let mut m: HashMap<&mut MapData, [u8; 16], u8> =
-            HashMap::try_from(map).map_err(map_err(HOST_ADDRS_V6))?;
-        let current: BTreeSet<Ipv6Addr> = m
-            .keys()
-            .filter_map(Result::ok)
-            .map(Ipv6Addr::from)
-            .collect();
-        for gone in current.difference(addrs) {
-            let _ = m.remove(&gone.octets());
-        }
-        for new in addrs.difference(&current) {
-            m.insert(new.octets(), 1, 0)
-                .map_err(map_err(HOST_ADDRS_V6))?;
-        }
-        Ok(())
+impl Family for V6 {
+    type Addr = Ipv6Addr;
+    type Octets = [u8; 16];
+    type RuleKey = RuleKeyV6;
+    type Backend = BackendV6;
+    type FlowKey = FlowKeyV6;
+    const RULES: &'static str = RULES_V6;
+    const HOST_ADDRS: &'static str = HOST_ADDRS_V6;
+    fn octets(a: Ipv6Addr) -> [u8; 16] {
+        a.octets()
+    }
+    fn addr(o: [u8; 16]) -> Ipv6Addr {
+        Ipv6Addr::from(o)
+    }
+    fn rule_port(k: &RuleKeyV6) -> (u16, u8, bool) {
+        (k.port(), k.proto(), k.addr().is_unspecified())
+    }
+    fn flow_backend(k: &FlowKeyV6) -> (Ipv6Addr, u16, u8) {
+        let (ip, port) = k.backend();
+        (ip, port, k.proto())
     }
 }
 
