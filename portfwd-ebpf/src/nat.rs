@@ -563,8 +563,7 @@ impl Packet for TcPacket<'_> {
     }
     #[inline(always)]
     fn ingress_ifindex(&self) -> u32 {
-        // SAFETY: reading a field of the kernel-provided __sk_buff.
-        unsafe { (*self.ctx.skb.skb).ifindex }
+        nat64::ingress_ifindex(self.ctx)
     }
 
     #[inline(always)]

@@ -601,8 +601,9 @@ fn word(a: &[u8; 16], i: usize) -> u32 {
     u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
 }
 
+/// The interface an skb is on (at ingress: where it arrived).
 #[inline(always)]
-fn ingress_ifindex(ctx: &TcContext) -> u32 {
+pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
     // SAFETY: reading a field of the kernel-provided __sk_buff.
     unsafe { (*ctx.skb.skb).ifindex }
 }

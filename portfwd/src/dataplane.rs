@@ -273,8 +273,9 @@ impl Dataplane {
             .filter(|a| a.ingress != Hook::TcIngress)
             .map(|a| a.iface.clone())
             .collect();
+        let subnets = crate::netinfo::v4_subnets();
         for b in backends {
-            if let Some(iface) = crate::netinfo::iface_of_v4_subnet(*b) {
+            if let Some(iface) = crate::netinfo::iface_of_v4_subnet(&subnets, *b) {
                 if !tc_ingress(self, &iface) {
                     want.insert(iface);
                 }

@@ -213,30 +213,33 @@ fn parse_neigh(payload: &[u8]) -> Option<FdbEntry> {
     })
 }
 
-/// The interface whose IPv4 subnet holds `addr` (the longest prefix wins): where a
-/// directly connected backend is, and where its packets arrive. Loopback is skipped.
-pub fn iface_of_v4_subnet(addr: std::net::Ipv4Addr) -> Option<String> {
-    let addrs = nix::ifaddrs::getifaddrs().ok()?;
-    let mut best: Option<(u32, String)> = None;
-    for a in addrs {
-        let (Some(ip), Some(mask)) = (
-            a.address
-                .and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip())),
-            a.netmask
-                .and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip())),
-        ) else {
-            continue;
-        };
-        let (ip, mask) = (u32::from(ip), u32::from(mask));
-        if ip >> 24 == 127 || (ip & mask) != (u32::from(addr) & mask) {
-            continue;
-        }
-        if best
-            .as_ref()
-            .is_none_or(|(m, _)| mask.count_ones() > m.count_ones())
-        {
-            best = Some((mask, a.interface_name));
-        }
-    }
-    best.map(|(_, name)| name)
+/// The IPv4 subnets of this namespace's interfaces (loopback skipped): (interface,
+/// address, netmask), host order.
+pub fn v4_subnets() -> Vec<(String, u32, u32)> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter_map(|a| {
+            let ip = a.address?.as_sockaddr_in()?.ip();
+            let mask = a.netmask?.as_sockaddr_in()?.ip();
+            (u32::from(ip) >> 24 != 127).then(|| (a.interface_name, u32::from(ip), u32::from(mask)))
+        })
+        .collect()
+}
+
+/// The interface of `subnets` ([`v4_subnets`]) that holds `addr`, the longest prefix
+/// winning: where a directly connected backend is, and where its packets arrive.
+pub fn iface_of_v4_subnet(
+    subnets: &[(String, u32, u32)],
+    addr: std::net::Ipv4Addr,
+) -> Option<String> {
+    let addr = u32::from(addr);
+    subnets
+        .iter()
+        .filter(|(_, ip, mask)| ip & mask == addr & mask)
+        // `max_by_key` keeps the last of equals: reversed, the first listed wins a tie.
+        .rev()
+        .max_by_key(|(_, _, mask)| mask.count_ones())
+        .map(|(name, _, _)| name.clone())
 }

@@ -199,17 +199,15 @@ impl Daemon {
     }
 
     pub fn start(ns: &Netns, dir: &Path, ifaces: &[&str], ingress: &str) -> Self {
-        let mut d = match ingress.split_once('+') {
-            Some((mode, "fast")) => Self::spawn(
+        match ingress.split_once('+') {
+            Some((mode, "fast")) => Self::start_with(
                 ns,
                 dir,
                 ifaces,
                 &["--ingress", mode, "--fast-path", "--fast-path-native-xdp"],
             ),
-            _ => Self::spawn(ns, dir, ifaces, &["--ingress", ingress]),
-        };
-        d.wait_ready();
-        d
+            _ => Self::start_with(ns, dir, ifaces, &["--ingress", ingress]),
+        }
     }
 
     /// Waits until `portfwd-ctl list` succeeds; panics with the daemon's log if it exits

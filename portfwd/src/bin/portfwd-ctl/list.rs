@@ -26,11 +26,10 @@ pub fn run(socket: &Path, args: Args) -> Result<(), String> {
 
 /// `*:9000`, `0.0.0.0:9000-9009`, `[::1]:9000`.
 fn ports(host: impl std::fmt::Display, start: u16, end: u16) -> String {
-    let ip = host;
     if end > start {
-        format!("{ip}:{start}-{end}")
+        format!("{host}:{start}-{end}")
     } else {
-        format!("{ip}:{start}")
+        format!("{host}:{start}")
     }
 }
 
