@@ -1,0 +1,169 @@
+//! `portfwd-docker-proxy`: dockerd's userland proxy, replaced by a portfwd rule.
+//!
+//! dockerd (`"userland-proxy": true`, `"userland-proxy-path"` pointing here) starts one
+//! proxy per published port and family and expects docker-proxy's contract, which this
+//! keeps (moby's `cmd/docker-proxy` and `libnetwork/portmapper`, 20.10 to 28+):
+//! - arguments `-proto -host-ip -host-port -container-ip -container-port` (see
+//!   [`args`]), plus `-use-listen-fd` from dockerd 28 on, when fd 4 is dockerd's socket
+//!   for the host address and port;
+//! - readiness on fd 3, a pipe: `0\n` once published, or `1\n<message>` and exit 1
+//!   (dockerd shows the message in `docker run`'s error, after "Error starting userland
+//!   proxy: ");
+//! - it runs until SIGINT (how dockerd stops it) or SIGTERM (its parent-death signal),
+//!   then unpublishes and exits 0.
+//!
+//! Instead of copying bytes it asks the portfwd daemon (`PORTFWD_SOCKET`, or the default
+//! socket) to publish the same address, port and protocol to the container, so nothing
+//! listens on the host port and the container sees its clients' addresses. Invariant:
+//! it removes only the rule it added, and only while that rule still has its backend
+//! (a rule someone replaced in between is left alone). dockerd 28's socket is closed
+//! before publishing: portfwd refuses ports a local process holds, and once the rule is
+//! in place its bind hook keeps local processes off the port.
+
+mod args;
+
+use std::{
+    fs::File,
+    io::Write,
+    os::fd::{FromRawFd, OwnedFd, RawFd},
+    path::PathBuf,
+    process::ExitCode,
+};
+
+use nix::sys::{
+    signal::{SigSet, Signal},
+    stat::{fstat, SFlag},
+};
+use portfwd::protocol::{self, ListReply, Request, RuleReply, DEFAULT_SOCKET, SOCKET_ENV};
+
+use args::{Invocation, ProxyArgs};
+
+/// The pipe dockerd reads our status from.
+const STATUS_FD: RawFd = 3;
+/// dockerd 28's socket for the host address and port (with `-use-listen-fd`).
+const LISTEN_FD: RawFd = 4;
+
+const NAME: &str = "portfwd-docker-proxy";
+
+fn main() -> ExitCode {
+    // Block the stop signals first, so one that comes while publishing waits in the
+    // queue and is answered by unpublishing, never by dying with the rule in place.
+    let mut stop = SigSet::empty();
+    stop.add(Signal::SIGINT);
+    stop.add(Signal::SIGTERM);
+    if let Err(e) = stop.thread_block() {
+        return fail(&format!("cannot block SIGINT and SIGTERM: {e}"));
+    }
+    let args = match args::parse(std::env::args().skip(1)) {
+        Ok(Invocation::Version) => {
+            println!("{NAME} {} (portfwd)", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Ok(Invocation::Proxy(p)) => p,
+        Err(e) => return fail(&e.to_string()),
+    };
+    if args.use_listen_fd {
+        if let Err(msg) = close_listen_fd() {
+            return fail(&msg);
+        }
+    }
+    let socket = std::env::var_os(SOCKET_ENV)
+        .filter(|s| !s.is_empty())
+        .map_or_else(|| PathBuf::from(DEFAULT_SOCKET), PathBuf::from);
+    let published = match publish(&socket, &args) {
+        Ok(reply) => reply,
+        Err(msg) => return fail(&msg),
+    };
+    eprintln!("{NAME}: published {published}");
+    report(b"0\n");
+
+    // Wait for dockerd to stop us.
+    match stop.wait() {
+        Ok(sig) => eprintln!("{NAME}: {sig}, unpublishing {}", published.publish),
+        Err(e) => eprintln!("{NAME}: waiting for a signal failed ({e}), unpublishing"),
+    }
+    if let Err(msg) = unpublish(&socket, &published) {
+        eprintln!("{NAME}: {msg}");
+    }
+    ExitCode::SUCCESS
+}
+
+/// Publishes the rule standing for `args`.
+fn publish(socket: &std::path::Path, args: &ProxyArgs) -> Result<RuleReply, String> {
+    let decl = args.declaration().map_err(|e| e.to_string())?;
+    protocol::call(
+        socket,
+        &Request::Add {
+            publish: decl.spec(),
+            backend: decl.backend(),
+        },
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Removes `ours` if the daemon still publishes it to the same backend.
+fn unpublish(socket: &std::path::Path, ours: &RuleReply) -> Result<(), String> {
+    let list: ListReply = protocol::call(socket, &Request::List).map_err(|e| e.to_string())?;
+    let (publish, addrs) = (&ours.publish, ours.backend.addrs());
+    let still_ours = list.rules.iter().any(|r| {
+        r.host_ip == publish.host()
+            && r.proto == publish.proto()
+            && r.host_port == publish.ports().start()
+            && r.host_port_end.max(r.host_port) == publish.ports().end()
+            && r.backend_ip == addrs.first()
+            && r.backend_ip6 == addrs.v6()
+            && r.backend_port == ours.backend.ports().start()
+    });
+    if !still_ours {
+        return Err(format!(
+            "{ours} is no longer published (or now goes elsewhere): left as it is"
+        ));
+    }
+    let gone: RuleReply = protocol::call(
+        socket,
+        &Request::Del {
+            publish: ours.publish,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    eprintln!("{NAME}: unpublished {gone}");
+    Ok(())
+}
+
+/// Closes dockerd's socket on fd 4 (checking that it is one): nothing is to listen on
+/// the published port.
+fn close_listen_fd() -> Result<(), String> {
+    let st = fstat(LISTEN_FD).map_err(|e| format!("-use-listen-fd: fd {LISTEN_FD}: {e}"))?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
+        return Err(format!("-use-listen-fd: fd {LISTEN_FD} is not a socket"));
+    }
+    // SAFETY: fd 4 is open (fstat succeeded) and nothing else in this process owns it:
+    // dockerd handed it over for us alone; dropping the OwnedFd closes it once.
+    drop(unsafe { OwnedFd::from_raw_fd(LISTEN_FD) });
+    Ok(())
+}
+
+/// Reports failure the way dockerd reads it (`1\n<message>`, one line), and on stderr.
+fn fail(msg: &str) -> ExitCode {
+    let line = protocol::one_line(&format!("{NAME}: {msg}"));
+    eprintln!("{line}");
+    let mut status = b"1\n".to_vec();
+    status.extend_from_slice(line.as_bytes());
+    report(&status);
+    ExitCode::FAILURE
+}
+
+/// Writes `status` to dockerd's pipe on fd 3 and closes it; without such a pipe (run by
+/// hand) there is nobody to tell.
+fn report(status: &[u8]) {
+    let is_pipe = fstat(STATUS_FD)
+        .is_ok_and(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFIFO);
+    if !is_pipe {
+        return;
+    }
+    // SAFETY: fd 3 is open (fstat succeeded) and is dockerd's status pipe, which nothing
+    // else in this process owns; the File closes it once, when dropped here.
+    let mut pipe = unsafe { File::from_raw_fd(STATUS_FD) };
+    // dockerd may have given up waiting (its pipe is closed): it then stops us anyway.
+    let _ = pipe.write_all(status);
+}
