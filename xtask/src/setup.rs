@@ -14,6 +14,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+mod docker;
+
 /// Debian packages, with the reason each is needed.
 const APT_PACKAGES: &[(&str, &str)] = &[
     (
@@ -89,6 +91,7 @@ pub fn ensure() -> Result<()> {
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
     }
+    docker::ensure()?;
     ensure_bpf_linker()?;
     println!("==> setup: done");
     Ok(())
@@ -172,7 +175,7 @@ fn dpkg_installed(pkg: &str) -> bool {
 /// Without apt: say exactly what is missing, install nothing.
 fn report_non_debian() -> Result<()> {
     let mut missing = Vec::new();
-    for (tool, pkg) in TOOLS {
+    for (tool, pkg) in TOOLS.iter().chain(docker::TOOLS) {
         if which(tool).is_none() {
             missing.push(format!("`{tool}` (package {pkg})"));
         }
