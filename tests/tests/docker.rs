@@ -10,6 +10,8 @@
 //! remove the containers, stop dockerd (which stops its containerd) and unmount what it
 //! left, even when a test panics.
 //!
+//! A restarted portfwd daemon gets the containers' rules back from their proxies.
+//!
 //! The proxy's other contract, dockerd 28's (`-use-listen-fd`, its socket on fd 4), is
 //! tested by starting the proxy the way such a dockerd does.
 //!
@@ -499,6 +501,26 @@ fn docker_run_publishes_through_portfwd() {
         );
     }
     assert_eq!(listeners(&topo.host, 5353), Vec::<String>::new());
+
+    // portfwd restarts (and forgets its runtime rules): each proxy sees the new socket
+    // and publishes its rule again.
+    let mut daemon = topo.take_daemon().expect("daemon");
+    daemon.stop(Duration::from_secs(10)).expect("daemon stops");
+    drop(daemon);
+    topo.start_daemon("tc");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rules(topo) != want {
+        assert!(
+            Instant::now() < deadline,
+            "rules not published again after a restart: {:?}",
+            rules(topo)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        http_get(&topo.client, v4(9101)).expect("GET after restart"),
+        page
+    );
 
     // The portfwd daemon goes down: a new `docker run -p` fails with one clear line, and
     // removing a container still works.

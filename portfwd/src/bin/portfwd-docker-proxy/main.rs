@@ -19,6 +19,9 @@
 //! (a rule someone replaced in between is left alone). dockerd 28's socket is closed
 //! before publishing: portfwd refuses ports a local process holds, and once the rule is
 //! in place its bind hook keeps local processes off the port.
+//!
+//! The rule lives in the daemon, which forgets it when it restarts; the proxy notices
+//! the daemon's new socket (checked every second) and publishes the rule again.
 
 mod args;
 
@@ -26,7 +29,7 @@ use std::{
     fs::File,
     io::Write,
     os::fd::{FromRawFd, OwnedFd, RawFd},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
 };
 
@@ -34,9 +37,12 @@ use nix::sys::{
     signal::{SigSet, Signal},
     stat::{fstat, SFlag},
 };
-use portfwd::protocol::{self, ListReply, Request, RuleReply, DEFAULT_SOCKET, SOCKET_ENV};
+use portfwd::{
+    protocol::{self, ClientError, ListReply, Request, RuleReply, DEFAULT_SOCKET, SOCKET_ENV},
+    rule::Declaration,
+};
 
-use args::{Invocation, ProxyArgs};
+use args::Invocation;
 
 /// The pipe dockerd reads our status from.
 const STATUS_FD: RawFd = 3;
@@ -70,17 +76,50 @@ fn main() -> ExitCode {
     let socket = std::env::var_os(SOCKET_ENV)
         .filter(|s| !s.is_empty())
         .map_or_else(|| PathBuf::from(DEFAULT_SOCKET), PathBuf::from);
-    let published = match publish(&socket, &args) {
+    let decl = match args.declaration() {
+        Ok(d) => d,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let mut published_on = socket_id(&socket);
+    let mut published = match publish(&socket, &decl) {
         Ok(reply) => reply,
-        Err(msg) => return fail(&msg),
+        Err(e) => return fail(&e.to_string()),
     };
     eprintln!("{NAME}: published {published}");
     report(b"0\n");
 
-    // Wait for dockerd to stop us.
-    match stop.wait() {
-        Ok(sig) => eprintln!("{NAME}: {sig}, unpublishing {}", published.publish),
-        Err(e) => eprintln!("{NAME}: waiting for a signal failed ({e}), unpublishing"),
+    // Wait for dockerd to stop us. Meanwhile, a portfwd daemon that restarted (a new
+    // socket file) has lost the rule: publish it again.
+    loop {
+        match wait_for(&stop, RECHECK_SECS) {
+            Wait::Signal(sig) => {
+                eprintln!("{NAME}: {sig}, unpublishing {}", published.publish);
+                break;
+            }
+            Wait::Failed(e) => {
+                eprintln!("{NAME}: waiting for a signal failed ({e}), unpublishing");
+                break;
+            }
+            Wait::TimedOut => {}
+        }
+        let now = socket_id(&socket);
+        if now.is_none() || now == published_on {
+            continue;
+        }
+        match publish(&socket, &decl) {
+            Ok(reply) => {
+                eprintln!("{NAME}: the portfwd daemon restarted; published {reply} again");
+                published = reply;
+                published_on = now;
+            }
+            // Not answering yet: the next round tries again.
+            Err(ClientError::Connect { .. } | ClientError::Io { .. } | ClientError::NoResponse) => {
+            }
+            Err(e) => {
+                eprintln!("{NAME}: the portfwd daemon restarted and refused {decl}: {e}");
+                published_on = now;
+            }
+        }
     }
     if let Err(msg) = unpublish(&socket, &published) {
         eprintln!("{NAME}: {msg}");
@@ -88,9 +127,46 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Publishes the rule standing for `args`.
-fn publish(socket: &std::path::Path, args: &ProxyArgs) -> Result<RuleReply, String> {
-    let decl = args.declaration().map_err(|e| e.to_string())?;
+/// How often (seconds) the daemon's socket is checked for a restart (one `stat`).
+const RECHECK_SECS: libc::time_t = 1;
+
+/// What identifies one daemon's socket: a restarted daemon makes a new file (another
+/// inode, or the same number reused, then with another change time).
+fn socket_id(socket: &Path) -> Option<(u64, u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(socket).ok()?;
+    Some((m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
+}
+
+enum Wait {
+    Signal(Signal),
+    TimedOut,
+    Failed(nix::errno::Errno),
+}
+
+/// Waits up to `secs` seconds for one of the (blocked) signals of `set`.
+fn wait_for(set: &SigSet, secs: libc::time_t) -> Wait {
+    let ts = libc::timespec {
+        tv_sec: secs,
+        tv_nsec: 0,
+    };
+    // SAFETY: `set` is a valid, initialized sigset_t (SigSet's AsRef); a null info
+    // pointer is allowed; `ts` lives across the call.
+    let sig = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &ts) };
+    if sig >= 0 {
+        return match Signal::try_from(sig) {
+            Ok(s) => Wait::Signal(s),
+            Err(e) => Wait::Failed(e),
+        };
+    }
+    match nix::errno::Errno::last() {
+        nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR => Wait::TimedOut,
+        e => Wait::Failed(e),
+    }
+}
+
+/// Publishes `decl` (dockerd's mapping) as a runtime rule.
+fn publish(socket: &Path, decl: &Declaration) -> Result<RuleReply, ClientError> {
     protocol::call(
         socket,
         &Request::Add {
@@ -98,11 +174,10 @@ fn publish(socket: &std::path::Path, args: &ProxyArgs) -> Result<RuleReply, Stri
             backend: decl.backend(),
         },
     )
-    .map_err(|e| e.to_string())
 }
 
 /// Removes `ours` if the daemon still publishes it to the same backend.
-fn unpublish(socket: &std::path::Path, ours: &RuleReply) -> Result<(), String> {
+fn unpublish(socket: &Path, ours: &RuleReply) -> Result<(), String> {
     let list: ListReply = protocol::call(socket, &Request::List).map_err(|e| e.to_string())?;
     let (publish, addrs) = (&ours.publish, ours.backend.addrs());
     let still_ours = list.rules.iter().any(|r| {
