@@ -229,13 +229,18 @@ impl Dockerd {
         self.ok(&["import", &tar.display().to_string(), "busybox:test"]);
     }
 
-    /// `docker run -d --name NAME ARGS... busybox:test httpd ...` serving the page on
+    /// `docker run -d --name NAME -p PUBLISH... busybox:test httpd ...` serving the page on
     /// `ports` (busybox httpd: `-vv` logs each client's address; it ignores SIGTERM, so
     /// stops use `-t 1`).
     fn run_web(&self, name: &str, publish: &[&str], ports: &[u16]) -> Output {
         let mut args = vec!["run", "-d", "--name", name];
         for p in publish {
-            args.extend(["-p", p]);
+            // Other `docker run` options (`--network=...`) pass as they are.
+            if p.starts_with("--") {
+                args.push(p);
+            } else {
+                args.extend(["-p", p]);
+            }
         }
         args.push("busybox:test");
         let script: Vec<String> = ports
@@ -474,6 +479,48 @@ fn docker_run_publishes_through_portfwd() {
         page
     );
     docker.ok(&["rm", "-f", web]);
+    assert_eq!(rules(topo), vec![]);
+
+    // A dual-stack container (a network with IPv6): dockerd gives the `::` proxy the
+    // container's IPv6 address, so IPv6 clients reach it directly, their address kept.
+    docker.ok(&[
+        "network",
+        "create",
+        "--ipv6",
+        "--subnet",
+        "198.18.5.0/24",
+        "--subnet",
+        "2001:2:0:5::/64",
+        "pfv6",
+    ]);
+    let out = docker.run_web("web-6", &["--network=pfv6", "9400:8080"], &[8080]);
+    assert!(out.status.success(), "docker run dual-stack: {out:?}");
+    let addrs = docker.ok(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{.GlobalIPv6Address}}{{end}}",
+        "web-6",
+    ]);
+    let (ip4, ip6) = addrs.split_once(' ').expect("two addresses");
+    assert_eq!(
+        rules(topo),
+        vec![
+            ("0.0.0.0".into(), 9400, "tcp".into(), ip4.to_string(), 8080),
+            ("::".into(), 9400, "tcp".into(), ip6.to_string(), 8080),
+        ]
+    );
+    assert_eq!(
+        http_get(&topo.client, v6(9400)).expect("GET v6 direct"),
+        page
+    );
+    let logs = docker.docker(&["logs", "web-6"]);
+    let logs = String::from_utf8_lossy(&logs.stderr).to_string();
+    assert!(
+        logs.contains(&format!("[{CLIENT_IP6}]:")),
+        "the container did not see the IPv6 client's address: {logs}"
+    );
+    docker.ok(&["rm", "-f", "web-6"]);
+    docker.ok(&["network", "rm", "pfv6"]);
     assert_eq!(rules(topo), vec![]);
 
     // A range is one proxy, so one rule, per port and family; UDP likewise.

@@ -28,6 +28,7 @@ mod args;
 use std::{
     fs::File,
     io::Write,
+    net::IpAddr,
     os::fd::{FromRawFd, OwnedFd, RawFd},
     path::{Path, PathBuf},
     process::ExitCode,
@@ -38,7 +39,9 @@ use nix::sys::{
     stat::{fstat, SFlag},
 };
 use portfwd::{
-    protocol::{self, ClientError, ListReply, Request, RuleReply, DEFAULT_SOCKET, SOCKET_ENV},
+    protocol::{
+        self, ClientError, ListReply, Request, RuleReply, RuleStatus, DEFAULT_SOCKET, SOCKET_ENV,
+    },
     rule::Declaration,
 };
 
@@ -179,16 +182,7 @@ fn publish(socket: &Path, decl: &Declaration) -> Result<RuleReply, ClientError> 
 /// Removes `ours` if the daemon still publishes it to the same backend.
 fn unpublish(socket: &Path, ours: &RuleReply) -> Result<(), String> {
     let list: ListReply = protocol::call(socket, &Request::List).map_err(|e| e.to_string())?;
-    let (publish, addrs) = (&ours.publish, ours.backend.addrs());
-    let still_ours = list.rules.iter().any(|r| {
-        r.host_ip == publish.host()
-            && r.proto == publish.proto()
-            && r.host_port == publish.ports().start()
-            && r.host_port_end.max(r.host_port) == publish.ports().end()
-            && r.backend_ip == addrs.first()
-            && r.backend_ip6 == addrs.v6()
-            && r.backend_port == ours.backend.ports().start()
-    });
+    let still_ours = list.rules.iter().any(|r| is_rule(r, ours));
     if !still_ours {
         return Err(format!(
             "{ours} is no longer published (or now goes elsewhere): left as it is"
@@ -203,6 +197,27 @@ fn unpublish(socket: &Path, ours: &RuleReply) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     eprintln!("{NAME}: unpublished {gone}");
     Ok(())
+}
+
+/// Whether `status` (a row of `list`) is the rule `ours`: same host address, ports and
+/// protocol, same backend addresses and ports.
+fn is_rule(status: &RuleStatus, ours: &RuleReply) -> bool {
+    let (publish, backend) = (&ours.publish, &ours.backend);
+    // `list` gives the first address, and the IPv6 one only for a dual-stack backend.
+    let mut theirs: Vec<IpAddr> = std::iter::once(status.backend_ip)
+        .chain(status.backend_ip6.map(IpAddr::V6))
+        .collect();
+    let mut mine: Vec<IpAddr> = backend.addrs().ips().collect();
+    theirs.sort();
+    mine.sort();
+    let end = |first: u16, end: u16| if end == 0 { first } else { end };
+    status.host_ip == publish.host()
+        && status.proto == publish.proto()
+        && status.host_port == publish.ports().start()
+        && end(status.host_port, status.host_port_end) == publish.ports().end()
+        && status.backend_port == backend.ports().start()
+        && end(status.backend_port, status.backend_port_end) == backend.ports().end()
+        && theirs == mine
 }
 
 /// Closes dockerd's socket on fd 4 (checking that it is one): nothing is to listen on
@@ -241,4 +256,56 @@ fn report(status: &[u8]) {
     let mut pipe = unsafe { File::from_raw_fd(STATUS_FD) };
     // dockerd may have given up waiting (its pipe is closed): it then stops us anyway.
     let _ = pipe.write_all(status);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portfwd::protocol::Source;
+
+    fn status(host: &str, port: u16, backend: &str, backend6: Option<&str>) -> RuleStatus {
+        RuleStatus {
+            host_ip: host.parse().expect("host"),
+            host_port: port,
+            host_port_end: port,
+            proto: portfwd::rule::Proto::Tcp,
+            backend_ip: backend.parse().expect("backend"),
+            backend_ip6: backend6.map(|b| b.parse().expect("backend6")),
+            backend_port: 8080,
+            backend_port_end: 8080,
+            source: Source::Cli,
+            packets: 0,
+            bytes: 0,
+            reply_packets: 0,
+            reply_bytes: 0,
+            local: 0,
+        }
+    }
+
+    fn reply(publish: &str, backend: &str) -> RuleReply {
+        RuleReply {
+            publish: publish.parse().expect("publish"),
+            backend: backend.parse().expect("backend"),
+        }
+    }
+
+    #[test]
+    fn finds_its_own_rule_only() {
+        let v4 = reply("0.0.0.0:9000", "172.17.0.2:8080");
+        let v6 = reply("[::]:9000", "[fd00::2]:8080");
+        let nat64 = reply("[::]:9000", "172.17.0.2:8080");
+        assert!(is_rule(&status("0.0.0.0", 9000, "172.17.0.2", None), &v4));
+        // An IPv6-only backend is `backend_ip` in `list`, with no `backend_ip6`.
+        assert!(is_rule(&status("::", 9000, "fd00::2", None), &v6));
+        assert!(is_rule(&status("::", 9000, "172.17.0.2", None), &nat64));
+        // Another backend, family, address, port or a dual-stack one: not ours.
+        assert!(!is_rule(&status("0.0.0.0", 9000, "172.17.0.3", None), &v4));
+        assert!(!is_rule(&status("::", 9000, "172.17.0.2", None), &v4));
+        assert!(!is_rule(&status("*", 9000, "172.17.0.2", None), &v4));
+        assert!(!is_rule(&status("0.0.0.0", 9001, "172.17.0.2", None), &v4));
+        assert!(!is_rule(
+            &status("::", 9000, "172.17.0.2", Some("fd00::2")),
+            &v6
+        ));
+    }
 }
