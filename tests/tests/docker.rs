@@ -6,7 +6,9 @@
 //! dockerd gets its own data root, exec root, API socket, pid file, config file and
 //! bridge (`--bip` in 198.18.0.0/15), and `--iptables=false --ip6tables=false`, so it
 //! touches nothing outside the test's namespace and directory. The image is a busybox
-//! rootfs made from the static busybox of Debian's `busybox-static`, imported. Guards
+//! rootfs made from the static busybox of Debian's `busybox-static` (httpd serves TCP),
+//! plus the harness's `portfwd-testsrv` and its libraries (busybox has no UDP server),
+//! imported. Guards
 //! remove the containers, stop dockerd (which stops its containerd) and unmount what it
 //! left, even when a test panics.
 //!
@@ -20,7 +22,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::{AsRawFd, OwnedFd},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
@@ -212,11 +214,20 @@ impl Dockerd {
             std::fs::create_dir_all(root.join(d)).expect("rootfs dir");
         }
         std::fs::copy(BUSYBOX, root.join("bin/busybox")).expect("copy busybox");
-        for applet in ["sh", "httpd", "sleep", "cat"] {
+        for applet in ["sh", "httpd"] {
             std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))
                 .expect("applet link");
         }
         std::fs::write(root.join("www/index.html"), "hello from docker\n").expect("page");
+        // busybox has no UDP server: the harness's test server (UDP echo that names the
+        // peer it saw), with the shared libraries it links.
+        let srv = bins::bin(bins::TESTSRV);
+        std::fs::copy(&srv, root.join("bin/testsrv")).expect("copy testsrv");
+        for lib in shared_libs(&srv) {
+            let to = root.join(lib.strip_prefix("/").expect("absolute"));
+            std::fs::create_dir_all(to.parent().expect("lib dir")).expect("lib dir");
+            std::fs::copy(&lib, &to).expect("copy library");
+        }
         let tar = self.dir.join("rootfs.tar");
         netns_free_ok(
             Command::new("tar")
@@ -278,6 +289,24 @@ impl Drop for Dockerd {
         }
         unmount_under(&self.dir);
     }
+}
+
+/// The shared libraries `bin` loads (ldd), as absolute paths.
+fn shared_libs(bin: &Path) -> Vec<PathBuf> {
+    let out = Command::new("ldd").arg(bin).output().expect("run ldd");
+    assert!(out.status.success(), "ldd {}", bin.display());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)` or `/lib64/ld-linux-x86-64.so.2 (0x...)`.
+        .filter_map(|l| {
+            let path = l
+                .split_once("=>")
+                .map_or(l, |(_, p)| p)
+                .split_whitespace()
+                .next()?;
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
 }
 
 /// Lazily unmounts every mount point under `dir`, deepest first (overlays, network
@@ -342,6 +371,16 @@ fn http_get(ns: &Netns, to: SocketAddr) -> std::io::Result<String> {
     Ok(resp
         .split_once("\r\n\r\n")
         .map_or(String::new(), |(_, b)| b.to_string()))
+}
+
+/// One UDP datagram from inside `ns` to `to`: the reply and where it came from.
+fn udp_echo(ns: &Netns, to: SocketAddr, payload: &[u8]) -> (Vec<u8>, SocketAddr) {
+    let sock = ns.run(|| UdpSocket::bind("0.0.0.0:0")).expect("UDP socket");
+    sock.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    sock.send_to(payload, to).expect("send");
+    let mut buf = [0u8; 1500];
+    let (n, from) = sock.recv_from(&mut buf).expect("UDP echo reply");
+    (buf[..n].to_vec(), from)
 }
 
 fn v4(port: u16) -> SocketAddr {
@@ -524,20 +563,29 @@ fn docker_run_publishes_through_portfwd() {
     assert_eq!(rules(topo), vec![]);
 
     // A range is one proxy, so one rule, per port and family; UDP likewise.
-    let out = docker.run_web(
-        "web-r",
-        &["9100-9102:8100-8102", "5353:53/udp"],
-        &[8100, 8101, 8102],
-    );
+    let out = docker.run_web("web-r", &["9100-9102:8100-8102"], &[8100, 8101, 8102]);
     assert!(out.status.success(), "docker run range: {out:?}");
     let ip = container_ip(docker, "web-r");
+    docker.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "echo-u",
+        "-p",
+        "5353:53/udp",
+        "busybox:test",
+        "/bin/testsrv",
+        "--udp",
+        "0.0.0.0:53",
+    ]);
+    let ip_u = container_ip(docker, "echo-u");
     let mut want = vec![];
     for (h, c) in [(9100, 8100), (9101, 8101), (9102, 8102)] {
         want.push(("0.0.0.0".to_string(), h, "tcp".to_string(), ip.clone(), c));
         want.push(("::".to_string(), h, "tcp".to_string(), ip.clone(), c));
     }
-    want.push(("0.0.0.0".into(), 5353, "udp".into(), ip.clone(), 53));
-    want.push(("::".into(), 5353, "udp".into(), ip.clone(), 53));
+    want.push(("0.0.0.0".into(), 5353, "udp".into(), ip_u.clone(), 53));
+    want.push(("::".into(), 5353, "udp".into(), ip_u.clone(), 53));
     want.sort();
     assert_eq!(rules(topo), want);
     for port in [9100, 9101, 9102] {
@@ -548,6 +596,15 @@ fn docker_run_publishes_through_portfwd() {
         );
     }
     assert_eq!(listeners(&topo.host, 5353), Vec::<String>::new());
+    let (reply, from) = udp_echo(&topo.client, v4(5353), b"ping over udp");
+    let reply = String::from_utf8_lossy(&reply).to_string();
+    let (peer, echoed) = reply.split_once('\n').expect("peer line");
+    assert_eq!(echoed, "ping over udp");
+    assert!(
+        peer.starts_with(&format!("peer={CLIENT_IP}:")),
+        "the container saw {peer}"
+    );
+    assert_eq!(from, v4(5353), "the reply comes from the published address");
 
     // portfwd restarts (and forgets its runtime rules): each proxy sees the new socket
     // and publishes its rule again.
@@ -585,7 +642,7 @@ fn docker_run_publishes_through_portfwd() {
             && err[0].contains("(is portfwd running?)"),
         "{err:?}"
     );
-    docker.ok(&["rm", "-f", "web-down", "web-r"]);
+    docker.ok(&["rm", "-f", "web-down", "web-r", "echo-u"]);
 }
 
 /// `curl -s URL` from a shell that first joins the daemon's cgroup (a local client of
