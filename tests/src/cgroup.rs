@@ -13,18 +13,7 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-/// Where cgroup2 is mounted (`/sys/fs/cgroup/unified` on hybrid layouts,
-/// `/sys/fs/cgroup` on unified ones), from `/proc/self/mountinfo`.
-pub fn cgroup2_root() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|line| {
-        // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS... - FSTYPE SOURCE SUPEROPTS
-        let (left, right) = line.split_once(" - ")?;
-        (right.split_whitespace().next()? == "cgroup2")
-            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
-            .flatten()
-    })
-}
+use portfwd_common::host::cgroup2_root;
 
 #[derive(Debug)]
 pub struct Cgroup {

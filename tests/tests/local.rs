@@ -12,10 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use portfwd_common::host::cgroup2_root;
 use portfwd_tests::{
-    bins,
-    cgroup::cgroup2_root,
-    client,
+    bins, client,
     daemon::ctl_at,
     netns::Netns,
     process::ChildGuard,

@@ -15,6 +15,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use portfwd_common::host::cgroup2_root;
 
 use crate::setup::{self, cargo, describe, workspace_root};
 
@@ -339,16 +340,6 @@ impl Drop for Demo {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// Where cgroup2 is mounted (`/sys/fs/cgroup/unified` on hybrid layouts).
-fn cgroup2_root() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mounts.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let mountpoint = left.split_whitespace().nth(4)?;
-        (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mountpoint))
-    })
 }
 
 /// SIGTERM to our own (not yet reaped) child.

@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use portfwd_common::host::cgroup2_root;
 
 /// Runs a command to completion; fails with its stderr when it exits non-zero.
 pub fn run(cmd: &mut Command) -> Result<Output> {
@@ -381,17 +382,6 @@ impl Drop for Cgroup {
             thread::sleep(Duration::from_millis(20));
         }
     }
-}
-
-/// Where cgroup2 is mounted (`/sys/fs/cgroup` or `/sys/fs/cgroup/unified`).
-pub fn cgroup2_root() -> Option<std::path::PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mounts.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let fstype = right.split_whitespace().next()?;
-        let mountpoint = left.split_whitespace().nth(4)?;
-        (fstype == "cgroup2").then(|| std::path::PathBuf::from(mountpoint))
-    })
 }
 
 /// Deletes rig cgroups (`pfb-<pid>-...`) left by a killed run whose process is gone.
