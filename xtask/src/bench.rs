@@ -117,8 +117,11 @@ pub fn run(args: Args) -> Result<()> {
     }
 
     let pid = std::process::id();
-    sys::sweep_stale("pfb-");
-    sys::sweep_stale_cgroups("pfb-");
+    // Names are `pfb-<pid>-...`: what a killed run left behind goes first.
+    for (name, pid) in portfwd_netkit::netns::sweep_stale("pfb-") {
+        eprintln!("bench: swept stale namespace {name} (pid {pid} is gone)");
+    }
+    portfwd_netkit::cgroup::sweep_stale("pfb-");
     let stamp = timestamp();
     let out = args
         .out

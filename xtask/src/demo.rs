@@ -332,7 +332,7 @@ impl Drop for Demo {
         }
         for ns in self.namespaces.iter().rev() {
             println!("$ ip netns del {ns}");
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            portfwd_netkit::netns::delete(ns);
         }
         if let Some(cg) = &self.cgroup {
             println!("$ rmdir {}", cg.display());
@@ -349,30 +349,13 @@ fn terminate(pid: u32) {
         .status();
 }
 
-/// Deletes namespaces of earlier demos whose process is gone (killed before teardown).
+/// Deletes namespaces and cgroups of earlier demos whose process is gone (killed before
+/// teardown).
 fn sweep_stale() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        let Some(pid) = name
-            .strip_prefix(PREFIX)
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            println!("removing namespace {name} left by an earlier demo");
-            if let Ok(pids) = Command::new("ip").args(["netns", "pids", name]).output() {
-                for p in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
-                    let _ = Command::new("kill").args(["-KILL", p]).status();
-                }
-            }
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
-        }
+    for (name, _) in portfwd_netkit::netns::sweep_stale(PREFIX) {
+        println!("removed namespace {name} left by an earlier demo");
     }
+    portfwd_netkit::cgroup::sweep_stale(PREFIX);
 }
 
 /// Where cargo puts the binaries (honours CARGO_TARGET_DIR and config).

@@ -190,7 +190,7 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
             let mut procs = Vec::new();
             for (ct, host) in [HTTP, IPERF, ECHO] {
                 let mut cmd = if v == Variant::Socat {
-                    let mut c = topo.host.cmd("socat");
+                    let mut c = topo.host.command("socat");
                     c.arg(format!("TCP-LISTEN:{host},fork,reuseaddr,backlog=4096"))
                         .arg(format!("TCP:{CT_IP}:{ct}"));
                     c
@@ -207,7 +207,7 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
             // container without IPv6); docker-proxy itself is not measured there.
             if v == Variant::Socat {
                 for (ct, host) in [HTTP, IPERF] {
-                    let mut c = topo.host.cmd("socat");
+                    let mut c = topo.host.command("socat");
                     c.arg(format!(
                         "TCP6-LISTEN:{host},fork,reuseaddr,backlog=4096,ipv6only=1"
                     ))
@@ -239,9 +239,9 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
                 Variant::PortfwdXdpGeneric => "xdp-generic",
                 _ => "xdp",
             };
-            let sock = format!("{sock_dir}/{}.sock", topo.host.name);
-            let log = std::fs::File::create(art.log_dir.join(format!("{}.log", topo.host.name)))?;
-            let mut cmd = topo.host.daemon_cmd(daemon);
+            let sock = format!("{sock_dir}/{}.sock", topo.host.name());
+            let log = std::fs::File::create(art.log_dir.join(format!("{}.log", topo.host.name())))?;
+            let mut cmd = sys::daemon_cmd(&topo.host, daemon);
             cmd.args([
                 "--iface",
                 &topo.host_if,
@@ -296,7 +296,7 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
 /// docker-proxy as dockerd starts it; it needs fd 3 open (its parent passes a pipe there)
 /// or it closes its listener.
 fn docker_proxy_cmd(topo: &Topology, host: u16, ct: u16) -> Command {
-    let mut c = topo.host.cmd("sh");
+    let mut c = topo.host.command("sh");
     c.arg("-c").arg(format!(
         "exec 3</dev/null; exec docker-proxy -proto tcp -host-ip 0.0.0.0 -host-port {host} -container-ip {CT_IP} -container-port {ct}"
     ));

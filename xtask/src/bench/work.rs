@@ -229,7 +229,7 @@ fn parse_duration_us(s: &str) -> Option<f64> {
 /// SYN retransmissions counted in a namespace so far (`nstat`, absolute counters).
 pub fn syn_retrans(ns: &Netns) -> u64 {
     let out = ns
-        .cmd("nstat")
+        .command("nstat")
         .args(["-asz", "TcpExtTCPSynRetrans"])
         .output();
     let Ok(out) = out else { return 0 };
@@ -243,7 +243,7 @@ pub fn syn_retrans(ns: &Netns) -> u64 {
 
 /// Request/response latency: one connection, 64-byte request echoed back, one at a time.
 pub fn latency(ns: &Netns, addr: Ipv4Addr, port: u16, secs: u64) -> Result<Vec<Measure>> {
-    let samples = ns.on_thread(move || {
+    let samples = sys::on_thread(ns, move || {
         let mut s = TcpStream::connect_timeout(
             &SocketAddrV4::new(addr, port).into(),
             Duration::from_secs(5),
@@ -309,7 +309,7 @@ pub fn udp64(
     let ifindex = Topology::ifindex(&topo.client, CLIENT_IF)?;
     let (client_path, ct_path) = (topo.client.path(), topo.ct.path());
     let obj = art.bench_object.clone();
-    let result = topo.ct.on_thread(move || {
+    let result = sys::on_thread(&topo.ct, move || {
         let mut ebpf = EbpfLoader::new().load_file(&obj)?;
         {
             let sink: &mut Xdp = ebpf
