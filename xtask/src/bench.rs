@@ -6,6 +6,7 @@
 //! docs/benchmarks.md for the method and the traps it avoids.
 
 mod control;
+mod frame;
 mod micro;
 mod report;
 mod serve;
