@@ -257,7 +257,8 @@ fn run_variant(
     let active = variants::setup(v, &topo, art, sock_dir)?;
     if let Err(why) = &active.local {
         if !res.local_unavailable.iter().any(|(n, _)| n == v.name()) {
-            res.local_unavailable.push((v.name().into(), why.clone()));
+            res.local_unavailable
+                .push((v.name().into(), format!("{why:#}")));
         }
     }
     let t = active.targets;
@@ -301,7 +302,7 @@ fn run_variant(
                     .map(|m| vec![m])
             }
             Workload::LocalCrr | Workload::LocalTcp1 => {
-                let Ok((addr, http, iperf)) = active.local else {
+                let Ok(&(addr, http, iperf)) = active.local.as_ref() else {
                     continue;
                 };
                 if w == Workload::LocalCrr {

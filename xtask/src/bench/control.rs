@@ -46,7 +46,10 @@ pub fn run(
         format!("{prefix}k{n}{tag}")
     };
     if let (Some(daemon), Some(ctl)) = (&art.daemon, &art.ctl) {
-        for &count in counts {
+        // One `add` per port for each count, then the largest count as one range.
+        let range = *counts.iter().max().unwrap_or(&1);
+        let cases = counts.iter().map(|&count| (count, false));
+        for (count, as_range) in cases.chain([(range, true)]) {
             let ns = namespace(&next("p"))?;
             out.push(portfwd(
                 &ns,
@@ -55,20 +58,9 @@ pub fn run(
                 sock_dir,
                 &art.log_dir,
                 count,
-                false,
+                as_range,
             )?);
         }
-        let range = *counts.iter().max().unwrap_or(&1);
-        let ns = namespace(&next("p"))?;
-        out.push(portfwd(
-            &ns,
-            daemon,
-            ctl,
-            sock_dir,
-            &art.log_dir,
-            range,
-            true,
-        )?);
     } else {
         out.push(ControlResult {
             publisher: "portfwd".into(),

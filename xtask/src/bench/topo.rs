@@ -110,7 +110,7 @@ impl Topology {
             .stderr(std::process::Stdio::null());
         topo.servers.push(Proc::spawn("iperf3 server", &mut iperf)?);
         for port in [HTTP.0, ECHO.0, IPERF.0] {
-            topo.wait_listening(&topo.ct, port)?;
+            topo.wait_listening(&topo.ct, port, false)?;
         }
         for p in &mut topo.servers {
             p.check_alive()?;
@@ -122,26 +122,14 @@ impl Topology {
         Ok(topo)
     }
 
-    /// Waits until a TCP listener on `port` exists in `ns`.
-    pub fn wait_listening(&self, ns: &Netns, port: u16) -> Result<()> {
+    /// Waits until a TCP listener on `port` exists in `ns` (an IPv6 one with `v6`).
+    pub fn wait_listening(&self, ns: &Netns, port: u16, v6: bool) -> Result<()> {
+        let (family, flag) = if v6 { ("an IPv6", "6") } else { ("a", "") };
         sys::wait_for(
-            &format!("a listener on port {port} in {}", ns.name()),
+            &format!("{family} listener on port {port} in {}", ns.name()),
             Duration::from_secs(10),
             || {
-                ns.sh(&format!("ss -Hltn 'sport = :{port}'"))
-                    .map(|o| !o.trim().is_empty())
-                    .unwrap_or(false)
-            },
-        )
-    }
-
-    /// Waits until an IPv6 TCP listener on `port` exists in `ns`.
-    pub fn wait_listening6(&self, ns: &Netns, port: u16) -> Result<()> {
-        sys::wait_for(
-            &format!("an IPv6 listener on port {port} in {}", ns.name()),
-            Duration::from_secs(10),
-            || {
-                ns.sh(&format!("ss -Hltn6 'sport = :{port}'"))
+                ns.sh(&format!("ss -Hltn{flag} 'sport = :{port}'"))
                     .map(|o| !o.trim().is_empty())
                     .unwrap_or(false)
             },

@@ -129,7 +129,7 @@ pub struct Active {
     pub targets: Targets,
     /// `localhost:PORT` from the host namespace: (address, HTTP port, iperf port), or why
     /// the variant has no local service.
-    pub local: Result<(Ipv4Addr, u16, u16), String>,
+    pub local: Result<(Ipv4Addr, u16, u16)>,
 }
 
 const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
@@ -181,9 +181,9 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
                     addr6: None,
                     ..published()
                 },
-                local: Err(
-                    "not measured (Docker's localhost case is served by docker-proxy)".into(),
-                ),
+                local: Err(anyhow::anyhow!(
+                    "not measured (Docker's localhost case is served by docker-proxy)"
+                )),
             })
         }
         Variant::Socat | Variant::DockerProxy => {
@@ -199,7 +199,7 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
                 };
                 cmd.stdout(Stdio::null()).stderr(Stdio::null());
                 procs.push(Proc::spawn(v.name(), &mut cmd)?);
-                topo.wait_listening(&topo.host, host)?;
+                topo.wait_listening(&topo.host, host, false)?;
             }
             let mut t = published();
             t.udp = None;
@@ -215,7 +215,7 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
                     .stdout(Stdio::null())
                     .stderr(Stdio::null());
                     procs.push(Proc::spawn("socat (IPv6)", &mut c)?);
-                    topo.wait_listening6(&topo.host, host)?;
+                    topo.wait_listening(&topo.host, host, true)?;
                 }
             } else {
                 t.addr6 = None;
@@ -314,17 +314,18 @@ pub fn daemon_has_cgroup_flag(daemon: &std::path::Path) -> bool {
 }
 
 /// Whether the daemon serves `localhost:PORT` at the socket (its `list --json` says so).
-fn local_service(ctl: &std::path::Path, sock: &str) -> Result<(Ipv4Addr, u16, u16), String> {
+fn local_service(ctl: &std::path::Path, sock: &str) -> Result<(Ipv4Addr, u16, u16)> {
     let out = Command::new(ctl)
         .args(["--socket", sock, "list", "--json"])
         .output()
-        .map_err(|e| e.to_string())?;
+        .with_context(|| format!("cannot run {}", ctl.display()))?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).context("`portfwd-ctl list --json` printed no JSON")?;
     let has_local = json["local_clients"]["served"].as_bool() == Some(true);
     if has_local {
         Ok((LOCALHOST, HTTP.1, IPERF.1))
     } else {
-        Err("portfwd serves no local clients yet (`list --json` shows no local service)".into())
+        bail!("portfwd serves no local clients yet (`list --json` shows no local service)")
     }
 }
