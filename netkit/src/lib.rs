@@ -1,8 +1,9 @@
 //! Host-only plumbing shared by the privileged test harness (`portfwd-tests`) and the
 //! xtask rig (`cargo xtask bench` and `demo`), which cannot depend on each other (xtask
 //! must build before the BPF toolchain is installed): network namespaces and cgroups as
-//! RAII guards, the sweep of what a killed run left behind, and a command runner whose
-//! errors carry the command line and what it printed.
+//! RAII guards, child processes that cannot outlive their owner, the sweep of what a
+//! killed run left behind, and a command runner whose errors carry the command line and
+//! what it printed.
 //!
 //! Ownership rule: every namespace and cgroup made through this crate is named
 //! `<prefix><pid>-<rest>` ([`owned_name`]), where the prefix says whose it is (`pft-` for
@@ -13,6 +14,7 @@
 pub mod cgroup;
 pub mod cmd;
 pub mod netns;
+pub mod process;
 
 use std::{io, path::PathBuf, process::ExitStatus};
 

@@ -322,11 +322,7 @@ impl Drop for Demo {
         // The daemon first (it detaches its programs on SIGTERM), then the servers.
         for (name, child) in self.children.iter_mut().rev() {
             println!("$ kill -TERM {}   # {name}", child.id());
-            terminate(child.id());
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            portfwd_netkit::process::terminate(child, Duration::from_secs(10));
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -340,13 +336,6 @@ impl Drop for Demo {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// SIGTERM to our own (not yet reaped) child.
-fn terminate(pid: u32) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
 }
 
 /// Deletes namespaces and cgroups of earlier demos whose process is gone (killed before

@@ -176,7 +176,7 @@ fn portfwd(
         .matches(&CT_IP.to_string())
         .count();
     let rss = sys::rss_kib(d.pid());
-    d.stop()?;
+    d.stop();
     drop(cgroup);
     Ok(ControlResult {
         publisher: "portfwd".into(),

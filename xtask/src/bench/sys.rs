@@ -3,12 +3,12 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 pub use portfwd_netkit::{
     cmd::run,
@@ -51,61 +51,29 @@ pub fn on_thread<T: Send>(ns: &Netns, f: impl FnOnce() -> Result<T> + Send) -> R
         .map_err(|_| anyhow::anyhow!("namespace thread panicked"))??
 }
 
-/// A child process, killed (SIGTERM, then SIGKILL) and reaped on drop.
-pub struct Proc {
-    pub name: String,
-    child: Option<Child>,
-}
+/// A child process, stopped (SIGTERM, then SIGKILL after 5 s) and reaped on drop.
+pub struct Proc(portfwd_netkit::process::ChildGuard);
 
 impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command) -> Result<Self> {
-        let child = cmd
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("cannot start {name}: {cmd:?}"))?;
-        Ok(Self {
-            name: name.to_string(),
-            child: Some(child),
-        })
+        Ok(Self(portfwd_netkit::process::ChildGuard::spawn(name, cmd)?))
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+        self.0.id()
     }
 
     /// Fails if the process has already exited.
     pub fn check_alive(&mut self) -> Result<()> {
-        if let Some(c) = self.child.as_mut() {
-            if let Some(st) = c.try_wait()? {
-                bail!("{} exited early: {st}", self.name);
-            }
+        if let Some(st) = self.0.try_wait() {
+            bail!("{} exited early: {st}", self.0.name());
         }
         Ok(())
     }
 
-    /// SIGTERM and wait (up to 5 s) for a clean exit.
-    pub fn stop(&mut self) -> Result<()> {
-        let Some(mut c) = self.child.take() else {
-            return Ok(());
-        };
-        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if c.try_wait()?.is_some() {
-                return Ok(());
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = c.kill();
-        let _ = c.wait();
-        Ok(())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.stop();
+    /// SIGTERM and wait (up to 5 s) for a clean exit, SIGKILL after that.
+    pub fn stop(&mut self) {
+        self.0.stop();
     }
 }
 
