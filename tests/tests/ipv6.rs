@@ -190,9 +190,7 @@ fn host_reaches_ipv6_loopback_and_host_address() {
     d.add("5353/udp", &udp_backend6(1));
     let before = d.rule(9000, "tcp");
     for addr in ["[::1]:9000".to_string(), published6(9000).to_string()] {
-        let (ok, v) = topo.testcli(&topo.host, true, &["tcp", &addr]);
-        assert!(ok, "local GET {addr}: {v}");
-        assert_eq!(v["body"], body(0), "{addr}: {v}");
+        let v = topo.local_get(&topo.host, &addr, 0);
         // getpeername shows what the application asked for.
         assert_eq!(v["peername"], addr, "{v}");
         // No NAT, no proxy: the backend sees the host's own address on its network.
@@ -237,9 +235,7 @@ fn container_reaches_the_host_ipv6_address_hairpin() {
     let (topo, d) = (&net.topo, net.topo.daemon());
     d.add("9000", &backend6(0));
     let target = published6(9000).to_string();
-    let (ok, v) = topo.testcli(&topo.containers[1], true, &["tcp", &target]);
-    assert!(ok, "hairpin GET {target}: {v}");
-    assert_eq!(v["body"], body(0), "{v}");
+    let v = topo.local_get(&topo.containers[1], &target, 0);
     assert_eq!(v["peername"], target, "{v}");
     let x_peer = v["x_peer"].as_str().expect("x_peer");
     assert!(
@@ -277,9 +273,7 @@ fn wildcard_rule_to_an_ipv4_backend_serves_ipv6_local_clients() {
     );
 
     for addr in ["[::1]:9000".to_string(), published6(9000).to_string()] {
-        let (ok, v) = topo.testcli(&topo.host, true, &["tcp", &addr]);
-        assert!(ok, "local GET {addr}: {v}");
-        assert_eq!(v["body"], body(0), "{addr}: {v}");
+        let v = topo.local_get(&topo.host, &addr, 0);
         assert_eq!(
             v["peername"], addr,
             "getpeername shows the published address: {v}"
@@ -292,9 +286,7 @@ fn wildcard_rule_to_an_ipv4_backend_serves_ipv6_local_clients() {
     }
     // Hairpin: a container calling the host's IPv6 address.
     let target = published6(9000).to_string();
-    let (ok, v) = topo.testcli(&topo.containers[1], true, &["tcp", &target]);
-    assert!(ok, "hairpin GET {target}: {v}");
-    assert_eq!(v["body"], body(0), "{v}");
+    let v = topo.local_get(&topo.containers[1], &target, 0);
     let x_peer = v["x_peer"].as_str().expect("x_peer");
     assert!(
         x_peer.starts_with(&format!("{}:", CONTAINER_IPS[1])),
