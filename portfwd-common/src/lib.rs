@@ -8,6 +8,8 @@
 #![no_std]
 
 pub mod csum;
+#[cfg(feature = "user")]
+pub mod host;
 pub mod maps;
 pub mod reason;
 

@@ -3,7 +3,7 @@
 //! `<target>/<profile>/portfwd` is what `cargo build --workspace --bins` made), so any
 //! `CARGO_TARGET_DIR` and profile work.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The daemon.
 pub const PORTFWD: &str = "portfwd";
@@ -40,17 +40,4 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// `which`, without a dependency.
-pub fn find_in_path(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|d| d.join(tool))
-        .find(|p| is_executable(p))
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    p.metadata()
-        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
+pub use portfwd_netkit::cmd::find_in_path;

@@ -9,83 +9,37 @@
 //! and parallel tests cannot rewrite each other's connections.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     sync::atomic::{AtomicU32, Ordering},
 };
 
-/// Where cgroup2 is mounted (`/sys/fs/cgroup/unified` on hybrid layouts,
-/// `/sys/fs/cgroup` on unified ones), from `/proc/self/mountinfo`.
-pub fn cgroup2_root() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|line| {
-        // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS... - FSTYPE SOURCE SUPEROPTS
-        let (left, right) = line.split_once(" - ")?;
-        (right.split_whitespace().next()? == "cgroup2")
-            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
-            .flatten()
-    })
-}
+use portfwd_netkit::owned_name;
 
+use crate::netns::{fail, PREFIX};
+
+/// `<cgroup2 root>/pft-<pid>-<tag>-<n>` ([`portfwd_netkit::cgroup::Cgroup`], panicking);
+/// stale ones are swept with the namespaces ([`crate::netns::sweep_stale`]).
 #[derive(Debug)]
 pub struct Cgroup {
-    path: PathBuf,
+    cg: portfwd_netkit::cgroup::Cgroup,
 }
 
 impl Cgroup {
-    /// Creates `<cgroup2 root>/pft-<tag>-<pid>-<n>`.
+    /// Creates `<cgroup2 root>/pft-<pid>-<tag>-<n>`.
     pub fn new(tag: &str) -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let root = cgroup2_root().expect("cgroup2 is not mounted");
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = root.join(format!("pft-{tag}-{}-{n}", std::process::id()));
-        std::fs::create_dir(&path)
-            .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", path.display()));
-        Self { path }
+        let name = owned_name(PREFIX, &format!("{tag}-{n}"));
+        let cg = portfwd_netkit::cgroup::Cgroup::create(&name).unwrap_or_else(|e| fail(&e));
+        Self { cg }
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.cg.path()
     }
 
     /// Moves process `pid` into this cgroup.
     pub fn add(&self, pid: u32) {
-        std::fs::write(self.path.join("cgroup.procs"), pid.to_string())
-            .unwrap_or_else(|e| panic!("cannot move {pid} into {}: {e}", self.path.display()));
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        // Processes still inside go back to the root first (rmdir needs an empty cgroup).
-        if let (Ok(procs), Some(root)) = (
-            std::fs::read_to_string(self.path.join("cgroup.procs")),
-            cgroup2_root(),
-        ) {
-            for pid in procs.split_whitespace() {
-                let _ = std::fs::write(root.join("cgroup.procs"), pid);
-            }
-        }
-        let _ = std::fs::remove_dir(&self.path);
-    }
-}
-
-/// Removes this harness's empty cgroups left by dead test processes.
-pub fn sweep_stale() {
-    let Some(root) = cgroup2_root() else { return };
-    let Ok(entries) = std::fs::read_dir(&root) else {
-        return;
-    };
-    for e in entries.filter_map(Result::ok) {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix("pft-") else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.rsplitn(3, '-').collect();
-        let Some(pid) = fields.get(1).and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir(e.path());
-        }
+        self.cg.add(pid).unwrap_or_else(|e| fail(&e));
     }
 }

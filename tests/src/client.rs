@@ -220,15 +220,7 @@ pub fn upload(ns: &Netns, to: SocketAddrV4, n: u64) -> std::io::Result<(u64, u64
         s,
         "PUT /digest HTTP/1.1\r\nHost: portfwd-test\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
     )?;
-    let mut p = Pattern::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(buf.len() as u64) as usize;
-        p.fill(&mut buf[..k]);
-        s.write_all(&buf[..k])?;
-        left -= k as u64;
-    }
+    Pattern::new().write_to(&mut s, n)?;
     let mut raw = Vec::new();
     let local = s.local_addr()?;
     s.read_to_end(&mut raw)?;

@@ -1,5 +1,6 @@
-//! Test support for the privileged suites: RAII guards for network namespaces, child
-//! processes and temporary directories, the namespace topology the traffic tests share
+//! Test support for the privileged suites: RAII guards for network namespaces, cgroups,
+//! child processes (panicking wrappers of `portfwd_netkit`'s, shared with the xtask rig)
+//! and temporary directories, the namespace topology the traffic tests share
 //! ([`topology::Topology`]), the running daemon ([`daemon::Daemon`]), a tiny HTTP/UDP
 //! client ([`client`]) and the deterministic byte stream of large transfers ([`pattern`]).
 //!

@@ -1,7 +1,8 @@
-//! Network namespaces as RAII guards, commands run inside them, and sockets made inside
-//! them from the test process.
+//! The harness's network namespaces ([`portfwd_netkit::netns::Netns`] guards that panic
+//! instead of returning errors), commands run inside them, and sockets made inside them
+//! from the test process.
 //!
-//! Names are `pft-<tag>-<pid>-<n>-<role>`: the prefix marks them as this harness's, the
+//! Names are `pft-<pid>-<tag>-<n>-<role>`: the prefix marks them as this harness's, the
 //! pid says which process owns them (several test binaries run at once), `n` keeps one
 //! process's tests apart. Interfaces live inside the namespaces, so their names (at most
 //! 15 characters) only need to be unique within one namespace, and deleting a namespace
@@ -9,102 +10,83 @@
 
 use std::{
     ffi::OsStr,
-    fs::File,
     path::PathBuf,
-    process::{Command, Output, Stdio},
+    process::{Command, Output},
     sync::{
         atomic::{AtomicU32, Ordering},
         Once,
     },
 };
 
-use nix::sched::{setns, CloneFlags};
+use portfwd_netkit::{cmd, owned_name};
 
-/// Every namespace this harness creates starts with this.
+pub use portfwd_netkit::cmd::describe;
+
+/// Every namespace (and cgroup) this harness creates starts with this.
 pub const PREFIX: &str = "pft-";
 
-/// Runs `cmd`, panicking with its output if it fails.
-pub fn run_ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "`{}` failed ({}):\n{}{}",
-        describe(cmd),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// Panics with `e` and every cause under it.
+pub(crate) fn fail(e: &dyn std::error::Error) -> ! {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text += &format!(": {c}");
+        cause = c.source();
+    }
+    panic!("{text}")
 }
 
-/// Runs `cmd` to completion with captured output.
+/// Runs `cmd`, panicking with its output if it fails; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    cmd::stdout(cmd).unwrap_or_else(|e| fail(&e))
+}
+
+/// Runs `cmd` to completion with captured output, whatever its exit status.
 pub fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null())
+    cmd.stdin(std::process::Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("cannot run `{}`: {e}", describe(cmd)))
 }
 
-/// The command line, for messages.
-pub fn describe(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(OsStr::to_string_lossy)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// A named network namespace (`ip netns add`), deleted on drop together with its
-/// interfaces; processes still inside are killed first.
+/// A named network namespace, deleted on drop together with its interfaces; processes
+/// still inside are killed first.
 #[derive(Debug)]
 pub struct Netns {
-    name: String,
+    ns: portfwd_netkit::netns::Netns,
 }
 
 impl Netns {
-    /// Creates `pft-<tag>-<pid>-<n>-<role>` with `lo` up. The first call in a process
-    /// sweeps stale namespaces of dead processes ([`sweep_stale`]).
+    /// Creates `pft-<pid>-<tag>-<n>-<role>` with `lo` up. The first call in a process
+    /// sweeps stale namespaces and cgroups of dead processes ([`sweep_stale`]).
     pub fn new(tag: &str, role: &str) -> Self {
         static SWEEP: Once = Once::new();
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        SWEEP.call_once(|| {
-            sweep_stale();
-            crate::cgroup::sweep_stale();
-        });
+        SWEEP.call_once(sweep_stale);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{PREFIX}{tag}-{}-{n}-{role}", std::process::id());
-        run_ok(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Self { name };
-        ns.ip("link set lo up");
-        ns
+        let name = owned_name(PREFIX, &format!("{tag}-{n}-{role}"));
+        let ns = portfwd_netkit::netns::Netns::create(name).unwrap_or_else(|e| fail(&e));
+        Self { ns }
     }
 
     pub fn name(&self) -> &str {
-        &self.name
+        self.ns.name()
     }
 
     /// `/run/netns/<name>`, for `nsenter --net=` and `setns`.
     pub fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
+        self.ns.path()
     }
 
     /// `ip -n <ns> <args>` (args split on whitespace); panics on failure.
     pub fn ip(&self, args: &str) -> String {
-        run_ok(
-            Command::new("ip")
-                .args(["-n", &self.name])
-                .args(args.split_whitespace()),
-        )
+        self.ns.ip(args).unwrap_or_else(|e| fail(&e))
     }
 
     /// A command that runs `program` inside this namespace, through
     /// `nsenter --net=/run/netns/<ns>` (which, unlike `ip netns exec`, leaves `/sys` and so
     /// the cgroup2 mount visible).
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.path().display()))
-            .arg("--")
-            .arg(program);
-        cmd
+        self.ns.command(program)
     }
 
     /// Runs `program args...` inside; panics on failure; returns stdout.
@@ -124,63 +106,16 @@ impl Netns {
     /// Sockets `f` creates belong to this namespace for their whole life, wherever they
     /// are used afterwards.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let file = File::open(self.path())
-            .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.path().display()));
-        std::thread::scope(|s| {
-            s.spawn(move || {
-                // Only this thread changes namespace; it ends when `f` returns.
-                setns(&file, CloneFlags::CLONE_NEWNET)
-                    .unwrap_or_else(|e| panic!("setns({}): {e}", self.name));
-                f()
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
+        self.ns.run(f).unwrap_or_else(|e| fail(&e))
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        delete(&self.name);
-    }
-}
-
-/// Kills what still runs in `name` and deletes it.
-fn delete(name: &str) {
-    if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            if let Ok(pid) = pid.parse::<i32>() {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-    let _ = Command::new("ip")
-        .args(["netns", "del", name])
-        .stderr(Stdio::null())
-        .status();
-}
-
-/// Deletes this harness's namespaces whose owning process is gone (a test binary killed
-/// outright cannot run its guards). Only names with [`PREFIX`] are touched, and only when
-/// the pid in the name is not a live process.
+/// Deletes this harness's namespaces and empty cgroups whose owning process is gone (a
+/// test binary killed outright cannot run its guards). Only names with [`PREFIX`] are
+/// touched, and only when the pid in the name is not a live process.
 pub fn sweep_stale() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix(PREFIX) else {
-            continue;
-        };
-        // <tag>-<pid>-<n>-<role>: the pid is the third field from the end.
-        let fields: Vec<&str> = rest.rsplitn(4, '-').collect();
-        let Some(pid) = fields.get(2).and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if !PathBuf::from(format!("/proc/{pid}")).exists() {
-            eprintln!("sweeping stale namespace {name} (pid {pid} is gone)");
-            delete(name);
-        }
+    for (name, pid) in portfwd_netkit::netns::sweep_stale(PREFIX) {
+        eprintln!("swept stale namespace {name} (pid {pid} is gone)");
     }
+    portfwd_netkit::cgroup::sweep_stale(PREFIX);
 }

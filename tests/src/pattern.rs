@@ -2,6 +2,8 @@
 //! to compare both ends by. Both sides generate the same stream from the same seed, so the
 //! test checks every byte that arrived without keeping 100 MB in memory.
 
+use std::io::{self, Write};
+
 /// An endless, deterministic stream of bytes (xorshift64*; any seed but 0).
 #[derive(Clone, Debug)]
 pub struct Pattern {
@@ -45,7 +47,24 @@ impl Pattern {
             self.used += 1;
         }
     }
+
+    /// Writes the next `n` bytes of the stream to `out`, a chunk at a time (the server's
+    /// `/bytes/N` answer, the client's upload, the expected digest).
+    pub fn write_to(&mut self, out: &mut impl Write, n: u64) -> io::Result<()> {
+        let mut buf = vec![0u8; CHUNK.min(n as usize)];
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(buf.len() as u64) as usize;
+            self.fill(&mut buf[..k]);
+            out.write_all(&buf[..k])?;
+            left -= k as u64;
+        }
+        Ok(())
+    }
 }
+
+/// How many bytes [`Pattern::write_to`] makes and writes at once.
+const CHUNK: usize = 256 * 1024;
 
 impl Default for Pattern {
     fn default() -> Self {
@@ -72,6 +91,17 @@ impl Fnv64 {
     }
 }
 
+/// Hashing as a sink: `io::copy` and [`Pattern::write_to`] can feed the digest.
+impl Write for Fnv64 {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.update(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 impl Default for Fnv64 {
     fn default() -> Self {
         Self::new()
@@ -80,16 +110,10 @@ impl Default for Fnv64 {
 
 /// The digest of the first `len` bytes of [`Pattern::new`].
 pub fn pattern_digest(len: u64) -> u64 {
-    let mut p = Pattern::new();
     let mut d = Fnv64::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        p.fill(&mut buf[..n]);
-        d.update(&buf[..n]);
-        left -= n as u64;
-    }
+    Pattern::new()
+        .write_to(&mut d, len)
+        .expect("hashing into Fnv64 never fails");
     d.value()
 }
 
@@ -108,6 +132,21 @@ mod tests {
         b.fill(x);
         b.fill(y);
         assert_eq!(whole, parts);
+    }
+
+    #[test]
+    fn written_stream_is_the_filled_stream() {
+        let n = CHUNK as u64 + 7; // more than one chunk
+        let mut written = Vec::new();
+        Pattern::new()
+            .write_to(&mut written, n)
+            .expect("write to a Vec");
+        let mut filled = vec![0u8; n as usize];
+        Pattern::new().fill(&mut filled);
+        assert_eq!(written, filled);
+        let mut d = Fnv64::new();
+        d.update(&filled);
+        assert_eq!(pattern_digest(n), d.value());
     }
 
     #[test]

@@ -1,39 +1,33 @@
-//! Child processes that cannot outlive their test: SIGTERM on drop, SIGKILL if they do
-//! not exit within a few seconds.
+//! Child processes that cannot outlive their test ([`portfwd_netkit::process::ChildGuard`]:
+//! SIGTERM on drop, SIGKILL if they do not exit within 5 s), started the harness's way:
+//! a failure to start is a panic, and a server can be awaited until it says it is ready.
 
 use std::{
     io::{BufRead, BufReader},
-    process::{Child, Command, ExitStatus, Stdio},
+    ops::{Deref, DerefMut},
+    process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
 
-use crate::netns::describe;
+use crate::netns::fail;
 
+/// A child process stopped on drop; derefs to [`portfwd_netkit::process::ChildGuard`]
+/// (`id`, `try_wait`, `wait_timeout`, `terminate`).
 #[derive(Debug)]
-pub struct ChildGuard {
-    name: String,
-    child: Option<Child>,
-}
+pub struct ChildGuard(portfwd_netkit::process::ChildGuard);
 
 impl ChildGuard {
     /// Spawns `cmd` (stdin closed; stdout and stderr as `cmd` sets them).
     pub fn spawn(name: &str, cmd: &mut Command) -> Self {
-        let child = cmd
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name} (`{}`): {e}", describe(cmd)));
-        Self {
-            name: name.to_string(),
-            child: Some(child),
-        }
+        Self(portfwd_netkit::process::ChildGuard::spawn(name, cmd).unwrap_or_else(|e| fail(&e)))
     }
 
     /// Spawns `cmd` with stdout piped and waits (up to `timeout`) for a line equal to
     /// `ready`; panics with what the process said if it exits or stays silent.
     pub fn spawn_until_line(name: &str, cmd: &mut Command, ready: &str, timeout: Duration) -> Self {
         let mut guard = Self::spawn(name, cmd.stdout(Stdio::piped()));
-        let stdout = guard.child_mut().stdout.take().expect("piped stdout");
+        let stdout = guard.take_stdout().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
@@ -58,68 +52,17 @@ impl ChildGuard {
             }
         }
     }
+}
 
-    pub fn id(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-
-    fn child_mut(&mut self) -> &mut Child {
-        self.child.as_mut().expect("child is running")
-    }
-
-    /// The exit status if the process has exited.
-    pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child_mut().try_wait().ok().flatten()
-    }
-
-    /// Waits up to `timeout` for the process to exit by itself.
-    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Sends SIGTERM and waits (up to `timeout`) for the exit status.
-    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        terminate(self.child_mut(), timeout)
+impl Deref for ChildGuard {
+    type Target = portfwd_netkit::process::ChildGuard;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
 
-fn terminate(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    if let Ok(Some(status)) = child.try_wait() {
-        return Some(status);
-    }
-    // SAFETY: kill has no memory-safety preconditions; the pid is our own child's, not yet
-    // reaped, so it cannot name another process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if terminate(&mut child, Duration::from_secs(5)).is_none() {
-            eprintln!("{} ignored SIGTERM for 5 s; killing it", self.name);
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+impl DerefMut for ChildGuard {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
     }
 }

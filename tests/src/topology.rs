@@ -18,7 +18,11 @@ use std::{
     time::Duration,
 };
 
-use crate::{bins, daemon::Daemon, netns::Netns, process::ChildGuard, tmp::TempDir};
+use serde_json::Value;
+
+use crate::{
+    bins, client, daemon::Daemon, netns::Netns, process::ChildGuard, require_root, tmp::TempDir,
+};
 
 /// The published address the client talks to (host side of the client veth).
 pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -86,6 +90,17 @@ impl Topology {
         topo.wire();
         topo.start_servers();
         topo
+    }
+
+    /// The usual start of a traffic test: the network and a daemon on `ingress`, or
+    /// `None` when `test` is skipped ([`require_root`]).
+    pub fn with_daemon(test: &str, tag: &str, ingress: &str) -> Option<Self> {
+        if !require_root(test) {
+            return None;
+        }
+        let mut topo = Self::new(tag);
+        topo.start_daemon(ingress);
+        Some(topo)
     }
 
     fn wire(&self) {
@@ -176,5 +191,42 @@ impl Topology {
     /// Stops the daemon (if running) and forgets it.
     pub fn take_daemon(&mut self) -> Option<Daemon> {
         self.daemon.take()
+    }
+
+    /// `GET /` from the client to the published `port`, which must answer 200.
+    #[track_caller]
+    pub fn get_published(&self, port: u16) -> client::Response {
+        let r = client::get(&self.client, published(port), "/")
+            .unwrap_or_else(|e| panic!("GET http://{}/: {e}", published(port)));
+        assert_eq!(r.status, 200, "GET {}: {r:?}", published(port));
+        r
+    }
+
+    /// Runs `portfwd-testcli args...` in `ns`, inside the daemon's cgroup (`in_cgroup`,
+    /// a local client the daemon serves) or not; returns (exit success, its JSON).
+    pub fn testcli(&self, ns: &Netns, in_cgroup: bool, args: &[&str]) -> (bool, Value) {
+        let mut cmd = ns.command(bins::bin(bins::TESTCLI));
+        if in_cgroup {
+            cmd.arg("--cgroup").arg(self.daemon().cgroup().path());
+        }
+        let out = cmd.args(args).output().expect("run portfwd-testcli");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+            panic!(
+                "testcli {args:?}: bad output {text:?} ({e}); stderr {:?}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.success(), v)
+    }
+
+    /// A local TCP client in `ns` (in the daemon's cgroup) that must reach container `i`
+    /// through `addr`; returns what `portfwd-testcli tcp` printed.
+    #[track_caller]
+    pub fn local_get(&self, ns: &Netns, addr: &str, i: usize) -> Value {
+        let (ok, v) = self.testcli(ns, true, &["tcp", addr]);
+        assert!(ok, "local GET {addr}: {v}");
+        assert_eq!(v["body"], body(i), "local GET {addr}: {v}");
+        v
     }
 }

@@ -14,26 +14,8 @@ use std::{
 use portfwd_tests::{
     client,
     pattern::pattern_digest,
-    require_root,
     topology::{body, published, Topology, CONTAINER_IPS, HTTP_PORT, UDP_PORT},
 };
-
-fn setup(test: &str, tag: &str) -> Option<Topology> {
-    if !require_root(test) {
-        return None;
-    }
-    let mut topo = Topology::new(tag);
-    topo.start_daemon("tc");
-    Some(topo)
-}
-
-#[track_caller]
-fn get_body(topo: &Topology, port: u16) -> String {
-    let r = client::get(&topo.client, published(port), "/")
-        .unwrap_or_else(|e| panic!("GET http://{}/: {e}", published(port)));
-    assert_eq!(r.status, 200, "GET {}: {r:?}", published(port));
-    r.body_text()
-}
 
 #[track_caller]
 fn assert_not_forwarded(topo: &Topology, port: u16) {
@@ -84,7 +66,9 @@ fn configs(topo: &Topology) -> Vec<String> {
 /// A 1,000-port range, reached at its first, middle and last port; one row in `list`.
 #[test]
 fn range_reached_at_first_middle_and_last_port() {
-    let Some(topo) = setup("range_reached_at_first_middle_and_last_port", "rng") else {
+    let Some(topo) =
+        Topology::with_daemon("range_reached_at_first_middle_and_last_port", "rng", "tc")
+    else {
         return;
     };
     let d = topo.daemon();
@@ -104,16 +88,16 @@ fn range_reached_at_first_middle_and_last_port() {
     );
     // Only the last port of the range lands on the listener; shift the range so the
     // first and the middle do too.
-    assert_eq!(get_body(&topo, 9999), body(0), "last port");
+    assert_eq!(topo.get_published(9999).body_text(), body(0), "last port");
     d.del("9000-9999");
     d.add("9000-9999", &format!("{c}:{HTTP_PORT}-{}", HTTP_PORT + 999));
-    assert_eq!(get_body(&topo, 9000), body(0), "first port");
+    assert_eq!(topo.get_published(9000).body_text(), body(0), "first port");
     d.del("9000-9999");
     d.add(
         "9000-9999",
         &format!("{c}:{}-{}", HTTP_PORT - 500, HTTP_PORT + 499),
     );
-    assert_eq!(get_body(&topo, 9500), body(0), "middle port");
+    assert_eq!(topo.get_published(9500).body_text(), body(0), "middle port");
     // One row, the whole range.
     let rows = configs(&topo);
     assert_eq!(rows.len(), 1, "{rows:?}");
@@ -132,7 +116,8 @@ fn range_reached_at_first_middle_and_last_port() {
 /// No host port: the daemon picks a free one from the ephemeral range and prints it.
 #[test]
 fn random_port_reached_at_the_printed_port() {
-    let Some(topo) = setup("random_port_reached_at_the_printed_port", "rnd") else {
+    let Some(topo) = Topology::with_daemon("random_port_reached_at_the_printed_port", "rnd", "tc")
+    else {
         return;
     };
     let d = topo.daemon();
@@ -151,7 +136,7 @@ fn random_port_reached_at_the_printed_port() {
         .map(|n| n.parse::<u16>().expect("number"));
     let (lo, hi) = (it.next().expect("lo"), it.next().expect("hi"));
     assert!((lo..=hi).contains(&port), "{port} not in {lo}-{hi}");
-    assert_eq!(get_body(&topo, port), body(1));
+    assert_eq!(topo.get_published(port).body_text(), body(1));
     // A second one gets another port.
     let line2 = d.add("0", &format!("{}:{HTTP_PORT}", CONTAINER_IPS[0]));
     assert_ne!(line, line2);
@@ -160,7 +145,11 @@ fn random_port_reached_at_the_printed_port() {
 /// A kept rule's long transfer goes on, intact, while apply adds and removes others.
 #[test]
 fn apply_adds_removes_and_keeps_while_a_transfer_runs() {
-    let Some(topo) = setup("apply_adds_removes_and_keeps_while_a_transfer_runs", "app") else {
+    let Some(topo) = Topology::with_daemon(
+        "apply_adds_removes_and_keeps_while_a_transfer_runs",
+        "app",
+        "tc",
+    ) else {
         return;
     };
     let (a, b) = (CONTAINER_IPS[0], CONTAINER_IPS[1]);
@@ -173,7 +162,7 @@ fn apply_adds_removes_and_keeps_while_a_transfer_runs() {
     );
     let out = apply(&topo, &first);
     assert!(out.contains("2 added, 0 removed, 0 unchanged"), "{out}");
-    assert_eq!(get_body(&topo, 9100), body(0));
+    assert_eq!(topo.get_published(9100).body_text(), body(0));
 
     // Long enough to outlast the apply (seconds, not milliseconds), short enough for CI.
     const N: u64 = 256 << 20;
@@ -197,7 +186,7 @@ fn apply_adds_removes_and_keeps_while_a_transfer_runs() {
         assert!(out.contains("- *:9100/tcp"), "{out}");
         assert!(out.contains("= *:9000/tcp"), "{out}");
         assert!(out.contains("1 added, 1 removed, 1 unchanged"), "{out}");
-        assert_eq!(get_body(&topo, 9200), body(1));
+        assert_eq!(topo.get_published(9200).body_text(), body(1));
         assert_not_forwarded(&topo, 9100);
         t.join().expect("download thread")
     });
@@ -210,7 +199,7 @@ fn apply_adds_removes_and_keeps_while_a_transfer_runs() {
 /// A file with an error changes nothing: the error names the file, line and entry.
 #[test]
 fn broken_file_changes_nothing() {
-    let Some(topo) = setup("broken_file_changes_nothing", "brk") else {
+    let Some(topo) = Topology::with_daemon("broken_file_changes_nothing", "brk", "tc") else {
         return;
     };
     let a = CONTAINER_IPS[0];
@@ -247,7 +236,7 @@ fn broken_file_changes_nothing() {
         }
         assert_eq!(configs(&topo), before, "{name} changed the rules");
     }
-    assert_eq!(get_body(&topo, 9000), body(0));
+    assert_eq!(topo.get_published(9000).body_text(), body(0));
     assert_not_forwarded(&topo, 9001);
 }
 
@@ -255,7 +244,11 @@ fn broken_file_changes_nothing() {
 /// goes to the new backend and its reply comes back from the published address.
 #[test]
 fn changed_udp_rule_takes_effect_for_the_next_datagram() {
-    let Some(topo) = setup("changed_udp_rule_takes_effect_for_the_next_datagram", "udc") else {
+    let Some(topo) = Topology::with_daemon(
+        "changed_udp_rule_takes_effect_for_the_next_datagram",
+        "udc",
+        "tc",
+    ) else {
         return;
     };
     let (a, b) = (CONTAINER_IPS[0], CONTAINER_IPS[1]);

@@ -20,7 +20,7 @@ fn netns_list() -> String {
 }
 
 fn mine(list: &str, tag: &str) -> Vec<String> {
-    let needle = format!("pft-{tag}-{}-", std::process::id());
+    let needle = format!("pft-{}-{tag}-", std::process::id());
     list.lines()
         .filter(|l| l.starts_with(&needle))
         .map(str::to_string)

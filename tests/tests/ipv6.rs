@@ -19,7 +19,6 @@
 
 use std::{
     net::{Ipv6Addr, SocketAddr, SocketAddrV6, TcpStream, UdpSocket},
-    process::Output,
     time::Duration,
 };
 
@@ -32,7 +31,6 @@ use portfwd_tests::{
         HOST_IFACE, HTTP_PORT, UDP_PORT,
     },
 };
-use serde_json::Value;
 
 const HOST6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
@@ -123,25 +121,6 @@ fn remote_udp(topo: &Topology, to: SocketAddr, payload: &[u8]) -> (Vec<u8>, Sock
     })
 }
 
-/// Runs `portfwd-testcli` in `ns`, inside the daemon's cgroup.
-fn testcli(topo: &Topology, ns: &portfwd_tests::netns::Netns, args: &[&str]) -> (bool, Value) {
-    let out: Output = ns
-        .command(bins::bin(bins::TESTCLI))
-        .arg("--cgroup")
-        .arg(topo.daemon().cgroup().path())
-        .args(args)
-        .output()
-        .expect("run portfwd-testcli");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
-        panic!(
-            "testcli {args:?}: bad output {text:?} ({e}); stderr {:?}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.success(), v)
-}
-
 fn remote_client_case(test: &str, tag: &str, ingress: &str) {
     let Some(net) = Net6::new(test, tag, ingress) else {
         return;
@@ -211,9 +190,7 @@ fn host_reaches_ipv6_loopback_and_host_address() {
     d.add("5353/udp", &udp_backend6(1));
     let before = d.rule(9000, "tcp");
     for addr in ["[::1]:9000".to_string(), published6(9000).to_string()] {
-        let (ok, v) = testcli(topo, &topo.host, &["tcp", &addr]);
-        assert!(ok, "local GET {addr}: {v}");
-        assert_eq!(v["body"], body(0), "{addr}: {v}");
+        let v = topo.local_get(&topo.host, &addr, 0);
         // getpeername shows what the application asked for.
         assert_eq!(v["peername"], addr, "{v}");
         // No NAT, no proxy: the backend sees the host's own address on its network.
@@ -227,22 +204,22 @@ fn host_reaches_ipv6_loopback_and_host_address() {
     assert_eq!(after.local, before.local + 2, "local connections counted");
     assert_eq!(after.packets, before.packets, "no packet was translated");
 
-    let (ok, v) = testcli(topo, &topo.host, &["udp", "[::1]:5353", "v6-local"]);
+    let (ok, v) = topo.testcli(&topo.host, true, &["udp", "[::1]:5353", "v6-local"]);
     assert!(ok, "{v}");
     assert_eq!(
         v["from"], "[::1]:5353",
         "the reply shows the published address: {v}"
     );
     assert!(v["reply"].as_str().expect("reply").ends_with("v6-local"));
-    let (ok, v) = testcli(topo, &topo.host, &["udp-connected", "[::1]:5353", "again"]);
+    let (ok, v) = topo.testcli(&topo.host, true, &["udp-connected", "[::1]:5353", "again"]);
     assert!(ok, "{v}");
     assert_eq!(v["peername"], "[::1]:5353", "{v}");
 
     // A published port cannot be taken by a local bind on [::].
-    let (_, v) = testcli(topo, &topo.host, &["bind", "tcp", "[::]:9000"]);
+    let (_, v) = topo.testcli(&topo.host, true, &["bind", "tcp", "[::]:9000"]);
     assert_eq!(v["bind"], "error", "{v}");
     assert_eq!(v["errno"], libc::EPERM, "{v}");
-    let (_, v) = testcli(topo, &topo.host, &["bind", "tcp", "[::]:9002"]);
+    let (_, v) = topo.testcli(&topo.host, true, &["bind", "tcp", "[::]:9002"]);
     assert_eq!(v["bind"], "ok", "{v}");
 }
 
@@ -258,9 +235,7 @@ fn container_reaches_the_host_ipv6_address_hairpin() {
     let (topo, d) = (&net.topo, net.topo.daemon());
     d.add("9000", &backend6(0));
     let target = published6(9000).to_string();
-    let (ok, v) = testcli(topo, &topo.containers[1], &["tcp", &target]);
-    assert!(ok, "hairpin GET {target}: {v}");
-    assert_eq!(v["body"], body(0), "{v}");
+    let v = topo.local_get(&topo.containers[1], &target, 0);
     assert_eq!(v["peername"], target, "{v}");
     let x_peer = v["x_peer"].as_str().expect("x_peer");
     assert!(
@@ -268,7 +243,7 @@ fn container_reaches_the_host_ipv6_address_hairpin() {
         "the backend sees the calling container: {x_peer}"
     );
     // A container's own ::1 stays its own.
-    let (ok, v) = testcli(topo, &topo.containers[1], &["tcp", "[::1]:9000"]);
+    let (ok, v) = topo.testcli(&topo.containers[1], true, &["tcp", "[::1]:9000"]);
     assert!(
         !ok,
         "a container's [::1]:9000 must not reach the host's rule: {v}"
@@ -298,9 +273,7 @@ fn wildcard_rule_to_an_ipv4_backend_serves_ipv6_local_clients() {
     );
 
     for addr in ["[::1]:9000".to_string(), published6(9000).to_string()] {
-        let (ok, v) = testcli(topo, &topo.host, &["tcp", &addr]);
-        assert!(ok, "local GET {addr}: {v}");
-        assert_eq!(v["body"], body(0), "{addr}: {v}");
+        let v = topo.local_get(&topo.host, &addr, 0);
         assert_eq!(
             v["peername"], addr,
             "getpeername shows the published address: {v}"
@@ -313,16 +286,14 @@ fn wildcard_rule_to_an_ipv4_backend_serves_ipv6_local_clients() {
     }
     // Hairpin: a container calling the host's IPv6 address.
     let target = published6(9000).to_string();
-    let (ok, v) = testcli(topo, &topo.containers[1], &["tcp", &target]);
-    assert!(ok, "hairpin GET {target}: {v}");
-    assert_eq!(v["body"], body(0), "{v}");
+    let v = topo.local_get(&topo.containers[1], &target, 0);
     let x_peer = v["x_peer"].as_str().expect("x_peer");
     assert!(
         x_peer.starts_with(&format!("{}:", CONTAINER_IPS[1])),
         "the backend sees the calling container: {x_peer}"
     );
     // Connected UDP goes through connect6 too.
-    let (ok, v) = testcli(topo, &topo.host, &["udp-connected", "[::1]:5353", "mapped"]);
+    let (ok, v) = topo.testcli(&topo.host, true, &["udp-connected", "[::1]:5353", "mapped"]);
     assert!(ok, "{v}");
     assert_eq!(v["peername"], "[::1]:5353", "{v}");
     assert!(
@@ -333,7 +304,7 @@ fn wildcard_rule_to_an_ipv4_backend_serves_ipv6_local_clients() {
     // An unconnected sendto cannot be redirected to a mapped address (the kernel would
     // fail it with ENOTSUPP): it is left alone, so the send succeeds and no reply comes.
     let before = d.reason("pass_no_ipv6_backend");
-    let (ok, v) = testcli(topo, &topo.host, &["udp", "[::1]:5353", "unmapped"]);
+    let (ok, v) = topo.testcli(&topo.host, true, &["udp", "[::1]:5353", "unmapped"]);
     let err = v["error"].as_str().unwrap_or_default();
     assert!(
         !ok && err.starts_with("recvfrom"),
@@ -343,7 +314,7 @@ fn wildcard_rule_to_an_ipv4_backend_serves_ipv6_local_clients() {
 
     // The binds of both families are the rule's.
     for addr in ["[::]:9000", "[::1]:9000", "0.0.0.0:9000"] {
-        let (_, v) = testcli(topo, &topo.host, &["bind", "tcp", addr]);
+        let (_, v) = topo.testcli(&topo.host, true, &["bind", "tcp", addr]);
         assert_eq!(v["errno"], libc::EPERM, "bind {addr}: {v}");
     }
 
@@ -385,7 +356,7 @@ fn dual_stack_backend_serves_each_family_natively() {
         "the backend sees the IPv4 client"
     );
 
-    let (ok, v) = testcli(topo, &topo.host, &["tcp", "[::1]:9000"]);
+    let (ok, v) = topo.testcli(&topo.host, true, &["tcp", "[::1]:9000"]);
     assert!(ok, "{v}");
     let x_peer = v["x_peer"].as_str().expect("x_peer");
     assert!(
@@ -427,7 +398,7 @@ fn a_host_address_narrows_the_rule_to_its_family() {
     let r = remote_get(topo, published6(9000)).expect("GET over IPv6");
     assert_eq!(r.body_text(), body(1));
     for (addr, want) in [("127.0.0.1:9000", body(0)), ("[::1]:9000", body(1))] {
-        let (ok, v) = testcli(topo, &topo.host, &["tcp", addr]);
+        let (ok, v) = topo.testcli(&topo.host, true, &["tcp", addr]);
         assert!(ok, "{addr}: {v}");
         assert_eq!(v["body"], want, "{addr}: {v}");
     }
@@ -558,6 +529,6 @@ fn no_nat64_passes_remote_ipv6_clients_of_an_ipv4_backend() {
     assert!(d.reason("pass_no_ipv6_backend") > before);
     assert_eq!(d.reason("nat64_translated"), 0);
     assert_eq!(d.list_json()["nat64_entries"], serde_json::json!([]));
-    let (ok, v) = testcli(topo, &topo.host, &["tcp", "[::1]:9000"]);
+    let (ok, v) = topo.testcli(&topo.host, true, &["tcp", "[::1]:9000"]);
     assert!(ok, "local IPv6 clients are still served: {v}");
 }

@@ -8,16 +8,14 @@
 
 use std::{
     net::SocketAddrV4,
-    process::{Command, Output},
+    process::Command,
     time::{Duration, Instant},
 };
 
+use portfwd_common::host::cgroup2_root;
 use portfwd_tests::{
-    bins,
-    cgroup::cgroup2_root,
-    client,
+    bins, client,
     daemon::ctl_at,
-    netns::Netns,
     process::ChildGuard,
     require_root,
     topology::{
@@ -26,44 +24,13 @@ use portfwd_tests::{
 };
 use serde_json::Value;
 
-fn setup(test: &str, tag: &str) -> Option<Topology> {
-    if !require_root(test) {
-        return None;
-    }
-    let mut topo = Topology::new(tag);
-    topo.start_daemon("tc");
-    Some(topo)
-}
-
-/// Runs `portfwd-testcli` in `ns`, inside the daemon's cgroup (`in_cgroup`) or not.
-fn testcli(topo: &Topology, ns: &Netns, in_cgroup: bool, args: &[&str]) -> (bool, Value) {
-    let mut cmd = ns.command(bins::bin(bins::TESTCLI));
-    if in_cgroup {
-        cmd.arg("--cgroup").arg(topo.daemon().cgroup().path());
-    }
-    let out: Output = cmd.args(args).output().expect("run portfwd-testcli");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
-        panic!(
-            "testcli {args:?}: bad output {text:?} ({e}); stderr {:?}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.success(), v)
-}
-
-/// A local TCP client that must reach container `i` through `addr`.
-#[track_caller]
-fn local_get(topo: &Topology, ns: &Netns, addr: &str, i: usize) -> Value {
-    let (ok, v) = testcli(topo, ns, true, &["tcp", addr]);
-    assert!(ok, "local GET {addr}: {v}");
-    assert_eq!(v["body"], body(i), "local GET {addr}: {v}");
-    v
-}
-
 #[test]
 fn host_reaches_localhost_loopback_and_host_address() {
-    let Some(topo) = setup("host_reaches_localhost_loopback_and_host_address", "lh") else {
+    let Some(topo) = Topology::with_daemon(
+        "host_reaches_localhost_loopback_and_host_address",
+        "lh",
+        "tc",
+    ) else {
         return;
     };
     let d = topo.daemon();
@@ -75,7 +42,7 @@ fn host_reaches_localhost_loopback_and_host_address() {
         "127.0.0.1:9000",
         &published(9000).to_string(),
     ] {
-        let v = local_get(&topo, &topo.host, addr, 0);
+        let v = topo.local_get(&topo.host, addr, 0);
         // getpeername shows what the application asked for, not the backend.
         let asked: SocketAddrV4 = if addr.starts_with("localhost") {
             "127.0.0.1:9000".parse().expect("addr")
@@ -104,16 +71,11 @@ fn host_reaches_localhost_loopback_and_host_address() {
 
 #[test]
 fn udp_request_reply_from_localhost() {
-    let Some(topo) = setup("udp_request_reply_from_localhost", "lu") else {
+    let Some(topo) = Topology::with_daemon("udp_request_reply_from_localhost", "lu", "tc") else {
         return;
     };
     topo.daemon().add("5353/udp", &udp_backend(1));
-    let (ok, v) = testcli(
-        &topo,
-        &topo.host,
-        true,
-        &["udp", "127.0.0.1:5353", "dns-query"],
-    );
+    let (ok, v) = topo.testcli(&topo.host, true, &["udp", "127.0.0.1:5353", "dns-query"]);
     assert!(ok, "{v}");
     // The reply looks as if it came from the address the client sent to.
     assert_eq!(v["from"], "127.0.0.1:5353", "{v}");
@@ -125,8 +87,7 @@ fn udp_request_reply_from_localhost() {
     );
 
     // A connected UDP socket: getpeername is the published address too.
-    let (ok, v) = testcli(
-        &topo,
+    let (ok, v) = topo.testcli(
         &topo.host,
         true,
         &["udp-connected", "127.0.0.1:5353", "again"],
@@ -142,12 +103,14 @@ fn udp_request_reply_from_localhost() {
 
 #[test]
 fn container_reaches_the_host_address_hairpin() {
-    let Some(topo) = setup("container_reaches_the_host_address_hairpin", "lp") else {
+    let Some(topo) =
+        Topology::with_daemon("container_reaches_the_host_address_hairpin", "lp", "tc")
+    else {
         return;
     };
     topo.daemon().add("9000", &backend(0));
     // Container 2 calls the host's published address and gets container 1.
-    let v = local_get(&topo, &topo.containers[1], &published(9000).to_string(), 0);
+    let v = topo.local_get(&topo.containers[1], &published(9000).to_string(), 0);
     assert_eq!(v["peername"], published(9000).to_string(), "{v}");
     assert_eq!(
         v["x_peer"].as_str().expect("x_peer").split(':').next(),
@@ -155,7 +118,7 @@ fn container_reaches_the_host_address_hairpin() {
         "the backend sees the calling container: {v}"
     );
     // A container's own loopback stays its own.
-    let (ok, v) = testcli(&topo, &topo.containers[1], true, &["tcp", "127.0.0.1:9000"]);
+    let (ok, v) = topo.testcli(&topo.containers[1], true, &["tcp", "127.0.0.1:9000"]);
     assert!(
         !ok,
         "a container's 127.0.0.1:9000 must not reach the host's rule: {v}"
@@ -164,19 +127,14 @@ fn container_reaches_the_host_address_hairpin() {
 
 #[test]
 fn loopback_bound_rule_is_local_only() {
-    let Some(topo) = setup("loopback_bound_rule_is_local_only", "ll") else {
+    let Some(topo) = Topology::with_daemon("loopback_bound_rule_is_local_only", "ll", "tc") else {
         return;
     };
     let d = topo.daemon();
     d.add("127.0.0.1:9100", &backend(1));
-    local_get(&topo, &topo.host, "127.0.0.1:9100", 1);
+    topo.local_get(&topo.host, "127.0.0.1:9100", 1);
     // Not on the host's other addresses, locally or from the client (moby#45610).
-    let (ok, v) = testcli(
-        &topo,
-        &topo.host,
-        true,
-        &["tcp", &published(9100).to_string()],
-    );
+    let (ok, v) = topo.testcli(&topo.host, true, &["tcp", &published(9100).to_string()]);
     assert!(
         !ok,
         "a 127.0.0.1 rule must not answer on {}: {v}",
@@ -191,7 +149,8 @@ fn loopback_bound_rule_is_local_only() {
 
 #[test]
 fn binding_a_published_port_is_refused() {
-    let Some(topo) = setup("binding_a_published_port_is_refused", "lb") else {
+    let Some(topo) = Topology::with_daemon("binding_a_published_port_is_refused", "lb", "tc")
+    else {
         return;
     };
     let d = topo.daemon();
@@ -204,29 +163,28 @@ fn binding_a_published_port_is_refused() {
         ("tcp", &published(9000).to_string() as &str),
         ("udp", "0.0.0.0:5353"),
     ] {
-        let (_, v) = testcli(&topo, &topo.host, true, &["bind", proto, addr]);
+        let (_, v) = topo.testcli(&topo.host, true, &["bind", proto, addr]);
         assert_eq!(v["bind"], "error", "bind {proto} {addr}: {v}");
         assert_eq!(v["errno"], eperm, "bind {proto} {addr}: {v}");
     }
     // Other ports, and the other protocol of a published port, stay free.
     for (proto, addr) in [("tcp", "0.0.0.0:9001"), ("udp", "0.0.0.0:9000")] {
-        let (_, v) = testcli(&topo, &topo.host, true, &["bind", proto, addr]);
+        let (_, v) = topo.testcli(&topo.host, true, &["bind", proto, addr]);
         assert_eq!(v["bind"], "ok", "bind {proto} {addr}: {v}");
     }
     // Containers own their ports, published numbers included.
-    let (_, v) = testcli(
-        &topo,
-        &topo.containers[0],
-        true,
-        &["bind", "tcp", "0.0.0.0:9000"],
-    );
+    let (_, v) = topo.testcli(&topo.containers[0], true, &["bind", "tcp", "0.0.0.0:9000"]);
     assert_eq!(v["bind"], "ok", "a container's bind: {v}");
     assert!(d.reason("local_bind_refused") >= 4);
 }
 
 #[test]
 fn add_is_refused_while_a_local_listener_holds_the_port() {
-    let Some(topo) = setup("add_is_refused_while_a_local_listener_holds_the_port", "la") else {
+    let Some(topo) = Topology::with_daemon(
+        "add_is_refused_while_a_local_listener_holds_the_port",
+        "la",
+        "tc",
+    ) else {
         return;
     };
     let d = topo.daemon();
@@ -246,34 +204,36 @@ fn add_is_refused_while_a_local_listener_holds_the_port() {
     assert_eq!(d.rules(), before, "nothing changed");
     drop(listener);
     d.add("9300", &backend(1));
-    local_get(&topo, &topo.host, "127.0.0.1:9300", 1);
+    topo.local_get(&topo.host, "127.0.0.1:9300", 1);
 }
 
 #[test]
 fn del_stops_local_forwarding_at_once() {
-    let Some(topo) = setup("del_stops_local_forwarding_at_once", "ld") else {
+    let Some(topo) = Topology::with_daemon("del_stops_local_forwarding_at_once", "ld", "tc") else {
         return;
     };
     let d = topo.daemon();
     d.add("9000", &backend(0));
-    local_get(&topo, &topo.host, "127.0.0.1:9000", 0);
+    topo.local_get(&topo.host, "127.0.0.1:9000", 0);
     d.del("9000");
-    let (ok, v) = testcli(&topo, &topo.host, true, &["tcp", "127.0.0.1:9000"]);
+    let (ok, v) = topo.testcli(&topo.host, true, &["tcp", "127.0.0.1:9000"]);
     assert!(
         !ok,
         "after del, 127.0.0.1:9000 must not reach the backend: {v}"
     );
-    let (_, v) = testcli(&topo, &topo.host, true, &["bind", "tcp", "0.0.0.0:9000"]);
+    let (_, v) = topo.testcli(&topo.host, true, &["bind", "tcp", "0.0.0.0:9000"]);
     assert_eq!(v["bind"], "ok", "after del the port is free again: {v}");
 }
 
 #[test]
 fn processes_outside_the_cgroup_are_untouched() {
-    let Some(topo) = setup("processes_outside_the_cgroup_are_untouched", "lo") else {
+    let Some(topo) =
+        Topology::with_daemon("processes_outside_the_cgroup_are_untouched", "lo", "tc")
+    else {
         return;
     };
     topo.daemon().add("9000", &backend(0));
-    let (ok, v) = testcli(&topo, &topo.host, false, &["tcp", "127.0.0.1:9000"]);
+    let (ok, v) = topo.testcli(&topo.host, false, &["tcp", "127.0.0.1:9000"]);
     assert!(!ok, "outside the daemon's cgroup nothing is rewritten: {v}");
 }
 

@@ -29,11 +29,8 @@ use portfwd_tests::{
 /// A topology with the daemon running on `ingress`, or `None` when skipped (no root,
 /// outside CI).
 fn setup(test: &str, tag: &str, ingress: &str) -> Option<Topology> {
-    if !require_root(test) {
-        return None;
-    }
-    let mut topo = Topology::new(tag);
-    let d = topo.start_daemon(ingress);
+    let topo = Topology::with_daemon(test, tag, ingress)?;
+    let d = topo.daemon();
     // The daemon reports the hook it attached; it must be the one asked for.
     let ifaces = d.list_json()["interfaces"].clone();
     let want = match ingress.split('+').next() {
@@ -48,14 +45,6 @@ fn setup(test: &str, tag: &str, ingress: &str) -> Option<Topology> {
         "list --json should show {HOST_IFACE} with ingress {want}: {ifaces}"
     );
     Some(topo)
-}
-
-#[track_caller]
-fn get_body(topo: &Topology, port: u16) -> client::Response {
-    let r = client::get(&topo.client, published(port), "/")
-        .unwrap_or_else(|e| panic!("GET http://{}/: {e}", published(port)));
-    assert_eq!(r.status, 200, "GET {}: {r:?}", published(port));
-    r
 }
 
 /// A connection to a port nothing is published on is refused by the host itself.
@@ -90,8 +79,8 @@ fn two_containers(ingress: &str, tag: &str) {
         "published *:9001/tcp -> 198.18.1.3:8080"
     );
     for _ in 0..3 {
-        assert_eq!(get_body(&topo, 9000).body_text(), body(0));
-        assert_eq!(get_body(&topo, 9001).body_text(), body(1));
+        assert_eq!(topo.get_published(9000).body_text(), body(0));
+        assert_eq!(topo.get_published(9001).body_text(), body(1));
     }
     // The text table shows both.
     let table = d.ctl(&["list"]);
@@ -143,7 +132,7 @@ fn duplicate_add(ingress: &str, tag: &str) {
     );
     assert_eq!(configs(d), before, "a refused add changed the rules");
     // The original rule still goes to container 1.
-    assert_eq!(get_body(&topo, 9000).body_text(), body(0));
+    assert_eq!(topo.get_published(9000).body_text(), body(0));
 }
 
 fn del_stops_forwarding(ingress: &str, tag: &str) {
@@ -153,15 +142,15 @@ fn del_stops_forwarding(ingress: &str, tag: &str) {
     let d = topo.daemon();
     d.add("9000", &backend(0));
     d.add("9001", &backend(1));
-    assert_eq!(get_body(&topo, 9000).body_text(), body(0));
+    assert_eq!(topo.get_published(9000).body_text(), body(0));
     d.del("9000");
     assert_not_forwarded(&topo, 9000);
     // The other rule is untouched.
-    assert_eq!(get_body(&topo, 9001).body_text(), body(1));
+    assert_eq!(topo.get_published(9001).body_text(), body(1));
     assert_eq!(d.rules().len(), 1);
     // Publishing again works again.
     d.add("9000", &backend(1));
-    assert_eq!(get_body(&topo, 9000).body_text(), body(1));
+    assert_eq!(topo.get_published(9000).body_text(), body(1));
 }
 
 fn udp_echo(ingress: &str, tag: &str) {
@@ -206,7 +195,7 @@ fn client_address_preserved(ingress: &str, tag: &str) {
     };
     topo.daemon().add("9000", &backend(0));
     for _ in 0..3 {
-        let r = get_body(&topo, 9000);
+        let r = topo.get_published(9000);
         assert_eq!(r.local.ip(), IpAddr::V4(CLIENT_IP));
         assert_eq!(
             r.peer_seen(),
@@ -319,7 +308,7 @@ fn counters_grow(ingress: &str, tag: &str) {
         "a new rule starts at zero"
     );
     let translated0 = d.reason("translated");
-    get_body(&topo, 9000);
+    topo.get_published(9000);
     let one = d.rule(9000, "tcp");
     assert!(
         one.packets >= 3,
@@ -333,7 +322,7 @@ fn counters_grow(ingress: &str, tag: &str) {
         one.reply_packets >= 2 && one.reply_bytes > 0,
         "replies counted: {one:?}"
     );
-    get_body(&topo, 9000);
+    topo.get_published(9000);
     let two = d.rule(9000, "tcp");
     assert!(
         two.packets > one.packets && two.bytes > one.bytes,
@@ -396,7 +385,7 @@ mod fast_path {
         // and the daemon reads it (once a second): keep asking until they are redirected.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while d.reason("redirected") == 0 {
-            assert_eq!(get_body(&topo, 9000).body_text(), body(0));
+            assert_eq!(topo.get_published(9000).body_text(), body(0));
             assert!(
                 std::time::Instant::now() < deadline,
                 "nothing was redirected: {}",
@@ -406,7 +395,7 @@ mod fast_path {
         }
         let before = d.reason("redirected");
         for _ in 0..5 {
-            assert_eq!(get_body(&topo, 9000).body_text(), body(0));
+            assert_eq!(topo.get_published(9000).body_text(), body(0));
         }
         assert!(d.reason("redirected") >= before + 5, "{}", d.list_json());
     }
@@ -467,7 +456,7 @@ mod cli {
         refused(d, &["del", "9999"], &["9999"]);
         refused(d, &["del", "9000/udp"], &["9000"]);
         // Still exactly the one rule, and it still works.
-        assert_eq!(get_body(&topo, 9000).body_text(), body(0));
+        assert_eq!(topo.get_published(9000).body_text(), body(0));
         assert_not_forwarded(&topo, 9002);
     }
 
@@ -533,7 +522,7 @@ mod cli {
         assert!(!status.success(), "second daemon: {status}");
         // The first one keeps its socket, its rule and its traffic.
         assert_eq!(d.rule(9000, "tcp").backend_ip, "198.18.1.2");
-        assert_eq!(get_body(&topo, 9000).body_text(), body(0));
+        assert_eq!(topo.get_published(9000).body_text(), body(0));
     }
 
     #[test]
@@ -547,7 +536,7 @@ mod cli {
             .args(["add", "9000", &backend(0)]);
         let out = portfwd_tests::daemon::run_ctl(&mut cmd);
         assert_eq!(out.expect_ok("add with PORTFWD_SOCKET").trim(), EXPECTED);
-        assert_eq!(get_body(&topo, 9000).body_text(), body(0));
+        assert_eq!(topo.get_published(9000).body_text(), body(0));
     }
 
     #[test]
@@ -556,7 +545,7 @@ mod cli {
             return;
         };
         topo.daemon().add("9000", &backend(0));
-        assert_eq!(get_body(&topo, 9000).body_text(), body(0));
+        assert_eq!(topo.get_published(9000).body_text(), body(0));
         let mut d = topo.take_daemon().expect("daemon");
         let status = d
             .stop(Duration::from_secs(30))

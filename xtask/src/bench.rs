@@ -6,6 +6,7 @@
 //! docs/benchmarks.md for the method and the traps it avoids.
 
 mod control;
+mod frame;
 mod micro;
 mod report;
 mod serve;
@@ -117,8 +118,11 @@ pub fn run(args: Args) -> Result<()> {
     }
 
     let pid = std::process::id();
-    sys::sweep_stale("pfb-");
-    sys::sweep_stale_cgroups("pfb-");
+    // Names are `pfb-<pid>-...`: what a killed run left behind goes first.
+    for (name, pid) in portfwd_netkit::netns::sweep_stale("pfb-") {
+        eprintln!("bench: swept stale namespace {name} (pid {pid} is gone)");
+    }
+    portfwd_netkit::cgroup::sweep_stale("pfb-");
     let stamp = timestamp();
     let out = args
         .out
@@ -253,7 +257,8 @@ fn run_variant(
     let active = variants::setup(v, &topo, art, sock_dir)?;
     if let Err(why) = &active.local {
         if !res.local_unavailable.iter().any(|(n, _)| n == v.name()) {
-            res.local_unavailable.push((v.name().into(), why.clone()));
+            res.local_unavailable
+                .push((v.name().into(), format!("{why:#}")));
         }
     }
     let t = active.targets;
@@ -297,7 +302,7 @@ fn run_variant(
                     .map(|m| vec![m])
             }
             Workload::LocalCrr | Workload::LocalTcp1 => {
-                let Ok((addr, http, iperf)) = active.local else {
+                let Ok(&(addr, http, iperf)) = active.local.as_ref() else {
                     continue;
                 };
                 if w == Workload::LocalCrr {

@@ -15,6 +15,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use portfwd_common::host::cgroup2_root;
 
 use crate::setup::{self, cargo, describe, workspace_root};
 
@@ -321,17 +322,13 @@ impl Drop for Demo {
         // The daemon first (it detaches its programs on SIGTERM), then the servers.
         for (name, child) in self.children.iter_mut().rev() {
             println!("$ kill -TERM {}   # {name}", child.id());
-            terminate(child.id());
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            portfwd_netkit::process::terminate(child, Duration::from_secs(10));
             let _ = child.kill();
             let _ = child.wait();
         }
         for ns in self.namespaces.iter().rev() {
             println!("$ ip netns del {ns}");
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            portfwd_netkit::netns::delete(ns);
         }
         if let Some(cg) = &self.cgroup {
             println!("$ rmdir {}", cg.display());
@@ -341,47 +338,13 @@ impl Drop for Demo {
     }
 }
 
-/// Where cgroup2 is mounted (`/sys/fs/cgroup/unified` on hybrid layouts).
-fn cgroup2_root() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mounts.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let mountpoint = left.split_whitespace().nth(4)?;
-        (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mountpoint))
-    })
-}
-
-/// SIGTERM to our own (not yet reaped) child.
-fn terminate(pid: u32) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-}
-
-/// Deletes namespaces of earlier demos whose process is gone (killed before teardown).
+/// Deletes namespaces and cgroups of earlier demos whose process is gone (killed before
+/// teardown).
 fn sweep_stale() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        let Some(pid) = name
-            .strip_prefix(PREFIX)
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            println!("removing namespace {name} left by an earlier demo");
-            if let Ok(pids) = Command::new("ip").args(["netns", "pids", name]).output() {
-                for p in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
-                    let _ = Command::new("kill").args(["-KILL", p]).status();
-                }
-            }
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
-        }
+    for (name, _) in portfwd_netkit::netns::sweep_stale(PREFIX) {
+        println!("removed namespace {name} left by an earlier demo");
     }
+    portfwd_netkit::cgroup::sweep_stale(PREFIX);
 }
 
 /// Where cargo puts the binaries (honours CARGO_TARGET_DIR and config).

@@ -228,20 +228,7 @@ fn step(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-pub fn describe(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|s| {
-            let s = s.to_string_lossy();
-            if s.contains(char::is_whitespace) {
-                format!("'{s}'")
-            } else {
-                s.into_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
+pub use portfwd_netkit::cmd::describe;
 
 /// The cargo running this xtask (rustup's, when `~/.cargo/bin` is first in PATH).
 pub fn cargo() -> PathBuf {

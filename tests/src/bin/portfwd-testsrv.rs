@@ -163,15 +163,7 @@ fn handle_http(conn: TcpStream, body: &str) -> std::io::Result<()> {
         .and_then(|n| n.parse::<u64>().ok())
     {
         out.write_all(head("200 OK", n, "application/octet-stream").as_bytes())?;
-        let mut pattern = Pattern::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut left = n;
-        while left > 0 {
-            let k = left.min(buf.len() as u64) as usize;
-            pattern.fill(&mut buf[..k]);
-            out.write_all(&buf[..k])?;
-            left -= k as u64;
-        }
+        Pattern::new().write_to(&mut out, n)?;
     } else {
         out.write_all(head("404 Not Found", 0, "text/plain").as_bytes())?;
     }

@@ -46,7 +46,10 @@ pub fn run(
         format!("{prefix}k{n}{tag}")
     };
     if let (Some(daemon), Some(ctl)) = (&art.daemon, &art.ctl) {
-        for &count in counts {
+        // One `add` per port for each count, then the largest count as one range.
+        let range = *counts.iter().max().unwrap_or(&1);
+        let cases = counts.iter().map(|&count| (count, false));
+        for (count, as_range) in cases.chain([(range, true)]) {
             let ns = namespace(&next("p"))?;
             out.push(portfwd(
                 &ns,
@@ -55,20 +58,9 @@ pub fn run(
                 sock_dir,
                 &art.log_dir,
                 count,
-                false,
+                as_range,
             )?);
         }
-        let range = *counts.iter().max().unwrap_or(&1);
-        let ns = namespace(&next("p"))?;
-        out.push(portfwd(
-            &ns,
-            daemon,
-            ctl,
-            sock_dir,
-            &art.log_dir,
-            range,
-            true,
-        )?);
     } else {
         out.push(ControlResult {
             publisher: "portfwd".into(),
@@ -111,7 +103,7 @@ pub fn run(
 }
 
 fn namespace(name: &str) -> Result<Netns> {
-    let ns = Netns::new(name)?;
+    let ns = Netns::create(name)?;
     ns.sh("ip link add pf0 type veth peer name pf1
          ip addr add 198.18.9.1/24 dev pf0
          ip link set pf0 up; ip link set pf1 up")?;
@@ -127,10 +119,10 @@ fn portfwd(
     count: u32,
     range: bool,
 ) -> Result<ControlResult> {
-    let sock = format!("{sock_dir}/{}.sock", ns.name);
-    let log = std::fs::File::create(art_log_dir.join(format!("{}.log", ns.name)))?;
-    let mut cmd = ns.daemon_cmd(daemon);
-    let cgroup = sys::Cgroup::new(&ns.name)?;
+    let sock = format!("{sock_dir}/{}.sock", ns.name());
+    let log = std::fs::File::create(art_log_dir.join(format!("{}.log", ns.name())))?;
+    let mut cmd = sys::daemon_cmd(ns, daemon);
+    let cgroup = sys::Cgroup::new(ns.name())?;
     cmd.args(["--iface", "pf0", "--ingress", "tc", "--socket", &sock]);
     if super::variants::daemon_has_cgroup_flag(daemon) {
         cmd.arg("--cgroup").arg(&cgroup.daemon_path);
@@ -184,7 +176,7 @@ fn portfwd(
         .matches(&CT_IP.to_string())
         .count();
     let rss = sys::rss_kib(d.pid());
-    d.stop()?;
+    d.stop();
     drop(cgroup);
     Ok(ControlResult {
         publisher: "portfwd".into(),
@@ -209,7 +201,7 @@ fn iptables_per_rule(ns: &Netns, count: u32) -> Result<ControlResult> {
     for i in 0..count {
         let rule = dnat_rule(FIRST_PORT as u32 + i);
         sys::run(
-            ns.cmd("iptables-nft")
+            ns.command("iptables-nft")
                 .args(["-t", "nat"])
                 .args(rule.split(' ')),
         )?;
@@ -236,7 +228,7 @@ fn iptables_restore(ns: &Netns, count: u32) -> Result<ControlResult> {
     rules += "COMMIT\n";
     let start = Instant::now();
     let mut child = ns
-        .cmd("iptables-nft-restore")
+        .command("iptables-nft-restore")
         .arg("--noflush")
         .stdin(Stdio::piped())
         .spawn()
@@ -263,7 +255,7 @@ fn iptables_restore(ns: &Netns, count: u32) -> Result<ControlResult> {
 
 fn check_rules(ns: &Netns, count: u32) -> Result<()> {
     let n = ns
-        .output("iptables-nft -t nat -S PFB | grep -c DNAT || true")?
+        .sh("iptables-nft -t nat -S PFB | grep -c DNAT || true")?
         .trim()
         .parse::<u32>()
         .unwrap_or(0);
@@ -280,12 +272,12 @@ fn proxies(ns: &Netns, tool: &str, count: u32) -> Result<ControlResult> {
     for i in 0..count {
         let port = FIRST_PORT as u32 + i;
         let mut cmd = if tool == "socat" {
-            let mut c = ns.cmd("socat");
+            let mut c = ns.command("socat");
             c.arg(format!("TCP-LISTEN:{port},fork,reuseaddr"))
                 .arg(format!("TCP:{CT_IP}:8080"));
             c
         } else {
-            let mut c = ns.cmd("sh");
+            let mut c = ns.command("sh");
             c.arg("-c").arg(format!(
                 "exec 3</dev/null; exec docker-proxy -proto tcp -host-ip 0.0.0.0 -host-port {port} -container-ip {CT_IP} -container-port 8080"
             ));
@@ -296,7 +288,7 @@ fn proxies(ns: &Netns, tool: &str, count: u32) -> Result<ControlResult> {
     }
     let last = FIRST_PORT as u32 + count - 1;
     sys::wait_for("every proxy listening", Duration::from_secs(20), || {
-        ns.output(&format!("ss -Hltn 'sport = :{last}'"))
+        ns.sh(&format!("ss -Hltn 'sport = :{last}'"))
             .map(|o| !o.trim().is_empty())
             .unwrap_or(false)
     })?;

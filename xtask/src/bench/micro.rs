@@ -20,7 +20,10 @@ use portfwd_common::{
     HOST_ADDRS_V4, PUBLISHED_PORTS, RULES_V4,
 };
 
-use super::topo::{CLIENT_IP, CT_IP, HOST_IP};
+use super::{
+    frame::{arp_frame, tcp_frame},
+    topo::{CLIENT_IP, CT_IP, HOST_IP},
+};
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct MicroResult {
@@ -61,7 +64,7 @@ pub fn run(bpf_object: &Path, runs: usize, repeat: u32) -> Result<Vec<MicroResul
     let hit = tcp_frame(CLIENT_IP, client_port, HOST_IP, 9000);
     let wildcard = tcp_frame(CLIENT_IP, client_port, HOST_IP, 9001);
     let miss = tcp_frame(CLIENT_IP, client_port, HOST_IP, 9999);
-    let arp = arp_frame();
+    let arp = arp_frame(CLIENT_IP, HOST_IP);
     let reply = tcp_frame(CT_IP, 8080, CLIENT_IP, client_port);
     let reply_miss = tcp_frame(CT_IP, 8080, CLIENT_IP, client_port + 1);
 
@@ -215,73 +218,6 @@ fn median_of(runs: usize, mut f: impl FnMut() -> Result<f64>) -> Result<(f64, f6
     }
     v.sort_by(f64::total_cmp);
     Ok((v[v.len() / 2], v[0], v[v.len() - 1]))
-}
-
-fn eth(ethertype: u16) -> Vec<u8> {
-    let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f
-}
-
-/// A TCP segment (ACK, 10 bytes of payload) with valid checksums.
-pub fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
-    let payload = b"0123456789";
-    let tcp_len = 20 + payload.len();
-    let mut f = eth(0x0800);
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&((20 + tcp_len) as u16).to_be_bytes());
-    ip[6] = 0x40;
-    ip[8] = 64;
-    ip[9] = proto::TCP;
-    ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&dst.octets());
-    let c = !fold(sum(&ip));
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    f.extend_from_slice(&ip);
-    let mut tcp = vec![0u8; 20];
-    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
-    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
-    tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
-    tcp[8..12].copy_from_slice(&1u32.to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = 0x18; // PSH, ACK
-    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    tcp.extend_from_slice(payload);
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&src.octets());
-    pseudo.extend_from_slice(&dst.octets());
-    pseudo.extend_from_slice(&[0, proto::TCP]);
-    pseudo.extend_from_slice(&(tcp_len as u16).to_be_bytes());
-    pseudo.extend_from_slice(&tcp);
-    let c = !fold(sum(&pseudo));
-    tcp[16..18].copy_from_slice(&c.to_be_bytes());
-    f.extend_from_slice(&tcp);
-    f
-}
-
-fn arp_frame() -> Vec<u8> {
-    let mut f = eth(0x0806);
-    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 2]);
-    f.extend_from_slice(&CLIENT_IP.octets());
-    f.extend_from_slice(&[0; 6]);
-    f.extend_from_slice(&HOST_IP.octets());
-    f.resize(60, 0);
-    f
-}
-
-fn sum(b: &[u8]) -> u32 {
-    b.chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum()
-}
-
-fn fold(mut s: u32) -> u16 {
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    s as u16
 }
 
 /// The empty programs (floor), loaded with the raw `bpf(2)` syscall: two instructions,

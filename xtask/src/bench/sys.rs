@@ -2,214 +2,78 @@
 //! by an RAII guard, so a failing run leaves no namespace or child process behind.
 
 use std::{
-    fs::File,
-    path::Path,
-    process::{Child, Command, Output, Stdio},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
-/// Runs a command to completion; fails with its stderr when it exits non-zero.
-pub fn run(cmd: &mut Command) -> Result<Output> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            String::from_utf8_lossy(&out.stdout).trim()
-        );
-    }
-    Ok(out)
-}
+pub use portfwd_netkit::{
+    cmd::run,
+    netns::{enter, Netns},
+};
 
 /// `sh -c SCRIPT` with `set -e`, for the topology's many `ip` lines.
 pub fn sh(script: &str) -> Result<()> {
-    run(Command::new("sh").arg("-ec").arg(script)).map(|_| ())
+    run(Command::new("sh").arg("-ec").arg(script))?;
+    Ok(())
 }
 
 pub fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+    portfwd_netkit::cmd::find_in_path(tool).is_some()
 }
 
-/// A network namespace, deleted on drop (with every interface inside it).
-pub struct Netns {
-    pub name: String,
+/// The daemon inside namespace `ns`, in a private mount namespace where /sys is this
+/// namespace's sysfs (the daemon looks interfaces up there) and cgroup2 is mounted at
+/// /sys/fs/cgroup (the cgroup it serves). Same pid all along (`exec` chain), so it can be
+/// signalled and measured.
+pub fn daemon_cmd(ns: &Netns, prog: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = ns.command("unshare");
+    c.args([
+        "--mount",
+        "--propagation",
+        "slave",
+        "sh",
+        "-ec",
+        r#"mount -t sysfs sysfs /sys; mount -t cgroup2 cgroup2 /sys/fs/cgroup; exec "$0" "$@""#,
+    ]);
+    c.arg(prog);
+    c
 }
 
-impl Netns {
-    pub fn new(name: &str) -> Result<Self> {
-        run(Command::new("ip").args(["netns", "add", name]))?;
-        let ns = Self {
-            name: name.to_string(),
-        };
-        ns.sh("ip link set lo up")?;
-        Ok(ns)
-    }
-
-    pub fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
-    }
-
-    /// A command that runs inside the namespace (`nsenter`, so cgroups stay visible).
-    pub fn cmd(&self, prog: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.path())).arg(prog);
-        c
-    }
-
-    /// The daemon inside the namespace, in a private mount namespace where /sys is this
-    /// namespace's sysfs (the daemon looks interfaces up there) and cgroup2 is mounted at
-    /// /sys/fs/cgroup (the cgroup it serves). Same pid all along (`exec` chain), so it
-    /// can be signalled and measured.
-    pub fn daemon_cmd(&self, prog: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.path())).args([
-            "unshare",
-            "--mount",
-            "--propagation",
-            "slave",
-            "sh",
-            "-ec",
-            r#"mount -t sysfs sysfs /sys; mount -t cgroup2 cgroup2 /sys/fs/cgroup; exec "$0" "$@""#,
-        ]);
-        c.arg(prog);
-        c
-    }
-
-    /// A shell script inside the namespace; `ip netns exec` so that /sys shows its devices.
-    pub fn sh(&self, script: &str) -> Result<()> {
-        run(Command::new("ip")
-            .args(["netns", "exec", &self.name, "sh", "-ec"])
-            .arg(script))
-        .map(|_| ())
-    }
-
-    pub fn output(&self, script: &str) -> Result<String> {
-        let out = run(Command::new("ip")
-            .args(["netns", "exec", &self.name, "sh", "-ec"])
-            .arg(script))?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// Runs `f` on a thread that has entered the namespace (BPF_PROG_RUN live frames and
-    /// attachments resolve interfaces in the caller's namespace).
-    pub fn on_thread<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let path = self.path();
-        thread::spawn(move || {
-            enter(&path)?;
-            f()
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
-    }
+/// Runs `f` on a thread that has entered `ns` (BPF_PROG_RUN live frames and attachments
+/// resolve interfaces in the caller's namespace); a panic in `f` is an error of the case,
+/// not the end of the run.
+pub fn on_thread<T: Send>(ns: &Netns, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ns.run(f)))
+        .map_err(|_| anyhow::anyhow!("namespace thread panicked"))??
 }
 
-/// Moves the calling thread into the network namespace at `path`.
-pub fn enter(path: &str) -> Result<()> {
-    let f = File::open(path).with_context(|| format!("open {path}"))?;
-    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-        .with_context(|| format!("setns {path}"))
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-/// Deletes namespaces left by an earlier, killed run of this rig (prefix `pfb-`) whose
-/// owning process is gone.
-pub fn sweep_stale(prefix: &str) {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix(prefix) else {
-            continue;
-        };
-        // Names are `pfb-<pid>-...`: only sweep those whose process has exited.
-        let pid = rest.split('-').next().unwrap_or("");
-        if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
-        }
-    }
-}
-
-/// A child process, killed (SIGTERM, then SIGKILL) and reaped on drop.
-pub struct Proc {
-    pub name: String,
-    child: Option<Child>,
-}
+/// A child process, stopped (SIGTERM, then SIGKILL after 5 s) and reaped on drop.
+pub struct Proc(portfwd_netkit::process::ChildGuard);
 
 impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command) -> Result<Self> {
-        let child = cmd
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("cannot start {name}: {cmd:?}"))?;
-        Ok(Self {
-            name: name.to_string(),
-            child: Some(child),
-        })
+        Ok(Self(portfwd_netkit::process::ChildGuard::spawn(name, cmd)?))
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+        self.0.id()
     }
 
     /// Fails if the process has already exited.
     pub fn check_alive(&mut self) -> Result<()> {
-        if let Some(c) = self.child.as_mut() {
-            if let Some(st) = c.try_wait()? {
-                bail!("{} exited early: {st}", self.name);
-            }
+        if let Some(st) = self.0.try_wait() {
+            bail!("{} exited early: {st}", self.0.name());
         }
         Ok(())
     }
 
-    /// SIGTERM and wait (up to 5 s) for a clean exit.
-    pub fn stop(&mut self) -> Result<()> {
-        let Some(mut c) = self.child.take() else {
-            return Ok(());
-        };
-        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if c.try_wait()?.is_some() {
-                return Ok(());
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = c.kill();
-        let _ = c.wait();
-        Ok(())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.stop();
+    /// SIGTERM and wait (up to 5 s) for a clean exit, SIGKILL after that.
+    pub fn stop(&mut self) {
+        self.0.stop();
     }
 }
 
@@ -353,62 +217,24 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 }
 
 /// A cgroup v2 made for the rig (the daemon serves local clients of this cgroup only,
-/// never the whole machine's); removed on drop once its processes have exited.
+/// never the whole machine's); removed on drop.
 pub struct Cgroup {
-    pub path: std::path::PathBuf,
+    cg: portfwd_netkit::cgroup::Cgroup,
     /// The same cgroup as the daemon sees it (cgroup2 mounted at /sys/fs/cgroup).
-    pub daemon_path: std::path::PathBuf,
+    pub daemon_path: PathBuf,
 }
 
 impl Cgroup {
+    /// `<cgroup2 root>/<name>`; `name` starts `pfb-<pid>-`, so a later run can sweep it.
     pub fn new(name: &str) -> Result<Self> {
-        let root = cgroup2_root().context("no cgroup2 mount")?;
-        let path = root.join(name);
-        std::fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
         Ok(Self {
-            path,
+            cg: portfwd_netkit::cgroup::Cgroup::create(name)?,
             daemon_path: Path::new("/sys/fs/cgroup").join(name),
         })
     }
-}
 
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// Where cgroup2 is mounted (`/sys/fs/cgroup` or `/sys/fs/cgroup/unified`).
-pub fn cgroup2_root() -> Option<std::path::PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mounts.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let fstype = right.split_whitespace().next()?;
-        let mountpoint = left.split_whitespace().nth(4)?;
-        (fstype == "cgroup2").then(|| std::path::PathBuf::from(mountpoint))
-    })
-}
-
-/// Deletes rig cgroups (`pfb-<pid>-...`) left by a killed run whose process is gone.
-pub fn sweep_stale_cgroups(prefix: &str) {
-    let Some(root) = cgroup2_root() else { return };
-    let Ok(dir) = std::fs::read_dir(&root) else {
-        return;
-    };
-    for e in dir.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(prefix) else {
-            continue;
-        };
-        let pid = rest.split('-').next().unwrap_or("");
-        if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
-            let _ = std::fs::remove_dir(e.path());
-        }
+    pub fn path(&self) -> &Path {
+        self.cg.path()
     }
 }
 
@@ -416,12 +242,12 @@ pub fn sweep_stale_cgroups(prefix: &str) {
 /// cgroup: it only changes the network namespace).
 pub fn client_cmd(ns: &Netns, cgroup: Option<&Cgroup>, prog: &str) -> Command {
     match cgroup {
-        None => ns.cmd(prog),
+        None => ns.command(prog),
         Some(cg) => {
             let mut c = Command::new("sh");
             c.arg("-ec")
                 .arg(r#"echo $$ > "$0/cgroup.procs"; ns=$1; shift; exec nsenter --net="$ns" "$@""#);
-            c.arg(&cg.path).arg(ns.path()).arg(prog);
+            c.arg(cg.path()).arg(ns.path()).arg(prog);
             c
         }
     }

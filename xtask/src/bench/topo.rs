@@ -53,10 +53,10 @@ pub struct Topology {
 
 impl Topology {
     pub fn build(prefix: &str, host_if: &str, exe: &Path) -> Result<Self> {
-        let client = Netns::new(&format!("{prefix}c"))?;
-        let host = Netns::new(&format!("{prefix}h"))?;
-        let ct = Netns::new(&format!("{prefix}s"))?;
-        let (c, h, s) = (&client.name, &host.name, &ct.name);
+        let client = Netns::create(format!("{prefix}c"))?;
+        let host = Netns::create(format!("{prefix}h"))?;
+        let ct = Netns::create(format!("{prefix}s"))?;
+        let (c, h, s) = (client.name(), host.name(), ct.name());
         sys::sh(&format!(
             "ip -n {c} link add {CLIENT_IF} type veth peer name {host_if} netns {h}
              ip -n {h} link add hs0 type veth peer name {CT_IF} netns {s}
@@ -99,18 +99,18 @@ impl Topology {
         };
         let http = format!("0.0.0.0:{}", HTTP.0);
         let echo = format!("0.0.0.0:{}", ECHO.0);
-        let mut serve = topo.ct.cmd(exe);
+        let mut serve = topo.ct.command(exe);
         serve.args(["bench", "--serve-http", &http, "--serve-echo", &echo]);
         topo.servers
             .push(Proc::spawn("http/echo server", &mut serve)?);
-        let mut iperf = topo.ct.cmd("iperf3");
+        let mut iperf = topo.ct.command("iperf3");
         iperf
             .args(["-s", "-p", &IPERF.0.to_string()])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
         topo.servers.push(Proc::spawn("iperf3 server", &mut iperf)?);
         for port in [HTTP.0, ECHO.0, IPERF.0] {
-            topo.wait_listening(&topo.ct, port)?;
+            topo.wait_listening(&topo.ct, port, false)?;
         }
         for p in &mut topo.servers {
             p.check_alive()?;
@@ -122,26 +122,14 @@ impl Topology {
         Ok(topo)
     }
 
-    /// Waits until a TCP listener on `port` exists in `ns`.
-    pub fn wait_listening(&self, ns: &Netns, port: u16) -> Result<()> {
+    /// Waits until a TCP listener on `port` exists in `ns` (an IPv6 one with `v6`).
+    pub fn wait_listening(&self, ns: &Netns, port: u16, v6: bool) -> Result<()> {
+        let (family, flag) = if v6 { ("an IPv6", "6") } else { ("a", "") };
         sys::wait_for(
-            &format!("a listener on port {port} in {}", ns.name),
+            &format!("{family} listener on port {port} in {}", ns.name()),
             Duration::from_secs(10),
             || {
-                ns.output(&format!("ss -Hltn 'sport = :{port}'"))
-                    .map(|o| !o.trim().is_empty())
-                    .unwrap_or(false)
-            },
-        )
-    }
-
-    /// Waits until an IPv6 TCP listener on `port` exists in `ns`.
-    pub fn wait_listening6(&self, ns: &Netns, port: u16) -> Result<()> {
-        sys::wait_for(
-            &format!("an IPv6 listener on port {port} in {}", ns.name),
-            Duration::from_secs(10),
-            || {
-                ns.output(&format!("ss -Hltn6 'sport = :{port}'"))
+                ns.sh(&format!("ss -Hltn{flag} 'sport = :{port}'"))
                     .map(|o| !o.trim().is_empty())
                     .unwrap_or(false)
             },
@@ -150,7 +138,7 @@ impl Topology {
 
     /// MAC address of an interface in a namespace.
     pub fn mac(ns: &Netns, iface: &str) -> Result<[u8; 6]> {
-        let s = ns.output(&format!("cat /sys/class/net/{iface}/address"))?;
+        let s = ns.sh(&format!("cat /sys/class/net/{iface}/address"))?;
         let v: Vec<u8> = s
             .trim()
             .split(':')
@@ -162,7 +150,7 @@ impl Topology {
     }
 
     pub fn ifindex(ns: &Netns, iface: &str) -> Result<u32> {
-        let s = ns.output(&format!("cat /sys/class/net/{iface}/ifindex"))?;
+        let s = ns.sh(&format!("cat /sys/class/net/{iface}/ifindex"))?;
         Ok(s.trim().parse()?)
     }
 }

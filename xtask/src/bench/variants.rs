@@ -129,7 +129,7 @@ pub struct Active {
     pub targets: Targets,
     /// `localhost:PORT` from the host namespace: (address, HTTP port, iperf port), or why
     /// the variant has no local service.
-    pub local: Result<(Ipv4Addr, u16, u16), String>,
+    pub local: Result<(Ipv4Addr, u16, u16)>,
 }
 
 const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
@@ -181,16 +181,16 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
                     addr6: None,
                     ..published()
                 },
-                local: Err(
-                    "not measured (Docker's localhost case is served by docker-proxy)".into(),
-                ),
+                local: Err(anyhow::anyhow!(
+                    "not measured (Docker's localhost case is served by docker-proxy)"
+                )),
             })
         }
         Variant::Socat | Variant::DockerProxy => {
             let mut procs = Vec::new();
             for (ct, host) in [HTTP, IPERF, ECHO] {
                 let mut cmd = if v == Variant::Socat {
-                    let mut c = topo.host.cmd("socat");
+                    let mut c = topo.host.command("socat");
                     c.arg(format!("TCP-LISTEN:{host},fork,reuseaddr,backlog=4096"))
                         .arg(format!("TCP:{CT_IP}:{ct}"));
                     c
@@ -199,7 +199,7 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
                 };
                 cmd.stdout(Stdio::null()).stderr(Stdio::null());
                 procs.push(Proc::spawn(v.name(), &mut cmd)?);
-                topo.wait_listening(&topo.host, host)?;
+                topo.wait_listening(&topo.host, host, false)?;
             }
             let mut t = published();
             t.udp = None;
@@ -207,7 +207,7 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
             // container without IPv6); docker-proxy itself is not measured there.
             if v == Variant::Socat {
                 for (ct, host) in [HTTP, IPERF] {
-                    let mut c = topo.host.cmd("socat");
+                    let mut c = topo.host.command("socat");
                     c.arg(format!(
                         "TCP6-LISTEN:{host},fork,reuseaddr,backlog=4096,ipv6only=1"
                     ))
@@ -215,7 +215,7 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
                     .stdout(Stdio::null())
                     .stderr(Stdio::null());
                     procs.push(Proc::spawn("socat (IPv6)", &mut c)?);
-                    topo.wait_listening6(&topo.host, host)?;
+                    topo.wait_listening(&topo.host, host, true)?;
                 }
             } else {
                 t.addr6 = None;
@@ -239,9 +239,9 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
                 Variant::PortfwdXdpGeneric => "xdp-generic",
                 _ => "xdp",
             };
-            let sock = format!("{sock_dir}/{}.sock", topo.host.name);
-            let log = std::fs::File::create(art.log_dir.join(format!("{}.log", topo.host.name)))?;
-            let mut cmd = topo.host.daemon_cmd(daemon);
+            let sock = format!("{sock_dir}/{}.sock", topo.host.name());
+            let log = std::fs::File::create(art.log_dir.join(format!("{}.log", topo.host.name())))?;
+            let mut cmd = sys::daemon_cmd(&topo.host, daemon);
             cmd.args([
                 "--iface",
                 &topo.host_if,
@@ -296,7 +296,7 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
 /// docker-proxy as dockerd starts it; it needs fd 3 open (its parent passes a pipe there)
 /// or it closes its listener.
 fn docker_proxy_cmd(topo: &Topology, host: u16, ct: u16) -> Command {
-    let mut c = topo.host.cmd("sh");
+    let mut c = topo.host.command("sh");
     c.arg("-c").arg(format!(
         "exec 3</dev/null; exec docker-proxy -proto tcp -host-ip 0.0.0.0 -host-port {host} -container-ip {CT_IP} -container-port {ct}"
     ));
@@ -314,17 +314,18 @@ pub fn daemon_has_cgroup_flag(daemon: &std::path::Path) -> bool {
 }
 
 /// Whether the daemon serves `localhost:PORT` at the socket (its `list --json` says so).
-fn local_service(ctl: &std::path::Path, sock: &str) -> Result<(Ipv4Addr, u16, u16), String> {
+fn local_service(ctl: &std::path::Path, sock: &str) -> Result<(Ipv4Addr, u16, u16)> {
     let out = Command::new(ctl)
         .args(["--socket", sock, "list", "--json"])
         .output()
-        .map_err(|e| e.to_string())?;
+        .with_context(|| format!("cannot run {}", ctl.display()))?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).context("`portfwd-ctl list --json` printed no JSON")?;
     let has_local = json["local_clients"]["served"].as_bool() == Some(true);
     if has_local {
         Ok((LOCALHOST, HTTP.1, IPERF.1))
     } else {
-        Err("portfwd serves no local clients yet (`list --json` shows no local service)".into())
+        bail!("portfwd serves no local clients yet (`list --json` shows no local service)")
     }
 }

@@ -15,6 +15,7 @@ use aya::{
 };
 
 use super::{
+    frame::udp_frame,
     serve::ECHO_LEN,
     sys::{self, Netns},
     topo::{Artifacts, Topology, CLIENT_IF, CLIENT_IP, CT_IF, UDP},
@@ -229,7 +230,7 @@ fn parse_duration_us(s: &str) -> Option<f64> {
 /// SYN retransmissions counted in a namespace so far (`nstat`, absolute counters).
 pub fn syn_retrans(ns: &Netns) -> u64 {
     let out = ns
-        .cmd("nstat")
+        .command("nstat")
         .args(["-asz", "TcpExtTCPSynRetrans"])
         .output();
     let Ok(out) = out else { return 0 };
@@ -243,7 +244,7 @@ pub fn syn_retrans(ns: &Netns) -> u64 {
 
 /// Request/response latency: one connection, 64-byte request echoed back, one at a time.
 pub fn latency(ns: &Netns, addr: Ipv4Addr, port: u16, secs: u64) -> Result<Vec<Measure>> {
-    let samples = ns.on_thread(move || {
+    let samples = sys::on_thread(ns, move || {
         let mut s = TcpStream::connect_timeout(
             &SocketAddrV4::new(addr, port).into(),
             Duration::from_secs(5),
@@ -309,7 +310,7 @@ pub fn udp64(
     let ifindex = Topology::ifindex(&topo.client, CLIENT_IF)?;
     let (client_path, ct_path) = (topo.client.path(), topo.ct.path());
     let obj = art.bench_object.clone();
-    let result = topo.ct.on_thread(move || {
+    let result = sys::on_thread(&topo.ct, move || {
         let mut ebpf = EbpfLoader::new().load_file(&obj)?;
         {
             let sink: &mut Xdp = ebpf
@@ -382,60 +383,4 @@ pub fn udp64(
     );
     m.cpu_override = Some(fwd_cpu);
     Ok(m)
-}
-
-/// Ethernet + IPv4 + UDP, 64 bytes, with valid checksums (as from a wire).
-pub fn udp_frame(
-    dst_mac: [u8; 6],
-    src_mac: [u8; 6],
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    sport: u16,
-    dport: u16,
-) -> [u8; 64] {
-    let mut f = [0u8; 64];
-    f[0..6].copy_from_slice(&dst_mac);
-    f[6..12].copy_from_slice(&src_mac);
-    f[12..14].copy_from_slice(&[0x08, 0x00]);
-    let ip = &mut f[14..34];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&50u16.to_be_bytes());
-    ip[6] = 0x40; // DF
-    ip[8] = 64;
-    ip[9] = 17;
-    ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&dst.octets());
-    let c = !fold(sum(ip));
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    f[34..36].copy_from_slice(&sport.to_be_bytes());
-    f[36..38].copy_from_slice(&dport.to_be_bytes());
-    f[38..40].copy_from_slice(&30u16.to_be_bytes());
-    for (i, b) in f[42..].iter_mut().enumerate() {
-        *b = i as u8;
-    }
-    let mut pseudo = Vec::with_capacity(12 + 30);
-    pseudo.extend_from_slice(&src.octets());
-    pseudo.extend_from_slice(&dst.octets());
-    pseudo.extend_from_slice(&[0, 17]);
-    pseudo.extend_from_slice(&30u16.to_be_bytes());
-    pseudo.extend_from_slice(&f[34..64]);
-    let mut c = !fold(sum(&pseudo));
-    if c == 0 {
-        c = 0xffff;
-    }
-    f[40..42].copy_from_slice(&c.to_be_bytes());
-    f
-}
-
-fn sum(b: &[u8]) -> u32 {
-    b.chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum()
-}
-
-fn fold(mut s: u32) -> u16 {
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    s as u16
 }
