@@ -54,7 +54,7 @@ fn require_docker(test: &str) -> bool {
     if !require_root(test) {
         return false;
     }
-    let mut missing: Vec<String> = ["dockerd", "containerd", "runc", "curl", "ss"]
+    let mut missing: Vec<String> = ["dockerd", "containerd", "runc", "ss"]
         .into_iter()
         .filter(|t| bins::find_in_path(t).is_none())
         .map(String::from)
@@ -162,7 +162,7 @@ impl Dockerd {
         };
         let deadline = Instant::now() + DOCKERD_START;
         while !d.docker(&["version"]).status.success() {
-            if let Some(status) = d.child.as_mut().and_then(ChildGuard::try_wait) {
+            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait()) {
                 panic!("dockerd exited during start-up ({status}):\n{}", d.log());
             }
             assert!(
@@ -471,9 +471,9 @@ fn docker_run_publishes_through_portfwd() {
 
     // 127.0.0.1:9001: the host's own processes (the daemon's cgroup) reach it, remote
     // clients do not.
-    let local = topo.host.command("sh");
-    let local = local_curl(local, topo, "http://127.0.0.1:9001/");
-    assert_eq!(local, page, "local client of 127.0.0.1:9001");
+    let (ok, local) = topo.testcli(&topo.host, true, &["tcp", "127.0.0.1:9001"]);
+    assert!(ok, "local client of 127.0.0.1:9001: {local}");
+    assert_eq!(local["body"], page, "local client of 127.0.0.1:9001");
     assert!(
         http_get(&topo.client, v4(9001)).is_err(),
         "127.0.0.1:9001 must not be reachable remotely"
@@ -643,25 +643,6 @@ fn docker_run_publishes_through_portfwd() {
         "{err:?}"
     );
     docker.ok(&["rm", "-f", "web-down", "web-r", "echo-u"]);
-}
-
-/// `curl -s URL` from a shell that first joins the daemon's cgroup (a local client of
-/// the socket hooks); its output.
-fn local_curl(mut sh: Command, topo: &Topology, url: &str) -> String {
-    let procs = topo.daemon().cgroup().path().join("cgroup.procs");
-    sh.arg("-c")
-        .arg(format!(
-            "echo $$ > {} && exec curl -s -m 10 {url}",
-            procs.display()
-        ))
-        .stdin(Stdio::null());
-    let out = sh.output().expect("run curl");
-    assert!(
-        out.status.success(),
-        "local curl {url}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// dockerd 28 and later bind (and for TCP, listen on) the host port themselves and hand
