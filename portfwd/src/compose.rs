@@ -40,7 +40,7 @@ pub enum ComposeError {
         entry: String,
         message: String,
     },
-    #[error("internal error: the generated file does not load: {0}")]
+    #[error("internal error: the generated file does not load")]
     Generated(#[source] declfile::FileError),
 }
 

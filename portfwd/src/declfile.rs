@@ -37,7 +37,7 @@ use crate::{
 /// Why a declarations file was refused. One line each, naming the file and the line.
 #[derive(Debug, Error)]
 pub enum FileError {
-    #[error("cannot read {file}: {source}")]
+    #[error("cannot read {file}")]
     Read {
         file: String,
         #[source]
@@ -49,7 +49,7 @@ pub enum FileError {
         line: u32,
         message: String,
     },
-    #[error("{file}:{line}: entry `{entry}`: {source}")]
+    #[error("{file}:{line}: entry `{entry}`")]
     Entry {
         file: String,
         line: u32,
@@ -275,6 +275,7 @@ fn check_conflicts(file: &str, decls: &[FileDeclaration]) -> Result<(), FileErro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::chain;
 
     const GOOD: &str = r#"# the web tier
 [[publish]]
@@ -389,7 +390,7 @@ ports = [
             ),
         ];
         for (text, want) in table {
-            let err = parse("f.toml", text).expect_err(want).to_string();
+            let err = chain(&parse("f.toml", text).expect_err(want));
             assert_eq!(&err, want);
         }
     }
@@ -428,7 +429,7 @@ ports = [
                 "unknown field `publsh`",
             ),
         ] {
-            let err = parse("f.toml", text).expect_err(text).to_string();
+            let err = chain(&parse("f.toml", text).expect_err(text));
             assert!(err.starts_with(prefix), "{text:?}: {err}");
             assert!(err.contains(part), "{text:?}: {err}");
             assert!(!err.contains('\n'), "{err}");

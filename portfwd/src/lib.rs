@@ -10,4 +10,5 @@ pub mod dataplane;
 pub mod declfile;
 pub mod netinfo;
 pub mod protocol;
+pub mod report;
 pub mod rule;

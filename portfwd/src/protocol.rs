@@ -398,13 +398,13 @@ pub fn encode_err(msg: &str) -> Vec<u8> {
 /// What can go wrong talking to the daemon (client side).
 #[derive(Debug, Error)]
 pub enum ClientError {
-    #[error("cannot reach the portfwd daemon at {}: {source} (is portfwd running?)", path.display())]
+    #[error("cannot reach the portfwd daemon at {} (is portfwd running?)", path.display())]
     Connect {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("lost the connection to the portfwd daemon at {}: {source}", path.display())]
+    #[error("lost the connection to the portfwd daemon at {}", path.display())]
     Io {
         path: PathBuf,
         #[source]
@@ -412,7 +412,7 @@ pub enum ClientError {
     },
     #[error("the portfwd daemon closed the connection without answering")]
     NoResponse,
-    #[error("the portfwd daemon sent an invalid response: {0}")]
+    #[error("the portfwd daemon sent an invalid response")]
     BadResponse(#[source] serde_json::Error),
     /// The daemon refused the request; the message is the daemon's, verbatim.
     #[error("{0}")]

@@ -2,6 +2,8 @@
 
 use std::{fmt::Write as _, path::Path};
 
+use anyhow::Context as _;
+
 use portfwd::protocol::{self, ListReply, Request};
 
 #[derive(Debug, clap::Args)]
@@ -12,11 +14,10 @@ pub struct Args {
     json: bool,
 }
 
-pub fn run(socket: &Path, args: Args) -> Result<(), String> {
-    let reply: ListReply = protocol::call(socket, &Request::List).map_err(|e| e.to_string())?;
+pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
+    let reply: ListReply = protocol::call(socket, &Request::List)?;
     if args.json {
-        let json = serde_json::to_string_pretty(&reply)
-            .map_err(|e| format!("cannot encode the list: {e}"))?;
+        let json = serde_json::to_string_pretty(&reply).context("cannot encode the list")?;
         println!("{json}");
     } else {
         print!("{}", table(&reply));
