@@ -223,11 +223,6 @@ impl PortRange {
         let lo = self.start.max(other.start);
         (lo <= self.end.min(other.end)).then_some(lo)
     }
-    /// The port at `offset` from the start (callers keep `offset < len`).
-    pub fn nth(&self, offset: u32) -> u16 {
-        // Saturating: an out-of-range offset stays a valid port rather than wrapping.
-        u16::try_from(u32::from(self.start) + offset).unwrap_or(self.end)
-    }
 }
 
 /// `9000` or `9000-9009`.
