@@ -844,75 +844,76 @@ pub enum V4 {}
 /// IPv6's maps.
 pub enum V6 {}
 
-impl Family for V4 {
-    const NAME: &'static str = "IPv4";
-    type Addr = Ipv4Addr;
-    type Octets = [u8; 4];
-    type RuleKey = RuleKeyV4;
-    type Backend = BackendV4;
-    type FlowKey = FlowKeyV4;
-    type Flow = FlowV4;
-    const RULES: &'static str = RULES_V4;
-    const HOST_ADDRS: &'static str = HOST_ADDRS_V4;
-    const CONNTRACK: &'static str = CONNTRACK_V4;
-    fn octets(a: Ipv4Addr) -> [u8; 4] {
-        a.octets()
-    }
-    fn addr(o: [u8; 4]) -> Ipv4Addr {
-        Ipv4Addr::from(o)
-    }
-    fn from_ip(ip: IpAddr) -> Option<Ipv4Addr> {
-        match ip {
-            IpAddr::V4(a) => Some(a),
-            IpAddr::V6(_) => None,
+/// The two families' impls differ only in names and types.
+macro_rules! family {
+    ($family:ident, $name:literal, $variant:ident, $addr:ty, $len:literal,
+     $rule_key:ty, $backend:ty, $flow_key:ty, $flow:ty,
+     $rules:expr, $host_addrs:expr, $conntrack:expr) => {
+        impl Family for $family {
+            const NAME: &'static str = $name;
+            type Addr = $addr;
+            type Octets = [u8; $len];
+            type RuleKey = $rule_key;
+            type Backend = $backend;
+            type FlowKey = $flow_key;
+            type Flow = $flow;
+            const RULES: &'static str = $rules;
+            const HOST_ADDRS: &'static str = $host_addrs;
+            const CONNTRACK: &'static str = $conntrack;
+            fn octets(a: $addr) -> [u8; $len] {
+                a.octets()
+            }
+            fn addr(o: [u8; $len]) -> $addr {
+                <$addr>::from(o)
+            }
+            fn from_ip(ip: IpAddr) -> Option<$addr> {
+                match ip {
+                    IpAddr::$variant(a) => Some(a),
+                    _ => None,
+                }
+            }
+            fn rule_key(k: &$rule_key) -> ($addr, u16, u8) {
+                (k.addr(), k.port(), k.proto())
+            }
+            fn backend(b: &$backend) -> ($addr, u16, u32) {
+                (b.addr(), b.port(), b.stats_slot())
+            }
+            fn flow_backend(k: &$flow_key) -> ($addr, u16, u8) {
+                let (ip, port) = k.backend();
+                (ip, port, k.proto())
+            }
         }
-    }
-    fn rule_key(k: &RuleKeyV4) -> (Ipv4Addr, u16, u8) {
-        (k.addr(), k.port(), k.proto())
-    }
-    fn backend(b: &BackendV4) -> (Ipv4Addr, u16, u32) {
-        (b.addr(), b.port(), b.stats_slot())
-    }
-    fn flow_backend(k: &FlowKeyV4) -> (Ipv4Addr, u16, u8) {
-        let (ip, port) = k.backend();
-        (ip, port, k.proto())
-    }
+    };
 }
 
-impl Family for V6 {
-    const NAME: &'static str = "IPv6";
-    type Addr = Ipv6Addr;
-    type Octets = [u8; 16];
-    type RuleKey = RuleKeyV6;
-    type Backend = BackendV6;
-    type FlowKey = FlowKeyV6;
-    type Flow = FlowV6;
-    const RULES: &'static str = RULES_V6;
-    const HOST_ADDRS: &'static str = HOST_ADDRS_V6;
-    const CONNTRACK: &'static str = CONNTRACK_V6;
-    fn octets(a: Ipv6Addr) -> [u8; 16] {
-        a.octets()
-    }
-    fn addr(o: [u8; 16]) -> Ipv6Addr {
-        Ipv6Addr::from(o)
-    }
-    fn from_ip(ip: IpAddr) -> Option<Ipv6Addr> {
-        match ip {
-            IpAddr::V6(a) => Some(a),
-            IpAddr::V4(_) => None,
-        }
-    }
-    fn rule_key(k: &RuleKeyV6) -> (Ipv6Addr, u16, u8) {
-        (k.addr(), k.port(), k.proto())
-    }
-    fn backend(b: &BackendV6) -> (Ipv6Addr, u16, u32) {
-        (b.addr(), b.port(), b.stats_slot())
-    }
-    fn flow_backend(k: &FlowKeyV6) -> (Ipv6Addr, u16, u8) {
-        let (ip, port) = k.backend();
-        (ip, port, k.proto())
-    }
-}
+family!(
+    V4,
+    "IPv4",
+    V4,
+    Ipv4Addr,
+    4,
+    RuleKeyV4,
+    BackendV4,
+    FlowKeyV4,
+    FlowV4,
+    RULES_V4,
+    HOST_ADDRS_V4,
+    CONNTRACK_V4
+);
+family!(
+    V6,
+    "IPv6",
+    V6,
+    Ipv6Addr,
+    16,
+    RuleKeyV6,
+    BackendV6,
+    FlowKeyV6,
+    FlowV6,
+    RULES_V6,
+    HOST_ADDRS_V6,
+    CONNTRACK_V6
+);
 
 /// A map delete of an absent key: aya reports it as the syscall's ENOENT.
 fn is_not_found(e: &aya::maps::MapError) -> bool {
