@@ -628,11 +628,6 @@ impl Dataplane {
         self.remove_rule_of::<V4>(key)
     }
 
-    /// Every rule the kernel holds.
-    pub fn rules_snapshot(&mut self) -> Result<Vec<(RuleKeyV4, BackendV4)>, DataplaneError> {
-        self.rules_snapshot_of::<V4>()
-    }
-
     /// Makes the kernel's set of host addresses (for wildcard rules) equal to `addrs`.
     pub fn sync_host_addrs(&mut self, addrs: &BTreeSet<Ipv4Addr>) -> Result<(), DataplaneError> {
         self.sync_host_addrs_of::<V4>(addrs)
@@ -656,15 +651,6 @@ impl Dataplane {
     /// Every IPv6 rule the kernel holds.
     pub fn rules_snapshot_v6(&mut self) -> Result<Vec<(RuleKeyV6, BackendV6)>, DataplaneError> {
         self.rules_snapshot_of::<V6>()
-    }
-
-    /// Forgets every tracked IPv6 flow to one of `backends` (address, port, protocol
-    /// number), in one pass over the flow table; returns how many.
-    pub fn forget_flows_v6(
-        &mut self,
-        backends: &BTreeSet<(Ipv6Addr, u16, u8)>,
-    ) -> Result<usize, DataplaneError> {
-        self.forget_flows_of::<V6>(backends)
     }
 
     /// Makes the kernel's set of IPv6 host addresses (for `::` rules) equal to `addrs`.
@@ -712,25 +698,6 @@ impl Dataplane {
         ports
             .set(u32::from(port), bits, 0)
             .map_err(map_err(PUBLISHED_PORTS))
-    }
-
-    /// Forgets every tracked flow of a backend (its rule changed or went away), so that
-    /// UDP flows are not black-holed by stale state.
-    pub fn forget_flows_to(
-        &mut self,
-        backend: (Ipv4Addr, u16),
-        proto: u8,
-    ) -> Result<usize, DataplaneError> {
-        self.forget_flows(&[(backend.0, backend.1, proto)].into_iter().collect())
-    }
-
-    /// Forgets every tracked IPv4 flow to one of `backends` (address, port, protocol
-    /// number), NAT64's included, in one pass over each flow table; returns how many.
-    pub fn forget_flows(
-        &mut self,
-        backends: &BTreeSet<(Ipv4Addr, u16, u8)>,
-    ) -> Result<usize, DataplaneError> {
-        self.forget_flows_of::<V4>(backends)
     }
 
     /// A rule's counters, summed over CPUs.
@@ -783,13 +750,14 @@ impl Dataplane {
             .collect()
     }
 
-    /// Forgets every tracked IPv6 flow of a backend (see [`Self::forget_flows_to`]).
+    /// Forgets every tracked IPv6 flow of a backend (its rule changed or went away), so
+    /// that UDP flows are not black-holed by stale state.
     pub fn forget_flows_to_v6(
         &mut self,
         backend: (Ipv6Addr, u16),
         proto: u8,
     ) -> Result<usize, DataplaneError> {
-        self.forget_flows_v6(&[(backend.0, backend.1, proto)].into_iter().collect())
+        self.forget_flows_of::<V6>(&[(backend.0, backend.1, proto)].into_iter().collect())
     }
 }
 
