@@ -28,48 +28,72 @@ pub static BPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portfwd.bpf.o"));
 
 #[derive(Debug, Error)]
+/// Why a dataplane operation failed.
 pub enum DataplaneError {
+    /// The object does not load (verifier, kernel version, permissions).
     #[error("cannot load the BPF programs")]
     Load(#[source] aya::EbpfError),
+    /// The object lacks a program (a build mismatch).
     #[error("BPF object has no program `{0}`")]
     MissingProgram(&'static str),
+    /// The object lacks a map (a build mismatch).
     #[error("BPF object has no map `{0}`")]
     MissingMap(&'static str),
+    /// A program cannot be loaded or used.
     #[error("program `{name}`")]
     Program {
+        /// The program.
         name: &'static str,
+        /// Why.
         #[source]
         source: aya::programs::ProgramError,
     },
+    /// A map operation failed.
     #[error("map `{name}`")]
     Map {
+        /// The map.
         name: &'static str,
+        /// Why.
         #[source]
         source: aya::maps::MapError,
     },
+    /// The number of possible CPUs cannot be read.
     #[error("cannot count the possible CPUs")]
     Cpus(#[source] std::io::Error),
+    /// The cgroup cannot be opened.
     #[error("cannot open cgroup {path}")]
     Cgroup {
+        /// The cgroup.
         path: String,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// A socket program cannot be attached to the cgroup.
     #[error("cannot attach {name} to cgroup {path}")]
     AttachCgroup {
+        /// The program.
         name: &'static str,
+        /// The cgroup.
         path: String,
+        /// Why.
         #[source]
         source: aya::programs::ProgramError,
     },
+    /// The network namespace's cookie cannot be read.
     #[error("cannot read this network namespace's cookie")]
     NetnsCookie(#[source] std::io::Error),
+    /// No interface of that name in this network namespace.
     #[error("unknown interface `{0}`")]
     UnknownInterface(String),
+    /// A program cannot be attached to an interface.
     #[error("cannot attach {hook} to {iface}")]
     Attach {
+        /// Where.
         hook: Hook,
+        /// The interface.
         iface: String,
+        /// Why.
         #[source]
         source: aya::programs::ProgramError,
     },
@@ -96,9 +120,13 @@ pub enum IngressMode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Hook {
+    /// Native (driver) XDP.
     Xdp,
+    /// Generic (skb) XDP.
     XdpGeneric,
+    /// TC ingress.
     TcIngress,
+    /// TC egress.
     TcEgress,
 }
 
@@ -116,8 +144,11 @@ impl fmt::Display for Hook {
 /// One interface's attachments.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Attachment {
+    /// The interface's name.
     pub iface: String,
+    /// Where the ingress program runs.
     pub ingress: Hook,
+    /// Where the reply translator runs (TC egress).
     pub egress: Hook,
 }
 
@@ -135,6 +166,7 @@ const SOCKET_PROGRAMS: [&str; 10] = [
     programs::SOCK_CONNECT6,
 ];
 
+/// The loaded kernel programs and maps, and where they are attached; dropping it detaches everything.
 pub struct Dataplane {
     ebpf: Ebpf,
     attachments: Vec<Attachment>,
@@ -210,10 +242,12 @@ impl Dataplane {
         &self.ebpf
     }
 
+    /// The loaded object, mutable (for tests that reach into maps).
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
 
+    /// The interfaces attached so far, and how.
     pub fn attachments(&self) -> &[Attachment] {
         &self.attachments
     }

@@ -4,6 +4,8 @@
 //! programs and maps), the rule model and its validation, the declarations file and its
 //! Compose import, and the control protocol.
 
+#![warn(missing_docs)]
+
 pub mod compose;
 pub mod daemon;
 pub mod dataplane;

@@ -88,8 +88,11 @@ fn drvinfo_bus(iface: &str) -> Option<String> {
 /// One learnt entry of a bridge's forwarding database.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FdbEntry {
+    /// The bridge's interface index.
     pub bridge_ifindex: u32,
+    /// The learnt MAC address.
     pub mac: [u8; 6],
+    /// The index of the bridge port that leads to it.
     pub port_ifindex: u32,
 }
 

@@ -70,61 +70,109 @@ pub enum DaemonError {
     /// `holder` is the published rule the port belongs to (not shown: Docker's words).
     #[error("Bind for {addr_port} failed: port is already allocated")]
     PortAllocated {
+        /// The address and port as Docker writes them (`0.0.0.0:9000`).
         addr_port: String,
+        /// The first port asked for that is taken.
         port: u16,
+        /// The published rule that holds it.
         holder: Publish,
     },
+    /// `del` of a rule that is not published.
     #[error("No published port {publish}")]
-    NotPublished { publish: Publish },
+    NotPublished {
+        /// The rule asked for.
+        publish: Publish,
+    },
+    /// `del` of part of a published range.
     #[error("No published port {publish}: it is part of {rule}, which is removed whole")]
-    PartOfRange { publish: Publish, rule: Publish },
+    PartOfRange {
+        /// The ports asked for.
+        publish: Publish,
+        /// The range they belong to.
+        rule: Publish,
+    },
     /// `del` of one address or family where rules of others hold the port (`del 9000`
     /// with `0.0.0.0:9000` published, or the reverse).
     #[error("No published port {publish} (published there: {})", others.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
     PublishedOtherwise {
+        /// The rule asked for.
         publish: Publish,
+        /// The rules published on its ports.
         others: Vec<Publish>,
     },
+    /// Every counter slot is in use.
     #[error("cannot publish {publish}: all {max} counter slots are in use", max = MAX_STATS_SLOTS)]
-    NoSlot { publish: Publish },
+    NoSlot {
+        /// The rule that needed one.
+        publish: Publish,
+    },
+    /// The kernel refused a map write (the writes made before it are undone).
     #[error("cannot {action} {publish}")]
     Kernel {
+        /// `publish` or `unpublish`.
         action: &'static str,
+        /// The rule being changed.
         publish: Publish,
+        /// The dataplane's error.
         #[source]
         source: Box<DataplaneError>,
     },
+    /// A local process holds a port of the rule.
     #[error(
         "cannot publish {publish}: a local process already uses {what} (address already in use)"
     )]
-    HeldLocally { publish: Publish, what: String },
+    HeldLocally {
+        /// The rule asked for.
+        publish: Publish,
+        /// `it`, or the port (`port 9005`) of a range.
+        what: String,
+    },
+    /// No free port for a declaration that leaves its host ports open.
     #[error("cannot publish {declaration}: {why}")]
     NoFreePort {
+        /// The declaration.
         declaration: Box<Declaration>,
+        /// What was tried.
         why: String,
     },
+    /// The request is not a valid rule.
     #[error(transparent)]
     Invalid(#[from] RuleError),
+    /// A file rule takes a port that an earlier line of the same file takes.
     #[error("Bind for {addr_port} failed: port is already allocated (by line {line})")]
-    AllocatedInFile { addr_port: String, line: u32 },
+    AllocatedInFile {
+        /// The address and port as Docker writes them.
+        addr_port: String,
+        /// The line that holds it.
+        line: u32,
+    },
+    /// A file rule conflicts with a runtime (`cli`) rule.
     #[error(
         "{publish} conflicts with the runtime rule {runtime} at port {port} \
          (added with portfwd-ctl add; del it first or drop it from the file)"
     )]
     RuntimeConflict {
+        /// The file rule, as declared.
         publish: String,
+        /// The runtime rule.
         runtime: Publish,
+        /// The first port both take.
         port: u16,
     },
     /// An error of one entry of a declarations file.
     #[error("{file}:{line}: entry `{entry}`")]
     InFile {
+        /// The declarations file.
         file: String,
+        /// The entry's line (1-based).
         line: u32,
+        /// The entry as written.
         entry: String,
+        /// What is wrong with it.
         #[source]
         source: Box<DaemonError>,
     },
+    /// The counters cannot be read.
     #[error("cannot read the counters")]
     Stats(#[source] Box<DataplaneError>),
 }

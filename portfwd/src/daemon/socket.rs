@@ -16,31 +16,51 @@ use thiserror::Error;
 /// Why the daemon could not start its control socket.
 #[derive(Debug, Error)]
 pub enum SocketError {
+    /// The socket's directory cannot be created.
     #[error("cannot create the socket directory {}", dir.display())]
     Dir {
+        /// The directory.
         dir: PathBuf,
+        /// Why.
         #[source]
         source: io::Error,
     },
+    /// The lock file cannot be opened.
     #[error("cannot open the lock file {}", path.display())]
     LockFile {
+        /// The lock file.
         path: PathBuf,
+        /// Why.
         #[source]
         source: io::Error,
     },
+    /// Another daemon holds the lock.
     #[error("another portfwd daemon is already running on {}", socket.display())]
-    AlreadyRunning { socket: PathBuf },
+    AlreadyRunning {
+        /// The socket path.
+        socket: PathBuf,
+    },
+    /// The lock cannot be taken (for another reason than another daemon holding it).
     #[error("cannot lock {}", path.display())]
     Lock {
+        /// The lock file.
         path: PathBuf,
+        /// Why.
         #[source]
         source: nix::Error,
     },
+    /// Something other than a socket is at the path.
     #[error("{} exists and is not a socket: refusing to replace it", path.display())]
-    NotASocket { path: PathBuf },
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The socket cannot be bound or set up.
     #[error("cannot use the control socket {}", path.display())]
     Bind {
+        /// The socket path.
         path: PathBuf,
+        /// Why.
         #[source]
         source: io::Error,
     },
@@ -99,6 +119,7 @@ impl SocketClaim {
         })
     }
 
+    /// The socket path.
     pub fn path(&self) -> &Path {
         &self.socket
     }

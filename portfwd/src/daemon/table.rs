@@ -25,6 +25,7 @@ pub struct SlotAllocator {
 }
 
 impl SlotAllocator {
+    /// A slot, or `None` when all are in use.
     pub fn alloc(&mut self) -> Option<u32> {
         if self.next < MAX_STATS_SLOTS {
             self.next += 1;
@@ -33,6 +34,7 @@ impl SlotAllocator {
             self.free.pop_front()
         }
     }
+    /// Gives `slot` back, to be reused after every slot freed before it.
     pub fn release(&mut self, slot: u32) {
         self.free.push_back(slot);
     }
@@ -41,8 +43,11 @@ impl SlotAllocator {
 /// One published rule as the daemon holds it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
+    /// Where its ports go.
     pub backend: Backend,
+    /// Its counter slot (a range shares one).
     pub stats_slot: u32,
+    /// Who published it: `cli` or `file`.
     pub source: Source,
 }
 
@@ -72,15 +77,19 @@ impl RuleTable {
             None => Ok(()),
         }
     }
+    /// The rule published as `publish`.
     pub fn get(&self, publish: &Publish) -> Option<&Entry> {
         self.rules.get(publish)
     }
+    /// Every rule, in [`Publish`] order.
     pub fn iter(&self) -> impl Iterator<Item = (&Publish, &Entry)> {
         self.rules.iter()
     }
+    /// How many rules are published.
     pub fn len(&self) -> usize {
         self.rules.len()
     }
+    /// Whether no rule is published.
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
     }

@@ -145,9 +145,11 @@ impl Addrs {
             }),
         }
     }
+    /// The IPv4 address, if any.
     pub fn v4(&self) -> Option<Ipv4Addr> {
         self.v4
     }
+    /// The IPv6 address, if any.
     pub fn v6(&self) -> Option<Ipv6Addr> {
         self.v6
     }

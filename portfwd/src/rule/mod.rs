@@ -55,68 +55,157 @@ use addr::{check_families, check_host, parse_addr, parse_host};
 /// line and names the offending part as the user wrote it.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum RuleError {
+    /// Nothing where something is needed.
     #[error("empty {what}")]
-    Empty { what: &'static str },
+    Empty {
+        /// What is missing.
+        what: &'static str,
+    },
+    /// A port that is not a number.
     #[error("invalid port `{port}`: not a number")]
-    PortNotNumber { port: String },
+    PortNotNumber {
+        /// The port as written.
+        port: String,
+    },
+    /// A port outside 1..=65535.
     #[error("invalid port `{port}`: must be between 1 and 65535")]
-    PortOutOfRange { port: String },
+    PortOutOfRange {
+        /// The port as written.
+        port: String,
+    },
+    /// A range that holds port 0.
     #[error("invalid port range `{range}`: port 0 cannot be part of a range")]
-    PortZeroInRange { range: String },
+    PortZeroInRange {
+        /// The range as written.
+        range: String,
+    },
+    /// A range whose end comes before its start.
     #[error("invalid port range `{range}`: it ends before it starts")]
-    RangeReversed { range: String },
+    RangeReversed {
+        /// The range as written.
+        range: String,
+    },
+    /// A range that goes past 65535.
     #[error("invalid port range `{range}`: it goes past 65535")]
-    RangeCrosses65535 { range: String },
+    RangeCrosses65535 {
+        /// The range as written.
+        range: String,
+    },
+    /// Host and backend ranges of different lengths.
     #[error(
         "port ranges `{host}` ({host_len} ports) and `{backend}` ({backend_len} ports) differ in length"
     )]
     RangeLengths {
+        /// The host range as written.
         host: String,
+        /// Its length.
         host_len: u32,
+        /// The backend range as written.
         backend: String,
+        /// Its length.
         backend_len: u32,
     },
+    /// An address that does not parse.
     #[error("invalid IP address `{addr}`")]
-    BadAddress { addr: String },
+    BadAddress {
+        /// The address as written.
+        addr: String,
+    },
+    /// A bare IPv6 address before a port.
     #[error("IPv6 address in `{spec}` must be in brackets, e.g. [2001:db8::1]:9000")]
-    Ipv6NeedsBrackets { spec: String },
+    Ipv6NeedsBrackets {
+        /// The spec as written.
+        spec: String,
+    },
+    /// A protocol that is not `tcp` or `udp`.
     #[error("unknown protocol `{proto}`: expected tcp or udp")]
-    UnknownProtocol { proto: String },
+    UnknownProtocol {
+        /// The protocol as written.
+        proto: String,
+    },
+    /// A protocol Docker knows but portfwd does not forward (`sctp`).
     #[error("protocol `{proto}` is not supported: portfwd forwards tcp and udp")]
-    ProtocolNotSupported { proto: String },
+    ProtocolNotSupported {
+        /// The protocol as written.
+        proto: String,
+    },
+    /// A port mapping outside Docker's grammar.
     #[error(
         "invalid port mapping `{spec}`: expected [HOST_IP:][HOST_PORT[-END]:]CONTAINER_PORT[-END][/PROTO]"
     )]
-    MappingFormat { spec: String },
+    MappingFormat {
+        /// The mapping as written.
+        spec: String,
+    },
+    /// A backend outside the grammar.
     #[error("invalid backend `{spec}`: expected BACKEND_IP:BACKEND_PORT[-END]")]
-    BackendFormat { spec: String },
+    BackendFormat {
+        /// The backend as written.
+        spec: String,
+    },
+    /// A protocol written on the backend.
     #[error(
         "invalid backend `{spec}`: a protocol belongs on the published port (e.g. 5353/udp), not on the backend"
     )]
-    BackendProtocol { spec: String },
+    BackendProtocol {
+        /// The backend as written.
+        spec: String,
+    },
+    /// An address that cannot be a backend.
     #[error("{addr} cannot be a backend: {why}")]
-    BackendNotUnicast { addr: IpAddr, why: &'static str },
+    BackendNotUnicast {
+        /// The address.
+        addr: IpAddr,
+        /// Why.
+        why: &'static str,
+    },
+    /// An address that cannot be a host address.
     #[error("{addr} cannot be a host address: {why}")]
-    HostNotUnicast { addr: IpAddr, why: &'static str },
+    HostNotUnicast {
+        /// The address.
+        addr: IpAddr,
+        /// Why.
+        why: &'static str,
+    },
+    /// An IPv4 host address with a backend that has no IPv4 address.
     #[error(
         "host address {host} is IPv4 but backend {backend} has no IPv4 address: IPv4 clients cannot reach it"
     )]
-    FamilyMismatch { host: IpAddr, backend: Addrs },
+    FamilyMismatch {
+        /// The host address.
+        host: IpAddr,
+        /// The backend's addresses.
+        backend: Addrs,
+    },
+    /// A backend address of a family the backend already has.
     #[error(
         "backend {addrs} cannot also have {more}: a backend has at most one IPv4 and one IPv6 address"
     )]
-    BackendFamilies { addrs: Addrs, more: IpAddr },
+    BackendFamilies {
+        /// The backend's addresses.
+        addrs: Addrs,
+        /// The address added.
+        more: IpAddr,
+    },
+    /// A backend's two addresses written with different ports.
     #[error(
         "backends `{first}` and `{second}` take different ports: both addresses of a backend take the same ports"
     )]
-    BackendPorts { first: String, second: String },
+    BackendPorts {
+        /// The first as written.
+        first: String,
+        /// The second as written.
+        second: String,
+    },
 }
 
 /// A transport protocol portfwd translates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
+    /// TCP.
     Tcp,
+    /// UDP.
     Udp,
 }
 
@@ -129,6 +218,7 @@ impl Proto {
         }
     }
 
+    /// `tcp` or `udp`.
     pub const fn as_str(self) -> &'static str {
         match self {
             Proto::Tcp => "tcp",
@@ -190,6 +280,7 @@ impl PortRange {
         }
         Ok(Self { start, end })
     }
+    /// One port (0 is refused).
     pub fn single(port: u16) -> Result<Self, RuleError> {
         check_port(port, || port.to_string())?;
         Ok(Self {
@@ -203,9 +294,11 @@ impl PortRange {
         let end = u16::try_from(end).ok()?;
         Self::new(start, end).ok()
     }
+    /// The first port.
     pub fn start(&self) -> u16 {
         self.start
     }
+    /// The last port.
     pub fn end(&self) -> u16 {
         self.end
     }
@@ -217,12 +310,15 @@ impl PortRange {
     pub fn is_empty(&self) -> bool {
         false
     }
+    /// Whether it is one port.
     pub fn is_single(&self) -> bool {
         self.start == self.end
     }
+    /// Whether `port` is in the range.
     pub fn contains(&self, port: u16) -> bool {
         (self.start..=self.end).contains(&port)
     }
+    /// The ports, in order.
     pub fn ports(&self) -> std::ops::RangeInclusive<u16> {
         self.start..=self.end
     }
@@ -315,6 +411,7 @@ impl Publish {
     pub fn single(host: impl Into<Host>, port: u16, proto: Proto) -> Result<Self, RuleError> {
         Self::new(host, PortRange::single(port)?, proto)
     }
+    /// The host addresses.
     pub fn host(&self) -> Host {
         self.host
     }
@@ -322,9 +419,11 @@ impl Publish {
     pub fn host_port(&self) -> u16 {
         self.ports.start
     }
+    /// The ports.
     pub fn ports(&self) -> PortRange {
         self.ports
     }
+    /// The protocol.
     pub fn proto(&self) -> Proto {
         self.proto
     }
@@ -379,8 +478,11 @@ impl FromStr for Publish {
 /// left to the daemon (`None`: any free port).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PublishSpec {
+    /// The host addresses.
     pub host: Host,
+    /// The host ports; `None`: any free port.
     pub ports: Option<PortRange>,
+    /// The protocol.
     pub proto: Proto,
 }
 
@@ -439,6 +541,7 @@ impl Backend {
         }
         Ok(Self::with_addrs(addrs, self.ports))
     }
+    /// The addresses.
     pub fn addrs(&self) -> Addrs {
         self.addrs
     }
@@ -446,6 +549,7 @@ impl Backend {
     pub fn port(&self) -> u16 {
         self.ports.start
     }
+    /// The ports.
     pub fn ports(&self) -> PortRange {
         self.ports
     }
@@ -590,15 +694,19 @@ impl Declaration {
         };
         Self::new(spec, backend)
     }
+    /// The host addresses.
     pub fn host(&self) -> Host {
         self.host
     }
+    /// How the host ports are chosen.
     pub fn host_ports(&self) -> HostPorts {
         self.host_ports
     }
+    /// The protocol.
     pub fn proto(&self) -> Proto {
         self.proto
     }
+    /// The backend.
     pub fn backend(&self) -> Backend {
         self.backend
     }
@@ -648,7 +756,9 @@ impl fmt::Display for Declaration {
 /// One published rule: ports and their backend, of the same length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Rule {
+    /// What is published.
     pub publish: Publish,
+    /// Where it goes.
     pub backend: Backend,
 }
 
