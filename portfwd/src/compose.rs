@@ -18,29 +18,64 @@ use crate::{
 };
 
 #[derive(Debug, Error)]
+/// Why a Compose file could not be imported. One line each, naming the file.
 pub enum ComposeError {
+    /// The file is not YAML.
     #[error("{file}: not a Compose file: {message}")]
-    Yaml { file: String, message: String },
+    Yaml {
+        /// The Compose file.
+        file: String,
+        /// The parser's message, on one line.
+        message: String,
+    },
+    /// The file has no `services` mapping.
     #[error("{file}: no `services`")]
-    NoServices { file: String },
+    NoServices {
+        /// The Compose file.
+        file: String,
+    },
+    /// A service's `ports` is not a list.
     #[error("{file}: service `{service}`: `ports` must be a list")]
-    PortsNotList { file: String, service: String },
+    PortsNotList {
+        /// The Compose file.
+        file: String,
+        /// The service.
+        service: String,
+    },
+    /// Services with ports that no `--to` gives an address for.
     #[error(
         "{file}: no address for service{} {} (give --to SERVICE=IP for each service with ports)",
         if services.len() == 1 { "" } else { "s" },
         services.join(", ")
     )]
-    MissingTo { file: String, services: Vec<String> },
+    MissingTo {
+        /// The Compose file.
+        file: String,
+        /// The services.
+        services: Vec<String>,
+    },
+    /// `--to` names services the file does not have.
     #[error("{file}: --to names no service of the file: {}", services.join(", "))]
-    UnknownService { file: String, services: Vec<String> },
+    UnknownService {
+        /// The Compose file.
+        file: String,
+        /// The services named.
+        services: Vec<String>,
+    },
+    /// A `ports` entry that is not a valid rule.
     #[error("{file}: service `{service}`: ports entry `{entry}`: {message}")]
     Entry {
+        /// The Compose file.
         file: String,
+        /// The service.
         service: String,
+        /// The entry as written.
         entry: String,
+        /// Why it is not valid.
         message: String,
     },
-    #[error("internal error: the generated file does not load: {0}")]
+    /// The generated declarations do not load (a bug).
+    #[error("internal error: the generated file does not load")]
     Generated(#[source] declfile::FileError),
 }
 

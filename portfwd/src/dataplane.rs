@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeSet,
     fmt,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
 };
 
@@ -24,56 +24,76 @@ use portfwd_common::{
 use thiserror::Error;
 
 /// The compiled kernel programs (built by `build.rs` from `portfwd-ebpf`).
-/// The benchmark-only programs (packet generator and sink), used by `cargo xtask bench`.
-pub static BENCH_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portfwd-bench.bpf.o"));
-
 pub static BPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portfwd.bpf.o"));
 
 #[derive(Debug, Error)]
+/// Why a dataplane operation failed.
 pub enum DataplaneError {
-    #[error("cannot load the BPF programs: {0}")]
+    /// The object does not load (verifier, kernel version, permissions).
+    #[error("cannot load the BPF programs")]
     Load(#[source] aya::EbpfError),
+    /// The object lacks a program (a build mismatch).
     #[error("BPF object has no program `{0}`")]
     MissingProgram(&'static str),
+    /// The object lacks a map (a build mismatch).
     #[error("BPF object has no map `{0}`")]
     MissingMap(&'static str),
-    #[error("program `{name}`: {source}")]
+    /// A program cannot be loaded or used.
+    #[error("program `{name}`")]
     Program {
+        /// The program.
         name: &'static str,
+        /// Why.
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("map `{name}`: {source}")]
+    /// A map operation failed.
+    #[error("map `{name}`")]
     Map {
+        /// The map.
         name: &'static str,
+        /// Why.
         #[source]
         source: aya::maps::MapError,
     },
-    #[error("cannot count the possible CPUs: {0}")]
+    /// The number of possible CPUs cannot be read.
+    #[error("cannot count the possible CPUs")]
     Cpus(#[source] std::io::Error),
-    #[error("cannot open cgroup {path}: {source}")]
+    /// The cgroup cannot be opened.
+    #[error("cannot open cgroup {path}")]
     Cgroup {
+        /// The cgroup.
         path: String,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot attach {name} to cgroup {path}: {source}")]
+    /// A socket program cannot be attached to the cgroup.
+    #[error("cannot attach {name} to cgroup {path}")]
     AttachCgroup {
+        /// The program.
         name: &'static str,
+        /// The cgroup.
         path: String,
+        /// Why.
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("cannot read this network namespace's cookie: {0}")]
+    /// The network namespace's cookie cannot be read.
+    #[error("cannot read this network namespace's cookie")]
     NetnsCookie(#[source] std::io::Error),
+    /// No interface of that name in this network namespace.
     #[error("unknown interface `{0}`")]
     UnknownInterface(String),
-    #[error("cannot attach {hook} to {iface}: {source}")]
+    /// A program cannot be attached to an interface.
+    #[error("cannot attach {hook} to {iface}")]
     Attach {
+        /// Where.
         hook: Hook,
+        /// The interface.
         iface: String,
+        /// Why.
         #[source]
         source: aya::programs::ProgramError,
     },
@@ -100,9 +120,13 @@ pub enum IngressMode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Hook {
+    /// Native (driver) XDP.
     Xdp,
+    /// Generic (skb) XDP.
     XdpGeneric,
+    /// TC ingress.
     TcIngress,
+    /// TC egress.
     TcEgress,
 }
 
@@ -120,8 +144,11 @@ impl fmt::Display for Hook {
 /// One interface's attachments.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Attachment {
+    /// The interface's name.
     pub iface: String,
+    /// Where the ingress program runs.
     pub ingress: Hook,
+    /// Where the reply translator runs (TC egress).
     pub egress: Hook,
 }
 
@@ -139,6 +166,7 @@ const SOCKET_PROGRAMS: [&str; 10] = [
     programs::SOCK_CONNECT6,
 ];
 
+/// The loaded kernel programs and maps, and where they are attached; dropping it detaches everything.
 pub struct Dataplane {
     ebpf: Ebpf,
     attachments: Vec<Attachment>,
@@ -214,10 +242,12 @@ impl Dataplane {
         &self.ebpf
     }
 
+    /// The loaded object, mutable (for tests that reach into maps).
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
 
+    /// The interfaces attached so far, and how.
     pub fn attachments(&self) -> &[Attachment] {
         &self.attachments
     }
@@ -232,7 +262,9 @@ impl Dataplane {
             IngressMode::Xdp => self.attach_xdp(iface, XdpMode::Driver)?,
             IngressMode::XdpGeneric => self.attach_xdp(iface, XdpMode::Skb)?,
             IngressMode::Tc => self.attach_tc(iface, Hook::TcIngress)?,
-            IngressMode::Auto if is_virtual(iface) => self.attach_tc(iface, Hook::TcIngress)?,
+            IngressMode::Auto if crate::netinfo::is_virtual(iface) => {
+                self.attach_tc(iface, Hook::TcIngress)?
+            }
             IngressMode::Auto => match self.attach_xdp(iface, XdpMode::Driver) {
                 Ok(hook) => hook,
                 // The driver has no native XDP: TC costs less than generic XDP.
@@ -450,8 +482,8 @@ impl Dataplane {
         Ok(hook)
     }
 
-    // One body per operation for both families, through [`Family`]; the public methods
-    // below name the family.
+    // One body per operation for both families, through [`Family`]; the `_v6`-less and
+    // `_v6` methods below are the same operations with the family named.
 
     fn rules_of<F: Family>(
         &mut self,
@@ -463,8 +495,10 @@ impl Dataplane {
         HashMap::try_from(map).map_err(map_err(F::RULES))
     }
 
-    /// Publishes (or replaces) one port; the published-ports filter learns it first.
-    fn insert_rule_of<F: Family>(
+    /// Publishes (or replaces) one port of family `F` (the key's address unspecified:
+    /// every host address in [`Self::sync_host_addrs_of`]); the published-ports filter
+    /// learns it first.
+    pub fn insert_rule_of<F: Family>(
         &mut self,
         key: F::RuleKey,
         backend: F::Backend,
@@ -484,8 +518,8 @@ impl Dataplane {
         inserted
     }
 
-    /// Unpublishes one port; absent keys are not an error.
-    fn remove_rule_of<F: Family>(&mut self, key: &F::RuleKey) -> Result<(), DataplaneError> {
+    /// Unpublishes one port of family `F`; absent keys are not an error.
+    pub fn remove_rule_of<F: Family>(&mut self, key: &F::RuleKey) -> Result<(), DataplaneError> {
         let (port, proto, wildcard) = F::rule_port(key);
         match self.rules_of::<F>()?.remove(key) {
             Err(e) if !is_not_found(&e) => Err(map_err(F::RULES)(e)),
@@ -494,7 +528,8 @@ impl Dataplane {
         }
     }
 
-    fn rules_snapshot_of<F: Family>(&mut self) -> Result<Vec<RuleEntry<F>>, DataplaneError> {
+    /// Every rule of family `F` the kernel holds.
+    pub fn rules_snapshot_of<F: Family>(&mut self) -> Result<Vec<RuleEntry<F>>, DataplaneError> {
         let rules = self.rules_of::<F>()?;
         rules
             .iter()
@@ -529,8 +564,10 @@ impl Dataplane {
     }
 
     /// Makes the kernel's set of the family's host addresses (what wildcard rules
-    /// match) equal to `addrs`.
-    fn sync_host_addrs_of<F: Family>(
+    /// match) equal to `addrs`. An address that cannot be removed would keep matching
+    /// wildcard rules: each such failure is logged, the others are still made, and the
+    /// first is returned (the caller retries the whole set).
+    pub fn sync_host_addrs_of<F: Family>(
         &mut self,
         addrs: &BTreeSet<F::Addr>,
     ) -> Result<(), DataplaneError> {
@@ -541,12 +578,72 @@ impl Dataplane {
         let mut m: HashMap<&mut MapData, F::Octets, u8> =
             HashMap::try_from(map).map_err(map_err(F::HOST_ADDRS))?;
         let current: BTreeSet<F::Addr> = m.keys().filter_map(Result::ok).map(F::addr).collect();
+        let mut failed = None;
         for &gone in current.difference(addrs) {
-            let _ = m.remove(&F::octets(gone));
+            match m.remove(&F::octets(gone)) {
+                Err(e) if !is_not_found(&e) => {
+                    let e = map_err(F::HOST_ADDRS)(e);
+                    log::error!(
+                        "cannot remove the host address {gone:?} from {}: {}",
+                        F::HOST_ADDRS,
+                        crate::report::Chain(&e)
+                    );
+                    failed.get_or_insert(e);
+                }
+                _ => {}
+            }
         }
         for &new in addrs.difference(&current) {
             m.insert(F::octets(new), 1, 0)
                 .map_err(map_err(F::HOST_ADDRS))?;
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Forgets every tracked flow of family `F` to one of `backends` (address, port,
+    /// protocol number), in one pass over the flow table; returns how many. NAT64's
+    /// flows to the IPv4 ones go too, both ways (its replies are keyed as conntrack is).
+    pub fn forget_flows_of<F: Family>(
+        &mut self,
+        backends: &BTreeSet<(F::Addr, u16, u8)>,
+    ) -> Result<usize, DataplaneError> {
+        if backends.is_empty() {
+            return Ok(0);
+        }
+        let n = self.forget_in::<F, F::Flow>(F::CONNTRACK, backends)?;
+        let v4: BTreeSet<(Ipv4Addr, u16, u8)> = backends
+            .iter()
+            .filter_map(|&(ip, port, proto)| Some((V4::from_ip(ip.into())?, port, proto)))
+            .collect();
+        if !v4.is_empty() {
+            self.forget_nat64(&v4)?;
+        }
+        Ok(n)
+    }
+
+    /// Forgets NAT64's flows to `backends`, both ways.
+    fn forget_nat64(
+        &mut self,
+        backends: &BTreeSet<(Ipv4Addr, u16, u8)>,
+    ) -> Result<(), DataplaneError> {
+        self.forget_in::<V4, Nat64Reply>(NAT64_REPLIES, backends)?;
+        let map = self
+            .ebpf
+            .map_mut(NAT64_FLOWS)
+            .ok_or(DataplaneError::MissingMap(NAT64_FLOWS))?;
+        let mut flows: HashMap<&mut MapData, FlowKeyV6, Nat64Flow> =
+            HashMap::try_from(map).map_err(map_err(NAT64_FLOWS))?;
+        let stale: Vec<FlowKeyV6> = flows
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| {
+                let ip = Ipv4Addr::from(v.backend_addr);
+                backends.contains(&(ip, u16::from_be_bytes(v.backend_port), k.proto()))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale {
+            let _ = flows.remove(k);
         }
         Ok(())
     }
@@ -563,11 +660,6 @@ impl Dataplane {
     /// Unpublishes one port; absent keys are not an error.
     pub fn remove_rule(&mut self, key: &RuleKeyV4) -> Result<(), DataplaneError> {
         self.remove_rule_of::<V4>(key)
-    }
-
-    /// Every rule the kernel holds.
-    pub fn rules_snapshot(&mut self) -> Result<Vec<(RuleKeyV4, BackendV4)>, DataplaneError> {
-        self.rules_snapshot_of::<V4>()
     }
 
     /// Makes the kernel's set of host addresses (for wildcard rules) equal to `addrs`.
@@ -593,15 +685,6 @@ impl Dataplane {
     /// Every IPv6 rule the kernel holds.
     pub fn rules_snapshot_v6(&mut self) -> Result<Vec<(RuleKeyV6, BackendV6)>, DataplaneError> {
         self.rules_snapshot_of::<V6>()
-    }
-
-    /// Forgets every tracked IPv6 flow to one of `backends` (address, port, protocol
-    /// number), in one pass over the flow table; returns how many.
-    pub fn forget_flows_v6(
-        &mut self,
-        backends: &BTreeSet<(Ipv6Addr, u16, u8)>,
-    ) -> Result<usize, DataplaneError> {
-        self.forget_in::<V6, FlowV6>(CONNTRACK_V6, backends)
     }
 
     /// Makes the kernel's set of IPv6 host addresses (for `::` rules) equal to `addrs`.
@@ -649,49 +732,6 @@ impl Dataplane {
         ports
             .set(u32::from(port), bits, 0)
             .map_err(map_err(PUBLISHED_PORTS))
-    }
-
-    /// Forgets every tracked flow of a backend (its rule changed or went away), so that
-    /// UDP flows are not black-holed by stale state.
-    pub fn forget_flows_to(
-        &mut self,
-        backend: (Ipv4Addr, u16),
-        proto: u8,
-    ) -> Result<usize, DataplaneError> {
-        self.forget_flows(&[(backend.0, backend.1, proto)].into_iter().collect())
-    }
-
-    /// Forgets every tracked IPv4 flow to one of `backends` (address, port, protocol
-    /// number), in one pass over the flow table; returns how many.
-    pub fn forget_flows(
-        &mut self,
-        backends: &BTreeSet<(Ipv4Addr, u16, u8)>,
-    ) -> Result<usize, DataplaneError> {
-        if backends.is_empty() {
-            return Ok(0);
-        }
-        let n = self.forget_in::<V4, FlowV4>(CONNTRACK_V4, backends)?;
-        // NAT64's flows to these backends, both ways (replies are keyed as conntrack is).
-        self.forget_in::<V4, Nat64Reply>(NAT64_REPLIES, backends)?;
-        let map = self
-            .ebpf
-            .map_mut(NAT64_FLOWS)
-            .ok_or(DataplaneError::MissingMap(NAT64_FLOWS))?;
-        let mut flows: HashMap<&mut MapData, FlowKeyV6, Nat64Flow> =
-            HashMap::try_from(map).map_err(map_err(NAT64_FLOWS))?;
-        let stale: Vec<FlowKeyV6> = flows
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| {
-                let ip = Ipv4Addr::from(v.backend_addr);
-                backends.contains(&(ip, u16::from_be_bytes(v.backend_port), k.proto()))
-            })
-            .map(|(k, _)| k)
-            .collect();
-        for k in &stale {
-            let _ = flows.remove(k);
-        }
-        Ok(n)
     }
 
     /// A rule's counters, summed over CPUs.
@@ -744,33 +784,58 @@ impl Dataplane {
             .collect()
     }
 
-    /// Forgets every tracked IPv6 flow of a backend (see [`Self::forget_flows_to`]).
+    /// Forgets every tracked IPv6 flow of a backend (its rule changed or went away), so
+    /// that UDP flows are not black-holed by stale state.
     pub fn forget_flows_to_v6(
         &mut self,
         backend: (Ipv6Addr, u16),
         proto: u8,
     ) -> Result<usize, DataplaneError> {
-        self.forget_flows_v6(&[(backend.0, backend.1, proto)].into_iter().collect())
+        self.forget_flows_of::<V6>(&[(backend.0, backend.1, proto)].into_iter().collect())
     }
 }
 
 /// One address family's map names and types, so that the `Dataplane` operations on
-/// rules, flows and host addresses are written once for IPv4 and IPv6.
+/// rules, flows and host addresses (and the daemon's use of them) are written once for
+/// IPv4 and IPv6.
 pub trait Family {
-    type Addr: Copy + Ord;
+    /// `IPv4` or `IPv6`, for messages.
+    const NAME: &'static str;
+    /// The family's address type.
+    type Addr: Copy + Ord + fmt::Debug + Into<IpAddr>;
     /// The address as map keys hold it (network order).
     type Octets: aya::Pod;
+    /// A key of the family's rules map.
     type RuleKey: aya::Pod;
+    /// A value of the family's rules map.
     type Backend: aya::Pod;
+    /// A key of the family's conntrack map (a flow as its replies carry it).
     type FlowKey: aya::Pod;
+    /// A value of the family's conntrack map.
+    type Flow: aya::Pod;
+    /// The rules map's name.
     const RULES: &'static str;
+    /// The host-address map's name.
     const HOST_ADDRS: &'static str;
+    /// The conntrack map's name.
+    const CONNTRACK: &'static str;
+    /// An address as map keys hold it.
     fn octets(a: Self::Addr) -> Self::Octets;
+    /// An address from map key bytes.
     fn addr(o: Self::Octets) -> Self::Addr;
-    /// A rule key's port, protocol and whether it is the wildcard.
-    fn rule_port(k: &Self::RuleKey) -> (u16, u8, bool);
+    /// `ip`, if it is of this family.
+    fn from_ip(ip: IpAddr) -> Option<Self::Addr>;
+    /// A rule key's host address (unspecified: the wildcard), port and protocol number.
+    fn rule_key(k: &Self::RuleKey) -> (Self::Addr, u16, u8);
+    /// A rule value's backend address, port and counter slot.
+    fn backend(b: &Self::Backend) -> (Self::Addr, u16, u32);
     /// A flow key's backend: address, port, protocol.
     fn flow_backend(k: &Self::FlowKey) -> (Self::Addr, u16, u8);
+    /// A rule key's port, protocol and whether it is the wildcard.
+    fn rule_port(k: &Self::RuleKey) -> (u16, u8, bool) {
+        let (addr, port, proto) = Self::rule_key(k);
+        (port, proto, addr.into().is_unspecified())
+    }
 }
 
 /// One entry of a family's rules map.
@@ -781,51 +846,76 @@ pub enum V4 {}
 /// IPv6's maps.
 pub enum V6 {}
 
-impl Family for V4 {
-    type Addr = Ipv4Addr;
-    type Octets = [u8; 4];
-    type RuleKey = RuleKeyV4;
-    type Backend = BackendV4;
-    type FlowKey = FlowKeyV4;
-    const RULES: &'static str = RULES_V4;
-    const HOST_ADDRS: &'static str = HOST_ADDRS_V4;
-    fn octets(a: Ipv4Addr) -> [u8; 4] {
-        a.octets()
-    }
-    fn addr(o: [u8; 4]) -> Ipv4Addr {
-        Ipv4Addr::from(o)
-    }
-    fn rule_port(k: &RuleKeyV4) -> (u16, u8, bool) {
-        (k.port(), k.proto(), k.addr().is_unspecified())
-    }
-    fn flow_backend(k: &FlowKeyV4) -> (Ipv4Addr, u16, u8) {
-        let (ip, port) = k.backend();
-        (ip, port, k.proto())
-    }
+/// The two families' impls differ only in names and types.
+macro_rules! family {
+    ($family:ident, $name:literal, $variant:ident, $addr:ty, $len:literal,
+     $rule_key:ty, $backend:ty, $flow_key:ty, $flow:ty,
+     $rules:expr, $host_addrs:expr, $conntrack:expr) => {
+        impl Family for $family {
+            const NAME: &'static str = $name;
+            type Addr = $addr;
+            type Octets = [u8; $len];
+            type RuleKey = $rule_key;
+            type Backend = $backend;
+            type FlowKey = $flow_key;
+            type Flow = $flow;
+            const RULES: &'static str = $rules;
+            const HOST_ADDRS: &'static str = $host_addrs;
+            const CONNTRACK: &'static str = $conntrack;
+            fn octets(a: $addr) -> [u8; $len] {
+                a.octets()
+            }
+            fn addr(o: [u8; $len]) -> $addr {
+                <$addr>::from(o)
+            }
+            fn from_ip(ip: IpAddr) -> Option<$addr> {
+                match ip {
+                    IpAddr::$variant(a) => Some(a),
+                    _ => None,
+                }
+            }
+            fn rule_key(k: &$rule_key) -> ($addr, u16, u8) {
+                (k.addr(), k.port(), k.proto())
+            }
+            fn backend(b: &$backend) -> ($addr, u16, u32) {
+                (b.addr(), b.port(), b.stats_slot())
+            }
+            fn flow_backend(k: &$flow_key) -> ($addr, u16, u8) {
+                let (ip, port) = k.backend();
+                (ip, port, k.proto())
+            }
+        }
+    };
 }
 
-impl Family for V6 {
-    type Addr = Ipv6Addr;
-    type Octets = [u8; 16];
-    type RuleKey = RuleKeyV6;
-    type Backend = BackendV6;
-    type FlowKey = FlowKeyV6;
-    const RULES: &'static str = RULES_V6;
-    const HOST_ADDRS: &'static str = HOST_ADDRS_V6;
-    fn octets(a: Ipv6Addr) -> [u8; 16] {
-        a.octets()
-    }
-    fn addr(o: [u8; 16]) -> Ipv6Addr {
-        Ipv6Addr::from(o)
-    }
-    fn rule_port(k: &RuleKeyV6) -> (u16, u8, bool) {
-        (k.port(), k.proto(), k.addr().is_unspecified())
-    }
-    fn flow_backend(k: &FlowKeyV6) -> (Ipv6Addr, u16, u8) {
-        let (ip, port) = k.backend();
-        (ip, port, k.proto())
-    }
-}
+family!(
+    V4,
+    "IPv4",
+    V4,
+    Ipv4Addr,
+    4,
+    RuleKeyV4,
+    BackendV4,
+    FlowKeyV4,
+    FlowV4,
+    RULES_V4,
+    HOST_ADDRS_V4,
+    CONNTRACK_V4
+);
+family!(
+    V6,
+    "IPv6",
+    V6,
+    Ipv6Addr,
+    16,
+    RuleKeyV6,
+    BackendV6,
+    FlowKeyV6,
+    FlowV6,
+    RULES_V6,
+    HOST_ADDRS_V6,
+    CONNTRACK_V6
+);
 
 /// A map delete of an absent key: aya reports it as the syscall's ENOENT.
 fn is_not_found(e: &aya::maps::MapError) -> bool {
@@ -845,38 +935,6 @@ where
         .ok_or(DataplaneError::MissingProgram(name))?;
     prog.try_into()
         .map_err(|source| DataplaneError::Program { name, source })
-}
-
-/// Virtual interfaces (veth, bridge, tap...): see [`crate::netinfo::is_virtual`].
-pub fn is_virtual(iface: &str) -> bool {
-    crate::netinfo::is_virtual(iface)
-}
-
-/// The IPv4 addresses configured on this network namespace's interfaces.
-pub fn local_ipv4_addrs() -> BTreeSet<Ipv4Addr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return BTreeSet::new();
-    };
-    addrs
-        .filter_map(|a| {
-            a.address
-                .and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip()))
-        })
-        .collect()
-}
-
-/// The IPv6 addresses configured on this network namespace's interfaces (link-local
-/// ones included: a wildcard rule answers on them too, as a socket bound to `::` does).
-pub fn local_ipv6_addrs() -> BTreeSet<Ipv6Addr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return BTreeSet::new();
-    };
-    addrs
-        .filter_map(|a| {
-            a.address
-                .and_then(|s| s.as_sockaddr_in6().map(|sin6| sin6.ip()))
-        })
-        .collect()
 }
 
 /// The cookie the kernel gives this thread's network namespace (`SO_NETNS_COOKIE`, 5.14+),
@@ -902,26 +960,4 @@ pub fn current_netns_cookie() -> Result<u64, DataplaneError> {
         return Err(DataplaneError::NetnsCookie(std::io::Error::last_os_error()));
     }
     Ok(cookie)
-}
-
-/// The cgroup2 mount point (the root of the unified hierarchy), on unified
-/// (`/sys/fs/cgroup`) and hybrid (`/sys/fs/cgroup/unified`) layouts alike.
-pub fn cgroup2_root() -> Option<std::path::PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    // mountinfo: ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS... - FSTYPE SOURCE SUPER
-    mounts.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let fstype = right.split_whitespace().next()?;
-        let mountpoint = left.split_whitespace().nth(4)?;
-        (fstype == "cgroup2").then(|| std::path::PathBuf::from(mountpoint))
-    })
-}
-
-/// The forwarding databases of this namespace's bridges, as (bridge ifindex, MAC) to the
-/// ifindex of the port that leads to the MAC (learnt entries only).
-pub fn bridge_ports() -> std::io::Result<std::collections::BTreeMap<BridgePortKey, u32>> {
-    Ok(crate::netinfo::bridge_fdb()?
-        .into_iter()
-        .map(|e| (BridgePortKey::new(e.bridge_ifindex, e.mac), e.port_ifindex))
-        .collect())
 }

@@ -37,34 +37,52 @@ use crate::{
 /// Why a declarations file was refused. One line each, naming the file and the line.
 #[derive(Debug, Error)]
 pub enum FileError {
-    #[error("cannot read {file}: {source}")]
+    /// The file cannot be read.
+    #[error("cannot read {file}")]
     Read {
+        /// The file.
         file: String,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// The file is not TOML, or not of the declarations file's shape.
     #[error("{file}:{line}: {message}")]
     Syntax {
+        /// The file.
         file: String,
+        /// The line (1-based).
         line: u32,
+        /// The parser's message, on one line.
         message: String,
     },
-    #[error("{file}:{line}: entry `{entry}`: {source}")]
+    /// An entry is not a valid rule.
+    #[error("{file}:{line}: entry `{entry}`")]
     Entry {
+        /// The file.
         file: String,
+        /// The entry's line (1-based).
         line: u32,
+        /// The entry as written.
         entry: String,
+        /// Why.
         #[source]
         source: RuleError,
     },
+    /// Two entries of the file take the same port.
     #[error(
         "{file}:{line}: entry `{entry}`: Bind for {addr_port} failed: port is already allocated (by line {other})"
     )]
     Conflict {
+        /// The file.
         file: String,
+        /// The later entry's line.
         line: u32,
+        /// The later entry as written.
         entry: String,
+        /// The address and port as Docker writes them.
         addr_port: String,
+        /// The earlier entry's line.
         other: u32,
     },
 }
@@ -119,17 +137,24 @@ enum PortEntry {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LongPort {
+    /// The container port or ports.
     pub target: NumOrText,
+    /// The host port or ports; none: any free port.
     #[serde(default)]
     pub published: Option<NumOrText>,
+    /// The host address; none: `*`.
     #[serde(default)]
     pub host_ip: Option<String>,
+    /// `tcp` (the default) or `udp`.
     #[serde(default)]
     pub protocol: Option<String>,
+    /// Compose's `mode` (ignored).
     #[serde(default)]
     pub mode: Option<String>,
+    /// Compose's `name` (ignored).
     #[serde(default)]
     pub name: Option<String>,
+    /// Compose's `app_protocol` (ignored).
     #[serde(default)]
     pub app_protocol: Option<String>,
 }
@@ -138,7 +163,9 @@ pub struct LongPort {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(untagged)]
 pub enum NumOrText {
+    /// A number.
     Num(u64),
+    /// A string.
     Text(String),
 }
 
@@ -275,6 +302,7 @@ fn check_conflicts(file: &str, decls: &[FileDeclaration]) -> Result<(), FileErro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::chain;
 
     const GOOD: &str = r#"# the web tier
 [[publish]]
@@ -389,7 +417,7 @@ ports = [
             ),
         ];
         for (text, want) in table {
-            let err = parse("f.toml", text).expect_err(want).to_string();
+            let err = chain(&parse("f.toml", text).expect_err(want));
             assert_eq!(&err, want);
         }
     }
@@ -428,7 +456,7 @@ ports = [
                 "unknown field `publsh`",
             ),
         ] {
-            let err = parse("f.toml", text).expect_err(text).to_string();
+            let err = chain(&parse("f.toml", text).expect_err(text));
             assert!(err.starts_with(prefix), "{text:?}: {err}");
             assert!(err.contains(part), "{text:?}: {err}");
             assert!(!err.contains('\n'), "{err}");

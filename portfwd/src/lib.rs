@@ -4,10 +4,13 @@
 //! programs and maps), the rule model and its validation, the declarations file and its
 //! Compose import, and the control protocol.
 
+#![warn(missing_docs)]
+
 pub mod compose;
 pub mod daemon;
 pub mod dataplane;
 pub mod declfile;
 pub mod netinfo;
 pub mod protocol;
+pub mod report;
 pub mod rule;

@@ -1,9 +1,23 @@
-//! What the daemon reads about this network namespace's interfaces, through the kernel
-//! interfaces that answer for the *calling* namespace (netlink, ioctls). sysfs is not
-//! used: `/sys/class/net` shows the namespace of whoever mounted `/sys`, which is not the
-//! daemon's when it runs under `nsenter --net=...`.
+//! The host probes: what the daemon reads about the host, each answered for the
+//! *calling* network namespace — its interfaces (index, virtual or not, IPv4 subnets) and
+//! addresses, the bridges' forwarding databases (netlink, ioctls), whether a local
+//! process holds a port (a trial bind), the ephemeral port range and IPv4 forwarding
+//! (`/proc/sys/net`, per namespace), and the cgroup2 mount. sysfs is not used:
+//! `/sys/class/net` shows the namespace of whoever mounted `/sys`, which is not the
+//! daemon's when it runs under `nsenter --net=...`. The daemon reaches these through its
+//! `Kernel` seam ([`crate::daemon::Kernel`]), never directly.
 
-use std::{io, mem, os::fd::AsRawFd, os::fd::FromRawFd, os::fd::OwnedFd};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs, io, mem,
+    net::{IpAddr, Ipv4Addr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::PathBuf,
+};
+
+use portfwd_common::BridgePortKey;
+
+use crate::rule::{PortRange, Proto};
 
 /// The interface's index, if it exists in this namespace.
 pub fn ifindex(iface: &str) -> Option<u32> {
@@ -74,8 +88,11 @@ fn drvinfo_bus(iface: &str) -> Option<String> {
 /// One learnt entry of a bridge's forwarding database.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FdbEntry {
+    /// The bridge's interface index.
     pub bridge_ifindex: u32,
+    /// The learnt MAC address.
     pub mac: [u8; 6],
+    /// The index of the bridge port that leads to it.
     pub port_ifindex: u32,
 }
 
@@ -230,10 +247,7 @@ pub fn v4_subnets() -> Vec<(String, u32, u32)> {
 
 /// The interface of `subnets` ([`v4_subnets`]) that holds `addr`, the longest prefix
 /// winning: where a directly connected backend is, and where its packets arrive.
-pub fn iface_of_v4_subnet(
-    subnets: &[(String, u32, u32)],
-    addr: std::net::Ipv4Addr,
-) -> Option<String> {
+pub fn iface_of_v4_subnet(subnets: &[(String, u32, u32)], addr: Ipv4Addr) -> Option<String> {
     let addr = u32::from(addr);
     subnets
         .iter()
@@ -242,4 +256,99 @@ pub fn iface_of_v4_subnet(
         .rev()
         .max_by_key(|(_, _, mask)| mask.count_ones())
         .map(|(name, _, _)| name.clone())
+}
+
+/// The addresses configured on this network namespace's interfaces, both families
+/// (IPv6 link-local ones included: a wildcard rule answers on them too, as a socket bound
+/// to `::` does).
+pub fn local_addrs() -> BTreeSet<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return BTreeSet::new();
+    };
+    addrs
+        .filter_map(|a| {
+            let s = a.address?;
+            s.as_sockaddr_in()
+                .map(|sin| IpAddr::V4(sin.ip()))
+                .or_else(|| s.as_sockaddr_in6().map(|sin6| IpAddr::V6(sin6.ip())))
+        })
+        .collect()
+}
+
+/// The cgroup2 mount point (the root of the unified hierarchy), on unified
+/// (`/sys/fs/cgroup`) and hybrid (`/sys/fs/cgroup/unified`) layouts alike.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // mountinfo: ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS... - FSTYPE SOURCE SUPER
+    mounts.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        let mountpoint = left.split_whitespace().nth(4)?;
+        (fstype == "cgroup2").then(|| PathBuf::from(mountpoint))
+    })
+}
+
+/// The forwarding databases of this namespace's bridges, as (bridge ifindex, MAC) to the
+/// ifindex of the port that leads to the MAC (learnt entries only).
+pub fn bridge_ports() -> io::Result<BTreeMap<BridgePortKey, u32>> {
+    Ok(bridge_fdb()?
+        .into_iter()
+        .map(|e| (BridgePortKey::new(e.bridge_ifindex, e.mac), e.port_ifindex))
+        .collect())
+}
+
+/// Tries to bind `ip:port` in this namespace. TCP uses `SO_REUSEADDR`, so only a
+/// listener (not a connection in TIME_WAIT or a client's ephemeral port) counts. An
+/// address that is not the host's (`EADDRNOTAVAIL`) is held by no local process, and
+/// neither is a port the daemon publishes (its bind4 program refuses with `EPERM`).
+pub fn port_held_locally(ip: IpAddr, port: u16, proto: Proto) -> bool {
+    use nix::sys::socket::{
+        bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn,
+        SockaddrIn6,
+    };
+    use std::os::fd::AsRawFd;
+    let ty = match proto {
+        Proto::Tcp => SockType::Stream,
+        Proto::Udp => SockType::Datagram,
+    };
+    let family = match ip {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let Ok(fd) = socket(family, ty, SockFlag::SOCK_CLOEXEC, None) else {
+        return false;
+    };
+    if ty == SockType::Stream {
+        let _ = setsockopt(&fd, sockopt::ReuseAddr, &true);
+    }
+    let bound = match ip {
+        IpAddr::V4(v4) => bind(
+            fd.as_raw_fd(),
+            &SockaddrIn::from(std::net::SocketAddrV4::new(v4, port)),
+        ),
+        IpAddr::V6(v6) => bind(
+            fd.as_raw_fd(),
+            &SockaddrIn6::from(std::net::SocketAddrV6::new(v6, port, 0, 0)),
+        ),
+    };
+    matches!(bound, Err(nix::errno::Errno::EADDRINUSE))
+}
+
+/// `net.ipv4.ip_local_port_range` of this network namespace, or Linux's default.
+pub fn ephemeral_ports() -> PortRange {
+    let read = || -> Option<PortRange> {
+        let text = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+        let mut it = text.split_whitespace().map(str::parse::<u16>);
+        let (lo, hi) = (it.next()?.ok()?, it.next()?.ok()?);
+        PortRange::new(lo, hi).ok()
+    };
+    read().unwrap_or(PortRange::LINUX_EPHEMERAL)
+}
+
+/// Whether IPv4 forwarding is off in this network namespace (`None`: cannot tell).
+/// Without it the kernel drops translated packets to backends behind other interfaces.
+pub fn ipv4_forwarding_disabled() -> Option<bool> {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+        .ok()
+        .map(|v| v.trim() == "0")
 }

@@ -59,11 +59,16 @@ pub const MAX_REQUEST: usize = 1024 * 1024;
 pub enum Request {
     /// Publish `publish` to `backend` (a runtime rule, source `cli`).
     Add {
+        /// What to publish (the host ports may be left open).
         publish: PublishSpec,
+        /// Where it goes.
         backend: Backend,
     },
     /// Unpublish `publish` (as `list` shows it: a range is removed whole).
-    Del { publish: Publish },
+    Del {
+        /// The rule, as `list` shows it.
+        publish: Publish,
+    },
     /// Every rule with its counters, the attachments and the reason counters.
     List,
     /// Replace the file-sourced rules with `declarations` (atomic), or only say what
@@ -71,8 +76,10 @@ pub enum Request {
     Apply {
         /// The file the declarations come from, for messages.
         file: String,
+        /// Only say what would change.
         #[serde(default)]
         dry_run: bool,
+        /// The file's entries, in order.
         declarations: Vec<FileDeclaration>,
     },
 }
@@ -86,7 +93,9 @@ pub struct FileDeclaration {
     pub line: u32,
     /// The entry as written (a `ports` string, or the long form's table).
     pub entry: String,
+    /// What to publish.
     pub publish: PublishSpec,
+    /// Where it goes.
     pub backend: Backend,
 }
 
@@ -97,8 +106,10 @@ pub struct FileDeclaration {
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
+    /// `portfwd-ctl add`.
     #[default]
     Cli,
+    /// A declarations file.
     File,
 }
 
@@ -114,7 +125,9 @@ impl std::fmt::Display for Source {
 /// The answer to `add` (the rule now published) and `del` (the rule removed).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleReply {
+    /// What is published.
     pub publish: Publish,
+    /// Where it goes.
     pub backend: Backend,
 }
 
@@ -128,16 +141,22 @@ impl std::fmt::Display for RuleReply {
 /// a dry run, what it would be). A rule whose backend changed is removed and added.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApplyReply {
+    /// Whether this is a dry run (nothing changed).
     pub dry_run: bool,
+    /// Rules published.
     pub added: Vec<RuleReply>,
+    /// Rules unpublished.
     pub removed: Vec<RuleReply>,
+    /// Rules the file still declares, left as they were.
     pub unchanged: Vec<RuleReply>,
 }
 
 /// The answer to `list`; also what `portfwd-ctl list --json` prints.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ListReply {
+    /// Every rule with its counters.
     pub rules: Vec<RuleStatus>,
+    /// The interfaces the programs are attached to.
     pub interfaces: Vec<Attachment>,
     /// Interfaces where NAT64's entry program runs at TC ingress (attached for IPv6
     /// rules with IPv4-only backends: their backends' interfaces, XDP interfaces).
@@ -154,6 +173,7 @@ pub struct ListReply {
 /// `list`'s view of the socket hooks.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LocalClients {
+    /// Whether local clients are served.
     pub served: bool,
     /// The cgroup v2 whose processes are served (and the ones below it).
     pub cgroup: Option<String>,
@@ -167,15 +187,19 @@ pub struct RuleStatus {
     pub host_ip: Host,
     /// The first host port; `host_port_end` is the last (equal for a single port).
     pub host_port: u16,
+    /// The last host port.
     #[serde(default)]
     pub host_port_end: u16,
+    /// The protocol.
     pub proto: Proto,
     /// The backend's first address (IPv4 if it has one).
     pub backend_ip: IpAddr,
     /// A dual-stack backend's IPv6 address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_ip6: Option<Ipv6Addr>,
+    /// The first backend port; `backend_port_end` is the last.
     pub backend_port: u16,
+    /// The last backend port.
     #[serde(default)]
     pub backend_port_end: u16,
     /// `cli` (portfwd-ctl add) or `file` (a declarations file).
@@ -183,9 +207,11 @@ pub struct RuleStatus {
     pub source: Source,
     /// Client-to-backend packets and bytes translated at ingress.
     pub packets: u64,
+    /// Their bytes.
     pub bytes: u64,
     /// Backend-to-client packets and bytes translated back.
     pub reply_packets: u64,
+    /// Their bytes.
     pub reply_bytes: u64,
     /// Local clients served at the socket.
     pub local: u64,
@@ -398,21 +424,29 @@ pub fn encode_err(msg: &str) -> Vec<u8> {
 /// What can go wrong talking to the daemon (client side).
 #[derive(Debug, Error)]
 pub enum ClientError {
-    #[error("cannot reach the portfwd daemon at {}: {source} (is portfwd running?)", path.display())]
+    /// The daemon's socket cannot be connected to.
+    #[error("cannot reach the portfwd daemon at {} (is portfwd running?)", path.display())]
     Connect {
+        /// The socket.
         path: PathBuf,
+        /// Why.
         #[source]
         source: io::Error,
     },
-    #[error("lost the connection to the portfwd daemon at {}: {source}", path.display())]
+    /// The connection failed midway.
+    #[error("lost the connection to the portfwd daemon at {}", path.display())]
     Io {
+        /// The socket.
         path: PathBuf,
+        /// Why.
         #[source]
         source: io::Error,
     },
+    /// The daemon closed the connection without answering.
     #[error("the portfwd daemon closed the connection without answering")]
     NoResponse,
-    #[error("the portfwd daemon sent an invalid response: {0}")]
+    /// The answer is not a valid response (or the request could not be encoded).
+    #[error("the portfwd daemon sent an invalid response")]
     BadResponse(#[source] serde_json::Error),
     /// The daemon refused the request; the message is the daemon's, verbatim.
     #[error("{0}")]

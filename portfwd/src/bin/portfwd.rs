@@ -13,12 +13,13 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use anyhow::{bail, Context as _};
 use clap::Parser;
 use log::{info, warn, LevelFilter};
 use portfwd::{
     daemon::{self, Daemon, SocketClaim},
-    dataplane::{self, Dataplane, IngressMode},
-    declfile,
+    dataplane::{Dataplane, IngressMode},
+    declfile, netinfo,
     protocol::{DEFAULT_SOCKET, SOCKET_ENV},
 };
 
@@ -77,42 +78,39 @@ fn main() -> ExitCode {
     logger.init();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(msg) => {
-            eprintln!("portfwd: {msg}");
+        Err(e) => {
+            // The error and its causes, on one line.
+            eprintln!("portfwd: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
-/// Runs the daemon; the error is the one line to print.
-fn run(args: Args) -> Result<(), String> {
+/// Runs the daemon until SIGINT or SIGTERM.
+fn run(args: Args) -> anyhow::Result<()> {
     let mut seen = BTreeSet::new();
     if let Some(dup) = args.ifaces.iter().find(|i| !seen.insert(i.as_str())) {
-        return Err(format!("interface `{dup}` given twice"));
+        bail!("interface `{dup}` given twice");
     }
     // The file is read and checked before anything is claimed or attached.
     let config = match &args.config {
-        Some(path) => Some((
-            path.display().to_string(),
-            declfile::load(path).map_err(|e| e.to_string())?,
-        )),
+        Some(path) => Some((path.display().to_string(), declfile::load(path)?)),
         None => None,
     };
-    let claim = SocketClaim::acquire(&args.socket).map_err(|e| e.to_string())?;
+    let claim = SocketClaim::acquire(&args.socket)?;
 
     // Dropping the dataplane detaches everything attached so far: every `?` below
     // leaves the interfaces as they were.
-    let mut dp = Dataplane::load().map_err(|e| e.to_string())?;
+    let mut dp = Dataplane::load()?;
     for iface in &args.ifaces {
-        let a = dp.attach(iface, args.ingress).map_err(|e| e.to_string())?;
+        let a = dp.attach(iface, args.ingress)?;
         info!(
             "attached {}: ingress={}, egress={}",
             a.iface, a.ingress, a.egress
         );
     }
     if args.fast_path || args.fast_path_native_xdp {
-        dp.set_fast_path(args.fast_path, args.fast_path_native_xdp)
-            .map_err(|e| e.to_string())?;
+        dp.set_fast_path(args.fast_path, args.fast_path_native_xdp)?;
         info!(
             "fast path on ({}): translated packets go straight to the backend's bridge port",
             match (args.fast_path, args.fast_path_native_xdp) {
@@ -123,12 +121,12 @@ fn run(args: Args) -> Result<(), String> {
         );
     }
     if args.no_nat64 {
-        dp.set_nat64(false).map_err(|e| e.to_string())?;
+        dp.set_nat64(false)?;
         info!("NAT64 off: remote IPv6 clients of IPv4-only backends are not served");
     }
-    match args.cgroup.clone().or_else(dataplane::cgroup2_root) {
+    match args.cgroup.clone().or_else(netinfo::cgroup2_root) {
         Some(cgroup) => {
-            dp.attach_local(&cgroup).map_err(|e| e.to_string())?;
+            dp.attach_local(&cgroup)?;
             info!("serving local clients of cgroup {}", cgroup.display());
         }
         None => warn!(
@@ -136,33 +134,33 @@ fn run(args: Args) -> Result<(), String> {
              are not served"
         ),
     }
-    if daemon::ipv4_forwarding_disabled() == Some(true) {
+    if netinfo::ipv4_forwarding_disabled() == Some(true) {
         warn!(
             "IPv4 forwarding is off in this network namespace (net.ipv4.ip_forward = 0): \
              packets to backends behind other interfaces will be dropped"
         );
     }
     let mut state = Daemon::new(dp);
-    state.set_host_addrs(dataplane::local_ipv4_addrs());
+    state.refresh_host_addrs();
     if let Some((file, decls)) = &config {
         // An error here returns, and dropping the state detaches everything.
-        let r = state.apply(file, decls, false).map_err(|e| e.to_string())?;
+        let r = state.apply(file, decls, false)?;
         info!("loaded {file}: {} rules published", r.added.len());
     }
-    let listener = claim.bind().map_err(|e| e.to_string())?;
+    let listener = claim.bind()?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+        .context("cannot start the runtime")?;
     let state = Arc::new(Mutex::new(state));
     let served = rt.block_on(async {
         let listener = tokio::net::UnixListener::from_std(listener)
-            .map_err(|e| format!("cannot use the control socket: {e}"))?;
+            .context("cannot use the control socket")?;
         let shutdown = shutdown_signal()?;
         info!("serving {}", claim.path().display());
         daemon::serve(listener, state.clone(), shutdown).await;
-        Ok::<(), String>(())
+        anyhow::Ok(())
     });
     // Dropping the runtime drops every connection task and its handle on the state, so
     // the dataplane below is the last one and is dropped (detached) here.
@@ -179,11 +177,10 @@ fn run(args: Args) -> Result<(), String> {
 }
 
 /// Completes on the first SIGINT or SIGTERM.
-fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, String> {
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let err = |e| format!("cannot handle signals: {e}");
-    let mut int = signal(SignalKind::interrupt()).map_err(err)?;
-    let mut term = signal(SignalKind::terminate()).map_err(err)?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle signals")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot handle signals")?;
     Ok(async move {
         let name = tokio::select! {
             _ = int.recv() => "SIGINT",

@@ -24,20 +24,19 @@ pub struct Args {
     other: Option<String>,
 }
 
-pub fn run(socket: &Path, args: Args) -> Result<(), String> {
+pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
     let backend = match &args.other {
         None => args.backend.clone(),
         Some(other) => format!("{},{other}", args.backend),
     };
-    let decl = Declaration::parse(&args.publish, &backend).map_err(|e| e.to_string())?;
+    let decl = Declaration::parse(&args.publish, &backend)?;
     let reply: RuleReply = protocol::call(
         socket,
         &Request::Add {
             publish: decl.spec(),
             backend: decl.backend(),
         },
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     // The chosen ports, for scripts: `published *:32768/tcp -> 172.17.0.2:80`.
     println!("published {reply}");
     Ok(())

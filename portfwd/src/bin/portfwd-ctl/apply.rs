@@ -20,10 +20,10 @@ pub struct Args {
     dry_run: bool,
 }
 
-pub fn run(socket: &Path, args: Args) -> Result<(), String> {
+pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
     // Validated here first, so a broken file fails the same way with or without a
     // daemon; the daemon checks it all again before changing anything.
-    let declarations = declfile::load(&args.file).map_err(|e| e.to_string())?;
+    let declarations = declfile::load(&args.file)?;
     let file = args.file.display().to_string();
     let reply: ApplyReply = protocol::call(
         socket,
@@ -32,8 +32,7 @@ pub fn run(socket: &Path, args: Args) -> Result<(), String> {
             dry_run: args.dry_run,
             declarations,
         },
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     print!("{}", render(&file, &reply));
     Ok(())
 }

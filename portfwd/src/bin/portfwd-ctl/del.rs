@@ -15,10 +15,9 @@ pub struct Args {
     publish: String,
 }
 
-pub fn run(socket: &Path, args: Args) -> Result<(), String> {
-    let publish: Publish = args.publish.parse().map_err(|e| format!("{e}"))?;
-    let reply: RuleReply =
-        protocol::call(socket, &Request::Del { publish }).map_err(|e| e.to_string())?;
+pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
+    let publish: Publish = args.publish.parse()?;
+    let reply: RuleReply = protocol::call(socket, &Request::Del { publish })?;
     println!("unpublished {reply}");
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 use std::{collections::BTreeMap, path::PathBuf};
 
+use anyhow::{bail, Context as _};
 use portfwd::{compose, rule};
 
 #[derive(Debug, clap::Args)]
@@ -15,26 +16,26 @@ pub struct Args {
     to: Vec<String>,
 }
 
-pub fn run(args: Args) -> Result<(), String> {
+pub fn run(args: Args) -> anyhow::Result<()> {
     let mut to: BTreeMap<String, rule::Addrs> = BTreeMap::new();
     for pair in &args.to {
         let Some((service, ips)) = pair.split_once('=') else {
-            return Err(format!("--to `{pair}`: expected SERVICE=IP"));
+            bail!("--to `{pair}`: expected SERVICE=IP");
         };
         let ip = ips
             .split(',')
             .map(rule::parse_ip)
             .collect::<Result<Vec<_>, _>>()
             .and_then(|ips| rule::Addrs::from_list(&ips))
-            .map_err(|e| format!("--to `{pair}`: {e}"))?;
+            .with_context(|| format!("--to `{pair}`"))?;
         if to.insert(service.to_string(), ip).is_some() {
-            return Err(format!("--to: service `{service}` given twice"));
+            bail!("--to: service `{service}` given twice");
         }
     }
     let file = args.file.display().to_string();
     let yaml =
-        std::fs::read_to_string(&args.file).map_err(|e| format!("cannot read {file}: {e}"))?;
-    let out = compose::import(&file, &yaml, &to).map_err(|e| e.to_string())?;
+        std::fs::read_to_string(&args.file).with_context(|| format!("cannot read {file}"))?;
+    let out = compose::import(&file, &yaml, &to)?;
     print!("{out}");
     Ok(())
 }

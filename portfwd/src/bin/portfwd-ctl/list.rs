@@ -2,6 +2,8 @@
 
 use std::{fmt::Write as _, path::Path};
 
+use anyhow::Context as _;
+
 use portfwd::protocol::{self, ListReply, Request};
 
 #[derive(Debug, clap::Args)]
@@ -12,11 +14,10 @@ pub struct Args {
     json: bool,
 }
 
-pub fn run(socket: &Path, args: Args) -> Result<(), String> {
-    let reply: ListReply = protocol::call(socket, &Request::List).map_err(|e| e.to_string())?;
+pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
+    let reply: ListReply = protocol::call(socket, &Request::List)?;
     if args.json {
-        let json = serde_json::to_string_pretty(&reply)
-            .map_err(|e| format!("cannot encode the list: {e}"))?;
+        let json = serde_json::to_string_pretty(&reply).context("cannot encode the list")?;
         println!("{json}");
     } else {
         print!("{}", table(&reply));
@@ -135,45 +136,49 @@ mod tests {
     use portfwd::{
         dataplane::{Attachment, Hook},
         protocol::{RuleStatus, Source},
-        rule::Proto,
+        rule::{Backend, Publish},
     };
+
+    /// A rule as `list` reports it; `counters` are packets, bytes, reply packets, reply
+    /// bytes, local.
+    fn row(publish: &str, backend: &str, source: Source, counters: [u64; 5]) -> RuleStatus {
+        let p: Publish = publish.parse().expect("publish");
+        let b: Backend = backend.parse().expect("backend");
+        let [packets, bytes, reply_packets, reply_bytes, local] = counters;
+        RuleStatus {
+            host_ip: p.host(),
+            host_port: p.host_port(),
+            host_port_end: p.ports().end(),
+            proto: p.proto(),
+            backend_ip: b.addrs().first(),
+            backend_ip6: b.addrs().v4().and(b.addrs().v6()),
+            backend_port: b.port(),
+            backend_port_end: b.ports().end(),
+            source,
+            packets,
+            bytes,
+            reply_packets,
+            reply_bytes,
+            local,
+        }
+    }
 
     #[test]
     fn renders_a_table() {
         let reply = ListReply {
             rules: vec![
-                RuleStatus {
-                    host_ip: "0.0.0.0".parse().expect("ip"),
-                    host_port: 9000,
-                    host_port_end: 9009,
-                    proto: Proto::Tcp,
-                    backend_ip: "172.17.0.2".parse().expect("ip"),
-                    backend_ip6: None,
-                    backend_port: 8080,
-                    backend_port_end: 8089,
-                    source: Source::File,
-                    packets: 10,
-                    bytes: 1000,
-                    reply_packets: 8,
-                    reply_bytes: 5000,
-                    local: 3,
-                },
-                RuleStatus {
-                    host_ip: "*".parse().expect("host"),
-                    host_port: 5353,
-                    host_port_end: 5353,
-                    proto: Proto::Udp,
-                    backend_ip: "172.17.0.3".parse().expect("ip"),
-                    backend_ip6: Some("2001:db8::3".parse().expect("ip")),
-                    backend_port: 53,
-                    backend_port_end: 53,
-                    source: Source::Cli,
-                    packets: 0,
-                    bytes: 0,
-                    reply_packets: 0,
-                    reply_bytes: 0,
-                    local: 0,
-                },
+                row(
+                    "0.0.0.0:9000-9009",
+                    "172.17.0.2:8080-8089",
+                    Source::File,
+                    [10, 1000, 8, 5000, 3],
+                ),
+                row(
+                    "5353/udp",
+                    "172.17.0.3:53,[2001:db8::3]:53",
+                    Source::Cli,
+                    [0; 5],
+                ),
             ],
             interfaces: vec![Attachment {
                 iface: "eth0".into(),

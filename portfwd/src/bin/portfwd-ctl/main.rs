@@ -64,8 +64,12 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(msg) => {
-            eprintln!("portfwd-ctl: {}", portfwd::protocol::one_line(&msg));
+        Err(e) => {
+            // The error and its causes, on one line.
+            eprintln!(
+                "portfwd-ctl: {}",
+                portfwd::protocol::one_line(&format!("{e:#}"))
+            );
             ExitCode::FAILURE
         }
     }

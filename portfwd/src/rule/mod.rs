@@ -32,10 +32,13 @@
 //! the control protocol deserializes through the same checks, so the daemon never trusts
 //! a client. Addresses are [`IpAddr`]: IPv6 parses into the same model, and only the
 //! kernel boundary (`RULES_V4` keys) is family-specific.
+//!
+//! Addresses (a rule's [`Host`], a backend's [`Addrs`]), how they are written and which
+//! ones are allowed live in `addr`; ports, protocols and the rules themselves here.
 
 use std::{
     fmt,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr},
     str::FromStr,
 };
 
@@ -43,72 +46,166 @@ use portfwd_common::proto;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+mod addr;
+
+pub use addr::{addr_port, ip_text, parse_host_text, parse_ip, Addrs, Host};
+use addr::{check_families, check_host, parse_addr, parse_host};
+
 /// Why a publish spec, a port mapping or a backend was rejected. Every message is one
 /// line and names the offending part as the user wrote it.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum RuleError {
+    /// Nothing where something is needed.
     #[error("empty {what}")]
-    Empty { what: &'static str },
+    Empty {
+        /// What is missing.
+        what: &'static str,
+    },
+    /// A port that is not a number.
     #[error("invalid port `{port}`: not a number")]
-    PortNotNumber { port: String },
+    PortNotNumber {
+        /// The port as written.
+        port: String,
+    },
+    /// A port outside 1..=65535.
     #[error("invalid port `{port}`: must be between 1 and 65535")]
-    PortOutOfRange { port: String },
+    PortOutOfRange {
+        /// The port as written.
+        port: String,
+    },
+    /// A range that holds port 0.
     #[error("invalid port range `{range}`: port 0 cannot be part of a range")]
-    PortZeroInRange { range: String },
+    PortZeroInRange {
+        /// The range as written.
+        range: String,
+    },
+    /// A range whose end comes before its start.
     #[error("invalid port range `{range}`: it ends before it starts")]
-    RangeReversed { range: String },
+    RangeReversed {
+        /// The range as written.
+        range: String,
+    },
+    /// A range that goes past 65535.
     #[error("invalid port range `{range}`: it goes past 65535")]
-    RangeCrosses65535 { range: String },
+    RangeCrosses65535 {
+        /// The range as written.
+        range: String,
+    },
+    /// Host and backend ranges of different lengths.
     #[error(
         "port ranges `{host}` ({host_len} ports) and `{backend}` ({backend_len} ports) differ in length"
     )]
     RangeLengths {
+        /// The host range as written.
         host: String,
+        /// Its length.
         host_len: u32,
+        /// The backend range as written.
         backend: String,
+        /// Its length.
         backend_len: u32,
     },
+    /// An address that does not parse.
     #[error("invalid IP address `{addr}`")]
-    BadAddress { addr: String },
+    BadAddress {
+        /// The address as written.
+        addr: String,
+    },
+    /// A bare IPv6 address before a port.
     #[error("IPv6 address in `{spec}` must be in brackets, e.g. [2001:db8::1]:9000")]
-    Ipv6NeedsBrackets { spec: String },
+    Ipv6NeedsBrackets {
+        /// The spec as written.
+        spec: String,
+    },
+    /// A protocol that is not `tcp` or `udp`.
     #[error("unknown protocol `{proto}`: expected tcp or udp")]
-    UnknownProtocol { proto: String },
+    UnknownProtocol {
+        /// The protocol as written.
+        proto: String,
+    },
+    /// A protocol Docker knows but portfwd does not forward (`sctp`).
     #[error("protocol `{proto}` is not supported: portfwd forwards tcp and udp")]
-    ProtocolNotSupported { proto: String },
+    ProtocolNotSupported {
+        /// The protocol as written.
+        proto: String,
+    },
+    /// A port mapping outside Docker's grammar.
     #[error(
         "invalid port mapping `{spec}`: expected [HOST_IP:][HOST_PORT[-END]:]CONTAINER_PORT[-END][/PROTO]"
     )]
-    MappingFormat { spec: String },
+    MappingFormat {
+        /// The mapping as written.
+        spec: String,
+    },
+    /// A backend outside the grammar.
     #[error("invalid backend `{spec}`: expected BACKEND_IP:BACKEND_PORT[-END]")]
-    BackendFormat { spec: String },
+    BackendFormat {
+        /// The backend as written.
+        spec: String,
+    },
+    /// A protocol written on the backend.
     #[error(
         "invalid backend `{spec}`: a protocol belongs on the published port (e.g. 5353/udp), not on the backend"
     )]
-    BackendProtocol { spec: String },
+    BackendProtocol {
+        /// The backend as written.
+        spec: String,
+    },
+    /// An address that cannot be a backend.
     #[error("{addr} cannot be a backend: {why}")]
-    BackendNotUnicast { addr: IpAddr, why: &'static str },
+    BackendNotUnicast {
+        /// The address.
+        addr: IpAddr,
+        /// Why.
+        why: &'static str,
+    },
+    /// An address that cannot be a host address.
     #[error("{addr} cannot be a host address: {why}")]
-    HostNotUnicast { addr: IpAddr, why: &'static str },
+    HostNotUnicast {
+        /// The address.
+        addr: IpAddr,
+        /// Why.
+        why: &'static str,
+    },
+    /// An IPv4 host address with a backend that has no IPv4 address.
     #[error(
         "host address {host} is IPv4 but backend {backend} has no IPv4 address: IPv4 clients cannot reach it"
     )]
-    FamilyMismatch { host: IpAddr, backend: Addrs },
+    FamilyMismatch {
+        /// The host address.
+        host: IpAddr,
+        /// The backend's addresses.
+        backend: Addrs,
+    },
+    /// A backend address of a family the backend already has.
     #[error(
         "backend {addrs} cannot also have {more}: a backend has at most one IPv4 and one IPv6 address"
     )]
-    BackendFamilies { addrs: Addrs, more: IpAddr },
+    BackendFamilies {
+        /// The backend's addresses.
+        addrs: Addrs,
+        /// The address added.
+        more: IpAddr,
+    },
+    /// A backend's two addresses written with different ports.
     #[error(
         "backends `{first}` and `{second}` take different ports: both addresses of a backend take the same ports"
     )]
-    BackendPorts { first: String, second: String },
+    BackendPorts {
+        /// The first as written.
+        first: String,
+        /// The second as written.
+        second: String,
+    },
 }
 
 /// A transport protocol portfwd translates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
+    /// TCP.
     Tcp,
+    /// UDP.
     Udp,
 }
 
@@ -121,6 +218,7 @@ impl Proto {
         }
     }
 
+    /// `tcp` or `udp`.
     pub const fn as_str(self) -> &'static str {
         match self {
             Proto::Tcp => "tcp",
@@ -182,6 +280,7 @@ impl PortRange {
         }
         Ok(Self { start, end })
     }
+    /// One port (0 is refused).
     pub fn single(port: u16) -> Result<Self, RuleError> {
         check_port(port, || port.to_string())?;
         Ok(Self {
@@ -195,9 +294,11 @@ impl PortRange {
         let end = u16::try_from(end).ok()?;
         Self::new(start, end).ok()
     }
+    /// The first port.
     pub fn start(&self) -> u16 {
         self.start
     }
+    /// The last port.
     pub fn end(&self) -> u16 {
         self.end
     }
@@ -209,12 +310,15 @@ impl PortRange {
     pub fn is_empty(&self) -> bool {
         false
     }
+    /// Whether it is one port.
     pub fn is_single(&self) -> bool {
         self.start == self.end
     }
+    /// Whether `port` is in the range.
     pub fn contains(&self, port: u16) -> bool {
         (self.start..=self.end).contains(&port)
     }
+    /// The ports, in order.
     pub fn ports(&self) -> std::ops::RangeInclusive<u16> {
         self.start..=self.end
     }
@@ -222,11 +326,6 @@ impl PortRange {
     pub fn first_common(&self, other: &PortRange) -> Option<u16> {
         let lo = self.start.max(other.start);
         (lo <= self.end.min(other.end)).then_some(lo)
-    }
-    /// The port at `offset` from the start (callers keep `offset < len`).
-    pub fn nth(&self, offset: u32) -> u16 {
-        // Saturating: an out-of-range offset stays a valid port rather than wrapping.
-        u16::try_from(u32::from(self.start) + offset).unwrap_or(self.end)
     }
 }
 
@@ -291,90 +390,6 @@ fn parse_number(s: &str) -> Result<u64, RuleError> {
     Ok(s.parse::<u64>().unwrap_or(u64::MAX))
 }
 
-/// The host addresses a rule publishes on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Host {
-    /// No address written: every address of both families (Docker's `-p 9000:80`, which
-    /// binds `0.0.0.0` and `[::]`). Shown as `*`.
-    Any,
-    /// One address, or one family's wildcard (`0.0.0.0`, `[::]`).
-    Ip(IpAddr),
-}
-
-impl Host {
-    /// Whether IPv4 clients are served.
-    pub fn serves_v4(&self) -> bool {
-        matches!(self, Host::Any | Host::Ip(IpAddr::V4(_)))
-    }
-    /// Whether IPv6 clients are served.
-    pub fn serves_v6(&self) -> bool {
-        matches!(self, Host::Any | Host::Ip(IpAddr::V6(_)))
-    }
-    /// `*`, `0.0.0.0` or `[::]`: every address (of a family).
-    pub fn is_wildcard(&self) -> bool {
-        match self {
-            Host::Any => true,
-            Host::Ip(ip) => ip.is_unspecified(),
-        }
-    }
-    /// The address, if one was given.
-    pub fn ip(&self) -> Option<IpAddr> {
-        match self {
-            Host::Any => None,
-            Host::Ip(ip) => Some(*ip),
-        }
-    }
-    /// Whether both can receive the same connection (Docker's rule: the same address,
-    /// or a wildcard of the other's family, or `*`).
-    pub fn overlaps(&self, other: &Host) -> bool {
-        match (self, other) {
-            (Host::Any, _) | (_, Host::Any) => true,
-            (Host::Ip(a), Host::Ip(b)) => {
-                a == b || (a.is_ipv4() == b.is_ipv4() && (a.is_unspecified() || b.is_unspecified()))
-            }
-        }
-    }
-    /// The addresses a local listener would have to hold to take this host's port: `*`
-    /// covers both wildcards.
-    pub fn bind_addrs(&self) -> Vec<IpAddr> {
-        match self {
-            Host::Any => vec![Ipv4Addr::UNSPECIFIED.into(), Ipv6Addr::UNSPECIFIED.into()],
-            Host::Ip(ip) => vec![*ip],
-        }
-    }
-    /// As Docker's "Bind for ... failed" message writes it: `*` is `0.0.0.0` there.
-    fn docker_text(&self) -> String {
-        match self {
-            Host::Any => Ipv4Addr::UNSPECIFIED.to_string(),
-            Host::Ip(ip) => ip_text(*ip),
-        }
-    }
-}
-
-/// `*`, `198.51.100.7`, `[::1]`.
-impl fmt::Display for Host {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Host::Any => f.write_str("*"),
-            Host::Ip(ip) => f.write_str(&ip_text(*ip)),
-        }
-    }
-}
-
-impl FromStr for Host {
-    type Err = RuleError;
-    /// `*`, or an address (IPv6 bare or in brackets).
-    fn from_str(s: &str) -> Result<Self, RuleError> {
-        parse_host_text(s)
-    }
-}
-
-impl From<IpAddr> for Host {
-    fn from(ip: IpAddr) -> Self {
-        Host::Ip(ip)
-    }
-}
-
 /// What is published: host addresses (see [`Host`]), ports and a protocol. This is the rule's identity (the key of the daemon's table); each port is
 /// one key of [`portfwd_common::RULES_V4`]. Ordered by first port, then protocol, then
 /// address (the field order), so that a table lists a port's rules together.
@@ -396,6 +411,7 @@ impl Publish {
     pub fn single(host: impl Into<Host>, port: u16, proto: Proto) -> Result<Self, RuleError> {
         Self::new(host, PortRange::single(port)?, proto)
     }
+    /// The host addresses.
     pub fn host(&self) -> Host {
         self.host
     }
@@ -403,9 +419,11 @@ impl Publish {
     pub fn host_port(&self) -> u16 {
         self.ports.start
     }
+    /// The ports.
     pub fn ports(&self) -> PortRange {
         self.ports
     }
+    /// The protocol.
     pub fn proto(&self) -> Proto {
         self.proto
     }
@@ -460,8 +478,11 @@ impl FromStr for Publish {
 /// left to the daemon (`None`: any free port).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PublishSpec {
+    /// The host addresses.
     pub host: Host,
+    /// The host ports; `None`: any free port.
     pub ports: Option<PortRange>,
+    /// The protocol.
     pub proto: Proto,
 }
 
@@ -482,91 +503,6 @@ impl FromStr for PublishSpec {
             ports: parse_host_ports(port)?,
             proto,
         })
-    }
-}
-
-/// A backend's addresses: one per family, at least one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Addrs {
-    v4: Option<Ipv4Addr>,
-    v6: Option<Ipv6Addr>,
-}
-
-impl Addrs {
-    /// One address.
-    pub fn new(ip: IpAddr) -> Result<Self, RuleError> {
-        if let Some(why) = not_a_backend(ip) {
-            return Err(RuleError::BackendNotUnicast { addr: ip, why });
-        }
-        Ok(match ip {
-            IpAddr::V4(v4) => Self {
-                v4: Some(v4),
-                v6: None,
-            },
-            IpAddr::V6(v6) => Self {
-                v4: None,
-                v6: Some(v6),
-            },
-        })
-    }
-    /// One or two addresses (`to = ["172.17.0.2", "2001:db8::2"]`): at most one per
-    /// family.
-    pub fn from_list(ips: &[IpAddr]) -> Result<Self, RuleError> {
-        let (first, rest) = ips
-            .split_first()
-            .ok_or(RuleError::Empty { what: "backend" })?;
-        let mut addrs = Self::new(*first)?;
-        for ip in rest {
-            addrs = addrs.with(*ip)?;
-        }
-        Ok(addrs)
-    }
-    /// These addresses and `ip`, which must be of the family they lack.
-    pub fn with(self, ip: IpAddr) -> Result<Self, RuleError> {
-        let more = Self::new(ip)?;
-        match (ip, self.v4, self.v6) {
-            (IpAddr::V4(_), None, _) | (IpAddr::V6(_), _, None) => Ok(Self {
-                v4: self.v4.or(more.v4),
-                v6: self.v6.or(more.v6),
-            }),
-            _ => Err(RuleError::BackendFamilies {
-                addrs: self,
-                more: ip,
-            }),
-        }
-    }
-    pub fn v4(&self) -> Option<Ipv4Addr> {
-        self.v4
-    }
-    pub fn v6(&self) -> Option<Ipv6Addr> {
-        self.v6
-    }
-    /// The addresses, IPv4 first.
-    pub fn ips(&self) -> impl Iterator<Item = IpAddr> {
-        let v4 = self.v4.map(IpAddr::V4);
-        let v6 = self.v6.map(IpAddr::V6);
-        v4.into_iter().chain(v6)
-    }
-    /// The first address (IPv4 if there is one).
-    pub fn first(&self) -> IpAddr {
-        self.ips()
-            .next()
-            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
-    }
-    /// Where IPv6 clients go: the IPv6 address, or the IPv4 one as `::ffff:a.b.c.d`
-    /// (reached by local clients only, see the module docs).
-    pub fn for_v6_clients(&self) -> Ipv6Addr {
-        self.v6
-            .or_else(|| self.v4.map(|v4| v4.to_ipv6_mapped()))
-            .unwrap_or(Ipv6Addr::UNSPECIFIED)
-    }
-}
-
-/// `172.17.0.2`, `[2001:db8::2]`, `172.17.0.2,[2001:db8::2]`.
-impl fmt::Display for Addrs {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let text: Vec<String> = self.ips().map(ip_text).collect();
-        f.write_str(&text.join(","))
     }
 }
 
@@ -605,6 +541,7 @@ impl Backend {
         }
         Ok(Self::with_addrs(addrs, self.ports))
     }
+    /// The addresses.
     pub fn addrs(&self) -> Addrs {
         self.addrs
     }
@@ -612,6 +549,7 @@ impl Backend {
     pub fn port(&self) -> u16 {
         self.ports.start
     }
+    /// The ports.
     pub fn ports(&self) -> PortRange {
         self.ports
     }
@@ -756,15 +694,19 @@ impl Declaration {
         };
         Self::new(spec, backend)
     }
+    /// The host addresses.
     pub fn host(&self) -> Host {
         self.host
     }
+    /// How the host ports are chosen.
     pub fn host_ports(&self) -> HostPorts {
         self.host_ports
     }
+    /// The protocol.
     pub fn proto(&self) -> Proto {
         self.proto
     }
+    /// The backend.
     pub fn backend(&self) -> Backend {
         self.backend
     }
@@ -814,7 +756,9 @@ impl fmt::Display for Declaration {
 /// One published rule: ports and their backend, of the same length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Rule {
+    /// What is published.
     pub publish: Publish,
+    /// Where it goes.
     pub backend: Backend,
 }
 
@@ -846,22 +790,8 @@ impl fmt::Display for Rule {
     }
 }
 
-/// `0.0.0.0:9000`, `[::1]:9000`, as Docker's "Bind for ... failed" writes it (`*` is
-/// `0.0.0.0` there).
-pub fn addr_port(host: Host, port: u16) -> String {
-    format!("{}:{port}", host.docker_text())
-}
-
 fn addr_port_text(ip: IpAddr, ports: PortRange) -> String {
     format!("{}:{ports}", ip_text(ip))
-}
-
-/// An address as it precedes `:PORT`: IPv6 in brackets.
-pub fn ip_text(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("[{v6}]"),
-    }
 }
 
 /// Splits off `/PROTO` (default tcp): nothing before it may contain a `/`.
@@ -902,56 +832,6 @@ fn split_addr(s: &str) -> Result<(Option<&str>, &str), RuleError> {
         Some((addr, port)) => Ok((Some(addr), port)),
         None => Ok((None, s)),
     }
-}
-
-/// A host address as written before a port: `*` (both families), dotted IPv4 or
-/// bracketed IPv6.
-fn parse_host(s: &str) -> Result<Host, RuleError> {
-    if s == "*" {
-        return Ok(Host::Any);
-    }
-    parse_addr(s).map(Host::Ip)
-}
-
-/// An address as written before a port: dotted IPv4 or bracketed IPv6.
-fn parse_addr(s: &str) -> Result<IpAddr, RuleError> {
-    let bad = || RuleError::BadAddress {
-        addr: s.to_string(),
-    };
-    if let Some(inner) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-        return inner.parse::<Ipv6Addr>().map(IpAddr::V6).map_err(|_| bad());
-    }
-    if s.parse::<Ipv6Addr>().is_ok() {
-        return Err(RuleError::Ipv6NeedsBrackets {
-            spec: s.to_string(),
-        });
-    }
-    s.parse::<Ipv4Addr>().map(IpAddr::V4).map_err(|_| bad())
-}
-
-/// A host in the control protocol or a file's `host_ip`: `*`, or an address as
-/// [`parse_ip`] takes it.
-pub fn parse_host_text(s: &str) -> Result<Host, RuleError> {
-    if s == "*" {
-        return Ok(Host::Any);
-    }
-    parse_ip(s).map(Host::Ip)
-}
-
-/// An address in the control protocol or a file's `to`/`host_ip`: IPv4, IPv6 bare or in
-/// brackets.
-pub fn parse_ip(s: &str) -> Result<IpAddr, RuleError> {
-    if let Some(inner) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-        return inner
-            .parse::<Ipv6Addr>()
-            .map(IpAddr::V6)
-            .map_err(|_| RuleError::BadAddress {
-                addr: s.to_string(),
-            });
-    }
-    s.parse().map_err(|_| RuleError::BadAddress {
-        addr: s.to_string(),
-    })
 }
 
 /// Host ports as written: empty or zero means "any free port".
@@ -995,53 +875,6 @@ fn check_port(port: u16, shown: impl FnOnce() -> String) -> Result<(), RuleError
         Err(RuleError::PortOutOfRange { port: shown() })
     } else {
         Ok(())
-    }
-}
-
-fn check_host(host: Host) -> Result<(), RuleError> {
-    match host
-        .ip()
-        .and_then(|ip| not_a_host_address(ip).map(|why| (ip, why)))
-    {
-        Some((addr, why)) => Err(RuleError::HostNotUnicast { addr, why }),
-        None => Ok(()),
-    }
-}
-
-/// An IPv4 host address needs an IPv4 backend address (nothing translates IPv4 clients
-/// to IPv6); IPv6 clients reach an IPv4-only backend at the socket.
-fn check_families(host: Host, backend: Addrs) -> Result<(), RuleError> {
-    match host {
-        Host::Ip(ip @ IpAddr::V4(_)) if backend.v4.is_none() => {
-            Err(RuleError::FamilyMismatch { host: ip, backend })
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Why `ip` cannot be a backend, if it cannot.
-fn not_a_backend(ip: IpAddr) -> Option<&'static str> {
-    if ip.is_unspecified() {
-        Some("it is the unspecified address")
-    } else if matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
-        Some("it is the broadcast address")
-    } else if ip.is_multicast() {
-        Some("it is a multicast address")
-    } else if ip.is_loopback() {
-        Some("loopback addresses are not routed to from outside the host")
-    } else {
-        None
-    }
-}
-
-/// Why `ip` cannot be a published host address, if it cannot (0.0.0.0 is the wildcard).
-fn not_a_host_address(ip: IpAddr) -> Option<&'static str> {
-    if matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
-        Some("it is the broadcast address")
-    } else if ip.is_multicast() {
-        Some("it is a multicast address")
-    } else {
-        None
     }
 }
 
@@ -1660,40 +1493,6 @@ mod tests {
                 "{mapping:?}"
             );
         }
-    }
-
-    #[test]
-    fn backend_addresses_one_per_family() {
-        let dual = Addrs::from_list(&[ip("172.17.0.2"), ip("2001:db8::2")]).expect("dual");
-        assert_eq!(dual.to_string(), "172.17.0.2,[2001:db8::2]");
-        assert_eq!(
-            dual.for_v6_clients(),
-            "2001:db8::2".parse::<Ipv6Addr>().expect("ip")
-        );
-        let v4 = addrs("172.17.0.2");
-        assert_eq!(
-            v4.for_v6_clients(),
-            "::ffff:172.17.0.2".parse::<Ipv6Addr>().expect("ip")
-        );
-        for (base, more) in [
-            (dual, "2001:db8::3"),
-            (dual, "172.17.0.3"),
-            (v4, "172.17.0.3"),
-            (addrs("2001:db8::2"), "2001:db8::3"),
-        ] {
-            assert_eq!(
-                base.with(ip(more)),
-                Err(RuleError::BackendFamilies {
-                    addrs: base,
-                    more: ip(more)
-                }),
-                "{base} + {more}"
-            );
-        }
-        assert_eq!(
-            Addrs::from_list(&[]),
-            Err(RuleError::Empty { what: "backend" })
-        );
     }
 
     #[test]
