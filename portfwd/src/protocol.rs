@@ -9,6 +9,8 @@
 //! {"cmd":"add","publish":{"host_ip":"0.0.0.0","host_port":9000,"proto":"tcp"},"backend":{"ip":"172.17.0.2","port":8080}}
 //! {"cmd":"add","publish":{"host_port":9000,"host_port_end":9009},"backend":{"ip":"172.17.0.2","port":8000,"port_end":8009}}
 //! {"cmd":"del","publish":{"host_ip":"0.0.0.0","host_port":9000,"proto":"tcp"}}
+//! {"cmd":"add","publish":{"host_ip":"::","host_port":9000},"backend":{"ip":"172.17.0.2","port":8080},"owner":"docker:4711"}
+//! {"cmd":"del","publish":{"host_ip":"::","host_port":9000},"owner":"docker:4711"}
 //! {"cmd":"list"}
 //! {"cmd":"apply","file":"/etc/portfwd.toml","dry_run":false,"declarations":[{"line":3,"entry":"9000:8080","publish":{...},"backend":{...}}]}
 //! ```
@@ -18,7 +20,10 @@
 //! port). In `add` (and `apply`), a `host_port` of 0 or absent means "any free port", and a
 //! host range with a single backend port means "the first free port of the range".
 //! A dual-stack `backend` gives its IPv4 address as `ip` and its IPv6 one as `ip6`.
-//! Unknown fields are rejected.
+//! An `owner` (optional, an [`Owner`]) marks a runtime rule as a plugin's: `list` shows
+//! it, and a `del` that names an owner removes only a rule of that owner, so a plugin
+//! (`portfwd-docker-proxy`) removes what it added and nothing else. Unknown fields are
+//! rejected.
 //!
 //! Responses: `{"ok":false,"error":"<one line>"}` on failure, otherwise `{"ok":true, ...}`
 //! with the fields of [`RuleReply`] (add, del: the rule published or removed), of
@@ -63,11 +68,17 @@ pub enum Request {
         publish: PublishSpec,
         /// Where it goes.
         backend: Backend,
+        /// The plugin the rule belongs to, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<Owner>,
     },
     /// Unpublish `publish` (as `list` shows it: a range is removed whole).
     Del {
         /// The rule, as `list` shows it.
         publish: Publish,
+        /// Only if the rule is this owner's (refused otherwise, nothing removed).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<Owner>,
     },
     /// Every rule with its counters, the attachments and the reason counters.
     List,
@@ -97,6 +108,73 @@ pub struct FileDeclaration {
     pub publish: PublishSpec,
     /// Where it goes.
     pub backend: Backend,
+}
+
+/// Who a runtime rule belongs to: a plugin's name for itself and its instance, such as
+/// `docker:4711` (`portfwd-docker-proxy`, pid 4711). 1 to [`Owner::MAX_LEN`] printable
+/// ASCII characters, no spaces; checked on arrival like every other field.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Owner(String);
+
+/// Why an owner name was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[error(
+    "invalid owner `{owner}`: expected 1 to {max} printable ASCII characters without spaces",
+    max = Owner::MAX_LEN
+)]
+pub struct OwnerError {
+    /// The name as given.
+    pub owner: String,
+}
+
+impl Owner {
+    /// The longest owner name.
+    pub const MAX_LEN: usize = 64;
+
+    /// Validates and builds.
+    pub fn new(name: &str) -> Result<Self, OwnerError> {
+        let ok =
+            (1..=Self::MAX_LEN).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_graphic());
+        if ok {
+            Ok(Self(name.to_string()))
+        } else {
+            Err(OwnerError {
+                owner: name.to_string(),
+            })
+        }
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for Owner {
+    type Err = OwnerError;
+    fn from_str(s: &str) -> Result<Self, OwnerError> {
+        Self::new(s)
+    }
+}
+
+impl TryFrom<String> for Owner {
+    type Error = OwnerError;
+    fn try_from(s: String) -> Result<Self, OwnerError> {
+        Self::new(&s)
+    }
+}
+
+impl From<Owner> for String {
+    fn from(o: Owner) -> String {
+        o.0
+    }
 }
 
 /// Where a rule came from: `portfwd-ctl add` (runtime) or a declarations file
@@ -205,6 +283,9 @@ pub struct RuleStatus {
     /// `cli` (portfwd-ctl add) or `file` (a declarations file).
     #[serde(default)]
     pub source: Source,
+    /// The plugin a runtime rule belongs to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
     /// Client-to-backend packets and bytes translated at ingress.
     pub packets: u64,
     /// Their bytes.
@@ -508,10 +589,12 @@ mod tests {
         let add = Request::Add {
             publish: "198.51.100.7:9000/udp".parse().expect("valid"),
             backend: "172.17.0.2:53".parse().expect("valid"),
+            owner: None,
         };
         let range = Request::Add {
             publish: "9000-9009".parse().expect("valid"),
             backend: "172.17.0.2:8000-8009".parse().expect("valid"),
+            owner: None,
         };
         let json = serde_json::to_string(&range).expect("encodes");
         assert_eq!(
@@ -529,6 +612,7 @@ mod tests {
             Request::Add {
                 publish: "[::1]:".parse().expect("valid"),
                 backend: "[2001:db8::2]:80".parse().expect("valid"),
+                owner: None,
             }
         );
         let apply = Request::Apply {
@@ -553,15 +637,48 @@ mod tests {
         assert_eq!(
             parse(r#"{"cmd":"del","publish":{"host_port":9000}}"#),
             Ok(Request::Del {
-                publish: "9000".parse().expect("valid")
+                publish: "9000".parse().expect("valid"),
+                owner: None
             })
         );
         assert_eq!(
             parse(r#"{"cmd":"del","publish":{"host_port":9000,"proto":"UDP"}}"#),
             Ok(Request::Del {
-                publish: "9000/udp".parse().expect("valid")
+                publish: "9000/udp".parse().expect("valid"),
+                owner: None
             })
         );
+    }
+
+    #[test]
+    fn owners() {
+        let add = parse(
+            r#"{"cmd":"add","publish":{"host_ip":"::","host_port":9000},"backend":{"ip":"172.17.0.2","port":8080},"owner":"docker:4711"}"#,
+        )
+        .expect("valid");
+        let Request::Add { owner, .. } = &add else {
+            panic!("{add:?}")
+        };
+        assert_eq!(owner.as_ref().map(Owner::as_str), Some("docker:4711"));
+        let json = serde_json::to_string(&add).expect("encodes");
+        assert!(json.ends_with(r#","owner":"docker:4711"}"#), "{json}");
+        assert_eq!(parse(&json), Ok(add));
+        assert_eq!(
+            parse(r#"{"cmd":"del","publish":{"host_port":9000},"owner":"cni:eth0"}"#),
+            Ok(Request::Del {
+                publish: "9000".parse().expect("valid"),
+                owner: Some(Owner::new("cni:eth0").expect("valid")),
+            })
+        );
+        let long = "x".repeat(Owner::MAX_LEN + 1);
+        for bad in ["", "two words", "tab\there", "é", long.as_str()] {
+            let err = Owner::new(bad).expect_err(bad).to_string();
+            assert!(err.starts_with(&format!("invalid owner `{bad}`")), "{err}");
+            let json = serde_json::json!({"cmd":"del","publish":{"host_port":9000},"owner":bad});
+            let err = parse(&json.to_string()).expect_err(bad);
+            assert!(err.contains("invalid owner"), "{err}");
+        }
+        assert!(Owner::new(&"x".repeat(Owner::MAX_LEN)).is_ok());
     }
 
     #[test]
@@ -691,6 +808,7 @@ mod tests {
                 backend_port: 8080,
                 backend_port_end: 8089,
                 source: Source::File,
+                owner: None,
                 packets: 1,
                 bytes: 2,
                 reply_packets: 3,

@@ -398,6 +398,22 @@ fn rules(topo: &Topology) -> Vec<(String, u16, String, String, u16)> {
     v
 }
 
+/// The distinct owners of the published rules (`list --json`), each rule having one.
+fn owners(topo: &Topology) -> std::collections::BTreeSet<String> {
+    let list = topo.daemon().list_json();
+    list["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .map(|r| {
+            r["owner"]
+                .as_str()
+                .unwrap_or_else(|| panic!("a rule without an owner: {r}"))
+                .to_string()
+        })
+        .collect()
+}
+
 /// The container's address on dockerd's bridge.
 fn container_ip(docker: &Dockerd, name: &str) -> String {
     docker.ok(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", name])
@@ -448,6 +464,12 @@ fn docker_run_publishes_through_portfwd() {
         ("::".into(), 9000, "tcp".into(), ip.clone(), 8080),
     ];
     assert_eq!(rules(topo), published);
+    // Each rule belongs to the proxy that published it (`docker:<pid>`), one per rule.
+    let owners = owners(topo);
+    assert_eq!(owners.len(), 3, "{owners:?}");
+    for o in &owners {
+        assert!(o.starts_with("docker:"), "{owners:?}");
+    }
     for port in [9000, 9001] {
         assert_eq!(
             listeners(&topo.host, port),

@@ -56,8 +56,8 @@ use thiserror::Error;
 use crate::{
     dataplane::{DataplaneError, Family, V4, V6},
     protocol::{
-        self, ApplyReply, FileDeclaration, ListReply, LocalClients, Request, RuleReply, RuleStatus,
-        Source,
+        self, ApplyReply, FileDeclaration, ListReply, LocalClients, Owner, Request, RuleReply,
+        RuleStatus, Source,
     },
     report::Chain,
     rule::{Backend, Declaration, HostPorts, PortRange, Publish, Rule, RuleError},
@@ -175,6 +175,19 @@ pub enum DaemonError {
     /// The counters cannot be read.
     #[error("cannot read the counters")]
     Stats(#[source] Box<DataplaneError>),
+    /// A `del` for an owner of a rule that is not that owner's (nothing is removed).
+    #[error("cannot unpublish {publish} for {asked}: {}", match owner {
+        Some(o) => format!("it belongs to {o}"),
+        None => "it has no owner".to_string(),
+    })]
+    NotOwner {
+        /// The rule.
+        publish: Publish,
+        /// The owner the request named.
+        asked: Owner,
+        /// The rule's owner.
+        owner: Option<Owner>,
+    },
 }
 
 /// The daemon's state: the kernel side and the table that mirrors it.
@@ -264,9 +277,24 @@ impl<K: Kernel> Daemon<K> {
     /// Publishes `decl` as a runtime (`cli`) rule, choosing its host ports if it leaves
     /// them open, or fails leaving everything as it was.
     pub fn add(&mut self, decl: Declaration) -> Result<RuleReply, DaemonError> {
+        self.add_owned(decl, None)
+    }
+
+    /// As [`Self::add`], the rule belonging to `owner` (a plugin) if one is given.
+    pub fn add_owned(
+        &mut self,
+        decl: Declaration,
+        owner: Option<Owner>,
+    ) -> Result<RuleReply, DaemonError> {
         let rule = self.resolve(&decl, &self.table)?;
         self.commit(&[], &[rule], Source::Cli)?;
-        info!("published {rule} (source cli)");
+        match owner {
+            Some(owner) => {
+                info!("published {rule} (source cli, owner {owner})");
+                self.table.set_owner(rule.publish, owner);
+            }
+            None => info!("published {rule} (source cli)"),
+        }
         Ok(RuleReply {
             publish: rule.publish,
             backend: rule.backend,
@@ -562,6 +590,26 @@ impl<K: Kernel> Daemon<K> {
     /// Unpublishes `publish` (a whole rule, as `list` shows it): new flows stop at once;
     /// tracked flows to its backend are forgotten unless another rule still sends there.
     pub fn del(&mut self, publish: Publish) -> Result<RuleReply, DaemonError> {
+        self.del_owned(publish, None)
+    }
+
+    /// As [`Self::del`]; with an `owner`, only a rule of that owner is removed (any
+    /// other is refused, and nothing changes). Without one, any rule is.
+    pub fn del_owned(
+        &mut self,
+        publish: Publish,
+        owner: Option<&Owner>,
+    ) -> Result<RuleReply, DaemonError> {
+        if let (Some(asked), Some(_)) = (owner, self.table.get(&publish)) {
+            let theirs = self.table.owner(&publish);
+            if theirs != Some(asked) {
+                return Err(DaemonError::NotOwner {
+                    publish,
+                    asked: asked.clone(),
+                    owner: theirs.cloned(),
+                });
+            }
+        }
         let Some(entry) = self.table.get(&publish).copied() else {
             let part_of = self.table.iter().find(|(p, _)| {
                 p.host() == publish.host()
@@ -745,6 +793,7 @@ impl<K: Kernel> Daemon<K> {
                     backend_port: e.backend.port(),
                     backend_port_end: e.backend.ports().end(),
                     source: e.source,
+                    owner: self.table.owner(p).cloned(),
                     packets: s.packets,
                     bytes: s.bytes,
                     reply_packets: s.reply_packets,
@@ -780,11 +829,17 @@ impl<K: Kernel> Daemon<K> {
             Err(e) => return protocol::encode_err(&format!("invalid request: {e}")),
         };
         let reply = match req {
-            Request::Add { publish, backend } => Declaration::new(publish, backend)
+            Request::Add {
+                publish,
+                backend,
+                owner,
+            } => Declaration::new(publish, backend)
                 .map_err(DaemonError::from)
-                .and_then(|d| self.add(d))
+                .and_then(|d| self.add_owned(d, owner))
                 .map(|r| protocol::encode_ok(&r)),
-            Request::Del { publish } => self.del(publish).map(|r| protocol::encode_ok(&r)),
+            Request::Del { publish, owner } => self
+                .del_owned(publish, owner.as_ref())
+                .map(|r| protocol::encode_ok(&r)),
             Request::List => self.list().map(|r| protocol::encode_ok(&r)),
             Request::Apply {
                 file,

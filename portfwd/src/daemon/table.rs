@@ -11,7 +11,7 @@ use portfwd_common::MAX_STATS_SLOTS;
 
 use super::DaemonError;
 use crate::{
-    protocol::Source,
+    protocol::{Owner, Source},
     rule::{self, Backend, Proto, Publish},
 };
 
@@ -52,9 +52,12 @@ pub struct Entry {
 }
 
 /// The published rules, keyed by what is published. Pure: no kernel calls.
+/// Invariant: `owners` only names rules of `rules` (removing a rule drops its owner).
 #[derive(Clone, Debug, Default)]
 pub struct RuleTable {
     rules: BTreeMap<Publish, Entry>,
+    /// The plugins runtime rules belong to (the rest have none).
+    owners: BTreeMap<Publish, Owner>,
 }
 
 impl RuleTable {
@@ -108,10 +111,21 @@ impl RuleTable {
             p.host().bind_addrs().contains(&ip) && p.proto() == proto && p.ports().contains(port)
         })
     }
+    /// The owner of the rule published as `publish`, if it has one.
+    pub fn owner(&self, publish: &Publish) -> Option<&Owner> {
+        self.owners.get(publish)
+    }
     pub(super) fn insert(&mut self, publish: Publish, entry: Entry) {
         self.rules.insert(publish, entry);
     }
+    /// Marks the published rule `publish` as `owner`'s (a rule not published: nothing).
+    pub(super) fn set_owner(&mut self, publish: Publish, owner: Owner) {
+        if self.rules.contains_key(&publish) {
+            self.owners.insert(publish, owner);
+        }
+    }
     pub(super) fn remove(&mut self, publish: &Publish) -> Option<Entry> {
+        self.owners.remove(publish);
         self.rules.remove(publish)
     }
 }

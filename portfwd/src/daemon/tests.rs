@@ -803,3 +803,94 @@ fn handle_line_never_fails() {
     let del = ok(d.handle_line(br#"{"cmd":"del","publish":{"host_port":9000}}"#));
     assert_eq!(del["error"], "No published port *:9000/tcp");
 }
+
+#[test]
+fn owners_remove_only_their_own_rules() {
+    let mut d = Daemon::new(FakeKernel::default());
+    let ok =
+        |r: Vec<u8>| -> serde_json::Value { serde_json::from_slice(&r).expect("response is JSON") };
+    let add = |host: &str, port: u16, owner: Option<&str>| {
+        let mut v = serde_json::json!({"cmd":"add","publish":{"host_ip":host,"host_port":port},
+                                       "backend":{"ip":"172.17.0.2","port":8080}});
+        if let Some(o) = owner {
+            v["owner"] = o.into();
+        }
+        v.to_string().into_bytes()
+    };
+    let del = |host: &str, port: u16, owner: Option<&str>| {
+        let mut v = serde_json::json!({"cmd":"del","publish":{"host_ip":host,"host_port":port}});
+        if let Some(o) = owner {
+            v["owner"] = o.into();
+        }
+        v.to_string().into_bytes()
+    };
+    // Two plugin instances, one per family, and an operator's rule on another address.
+    assert_eq!(
+        ok(d.handle_line(&add("0.0.0.0", 9000, Some("docker:11"))))["ok"],
+        true
+    );
+    assert_eq!(
+        ok(d.handle_line(&add("::", 9000, Some("docker:12"))))["ok"],
+        true
+    );
+    assert_eq!(ok(d.handle_line(&add("127.0.0.2", 9001, None)))["ok"], true);
+    let list = ok(d.handle_line(br#"{"cmd":"list"}"#));
+    let owners: Vec<&serde_json::Value> = list["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .map(|r| &r["owner"])
+        .collect();
+    // Publish order (port, then address): 0.0.0.0:9000, [::]:9000, 127.0.0.2:9001.
+    assert_eq!(
+        owners,
+        [
+            &serde_json::json!("docker:11"),
+            &serde_json::json!("docker:12"),
+            &serde_json::Value::Null,
+        ]
+    );
+    // No owner, no field.
+    assert!(list["rules"][2].get("owner").is_none(), "{list}");
+    let before = (kernel_rules(&d), table_rules(&d));
+
+    // Another owner's rule, or one without an owner, is refused and left alone.
+    for (host, port, owner, want) in [
+        (
+            "0.0.0.0",
+            9000,
+            "docker:12",
+            "cannot unpublish 0.0.0.0:9000/tcp for docker:12: it belongs to docker:11",
+        ),
+        (
+            "127.0.0.2",
+            9001,
+            "docker:11",
+            "cannot unpublish 127.0.0.2:9001/tcp for docker:11: it has no owner",
+        ),
+    ] {
+        let r = ok(d.handle_line(&del(host, port, Some(owner))));
+        assert_eq!(r["error"], want);
+    }
+    assert_eq!((kernel_rules(&d), table_rules(&d)), before);
+    // Not published at all: the usual message.
+    let r = ok(d.handle_line(&del("198.18.0.9", 9000, Some("docker:11"))));
+    assert_eq!(
+        r["error"],
+        "No published port 198.18.0.9:9000/tcp (published there: 0.0.0.0:9000/tcp)"
+    );
+
+    // The owner removes its own; the operator (no owner named) removes any.
+    assert_eq!(
+        ok(d.handle_line(&del("0.0.0.0", 9000, Some("docker:11"))))["ok"],
+        true
+    );
+    assert_eq!(ok(d.handle_line(&del("::", 9000, None)))["ok"], true);
+    assert_eq!(
+        table_rules(&d),
+        ["127.0.0.2:9001/tcp -> 172.17.0.2:8080 (cli)"]
+    );
+    // A rule published again on a freed port has no stale owner.
+    assert_eq!(ok(d.handle_line(&add("0.0.0.0", 9000, None)))["ok"], true);
+    assert_eq!(d.table().owner(&publish("0.0.0.0:9000")), None);
+}

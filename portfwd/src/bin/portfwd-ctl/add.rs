@@ -1,9 +1,9 @@
-//! `portfwd-ctl add SPEC BACKEND [BACKEND_IPV6]`.
+//! `portfwd-ctl add [--owner NAME] SPEC BACKEND [BACKEND_IPV6]`.
 
 use std::path::Path;
 
 use portfwd::{
-    protocol::{self, Request, RuleReply},
+    protocol::{self, Owner, Request, RuleReply},
     rule::Declaration,
 };
 
@@ -22,6 +22,10 @@ pub struct Args {
     /// family's clients go to the backend address of their family.
     #[arg(value_name = "BACKEND_OTHER_FAMILY", allow_hyphen_values = true)]
     other: Option<String>,
+    /// Mark the rule as this plugin's (`list` shows it; `del --owner` removes only its
+    /// own): 1 to 64 printable characters, e.g. `backup:nightly`.
+    #[arg(long, value_name = "NAME")]
+    owner: Option<Owner>,
 }
 
 pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
@@ -35,6 +39,7 @@ pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
         &Request::Add {
             publish: decl.spec(),
             backend: decl.backend(),
+            owner: args.owner,
         },
     )?;
     // The chosen ports, for scripts: `published *:32768/tcp -> 172.17.0.2:80`.

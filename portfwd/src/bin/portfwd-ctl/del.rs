@@ -1,9 +1,9 @@
-//! `portfwd-ctl del SPEC`.
+//! `portfwd-ctl del [--owner NAME] SPEC`.
 
 use std::path::Path;
 
 use portfwd::{
-    protocol::{self, Request, RuleReply},
+    protocol::{self, Owner, Request, RuleReply},
     rule::Publish,
 };
 
@@ -13,11 +13,20 @@ pub struct Args {
     /// range is removed whole).
     #[arg(value_name = "SPEC", allow_hyphen_values = true)]
     publish: String,
+    /// Only if the rule is this owner's (anything else is refused and left as it is).
+    #[arg(long, value_name = "NAME")]
+    owner: Option<Owner>,
 }
 
 pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
     let publish: Publish = args.publish.parse()?;
-    let reply: RuleReply = protocol::call(socket, &Request::Del { publish })?;
+    let reply: RuleReply = protocol::call(
+        socket,
+        &Request::Del {
+            publish,
+            owner: args.owner,
+        },
+    )?;
     println!("unpublished {reply}");
     Ok(())
 }

@@ -44,7 +44,8 @@ fn backend(r: &portfwd::protocol::RuleStatus) -> String {
     }
 }
 
-/// Columns PUBLISHED, BACKEND, PROTO, SOURCE, PACKETS, BYTES (both directions; a range
+/// Columns PUBLISHED, BACKEND, PROTO, SOURCE (`cli`, `file`, or the owner of a plugin's
+/// rule), PACKETS, BYTES (both directions; a range
 /// is one row and one counter), LOCAL (connections or datagrams of local clients, served
 /// at the socket), then a footer with the interfaces and their hooks.
 pub fn table(reply: &ListReply) -> String {
@@ -66,7 +67,10 @@ pub fn table(reply: &ListReply) -> String {
                 ports(r.host_ip, r.host_port, r.host_port_end),
                 backend(r),
                 r.proto.to_string(),
-                r.source.to_string(),
+                match &r.owner {
+                    Some(owner) => owner.to_string(),
+                    None => r.source.to_string(),
+                },
                 (r.packets + r.reply_packets).to_string(),
                 (r.bytes + r.reply_bytes).to_string(),
                 r.local.to_string(),
@@ -155,6 +159,7 @@ mod tests {
             backend_port: b.port(),
             backend_port_end: b.ports().end(),
             source,
+            owner: None,
             packets,
             bytes,
             reply_packets,
@@ -197,6 +202,26 @@ mod tests {
              2 rules on eth0 (TC ingress, TC egress)\n\
              NAT64 entry on br0 (TC ingress)\n\
              local clients: not served (no cgroup2 mount)\n"
+        );
+    }
+
+    #[test]
+    fn a_plugins_rule_shows_its_owner() {
+        let mut owned = row("[::]:9000", "172.17.0.2:8080", Source::Cli, [0; 5]);
+        owned.owner = Some("docker:4711".parse().expect("owner"));
+        let reply = ListReply {
+            rules: vec![owned],
+            ..ListReply::default()
+        };
+        let text = table(&reply);
+        let mut lines = text.lines();
+        assert_eq!(
+            lines.next(),
+            Some("PUBLISHED  BACKEND          PROTO  SOURCE       PACKETS  BYTES  LOCAL")
+        );
+        assert_eq!(
+            lines.next(),
+            Some("[::]:9000  172.17.0.2:8080  tcp    docker:4711        0      0      0")
         );
     }
 }

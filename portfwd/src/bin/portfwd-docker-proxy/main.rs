@@ -15,8 +15,9 @@
 //! Instead of copying bytes it asks the portfwd daemon (`PORTFWD_SOCKET`, or the default
 //! socket) to publish the same address, port and protocol to the container, so nothing
 //! listens on the host port and the container sees its clients' addresses. Invariant:
-//! it removes only the rule it added, and only while that rule still has its backend
-//! (a rule someone replaced in between is left alone). dockerd 28's socket is closed
+//! it removes only the rule it added: the rule carries the owner `docker:<pid>` and the
+//! removal names it, so the daemon refuses to remove anything else (a rule someone
+//! replaced in between is left alone); `portfwd-ctl list` shows the owner. dockerd 28's socket is closed
 //! before publishing: portfwd refuses ports a local process holds, and once the rule is
 //! in place its bind hook keeps local processes off the port.
 //!
@@ -28,7 +29,6 @@ mod args;
 use std::{
     fs::File,
     io::Write,
-    net::IpAddr,
     os::fd::{FromRawFd, OwnedFd, RawFd},
     path::{Path, PathBuf},
     process::ExitCode,
@@ -39,9 +39,7 @@ use nix::sys::{
     stat::{fstat, SFlag},
 };
 use portfwd::{
-    protocol::{
-        self, ClientError, ListReply, Request, RuleReply, RuleStatus, DEFAULT_SOCKET, SOCKET_ENV,
-    },
+    protocol::{self, ClientError, Owner, Request, RuleReply, DEFAULT_SOCKET, SOCKET_ENV},
     rule::Declaration,
 };
 
@@ -124,8 +122,8 @@ fn main() -> ExitCode {
             }
         }
     }
-    if let Err(msg) = unpublish(&socket, &published) {
-        eprintln!("{NAME}: {msg}");
+    if let Err(e) = unpublish(&socket, &published) {
+        eprintln!("{NAME}: {e}: left as it is");
     }
     ExitCode::SUCCESS
 }
@@ -168,56 +166,36 @@ fn wait_for(set: &SigSet, secs: libc::time_t) -> Wait {
     }
 }
 
-/// Publishes `decl` (dockerd's mapping) as a runtime rule.
+/// This process's owner name for its rule: `docker:<pid>`.
+fn owner() -> Owner {
+    // A pid is digits: always a valid name.
+    Owner::new(&format!("docker:{}", std::process::id())).expect("docker:<pid> is a valid owner")
+}
+
+/// Publishes `decl` (dockerd's mapping) as a runtime rule of ours.
 fn publish(socket: &Path, decl: &Declaration) -> Result<RuleReply, ClientError> {
     protocol::call(
         socket,
         &Request::Add {
             publish: decl.spec(),
             backend: decl.backend(),
+            owner: Some(owner()),
         },
     )
 }
 
-/// Removes `ours` if the daemon still publishes it to the same backend.
-fn unpublish(socket: &Path, ours: &RuleReply) -> Result<(), String> {
-    let list: ListReply = protocol::call(socket, &Request::List).map_err(|e| e.to_string())?;
-    let still_ours = list.rules.iter().any(|r| is_rule(r, ours));
-    if !still_ours {
-        return Err(format!(
-            "{ours} is no longer published (or now goes elsewhere): left as it is"
-        ));
-    }
+/// Removes `ours`; the daemon refuses (and changes nothing) if the rule published there
+/// now is not ours.
+fn unpublish(socket: &Path, ours: &RuleReply) -> Result<(), ClientError> {
     let gone: RuleReply = protocol::call(
         socket,
         &Request::Del {
             publish: ours.publish,
+            owner: Some(owner()),
         },
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     eprintln!("{NAME}: unpublished {gone}");
     Ok(())
-}
-
-/// Whether `status` (a row of `list`) is the rule `ours`: same host address, ports and
-/// protocol, same backend addresses and ports.
-fn is_rule(status: &RuleStatus, ours: &RuleReply) -> bool {
-    let (publish, backend) = (&ours.publish, &ours.backend);
-    // `list` gives the first address, and the IPv6 one only for a dual-stack backend.
-    let mut theirs: Vec<IpAddr> = std::iter::once(status.backend_ip)
-        .chain(status.backend_ip6.map(IpAddr::V6))
-        .collect();
-    let mut mine: Vec<IpAddr> = backend.addrs().ips().collect();
-    theirs.sort();
-    mine.sort();
-    let end = |first: u16, end: u16| if end == 0 { first } else { end };
-    status.host_ip == publish.host()
-        && status.proto == publish.proto()
-        && status.host_port == publish.ports().start()
-        && end(status.host_port, status.host_port_end) == publish.ports().end()
-        && status.backend_port == backend.ports().start()
-        && end(status.backend_port, status.backend_port_end) == backend.ports().end()
-        && theirs == mine
 }
 
 /// Closes dockerd's socket on fd 4 (checking that it is one): nothing is to listen on
@@ -256,56 +234,4 @@ fn report(status: &[u8]) {
     let mut pipe = unsafe { File::from_raw_fd(STATUS_FD) };
     // dockerd may have given up waiting (its pipe is closed): it then stops us anyway.
     let _ = pipe.write_all(status);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use portfwd::protocol::Source;
-
-    fn status(host: &str, port: u16, backend: &str, backend6: Option<&str>) -> RuleStatus {
-        RuleStatus {
-            host_ip: host.parse().expect("host"),
-            host_port: port,
-            host_port_end: port,
-            proto: portfwd::rule::Proto::Tcp,
-            backend_ip: backend.parse().expect("backend"),
-            backend_ip6: backend6.map(|b| b.parse().expect("backend6")),
-            backend_port: 8080,
-            backend_port_end: 8080,
-            source: Source::Cli,
-            packets: 0,
-            bytes: 0,
-            reply_packets: 0,
-            reply_bytes: 0,
-            local: 0,
-        }
-    }
-
-    fn reply(publish: &str, backend: &str) -> RuleReply {
-        RuleReply {
-            publish: publish.parse().expect("publish"),
-            backend: backend.parse().expect("backend"),
-        }
-    }
-
-    #[test]
-    fn finds_its_own_rule_only() {
-        let v4 = reply("0.0.0.0:9000", "172.17.0.2:8080");
-        let v6 = reply("[::]:9000", "[fd00::2]:8080");
-        let nat64 = reply("[::]:9000", "172.17.0.2:8080");
-        assert!(is_rule(&status("0.0.0.0", 9000, "172.17.0.2", None), &v4));
-        // An IPv6-only backend is `backend_ip` in `list`, with no `backend_ip6`.
-        assert!(is_rule(&status("::", 9000, "fd00::2", None), &v6));
-        assert!(is_rule(&status("::", 9000, "172.17.0.2", None), &nat64));
-        // Another backend, family, address, port or a dual-stack one: not ours.
-        assert!(!is_rule(&status("0.0.0.0", 9000, "172.17.0.3", None), &v4));
-        assert!(!is_rule(&status("::", 9000, "172.17.0.2", None), &v4));
-        assert!(!is_rule(&status("*", 9000, "172.17.0.2", None), &v4));
-        assert!(!is_rule(&status("0.0.0.0", 9001, "172.17.0.2", None), &v4));
-        assert!(!is_rule(
-            &status("::", 9000, "172.17.0.2", Some("fd00::2")),
-            &v6
-        ));
-    }
 }
