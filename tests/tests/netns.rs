@@ -460,6 +460,56 @@ mod cli {
         assert_not_forwarded(&topo, 9002);
     }
 
+    /// A plugin's rule (`--owner`): `list` shows the owner, and a `del` naming another
+    /// owner, or naming one for a rule without, is refused and changes nothing.
+    #[test]
+    fn owners_guard_their_rules() {
+        let Some(topo) = setup("owners", "own", "tc") else {
+            return;
+        };
+        let d = topo.daemon();
+        let out = d.ctl(&["add", "--owner", "backup:nightly", "9000", &backend(0)]);
+        assert_eq!(out.expect_ok("add --owner").trim(), EXPECTED);
+        assert_eq!(
+            d.add("9001", &backend(1)),
+            "published *:9001/tcp -> 198.18.1.3:8080"
+        );
+        let table = d.ctl(&["list"]);
+        let table = table.expect_ok("list");
+        let row = |port: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(&format!("*:{port} ")))
+                .unwrap_or_else(|| panic!("no row for {port}: {table}"))
+                .split_whitespace()
+                .nth(3)
+                .map(str::to_string)
+        };
+        assert_eq!(row("9000").as_deref(), Some("backup:nightly"));
+        assert_eq!(row("9001").as_deref(), Some("cli"));
+        assert_eq!(d.list_json()["rules"][0]["owner"], "backup:nightly");
+        refused(
+            d,
+            &["del", "--owner", "docker:1", "9000"],
+            &["cannot unpublish *:9000/tcp for docker:1: it belongs to backup:nightly"],
+        );
+        refused(
+            d,
+            &["del", "--owner", "docker:1", "9001"],
+            &["cannot unpublish *:9001/tcp for docker:1: it has no owner"],
+        );
+        refused(
+            d,
+            &["add", "--owner", "two words", "9002", &backend(0)],
+            &["invalid owner `two words`"],
+        );
+        assert_eq!(topo.get_published(9000).body_text(), body(0));
+        d.ctl(&["del", "--owner", "backup:nightly", "9000"])
+            .expect_ok("del --owner");
+        d.del("9001");
+        assert_eq!(configs(d), BTreeSet::new());
+    }
+
     #[test]
     fn no_daemon_running() {
         if !require_root("no_daemon_running") {
