@@ -34,7 +34,7 @@ use portfwd_tests::{
     netns::{describe, Netns},
     process::ChildGuard,
     require_root,
-    topology::{body, Topology, CLIENT_IP, CONTAINER_IPS, HOST_IFACE, HOST_IP},
+    topology::{backend, body, Topology, CLIENT_IP, CONTAINER_IPS, HOST_IFACE, HOST_IP},
 };
 
 /// The proxy binary under test.
@@ -670,7 +670,8 @@ fn docker_run_publishes_through_portfwd() {
 /// dockerd 28 and later bind (and for TCP, listen on) the host port themselves and hand
 /// the socket to the proxy as fd 4 with `-use-listen-fd`: the proxy must close it (so
 /// nothing listens), publish, report `0\n` on fd 3, and on SIGINT unpublish and exit 0.
-/// Its refusals are `1\n<one line>` on fd 3 and exit 1.
+/// Its refusals are `1\n<one line>` on fd 3 and exit 1. A rule of a proxy that is gone
+/// gives way to the next proxy; anyone else's rule stays.
 #[test]
 fn listen_fd_contract_of_newer_dockerd() {
     if !require_root("listen_fd_contract_of_newer_dockerd") {
@@ -737,6 +738,63 @@ fn listen_fd_contract_of_newer_dockerd() {
     assert!(!msg.contains('\n'), "one line: {msg:?}");
     assert!(msg.contains("`sctp` is not supported"), "{msg:?}");
     assert_eq!(rules(&topo), vec![]);
+
+    // A rule left by a proxy killed outright (its owner's process is gone) does not block
+    // the port: the next proxy removes it and publishes its own.
+    let dead = {
+        let mut child = Command::new("true").spawn().expect("spawn true");
+        let pid = child.id();
+        child.wait().expect("reap true");
+        pid
+    };
+    let stale_owner = format!("docker:{dead}");
+    let spec = format!("0.0.0.0:{port}");
+    topo.daemon()
+        .ctl(&["add", "--owner", &stale_owner, &spec, &backend(1)])
+        .expect_ok("add the stale rule");
+    let no_fd = &args[..args.len() - 1];
+    let (mut proxy, status) = spawn_proxy(&topo, no_fd, None);
+    assert_eq!(status, "0\n");
+    assert_eq!(
+        rules(&topo),
+        vec![(
+            "0.0.0.0".into(),
+            port,
+            "tcp".into(),
+            CONTAINER_IPS[0].to_string(),
+            8080
+        )]
+    );
+    let owners = owners(&topo);
+    assert_eq!(
+        owners.into_iter().collect::<Vec<_>>(),
+        [format!("docker:{}", proxy.id())]
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(proxy.id() as i32, libc::SIGTERM) };
+    assert_eq!(
+        proxy.wait_timeout(IO_TIMEOUT).and_then(|e| e.code()),
+        Some(0)
+    );
+    assert_eq!(rules(&topo), vec![]);
+
+    // Anyone else's rule on the port stays, and the proxy fails with Docker's words.
+    topo.daemon()
+        .ctl(&["add", "--owner", "backup:nightly", &spec, &backend(1)])
+        .expect_ok("add another owner's rule");
+    let before = rules(&topo);
+    let (mut proxy, status) = spawn_proxy(&topo, no_fd, None);
+    assert_eq!(
+        proxy.wait_timeout(IO_TIMEOUT).and_then(|e| e.code()),
+        Some(1)
+    );
+    assert_eq!(
+        status,
+        format!(
+            "1\nportfwd-docker-proxy: Bind for 0.0.0.0:{port} failed: port is already allocated"
+        )
+    );
+    assert_eq!(rules(&topo), before);
 }
 
 /// Starts the proxy in the host namespace as dockerd does: a pipe on fd 3, `sock` (if

@@ -17,7 +17,9 @@
 //! listens on the host port and the container sees its clients' addresses. Invariant:
 //! it removes only the rule it added: the rule carries the owner `docker:<pid>` and the
 //! removal names it, so the daemon refuses to remove anything else (a rule someone
-//! replaced in between is left alone); `portfwd-ctl list` shows the owner. dockerd 28's socket is closed
+//! replaced in between is left alone); `portfwd-ctl list` shows the owner. A rule whose
+//! owner proxy is gone (killed outright) does not block the port: the next proxy for it
+//! removes that rule and publishes its own. dockerd 28's socket is closed
 //! before publishing: portfwd refuses ports a local process holds, and once the rule is
 //! in place its bind hook keeps local processes off the port.
 //!
@@ -39,8 +41,10 @@ use nix::sys::{
     stat::{fstat, SFlag},
 };
 use portfwd::{
-    protocol::{self, ClientError, Owner, Request, RuleReply, DEFAULT_SOCKET, SOCKET_ENV},
-    rule::Declaration,
+    protocol::{
+        self, ClientError, ListReply, Owner, Request, RuleReply, DEFAULT_SOCKET, SOCKET_ENV,
+    },
+    rule::{Declaration, PortRange, Publish},
 };
 
 use args::Invocation;
@@ -172,16 +176,77 @@ fn owner() -> Owner {
     Owner::new(&format!("docker:{}", std::process::id())).expect("docker:<pid> is a valid owner")
 }
 
-/// Publishes `decl` (dockerd's mapping) as a runtime rule of ours.
+/// Publishes `decl` (dockerd's mapping) as a runtime rule of ours. If the daemon refuses
+/// because a rule of a proxy that is gone holds the port (one killed outright, which
+/// could not unpublish), that rule is removed, as its owner, and the add tried again.
 fn publish(socket: &Path, decl: &Declaration) -> Result<RuleReply, ClientError> {
-    protocol::call(
-        socket,
-        &Request::Add {
-            publish: decl.spec(),
-            backend: decl.backend(),
-            owner: Some(owner()),
-        },
-    )
+    let add = || {
+        protocol::call(
+            socket,
+            &Request::Add {
+                publish: decl.spec(),
+                backend: decl.backend(),
+                owner: Some(owner()),
+            },
+        )
+    };
+    let refusal = match add() {
+        Err(ClientError::Refused(msg)) => ClientError::Refused(msg),
+        other => return other,
+    };
+    let Ok(list) = protocol::call::<ListReply>(socket, &Request::List) else {
+        return Err(refusal);
+    };
+    let stale = stale_rules(&list, decl);
+    if stale.is_empty() {
+        return Err(refusal);
+    }
+    for (publish, owner) in stale {
+        match protocol::call::<RuleReply>(
+            socket,
+            &Request::Del {
+                publish,
+                owner: Some(owner.clone()),
+            },
+        ) {
+            Ok(r) => eprintln!("{NAME}: removed {r} of {owner}, a proxy that is gone"),
+            Err(_) => return Err(refusal),
+        }
+    }
+    add()
+}
+
+/// The rules in `list` that take a port of `decl` and belong to a `docker:<pid>` whose
+/// process is no portfwd-docker-proxy any more.
+fn stale_rules(list: &ListReply, decl: &Declaration) -> Vec<(Publish, Owner)> {
+    let Some(ports) = decl.spec().ports else {
+        return Vec::new();
+    };
+    let Ok(ours) = Publish::new(decl.host(), ports, decl.proto()) else {
+        return Vec::new();
+    };
+    list.rules
+        .iter()
+        .filter_map(|r| {
+            let owner = r.owner.as_ref()?;
+            let pid: u32 = owner.as_str().strip_prefix("docker:")?.parse().ok()?;
+            let ports = PortRange::new(r.host_port, r.host_port_end.max(r.host_port)).ok()?;
+            let publish = Publish::new(r.host_ip, ports, r.proto).ok()?;
+            (publish.conflict(&ours).is_some() && !is_proxy(pid)).then(|| (publish, owner.clone()))
+        })
+        .collect()
+}
+
+/// Whether process `pid` runs this program (the same command name as this process:
+/// however the binary is named, every proxy dockerd starts has the same).
+fn is_proxy(pid: u32) -> bool {
+    let comm = |who: &str| std::fs::read_to_string(format!("/proc/{who}/comm")).ok();
+    match (comm(&pid.to_string()), comm("self")) {
+        (Some(theirs), Some(ours)) => theirs == ours,
+        // Gone; or we cannot tell, and then the rule stays.
+        (None, Some(_)) => false,
+        (_, None) => true,
+    }
 }
 
 /// Removes `ours`; the daemon refuses (and changes nothing) if the rule published there
