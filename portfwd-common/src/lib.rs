@@ -7,9 +7,16 @@
 //! Every map key has explicit, zeroed padding: hash maps compare keys byte by byte.
 #![no_std]
 
+#[cfg(test)]
+extern crate std;
+
+pub mod addr;
 pub mod csum;
 pub mod maps;
+pub mod nat64;
+pub mod packet;
 pub mod reason;
+pub mod rules;
 
 pub use maps::*;
 pub use reason::Reason;
