@@ -4,6 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
+use portfwd_common::rules::RuleMaps;
 use portfwd_common::{
     BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6,
     LocalPeerKeyV4, LocalPeerKeyV6, LocalPeerV4, LocalPeerV6, Nat64Flow, Nat64Reply, Reason,
@@ -57,16 +58,37 @@ pub static LOCAL_PEERS_V6: LruHashMap<LocalPeerKeyV6, LocalPeerV6> =
 #[map(name = "PUBLISHED_PORTS")]
 pub static PUBLISHED_PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
 
-/// Which rules may exist for `port` (network order) and `proto`:
-/// (address-bound, wildcard).
-#[inline(always)]
-pub fn port_rules(port_be: [u8; 2], proto: u8) -> (bool, bool) {
-    let bits = match PUBLISHED_PORTS.get(u16::from_be_bytes(port_be) as u32) {
-        Some(bits) => *bits,
-        None => 0,
-    };
-    let (exact, wildcard) = portfwd_common::port_bits(proto);
-    (bits & exact != 0, bits & wildcard != 0)
+/// The rule maps, as rule matching (`portfwd_common::rules`) reads them.
+pub struct Maps;
+
+impl RuleMaps for Maps {
+    #[inline(always)]
+    fn published(&self, port_be: [u8; 2]) -> u8 {
+        match PUBLISHED_PORTS.get(u16::from_be_bytes(port_be) as u32) {
+            Some(bits) => *bits,
+            None => 0,
+        }
+    }
+    #[inline(always)]
+    fn rule_v4(&self, key: &RuleKeyV4) -> Option<BackendV4> {
+        // SAFETY: copied out at once; the daemon may replace values concurrently.
+        unsafe { RULES_V4.get(key) }.copied()
+    }
+    #[inline(always)]
+    fn rule_v6(&self, key: &RuleKeyV6) -> Option<BackendV6> {
+        // SAFETY: as above.
+        unsafe { RULES_V6.get(key) }.copied()
+    }
+    #[inline(always)]
+    fn is_host_v4(&self, addr: &[u8; 4]) -> bool {
+        // SAFETY: only tested for presence.
+        unsafe { HOST_ADDRS_V4.get(addr) }.is_some()
+    }
+    #[inline(always)]
+    fn is_host_v6(&self, addr: &[u8; 16]) -> bool {
+        // SAFETY: only tested for presence.
+        unsafe { HOST_ADDRS_V6.get(addr) }.is_some()
+    }
 }
 
 #[map(name = "CONFIG")]

@@ -15,18 +15,20 @@ use aya_ebpf::{
     EbpfContext,
 };
 use portfwd_common::{
-    csum, BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Reason, RuleKeyV4, RuleKeyV6,
-    CONFIG_NO_NAT64,
+    csum,
+    packet::{
+        may_start_flow, IP6_DST_OFF, IP6_SRC_OFF, IPV4_MIN_HLEN, IPV6_HLEN, IP_CSUM_OFF,
+        IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF,
+    },
+    rules::{self, Caller},
+    BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Reason, CONFIG_NO_NAT64,
 };
 
 use crate::{
     count, fastpath,
-    maps::{self, CONNTRACK_V4, CONNTRACK_V6, HOST_ADDRS_V4, HOST_ADDRS_V6, RULES_V4, RULES_V6},
+    maps::{self, Maps, CONNTRACK_V4, CONNTRACK_V6},
     nat64,
-    packet::{
-        bytes_at, may_start_flow, parse_eth, parse_ipv4, parse_ipv6, Ipv4Flow, Ipv6Flow,
-        IP6_DST_OFF, IP6_SRC_OFF, IPV6_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, L3,
-    },
+    packet::{bytes_at, parse_eth, parse_ipv4, parse_ipv6, Ipv4Flow, Ipv6Flow, L3},
 };
 
 pub enum Verdict {
@@ -108,12 +110,13 @@ pub fn reply<P: Packet>(pkt: &mut P) -> Verdict {
 #[inline(always)]
 fn ingress_v4<P: Packet>(pkt: &mut P, flow: Ipv4Flow, fast_path_bit: u64) -> Verdict {
     // A NAT64 flow's reply, on the backend's interface: its port is no published one.
-    if nat64::is_nat64_port(flow.dport) {
+    if portfwd_common::nat64::is_nat64_port(flow.dport) {
         if let Some(v) = pkt.nat64_reply(&flow) {
             return v;
         }
     }
-    let backend = match lookup_rule(&flow) {
+    let backend = match rules::lookup_ref(&Maps, Caller::Packet, &flow.dst, flow.dport, flow.proto)
+    {
         Ok(b) => b,
         Err(reason) => {
             count(reason);
@@ -175,32 +178,6 @@ fn reply_v4<P: Packet>(pkt: &mut P, flow: Ipv4Flow) -> Verdict {
     Verdict::Pass
 }
 
-/// The rule for the packet's destination: the exact host address first, then the
-/// wildcard, which only covers the host's own addresses; [`maps::port_rules`] says
-/// which of the two lookups can hit at all.
-#[inline(always)]
-fn lookup_rule(flow: &Ipv4Flow) -> Result<BackendV4, Reason> {
-    let (may_exact, may_wildcard) = maps::port_rules(flow.dport, flow.proto);
-    if may_exact {
-        let exact = RuleKeyV4::new(flow.dst, flow.dport, flow.proto);
-        // SAFETY: values are copied out at once; the daemon may replace them concurrently.
-        if let Some(b) = unsafe { RULES_V4.get(&exact) } {
-            return Ok(*b);
-        }
-    }
-    if !may_wildcard {
-        return Err(Reason::PassNoRule);
-    }
-    let wildcard = RuleKeyV4::new([0; 4], flow.dport, flow.proto);
-    let Some(b) = (unsafe { RULES_V4.get(&wildcard) }).copied() else {
-        return Err(Reason::PassNoRule);
-    };
-    if unsafe { HOST_ADDRS_V4.get(&flow.dst) }.is_none() {
-        return Err(Reason::PassNotHostAddr);
-    }
-    Ok(b)
-}
-
 /// Records the flow so that replies are translated back. Written once per flow: only a
 /// packet that may start one (UDP, TCP SYN) is looked at, and an existing identical
 /// entry is left alone (the egress lookups of replies keep it fresh in the LRU).
@@ -230,7 +207,8 @@ fn record_flow(flow: &Ipv4Flow, backend: &BackendV4) {
 
 #[inline(always)]
 fn ingress_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow, fast_path_bit: u64) -> Verdict {
-    let backend = match lookup_rule_v6(&flow) {
+    let backend = match rules::lookup_ref(&Maps, Caller::Packet, &flow.dst, flow.dport, flow.proto)
+    {
         Ok(b) => b,
         Err(reason) => {
             count(reason);
@@ -284,31 +262,6 @@ fn reply_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow) -> Verdict {
     maps::count_rule(tracked.stats_slot(), pkt.len(), true);
     count(Reason::ReplyTranslated);
     Verdict::Pass
-}
-
-/// As [`lookup_rule`], for IPv6: the exact address, then the `::` wildcard, which only
-/// covers the host's own addresses.
-#[inline(always)]
-pub fn lookup_rule_v6(flow: &Ipv6Flow) -> Result<BackendV6, Reason> {
-    let (may_exact, may_wildcard) = maps::port_rules(flow.dport, flow.proto);
-    if may_exact {
-        let exact = RuleKeyV6::new(flow.dst, flow.dport, flow.proto);
-        // SAFETY: values are copied out at once; the daemon may replace them concurrently.
-        if let Some(b) = unsafe { RULES_V6.get(&exact) } {
-            return Ok(*b);
-        }
-    }
-    if !may_wildcard {
-        return Err(Reason::PassNoRule);
-    }
-    let wildcard = RuleKeyV6::new([0; 16], flow.dport, flow.proto);
-    let Some(b) = (unsafe { RULES_V6.get(&wildcard) }).copied() else {
-        return Err(Reason::PassNoRule);
-    };
-    if unsafe { HOST_ADDRS_V6.get(&flow.dst) }.is_none() {
-        return Err(Reason::PassNotHostAddr);
-    }
-    Ok(b)
 }
 
 /// As [`record_flow`], for IPv6.
@@ -403,7 +356,7 @@ impl Packet for XdpPacket<'_> {
     fn forward(&mut self, f: &Ipv4Flow, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), ()> {
         let (data, data_end) = (self.data(), self.data_end());
         let eth = bytes_at(data, data_end, 0, 12).ok_or(())?;
-        let ip = bytes_at(data, data_end, f.ip_off, 20).ok_or(())?;
+        let ip = bytes_at(data, data_end, f.ip_off, IPV4_MIN_HLEN).ok_or(())?;
         // SAFETY: 12 bytes of Ethernet and 20 of IPv4 header are inside the packet.
         unsafe {
             write(eth, &dmac);
@@ -424,7 +377,7 @@ impl Packet for XdpPacket<'_> {
     #[inline(always)]
     fn rewrite(&mut self, f: &Ipv4Flow, end: End, addr: [u8; 4], port: [u8; 2]) -> Result<(), ()> {
         let (data, data_end) = (self.data(), self.data_end());
-        let ip = bytes_at(data, data_end, f.ip_off, 20).ok_or(())?;
+        let ip = bytes_at(data, data_end, f.ip_off, IPV4_MIN_HLEN).ok_or(())?;
         let l4 = bytes_at(data, data_end, f.l4_off, f.l4_hlen()).ok_or(())?;
         let (old_addr, old_port) = match end {
             End::Src => (f.src, f.sport),
@@ -590,7 +543,7 @@ impl Packet for TcPacket<'_> {
         };
         let (addr_off, port_off) = field_offsets(f, end);
         let (data, data_end) = (self.data(), self.data_end());
-        let ip = bytes_at(data, data_end, f.ip_off, 20).ok_or(())?;
+        let ip = bytes_at(data, data_end, f.ip_off, IPV4_MIN_HLEN).ok_or(())?;
         let l4 = bytes_at(data, data_end, f.l4_off, f.l4_hlen()).ok_or(())?;
         // The IPv4 header checksum is never offloaded: update it in place (RFC 1624),
         // and write the new address and port directly.
