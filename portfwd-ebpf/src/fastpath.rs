@@ -1,7 +1,7 @@
 //! The fast path: a translated packet goes straight to the backend's bridge port instead
 //! of up the host's stack. The kernel's FIB and neighbour tables decide the next hop
 //! (`bpf_fib_lookup`), the daemon's copy of the bridges' forwarding databases names the
-//! port ([`BRIDGE_PORTS`]), and the packet is forwarded as the kernel would: MACs
+//! port (`BRIDGE_PORTS`), and the packet is forwarded as the kernel would: MACs
 //! rewritten, TTL decremented. Whenever any step cannot complete (no route, neighbour not
 //! resolved yet, MAC not learnt, TTL expiring) the kernel path takes the packet instead.
 
@@ -15,8 +15,8 @@ use portfwd_common::{
 };
 
 use crate::{
-    maps::BRIDGE_PORTS,
-    nat::Packet,
+    hook::Packet,
+    maps,
     packet::{bytes_at, Ipv4Flow},
 };
 
@@ -68,8 +68,7 @@ pub fn next_hop<P: Packet>(pkt: &P, f: &Ipv4Flow) -> Option<NextHop> {
         return None;
     }
     let key = BridgePortKey::new(p.ifindex, p.dmac);
-    // SAFETY: copied out at once.
-    let port = unsafe { BRIDGE_PORTS.get(&key) }.copied()?;
+    let port = maps::bridge_port(&key)?;
     Some(NextHop {
         port_ifindex: port,
         smac: p.smac,

@@ -35,10 +35,7 @@ use portfwd_common::{
     LocalPeerKeyV4, LocalPeerKeyV6, LocalPeerV4, LocalPeerV6, Reason,
 };
 
-use crate::{
-    count,
-    maps::{self, Maps, LOCAL_PEERS_V4, LOCAL_PEERS_V6},
-};
+use crate::maps::{self, count, Maps};
 
 /// sock_addr programs: 1 lets the call proceed, 0 fails it with EPERM.
 const ALLOW: i32 = 1;
@@ -141,9 +138,7 @@ fn redirect_to_backend(ctx: &SockAddrContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = LocalPeerKeyV4::new(cookie, backend.addr_bytes(), backend.port_be(), sa.proto);
     let published = LocalPeerV4::new(sa.addr, sa.port);
-    // SAFETY: compared by value at once.
-    let known = matches!(unsafe { LOCAL_PEERS_V4.get(&key) }, Some(p) if *p == published);
-    if !known && LOCAL_PEERS_V4.insert(&key, &published, 0).is_err() {
+    if maps::record_local_peer_v4(&key, &published).is_err() {
         count(Reason::FlowInsertFailed);
     }
     set_addr(ctx, backend.addr_bytes(), backend.port_be());
@@ -157,8 +152,7 @@ fn restore_published(ctx: &SockAddrContext) {
     // SAFETY: plain helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = LocalPeerKeyV4::new(cookie, sa.addr, sa.port, sa.proto);
-    // SAFETY: copied out at once.
-    if let Some(p) = unsafe { LOCAL_PEERS_V4.get(&key) }.copied() {
+    if let Some(p) = maps::local_peer_v4(&key) {
         set_addr(ctx, p.host_addr_bytes(), p.host_port_be());
     }
 }
@@ -277,9 +271,7 @@ fn redirect_to_backend6(ctx: &SockAddrContext, connect: bool) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = LocalPeerKeyV6::new(cookie, target.addr_bytes(), target.port_be(), sa.proto);
     let published = LocalPeerV6::new(sa.addr, sa.port);
-    // SAFETY: compared by value at once.
-    let known = matches!(unsafe { LOCAL_PEERS_V6.get(&key) }, Some(p) if *p == published);
-    if !known && LOCAL_PEERS_V6.insert(&key, &published, 0).is_err() {
+    if maps::record_local_peer_v6(&key, &published).is_err() {
         count(Reason::FlowInsertFailed);
     }
     set_addr6(ctx, target.addr_bytes(), target.port_be());
@@ -293,8 +285,7 @@ fn restore_published6(ctx: &SockAddrContext) {
     // SAFETY: plain helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = LocalPeerKeyV6::new(cookie, sa.addr, sa.port, sa.proto);
-    // SAFETY: copied out at once.
-    if let Some(p) = unsafe { LOCAL_PEERS_V6.get(&key) }.copied() {
+    if let Some(p) = maps::local_peer_v6(&key) {
         set_addr6(ctx, p.host_addr_bytes(), p.host_port_be());
     }
 }

@@ -27,12 +27,10 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, BPF_ANY, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
-        BPF_FIB_LOOKUP_SRC, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, BPF_NOEXIST,
+        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
+        BPF_FIB_LOOKUP_SRC, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM,
     },
     helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns},
-    macros::map,
-    maps::PerCpuArray,
     programs::TcContext,
     EbpfContext,
 };
@@ -45,13 +43,12 @@ use portfwd_common::{
     },
     rules::{self, Caller},
     BackendV6, FlowKeyV4, FlowKeyV6, Nat64Flow, Nat64Reply, Reason, NAT64_CLOSING,
-    NAT64_PORT_TRIES, NAT64_PROG_INDEX,
+    NAT64_PORT_TRIES,
 };
 
 use crate::{
-    count,
-    maps::{self, Maps, NAT64_FLOWS, NAT64_PROGS, NAT64_REPLIES},
-    nat::Verdict,
+    hook::{is_nat64_reply, nat64_jump, tc_ifindex, Verdict},
+    maps::{self, count, Maps, Scratch},
     packet::{bytes_at, parse_eth, parse_ipv4, parse_ipv6, Ipv4Flow, Ipv6Flow, L3},
 };
 
@@ -93,7 +90,7 @@ pub fn entry(ctx: &TcContext) -> Option<Verdict> {
     let is_nat64 = match parse_eth(data, data_end).ok()? {
         L3::Ipv4 { ip_off } => {
             let f = parse_ipv4(data, data_end, ip_off).ok()?;
-            is_nat64_port(f.dport) && is_reply(&f)
+            is_nat64_port(f.dport) && is_nat64_reply(&f)
         }
         L3::Ipv6 { ip_off } => {
             let f = parse_ipv6(data, data_end, ip_off).ok()?;
@@ -101,50 +98,18 @@ pub fn entry(ctx: &TcContext) -> Option<Verdict> {
                 .is_ok_and(|b| b.is_ipv4_mapped())
         }
     };
-    is_nat64.then(|| tail_call(ctx))
+    is_nat64.then(|| nat64_jump(ctx))
 }
 
-/// Jumps to the NAT64 program; if the jump fails (not loaded), the packet is passed.
-#[inline(always)]
-pub fn tail_call(ctx: &TcContext) -> Verdict {
-    // SAFETY: a tail call either does not return or leaves everything as it was.
-    unsafe { NAT64_PROGS.tail_call(ctx, NAT64_PROG_INDEX) };
-    count(Reason::Nat64Failed);
-    Verdict::Pass
-}
-
-/// Whether an IPv4 packet is a tracked NAT64 reply (one lookup, only for NAT64's ports).
-#[inline(always)]
-pub fn is_reply(f: &Ipv4Flow) -> bool {
-    let key = FlowKeyV4::new(f.src, f.sport, f.dst, f.dport, f.proto);
-    // SAFETY: only tested for presence.
-    unsafe { NAT64_REPLIES.get(&key) }.is_some()
-}
-
-/// Room for what a translation builds, per CPU: the program's 512-byte stack cannot
-/// hold it next to the parsed packet.
-#[repr(C)]
-pub struct Scratch {
-    fib: FibParams,
-    key6: FlowKeyV6,
-    key4: FlowKeyV4,
-    reply: Nat64Reply,
-    header: [u8; IPV6_HLEN],
-}
-
-#[map(name = "NAT64_SCRATCH")]
-static NAT64_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
-
-/// An IPv6 client's packet for `backend` (IPv4-mapped, `backend_addr` inside): translated
-/// and redirected, or passed untouched when it cannot be.
+/// An IPv6 client's packet for `backend` (IPv4-mapped): translated and redirected, or
+/// passed untouched when it cannot be.
 #[inline(always)]
 fn forward(ctx: &TcContext, f: &Ipv6Flow, backend: &BackendV6) -> Verdict {
-    let Some(s) = NAT64_SCRATCH.get_ptr_mut(0) else {
+    let Some(s) = maps::nat64_scratch() else {
         count(Reason::Nat64Failed);
         return Verdict::Pass;
     };
-    // SAFETY: the per-CPU scratch entry is ours for the length of this program run.
-    match try_forward(ctx, f, backend, unsafe { &mut *s }) {
+    match try_forward(ctx, f, backend, s) {
         Ok(v) => v,
         Err(reason) => {
             count(reason);
@@ -186,7 +151,7 @@ fn try_forward(
     unsafe { core::ptr::write_bytes(&mut s.fib, 0, 1) };
     s.fib.family = AF_INET;
     s.fib.l4_protocol = f.proto;
-    s.fib.ifindex = ingress_ifindex(ctx);
+    s.fib.ifindex = tc_ifindex(ctx);
     s.fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(backend_addr);
     // SAFETY: a valid request in map memory, of the size passed.
     let rc = unsafe {
@@ -205,8 +170,7 @@ fn try_forward(
     let out_ifindex = s.fib.ifindex;
 
     s.key6 = FlowKeyV6::new(f.dst, f.dport, f.src, f.sport, f.proto);
-    // SAFETY: copied out at once; LRU entries may be evicted concurrently.
-    let known = unsafe { NAT64_FLOWS.get(&s.key6) }.copied();
+    let known = maps::nat64_flow(&s.key6);
     let flow = match known {
         Some(t)
             if t.backend_addr == backend_addr
@@ -263,11 +227,9 @@ fn still_ours(f: &Ipv6Flow, t: &Nat64Flow, s: &mut Scratch) -> bool {
         t.snat_port,
         f.proto,
     );
-    let Some(r) = NAT64_REPLIES.get_ptr_mut(&s.key4) else {
+    let Some(r) = maps::nat64_reply_mut(&s.key4) else {
         return false;
     };
-    // SAFETY: a live map value; fields are read and written in place.
-    let r = unsafe { &mut *r };
     if r.client_addr != f.src
         || r.client_port != f.sport
         || r.host_addr != f.dst
@@ -307,7 +269,7 @@ fn allocate(
         client_port: f.sport,
         host_port: f.dport,
         stats_slot: flow.stats_slot,
-        client_ifindex: ingress_ifindex(ctx),
+        client_ifindex: tc_ifindex(ctx),
         flags: 0,
         _pad: [0; 3],
         // SAFETY: a plain helper call.
@@ -323,22 +285,19 @@ fn allocate(
             port,
             f.proto,
         );
-        // A free port is claimed with BPF_NOEXIST, so two CPUs cannot both get it; a
+        // A free port is claimed only if still free, so two CPUs cannot both get it; a
         // port whose flow is over is taken over.
-        // SAFETY: only read, at once.
-        let claimed = match unsafe { NAT64_REPLIES.get(&s.key4) } {
-            None => NAT64_REPLIES
-                .insert(&s.key4, &s.reply, BPF_NOEXIST as u64)
-                .is_ok(),
-            Some(r) if r.reusable(s.reply.last_seen_ns, f.proto) => NAT64_REPLIES
-                .insert(&s.key4, &s.reply, BPF_ANY as u64)
-                .is_ok(),
+        let claimed = match maps::nat64_reply(&s.key4) {
+            None => maps::insert_nat64_reply(&s.key4, &s.reply, false).is_ok(),
+            Some(r) if r.reusable(s.reply.last_seen_ns, f.proto) => {
+                maps::insert_nat64_reply(&s.key4, &s.reply, true).is_ok()
+            }
             Some(_) => false,
         };
         if claimed {
             flow.snat_port = port;
-            if NAT64_FLOWS.insert(&s.key6, &flow, 0).is_err() {
-                let _ = NAT64_REPLIES.remove(&s.key4);
+            if maps::insert_nat64_flow(&s.key6, &flow).is_err() {
+                maps::remove_nat64_reply(&s.key4);
                 return Err(Reason::FlowInsertFailed);
             }
             return Ok(flow);
@@ -352,16 +311,11 @@ fn allocate(
 /// is a tracked reply (`None`: not NAT64's).
 #[inline(always)]
 fn reply(ctx: &TcContext, f: &Ipv4Flow) -> Option<Verdict> {
-    let s = NAT64_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: the per-CPU scratch entry is ours for the length of this program run.
-    let s = unsafe { &mut *s };
+    let s = maps::nat64_scratch()?;
     s.key4 = FlowKeyV4::new(f.src, f.sport, f.dst, f.dport, f.proto);
-    let r = NAT64_REPLIES.get_ptr_mut(&s.key4)?;
-    // SAFETY: a live map value, updated in place, then copied out.
-    unsafe {
-        seen(&mut *r, f.proto, f.tcp_flags);
-        s.reply = *r;
-    }
+    let r = maps::nat64_reply_mut(&s.key4)?;
+    seen(r, f.proto, f.tcp_flags);
+    s.reply = *r;
     Some(match try_reply(ctx, f, s) {
         Ok(v) => v,
         Err(reason) => {
@@ -485,11 +439,4 @@ fn l4_rewrite(
     };
     port(0, sport)?;
     port(2, dport)
-}
-
-/// The interface an skb is on (at ingress: where it arrived).
-#[inline(always)]
-pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
-    // SAFETY: reading a field of the kernel-provided __sk_buff.
-    unsafe { (*ctx.skb.skb).ifindex }
 }
