@@ -36,6 +36,27 @@ pub enum Verdict {
     RedirectNeigh(u32),
 }
 
+/// Why a rewrite of the packet failed.
+#[derive(Clone, Copy)]
+pub enum RewriteError {
+    /// The bytes to rewrite are not inside the packet's linear data.
+    OutOfBounds,
+    /// A kernel helper (load, store, checksum replace or difference) refused.
+    Helper,
+}
+
+impl RewriteError {
+    /// The reason counted when a translation's rewrite fails (the packet is dropped: it
+    /// may be half-written, its checksum wrong).
+    #[inline(always)]
+    pub fn reason(self) -> Reason {
+        match self {
+            RewriteError::OutOfBounds => Reason::DropChecksum,
+            RewriteError::Helper => Reason::DropChecksum,
+        }
+    }
+}
+
 /// Which end of the flow a rewrite changes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum End {
@@ -51,9 +72,15 @@ pub trait Packet {
     fn ctx_ptr(&self) -> *mut core::ffi::c_void;
     fn ingress_ifindex(&self) -> u32;
     /// Forwards the packet one hop as the kernel would: new MACs, TTL minus one.
-    fn forward(&mut self, f: &Ipv4Flow, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), ()>;
+    fn forward(&mut self, f: &Ipv4Flow, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), RewriteError>;
     /// Rewrites the address and port of `end`, updating the IPv4 and L4 checksums.
-    fn rewrite(&mut self, f: &Ipv4Flow, end: End, addr: [u8; 4], port: [u8; 2]) -> Result<(), ()>;
+    fn rewrite(
+        &mut self,
+        f: &Ipv4Flow,
+        end: End,
+        addr: [u8; 4],
+        port: [u8; 2],
+    ) -> Result<(), RewriteError>;
     /// Rewrites the address and port of `end` of an IPv6 packet, updating the L4 checksum.
     fn rewrite_v6(
         &mut self,
@@ -61,7 +88,7 @@ pub trait Packet {
         end: End,
         addr: [u8; 16],
         port: [u8; 2],
-    ) -> Result<(), ()>;
+    ) -> Result<(), RewriteError>;
     /// An IPv6 packet for an IPv4-only backend (held IPv4-mapped): NAT64 where the hook
     /// can change a packet's family, else passed (see `nat64`).
     fn nat64(&mut self, f: &Ipv6Flow, backend: &BackendV6) -> Verdict;
@@ -134,10 +161,11 @@ impl Packet for XdpPacket<'_> {
     }
 
     #[inline(always)]
-    fn forward(&mut self, f: &Ipv4Flow, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), ()> {
+    fn forward(&mut self, f: &Ipv4Flow, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), RewriteError> {
         let (data, data_end) = (self.data(), self.data_end());
-        let eth = bytes_at(data, data_end, 0, 12).ok_or(())?;
-        let ip = bytes_at(data, data_end, f.ip_off, IPV4_MIN_HLEN).ok_or(())?;
+        let eth = bytes_at(data, data_end, 0, 12).ok_or(RewriteError::OutOfBounds)?;
+        let ip =
+            bytes_at(data, data_end, f.ip_off, IPV4_MIN_HLEN).ok_or(RewriteError::OutOfBounds)?;
         // SAFETY: 12 bytes of Ethernet and 20 of IPv4 header are inside the packet.
         unsafe {
             write(eth, &dmac);
@@ -156,10 +184,18 @@ impl Packet for XdpPacket<'_> {
     }
 
     #[inline(always)]
-    fn rewrite(&mut self, f: &Ipv4Flow, end: End, addr: [u8; 4], port: [u8; 2]) -> Result<(), ()> {
+    fn rewrite(
+        &mut self,
+        f: &Ipv4Flow,
+        end: End,
+        addr: [u8; 4],
+        port: [u8; 2],
+    ) -> Result<(), RewriteError> {
         let (data, data_end) = (self.data(), self.data_end());
-        let ip = bytes_at(data, data_end, f.ip_off, IPV4_MIN_HLEN).ok_or(())?;
-        let l4 = bytes_at(data, data_end, f.l4_off, f.l4_hlen()).ok_or(())?;
+        let ip =
+            bytes_at(data, data_end, f.ip_off, IPV4_MIN_HLEN).ok_or(RewriteError::OutOfBounds)?;
+        let l4 =
+            bytes_at(data, data_end, f.l4_off, f.l4_hlen()).ok_or(RewriteError::OutOfBounds)?;
         let (old_addr, old_port) = match end {
             End::Src => (f.src, f.sport),
             End::Dst => (f.dst, f.dport),
@@ -199,10 +235,11 @@ impl Packet for XdpPacket<'_> {
         end: End,
         addr: [u8; 16],
         port: [u8; 2],
-    ) -> Result<(), ()> {
+    ) -> Result<(), RewriteError> {
         let (data, data_end) = (self.data(), self.data_end());
-        let ip = bytes_at(data, data_end, f.ip_off, IPV6_HLEN).ok_or(())?;
-        let l4 = bytes_at(data, data_end, f.l4_off, f.l4_hlen()).ok_or(())?;
+        let ip = bytes_at(data, data_end, f.ip_off, IPV6_HLEN).ok_or(RewriteError::OutOfBounds)?;
+        let l4 =
+            bytes_at(data, data_end, f.l4_off, f.l4_hlen()).ok_or(RewriteError::OutOfBounds)?;
         let (old_addr, old_port) = match end {
             End::Src => (f.src, f.sport),
             End::Dst => (f.dst, f.dport),
@@ -291,31 +328,43 @@ impl Packet for TcPacket<'_> {
     }
 
     #[inline(always)]
-    fn forward(&mut self, f: &Ipv4Flow, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), ()> {
+    fn forward(&mut self, f: &Ipv4Flow, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), RewriteError> {
         let c = self.ctx;
-        let ttl: u8 = c.load(f.ip_off + IP_TTL_OFF).map_err(|_| ())?;
-        let l4: u8 = c.load(f.ip_off + IP_TTL_OFF + 1).map_err(|_| ())?;
+        let ttl: u8 = c
+            .load(f.ip_off + IP_TTL_OFF)
+            .map_err(|_| RewriteError::Helper)?;
+        let l4: u8 = c
+            .load(f.ip_off + IP_TTL_OFF + 1)
+            .map_err(|_| RewriteError::Helper)?;
         let old = u16::from_ne_bytes([ttl, l4]) as u64;
         let new = u16::from_ne_bytes([ttl - 1, l4]) as u64;
         c.l3_csum_replace(f.ip_off + IP_CSUM_OFF, old, new, 2)
-            .map_err(|_| ())?;
+            .map_err(|_| RewriteError::Helper)?;
         c.store(f.ip_off + IP_TTL_OFF, &(ttl - 1), 0)
-            .map_err(|_| ())?;
-        c.store(0, &dmac, 0).map_err(|_| ())?;
-        c.store(6, &smac, 0).map_err(|_| ())?;
+            .map_err(|_| RewriteError::Helper)?;
+        c.store(0, &dmac, 0).map_err(|_| RewriteError::Helper)?;
+        c.store(6, &smac, 0).map_err(|_| RewriteError::Helper)?;
         Ok(())
     }
 
     #[inline(always)]
-    fn rewrite(&mut self, f: &Ipv4Flow, end: End, addr: [u8; 4], port: [u8; 2]) -> Result<(), ()> {
+    fn rewrite(
+        &mut self,
+        f: &Ipv4Flow,
+        end: End,
+        addr: [u8; 4],
+        port: [u8; 2],
+    ) -> Result<(), RewriteError> {
         let (old_addr, old_port) = match end {
             End::Src => (f.src, f.sport),
             End::Dst => (f.dst, f.dport),
         };
         let (addr_off, port_off) = field_offsets(f, end);
         let (data, data_end) = (self.data(), self.data_end());
-        let ip = bytes_at(data, data_end, f.ip_off, IPV4_MIN_HLEN).ok_or(())?;
-        let l4 = bytes_at(data, data_end, f.l4_off, f.l4_hlen()).ok_or(())?;
+        let ip =
+            bytes_at(data, data_end, f.ip_off, IPV4_MIN_HLEN).ok_or(RewriteError::OutOfBounds)?;
+        let l4 =
+            bytes_at(data, data_end, f.l4_off, f.l4_hlen()).ok_or(RewriteError::OutOfBounds)?;
         // The IPv4 header checksum is never offloaded: update it in place (RFC 1624),
         // and write the new address and port directly.
         // SAFETY: `ip` spans 20 bytes and `l4` the whole L4 header (checked above).
@@ -342,9 +391,9 @@ impl Packet for TcPacket<'_> {
         );
         let c = self.ctx;
         c.l4_csum_replace(l4_csum, old_a, new_a, BPF_F_PSEUDO_HDR as u64 | mangled | 4)
-            .map_err(|_| ())?;
+            .map_err(|_| RewriteError::Helper)?;
         c.l4_csum_replace(l4_csum, old_p, new_p, mangled | 2)
-            .map_err(|_| ())?;
+            .map_err(|_| RewriteError::Helper)?;
         Ok(())
     }
 
@@ -355,15 +404,16 @@ impl Packet for TcPacket<'_> {
         end: End,
         addr: [u8; 16],
         port: [u8; 2],
-    ) -> Result<(), ()> {
+    ) -> Result<(), RewriteError> {
         let (old_addr, old_port) = match end {
             End::Src => (f.src, f.sport),
             End::Dst => (f.dst, f.dport),
         };
         let (addr_at, port_at) = v6_field_offsets(end);
         let (data, data_end) = (self.data(), self.data_end());
-        let ip = bytes_at(data, data_end, f.ip_off, IPV6_HLEN).ok_or(())?;
-        let l4 = bytes_at(data, data_end, f.l4_off, f.l4_hlen()).ok_or(())?;
+        let ip = bytes_at(data, data_end, f.ip_off, IPV6_HLEN).ok_or(RewriteError::OutOfBounds)?;
+        let l4 =
+            bytes_at(data, data_end, f.l4_off, f.l4_hlen()).ok_or(RewriteError::OutOfBounds)?;
         // SAFETY: `ip` spans the IPv6 header and `l4` the whole L4 header (checked above).
         unsafe {
             write(ip.add(addr_at), &addr);
@@ -377,7 +427,7 @@ impl Packet for TcPacket<'_> {
         // SAFETY: both buffers are 16 bytes on our stack, sizes multiples of 4.
         let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
         if diff < 0 {
-            return Err(());
+            return Err(RewriteError::Helper);
         }
         let l4_csum = f.l4_csum_off();
         let mangled = if f.is_udp() { BPF_F_MARK_MANGLED_0 } else { 0 };
@@ -394,10 +444,11 @@ impl Packet for TcPacket<'_> {
         if c.l4_csum_replace(l4_csum, 0, diff, flags | BPF_F_IPV6)
             .is_err()
         {
-            c.l4_csum_replace(l4_csum, 0, diff, flags).map_err(|_| ())?;
+            c.l4_csum_replace(l4_csum, 0, diff, flags)
+                .map_err(|_| RewriteError::Helper)?;
         }
         c.l4_csum_replace(l4_csum, old_p, new_p, mangled | 2)
-            .map_err(|_| ())?;
+            .map_err(|_| RewriteError::Helper)?;
         Ok(())
     }
 }

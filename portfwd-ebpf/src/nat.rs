@@ -71,11 +71,8 @@ fn ingress_v4<P: Packet>(pkt: &mut P, flow: Ipv4Flow, fast_path_bit: u64) -> Ver
         }
     };
     record_flow(&flow, &backend);
-    if pkt
-        .rewrite(&flow, End::Dst, backend.addr_bytes(), backend.port_be())
-        .is_err()
-    {
-        count(Reason::DropChecksum);
+    if let Err(e) = pkt.rewrite(&flow, End::Dst, backend.addr_bytes(), backend.port_be()) {
+        count(e.reason());
         return Verdict::Drop;
     }
     maps::count_rule(backend.stats_slot(), pkt.len(), false);
@@ -107,16 +104,13 @@ fn reply_v4<P: Packet>(pkt: &mut P, flow: Ipv4Flow) -> Verdict {
         count(Reason::PassNoFlow);
         return Verdict::Pass;
     };
-    if pkt
-        .rewrite(
-            &flow,
-            End::Src,
-            tracked.host_addr_bytes(),
-            tracked.host_port_be(),
-        )
-        .is_err()
-    {
-        count(Reason::DropChecksum);
+    if let Err(e) = pkt.rewrite(
+        &flow,
+        End::Src,
+        tracked.host_addr_bytes(),
+        tracked.host_port_be(),
+    ) {
+        count(e.reason());
         return Verdict::Drop;
     }
     maps::count_rule(tracked.stats_slot(), pkt.len(), true);
@@ -163,11 +157,8 @@ fn ingress_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow, fast_path_bit: u64) -> Ver
         return pkt.nat64(&flow, &backend);
     }
     record_flow_v6(&flow, &backend);
-    if pkt
-        .rewrite_v6(&flow, End::Dst, backend.addr_bytes(), backend.port_be())
-        .is_err()
-    {
-        count(Reason::DropChecksum);
+    if let Err(e) = pkt.rewrite_v6(&flow, End::Dst, backend.addr_bytes(), backend.port_be()) {
+        count(e.reason());
         return Verdict::Drop;
     }
     maps::count_rule(backend.stats_slot(), pkt.len(), false);
@@ -186,16 +177,13 @@ fn reply_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow) -> Verdict {
         count(Reason::PassNoFlow);
         return Verdict::Pass;
     };
-    if pkt
-        .rewrite_v6(
-            &flow,
-            End::Src,
-            tracked.host_addr_bytes(),
-            tracked.host_port_be(),
-        )
-        .is_err()
-    {
-        count(Reason::DropChecksum);
+    if let Err(e) = pkt.rewrite_v6(
+        &flow,
+        End::Src,
+        tracked.host_addr_bytes(),
+        tracked.host_port_be(),
+    ) {
+        count(e.reason());
         return Verdict::Drop;
     }
     maps::count_rule(tracked.stats_slot(), pkt.len(), true);

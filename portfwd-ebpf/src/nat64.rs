@@ -47,7 +47,7 @@ use portfwd_common::{
 };
 
 use crate::{
-    hook::{is_nat64_reply, nat64_jump, tc_ifindex, Verdict},
+    hook::{is_nat64_reply, nat64_jump, tc_ifindex, RewriteError, Verdict},
     maps::{self, count, Maps, Scratch},
     packet::{bytes_at, parse_eth, parse_ipv4, parse_ipv6, Ipv4Flow, Ipv6Flow, L3},
 };
@@ -397,12 +397,15 @@ fn change_family<const H: usize>(
     let written = ctx
         .store(ETH_HLEN, header, BPF_F_RECOMPUTE_CSUM as u64)
         .and_then(|_| ctx.store(ETH_PROTO_OFF, &ethertype.to_be_bytes(), 0))
-        .is_ok()
-        && l4_rewrite(ctx, proto, ETH_HLEN + H, diff, ports.0, ports.1).is_ok();
-    if !written {
-        count(Reason::DropChecksum);
+        .map_err(|_| RewriteError::Helper)
+        .and_then(|_| l4_rewrite(ctx, proto, ETH_HLEN + H, diff, ports.0, ports.1));
+    match written {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            count(e.reason());
+            Ok(false)
+        }
     }
-    Ok(written)
 }
 
 /// (old, new) of the source port, then of the destination port.
@@ -418,7 +421,7 @@ fn l4_rewrite(
     diff: u64,
     sport: ([u8; 2], [u8; 2]),
     dport: ([u8; 2], [u8; 2]),
-) -> Result<(), ()> {
+) -> Result<(), RewriteError> {
     let udp = proto == portfwd_common::proto::UDP;
     let csum_off = l4_off + l4_csum_off(proto);
     let mangled = if udp { BPF_F_MARK_MANGLED_0 } else { 0 };
@@ -426,16 +429,17 @@ fn l4_rewrite(
     // written with BPF_F_RECOMPUTE_CSUM, so only the checksum field's own change is left
     // to account for in a complete skb->csum.
     ctx.l4_csum_replace(csum_off, 0, diff, BPF_F_PSEUDO_HDR as u64 | mangled)
-        .map_err(|_| ())?;
+        .map_err(|_| RewriteError::Helper)?;
     let port = |at: usize, (old, new): ([u8; 2], [u8; 2])| {
-        ctx.store(l4_off + at, &new, 0).map_err(|_| ())?;
+        ctx.store(l4_off + at, &new, 0)
+            .map_err(|_| RewriteError::Helper)?;
         ctx.l4_csum_replace(
             csum_off,
             u16::from_ne_bytes(old) as u64,
             u16::from_ne_bytes(new) as u64,
             mangled | 2,
         )
-        .map_err(|_| ())
+        .map_err(|_| RewriteError::Helper)
     };
     port(0, sport)?;
     port(2, dport)
