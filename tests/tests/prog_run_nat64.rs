@@ -12,14 +12,19 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::maps::HashMap;
-use aya::programs::{tc::SchedClassifier, TestRun, TestRunOptions};
-use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
+use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
 use portfwd::dataplane::Dataplane;
 use portfwd_common::{
     programs, proto, BackendV6, FlowKeyV4, Nat64Reply, Reason, RuleKeyV6, NAT64_CLOSING,
     NAT64_PORT_COUNT, NAT64_PORT_MIN, NAT64_REPLIES,
 };
-use portfwd_tests::{netns::Netns, require_root};
+use portfwd_tests::{
+    fixture::{
+        reason_count as reason, tc_program, test_run, Frame, MAC_A, MAC_B, TC_NEXT, TC_REDIRECT,
+    },
+    netns::Netns,
+    require_root,
+};
 
 const CLIENT: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
 const HOST: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
@@ -29,11 +34,6 @@ const HOST2: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 9, 0, 0, 0, 1);
 /// The host's address on the backends' network, and a backend (IPv4 only).
 const HOST4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
-const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
-const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
-/// TC_ACT_REDIRECT, and TCX's "next program".
-const TC_REDIRECT: u32 = 7;
-const TC_NEXT: u32 = -1i32 as u32;
 
 /// The rules: `*`:9000/tcp and `*`:5353/udp to the IPv4-only BACKEND, as the daemon
 /// writes them (the IPv6 side holds the backend IPv4-mapped).
@@ -65,30 +65,10 @@ fn backend_net() -> Netns {
     ns
 }
 
+/// Runs the TC program `prog` on `input` inside `ns` (whose FIB NAT64 consults).
 fn run(dp: &Dataplane, ns: &Netns, prog: &'static str, input: &[u8]) -> (u32, Vec<u8>) {
-    let p: &SchedClassifier = dp
-        .ebpf()
-        .program(prog)
-        .expect("program")
-        .try_into()
-        .expect("tc program");
-    ns.run(|| {
-        let mut out = vec![0u8; input.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(input);
-        opts.data_out = Some(&mut out);
-        let r = p.test_run(opts).expect("test run");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
-    })
-}
-
-fn reason(dp: &Dataplane, reason: Reason) -> u64 {
-    dp.reason_stats()
-        .expect("reason stats")
-        .into_iter()
-        .find(|(r, _)| *r == reason)
-        .map_or(0, |(_, n)| n)
+    let p = tc_program(dp, prog);
+    ns.run(|| test_run(p, input))
 }
 
 const PAYLOAD: &[u8] = b"portfwd nat64 fixture payload";
@@ -399,6 +379,7 @@ fn nat64_random_frames_both_ways() {
         .expect("property");
 }
 
+/// A client's IPv6 frame (a TCP SYN, or UDP).
 fn frame_v6(
     l4: u8,
     src: (Ipv6Addr, u16),
@@ -406,19 +387,15 @@ fn frame_v6(
     hops: u8,
     payload: &[u8],
 ) -> Vec<u8> {
-    let ip = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv6(src.0.octets(), dst.0.octets(), hops);
-    let mut out = Vec::new();
-    match l4 {
-        proto::TCP => ip
-            .tcp(src.1, dst.1, 1000, 64240)
-            .syn()
-            .write(&mut out, payload),
-        _ => ip.udp(src.1, dst.1).write(&mut out, payload),
+    Frame {
+        hops,
+        payload: payload.to_vec(),
+        ..Frame::new(l4, src, dst)
     }
-    .expect("frame");
-    out
+    .build()
 }
 
+/// A backend's IPv4 answer (a TCP ACK, or UDP), from the other MAC.
 fn frame_v4(
     l4: u8,
     src: (Ipv4Addr, u16),
@@ -426,15 +403,13 @@ fn frame_v4(
     ttl: u8,
     payload: &[u8],
 ) -> Vec<u8> {
-    let ip = PacketBuilder::ethernet2(MAC_B, MAC_A).ipv4(src.0.octets(), dst.0.octets(), ttl);
-    let mut out = Vec::new();
-    match l4 {
-        proto::TCP => ip
-            .tcp(src.1, dst.1, 2000, 64240)
-            .ack(1001)
-            .write(&mut out, payload),
-        _ => ip.udp(src.1, dst.1).write(&mut out, payload),
+    Frame {
+        hops: ttl,
+        macs: (MAC_B, MAC_A),
+        seq: 2000,
+        ack: Some(1001),
+        payload: payload.to_vec(),
+        ..Frame::new(l4, src, dst)
     }
-    .expect("frame");
-    out
+    .build()
 }
