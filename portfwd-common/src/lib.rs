@@ -9,6 +9,9 @@
 
 pub mod csum;
 pub mod maps;
+/// Host side only: the kernel programs are what it models.
+#[cfg(not(target_arch = "bpf"))]
+pub mod model;
 pub mod reason;
 
 pub use maps::*;

@@ -1,0 +1,663 @@
+//! A model of the whole packet path: what the kernel programs do with one frame, given
+//! the maps' contents, computed on the host from plain slices. The BPF_PROG_RUN suites
+//! run the real programs and this model on the same frames and compare verdict, output
+//! bytes, reason counted and the flow recorded; the fuzzing that follows reuses it.
+//!
+//! Invariant: the model decides exactly as `portfwd-ebpf` does (`nat.rs`, `packet.rs`):
+//! the same parsing order and reasons, the same rule lookups ([`Maps`] answers what the
+//! maps hold), the same rewrite, with the checksums updated by the same [`crate::csum`]
+//! functions. XDP updates checksums incrementally in place (RFC 1624) and TC through
+//! the kernel's helpers; on any frame their bytes agree (UDP's zero checksum stays zero
+//! on both: `BPF_F_MARK_MANGLED_0` on TC, [`csum::l4_update`] on XDP), so one rewrite
+//! models both. What the model leaves to the kernel it names: the NAT64 program itself
+//! ([`Verdict::TailCallNat64`]), the FIB's answer for the fast path ([`Maps::next_hop`]).
+//!
+//! `no_std`, no allocation: a frame is rewritten in place (`&mut [u8]`); every read is
+//! a checked slice access, so a truncated frame is a [`Reason::PassMalformed`], never a
+//! panic.
+
+use crate::{
+    csum, port_bits, proto, BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Reason,
+    RuleKeyV4, RuleKeyV6, CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONFIG_NO_NAT64,
+    NAT64_PORT_COUNT, NAT64_PORT_MIN,
+};
+
+const ETH_HLEN: usize = 14;
+const VLAN_HLEN: usize = 4;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPV4_MIN_HLEN: usize = 20;
+const IP_FRAG_MASK: u16 = 0x3fff;
+const IPV6_HLEN: usize = 40;
+const IPV6_NH_FRAGMENT: u8 = 44;
+/// RFC 8200 and IANA's "IPv6 Extension Header Types", Fragment apart.
+const IPV6_EXT_HEADERS: [u8; 9] = [0, 43, 50, 51, 60, 135, 139, 140, 253];
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const TCP_FLAGS_OFF: usize = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+const IP_TTL_OFF: usize = 8;
+const IP_CSUM_OFF: usize = 10;
+const IP_SRC_OFF: usize = 12;
+const IP_DST_OFF: usize = 16;
+const IP6_SRC_OFF: usize = 8;
+const IP6_DST_OFF: usize = 24;
+const TCP_CSUM_OFF: usize = 16;
+const UDP_CSUM_OFF: usize = 6;
+
+/// Which program runs the frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// `portfwd_xdp_ingress` (native XDP; fast path under [`CONFIG_FAST_PATH_NATIVE_XDP`]).
+    XdpIngress,
+    /// `portfwd_xdp_generic` (generic XDP; fast path under [`CONFIG_FAST_PATH`]).
+    XdpGeneric,
+    /// `portfwd_tc_ingress`.
+    TcIngress,
+    /// `portfwd_tc_egress`: replies.
+    TcEgress,
+}
+
+impl Hook {
+    fn is_xdp(self) -> bool {
+        matches!(self, Hook::XdpIngress | Hook::XdpGeneric)
+    }
+    fn fast_path_bit(self) -> u64 {
+        match self {
+            Hook::XdpIngress => CONFIG_FAST_PATH_NATIVE_XDP,
+            _ => CONFIG_FAST_PATH,
+        }
+    }
+}
+
+/// What the program returns, before the hook's action codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// On to the stack (translated or not).
+    Pass,
+    Drop,
+    /// Out of this interface (the fast path).
+    Redirect(u32),
+    /// TC ingress jumps to the NAT64 program, which decides from there (not modelled).
+    TailCallNat64,
+}
+
+/// Where the fast path sends a translated IPv4 packet: the FIB's next hop and the
+/// bridge port that leads to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NextHop {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+/// The translated IPv4 packet the fast path asks the FIB about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FibQuery {
+    pub proto: u8,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+}
+
+/// What the maps hold (and, for the fast path, what the FIB would answer). Addresses
+/// and ports in network order, as in the maps.
+pub trait Maps {
+    fn rule_v4(&self, key: &RuleKeyV4) -> Option<BackendV4>;
+    fn rule_v6(&self, key: &RuleKeyV6) -> Option<BackendV6>;
+    fn is_host_addr_v4(&self, addr: [u8; 4]) -> bool;
+    fn is_host_addr_v6(&self, addr: [u8; 16]) -> bool;
+    /// `PUBLISHED_PORTS[port]` ([`port_bits`]).
+    fn published(&self, port: u16) -> u8;
+    fn flow_v4(&self, key: &FlowKeyV4) -> Option<FlowV4>;
+    fn flow_v6(&self, key: &FlowKeyV6) -> Option<FlowV6>;
+    /// Whether `NAT64_REPLIES` holds `key`.
+    fn is_nat64_reply(&self, key: &FlowKeyV4) -> bool;
+    /// `CONFIG.flags`.
+    fn config_flags(&self) -> u64;
+    /// The fast path's next hop for `q`, if the FIB and the bridge ports know one.
+    fn next_hop(&self, q: &FibQuery) -> Option<NextHop>;
+}
+
+/// [`Maps`] as plain slices (linear search): fixture tables and host tests.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Tables<'a> {
+    pub rules_v4: &'a [(RuleKeyV4, BackendV4)],
+    pub rules_v6: &'a [(RuleKeyV6, BackendV6)],
+    pub host_addrs_v4: &'a [[u8; 4]],
+    pub host_addrs_v6: &'a [[u8; 16]],
+    pub flows_v4: &'a [(FlowKeyV4, FlowV4)],
+    pub flows_v6: &'a [(FlowKeyV6, FlowV6)],
+    pub nat64_replies: &'a [FlowKeyV4],
+    pub config_flags: u64,
+    /// The fast path's answer for every query (`None`: no next hop).
+    pub next_hop: Option<NextHop>,
+}
+
+impl Maps for Tables<'_> {
+    fn rule_v4(&self, key: &RuleKeyV4) -> Option<BackendV4> {
+        self.rules_v4
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, b)| *b)
+    }
+    fn rule_v6(&self, key: &RuleKeyV6) -> Option<BackendV6> {
+        self.rules_v6
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, b)| *b)
+    }
+    fn is_host_addr_v4(&self, addr: [u8; 4]) -> bool {
+        self.host_addrs_v4.contains(&addr)
+    }
+    fn is_host_addr_v6(&self, addr: [u8; 16]) -> bool {
+        self.host_addrs_v6.contains(&addr)
+    }
+    /// The bits the daemon derives from the rules of both families.
+    fn published(&self, port: u16) -> u8 {
+        let mut bits = 0;
+        let keys_v4 = self
+            .rules_v4
+            .iter()
+            .map(|(k, _)| (k.port(), k.proto(), k.addr().is_unspecified()));
+        let keys_v6 = self
+            .rules_v6
+            .iter()
+            .map(|(k, _)| (k.port(), k.proto(), k.addr().is_unspecified()));
+        for (p, l4, wildcard) in keys_v4.chain(keys_v6) {
+            if p == port {
+                let (exact_bit, wildcard_bit) = port_bits(l4);
+                bits |= if wildcard { wildcard_bit } else { exact_bit };
+            }
+        }
+        bits
+    }
+    fn flow_v4(&self, key: &FlowKeyV4) -> Option<FlowV4> {
+        self.flows_v4
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, f)| *f)
+    }
+    fn flow_v6(&self, key: &FlowKeyV6) -> Option<FlowV6> {
+        self.flows_v6
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, f)| *f)
+    }
+    fn is_nat64_reply(&self, key: &FlowKeyV4) -> bool {
+        self.nat64_replies.contains(key)
+    }
+    fn config_flags(&self) -> u64 {
+        self.config_flags
+    }
+    fn next_hop(&self, _: &FibQuery) -> Option<NextHop> {
+        self.next_hop
+    }
+}
+
+/// A conntrack entry the program makes sure of (inserted, or found identical).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowWrite {
+    V4(FlowKeyV4, FlowV4),
+    V6(FlowKeyV6, FlowV6),
+}
+
+/// A packet counted on a rule's statistics slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleCount {
+    pub slot: u32,
+    /// The reply direction (`reply_packets`), else the forward one.
+    pub reply: bool,
+}
+
+/// What the program does with one frame. The frame itself is rewritten in place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub verdict: Verdict,
+    /// The reasons counted, in order (a translation on the fast path counts two).
+    pub reasons: [Option<Reason>; 2],
+    pub flow: Option<FlowWrite>,
+    pub rule: Option<RuleCount>,
+}
+
+impl Outcome {
+    fn pass(reason: Reason) -> Self {
+        Self {
+            verdict: Verdict::Pass,
+            reasons: [Some(reason), None],
+            flow: None,
+            rule: None,
+        }
+    }
+    fn uncounted(verdict: Verdict) -> Self {
+        Self {
+            verdict,
+            reasons: [None, None],
+            flow: None,
+            rule: None,
+        }
+    }
+    /// The reasons counted, in order.
+    pub fn counted(&self) -> impl Iterator<Item = Reason> + '_ {
+        self.reasons.iter().flatten().copied()
+    }
+}
+
+/// Runs `hook` on `frame` (rewritten in place) against `maps`.
+pub fn run(hook: Hook, maps: &impl Maps, frame: &mut [u8]) -> Outcome {
+    let parsed = match parse_eth(frame) {
+        Ok(L3::Ipv4(ip_off)) => parse_ipv4(frame, ip_off).map(|f| match hook {
+            Hook::TcEgress => reply_v4(maps, frame, &f),
+            _ => ingress_v4(hook, maps, frame, &f),
+        }),
+        Ok(L3::Ipv6(ip_off)) => parse_ipv6(frame, ip_off).map(|f| match hook {
+            Hook::TcEgress => reply_v6(maps, frame, &f),
+            _ => ingress_v6(hook, maps, frame, &f),
+        }),
+        Err(reason) => Err(reason),
+    };
+    parsed.unwrap_or_else(Outcome::pass)
+}
+
+/// A TCP or UDP packet's fields (network order) and offsets. `N`: address length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parsed<const N: usize> {
+    pub ip_off: usize,
+    pub l4_off: usize,
+    pub proto: u8,
+    pub src: [u8; N],
+    pub dst: [u8; N],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub tcp_flags: u8,
+}
+
+impl<const N: usize> Parsed<N> {
+    fn is_udp(&self) -> bool {
+        self.proto == proto::UDP
+    }
+    fn l4_csum_off(&self) -> usize {
+        self.l4_off
+            + if self.is_udp() {
+                UDP_CSUM_OFF
+            } else {
+                TCP_CSUM_OFF
+            }
+    }
+}
+
+/// The network layer: where its header starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L3 {
+    Ipv4(usize),
+    Ipv6(usize),
+}
+
+fn bytes<const N: usize>(frame: &[u8], at: usize) -> Option<[u8; N]> {
+    frame.get(at..at.checked_add(N)?)?.try_into().ok()
+}
+
+fn be16(frame: &[u8], at: usize) -> Option<u16> {
+    bytes::<2>(frame, at).map(u16::from_be_bytes)
+}
+
+/// Ethernet, at most one 802.1Q/802.1ad tag, then the ethertype.
+pub fn parse_eth(frame: &[u8]) -> Result<L3, Reason> {
+    let mut ethertype = be16(frame, 12).ok_or(Reason::PassMalformed)?;
+    let mut ip_off = ETH_HLEN;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype = be16(frame, ETH_HLEN + 2).ok_or(Reason::PassMalformed)?;
+        ip_off += VLAN_HLEN;
+    }
+    match ethertype {
+        ETH_P_IP => Ok(L3::Ipv4(ip_off)),
+        ETH_P_IPV6 => Ok(L3::Ipv6(ip_off)),
+        _ => Err(Reason::PassNotIp),
+    }
+}
+
+/// The L4 header's length for `l4`, if portfwd translates it.
+fn l4_hlen(l4: u8) -> Option<usize> {
+    match l4 {
+        proto::TCP => Some(TCP_HLEN),
+        proto::UDP => Some(UDP_HLEN),
+        _ => None,
+    }
+}
+
+fn parse_l4<const N: usize>(
+    frame: &[u8],
+    ip_off: usize,
+    l4_off: usize,
+    l4: u8,
+    src: [u8; N],
+    dst: [u8; N],
+) -> Result<Parsed<N>, Reason> {
+    let hlen = l4_hlen(l4).ok_or(Reason::PassNotTcpUdp)?;
+    if frame.len() < l4_off + hlen {
+        return Err(Reason::PassMalformed);
+    }
+    Ok(Parsed {
+        ip_off,
+        l4_off,
+        proto: l4,
+        src,
+        dst,
+        sport: [frame[l4_off], frame[l4_off + 1]],
+        dport: [frame[l4_off + 2], frame[l4_off + 3]],
+        tcp_flags: if l4 == proto::TCP {
+            frame[l4_off + TCP_FLAGS_OFF]
+        } else {
+            0
+        },
+    })
+}
+
+/// IPv4 (options skipped); fragments and other protocols are passed.
+pub fn parse_ipv4(frame: &[u8], ip_off: usize) -> Result<Parsed<4>, Reason> {
+    let ip: [u8; IPV4_MIN_HLEN] = bytes(frame, ip_off).ok_or(Reason::PassMalformed)?;
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    if ip[0] >> 4 != 4 || ihl < IPV4_MIN_HLEN {
+        return Err(Reason::PassMalformed);
+    }
+    if u16::from_be_bytes([ip[6], ip[7]]) & IP_FRAG_MASK != 0 {
+        return Err(Reason::PassFragment);
+    }
+    let src = [ip[12], ip[13], ip[14], ip[15]];
+    let dst = [ip[16], ip[17], ip[18], ip[19]];
+    parse_l4(frame, ip_off, ip_off + ihl, ip[9], src, dst)
+}
+
+/// IPv6, the fixed header only: an extension header before TCP/UDP is passed.
+pub fn parse_ipv6(frame: &[u8], ip_off: usize) -> Result<Parsed<16>, Reason> {
+    let ip: [u8; IPV6_HLEN] = bytes(frame, ip_off).ok_or(Reason::PassMalformed)?;
+    if ip[0] >> 4 != 6 {
+        return Err(Reason::PassMalformed);
+    }
+    let next = ip[6];
+    if next == IPV6_NH_FRAGMENT {
+        return Err(Reason::PassFragment);
+    }
+    if IPV6_EXT_HEADERS.contains(&next) {
+        return Err(Reason::PassIpv6ExtHeader);
+    }
+    let mut src = [0; 16];
+    src.copy_from_slice(&ip[IP6_SRC_OFF..IP6_SRC_OFF + 16]);
+    let mut dst = [0; 16];
+    dst.copy_from_slice(&ip[IP6_DST_OFF..IP6_DST_OFF + 16]);
+    parse_l4(frame, ip_off, ip_off + IPV6_HLEN, next, src, dst)
+}
+
+/// Whether a packet may start a flow: UDP, or a TCP SYN without ACK.
+fn may_start_flow(l4: u8, tcp_flags: u8) -> bool {
+    l4 != proto::TCP || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+fn is_nat64_port(port: [u8; 2]) -> bool {
+    let p = u16::from_be_bytes(port);
+    p >= NAT64_PORT_MIN && p - NAT64_PORT_MIN < NAT64_PORT_COUNT
+}
+
+/// (address-bound rule possible, wildcard rule possible) for the destination port.
+fn port_rules(maps: &impl Maps, port: [u8; 2], l4: u8) -> (bool, bool) {
+    let bits = maps.published(u16::from_be_bytes(port));
+    let (exact, wildcard) = port_bits(l4);
+    (bits & exact != 0, bits & wildcard != 0)
+}
+
+/// The exact address first, then the wildcard, which covers the host's addresses only.
+fn lookup_rule_v4(maps: &impl Maps, f: &Parsed<4>) -> Result<BackendV4, Reason> {
+    let (may_exact, may_wildcard) = port_rules(maps, f.dport, f.proto);
+    if may_exact {
+        if let Some(b) = maps.rule_v4(&RuleKeyV4::new(f.dst, f.dport, f.proto)) {
+            return Ok(b);
+        }
+    }
+    if !may_wildcard {
+        return Err(Reason::PassNoRule);
+    }
+    let b = maps
+        .rule_v4(&RuleKeyV4::new([0; 4], f.dport, f.proto))
+        .ok_or(Reason::PassNoRule)?;
+    if !maps.is_host_addr_v4(f.dst) {
+        return Err(Reason::PassNotHostAddr);
+    }
+    Ok(b)
+}
+
+/// As [`lookup_rule_v4`], for IPv6.
+fn lookup_rule_v6(maps: &impl Maps, f: &Parsed<16>) -> Result<BackendV6, Reason> {
+    let (may_exact, may_wildcard) = port_rules(maps, f.dport, f.proto);
+    if may_exact {
+        if let Some(b) = maps.rule_v6(&RuleKeyV6::new(f.dst, f.dport, f.proto)) {
+            return Ok(b);
+        }
+    }
+    if !may_wildcard {
+        return Err(Reason::PassNoRule);
+    }
+    let b = maps
+        .rule_v6(&RuleKeyV6::new([0; 16], f.dport, f.proto))
+        .ok_or(Reason::PassNoRule)?;
+    if !maps.is_host_addr_v6(f.dst) {
+        return Err(Reason::PassNotHostAddr);
+    }
+    Ok(b)
+}
+
+/// Which end of the flow a rewrite changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    Src,
+    Dst,
+}
+
+fn put(frame: &mut [u8], at: usize, bytes: &[u8]) {
+    frame[at..at + bytes.len()].copy_from_slice(bytes);
+}
+
+/// Rewrites one end's address and port of a parsed (so bounds-checked) IPv4 packet, and
+/// both checksums.
+fn rewrite_v4(frame: &mut [u8], f: &Parsed<4>, end: End, addr: [u8; 4], port: [u8; 2]) {
+    let (old_addr, old_port, addr_at, port_at) = match end {
+        End::Src => (f.src, f.sport, f.ip_off + IP_SRC_OFF, f.l4_off),
+        End::Dst => (f.dst, f.dport, f.ip_off + IP_DST_OFF, f.l4_off + 2),
+    };
+    let ip_csum_at = f.ip_off + IP_CSUM_OFF;
+    let ip_check = csum::replace4(
+        u16::from_be_bytes([frame[ip_csum_at], frame[ip_csum_at + 1]]),
+        old_addr,
+        addr,
+    );
+    put(frame, ip_csum_at, &ip_check.to_be_bytes());
+    put(frame, addr_at, &addr);
+    let l4_csum_at = f.l4_csum_off();
+    let l4_check = csum::l4_update(
+        u16::from_be_bytes([frame[l4_csum_at], frame[l4_csum_at + 1]]),
+        old_addr,
+        addr,
+        u16::from_be_bytes(old_port),
+        u16::from_be_bytes(port),
+        f.is_udp(),
+    );
+    put(frame, l4_csum_at, &l4_check.to_be_bytes());
+    put(frame, port_at, &port);
+}
+
+/// As [`rewrite_v4`], for IPv6 (no header checksum; the pseudo-header moves the L4 one).
+fn rewrite_v6(frame: &mut [u8], f: &Parsed<16>, end: End, addr: [u8; 16], port: [u8; 2]) {
+    let (old_addr, old_port, addr_at, port_at) = match end {
+        End::Src => (f.src, f.sport, f.ip_off + IP6_SRC_OFF, f.l4_off),
+        End::Dst => (f.dst, f.dport, f.ip_off + IP6_DST_OFF, f.l4_off + 2),
+    };
+    put(frame, addr_at, &addr);
+    let l4_csum_at = f.l4_csum_off();
+    let l4_check = csum::l4_update_v6(
+        u16::from_be_bytes([frame[l4_csum_at], frame[l4_csum_at + 1]]),
+        old_addr,
+        addr,
+        u16::from_be_bytes(old_port),
+        u16::from_be_bytes(port),
+        f.is_udp(),
+    );
+    put(frame, l4_csum_at, &l4_check.to_be_bytes());
+    put(frame, port_at, &port);
+}
+
+fn ingress_v4(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Parsed<4>) -> Outcome {
+    // A NAT64 flow's reply on the backend's interface (TC only: XDP has no NAT64).
+    if !hook.is_xdp()
+        && is_nat64_port(f.dport)
+        && maps.is_nat64_reply(&FlowKeyV4::new(f.src, f.sport, f.dst, f.dport, f.proto))
+    {
+        return Outcome::uncounted(Verdict::TailCallNat64);
+    }
+    let backend = match lookup_rule_v4(maps, f) {
+        Ok(b) => b,
+        Err(reason) => return Outcome::pass(reason),
+    };
+    let flow = may_start_flow(f.proto, f.tcp_flags).then(|| {
+        FlowWrite::V4(
+            FlowKeyV4::new(
+                backend.addr_bytes(),
+                backend.port_be(),
+                f.src,
+                f.sport,
+                f.proto,
+            ),
+            FlowV4::new(f.dst, f.dport, backend.stats_slot()),
+        )
+    });
+    rewrite_v4(frame, f, End::Dst, backend.addr_bytes(), backend.port_be());
+    let mut out = Outcome {
+        verdict: Verdict::Pass,
+        reasons: [Some(Reason::Translated), None],
+        flow,
+        rule: Some(RuleCount {
+            slot: backend.stats_slot(),
+            reply: false,
+        }),
+    };
+    if maps.config_flags() & hook.fast_path_bit() == 0 {
+        return out;
+    }
+    let ttl = frame[f.ip_off + IP_TTL_OFF];
+    let query = FibQuery {
+        proto: f.proto,
+        src: f.src,
+        dst: backend.addr_bytes(),
+        sport: f.sport,
+        dport: backend.port_be(),
+    };
+    // An expiring TTL needs an ICMP error: the kernel's job.
+    match (ttl > 1).then(|| maps.next_hop(&query)).flatten() {
+        Some(hop) => {
+            forward(frame, f.ip_off, hop.smac, hop.dmac);
+            out.verdict = Verdict::Redirect(hop.ifindex);
+            out.reasons[1] = Some(Reason::Redirected);
+        }
+        None => out.reasons[1] = Some(Reason::FastPathFallback),
+    }
+    out
+}
+
+/// Forwards one hop as the kernel would: new MACs, TTL minus one (header checksum
+/// updated over the TTL/protocol word).
+fn forward(frame: &mut [u8], ip_off: usize, smac: [u8; 6], dmac: [u8; 6]) {
+    put(frame, 0, &dmac);
+    put(frame, 6, &smac);
+    let (ttl, l4) = (frame[ip_off + IP_TTL_OFF], frame[ip_off + IP_TTL_OFF + 1]);
+    let at = ip_off + IP_CSUM_OFF;
+    let check = csum::replace2(
+        u16::from_be_bytes([frame[at], frame[at + 1]]),
+        u16::from_be_bytes([ttl, l4]),
+        u16::from_be_bytes([ttl - 1, l4]),
+    );
+    frame[ip_off + IP_TTL_OFF] = ttl - 1;
+    put(frame, at, &check.to_be_bytes());
+}
+
+fn ingress_v6(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Parsed<16>) -> Outcome {
+    let backend = match lookup_rule_v6(maps, f) {
+        Ok(b) => b,
+        Err(reason) => return Outcome::pass(reason),
+    };
+    if backend.is_ipv4_mapped() {
+        // An IPv4-only backend: NAT64, at TC and unless switched off.
+        if hook.is_xdp() || maps.config_flags() & CONFIG_NO_NAT64 != 0 {
+            return Outcome::pass(Reason::PassNoIpv6Backend);
+        }
+        return Outcome::uncounted(Verdict::TailCallNat64);
+    }
+    let flow = may_start_flow(f.proto, f.tcp_flags).then(|| {
+        FlowWrite::V6(
+            FlowKeyV6::new(
+                backend.addr_bytes(),
+                backend.port_be(),
+                f.src,
+                f.sport,
+                f.proto,
+            ),
+            FlowV6::new(f.dst, f.dport, backend.stats_slot()),
+        )
+    });
+    rewrite_v6(frame, f, End::Dst, backend.addr_bytes(), backend.port_be());
+    // No IPv6 fast path: where it is on, the kernel routes the packet instead.
+    let fallback =
+        (maps.config_flags() & hook.fast_path_bit() != 0).then_some(Reason::FastPathFallback);
+    Outcome {
+        verdict: Verdict::Pass,
+        reasons: [Some(Reason::Translated), fallback],
+        flow,
+        rule: Some(RuleCount {
+            slot: backend.stats_slot(),
+            reply: false,
+        }),
+    }
+}
+
+fn reply_v4(maps: &impl Maps, frame: &mut [u8], f: &Parsed<4>) -> Outcome {
+    let key = FlowKeyV4::new(f.src, f.sport, f.dst, f.dport, f.proto);
+    let Some(tracked) = maps.flow_v4(&key) else {
+        return Outcome::pass(Reason::PassNoFlow);
+    };
+    rewrite_v4(
+        frame,
+        f,
+        End::Src,
+        tracked.host_addr_bytes(),
+        tracked.host_port_be(),
+    );
+    translated_reply(tracked.stats_slot())
+}
+
+fn reply_v6(maps: &impl Maps, frame: &mut [u8], f: &Parsed<16>) -> Outcome {
+    let key = FlowKeyV6::new(f.src, f.sport, f.dst, f.dport, f.proto);
+    let Some(tracked) = maps.flow_v6(&key) else {
+        return Outcome::pass(Reason::PassNoFlow);
+    };
+    rewrite_v6(
+        frame,
+        f,
+        End::Src,
+        tracked.host_addr_bytes(),
+        tracked.host_port_be(),
+    );
+    translated_reply(tracked.stats_slot())
+}
+
+fn translated_reply(slot: u32) -> Outcome {
+    Outcome {
+        verdict: Verdict::Pass,
+        reasons: [Some(Reason::ReplyTranslated), None],
+        flow: None,
+        rule: Some(RuleCount { slot, reply: true }),
+    }
+}
+
+#[cfg(test)]
+mod tests;
