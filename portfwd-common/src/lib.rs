@@ -7,12 +7,19 @@
 //! Every map key has explicit, zeroed padding: hash maps compare keys byte by byte.
 #![no_std]
 
+#[cfg(test)]
+extern crate std;
+
+pub mod addr;
 pub mod csum;
 pub mod maps;
 /// Host side only: the kernel programs are what it models.
 #[cfg(not(target_arch = "bpf"))]
 pub mod model;
+pub mod nat64;
+pub mod packet;
 pub mod reason;
+pub mod rules;
 
 pub use maps::*;
 pub use reason::Reason;

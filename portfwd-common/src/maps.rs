@@ -398,12 +398,26 @@ const _: () = assert!(core::mem::size_of::<BackendV6>() == 24);
 
 impl BackendV6 {
     pub fn new(addr: Ipv6Addr, port: u16, stats_slot: u32) -> Self {
+        Self::from_bytes(addr.octets(), port.to_be_bytes(), stats_slot)
+    }
+    /// From network-order bytes (the kernel's side).
+    #[inline(always)]
+    pub const fn from_bytes(addr: [u8; 16], port_be: [u8; 2], stats_slot: u32) -> Self {
         Self {
-            addr: addr.octets(),
-            port: port.to_be_bytes(),
+            addr,
+            port: port_be,
             _pad: [0; 2],
             stats_slot,
         }
+    }
+    /// An IPv4 backend as an IPv4-mapped one (how a dual-stack socket reaches it).
+    #[inline(always)]
+    pub fn from_v4_mapped(b: BackendV4) -> Self {
+        Self::from_bytes(
+            crate::addr::to_ipv4_mapped(b.addr_bytes()),
+            b.port_be(),
+            b.stats_slot(),
+        )
     }
     #[inline(always)]
     pub const fn addr_bytes(&self) -> [u8; 16] {
@@ -423,10 +437,7 @@ impl BackendV6 {
     /// it does not translate between families.
     #[inline(always)]
     pub fn is_ipv4_mapped(&self) -> bool {
-        let a = &self.addr;
-        a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0
-            && a[10] == 0xff
-            && a[11] == 0xff
+        crate::addr::is_ipv4_mapped(&self.addr)
     }
     pub fn addr(&self) -> Ipv6Addr {
         Ipv6Addr::from(self.addr)

@@ -4,9 +4,10 @@
 //! bytes, reason counted and the flow recorded; the fuzzing that follows reuses it.
 //!
 //! Invariant: the model decides exactly as `portfwd-ebpf` does (`nat.rs`, `packet.rs`):
-//! the same parsing order and reasons, the same rule lookups ([`Maps`] answers what the
-//! maps hold), the same rewrite, with the checksums updated by the same [`crate::csum`]
-//! functions. XDP updates checksums incrementally in place (RFC 1624) and TC through
+//! the same parsing order and reasons, the same rule lookup ([`rules::lookup`] over
+//! [`Maps`], which answers what the maps hold), the same flow decision
+//! ([`may_start_flow`]) and rewrite, with the checksums updated by the same
+//! [`crate::csum`] functions and header offsets from [`crate::packet`]. XDP updates checksums incrementally in place (RFC 1624) and TC through
 //! the kernel's helpers; on any frame their bytes agree (UDP's zero checksum stays zero
 //! on both: `BPF_F_MARK_MANGLED_0` on TC, [`csum::l4_update`] on XDP), so one rewrite
 //! models both. What the model leaves to the kernel it names: the NAT64 program itself
@@ -17,36 +18,18 @@
 //! panic.
 
 use crate::{
-    csum, port_bits, proto, BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Reason,
-    RuleKeyV4, RuleKeyV6, CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONFIG_NO_NAT64,
-    NAT64_PORT_COUNT, NAT64_PORT_MIN,
+    csum, nat64,
+    packet::{
+        is_ext_header, l4_csum_off, may_start_flow, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP,
+        ETH_P_IPV6, IP6_DST_OFF, IP6_NEXT_OFF, IP6_SRC_OFF, IPV4_MIN_HLEN, IPV6_HLEN,
+        IPV6_NH_FRAGMENT, IP_CSUM_OFF, IP_DST_OFF, IP_FRAG_MASK, IP_FRAG_OFF, IP_PROTO_OFF,
+        IP_SRC_OFF, IP_TTL_OFF, TCP_FLAGS_OFF, TCP_HLEN, UDP_HLEN, VLAN_HLEN,
+    },
+    port_bits, proto,
+    rules::{self, Caller, RuleMaps},
+    BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Reason, RuleKeyV4, RuleKeyV6,
+    CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONFIG_NO_NAT64,
 };
-
-const ETH_HLEN: usize = 14;
-const VLAN_HLEN: usize = 4;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
-const IPV4_MIN_HLEN: usize = 20;
-const IP_FRAG_MASK: u16 = 0x3fff;
-const IPV6_HLEN: usize = 40;
-const IPV6_NH_FRAGMENT: u8 = 44;
-/// RFC 8200 and IANA's "IPv6 Extension Header Types", Fragment apart.
-const IPV6_EXT_HEADERS: [u8; 9] = [0, 43, 50, 51, 60, 135, 139, 140, 253];
-const TCP_HLEN: usize = 20;
-const UDP_HLEN: usize = 8;
-const TCP_FLAGS_OFF: usize = 13;
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
-const IP_TTL_OFF: usize = 8;
-const IP_CSUM_OFF: usize = 10;
-const IP_SRC_OFF: usize = 12;
-const IP_DST_OFF: usize = 16;
-const IP6_SRC_OFF: usize = 8;
-const IP6_DST_OFF: usize = 24;
-const TCP_CSUM_OFF: usize = 16;
-const UDP_CSUM_OFF: usize = 6;
 
 /// Which program runs the frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,15 +87,10 @@ pub struct FibQuery {
     pub dport: [u8; 2],
 }
 
-/// What the maps hold (and, for the fast path, what the FIB would answer). Addresses
-/// and ports in network order, as in the maps.
-pub trait Maps {
-    fn rule_v4(&self, key: &RuleKeyV4) -> Option<BackendV4>;
-    fn rule_v6(&self, key: &RuleKeyV6) -> Option<BackendV6>;
-    fn is_host_addr_v4(&self, addr: [u8; 4]) -> bool;
-    fn is_host_addr_v6(&self, addr: [u8; 16]) -> bool;
-    /// `PUBLISHED_PORTS[port]` ([`port_bits`]).
-    fn published(&self, port: u16) -> u8;
+/// What the maps hold beyond the rules ([`RuleMaps`]: rules, host addresses,
+/// `PUBLISHED_PORTS`), and, for the fast path, what the FIB would answer. Addresses and
+/// ports in network order, as in the maps.
+pub trait Maps: RuleMaps {
     fn flow_v4(&self, key: &FlowKeyV4) -> Option<FlowV4>;
     fn flow_v6(&self, key: &FlowKeyV6) -> Option<FlowV6>;
     /// Whether `NAT64_REPLIES` holds `key`.
@@ -138,7 +116,27 @@ pub struct Tables<'a> {
     pub next_hop: Option<NextHop>,
 }
 
-impl Maps for Tables<'_> {
+impl RuleMaps for Tables<'_> {
+    /// The bits the daemon derives from the rules of both families.
+    fn published(&self, port_be: [u8; 2]) -> u8 {
+        let port = u16::from_be_bytes(port_be);
+        let keys_v4 = self
+            .rules_v4
+            .iter()
+            .map(|(k, _)| (k.port(), k.proto(), k.addr().is_unspecified()));
+        let keys_v6 = self
+            .rules_v6
+            .iter()
+            .map(|(k, _)| (k.port(), k.proto(), k.addr().is_unspecified()));
+        let mut bits = 0;
+        for (p, l4, wildcard) in keys_v4.chain(keys_v6) {
+            if p == port {
+                let (exact_bit, wildcard_bit) = port_bits(l4);
+                bits |= if wildcard { wildcard_bit } else { exact_bit };
+            }
+        }
+        bits
+    }
     fn rule_v4(&self, key: &RuleKeyV4) -> Option<BackendV4> {
         self.rules_v4
             .iter()
@@ -151,31 +149,15 @@ impl Maps for Tables<'_> {
             .find(|(k, _)| k == key)
             .map(|(_, b)| *b)
     }
-    fn is_host_addr_v4(&self, addr: [u8; 4]) -> bool {
-        self.host_addrs_v4.contains(&addr)
+    fn is_host_v4(&self, addr: &[u8; 4]) -> bool {
+        self.host_addrs_v4.contains(addr)
     }
-    fn is_host_addr_v6(&self, addr: [u8; 16]) -> bool {
-        self.host_addrs_v6.contains(&addr)
+    fn is_host_v6(&self, addr: &[u8; 16]) -> bool {
+        self.host_addrs_v6.contains(addr)
     }
-    /// The bits the daemon derives from the rules of both families.
-    fn published(&self, port: u16) -> u8 {
-        let mut bits = 0;
-        let keys_v4 = self
-            .rules_v4
-            .iter()
-            .map(|(k, _)| (k.port(), k.proto(), k.addr().is_unspecified()));
-        let keys_v6 = self
-            .rules_v6
-            .iter()
-            .map(|(k, _)| (k.port(), k.proto(), k.addr().is_unspecified()));
-        for (p, l4, wildcard) in keys_v4.chain(keys_v6) {
-            if p == port {
-                let (exact_bit, wildcard_bit) = port_bits(l4);
-                bits |= if wildcard { wildcard_bit } else { exact_bit };
-            }
-        }
-        bits
-    }
+}
+
+impl Maps for Tables<'_> {
     fn flow_v4(&self, key: &FlowKeyV4) -> Option<FlowV4> {
         self.flows_v4
             .iter()
@@ -281,12 +263,7 @@ impl<const N: usize> Parsed<N> {
         self.proto == proto::UDP
     }
     fn l4_csum_off(&self) -> usize {
-        self.l4_off
-            + if self.is_udp() {
-                UDP_CSUM_OFF
-            } else {
-                TCP_CSUM_OFF
-            }
+        self.l4_off + l4_csum_off(self.proto)
     }
 }
 
@@ -364,12 +341,14 @@ pub fn parse_ipv4(frame: &[u8], ip_off: usize) -> Result<Parsed<4>, Reason> {
     if ip[0] >> 4 != 4 || ihl < IPV4_MIN_HLEN {
         return Err(Reason::PassMalformed);
     }
-    if u16::from_be_bytes([ip[6], ip[7]]) & IP_FRAG_MASK != 0 {
+    if u16::from_be_bytes([ip[IP_FRAG_OFF], ip[IP_FRAG_OFF + 1]]) & IP_FRAG_MASK != 0 {
         return Err(Reason::PassFragment);
     }
-    let src = [ip[12], ip[13], ip[14], ip[15]];
-    let dst = [ip[16], ip[17], ip[18], ip[19]];
-    parse_l4(frame, ip_off, ip_off + ihl, ip[9], src, dst)
+    let mut src = [0; 4];
+    src.copy_from_slice(&ip[IP_SRC_OFF..IP_SRC_OFF + 4]);
+    let mut dst = [0; 4];
+    dst.copy_from_slice(&ip[IP_DST_OFF..IP_DST_OFF + 4]);
+    parse_l4(frame, ip_off, ip_off + ihl, ip[IP_PROTO_OFF], src, dst)
 }
 
 /// IPv6, the fixed header only: an extension header before TCP/UDP is passed.
@@ -378,11 +357,11 @@ pub fn parse_ipv6(frame: &[u8], ip_off: usize) -> Result<Parsed<16>, Reason> {
     if ip[0] >> 4 != 6 {
         return Err(Reason::PassMalformed);
     }
-    let next = ip[6];
+    let next = ip[IP6_NEXT_OFF];
     if next == IPV6_NH_FRAGMENT {
         return Err(Reason::PassFragment);
     }
-    if IPV6_EXT_HEADERS.contains(&next) {
+    if is_ext_header(next) {
         return Err(Reason::PassIpv6ExtHeader);
     }
     let mut src = [0; 16];
@@ -390,63 +369,6 @@ pub fn parse_ipv6(frame: &[u8], ip_off: usize) -> Result<Parsed<16>, Reason> {
     let mut dst = [0; 16];
     dst.copy_from_slice(&ip[IP6_DST_OFF..IP6_DST_OFF + 16]);
     parse_l4(frame, ip_off, ip_off + IPV6_HLEN, next, src, dst)
-}
-
-/// Whether a packet may start a flow: UDP, or a TCP SYN without ACK.
-fn may_start_flow(l4: u8, tcp_flags: u8) -> bool {
-    l4 != proto::TCP || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-}
-
-fn is_nat64_port(port: [u8; 2]) -> bool {
-    let p = u16::from_be_bytes(port);
-    p >= NAT64_PORT_MIN && p - NAT64_PORT_MIN < NAT64_PORT_COUNT
-}
-
-/// (address-bound rule possible, wildcard rule possible) for the destination port.
-fn port_rules(maps: &impl Maps, port: [u8; 2], l4: u8) -> (bool, bool) {
-    let bits = maps.published(u16::from_be_bytes(port));
-    let (exact, wildcard) = port_bits(l4);
-    (bits & exact != 0, bits & wildcard != 0)
-}
-
-/// The exact address first, then the wildcard, which covers the host's addresses only.
-fn lookup_rule_v4(maps: &impl Maps, f: &Parsed<4>) -> Result<BackendV4, Reason> {
-    let (may_exact, may_wildcard) = port_rules(maps, f.dport, f.proto);
-    if may_exact {
-        if let Some(b) = maps.rule_v4(&RuleKeyV4::new(f.dst, f.dport, f.proto)) {
-            return Ok(b);
-        }
-    }
-    if !may_wildcard {
-        return Err(Reason::PassNoRule);
-    }
-    let b = maps
-        .rule_v4(&RuleKeyV4::new([0; 4], f.dport, f.proto))
-        .ok_or(Reason::PassNoRule)?;
-    if !maps.is_host_addr_v4(f.dst) {
-        return Err(Reason::PassNotHostAddr);
-    }
-    Ok(b)
-}
-
-/// As [`lookup_rule_v4`], for IPv6.
-fn lookup_rule_v6(maps: &impl Maps, f: &Parsed<16>) -> Result<BackendV6, Reason> {
-    let (may_exact, may_wildcard) = port_rules(maps, f.dport, f.proto);
-    if may_exact {
-        if let Some(b) = maps.rule_v6(&RuleKeyV6::new(f.dst, f.dport, f.proto)) {
-            return Ok(b);
-        }
-    }
-    if !may_wildcard {
-        return Err(Reason::PassNoRule);
-    }
-    let b = maps
-        .rule_v6(&RuleKeyV6::new([0; 16], f.dport, f.proto))
-        .ok_or(Reason::PassNoRule)?;
-    if !maps.is_host_addr_v6(f.dst) {
-        return Err(Reason::PassNotHostAddr);
-    }
-    Ok(b)
 }
 
 /// Which end of the flow a rewrite changes.
@@ -511,12 +433,12 @@ fn rewrite_v6(frame: &mut [u8], f: &Parsed<16>, end: End, addr: [u8; 16], port: 
 fn ingress_v4(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Parsed<4>) -> Outcome {
     // A NAT64 flow's reply on the backend's interface (TC only: XDP has no NAT64).
     if !hook.is_xdp()
-        && is_nat64_port(f.dport)
+        && nat64::is_nat64_port(f.dport)
         && maps.is_nat64_reply(&FlowKeyV4::new(f.src, f.sport, f.dst, f.dport, f.proto))
     {
         return Outcome::uncounted(Verdict::TailCallNat64);
     }
-    let backend = match lookup_rule_v4(maps, f) {
+    let backend = match rules::lookup(maps, Caller::Packet, f.dst, f.dport, f.proto) {
         Ok(b) => b,
         Err(reason) => return Outcome::pass(reason),
     };
@@ -582,7 +504,7 @@ fn forward(frame: &mut [u8], ip_off: usize, smac: [u8; 6], dmac: [u8; 6]) {
 }
 
 fn ingress_v6(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Parsed<16>) -> Outcome {
-    let backend = match lookup_rule_v6(maps, f) {
+    let backend = match rules::lookup(maps, Caller::Packet, f.dst, f.dport, f.proto) {
         Ok(b) => b,
         Err(reason) => return Outcome::pass(reason),
     };

@@ -11,6 +11,7 @@ use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
 use proptest::prelude::*;
 
 use super::*;
+use crate::NAT64_PORT_MIN;
 
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const HOST4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
