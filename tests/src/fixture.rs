@@ -11,11 +11,19 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use aya::maps::{Array, HashMap, MapData, MapError};
 use aya::programs::{tc::SchedClassifier, ProgramError, TestRun, TestRunOptions, Xdp};
 use aya::TestRunResult;
 use etherparse::{IpHeaders, Ipv4Extensions, Ipv4Header, Ipv4Options, PacketBuilder};
 use portfwd::dataplane::Dataplane;
-use portfwd_common::{programs, proto, Reason};
+use portfwd_common::model::{self, FibQuery, FlowWrite, Hook, Maps, NextHop, Outcome, Verdict};
+use portfwd_common::rules::RuleMaps;
+use portfwd_common::{
+    programs, proto, BackendV4, BackendV6, Config, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6,
+    Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, CONFIG, CONFIG_FAST_PATH,
+    CONFIG_FAST_PATH_NATIVE_XDP, CONNTRACK_V4, CONNTRACK_V6, HOST_ADDRS_V4, HOST_ADDRS_V6,
+    NAT64_REPLIES, PUBLISHED_PORTS, RULES_V4, RULES_V6,
+};
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
@@ -367,23 +375,244 @@ pub fn untouched(what: &'static str, input: Vec<u8>, reason: Reason) -> Case {
 }
 
 /// Runs `case` through `prog`: the pass verdict, the expected bytes, and exactly one
-/// more packet counted under the expected reason.
+/// more packet counted under the expected reason; and the kernel agrees with the model
+/// on all of it ([`compare`]).
 pub fn check_case(dp: &Dataplane, prog: Prog, case: &Case) {
-    let before = reason_count(dp, case.reason);
-    let (verdict, out) = run(dp, prog, &case.input);
+    let c = compare(dp, prog, &case.input)
+        .unwrap_or_else(|| panic!("{prog:?}: {}: the kernel refused the frame", case.what));
     assert_eq!(
-        verdict,
+        c.verdict,
         prog.pass_verdict(),
         "{prog:?}: {}: verdict",
         case.what
     );
     let expect = case.expect.as_ref().unwrap_or(&case.input);
-    assert_eq!(&out, expect, "{prog:?}: {}: output bytes", case.what);
+    assert_eq!(&c.output, expect, "{prog:?}: {}: output bytes", case.what);
+    let grew = c
+        .counted
+        .iter()
+        .find(|(r, _)| *r == case.reason)
+        .map_or(0, |(_, n)| *n);
     assert_eq!(
-        reason_count(dp, case.reason),
-        before + 1,
+        grew, 1,
         "{prog:?}: {}: counted as {:?}",
-        case.what,
-        case.reason
+        case.what, case.reason
     );
+}
+
+/// The loaded object's maps, read live, as the model's [`Maps`]: the model decides on
+/// exactly what the kernel program is about to see.
+pub struct KernelMaps<'a> {
+    dp: &'a Dataplane,
+}
+
+impl<'a> KernelMaps<'a> {
+    pub fn new(dp: &'a Dataplane) -> Self {
+        Self { dp }
+    }
+    fn map(&self, name: &str) -> &'a aya::maps::Map {
+        self.dp
+            .ebpf()
+            .map(name)
+            .unwrap_or_else(|| panic!("map {name}"))
+    }
+    fn hash_get<K: aya::Pod, V: aya::Pod>(&self, name: &str, key: &K) -> Option<V> {
+        let map: HashMap<&MapData, K, V> = HashMap::try_from(self.map(name)).expect(name);
+        match map.get(key, 0) {
+            Ok(v) => Some(v),
+            Err(MapError::KeyNotFound) => None,
+            Err(e) => panic!("{name}: {e}"),
+        }
+    }
+    fn array_get<V: aya::Pod>(&self, name: &str, index: u32) -> V {
+        let map: Array<&MapData, V> = Array::try_from(self.map(name)).expect(name);
+        map.get(&index, 0)
+            .unwrap_or_else(|e| panic!("{name}[{index}]: {e}"))
+    }
+    /// How many flows both conntrack maps hold.
+    pub fn flow_count(&self) -> usize {
+        let v4: HashMap<&MapData, FlowKeyV4, FlowV4> =
+            HashMap::try_from(self.map(CONNTRACK_V4)).expect("conntrack v4");
+        let v6: HashMap<&MapData, FlowKeyV6, FlowV6> =
+            HashMap::try_from(self.map(CONNTRACK_V6)).expect("conntrack v6");
+        v4.keys().count() + v6.keys().count()
+    }
+}
+
+impl RuleMaps for KernelMaps<'_> {
+    fn published(&self, port_be: [u8; 2]) -> u8 {
+        self.array_get(PUBLISHED_PORTS, u16::from_be_bytes(port_be).into())
+    }
+    fn rule_v4(&self, key: &RuleKeyV4) -> Option<BackendV4> {
+        self.hash_get(RULES_V4, key)
+    }
+    fn rule_v6(&self, key: &RuleKeyV6) -> Option<BackendV6> {
+        self.hash_get(RULES_V6, key)
+    }
+    fn is_host_v4(&self, addr: &[u8; 4]) -> bool {
+        self.hash_get::<_, u8>(HOST_ADDRS_V4, addr).is_some()
+    }
+    fn is_host_v6(&self, addr: &[u8; 16]) -> bool {
+        self.hash_get::<_, u8>(HOST_ADDRS_V6, addr).is_some()
+    }
+}
+
+impl Maps for KernelMaps<'_> {
+    fn flow_v4(&self, key: &FlowKeyV4) -> Option<FlowV4> {
+        self.hash_get(CONNTRACK_V4, key)
+    }
+    fn flow_v6(&self, key: &FlowKeyV6) -> Option<FlowV6> {
+        self.hash_get(CONNTRACK_V6, key)
+    }
+    fn is_nat64_reply(&self, key: &FlowKeyV4) -> bool {
+        self.hash_get::<_, Nat64Reply>(NAT64_REPLIES, key).is_some()
+    }
+    fn config_flags(&self) -> u64 {
+        self.array_get::<Config>(CONFIG, 0).flags
+    }
+    /// The fast path asks the FIB, which the model cannot: the suites run with it off,
+    /// and [`compare`] checks that.
+    fn next_hop(&self, _: &FibQuery) -> Option<NextHop> {
+        None
+    }
+}
+
+/// The model's hook for a program.
+pub fn hook(prog: Prog) -> Hook {
+    match prog {
+        Prog::XdpIngress => Hook::XdpIngress,
+        Prog::TcIngress => Hook::TcIngress,
+        Prog::TcEgress => Hook::TcEgress,
+    }
+}
+
+/// The return code of `verdict` at `prog`'s hook (a redirect in BPF_PROG_RUN returns
+/// the hook's redirect action).
+pub fn action(prog: Prog, verdict: Verdict) -> u32 {
+    const XDP_REDIRECT: u32 = 4;
+    match (prog, verdict) {
+        (_, Verdict::Pass) => prog.pass_verdict(),
+        (Prog::XdpIngress, Verdict::Drop) => XDP_DROP,
+        (_, Verdict::Drop) => TC_SHOT,
+        (Prog::XdpIngress, Verdict::Redirect(_)) => XDP_REDIRECT,
+        (_, Verdict::Redirect(_)) => TC_REDIRECT,
+        (_, Verdict::TailCallNat64) => {
+            panic!("the NAT64 program is prog_run_nat64's, not the model's")
+        }
+    }
+}
+
+/// Whether the kernel's skb test run refuses `frame` (EINVAL): shorter than an Ethernet
+/// header, or than the IP header its ethertype announces (such an skb never reaches TC:
+/// the stack drops it first). XDP runs anything.
+pub fn tc_refuses(frame: &[u8]) -> bool {
+    let l3_min = match frame.get(12..14) {
+        None => return true,
+        Some([0x08, 0x00]) => IP4,
+        Some([0x86, 0xdd]) => IP6,
+        Some(_) => 0,
+    };
+    frame.len() < ETH + l3_min
+}
+
+/// What one run did, kernel and model agreeing.
+pub struct Compared {
+    pub verdict: u32,
+    pub output: Vec<u8>,
+    pub outcome: Outcome,
+    /// How much each reason counter grew.
+    pub counted: Vec<(Reason, u64)>,
+}
+
+/// Runs `prog` on `input` in the kernel and in the model (on the maps as the kernel
+/// has them just before) and asserts they agree on everything observable: the verdict,
+/// the output bytes, the reasons counted (exactly those, once each), the flow recorded
+/// (and no other), the rule counted. `None`: the kernel refuses to run the frame at
+/// all, as [`tc_refuses`] predicts (also asserted). The seed of frame fuzzing: callers
+/// feed it any bytes.
+pub fn compare(dp: &Dataplane, prog: Prog, input: &[u8]) -> Option<Compared> {
+    let maps = KernelMaps::new(dp);
+    let flags = maps.config_flags();
+    assert_eq!(
+        flags & (CONFIG_FAST_PATH | CONFIG_FAST_PATH_NATIVE_XDP),
+        0,
+        "the fast path asks the FIB: not modelled here"
+    );
+    let mut expect = input.to_vec();
+    let outcome = model::run(hook(prog), &maps, &mut expect);
+    // A flow recorded under a new key adds one; under a known key it is replaced.
+    let new_key = match outcome.flow {
+        Some(FlowWrite::V4(k, _)) => maps.flow_v4(&k).is_none(),
+        Some(FlowWrite::V6(k, _)) => maps.flow_v6(&k).is_none(),
+        None => false,
+    };
+    let flows_before = maps.flow_count();
+    let rule_before = outcome
+        .rule
+        .map(|r| dp.rule_stats(r.slot).expect("rule stats"));
+    let reasons_before = dp.reason_stats().expect("reason stats");
+
+    let ran = try_run(dp, prog, input);
+    let refused = prog != Prog::XdpIngress && tc_refuses(input);
+    let (verdict, output) = match ran {
+        Ok(r) => {
+            assert!(!refused, "{prog:?}: a frame the skb test run should refuse");
+            r
+        }
+        Err(e) => {
+            assert!(refused, "{prog:?}: test run refused: {e}");
+            return None;
+        }
+    };
+
+    let counted: Vec<(Reason, u64)> = dp
+        .reason_stats()
+        .expect("reason stats")
+        .into_iter()
+        .zip(reasons_before)
+        .map(|((r, after), (_, before))| (r, after - before))
+        .filter(|(_, n)| *n != 0)
+        .collect();
+    let mut want: Vec<(Reason, u64)> = outcome.counted().map(|r| (r, 1)).collect();
+    want.sort_by_key(|(r, _)| *r as u32);
+    let ctx = || format!("{prog:?} on {input:02x?}: model {outcome:?}");
+    assert_eq!(verdict, action(prog, outcome.verdict), "verdict, {}", ctx());
+    assert_eq!(output, expect, "output bytes, {}", ctx());
+    assert_eq!(counted, want, "reasons counted, {}", ctx());
+    match outcome.flow {
+        Some(FlowWrite::V4(k, v)) => assert_eq!(maps.flow_v4(&k), Some(v), "flow, {}", ctx()),
+        Some(FlowWrite::V6(k, v)) => assert_eq!(maps.flow_v6(&k), Some(v), "flow, {}", ctx()),
+        None => {}
+    }
+    assert_eq!(
+        maps.flow_count(),
+        flows_before + usize::from(new_key),
+        "flows recorded, {}",
+        ctx()
+    );
+    if let (Some(r), Some(before)) = (outcome.rule, rule_before) {
+        let after = dp.rule_stats(r.slot).expect("rule stats");
+        let len = input.len() as u64;
+        let (packets, bytes) = if r.reply {
+            (
+                after.reply_packets - before.reply_packets,
+                after.reply_bytes - before.reply_bytes,
+            )
+        } else {
+            (after.packets - before.packets, after.bytes - before.bytes)
+        };
+        assert_eq!((packets, bytes), (1, len), "rule counted, {}", ctx());
+    }
+    Some(Compared {
+        verdict,
+        output,
+        outcome,
+        counted,
+    })
+}
+
+/// [`run`], checked against the model ([`compare`]) on a frame the kernel accepts.
+pub fn run_checked(dp: &Dataplane, prog: Prog, input: &[u8]) -> (u32, Vec<u8>) {
+    let c = compare(dp, prog, input).expect("a frame the kernel runs");
+    (c.verdict, c.output)
 }
