@@ -502,12 +502,13 @@ pub fn action(prog: Prog, verdict: Verdict) -> u32 {
     }
 }
 
-/// Whether the kernel's skb test run refuses `frame` (EINVAL): shorter than an Ethernet
-/// header, or than the IP header its ethertype announces (such an skb never reaches TC:
-/// the stack drops it first). XDP runs anything.
-pub fn tc_refuses(frame: &[u8]) -> bool {
+/// Whether the kernel's test run refuses `frame` at `prog` (EINVAL): any frame shorter
+/// than an Ethernet header, and at TC one shorter than the IP header its ethertype
+/// announces (such an skb never reaches TC: the stack drops it first).
+pub fn refuses(prog: Prog, frame: &[u8]) -> bool {
     let l3_min = match frame.get(12..14) {
         None => return true,
+        Some(_) if prog == Prog::XdpIngress => 0,
         Some([0x08, 0x00]) => IP4,
         Some([0x86, 0xdd]) => IP6,
         Some(_) => 0,
@@ -528,7 +529,7 @@ pub struct Compared {
 /// has them just before) and asserts they agree on everything observable: the verdict,
 /// the output bytes, the reasons counted (exactly those, once each), the flow recorded
 /// (and no other), the rule counted. `None`: the kernel refuses to run the frame at
-/// all, as [`tc_refuses`] predicts (also asserted). The seed of frame fuzzing: callers
+/// all, as [`refuses`] predicts (also asserted). The seed of frame fuzzing: callers
 /// feed it any bytes.
 pub fn compare(dp: &Dataplane, prog: Prog, input: &[u8]) -> Option<Compared> {
     let maps = KernelMaps::new(dp);
@@ -553,7 +554,7 @@ pub fn compare(dp: &Dataplane, prog: Prog, input: &[u8]) -> Option<Compared> {
     let reasons_before = dp.reason_stats().expect("reason stats");
 
     let ran = try_run(dp, prog, input);
-    let refused = prog != Prog::XdpIngress && tc_refuses(input);
+    let refused = refuses(prog, input);
     let (verdict, output) = match ran {
         Ok(r) => {
             assert!(!refused, "{prog:?}: a frame the skb test run should refuse");

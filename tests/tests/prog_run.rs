@@ -8,11 +8,13 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+mod common;
+
 use portfwd::dataplane::Dataplane;
 use portfwd_common::{proto, BackendV4, Reason, RuleKeyV4};
 use portfwd_tests::fixture::{
-    arp_request, check_case, echo_request, privileged, reply_translated, run, translated, udp_v6,
-    untouched, Case, Frame, Prog, ETH, IP4,
+    arp_request, check_case, echo_request, privileged, reply_translated, run_checked, translated,
+    udp_v6, untouched, Case, Frame, Prog, ETH, IP4,
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -233,11 +235,11 @@ fn rule_counters_count_translated_packets() {
     let dp = fixture_dataplane();
     let frame = Frame::tcp((CLIENT, 40000), (HOST, 9000)).build();
     for _ in 0..3 {
-        run(&dp, Prog::XdpIngress, &frame);
+        run_checked(&dp, Prog::XdpIngress, &frame);
     }
     let s = dp.rule_stats(1).expect("stats");
     assert_eq!((s.packets, s.bytes), (3, 3 * frame.len() as u64));
-    run(
+    run_checked(
         &dp,
         Prog::TcIngress,
         &Frame::tcp((CLIENT, 1), (HOST, 4444)).build(),
@@ -271,19 +273,19 @@ fn tc_egress_reply_fixtures() {
             ),
         );
 
-        let (v, _) = run(
+        let (v, _) = run_checked(
             &dp,
             ingress,
             &Frame::tcp((CLIENT, 40000), (HOST, 9000)).build(),
         );
         assert_eq!(v, ingress.pass_verdict());
-        let (v, _) = run(
+        let (v, _) = run_checked(
             &dp,
             ingress,
             &Frame::tcp((CLIENT, 40002), (HOST2, 9001)).build(),
         );
         assert_eq!(v, ingress.pass_verdict());
-        let (v, _) = run(
+        let (v, _) = run_checked(
             &dp,
             ingress,
             &Frame::udp((CLIENT, 40001), (HOST2, 5353)).build(),
@@ -356,8 +358,8 @@ fn ingress_hooks_agree_on_random_frames() {
                 );
                 f.payload = payload;
                 let input = f.build();
-                let (_, xdp_out) = run(&dp, Prog::XdpIngress, &input);
-                let (_, tc_out) = run(&dp, Prog::TcIngress, &input);
+                let (_, xdp_out) = run_checked(&dp, Prog::XdpIngress, &input);
+                let (_, tc_out) = run_checked(&dp, Prog::TcIngress, &input);
                 let expect = f.with_dst(backend).build();
                 prop_assert_eq!(&xdp_out, &expect);
                 prop_assert_eq!(&tc_out, &expect);
@@ -380,14 +382,14 @@ fn published_ports_filter_follows_rule_removal() {
     dp.insert_rule(wildcard, BackendV4::new(BACKEND, 8081, 4))
         .expect("wildcard rule");
     let exact = RuleKeyV4::from_parts(HOST, 9000, proto::TCP);
-    let (_, out) = run(&dp, Prog::XdpIngress, &frame.build());
+    let (_, out) = run_checked(&dp, Prog::XdpIngress, &frame.build());
     assert_eq!(
         out,
         frame.with_dst((BACKEND, 8080)).build(),
         "exact rule first"
     );
     dp.remove_rule(&exact).expect("remove exact");
-    let (_, out) = run(&dp, Prog::XdpIngress, &frame.build());
+    let (_, out) = run_checked(&dp, Prog::XdpIngress, &frame.build());
     assert_eq!(
         out,
         frame.with_dst((BACKEND, 8081)).build(),
@@ -399,4 +401,22 @@ fn published_ports_filter_follows_rule_removal() {
         Prog::XdpIngress,
         &untouched("no rule left", frame.build(), Reason::PassNoRule),
     );
+}
+
+/// Property: random and mutated frames (see `common`), through XDP ingress, TC ingress
+/// and TC egress: the kernel agrees with the model on verdict, bytes, reasons and flows.
+#[test]
+fn kernel_matches_model_on_random_frames() {
+    if !privileged() {
+        return;
+    }
+    let dp = fixture_dataplane();
+    let pool = common::Pool {
+        addrs: [HOST, HOST2, CLIENT, OTHER, BACKEND]
+            .map(Into::into)
+            .to_vec(),
+        hosts: 2,
+        ipv4: true,
+    };
+    common::kernel_matches_model(&dp, &pool, 300);
 }

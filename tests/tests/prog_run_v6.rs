@@ -9,11 +9,13 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+mod common;
+
 use portfwd::dataplane::Dataplane;
 use portfwd_common::{proto, BackendV4, BackendV6, Reason, RuleKeyV4, RuleKeyV6, CONNTRACK_V6};
 use portfwd_tests::fixture::{
-    check_case, echo_request, privileged, reply_translated, run, translated, untouched, Case,
-    Frame, Prog, ETH, IP6,
+    check_case, echo_request, privileged, reply_translated, run_checked, translated, untouched,
+    Case, Frame, Prog, ETH, IP6,
 };
 
 /// Addresses from 2001:2::/48 (RFC 5180, benchmarking).
@@ -250,11 +252,11 @@ fn rule_counters_count_translated_v6_packets() {
     let dp = fixture_dataplane();
     let frame = Frame::tcp((CLIENT, 40000), (HOST, 9000)).build();
     for _ in 0..3 {
-        run(&dp, Prog::XdpIngress, &frame);
+        run_checked(&dp, Prog::XdpIngress, &frame);
     }
     let s = dp.rule_stats(1).expect("stats");
     assert_eq!((s.packets, s.bytes), (3, 3 * frame.len() as u64));
-    run(
+    run_checked(
         &dp,
         Prog::TcIngress,
         &Frame::tcp((CLIENT, 1), (HOST, 4444)).build(),
@@ -293,7 +295,7 @@ fn tc_egress_reply_fixtures_v6() {
             Frame::tcp((CLIENT, 40002), (HOST2, 9001)),
             Frame::udp((CLIENT, 40001), (HOST2, 5353)),
         ] {
-            let (v, _) = run(&dp, ingress, &req.build());
+            let (v, _) = run_checked(&dp, ingress, &req.build());
             assert_eq!(v, ingress.pass_verdict());
         }
 
@@ -353,7 +355,7 @@ fn v6_rule_flow_and_host_address_methods() {
     let mut dp = fixture_dataplane();
     let req = Frame::udp((CLIENT, 40001), (HOST2, 5353));
     let reply = Frame::udp((BACKEND, 53), (CLIENT, 40001));
-    run(&dp, Prog::XdpIngress, &req.build());
+    run_checked(&dp, Prog::XdpIngress, &req.build());
     let flows = |dp: &Dataplane| {
         let map = dp.ebpf().map(CONNTRACK_V6).expect("conntrack map");
         let ct: aya::maps::HashMap<_, portfwd_common::FlowKeyV6, portfwd_common::FlowV6> =
@@ -456,17 +458,35 @@ fn ingress_hooks_agree_on_random_v6_frames() {
                 f.payload = payload;
                 f.vlan = vlan.then_some(100);
                 let input = f.build();
-                let (_, xdp_out) = run(&dp, Prog::XdpIngress, &input);
-                let (_, tc_out) = run(&dp, Prog::TcIngress, &input);
+                let (_, xdp_out) = run_checked(&dp, Prog::XdpIngress, &input);
+                let (_, tc_out) = run_checked(&dp, Prog::TcIngress, &input);
                 let expect = f.with_dst(backend).build();
                 prop_assert_eq!(&xdp_out, &expect);
                 prop_assert_eq!(&tc_out, &expect);
 
                 let reply = f.with_src(backend).with_dst((client, sport));
-                let (_, reply_out) = run(&dp, Prog::TcEgress, &reply.build());
+                let (_, reply_out) = run_checked(&dp, Prog::TcEgress, &reply.build());
                 prop_assert_eq!(&reply_out, &reply.with_src(dst).build());
                 Ok(())
             },
         )
         .expect("property");
+}
+
+/// Property: random and mutated frames (see `common`), through XDP ingress, TC ingress
+/// and TC egress: the kernel agrees with the model on verdict, bytes, reasons and flows.
+#[test]
+fn kernel_matches_model_on_random_frames_v6() {
+    if !privileged() {
+        return;
+    }
+    let dp = fixture_dataplane();
+    let pool = common::Pool {
+        addrs: [HOST, HOST2, CLIENT, OTHER, BACKEND]
+            .map(Into::into)
+            .to_vec(),
+        hosts: 2,
+        ipv4: false,
+    };
+    common::kernel_matches_model(&dp, &pool, 300);
 }
