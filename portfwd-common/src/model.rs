@@ -10,15 +10,17 @@
 //! [`crate::csum`] functions and header offsets from [`crate::packet`]. XDP updates checksums incrementally in place (RFC 1624) and TC through
 //! the kernel's helpers; on any frame their bytes agree (UDP's zero checksum stays zero
 //! on both: `BPF_F_MARK_MANGLED_0` on TC, [`csum::l4_update`] on XDP), so one rewrite
-//! models both. What the model leaves to the kernel it names: the NAT64 program itself
-//! ([`Verdict::TailCallNat64`]), the FIB's answer for the fast path ([`Maps::next_hop`]).
+//! models both. The NAT64 program, which TC ingress tail-calls
+//! ([`Verdict::TailCallNat64`]), is [`nat64`]. What only the kernel knows comes in
+//! through the traits: the FIB's answers ([`Maps::next_hop`], [`nat64::Nat64Maps`]),
+//! the time, the interface.
 //!
 //! `no_std`, no allocation: a frame is rewritten in place (`&mut [u8]`); every read is
 //! a checked slice access, so a truncated frame is a [`Reason::PassMalformed`], never a
 //! panic.
 
 use crate::{
-    csum, nat64,
+    csum,
     packet::{
         is_ext_header, l4_csum_off, may_start_flow, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP,
         ETH_P_IPV6, IP6_DST_OFF, IP6_NEXT_OFF, IP6_SRC_OFF, IPV4_MIN_HLEN, IPV6_HLEN,
@@ -27,8 +29,8 @@ use crate::{
     },
     port_bits, proto,
     rules::{self, Caller, RuleMaps},
-    BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Reason, RuleKeyV4, RuleKeyV6,
-    CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONFIG_NO_NAT64,
+    BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Nat64Flow, Nat64Reply, Reason,
+    RuleKeyV4, RuleKeyV6, CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONFIG_NO_NAT64,
 };
 
 /// Which program runs the frame.
@@ -64,8 +66,11 @@ pub enum Verdict {
     Drop,
     /// Out of this interface (the fast path).
     Redirect(u32),
-    /// TC ingress jumps to the NAT64 program, which decides from there (not modelled).
+    /// TC ingress jumps to the NAT64 program, which decides from there ([`nat64`]).
     TailCallNat64,
+    /// Out of this interface, the kernel filling in the MACs (`bpf_redirect_neigh`:
+    /// NAT64).
+    RedirectNeigh(u32),
 }
 
 /// Where the fast path sends a translated IPv4 packet: the FIB's next hop and the
@@ -110,10 +115,15 @@ pub struct Tables<'a> {
     pub host_addrs_v6: &'a [[u8; 16]],
     pub flows_v4: &'a [(FlowKeyV4, FlowV4)],
     pub flows_v6: &'a [(FlowKeyV6, FlowV6)],
-    pub nat64_replies: &'a [FlowKeyV4],
+    pub nat64_flows: &'a [(FlowKeyV6, Nat64Flow)],
+    pub nat64_replies: &'a [(FlowKeyV4, Nat64Reply)],
     pub config_flags: u64,
     /// The fast path's answer for every query (`None`: no next hop).
     pub next_hop: Option<NextHop>,
+    /// NAT64's route for every backend (`None`: no route).
+    pub route: Option<nat64::Route>,
+    pub ingress_ifindex: u32,
+    pub now_ns: u64,
 }
 
 impl RuleMaps for Tables<'_> {
@@ -171,13 +181,37 @@ impl Maps for Tables<'_> {
             .map(|(_, f)| *f)
     }
     fn is_nat64_reply(&self, key: &FlowKeyV4) -> bool {
-        self.nat64_replies.contains(key)
+        self.nat64_replies.iter().any(|(k, _)| k == key)
     }
     fn config_flags(&self) -> u64 {
         self.config_flags
     }
     fn next_hop(&self, _: &FibQuery) -> Option<NextHop> {
         self.next_hop
+    }
+}
+
+impl nat64::Nat64Maps for Tables<'_> {
+    fn nat64_flow(&self, key: &FlowKeyV6) -> Option<Nat64Flow> {
+        self.nat64_flows
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, f)| *f)
+    }
+    fn nat64_reply(&self, key: &FlowKeyV4) -> Option<Nat64Reply> {
+        self.nat64_replies
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, r)| *r)
+    }
+    fn route_v4(&self, _: [u8; 4]) -> Option<nat64::Route> {
+        self.route
+    }
+    fn ingress_ifindex(&self) -> u32 {
+        self.ingress_ifindex
+    }
+    fn now_ns(&self) -> u64 {
+        self.now_ns
     }
 }
 
@@ -433,7 +467,7 @@ fn rewrite_v6(frame: &mut [u8], f: &Parsed<16>, end: End, addr: [u8; 16], port: 
 fn ingress_v4(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Parsed<4>) -> Outcome {
     // A NAT64 flow's reply on the backend's interface (TC only: XDP has no NAT64).
     if !hook.is_xdp()
-        && nat64::is_nat64_port(f.dport)
+        && crate::nat64::is_nat64_port(f.dport)
         && maps.is_nat64_reply(&FlowKeyV4::new(f.src, f.sport, f.dst, f.dport, f.proto))
     {
         return Outcome::uncounted(Verdict::TailCallNat64);
@@ -580,6 +614,8 @@ fn translated_reply(slot: u32) -> Outcome {
         rule: Some(RuleCount { slot, reply: true }),
     }
 }
+
+pub mod nat64;
 
 #[cfg(test)]
 mod tests;

@@ -495,7 +495,7 @@ pub fn action(prog: Prog, verdict: Verdict) -> u32 {
         (Prog::XdpIngress, Verdict::Drop) => XDP_DROP,
         (_, Verdict::Drop) => TC_SHOT,
         (Prog::XdpIngress, Verdict::Redirect(_)) => XDP_REDIRECT,
-        (_, Verdict::Redirect(_)) => TC_REDIRECT,
+        (_, Verdict::Redirect(_) | Verdict::RedirectNeigh(_)) => TC_REDIRECT,
         (_, Verdict::TailCallNat64) => {
             panic!("the NAT64 program is prog_run_nat64's, not the model's")
         }

@@ -452,7 +452,20 @@ fn ipv4_only_backends_of_ipv6_clients() {
         proto::TCP,
     );
     let maps = Tables {
-        nat64_replies: &[key],
+        nat64_replies: &[(
+            key,
+            Nat64Reply {
+                client_addr: v6(CLIENT6),
+                host_addr: v6(HOST6),
+                client_port: [0x9c, 0x40],
+                host_port: [0x1b, 0x58],
+                stats_slot: 14,
+                client_ifindex: 1,
+                flags: 0,
+                _pad: [0; 3],
+                last_seen_ns: 0,
+            },
+        )],
         ..fx.tables()
     };
     assert_eq!(
@@ -665,6 +678,296 @@ proptest! {
         let (o, out) = run_on(hook, &fx.tables(), &bytes);
         if o.reasons[0] != Some(Reason::Translated) && o.reasons[0] != Some(Reason::ReplyTranslated) {
             prop_assert_eq!(out, bytes);
+        }
+    }
+}
+
+mod nat64_program {
+    use super::*;
+    use crate::model::nat64::{entry, program, Nat64Outcome, Route};
+    use crate::nat64::{port_candidate, port_start};
+    use crate::{NAT64_CLOSING, NAT64_PORT_TRIES};
+
+    /// The host's address towards the backends, and the backends' interface.
+    const ROUTE: Route = Route {
+        src: [198, 18, 1, 1],
+        ifindex: 5,
+    };
+    /// Where the client's packets arrive.
+    const CLIENT_IF: u32 = 1;
+    const NOW: u64 = 3_600_000_000_000;
+
+    /// `[::]:7000/tcp` and `[::]:7001/udp` to the IPv4-only BACKEND4 (held mapped).
+    fn rules() -> [(RuleKeyV6, BackendV6); 2] {
+        let mapped = BACKEND4.to_ipv6_mapped();
+        [
+            (
+                RuleKeyV6::from_parts(Ipv6Addr::UNSPECIFIED, 7000, proto::TCP),
+                BackendV6::new(mapped, 8080, 14),
+            ),
+            (
+                RuleKeyV6::from_parts(Ipv6Addr::UNSPECIFIED, 7001, proto::UDP),
+                BackendV6::new(mapped, 53, 15),
+            ),
+        ]
+    }
+
+    fn tables<'a>(
+        rules: &'a [(RuleKeyV6, BackendV6)],
+        hosts: &'a [[u8; 16]],
+        flows: &'a [(FlowKeyV6, Nat64Flow)],
+        replies: &'a [(FlowKeyV4, Nat64Reply)],
+    ) -> Tables<'a> {
+        Tables {
+            rules_v6: rules,
+            host_addrs_v6: hosts,
+            nat64_flows: flows,
+            nat64_replies: replies,
+            route: Some(ROUTE),
+            ingress_ifindex: CLIENT_IF,
+            now_ns: NOW,
+            ..Tables::default()
+        }
+    }
+
+    fn run64(maps: &Tables<'_>, input: &[u8]) -> (Nat64Outcome, Vec<u8>) {
+        let mut out = std::vec![0u8; input.len() + 20];
+        let o = program(maps, input, &mut out);
+        out.truncate(o.len);
+        (o, out)
+    }
+
+    /// The IPv4 or IPv6 header fields of a frame, after checking every checksum.
+    fn addrs(frame: &[u8]) -> (IpAddr, IpAddr, u8) {
+        let h = PacketHeaders::from_ethernet_slice(frame).expect("parsable");
+        match h.net {
+            Some(NetHeaders::Ipv4(ip, _)) => {
+                assert!(ip.dont_fragment);
+                (
+                    Ipv4Addr::from(ip.source).into(),
+                    Ipv4Addr::from(ip.destination).into(),
+                    ip.time_to_live,
+                )
+            }
+            Some(NetHeaders::Ipv6(ip, _)) => (
+                Ipv6Addr::from(ip.source).into(),
+                Ipv6Addr::from(ip.destination).into(),
+                ip.hop_limit,
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Both ways, TCP and UDP: the client's packet leaves as IPv4 from the route's
+    /// address and a NAT64 port, the backend's answer comes back as IPv6 from the
+    /// published address; every checksum right.
+    #[test]
+    fn both_ways() {
+        let rules = rules();
+        let hosts = [v6(HOST6)];
+        for (l4, port, bport) in [(proto::TCP, 7000, 8080), (proto::UDP, 7001, 53)] {
+            let maps = tables(&rules, &hosts, &[], &[]);
+            let req = F::new(l4, (CLIENT6, 40000), (HOST6, port));
+            let input = req.build();
+            assert_eq!(
+                run(Hook::TcIngress, &maps, &mut input.clone()).verdict,
+                Verdict::TailCallNat64
+            );
+            assert!(entry(&maps, &input));
+            let (o, out) = run64(&maps, &input);
+            assert_eq!(o.verdict, Verdict::RedirectNeigh(ROUTE.ifindex));
+            assert_eq!(o.reason, Reason::Nat64Translated);
+            assert_eq!(out.len(), input.len() - 20);
+            let snat_port = port_candidate(port_start(&v6(CLIENT6), 40000u16.to_be_bytes()), 0);
+            let snat = u16::from_be_bytes(snat_port);
+            assert_eq!(checked(&out), (snat, bport));
+            assert_eq!(
+                addrs(&out),
+                (Ipv4Addr::from(ROUTE.src).into(), BACKEND4.into(), 63)
+            );
+            let (flow, reply) = (o.flow.expect("flow"), o.reply.expect("reply"));
+            assert_eq!(flow.1.snat_port, snat_port);
+            assert_eq!(reply.1.client_ifindex, CLIENT_IF);
+            assert_eq!(reply.1.last_seen_ns, NOW);
+
+            // The same flow again: its port, marked seen.
+            let flows = [flow];
+            let replies = [reply];
+            let maps = tables(&rules, &hosts, &flows, &replies);
+            let (again, out2) = run64(&maps, &input);
+            assert_eq!(out2, out);
+            assert_eq!((again.flow, again.reply), (None, Some(reply)));
+
+            // The backend's answer.
+            let answer = F {
+                ack: true,
+                ..F::new(l4, (BACKEND4, bport), (Ipv4Addr::from(ROUTE.src), snat))
+            };
+            let answer = answer.build();
+            assert!(maps.is_nat64_reply(&FlowKeyV4::new(
+                BACKEND4.octets(),
+                bport.to_be_bytes(),
+                ROUTE.src,
+                snat_port,
+                l4
+            )));
+            assert_eq!(
+                run(Hook::TcIngress, &maps, &mut answer.clone()).verdict,
+                Verdict::TailCallNat64
+            );
+            assert!(entry(&maps, &answer));
+            let (o, back) = run64(&maps, &answer);
+            assert_eq!(o.verdict, Verdict::RedirectNeigh(CLIENT_IF));
+            assert_eq!(o.reason, Reason::Nat64ReplyTranslated);
+            assert_eq!(o.rule.map(|r| r.reply), Some(true));
+            assert_eq!(back.len(), answer.len() + 20);
+            assert_eq!(checked(&back), (port, 40000));
+            assert_eq!(addrs(&back), (HOST6.into(), CLIENT6.into(), 63));
+        }
+    }
+
+    /// What NAT64 passes, and why.
+    #[test]
+    fn failures() {
+        let rules = rules();
+        let hosts = [v6(HOST6)];
+        let maps = tables(&rules, &hosts, &[], &[]);
+        let req = F::new(proto::TCP, (CLIENT6, 40000), (HOST6, 7000));
+        let no_route = Tables {
+            route: None,
+            ..maps
+        };
+        let cases: [(&str, &Tables<'_>, Vec<u8>, Reason); 5] = [
+            (
+                "VLAN tag",
+                &maps,
+                F {
+                    vlan: true,
+                    ..req.clone()
+                }
+                .build(),
+                Reason::Nat64Failed,
+            ),
+            (
+                "hop limit 1",
+                &maps,
+                F {
+                    ttl: 1,
+                    ..req.clone()
+                }
+                .build(),
+                Reason::Nat64Failed,
+            ),
+            ("no route", &no_route, req.build(), Reason::Nat64Failed),
+            (
+                "mid-flow, no state",
+                &maps,
+                F {
+                    ack: true,
+                    ..req.clone()
+                }
+                .build(),
+                Reason::PassNoFlow,
+            ),
+            (
+                "reply without a flow",
+                &maps,
+                F::new(
+                    proto::TCP,
+                    (BACKEND4, 8080),
+                    (Ipv4Addr::from(ROUTE.src), 61000),
+                )
+                .build(),
+                Reason::Nat64Failed,
+            ),
+        ];
+        for (what, maps, input, reason) in cases {
+            let (o, out) = run64(maps, &input);
+            assert_eq!((o.verdict, o.reason), (Verdict::Pass, reason), "{what}");
+            assert_eq!(out, input, "{what}: untouched");
+            assert_eq!((o.flow, o.reply, o.rule), (None, None, None), "{what}");
+        }
+        assert!(!entry(
+            &maps,
+            &F::new(proto::TCP, (BACKEND4, 8080), (HOST4, 40000)).build()
+        ));
+    }
+
+    /// Ports: a live flow's is skipped, one whose TCP flow closed long ago is taken
+    /// over, and all tries taken is a failure.
+    #[test]
+    fn port_search() {
+        let rules = rules();
+        let hosts = [v6(HOST6)];
+        let input = F::new(proto::TCP, (CLIENT6, 40000), (HOST6, 7000)).build();
+        let start = port_start(&v6(CLIENT6), 40000u16.to_be_bytes());
+        let taken = |n: u16, flags: u8, last_seen_ns: u64| {
+            (
+                FlowKeyV4::new(
+                    BACKEND4.octets(),
+                    8080u16.to_be_bytes(),
+                    ROUTE.src,
+                    port_candidate(start, n),
+                    proto::TCP,
+                ),
+                Nat64Reply {
+                    client_addr: [9; 16],
+                    host_addr: v6(HOST6),
+                    client_port: [1, 1],
+                    host_port: 7000u16.to_be_bytes(),
+                    stats_slot: 14,
+                    client_ifindex: 1,
+                    flags,
+                    _pad: [0; 3],
+                    last_seen_ns,
+                },
+            )
+        };
+        let live = [taken(0, 0, NOW)];
+        let (o, _) = run64(&tables(&rules, &hosts, &[], &live), &input);
+        assert_eq!(o.flow.expect("flow").1.snat_port, port_candidate(start, 1));
+        let closed = [taken(0, NAT64_CLOSING, 0)];
+        let (o, _) = run64(&tables(&rules, &hosts, &[], &closed), &input);
+        assert_eq!(o.flow.expect("flow").1.snat_port, port_candidate(start, 0));
+        let all: Vec<_> = (0..NAT64_PORT_TRIES).map(|n| taken(n, 0, NOW)).collect();
+        let (o, out) = run64(&tables(&rules, &hosts, &[], &all), &input);
+        assert_eq!((o.verdict, o.reason), (Verdict::Pass, Reason::Nat64Failed));
+        assert_eq!(out, input);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Random clients, ports, payloads and hop limits, both ways: every checksum
+        /// right, every address and port where NAT64 puts it.
+        #[test]
+        fn random_both_ways(
+            client in any::<[u8; 16]>(),
+            sport in 1u16..,
+            udp in any::<bool>(),
+            hops in 2u8..,
+            payload in proptest::collection::vec(any::<u8>(), 0..600),
+        ) {
+            let rules = rules();
+            let hosts = [v6(HOST6)];
+            let maps = tables(&rules, &hosts, &[], &[]);
+            let (l4, port, bport) = if udp { (proto::UDP, 7001, 53) } else { (proto::TCP, 7000, 8080) };
+            let client = Ipv6Addr::from(client);
+            let req = F { ttl: hops, payload, ..F::new(l4, (client, sport), (HOST6, port)) };
+            let (o, out) = run64(&maps, &req.build());
+            prop_assert_eq!(o.reason, Reason::Nat64Translated);
+            let (snat, dport) = checked(&out);
+            prop_assert_eq!(dport, bport);
+            prop_assert_eq!(addrs(&out), (Ipv4Addr::from(ROUTE.src).into(), BACKEND4.into(), hops - 1));
+
+            let flows = [o.flow.unwrap()];
+            let replies = [o.reply.unwrap()];
+            let maps = tables(&rules, &hosts, &flows, &replies);
+            let answer = F { ttl: hops, ..req.src((BACKEND4, bport)).dst((Ipv4Addr::from(ROUTE.src), snat)) };
+            let (o, back) = run64(&maps, &answer.build());
+            prop_assert_eq!(o.reason, Reason::Nat64ReplyTranslated);
+            prop_assert_eq!(checked(&back), (port, sport));
+            prop_assert_eq!(addrs(&back), (HOST6.into(), client.into(), hops - 1));
         }
     }
 }
