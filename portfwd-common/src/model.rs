@@ -249,7 +249,8 @@ impl Outcome {
             rule: None,
         }
     }
-    fn uncounted(verdict: Verdict) -> Self {
+    /// Nothing counted (a tail call, or a program that leaves counting to others).
+    pub fn uncounted(verdict: Verdict) -> Self {
         Self {
             verdict,
             reasons: [None, None],

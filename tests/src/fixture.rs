@@ -16,14 +16,17 @@ use aya::programs::{tc::SchedClassifier, ProgramError, TestRun, TestRunOptions, 
 use aya::TestRunResult;
 use etherparse::{IpHeaders, Ipv4Extensions, Ipv4Header, Ipv4Options, PacketBuilder};
 use portfwd::dataplane::Dataplane;
+use portfwd_common::model::nat64::{self, Nat64Maps, Nat64Outcome, Route};
 use portfwd_common::model::{self, FibQuery, FlowWrite, Hook, Maps, NextHop, Outcome, Verdict};
 use portfwd_common::rules::RuleMaps;
 use portfwd_common::{
-    programs, proto, BackendV4, BackendV6, Config, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6,
+    programs, proto, BackendV4, BackendV6, Config, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Nat64Flow,
     Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, CONFIG, CONFIG_FAST_PATH,
     CONFIG_FAST_PATH_NATIVE_XDP, CONNTRACK_V4, CONNTRACK_V6, HOST_ADDRS_V4, HOST_ADDRS_V6,
-    NAT64_REPLIES, PUBLISHED_PORTS, RULES_V4, RULES_V6,
+    NAT64_FLOWS, NAT64_REPLIES, PUBLISHED_PORTS, RULES_V4, RULES_V6,
 };
+
+use crate::netns::Netns;
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
@@ -60,6 +63,8 @@ pub enum Prog {
     XdpIngress,
     TcIngress,
     TcEgress,
+    /// NAT64's entry on a backend's interface (`portfwd_tc_nat64_entry`).
+    Nat64Entry,
 }
 
 impl Prog {
@@ -68,6 +73,7 @@ impl Prog {
             Prog::XdpIngress => programs::XDP_INGRESS,
             Prog::TcIngress => programs::TC_INGRESS,
             Prog::TcEgress => programs::TC_EGRESS,
+            Prog::Nat64Entry => programs::TC_NAT64_ENTRY,
         }
     }
     /// The verdict that means "go on to the stack, untouched or translated".
@@ -125,7 +131,7 @@ where
 pub fn try_run(dp: &Dataplane, prog: Prog, input: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
     match prog {
         Prog::XdpIngress => try_test_run(xdp_program(dp, prog.name()), input),
-        Prog::TcIngress | Prog::TcEgress => try_test_run(tc_program(dp, prog.name()), input),
+        _ => try_test_run(tc_program(dp, prog.name()), input),
     }
 }
 
@@ -401,14 +407,33 @@ pub fn check_case(dp: &Dataplane, prog: Prog, case: &Case) {
 }
 
 /// The loaded object's maps, read live, as the model's [`Maps`]: the model decides on
-/// exactly what the kernel program is about to see.
+/// exactly what the kernel program is about to see. NAT64's FIB answer is the
+/// namespace's route (`route`), its time the coarse monotonic clock read at creation.
 pub struct KernelMaps<'a> {
     dp: &'a Dataplane,
+    route: Option<Route>,
+    now_ns: u64,
+}
+
+/// The coarse monotonic clock, `bpf_ktime_get_coarse_ns`'s.
+fn coarse_now_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec to write; the clock id is a constant.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut t) };
+    assert_eq!(rc, 0, "clock_gettime");
+    u64::try_from(t.tv_sec).expect("time") * 1_000_000_000 + u64::try_from(t.tv_nsec).expect("time")
 }
 
 impl<'a> KernelMaps<'a> {
-    pub fn new(dp: &'a Dataplane) -> Self {
-        Self { dp }
+    pub fn new(dp: &'a Dataplane, route: Option<Route>) -> Self {
+        Self {
+            dp,
+            route,
+            now_ns: coarse_now_ns(),
+        }
     }
     fn map(&self, name: &str) -> &'a aya::maps::Map {
         self.dp
@@ -424,18 +449,24 @@ impl<'a> KernelMaps<'a> {
             Err(e) => panic!("{name}: {e}"),
         }
     }
+    fn hash_len<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> usize {
+        let map: HashMap<&MapData, K, V> = HashMap::try_from(self.map(name)).expect(name);
+        map.keys().count()
+    }
     fn array_get<V: aya::Pod>(&self, name: &str, index: u32) -> V {
         let map: Array<&MapData, V> = Array::try_from(self.map(name)).expect(name);
         map.get(&index, 0)
             .unwrap_or_else(|e| panic!("{name}[{index}]: {e}"))
     }
-    /// How many flows both conntrack maps hold.
-    pub fn flow_count(&self) -> usize {
-        let v4: HashMap<&MapData, FlowKeyV4, FlowV4> =
-            HashMap::try_from(self.map(CONNTRACK_V4)).expect("conntrack v4");
-        let v6: HashMap<&MapData, FlowKeyV6, FlowV6> =
-            HashMap::try_from(self.map(CONNTRACK_V6)).expect("conntrack v6");
-        v4.keys().count() + v6.keys().count()
+    /// How many entries the flow maps hold: (conntrack of both families, NAT64 flows,
+    /// NAT64 replies).
+    pub fn flow_counts(&self) -> (usize, usize, usize) {
+        (
+            self.hash_len::<FlowKeyV4, FlowV4>(CONNTRACK_V4)
+                + self.hash_len::<FlowKeyV6, FlowV6>(CONNTRACK_V6),
+            self.hash_len::<FlowKeyV6, Nat64Flow>(NAT64_FLOWS),
+            self.hash_len::<FlowKeyV4, Nat64Reply>(NAT64_REPLIES),
+        )
     }
 }
 
@@ -465,7 +496,7 @@ impl Maps for KernelMaps<'_> {
         self.hash_get(CONNTRACK_V6, key)
     }
     fn is_nat64_reply(&self, key: &FlowKeyV4) -> bool {
-        self.hash_get::<_, Nat64Reply>(NAT64_REPLIES, key).is_some()
+        self.nat64_reply(key).is_some()
     }
     fn config_flags(&self) -> u64 {
         self.array_get::<Config>(CONFIG, 0).flags
@@ -477,12 +508,32 @@ impl Maps for KernelMaps<'_> {
     }
 }
 
-/// The model's hook for a program.
-pub fn hook(prog: Prog) -> Hook {
+impl Nat64Maps for KernelMaps<'_> {
+    fn nat64_flow(&self, key: &FlowKeyV6) -> Option<Nat64Flow> {
+        self.hash_get(NAT64_FLOWS, key)
+    }
+    fn nat64_reply(&self, key: &FlowKeyV4) -> Option<Nat64Reply> {
+        self.hash_get(NAT64_REPLIES, key)
+    }
+    fn route_v4(&self, _: [u8; 4]) -> Option<Route> {
+        self.route
+    }
+    /// BPF_PROG_RUN's skb is on the namespace's loopback device.
+    fn ingress_ifindex(&self) -> u32 {
+        1
+    }
+    fn now_ns(&self) -> u64 {
+        self.now_ns
+    }
+}
+
+/// The model's hook for a program (`None`: NAT64's entry, [`nat64::entry`]).
+pub fn hook(prog: Prog) -> Option<Hook> {
     match prog {
-        Prog::XdpIngress => Hook::XdpIngress,
-        Prog::TcIngress => Hook::TcIngress,
-        Prog::TcEgress => Hook::TcEgress,
+        Prog::XdpIngress => Some(Hook::XdpIngress),
+        Prog::TcIngress => Some(Hook::TcIngress),
+        Prog::TcEgress => Some(Hook::TcEgress),
+        Prog::Nat64Entry => None,
     }
 }
 
@@ -496,9 +547,7 @@ pub fn action(prog: Prog, verdict: Verdict) -> u32 {
         (_, Verdict::Drop) => TC_SHOT,
         (Prog::XdpIngress, Verdict::Redirect(_)) => XDP_REDIRECT,
         (_, Verdict::Redirect(_) | Verdict::RedirectNeigh(_)) => TC_REDIRECT,
-        (_, Verdict::TailCallNat64) => {
-            panic!("the NAT64 program is prog_run_nat64's, not the model's")
-        }
+        (_, Verdict::TailCallNat64) => panic!("a tail call is not a verdict"),
     }
 }
 
@@ -516,48 +565,91 @@ pub fn refuses(prog: Prog, frame: &[u8]) -> bool {
     frame.len() < ETH + l3_min
 }
 
+/// Where a comparison runs: BPF_PROG_RUN answers FIB lookups from the caller's network
+/// namespace, so NAT64 runs inside one, whose route to the backends the model is told.
+#[derive(Clone, Copy, Default)]
+pub struct Env<'a> {
+    pub ns: Option<&'a Netns>,
+    pub route: Option<Route>,
+}
+
 /// What one run did, kernel and model agreeing.
 pub struct Compared {
     pub verdict: u32,
     pub output: Vec<u8>,
+    /// The model's outcome of the program run (at NAT64's entry: a pass, or a tail call).
     pub outcome: Outcome,
+    /// The NAT64 program's, when the program jumped to it.
+    pub nat64: Option<Nat64Outcome>,
     /// How much each reason counter grew.
     pub counted: Vec<(Reason, u64)>,
 }
 
-/// Runs `prog` on `input` in the kernel and in the model (on the maps as the kernel
-/// has them just before) and asserts they agree on everything observable: the verdict,
-/// the output bytes, the reasons counted (exactly those, once each), the flow recorded
-/// (and no other), the rule counted. `None`: the kernel refuses to run the frame at
-/// all, as [`refuses`] predicts (also asserted). The seed of frame fuzzing: callers
-/// feed it any bytes.
+/// [`compare_in`], outside any namespace (the fast path off, no NAT64 rules).
 pub fn compare(dp: &Dataplane, prog: Prog, input: &[u8]) -> Option<Compared> {
-    let maps = KernelMaps::new(dp);
-    let flags = maps.config_flags();
+    compare_in(dp, Env::default(), prog, input)
+}
+
+/// Runs `prog` on `input` in the kernel (inside `env`'s namespace) and in the model (on
+/// the maps as the kernel has them just before) and asserts they agree on everything
+/// observable: the verdict, the output bytes, the reasons counted (exactly those, once
+/// each), the flows recorded (conntrack, NAT64 both ways) and no others, the rule
+/// counted. `None`: the kernel refuses to run the frame at all, as [`refuses`]
+/// predicts (also asserted). The seed of frame fuzzing: callers feed it any bytes.
+pub fn compare_in(dp: &Dataplane, env: Env<'_>, prog: Prog, input: &[u8]) -> Option<Compared> {
+    let maps = KernelMaps::new(dp, env.route);
     assert_eq!(
-        flags & (CONFIG_FAST_PATH | CONFIG_FAST_PATH_NATIVE_XDP),
+        maps.config_flags() & (CONFIG_FAST_PATH | CONFIG_FAST_PATH_NATIVE_XDP),
         0,
         "the fast path asks the FIB: not modelled here"
     );
     let mut expect = input.to_vec();
-    let outcome = model::run(hook(prog), &maps, &mut expect);
+    let outcome = match hook(prog) {
+        Some(h) => model::run(h, &maps, &mut expect),
+        None if nat64::entry(&maps, input) => Outcome::uncounted(Verdict::TailCallNat64),
+        None => Outcome::uncounted(Verdict::Pass),
+    };
+    let nat64 = (outcome.verdict == Verdict::TailCallNat64).then(|| {
+        let mut out = vec![0u8; input.len() + 20];
+        let o = nat64::program(&maps, input, &mut out);
+        out.truncate(o.len);
+        expect = out;
+        o
+    });
+    let (verdict_want, reasons_want, rule) = match &nat64 {
+        Some(o) => (o.verdict, vec![o.reason], o.rule),
+        None => (outcome.verdict, outcome.counted().collect(), outcome.rule),
+    };
     // A flow recorded under a new key adds one; under a known key it is replaced.
-    let new_key = match outcome.flow {
+    let new_flow = match outcome.flow {
         Some(FlowWrite::V4(k, _)) => maps.flow_v4(&k).is_none(),
         Some(FlowWrite::V6(k, _)) => maps.flow_v6(&k).is_none(),
         None => false,
     };
-    let flows_before = maps.flow_count();
-    let rule_before = outcome
-        .rule
-        .map(|r| dp.rule_stats(r.slot).expect("rule stats"));
+    let new_nat64_flow = nat64
+        .and_then(|o| o.flow)
+        .is_some_and(|(k, _)| maps.nat64_flow(&k).is_none());
+    let new_nat64_reply = nat64
+        .and_then(|o| o.reply)
+        .is_some_and(|(k, _)| maps.nat64_reply(&k).is_none());
+    let counts_before = maps.flow_counts();
+    let rule_before = rule.map(|r| dp.rule_stats(r.slot).expect("rule stats"));
     let reasons_before = dp.reason_stats().expect("reason stats");
 
-    let ran = try_run(dp, prog, input);
+    let ran = match prog {
+        Prog::XdpIngress => try_run(dp, prog, input),
+        _ => {
+            let p = tc_program(dp, prog.name());
+            match env.ns {
+                Some(ns) => ns.run(|| try_test_run(p, input)),
+                None => try_test_run(p, input),
+            }
+        }
+    };
     let refused = refuses(prog, input);
     let (verdict, output) = match ran {
         Ok(r) => {
-            assert!(!refused, "{prog:?}: a frame the skb test run should refuse");
+            assert!(!refused, "{prog:?}: a frame the test run should refuse");
             r
         }
         Err(e) => {
@@ -574,10 +666,10 @@ pub fn compare(dp: &Dataplane, prog: Prog, input: &[u8]) -> Option<Compared> {
         .map(|((r, after), (_, before))| (r, after - before))
         .filter(|(_, n)| *n != 0)
         .collect();
-    let mut want: Vec<(Reason, u64)> = outcome.counted().map(|r| (r, 1)).collect();
+    let mut want: Vec<(Reason, u64)> = reasons_want.into_iter().map(|r| (r, 1)).collect();
     want.sort_by_key(|(r, _)| *r as u32);
-    let ctx = || format!("{prog:?} on {input:02x?}: model {outcome:?}");
-    assert_eq!(verdict, action(prog, outcome.verdict), "verdict, {}", ctx());
+    let ctx = || format!("{prog:?} on {input:02x?}: model {outcome:?} {nat64:?}");
+    assert_eq!(verdict, action(prog, verdict_want), "verdict, {}", ctx());
     assert_eq!(output, expect, "output bytes, {}", ctx());
     assert_eq!(counted, want, "reasons counted, {}", ctx());
     match outcome.flow {
@@ -585,15 +677,38 @@ pub fn compare(dp: &Dataplane, prog: Prog, input: &[u8]) -> Option<Compared> {
         Some(FlowWrite::V6(k, v)) => assert_eq!(maps.flow_v6(&k), Some(v), "flow, {}", ctx()),
         None => {}
     }
+    if let Some((k, v)) = nat64.and_then(|o| o.flow) {
+        assert_eq!(maps.nat64_flow(&k), Some(v), "NAT64 flow, {}", ctx());
+    }
+    if let Some((k, v)) = nat64.and_then(|o| o.reply) {
+        // The kernel's time is its own, read during the run: not before ours.
+        let got = maps.nat64_reply(&k).expect("NAT64 reply entry");
+        assert!(
+            got.last_seen_ns >= v.last_seen_ns,
+            "NAT64 reply time, {}",
+            ctx()
+        );
+        let got = Nat64Reply {
+            last_seen_ns: v.last_seen_ns,
+            ..got
+        };
+        assert_eq!(got, v, "NAT64 reply entry, {}", ctx());
+    }
+    let (flows, n64_flows, n64_replies) = counts_before;
     assert_eq!(
-        maps.flow_count(),
-        flows_before + usize::from(new_key),
+        maps.flow_counts(),
+        (
+            flows + usize::from(new_flow),
+            n64_flows + usize::from(new_nat64_flow),
+            n64_replies + usize::from(new_nat64_reply)
+        ),
         "flows recorded, {}",
         ctx()
     );
-    if let (Some(r), Some(before)) = (outcome.rule, rule_before) {
+    if let (Some(r), Some(before)) = (rule, rule_before) {
         let after = dp.rule_stats(r.slot).expect("rule stats");
-        let len = input.len() as u64;
+        // The length the program saw when it counted: after a family change.
+        let len = expect.len() as u64;
         let (packets, bytes) = if r.reply {
             (
                 after.reply_packets - before.reply_packets,
@@ -608,6 +723,7 @@ pub fn compare(dp: &Dataplane, prog: Prog, input: &[u8]) -> Option<Compared> {
         verdict,
         output,
         outcome,
+        nat64,
         counted,
     })
 }

@@ -14,13 +14,14 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use aya::maps::HashMap;
 use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
 use portfwd::dataplane::Dataplane;
+use portfwd_common::model::nat64::Route;
 use portfwd_common::{
     programs, proto, BackendV6, FlowKeyV4, Nat64Reply, Reason, RuleKeyV6, NAT64_CLOSING,
     NAT64_PORT_COUNT, NAT64_PORT_MIN, NAT64_REPLIES,
 };
 use portfwd_tests::{
     fixture::{
-        reason_count as reason, tc_program, test_run, Frame, MAC_A, MAC_B, TC_NEXT, TC_REDIRECT,
+        compare_in, reason_count as reason, Env, Frame, Prog, MAC_A, MAC_B, TC_NEXT, TC_REDIRECT,
     },
     netns::Netns,
     require_root,
@@ -53,8 +54,13 @@ fn dataplane() -> Dataplane {
 }
 
 /// A namespace with the backends' network on a veth (its peer stays in the namespace
-/// too), forwarding on.
-fn backend_net() -> Netns {
+/// too), forwarding on; and its route to the backends, as the model is told it.
+struct BackendNet {
+    ns: Netns,
+    route: Route,
+}
+
+fn backend_net() -> BackendNet {
     let ns = Netns::new("n64", "run");
     ns.ip("link add d0 type veth peer name d1");
     ns.ip(&format!("addr add {HOST4}/24 dev d0"));
@@ -62,13 +68,36 @@ fn backend_net() -> Netns {
     ns.ip("link set d0 up");
     ns.ip("link set lo up");
     ns.sysctl("net.ipv4.ip_forward", "1");
-    ns
+    // `N: d0@d1: ...`
+    let link = ns.ip("-o link show d0");
+    let ifindex = link
+        .split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("ifindex of d0 in {link:?}"));
+    BackendNet {
+        ns,
+        route: Route {
+            src: HOST4.octets(),
+            ifindex,
+        },
+    }
 }
 
-/// Runs the TC program `prog` on `input` inside `ns` (whose FIB NAT64 consults).
-fn run(dp: &Dataplane, ns: &Netns, prog: &'static str, input: &[u8]) -> (u32, Vec<u8>) {
-    let p = tc_program(dp, prog);
-    ns.run(|| test_run(p, input))
+/// Runs the TC program `prog` on `input` inside the namespace (whose FIB NAT64
+/// consults), checked against the model ([`compare_in`]).
+fn run(dp: &Dataplane, net: &BackendNet, prog: &'static str, input: &[u8]) -> (u32, Vec<u8>) {
+    let prog = match prog {
+        programs::TC_INGRESS => Prog::TcIngress,
+        programs::TC_NAT64_ENTRY => Prog::Nat64Entry,
+        other => panic!("not a NAT64 fixture program: {other}"),
+    };
+    let env = Env {
+        ns: Some(&net.ns),
+        route: Some(net.route),
+    };
+    let c = compare_in(dp, env, prog, input).expect("a frame the kernel runs");
+    (c.verdict, c.output)
 }
 
 const PAYLOAD: &[u8] = b"portfwd nat64 fixture payload";
@@ -261,7 +290,7 @@ fn nat64_leaves_the_rest_untouched() {
 
 /// The NAT64 source port of translating `input` (a TCP SYN or UDP datagram to `*`:9000 or
 /// `*`:5353), after checking it was translated.
-fn nat64_port(dp: &Dataplane, ns: &Netns, input: &[u8]) -> u16 {
+fn nat64_port(dp: &Dataplane, ns: &BackendNet, input: &[u8]) -> u16 {
     let (verdict, out) = run(dp, ns, programs::TC_INGRESS, input);
     assert_eq!(verdict, TC_REDIRECT, "translated");
     parse_checked(&out).0 .1
