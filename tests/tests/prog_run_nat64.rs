@@ -11,6 +11,8 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+mod common;
+
 use aya::maps::HashMap;
 use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
 use portfwd::dataplane::Dataplane;
@@ -441,4 +443,33 @@ fn frame_v4(
         ..Frame::new(l4, src, dst)
     }
     .build()
+}
+
+/// Property: random and mutated IPv6 frames (see `common`) against the NAT64 rules, at
+/// XDP ingress, TC ingress (NAT64 followed through the tail call), TC egress and NAT64's
+/// entry, and the backend's answer to every NAT64 flow: the kernel agrees with the model
+/// on verdict, bytes, reasons, flows both ways and rule counters.
+#[test]
+fn nat64_kernel_matches_model_on_random_frames() {
+    if !require_root("nat64_kernel_matches_model_on_random_frames") {
+        return;
+    }
+    let dp = dataplane();
+    let net = backend_net();
+    let env = Env {
+        ns: Some(&net.ns),
+        route: Some(net.route),
+    };
+    let pool = common::Pool {
+        addrs: [HOST, HOST2, CLIENT].map(Into::into).to_vec(),
+        hosts: 2,
+        ipv4: false,
+    };
+    let progs = [
+        Prog::XdpIngress,
+        Prog::TcIngress,
+        Prog::TcEgress,
+        Prog::Nat64Entry,
+    ];
+    common::kernel_matches_model_in(&dp, env, &pool, &progs, 200);
 }

@@ -6,11 +6,14 @@
 //! frame goes through XDP ingress, TC ingress and TC egress, and each run is checked
 //! against the model by [`compare`] — the function later fuzzing feeds.
 
+// Each suite uses its part of this module.
+#![allow(dead_code)]
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use portfwd::dataplane::Dataplane;
 use portfwd_common::{model::FlowWrite, proto};
-use portfwd_tests::fixture::{compare, Frame, Prog};
+use portfwd_tests::fixture::{compare_in, Env, Frame, Prog};
 use proptest::{prelude::*, test_runner::TestRunner};
 
 /// The fixture's addresses of one family: the ones frames are drawn from, the host's
@@ -169,17 +172,52 @@ impl Pool {
 /// ingress, TC ingress and TC egress agree with the model; so does the reply of every
 /// flow an ingress run records, at TC egress.
 pub fn kernel_matches_model(dp: &Dataplane, pool: &Pool, cases: u32) {
+    let progs = [Prog::XdpIngress, Prog::TcIngress, Prog::TcEgress];
+    kernel_matches_model_in(dp, Env::default(), pool, &progs, cases);
+}
+
+/// As [`kernel_matches_model`], for `progs` run in `env` (NAT64's namespace); the
+/// backend's answer to every NAT64 flow recorded is checked too, at TC ingress and at
+/// NAT64's entry.
+pub fn kernel_matches_model_in(
+    dp: &Dataplane,
+    env: Env<'_>,
+    pool: &Pool,
+    progs: &[Prog],
+    cases: u32,
+) {
     let mut runner = TestRunner::new(ProptestConfig::with_cases(cases));
     runner
         .run(&draw(), |d| {
             let f = pool.frame(&d);
             let input = pool.bytes(&d, &f);
-            for prog in [Prog::XdpIngress, Prog::TcIngress, Prog::TcEgress] {
-                let Some(c) = compare(dp, prog, &input) else {
+            for &prog in progs {
+                let Some(c) = compare_in(dp, env, prog, &input) else {
                     continue;
                 };
                 if prog == Prog::TcEgress {
                     continue;
+                }
+                if let Some((k, flow)) = c.nat64.and_then(|o| o.flow) {
+                    // The backend's answer to the NAT64 flow just recorded.
+                    let answer = Frame {
+                        ack: (k.proto() == proto::TCP).then_some(1),
+                        payload: f.payload.clone(),
+                        ..Frame::new(
+                            k.proto(),
+                            (
+                                Ipv4Addr::from(flow.backend_addr),
+                                u16::from_be_bytes(flow.backend_port),
+                            ),
+                            (
+                                Ipv4Addr::from(flow.snat_addr),
+                                u16::from_be_bytes(flow.snat_port),
+                            ),
+                        )
+                    };
+                    for prog in [Prog::TcIngress, Prog::Nat64Entry] {
+                        compare_in(dp, env, prog, &answer.build()).expect("a whole answer runs");
+                    }
                 }
                 // The backend's reply on the flow just recorded.
                 let (backend, client) = match c.outcome.flow {
@@ -199,7 +237,7 @@ pub fn kernel_matches_model(dp: &Dataplane, pool: &Pool, cases: u32) {
                     frag_offset: 0,
                     ..f.with_src(backend).with_dst(client)
                 };
-                compare(dp, Prog::TcEgress, &reply.build()).expect("a whole reply runs");
+                compare_in(dp, env, Prog::TcEgress, &reply.build()).expect("a whole reply runs");
             }
             Ok(())
         })
