@@ -22,6 +22,13 @@ pub fn is_ipv4_mapped(a: &[u8; 16]) -> bool {
     ipv4_mapped(a).is_some()
 }
 
+/// The IPv4 address inside `a`, which the caller knows is IPv4-mapped (its last four
+/// bytes; no check).
+#[inline(always)]
+pub fn mapped_low(a: &[u8; 16]) -> [u8; 4] {
+    [a[12], a[13], a[14], a[15]]
+}
+
 /// `a` as an IPv4-mapped IPv6 address.
 #[inline(always)]
 pub fn to_ipv4_mapped(a: [u8; 4]) -> [u8; 16] {
@@ -68,6 +75,7 @@ mod tests {
             prop_assert_eq!(ipv4_mapped(&a), std);
             if let Some(v4) = ipv4_mapped(&a) {
                 prop_assert_eq!(to_ipv4_mapped(v4), a);
+                prop_assert_eq!(mapped_low(&a), v4);
             }
         }
     }

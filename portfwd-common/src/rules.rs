@@ -147,7 +147,8 @@ impl Family for [u8; 16] {
 }
 
 /// The rule serving `caller`'s destination `addr:port_be` (network order) over `proto`,
-/// or why there is none (see the module docs for each caller).
+/// or why there is none (see the module docs for each caller). By value, for the host
+/// side; it is [`lookup_ref`].
 #[inline(always)]
 pub fn lookup<A: Family, M: RuleMaps>(
     maps: &M,
@@ -156,17 +157,31 @@ pub fn lookup<A: Family, M: RuleMaps>(
     port_be: [u8; 2],
     proto: u8,
 ) -> Result<A::Backend, Reason> {
+    lookup_ref(maps, caller, &addr, port_be, proto)
+}
+
+/// [`lookup`] with the address by reference: what the kernel calls, since a copy of an
+/// IPv6 address is 16 more bytes of a stack that has none to spare (the TC ingress
+/// program sits at the 512-byte limit).
+#[inline(always)]
+pub fn lookup_ref<A: Family, M: RuleMaps>(
+    maps: &M,
+    caller: Caller,
+    addr: &A,
+    port_be: [u8; 2],
+    proto: u8,
+) -> Result<A::Backend, Reason> {
     match caller {
         Caller::Packet => packet(maps, addr, port_be, proto),
-        Caller::Socket { host_netns } => socket(maps, addr, port_be, proto, host_netns),
+        Caller::Socket { host_netns } => socket(maps, *addr, port_be, proto, host_netns),
         Caller::Bind { host_netns } => {
             // Port 0 asks for an ephemeral port: never a published one.
             if !host_netns || port_be == [0, 0] {
                 return Err(Reason::PassNoRule);
             }
-            match socket(maps, addr, port_be, proto, true) {
+            match socket(maps, *addr, port_be, proto, true) {
                 Ok(b) => Ok(b),
-                Err(_) if A::DUAL_STACK && addr == A::UNSPECIFIED => {
+                Err(_) if A::DUAL_STACK && *addr == A::UNSPECIFIED => {
                     socket_family(maps, [0u8; 4], port_be, proto, true).map(A::from_v4)
                 }
                 Err(e) => Err(e),
@@ -179,14 +194,14 @@ pub fn lookup<A: Family, M: RuleMaps>(
 #[inline(always)]
 fn packet<A: Family, M: RuleMaps>(
     maps: &M,
-    addr: A,
+    addr: &A,
     port_be: [u8; 2],
     proto: u8,
 ) -> Result<A::Backend, Reason> {
     let bits = maps.published(port_be);
     let (exact_bit, wildcard_bit) = port_bits(proto);
     if bits & exact_bit != 0 {
-        if let Some(b) = A::rule(maps, &addr.rule_key(port_be, proto)) {
+        if let Some(b) = A::rule(maps, &(*addr).rule_key(port_be, proto)) {
             return Ok(b);
         }
     }
