@@ -61,6 +61,8 @@ pub fn privileged() -> bool {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Prog {
     XdpIngress,
+    /// The same decisions as generic (skb) XDP; only its fast-path switch differs.
+    XdpGeneric,
     TcIngress,
     TcEgress,
     /// NAT64's entry on a backend's interface (`portfwd_tc_nat64_entry`).
@@ -71,6 +73,7 @@ impl Prog {
     pub fn name(self) -> &'static str {
         match self {
             Prog::XdpIngress => programs::XDP_INGRESS,
+            Prog::XdpGeneric => programs::XDP_GENERIC_INGRESS,
             Prog::TcIngress => programs::TC_INGRESS,
             Prog::TcEgress => programs::TC_EGRESS,
             Prog::Nat64Entry => programs::TC_NAT64_ENTRY,
@@ -79,7 +82,7 @@ impl Prog {
     /// The verdict that means "go on to the stack, untouched or translated".
     pub fn pass_verdict(self) -> u32 {
         match self {
-            Prog::XdpIngress => XDP_PASS,
+            Prog::XdpIngress | Prog::XdpGeneric => XDP_PASS,
             _ => TC_NEXT,
         }
     }
@@ -130,7 +133,7 @@ where
 /// Runs `prog` of `dp` on `input`, returning the kernel's refusal if it refuses it.
 pub fn try_run(dp: &Dataplane, prog: Prog, input: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
     match prog {
-        Prog::XdpIngress => try_test_run(xdp_program(dp, prog.name()), input),
+        Prog::XdpIngress | Prog::XdpGeneric => try_test_run(xdp_program(dp, prog.name()), input),
         _ => try_test_run(tc_program(dp, prog.name()), input),
     }
 }
@@ -531,6 +534,7 @@ impl Nat64Maps for KernelMaps<'_> {
 pub fn hook(prog: Prog) -> Option<Hook> {
     match prog {
         Prog::XdpIngress => Some(Hook::XdpIngress),
+        Prog::XdpGeneric => Some(Hook::XdpGeneric),
         Prog::TcIngress => Some(Hook::TcIngress),
         Prog::TcEgress => Some(Hook::TcEgress),
         Prog::Nat64Entry => None,
@@ -543,9 +547,9 @@ pub fn action(prog: Prog, verdict: Verdict) -> u32 {
     const XDP_REDIRECT: u32 = 4;
     match (prog, verdict) {
         (_, Verdict::Pass) => prog.pass_verdict(),
-        (Prog::XdpIngress, Verdict::Drop) => XDP_DROP,
+        (Prog::XdpIngress | Prog::XdpGeneric, Verdict::Drop) => XDP_DROP,
         (_, Verdict::Drop) => TC_SHOT,
-        (Prog::XdpIngress, Verdict::Redirect(_)) => XDP_REDIRECT,
+        (Prog::XdpIngress | Prog::XdpGeneric, Verdict::Redirect(_)) => XDP_REDIRECT,
         (_, Verdict::Redirect(_) | Verdict::RedirectNeigh(_)) => TC_REDIRECT,
         (_, Verdict::TailCallNat64) => panic!("a tail call is not a verdict"),
     }
@@ -557,7 +561,7 @@ pub fn action(prog: Prog, verdict: Verdict) -> u32 {
 pub fn refuses(prog: Prog, frame: &[u8]) -> bool {
     let l3_min = match frame.get(12..14) {
         None => return true,
-        Some(_) if prog == Prog::XdpIngress => 0,
+        Some(_) if matches!(prog, Prog::XdpIngress | Prog::XdpGeneric) => 0,
         Some([0x08, 0x00]) => IP4,
         Some([0x86, 0xdd]) => IP6,
         Some(_) => 0,
@@ -637,7 +641,7 @@ pub fn compare_in(dp: &Dataplane, env: Env<'_>, prog: Prog, input: &[u8]) -> Opt
     let reasons_before = dp.reason_stats().expect("reason stats");
 
     let ran = match prog {
-        Prog::XdpIngress => try_run(dp, prog, input),
+        Prog::XdpIngress | Prog::XdpGeneric => try_run(dp, prog, input),
         _ => {
             let p = tc_program(dp, prog.name());
             match env.ns {

@@ -169,10 +169,15 @@ impl Pool {
 }
 
 /// Property: on `cases` random and mutated frames of `pool`'s family, the kernel's XDP
-/// ingress, TC ingress and TC egress agree with the model; so does the reply of every
-/// flow an ingress run records, at TC egress.
+/// ingress (native and generic), TC ingress and TC egress agree with the model; so does
+/// the reply of every flow an ingress run records, at TC egress.
 pub fn kernel_matches_model(dp: &Dataplane, pool: &Pool, cases: u32) {
-    let progs = [Prog::XdpIngress, Prog::TcIngress, Prog::TcEgress];
+    let progs = [
+        Prog::XdpIngress,
+        Prog::XdpGeneric,
+        Prog::TcIngress,
+        Prog::TcEgress,
+    ];
     kernel_matches_model_in(dp, Env::default(), pool, &progs, cases);
 }
 
@@ -186,6 +191,11 @@ pub fn kernel_matches_model_in(
     progs: &[Prog],
     cases: u32,
 ) {
+    // PROPTEST_CASES overrides the suite's count: the same check, fuzzing-sized.
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(cases);
     let mut runner = TestRunner::new(ProptestConfig::with_cases(cases));
     runner
         .run(&draw(), |d| {
