@@ -25,7 +25,7 @@ use crate::{
         is_ext_header, l4_csum_off, may_start_flow, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP,
         ETH_P_IPV6, IP6_DST_OFF, IP6_NEXT_OFF, IP6_SRC_OFF, IPV4_MIN_HLEN, IPV6_HLEN,
         IPV6_NH_FRAGMENT, IP_CSUM_OFF, IP_DST_OFF, IP_FRAG_MASK, IP_FRAG_OFF, IP_PROTO_OFF,
-        IP_SRC_OFF, IP_TTL_OFF, TCP_FLAGS_OFF, TCP_HLEN, UDP_HLEN, VLAN_HLEN,
+        IP_SRC_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF, TCP_FLAGS_OFF, TCP_HLEN, UDP_HLEN, VLAN_HLEN,
     },
     port_bits, proto,
     rules::{self, Caller, RuleMaps},
@@ -86,6 +86,9 @@ pub struct NextHop {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FibQuery {
     pub proto: u8,
+    /// The IPv4 header's total length, as it says: the FIB checks it against the
+    /// route's MTU (`BPF_FIB_LKUP_RET_FRAG_NEEDED` above it).
+    pub tot_len: u16,
     pub src: [u8; 4],
     pub dst: [u8; 4],
     pub sport: [u8; 2],
@@ -505,6 +508,10 @@ fn ingress_v4(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Parsed<4>) -> 
     let ttl = frame[f.ip_off + IP_TTL_OFF];
     let query = FibQuery {
         proto: f.proto,
+        tot_len: u16::from_be_bytes([
+            frame[f.ip_off + IP_TOT_LEN_OFF],
+            frame[f.ip_off + IP_TOT_LEN_OFF + 1],
+        ]),
         src: f.src,
         dst: backend.addr_bytes(),
         sport: f.sport,

@@ -20,10 +20,10 @@ use portfwd_common::model::nat64::{self, Nat64Maps, Nat64Outcome, Route};
 use portfwd_common::model::{self, FibQuery, FlowWrite, Hook, Maps, NextHop, Outcome, Verdict};
 use portfwd_common::rules::RuleMaps;
 use portfwd_common::{
-    programs, proto, BackendV4, BackendV6, Config, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Nat64Flow,
-    Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, CONFIG, CONFIG_FAST_PATH,
-    CONFIG_FAST_PATH_NATIVE_XDP, CONNTRACK_V4, CONNTRACK_V6, HOST_ADDRS_V4, HOST_ADDRS_V6,
-    NAT64_FLOWS, NAT64_REPLIES, PUBLISHED_PORTS, RULES_V4, RULES_V6,
+    programs, proto, BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4,
+    FlowV6, Nat64Flow, Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, BRIDGE_PORTS, CONFIG,
+    CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONNTRACK_V4, CONNTRACK_V6, HOST_ADDRS_V4,
+    HOST_ADDRS_V6, NAT64_FLOWS, NAT64_REPLIES, PUBLISHED_PORTS, RULES_V4, RULES_V6,
 };
 
 use crate::netns::Netns;
@@ -415,7 +415,39 @@ pub fn check_case(dp: &Dataplane, prog: Prog, case: &Case) {
 pub struct KernelMaps<'a> {
     dp: &'a Dataplane,
     route: Option<Route>,
+    fib: Option<&'a FastPathFib>,
     now_ns: u64,
+}
+
+/// What the FIB of a fast-path test's namespace answers: one connected subnet on one
+/// interface, its neighbours (permanent entries), the interface's MAC.
+#[derive(Clone, Debug)]
+pub struct FastPathFib {
+    /// (network, prefix length).
+    pub subnet: ([u8; 4], u8),
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    /// The interface's MTU: a longer packet needs fragmenting, the kernel's job.
+    pub mtu: u16,
+    pub neighbours: Vec<([u8; 4], [u8; 6])>,
+}
+
+impl FastPathFib {
+    /// The next hop of a `tot_len`-byte packet to `dst`: (interface, its MAC, the
+    /// neighbour's MAC).
+    fn lookup(&self, dst: [u8; 4], tot_len: u16) -> Option<(u32, [u8; 6], [u8; 6])> {
+        if tot_len > self.mtu {
+            return None;
+        }
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.subnet.1))
+            .unwrap_or(0);
+        if u32::from_be_bytes(dst) & mask != u32::from_be_bytes(self.subnet.0) & mask {
+            return None;
+        }
+        let (_, dmac) = self.neighbours.iter().find(|(a, _)| *a == dst)?;
+        Some((self.ifindex, self.smac, *dmac))
+    }
 }
 
 /// The coarse monotonic clock, `bpf_ktime_get_coarse_ns`'s.
@@ -431,10 +463,11 @@ fn coarse_now_ns() -> u64 {
 }
 
 impl<'a> KernelMaps<'a> {
-    pub fn new(dp: &'a Dataplane, route: Option<Route>) -> Self {
+    pub fn new(dp: &'a Dataplane, env: Env<'a>) -> Self {
         Self {
             dp,
-            route,
+            route: env.route,
+            fib: env.fib,
             now_ns: coarse_now_ns(),
         }
     }
@@ -504,10 +537,16 @@ impl Maps for KernelMaps<'_> {
     fn config_flags(&self) -> u64 {
         self.array_get::<Config>(CONFIG, 0).flags
     }
-    /// The fast path asks the FIB, which the model cannot: the suites run with it off,
-    /// and [`compare`] checks that.
-    fn next_hop(&self, _: &FibQuery) -> Option<NextHop> {
-        None
+    /// The test namespace's FIB (none: [`compare_in`] checks the fast path is off),
+    /// then the kernel's copy of the bridge ports.
+    fn next_hop(&self, q: &FibQuery) -> Option<NextHop> {
+        let (ifindex, smac, dmac) = self.fib?.lookup(q.dst, q.tot_len)?;
+        let port: u32 = self.hash_get(BRIDGE_PORTS, &BridgePortKey::new(ifindex, dmac))?;
+        Some(NextHop {
+            ifindex: port,
+            smac,
+            dmac,
+        })
     }
 }
 
@@ -574,7 +613,10 @@ pub fn refuses(prog: Prog, frame: &[u8]) -> bool {
 #[derive(Clone, Copy, Default)]
 pub struct Env<'a> {
     pub ns: Option<&'a Netns>,
+    /// NAT64's route to the backends.
     pub route: Option<Route>,
+    /// The fast path's FIB.
+    pub fib: Option<&'a FastPathFib>,
 }
 
 /// What one run did, kernel and model agreeing.
@@ -601,12 +643,14 @@ pub fn compare(dp: &Dataplane, prog: Prog, input: &[u8]) -> Option<Compared> {
 /// counted. `None`: the kernel refuses to run the frame at all, as [`refuses`]
 /// predicts (also asserted). The seed of frame fuzzing: callers feed it any bytes.
 pub fn compare_in(dp: &Dataplane, env: Env<'_>, prog: Prog, input: &[u8]) -> Option<Compared> {
-    let maps = KernelMaps::new(dp, env.route);
-    assert_eq!(
-        maps.config_flags() & (CONFIG_FAST_PATH | CONFIG_FAST_PATH_NATIVE_XDP),
-        0,
-        "the fast path asks the FIB: not modelled here"
-    );
+    let maps = KernelMaps::new(dp, env);
+    if env.fib.is_none() {
+        assert_eq!(
+            maps.config_flags() & (CONFIG_FAST_PATH | CONFIG_FAST_PATH_NATIVE_XDP),
+            0,
+            "the fast path asks the FIB: give the model the namespace's (Env::fib)"
+        );
+    }
     let mut expect = input.to_vec();
     let outcome = match hook(prog) {
         Some(h) => model::run(h, &maps, &mut expect),
@@ -640,15 +684,18 @@ pub fn compare_in(dp: &Dataplane, env: Env<'_>, prog: Prog, input: &[u8]) -> Opt
     let rule_before = rule.map(|r| dp.rule_stats(r.slot).expect("rule stats"));
     let reasons_before = dp.reason_stats().expect("reason stats");
 
-    let ran = match prog {
-        Prog::XdpIngress | Prog::XdpGeneric => try_run(dp, prog, input),
-        _ => {
-            let p = tc_program(dp, prog.name());
-            match env.ns {
-                Some(ns) => ns.run(|| try_test_run(p, input)),
-                None => try_test_run(p, input),
+    let ran = match env.ns {
+        Some(ns) => match prog {
+            Prog::XdpIngress | Prog::XdpGeneric => {
+                let p = xdp_program(dp, prog.name());
+                ns.run(|| try_test_run(p, input))
             }
-        }
+            _ => {
+                let p = tc_program(dp, prog.name());
+                ns.run(|| try_test_run(p, input))
+            }
+        },
+        None => try_run(dp, prog, input),
     };
     let refused = refuses(prog, input);
     let (verdict, output) = match ran {

@@ -11,11 +11,15 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 mod common;
 
 use portfwd::dataplane::Dataplane;
+use portfwd_common::model::Verdict;
+use portfwd_common::BridgePortKey;
 use portfwd_common::{proto, BackendV4, Reason, RuleKeyV4};
 use portfwd_tests::fixture::{
     arp_request, check_case, echo_request, privileged, reply_translated, run_checked, translated,
     udp_v6, untouched, Case, Frame, Prog, ETH, IP4,
 };
+use portfwd_tests::fixture::{compare_in, Env, FastPathFib};
+use portfwd_tests::{netns::Netns, require_root};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -419,4 +423,127 @@ fn kernel_matches_model_on_random_frames() {
         ipv4: true,
     };
     common::kernel_matches_model(&dp, &pool, 300);
+}
+
+/// The backend's MAC, as a permanent neighbour of the fast-path namespace.
+const BACKEND_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
+/// The bridge port the fast path redirects to (BPF_PROG_RUN does not deliver it).
+const BRIDGE_PORT: u32 = 77;
+
+/// A namespace whose FIB reaches the backends' subnet on `d0` and knows the backend's
+/// MAC; what the model is told of it.
+fn fast_path_net() -> (Netns, FastPathFib) {
+    let ns = Netns::new("fp", "run");
+    ns.ip("link add d0 type veth peer name d1");
+    ns.ip("addr add 198.18.1.1/24 dev d0");
+    ns.ip("link set d1 up");
+    ns.ip("link set d0 up");
+    ns.ip("link set lo up");
+    ns.sysctl("net.ipv4.ip_forward", "1");
+    let mac = BACKEND_MAC.map(|b| format!("{b:02x}")).join(":");
+    ns.ip(&format!(
+        "neigh add {BACKEND} lladdr {mac} dev d0 nud permanent"
+    ));
+    // `N: d0@d1: <...> ... link/ether MAC brd ...`
+    let link = ns.ip("-o link show d0");
+    let ifindex = link
+        .split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("ifindex of d0 in {link:?}"));
+    let smac = link
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .map(|m| {
+            let b: Vec<u8> = m
+                .split(':')
+                .map(|x| u8::from_str_radix(x, 16).expect("MAC"))
+                .collect();
+            <[u8; 6]>::try_from(b).expect("MAC")
+        })
+        .unwrap_or_else(|| panic!("MAC of d0 in {link:?}"));
+    let fib = FastPathFib {
+        subnet: ([198, 18, 1, 0], 24),
+        ifindex,
+        smac,
+        mtu: 1500,
+        neighbours: vec![(BACKEND.octets(), BACKEND_MAC)],
+    };
+    (ns, fib)
+}
+
+/// The fast path, compared with the model: a translated packet is forwarded one hop (the
+/// FIB's MACs, TTL minus one) and redirected to the backend's bridge port at every
+/// ingress hook; an expiring TTL or an unknown bridge port falls back to the kernel;
+/// and random and mutated frames agree with the model with the fast path on.
+#[test]
+fn fast_path_matches_model() {
+    if !require_root("fast_path_matches_model") {
+        return;
+    }
+    let mut dp = fixture_dataplane();
+    dp.set_fast_path(true, true).expect("fast path on");
+    let (ns, fib) = fast_path_net();
+    let ports = [(BridgePortKey::new(fib.ifindex, BACKEND_MAC), BRIDGE_PORT)]
+        .into_iter()
+        .collect();
+    dp.sync_bridge_ports(&ports).expect("bridge ports");
+    let env = Env {
+        ns: Some(&ns),
+        route: None,
+        fib: Some(&fib),
+    };
+    let syn = Frame::tcp((CLIENT, 40000), (HOST, 9000));
+    let forwarded = Frame {
+        hops: 63,
+        macs: (fib.smac, BACKEND_MAC),
+        ..syn.with_dst((BACKEND, 8080))
+    };
+    let expiring = Frame {
+        hops: 1,
+        ..syn.clone()
+    };
+    for prog in [Prog::XdpIngress, Prog::XdpGeneric, Prog::TcIngress] {
+        let c = compare_in(&dp, env, prog, &syn.build()).expect("runs");
+        assert_eq!(
+            c.outcome.verdict,
+            Verdict::Redirect(BRIDGE_PORT),
+            "{prog:?}"
+        );
+        assert_eq!(c.output, forwarded.build(), "{prog:?}: forwarded one hop");
+        assert!(c.counted.contains(&(Reason::Redirected, 1)), "{prog:?}");
+        let c = compare_in(&dp, env, prog, &expiring.build()).expect("runs");
+        assert_eq!(c.outcome.verdict, Verdict::Pass, "{prog:?}: TTL 1");
+        assert!(
+            c.counted.contains(&(Reason::FastPathFallback, 1)),
+            "{prog:?}"
+        );
+    }
+    let pool = common::Pool {
+        addrs: [HOST, HOST2, CLIENT, OTHER, BACKEND]
+            .map(Into::into)
+            .to_vec(),
+        hosts: 2,
+        ipv4: true,
+    };
+    let progs = [
+        Prog::XdpIngress,
+        Prog::XdpGeneric,
+        Prog::TcIngress,
+        Prog::TcEgress,
+    ];
+    common::kernel_matches_model_in(&dp, env, &pool, &progs, 200);
+
+    // The bridge port unknown: the kernel routes the translated packet.
+    dp.sync_bridge_ports(&Default::default())
+        .expect("no bridge ports");
+    for prog in [Prog::XdpIngress, Prog::TcIngress] {
+        let c = compare_in(&dp, env, prog, &syn.build()).expect("runs");
+        assert_eq!(c.output, syn.with_dst((BACKEND, 8080)).build(), "{prog:?}");
+        assert!(
+            c.counted.contains(&(Reason::FastPathFallback, 1)),
+            "{prog:?}"
+        );
+    }
 }

@@ -97,6 +97,7 @@ fn run(dp: &Dataplane, net: &BackendNet, prog: &'static str, input: &[u8]) -> (u
     let env = Env {
         ns: Some(&net.ns),
         route: Some(net.route),
+        fib: None,
     };
     let c = compare_in(dp, env, prog, input).expect("a frame the kernel runs");
     (c.verdict, c.output)
@@ -459,6 +460,7 @@ fn nat64_kernel_matches_model_on_random_frames() {
     let env = Env {
         ns: Some(&net.ns),
         route: Some(net.route),
+        fib: None,
     };
     let pool = common::Pool {
         addrs: [HOST, HOST2, CLIENT].map(Into::into).to_vec(),
