@@ -45,7 +45,7 @@ mod tests {
 
     #[test]
     fn table() {
-        let mapped: Ipv6Addr = "::ffff:192.0.2.7".parse().unwrap();
+        let mapped: Ipv6Addr = "::ffff:192.0.2.7".parse().expect("an address");
         assert_eq!(ipv4_mapped(&mapped.octets()), Some([192, 0, 2, 7]));
         for not in [
             "::",
@@ -56,7 +56,7 @@ mod tests {
             "::fffe:c000:207",
             "1::ffff:c000:207",
         ] {
-            let a: Ipv6Addr = not.parse().unwrap();
+            let a: Ipv6Addr = not.parse().expect("an address");
             assert_eq!(ipv4_mapped(&a.octets()), None, "{not}");
         }
     }

@@ -6,6 +6,7 @@
 //! private byte array behind typed accessors, so neither side can confuse the two orders.
 //! Every map key has explicit, zeroed padding: hash maps compare keys byte by byte.
 #![no_std]
+#![warn(missing_docs)]
 
 #[cfg(test)]
 extern crate std;
@@ -26,6 +27,8 @@ pub use reason::Reason;
 
 /// IANA protocol numbers of the transports portfwd translates.
 pub mod proto {
+    /// TCP.
     pub const TCP: u8 = 6;
+    /// UDP.
     pub const UDP: u8 = 17;
 }

@@ -63,6 +63,7 @@ impl Hook {
 pub enum Verdict {
     /// On to the stack (translated or not).
     Pass,
+    /// Dropped (a checksum helper failed after the packet changed).
     Drop,
     /// Out of this interface (the fast path).
     Redirect(u32),
@@ -77,21 +78,29 @@ pub enum Verdict {
 /// bridge port that leads to it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NextHop {
+    /// The bridge port to redirect to.
     pub ifindex: u32,
+    /// The source MAC the frame gets (the egress interface's).
     pub smac: [u8; 6],
+    /// The next hop's MAC.
     pub dmac: [u8; 6],
 }
 
 /// The translated IPv4 packet the fast path asks the FIB about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FibQuery {
+    /// `proto::TCP` or `proto::UDP`.
     pub proto: u8,
     /// The IPv4 header's total length, as it says: the FIB checks it against the
     /// route's MTU (`BPF_FIB_LKUP_RET_FRAG_NEEDED` above it).
     pub tot_len: u16,
+    /// Source address (the client's).
     pub src: [u8; 4],
+    /// Destination address (the backend's).
     pub dst: [u8; 4],
+    /// Source port.
     pub sport: [u8; 2],
+    /// Destination port (the backend's).
     pub dport: [u8; 2],
 }
 
@@ -99,7 +108,9 @@ pub struct FibQuery {
 /// `PUBLISHED_PORTS`), and, for the fast path, what the FIB would answer. Addresses and
 /// ports in network order, as in the maps.
 pub trait Maps: RuleMaps {
+    /// `CONNTRACK_V4[key]`.
     fn flow_v4(&self, key: &FlowKeyV4) -> Option<FlowV4>;
+    /// `CONNTRACK_V6[key]`.
     fn flow_v6(&self, key: &FlowKeyV6) -> Option<FlowV6>;
     /// Whether `NAT64_REPLIES` holds `key`.
     fn is_nat64_reply(&self, key: &FlowKeyV4) -> bool;
@@ -112,20 +123,31 @@ pub trait Maps: RuleMaps {
 /// [`Maps`] as plain slices (linear search): fixture tables and host tests.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Tables<'a> {
+    /// `RULES_V4` (`PUBLISHED_PORTS` is derived from both families' rules).
     pub rules_v4: &'a [(RuleKeyV4, BackendV4)],
+    /// `RULES_V6`.
     pub rules_v6: &'a [(RuleKeyV6, BackendV6)],
+    /// `HOST_ADDRS_V4`.
     pub host_addrs_v4: &'a [[u8; 4]],
+    /// `HOST_ADDRS_V6`.
     pub host_addrs_v6: &'a [[u8; 16]],
+    /// `CONNTRACK_V4`.
     pub flows_v4: &'a [(FlowKeyV4, FlowV4)],
+    /// `CONNTRACK_V6`.
     pub flows_v6: &'a [(FlowKeyV6, FlowV6)],
+    /// `NAT64_FLOWS`.
     pub nat64_flows: &'a [(FlowKeyV6, Nat64Flow)],
+    /// `NAT64_REPLIES`.
     pub nat64_replies: &'a [(FlowKeyV4, Nat64Reply)],
+    /// `CONFIG.flags`.
     pub config_flags: u64,
     /// The fast path's answer for every query (`None`: no next hop).
     pub next_hop: Option<NextHop>,
     /// NAT64's route for every backend (`None`: no route).
     pub route: Option<nat64::Route>,
+    /// The interface the packet arrived on.
     pub ingress_ifindex: u32,
+    /// The time of the run (`bpf_ktime_get_coarse_ns`).
     pub now_ns: u64,
 }
 
@@ -221,13 +243,16 @@ impl nat64::Nat64Maps for Tables<'_> {
 /// A conntrack entry the program makes sure of (inserted, or found identical).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlowWrite {
+    /// `CONNTRACK_V4[key] = value`.
     V4(FlowKeyV4, FlowV4),
+    /// `CONNTRACK_V6[key] = value`.
     V6(FlowKeyV6, FlowV6),
 }
 
 /// A packet counted on a rule's statistics slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RuleCount {
+    /// The rule's `RULE_STATS` slot.
     pub slot: u32,
     /// The reply direction (`reply_packets`), else the forward one.
     pub reply: bool,
@@ -236,10 +261,13 @@ pub struct RuleCount {
 /// What the program does with one frame. The frame itself is rewritten in place.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Outcome {
+    /// What the program returns.
     pub verdict: Verdict,
     /// The reasons counted, in order (a translation on the fast path counts two).
     pub reasons: [Option<Reason>; 2],
+    /// The conntrack entry written, if any.
     pub flow: Option<FlowWrite>,
+    /// The rule counter incremented, if any.
     pub rule: Option<RuleCount>,
 }
 
@@ -286,13 +314,21 @@ pub fn run(hook: Hook, maps: &impl Maps, frame: &mut [u8]) -> Outcome {
 /// A TCP or UDP packet's fields (network order) and offsets. `N`: address length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Parsed<const N: usize> {
+    /// Where the IP header starts.
     pub ip_off: usize,
+    /// Where the TCP/UDP header starts.
     pub l4_off: usize,
+    /// `proto::TCP` or `proto::UDP`.
     pub proto: u8,
+    /// Source address.
     pub src: [u8; N],
+    /// Destination address.
     pub dst: [u8; N],
+    /// Source port.
     pub sport: [u8; 2],
+    /// Destination port.
     pub dport: [u8; 2],
+    /// TCP flags (0 for UDP).
     pub tcp_flags: u8,
 }
 
@@ -308,7 +344,9 @@ impl<const N: usize> Parsed<N> {
 /// The network layer: where its header starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L3 {
+    /// IPv4 at this offset.
     Ipv4(usize),
+    /// IPv6 at this offset.
     Ipv6(usize),
 }
 

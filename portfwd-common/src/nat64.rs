@@ -193,7 +193,7 @@ mod tests {
         ) {
             let mut h = [junk; IPV6_HLEN];
             ipv4_header(&mut h, tos, tot_len, ttl, proto, src, dst);
-            let (ip, _) = Ipv4Header::from_slice(&h[..IPV4_MIN_HLEN]).unwrap();
+            let (ip, _) = Ipv4Header::from_slice(&h[..IPV4_MIN_HLEN]).expect("etherparse reads the header");
             prop_assert_eq!(ip.header_checksum, ip.calc_header_checksum());
             prop_assert_eq!(csum::sum(&h[..IPV4_MIN_HLEN], 0), 0xffff);
             prop_assert_eq!(ip.total_len, tot_len);
@@ -217,7 +217,7 @@ mod tests {
         ) {
             let mut h = [junk; IPV6_HLEN];
             ipv6_header(&mut h, tclass, len, next, hop, &src, &dst);
-            let (ip, rest) = Ipv6Header::from_slice(&h).unwrap();
+            let (ip, rest) = Ipv6Header::from_slice(&h).expect("etherparse reads the header");
             prop_assert!(rest.is_empty());
             prop_assert_eq!(ip.traffic_class, tclass);
             prop_assert_eq!(ip.flow_label.value(), 0);

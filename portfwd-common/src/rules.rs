@@ -423,7 +423,9 @@ mod tests {
     }
 
     fn v6(s: &str) -> [u8; 16] {
-        s.parse::<core::net::Ipv6Addr>().unwrap().octets()
+        s.parse::<core::net::Ipv6Addr>()
+            .expect("an IPv6 address")
+            .octets()
     }
 
     /// Host 192.0.2.1 / 2001:db8::1; rules: exact 192.0.2.1:80/tcp (slot 1), wildcard

@@ -31,13 +31,17 @@ use super::{parse_eth, parse_ipv4, parse_ipv6, Maps, Parsed, RuleCount, Verdict,
 /// The FIB's route to a backend: the host's address on it and the interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Route {
+    /// The host's address on the route (the translated source).
     pub src: [u8; 4],
+    /// The interface towards the backend.
     pub ifindex: u32,
 }
 
 /// What NAT64 reads beyond [`Maps`].
 pub trait Nat64Maps: Maps {
+    /// `NAT64_FLOWS[key]`.
     fn nat64_flow(&self, key: &FlowKeyV6) -> Option<Nat64Flow>;
+    /// `NAT64_REPLIES[key]`.
     fn nat64_reply(&self, key: &FlowKeyV4) -> Option<Nat64Reply>;
     /// `bpf_fib_lookup` (`BPF_FIB_LOOKUP_SRC`) towards `dst`.
     fn route_v4(&self, dst: [u8; 4]) -> Option<Route>;
@@ -50,14 +54,18 @@ pub trait Nat64Maps: Maps {
 /// What the NAT64 program does with one frame; the output frame is `out[..len]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Nat64Outcome {
+    /// What the program returns.
     pub verdict: Verdict,
+    /// The output frame's length.
     pub len: usize,
+    /// The reason counted.
     pub reason: Reason,
     /// `NAT64_FLOWS` written.
     pub flow: Option<(FlowKeyV6, Nat64Flow)>,
     /// `NAT64_REPLIES` written: a new entry, or a known one marked seen (its time
     /// `now_ns`, and closing after a TCP FIN or RST).
     pub reply: Option<(FlowKeyV4, Nat64Reply)>,
+    /// The rule counter incremented, if any.
     pub rule: Option<RuleCount>,
 }
 

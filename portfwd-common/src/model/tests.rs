@@ -61,18 +61,17 @@ impl F {
     }
     fn build(&self) -> Vec<u8> {
         let eth = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
-        let ip =
-            match (self.src.0, self.dst.0, self.vlan) {
-                (IpAddr::V4(s), IpAddr::V4(d), false) => eth.ipv4(s.octets(), d.octets(), self.ttl),
-                (IpAddr::V4(s), IpAddr::V4(d), true) => eth
-                    .single_vlan(7u16.try_into().unwrap())
-                    .ipv4(s.octets(), d.octets(), self.ttl),
-                (IpAddr::V6(s), IpAddr::V6(d), false) => eth.ipv6(s.octets(), d.octets(), self.ttl),
-                (IpAddr::V6(s), IpAddr::V6(d), true) => eth
-                    .single_vlan(7u16.try_into().unwrap())
-                    .ipv6(s.octets(), d.octets(), self.ttl),
-                _ => panic!("one family per frame"),
-            };
+        let ip = match (self.src.0, self.dst.0, self.vlan) {
+            (IpAddr::V4(s), IpAddr::V4(d), false) => eth.ipv4(s.octets(), d.octets(), self.ttl),
+            (IpAddr::V4(s), IpAddr::V4(d), true) => eth
+                .single_vlan(7u16.try_into().expect("VLAN id"))
+                .ipv4(s.octets(), d.octets(), self.ttl),
+            (IpAddr::V6(s), IpAddr::V6(d), false) => eth.ipv6(s.octets(), d.octets(), self.ttl),
+            (IpAddr::V6(s), IpAddr::V6(d), true) => eth
+                .single_vlan(7u16.try_into().expect("VLAN id"))
+                .ipv6(s.octets(), d.octets(), self.ttl),
+            _ => panic!("one family per frame"),
+        };
         let mut out = Vec::new();
         match (self.l4, self.ack) {
             (proto::TCP, false) => ip
@@ -87,7 +86,7 @@ impl F {
                 .udp(self.src.1, self.dst.1)
                 .write(&mut out, &self.payload),
         }
-        .unwrap();
+        .expect("frame");
         out
     }
 }
@@ -598,22 +597,22 @@ fn checked(frame: &[u8]) -> (u16, u16) {
             assert_eq!(ip.header_checksum, ip.calc_header_checksum());
             match t {
                 Some(TransportHeader::Tcp(t)) => {
-                    assert_eq!(t.checksum, t.calc_checksum_ipv4(ip, payload).unwrap());
+                    assert_eq!(t.checksum, t.calc_checksum_ipv4(ip, payload).expect("sum"));
                     (t.source_port, t.destination_port)
                 }
                 Some(TransportHeader::Udp(u)) => {
-                    assert_eq!(u.checksum, u.calc_checksum_ipv4(ip, payload).unwrap());
+                    assert_eq!(u.checksum, u.calc_checksum_ipv4(ip, payload).expect("sum"));
                     (u.source_port, u.destination_port)
                 }
                 other => panic!("{other:?}"),
             }
         }
         (Some(NetHeaders::Ipv6(ip, _)), Some(TransportHeader::Tcp(t))) => {
-            assert_eq!(t.checksum, t.calc_checksum_ipv6(ip, payload).unwrap());
+            assert_eq!(t.checksum, t.calc_checksum_ipv6(ip, payload).expect("sum"));
             (t.source_port, t.destination_port)
         }
         (Some(NetHeaders::Ipv6(ip, _)), Some(TransportHeader::Udp(u))) => {
-            assert_eq!(u.checksum, u.calc_checksum_ipv6(ip, payload).unwrap());
+            assert_eq!(u.checksum, u.calc_checksum_ipv6(ip, payload).expect("sum"));
             (u.source_port, u.destination_port)
         }
         other => panic!("{other:?}"),
@@ -960,8 +959,8 @@ mod nat64_program {
             prop_assert_eq!(dport, bport);
             prop_assert_eq!(addrs(&out), (Ipv4Addr::from(ROUTE.src).into(), BACKEND4.into(), hops - 1));
 
-            let flows = [o.flow.unwrap()];
-            let replies = [o.reply.unwrap()];
+            let flows = [o.flow.expect("flow")];
+            let replies = [o.reply.expect("reply")];
             let maps = tables(&rules, &hosts, &flows, &replies);
             let answer = F { ttl: hops, ..req.src((BACKEND4, bport)).dst((Ipv4Addr::from(ROUTE.src), snat)) };
             let (o, back) = run64(&maps, &answer.build());
