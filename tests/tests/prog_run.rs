@@ -1,24 +1,23 @@
 //! BPF_PROG_RUN fixture tables: every kernel program, run by the real kernel on crafted
 //! frames with seeded maps. Each case gives the input frame, the expected verdict and
 //! the expected output bytes (the untouched input, or the frame rebuilt from scratch
-//! with the translated addresses and freshly computed checksums).
+//! with the translated addresses and freshly computed checksums). Every run is also
+//! compared with the model (`portfwd_common::model`, through `fixture::compare`), and
+//! random and mutated frames check kernel and model agree beyond the tables.
 //!
 //! Needs root (CAP_BPF + CAP_NET_ADMIN). Without it the suite skips, except under
 //! `CI=true`, where it fails.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
-
 mod common;
 
+use std::net::{Ipv4Addr, Ipv6Addr};
+
 use portfwd::dataplane::Dataplane;
-use portfwd_common::model::Verdict;
-use portfwd_common::BridgePortKey;
-use portfwd_common::{proto, BackendV4, Reason, RuleKeyV4};
+use portfwd_common::{model::Verdict, proto, BackendV4, BridgePortKey, Reason, RuleKeyV4};
 use portfwd_tests::fixture::{
-    arp_request, check_case, echo_request, privileged, reply_translated, run_checked, translated,
-    udp_v6, untouched, Case, Frame, Prog, ETH, IP4,
+    arp_request, check_case, compare_in, echo_request, privileged, reply_translated, run_checked,
+    translated, udp_v6, untouched, Case, Env, FastPathFib, Frame, Prog, ETH, IP4,
 };
-use portfwd_tests::fixture::{compare_in, Env, FastPathFib};
 use portfwd_tests::{netns::Netns, require_root};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);

@@ -1,7 +1,8 @@
 //! BPF_PROG_RUN of NAT64 (remote IPv6 clients of an IPv4-only backend): the real
 //! programs, run by the kernel on crafted frames carrying full checksums (as from a
 //! wire), their output parsed back and checked field by field, with every checksum
-//! recomputed from scratch (etherparse) and compared.
+//! recomputed from scratch (etherparse) and compared. Every run is also compared with
+//! the model (`portfwd_common::model::nat64`, through `fixture::compare_in`).
 //!
 //! NAT64 asks the kernel's FIB for the route to the backend and the host's address on
 //! it, and BPF_PROG_RUN runs in the caller's network namespace: the runs happen inside a
@@ -9,9 +10,9 @@
 //!
 //! Needs root; skips without it, except under `CI=true`, where it fails.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
-
 mod common;
+
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::maps::HashMap;
 use etherparse::{NetHeaders, PacketHeaders, TransportHeader};

@@ -2,14 +2,16 @@
 //! point per hook serves both families), run by the real kernel on crafted IPv6 frames
 //! with seeded IPv6 maps. Each case gives the input frame, the expected verdict and the
 //! expected output bytes (the untouched input, or the frame rebuilt from scratch with
-//! the translated address and port and a freshly computed checksum).
+//! the translated address and port and a freshly computed checksum). Every run is also
+//! compared with the model (`fixture::compare`), and random and mutated frames check
+//! kernel and model agree beyond the tables.
 //!
 //! Needs root (CAP_BPF + CAP_NET_ADMIN). Without it the suite skips, except under
 //! `CI=true`, where it fails.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
-
 mod common;
+
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use portfwd::dataplane::Dataplane;
 use portfwd_common::{proto, BackendV4, BackendV6, Reason, RuleKeyV4, RuleKeyV6, CONNTRACK_V6};
