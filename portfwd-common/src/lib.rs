@@ -16,6 +16,9 @@ pub mod csum;
 #[cfg(feature = "user")]
 pub mod host;
 pub mod maps;
+/// Host side only: the kernel programs are what it models.
+#[cfg(not(target_arch = "bpf"))]
+pub mod model;
 pub mod nat64;
 pub mod packet;
 pub mod reason;
