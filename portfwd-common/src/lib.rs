@@ -6,18 +6,31 @@
 //! private byte array behind typed accessors, so neither side can confuse the two orders.
 //! Every map key has explicit, zeroed padding: hash maps compare keys byte by byte.
 #![no_std]
+#![warn(missing_docs)]
 
+#[cfg(test)]
+extern crate std;
+
+pub mod addr;
 pub mod csum;
 #[cfg(feature = "user")]
 pub mod host;
 pub mod maps;
+/// Host side only: the kernel programs are what it models.
+#[cfg(not(target_arch = "bpf"))]
+pub mod model;
+pub mod nat64;
+pub mod packet;
 pub mod reason;
+pub mod rules;
 
 pub use maps::*;
 pub use reason::Reason;
 
 /// IANA protocol numbers of the transports portfwd translates.
 pub mod proto {
+    /// TCP.
     pub const TCP: u8 = 6;
+    /// UDP.
     pub const UDP: u8 = 17;
 }

@@ -66,7 +66,9 @@ pub mod programs {
     pub const XDP_INGRESS: &str = "portfwd_xdp_ingress";
     /// Ingress at generic (skb) XDP: the same code, its own fast-path switch.
     pub const XDP_GENERIC_INGRESS: &str = "portfwd_xdp_generic";
+    /// Ingress at TC (clsact/TCX ingress).
     pub const TC_INGRESS: &str = "portfwd_tc_ingress";
+    /// Reply translation at TC egress.
     pub const TC_EGRESS: &str = "portfwd_tc_egress";
     /// NAT64, both directions: tail-called by the TC ingress program (its own stack).
     pub const TC_NAT64: &str = "portfwd_tc_nat64";
@@ -129,15 +131,19 @@ impl RuleKeyV4 {
             _pad: 0,
         }
     }
+    /// From host types; the port in host order.
     pub fn from_parts(addr: Ipv4Addr, port: u16, proto: u8) -> Self {
         Self::new(addr.octets(), port.to_be_bytes(), proto)
     }
+    /// The address.
     pub fn addr(&self) -> Ipv4Addr {
         Ipv4Addr::from(self.addr)
     }
+    /// The port, host order.
     pub fn port(&self) -> u16 {
         u16::from_be_bytes(self.port)
     }
+    /// The IP protocol (TCP or UDP).
     pub fn proto(&self) -> u8 {
         self.proto
     }
@@ -155,6 +161,7 @@ pub struct BackendV4 {
 const _: () = assert!(core::mem::size_of::<BackendV4>() == 12);
 
 impl BackendV4 {
+    /// From host types; the port in host order.
     pub fn new(addr: Ipv4Addr, port: u16, stats_slot: u32) -> Self {
         Self {
             addr: addr.octets(),
@@ -163,21 +170,26 @@ impl BackendV4 {
             stats_slot,
         }
     }
+    /// The address, network-order bytes.
     #[inline(always)]
     pub const fn addr_bytes(&self) -> [u8; 4] {
         self.addr
     }
+    /// The port, network order.
     #[inline(always)]
     pub const fn port_be(&self) -> [u8; 2] {
         self.port
     }
+    /// The rule's slot in [`RULE_STATS`].
     #[inline(always)]
     pub const fn stats_slot(&self) -> u32 {
         self.stats_slot
     }
+    /// The address.
     pub fn addr(&self) -> Ipv4Addr {
         Ipv4Addr::from(self.addr)
     }
+    /// The port, host order.
     pub fn port(&self) -> u16 {
         u16::from_be_bytes(self.port)
     }
@@ -198,6 +210,7 @@ pub struct FlowKeyV4 {
 const _: () = assert!(core::mem::size_of::<FlowKeyV4>() == 16);
 
 impl FlowKeyV4 {
+    /// From network-order bytes.
     #[inline(always)]
     pub const fn new(
         backend_addr: [u8; 4],
@@ -215,18 +228,21 @@ impl FlowKeyV4 {
             _pad: [0; 3],
         }
     }
+    /// The backend's address and port (host order).
     pub fn backend(&self) -> (Ipv4Addr, u16) {
         (
             Ipv4Addr::from(self.backend_addr),
             u16::from_be_bytes(self.backend_port),
         )
     }
+    /// The client's address and port (host order).
     pub fn client(&self) -> (Ipv4Addr, u16) {
         (
             Ipv4Addr::from(self.client_addr),
             u16::from_be_bytes(self.client_port),
         )
     }
+    /// The IP protocol (TCP or UDP).
     pub fn proto(&self) -> u8 {
         self.proto
     }
@@ -245,6 +261,7 @@ pub struct FlowV4 {
 const _: () = assert!(core::mem::size_of::<FlowV4>() == 12);
 
 impl FlowV4 {
+    /// From network-order bytes.
     #[inline(always)]
     pub const fn new(host_addr: [u8; 4], host_port_be: [u8; 2], stats_slot: u32) -> Self {
         Self {
@@ -254,18 +271,22 @@ impl FlowV4 {
             stats_slot,
         }
     }
+    /// The published address, network-order bytes.
     #[inline(always)]
     pub const fn host_addr_bytes(&self) -> [u8; 4] {
         self.host_addr
     }
+    /// The published port, network order.
     #[inline(always)]
     pub const fn host_port_be(&self) -> [u8; 2] {
         self.host_port
     }
+    /// The rule's slot in [`RULE_STATS`].
     #[inline(always)]
     pub const fn stats_slot(&self) -> u32 {
         self.stats_slot
     }
+    /// The published address and port the client used (host order).
     pub fn host(&self) -> (Ipv4Addr, u16) {
         (
             Ipv4Addr::from(self.host_addr),
@@ -280,12 +301,15 @@ impl FlowV4 {
 pub struct RuleStats {
     /// Client-to-backend packets and bytes translated by the ingress programs.
     pub packets: u64,
+    /// Their bytes.
     pub bytes: u64,
     /// Backend-to-client packets and bytes translated back.
     pub reply_packets: u64,
+    /// Their bytes.
     pub reply_bytes: u64,
     /// Connections (TCP) or datagrams (UDP) of local clients served at the socket.
     pub local: u64,
+    /// Zero; room for a counter without a layout change.
     pub _reserved: u64,
 }
 const _: () = assert!(core::mem::size_of::<RuleStats>() == 48);
@@ -303,6 +327,7 @@ pub struct LocalPeerKeyV4 {
 const _: () = assert!(core::mem::size_of::<LocalPeerKeyV4>() == 16);
 
 impl LocalPeerKeyV4 {
+    /// From network-order bytes.
     #[inline(always)]
     pub const fn new(
         socket_cookie: u64,
@@ -331,6 +356,7 @@ pub struct LocalPeerV4 {
 const _: () = assert!(core::mem::size_of::<LocalPeerV4>() == 8);
 
 impl LocalPeerV4 {
+    /// From network-order bytes.
     #[inline(always)]
     pub const fn new(host_addr: [u8; 4], host_port_be: [u8; 2]) -> Self {
         Self {
@@ -339,10 +365,12 @@ impl LocalPeerV4 {
             _pad: [0; 2],
         }
     }
+    /// The published address, network-order bytes.
     #[inline(always)]
     pub const fn host_addr_bytes(&self) -> [u8; 4] {
         self.host_addr
     }
+    /// The published port, network order.
     #[inline(always)]
     pub const fn host_port_be(&self) -> [u8; 2] {
         self.host_port
@@ -371,15 +399,19 @@ impl RuleKeyV6 {
             _pad: 0,
         }
     }
+    /// From host types; the port in host order.
     pub fn from_parts(addr: Ipv6Addr, port: u16, proto: u8) -> Self {
         Self::new(addr.octets(), port.to_be_bytes(), proto)
     }
+    /// The address.
     pub fn addr(&self) -> Ipv6Addr {
         Ipv6Addr::from(self.addr)
     }
+    /// The port, host order.
     pub fn port(&self) -> u16 {
         u16::from_be_bytes(self.port)
     }
+    /// The IP protocol (TCP or UDP).
     pub fn proto(&self) -> u8 {
         self.proto
     }
@@ -397,22 +429,40 @@ pub struct BackendV6 {
 const _: () = assert!(core::mem::size_of::<BackendV6>() == 24);
 
 impl BackendV6 {
+    /// From host types; the port in host order.
     pub fn new(addr: Ipv6Addr, port: u16, stats_slot: u32) -> Self {
+        Self::from_bytes(addr.octets(), port.to_be_bytes(), stats_slot)
+    }
+    /// From network-order bytes (the kernel's side).
+    #[inline(always)]
+    pub const fn from_bytes(addr: [u8; 16], port_be: [u8; 2], stats_slot: u32) -> Self {
         Self {
-            addr: addr.octets(),
-            port: port.to_be_bytes(),
+            addr,
+            port: port_be,
             _pad: [0; 2],
             stats_slot,
         }
     }
+    /// An IPv4 backend as an IPv4-mapped one (how a dual-stack socket reaches it).
+    #[inline(always)]
+    pub fn from_v4_mapped(b: BackendV4) -> Self {
+        Self::from_bytes(
+            crate::addr::to_ipv4_mapped(b.addr_bytes()),
+            b.port_be(),
+            b.stats_slot(),
+        )
+    }
+    /// The address, network-order bytes.
     #[inline(always)]
     pub const fn addr_bytes(&self) -> [u8; 16] {
         self.addr
     }
+    /// The port, network order.
     #[inline(always)]
     pub const fn port_be(&self) -> [u8; 2] {
         self.port
     }
+    /// The rule's slot in [`RULE_STATS`].
     #[inline(always)]
     pub const fn stats_slot(&self) -> u32 {
         self.stats_slot
@@ -423,14 +473,13 @@ impl BackendV6 {
     /// it does not translate between families.
     #[inline(always)]
     pub fn is_ipv4_mapped(&self) -> bool {
-        let a = &self.addr;
-        a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0
-            && a[10] == 0xff
-            && a[11] == 0xff
+        crate::addr::is_ipv4_mapped(&self.addr)
     }
+    /// The address.
     pub fn addr(&self) -> Ipv6Addr {
         Ipv6Addr::from(self.addr)
     }
+    /// The port, host order.
     pub fn port(&self) -> u16 {
         u16::from_be_bytes(self.port)
     }
@@ -451,6 +500,7 @@ pub struct FlowKeyV6 {
 const _: () = assert!(core::mem::size_of::<FlowKeyV6>() == 40);
 
 impl FlowKeyV6 {
+    /// From network-order bytes.
     #[inline(always)]
     pub const fn new(
         backend_addr: [u8; 16],
@@ -468,18 +518,21 @@ impl FlowKeyV6 {
             _pad: [0; 3],
         }
     }
+    /// The backend's address and port (host order).
     pub fn backend(&self) -> (Ipv6Addr, u16) {
         (
             Ipv6Addr::from(self.backend_addr),
             u16::from_be_bytes(self.backend_port),
         )
     }
+    /// The client's address and port (host order).
     pub fn client(&self) -> (Ipv6Addr, u16) {
         (
             Ipv6Addr::from(self.client_addr),
             u16::from_be_bytes(self.client_port),
         )
     }
+    /// The IP protocol (TCP or UDP).
     pub fn proto(&self) -> u8 {
         self.proto
     }
@@ -498,6 +551,7 @@ pub struct FlowV6 {
 const _: () = assert!(core::mem::size_of::<FlowV6>() == 24);
 
 impl FlowV6 {
+    /// From network-order bytes.
     #[inline(always)]
     pub const fn new(host_addr: [u8; 16], host_port_be: [u8; 2], stats_slot: u32) -> Self {
         Self {
@@ -507,18 +561,22 @@ impl FlowV6 {
             stats_slot,
         }
     }
+    /// The published address, network-order bytes.
     #[inline(always)]
     pub const fn host_addr_bytes(&self) -> [u8; 16] {
         self.host_addr
     }
+    /// The published port, network order.
     #[inline(always)]
     pub const fn host_port_be(&self) -> [u8; 2] {
         self.host_port
     }
+    /// The rule's slot in [`RULE_STATS`].
     #[inline(always)]
     pub const fn stats_slot(&self) -> u32 {
         self.stats_slot
     }
+    /// The published address and port the client used (host order).
     pub fn host(&self) -> (Ipv6Addr, u16) {
         (
             Ipv6Addr::from(self.host_addr),
@@ -540,6 +598,7 @@ pub struct LocalPeerKeyV6 {
 const _: () = assert!(core::mem::size_of::<LocalPeerKeyV6>() == 32);
 
 impl LocalPeerKeyV6 {
+    /// From network-order bytes.
     #[inline(always)]
     pub const fn new(
         socket_cookie: u64,
@@ -568,6 +627,7 @@ pub struct LocalPeerV6 {
 const _: () = assert!(core::mem::size_of::<LocalPeerV6>() == 20);
 
 impl LocalPeerV6 {
+    /// From network-order bytes.
     #[inline(always)]
     pub const fn new(host_addr: [u8; 16], host_port_be: [u8; 2]) -> Self {
         Self {
@@ -576,10 +636,12 @@ impl LocalPeerV6 {
             _pad: [0; 2],
         }
     }
+    /// The published address, network-order bytes.
     #[inline(always)]
     pub const fn host_addr_bytes(&self) -> [u8; 16] {
         self.host_addr
     }
+    /// The published port, network order.
     #[inline(always)]
     pub const fn host_port_be(&self) -> [u8; 2] {
         self.host_port
@@ -623,12 +685,14 @@ pub const NAT64_REPLIES: &str = "NAT64_REPLIES";
 /// ingress program tail-calls (a tail call starts a fresh 512-byte stack, which the
 /// ingress program's own frame leaves no room for). Written by the daemon at load.
 pub const NAT64_PROGS: &str = "NAT64_PROGS";
+/// The index of [`programs::TC_NAT64`] in [`NAT64_PROGS`].
 pub const NAT64_PROG_INDEX: u32 = 0;
 /// Flows NAT64 tracks at once (each map; LRU).
 pub const MAX_NAT64_FLOWS: u32 = 65_536;
 /// The source ports NAT64 gives its IPv4 side: above Linux's default ephemeral range
 /// (32768-60999), so the host's own connections do not pick them.
 pub const NAT64_PORT_MIN: u16 = 61_000;
+/// How many ports NAT64 hands out, from [`NAT64_PORT_MIN`] up to 65535.
 pub const NAT64_PORT_COUNT: u16 = 4_536;
 /// How many ports an allocation tries before giving up (the flow is then passed).
 pub const NAT64_PORT_TRIES: u16 = 8;
@@ -636,7 +700,9 @@ pub const NAT64_PORT_TRIES: u16 = 8;
 /// this long after its last packet; a UDP flow, this long idle; any flow, this long
 /// idle. Without reuse, 4,536 flows to one backend port would use the ports up for good.
 pub const NAT64_CLOSED_REUSE_NS: u64 = 10_000_000_000;
+/// How long a UDP flow's port stays its own while idle (see [`NAT64_CLOSED_REUSE_NS`]).
 pub const NAT64_UDP_IDLE_NS: u64 = 60_000_000_000;
+/// How long any flow's port stays its own while idle (see [`NAT64_CLOSED_REUSE_NS`]).
 pub const NAT64_IDLE_NS: u64 = 7_200_000_000_000;
 /// [`Nat64Reply::flags`]: the TCP flow saw a FIN or an RST.
 pub const NAT64_CLOSING: u8 = 1;
@@ -647,9 +713,13 @@ pub const NAT64_CLOSING: u8 = 1;
 pub struct Nat64Flow {
     /// The host's address towards the backend (the translated source).
     pub snat_addr: [u8; 4],
+    /// The backend's address.
     pub backend_addr: [u8; 4],
+    /// The host's NAT64 port of the flow (the translated source port).
     pub snat_port: [u8; 2],
+    /// The backend's port, network order.
     pub backend_port: [u8; 2],
+    /// The rule's slot in [`RULE_STATS`].
     pub stats_slot: u32,
 }
 const _: () = assert!(core::mem::size_of::<Nat64Flow>() == 16);
@@ -658,16 +728,22 @@ const _: () = assert!(core::mem::size_of::<Nat64Flow>() == 16);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Nat64Reply {
+    /// The IPv6 client's address.
     pub client_addr: [u8; 16],
+    /// The published IPv6 address the client sent to.
     pub host_addr: [u8; 16],
+    /// The client's port, network order.
     pub client_port: [u8; 2],
+    /// The published port, network order.
     pub host_port: [u8; 2],
+    /// The rule's slot in [`RULE_STATS`].
     pub stats_slot: u32,
     /// Where the client's packets arrive: replies leave there (no IPv6 route lookup, so
     /// IPv6 forwarding need not be on).
     pub client_ifindex: u32,
     /// [`NAT64_CLOSING`].
     pub flags: u8,
+    /// Zero.
     pub _pad: [u8; 3],
     /// `bpf_ktime_get_coarse_ns` of the flow's last packet, either way.
     pub last_seen_ns: u64,
@@ -692,13 +768,17 @@ pub const MAX_BRIDGE_PORTS: u32 = 16_384;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BridgePortKey {
+    /// The bridge's ifindex.
     pub bridge_ifindex: u32,
+    /// A MAC address the bridge has learnt.
     pub mac: [u8; 6],
+    /// Zero.
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<BridgePortKey>() == 12);
 
 impl BridgePortKey {
+    /// From network-order bytes.
     #[inline(always)]
     pub const fn new(bridge_ifindex: u32, mac: [u8; 6]) -> Self {
         Self {

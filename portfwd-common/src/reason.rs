@@ -57,7 +57,9 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// How many reasons there are (the length of `REASON_STATS`).
     pub const COUNT: u32 = 20;
+    /// Every reason, in counter order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Translated,
         Reason::ReplyTranslated,

@@ -1,7 +1,7 @@
 //! The fast path: a translated packet goes straight to the backend's bridge port instead
 //! of up the host's stack. The kernel's FIB and neighbour tables decide the next hop
 //! (`bpf_fib_lookup`), the daemon's copy of the bridges' forwarding databases names the
-//! port ([`BRIDGE_PORTS`]), and the packet is forwarded as the kernel would: MACs
+//! port (`BRIDGE_PORTS`), and the packet is forwarded as the kernel would: MACs
 //! rewritten, TTL decremented. Whenever any step cannot complete (no route, neighbour not
 //! resolved yet, MAC not learnt, TTL expiring) the kernel path takes the packet instead.
 
@@ -9,17 +9,18 @@ use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS},
     helpers::bpf_fib_lookup,
 };
-use portfwd_common::BridgePortKey;
+use portfwd_common::{
+    packet::{IPV4_MIN_HLEN, IP_TOT_LEN_OFF, IP_TTL_OFF},
+    BridgePortKey,
+};
 
 use crate::{
-    maps::BRIDGE_PORTS,
-    nat::Packet,
-    packet::{bytes_at, Ipv4Flow, IP_TTL_OFF},
+    hook::Packet,
+    maps,
+    packet::{bytes_at, Ipv4Flow},
 };
 
 const AF_INET: u8 = 2;
-/// IPv4 total-length offset in the header.
-const IP_TOT_LEN_OFF: usize = 2;
 
 /// Where a translated packet is sent, and the MACs to give it.
 pub struct NextHop {
@@ -32,7 +33,7 @@ pub struct NextHop {
 /// The caller checks that the fast path is on at its hook.
 #[inline(always)]
 pub fn next_hop<P: Packet>(pkt: &P, f: &Ipv4Flow) -> Option<NextHop> {
-    let ip = bytes_at(pkt.data(), pkt.data_end(), f.ip_off, 20)?;
+    let ip = bytes_at(pkt.data(), pkt.data_end(), f.ip_off, IPV4_MIN_HLEN)?;
     // SAFETY: 20 bytes of IPv4 header are inside the packet (checked above).
     let (ttl, tot_len) = unsafe {
         (
@@ -67,8 +68,7 @@ pub fn next_hop<P: Packet>(pkt: &P, f: &Ipv4Flow) -> Option<NextHop> {
         return None;
     }
     let key = BridgePortKey::new(p.ifindex, p.dmac);
-    // SAFETY: copied out at once.
-    let port = unsafe { BRIDGE_PORTS.get(&key) }.copied()?;
+    let port = maps::bridge_port(&key)?;
     Some(NextHop {
         port_ifindex: port,
         smac: p.smac,

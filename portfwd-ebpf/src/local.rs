@@ -31,16 +31,11 @@ use aya_ebpf::{
     EbpfContext,
 };
 use portfwd_common::{
-    proto, BackendV4, LocalPeerKeyV4, LocalPeerKeyV6, LocalPeerV4, LocalPeerV6, Reason, RuleKeyV4,
-    RuleKeyV6,
+    rules::{self, Caller},
+    LocalPeerKeyV4, LocalPeerKeyV6, LocalPeerV4, LocalPeerV6, Reason,
 };
 
-use crate::{
-    count,
-    maps::{
-        self, HOST_ADDRS_V4, HOST_ADDRS_V6, LOCAL_PEERS_V4, LOCAL_PEERS_V6, RULES_V4, RULES_V6,
-    },
-};
+use crate::maps::{self, count, Maps};
 
 /// sock_addr programs: 1 lets the call proceed, 0 fails it with EPERM.
 const ALLOW: i32 = 1;
@@ -73,11 +68,10 @@ pub fn portfwd_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(bind4)]
 pub fn portfwd_bind4(ctx: SockAddrContext) -> i32 {
     let sa = fields(&ctx);
-    if !in_host_netns(&ctx) {
-        return ALLOW;
-    }
-    // Port 0 asks for an ephemeral port: never a published one.
-    if sa.port == [0, 0] || lookup(sa.addr, sa.port, sa.proto, true).is_none() {
+    let caller = Caller::Bind {
+        host_netns: in_host_netns(&ctx),
+    };
+    if rules::lookup_ref(&Maps, caller, &sa.addr, sa.port, sa.proto).is_err() {
         return ALLOW;
     }
     count(Reason::LocalBindRefused);
@@ -128,48 +122,23 @@ fn in_host_netns(ctx: &SockAddrContext) -> bool {
     cfg.host_netns_cookie == 0 || cookie == cfg.host_netns_cookie
 }
 
-/// The rule serving a local client that addresses `addr:port`. `host_ns`: the caller
-/// runs in the host's namespace, where loopback is the host's.
-#[inline(always)]
-fn lookup(addr: [u8; 4], port: [u8; 2], l4: u8, host_ns: bool) -> Option<BackendV4> {
-    if l4 != proto::TCP && l4 != proto::UDP {
-        return None;
-    }
-    let loopback = addr[0] == 127;
-    if loopback && !host_ns {
-        return None;
-    }
-    // SAFETY (all three): values are copied out at once.
-    if let Some(b) = unsafe { RULES_V4.get(&RuleKeyV4::new(addr, port, l4)) } {
-        return Some(*b);
-    }
-    let wildcard = unsafe { RULES_V4.get(&RuleKeyV4::new([0; 4], port, l4)) }.copied()?;
-    if loopback || unsafe { HOST_ADDRS_V4.get(&addr) }.is_some() {
-        return Some(wildcard);
-    }
-    // A bind to 0.0.0.0 would take the wildcard's port on every address.
-    if addr == [0; 4] {
-        return Some(wildcard);
-    }
-    None
-}
-
 #[inline(always)]
 fn redirect_to_backend(ctx: &SockAddrContext) {
     let sa = fields(ctx);
     if sa.addr == [0; 4] {
         return;
     }
-    let Some(backend) = lookup(sa.addr, sa.port, sa.proto, in_host_netns(ctx)) else {
+    let caller = Caller::Socket {
+        host_netns: in_host_netns(ctx),
+    };
+    let Ok(backend) = rules::lookup_ref(&Maps, caller, &sa.addr, sa.port, sa.proto) else {
         return;
     };
     // SAFETY: plain helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = LocalPeerKeyV4::new(cookie, backend.addr_bytes(), backend.port_be(), sa.proto);
     let published = LocalPeerV4::new(sa.addr, sa.port);
-    // SAFETY: compared by value at once.
-    let known = matches!(unsafe { LOCAL_PEERS_V4.get(&key) }, Some(p) if *p == published);
-    if !known && LOCAL_PEERS_V4.insert(&key, &published, 0).is_err() {
+    if maps::record_local_peer_v4(&key, &published).is_err() {
         count(Reason::FlowInsertFailed);
     }
     set_addr(ctx, backend.addr_bytes(), backend.port_be());
@@ -183,8 +152,7 @@ fn restore_published(ctx: &SockAddrContext) {
     // SAFETY: plain helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = LocalPeerKeyV4::new(cookie, sa.addr, sa.port, sa.proto);
-    // SAFETY: copied out at once.
-    if let Some(p) = unsafe { LOCAL_PEERS_V4.get(&key) }.copied() {
+    if let Some(p) = maps::local_peer_v4(&key) {
         set_addr(ctx, p.host_addr_bytes(), p.host_port_be());
     }
 }
@@ -216,13 +184,11 @@ pub fn portfwd_getpeername6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(bind6)]
 pub fn portfwd_bind6(ctx: SockAddrContext) -> i32 {
     let sa = fields6(&ctx);
-    if !in_host_netns(&ctx) || sa.port == [0, 0] {
-        return ALLOW;
-    }
-    if lookup6(sa.addr, sa.port, sa.proto, true).is_none()
-        // `[::]` on a dual-stack socket also takes the IPv4 wildcard's port.
-        && !(sa.addr == [0; 16] && lookup([0; 4], sa.port, sa.proto, true).is_some())
-    {
+    let caller = Caller::Bind {
+        host_netns: in_host_netns(&ctx),
+    };
+    // `[::]` on a dual-stack socket also takes the IPv4 wildcard's port: see `rules`.
+    if rules::lookup_ref(&Maps, caller, &sa.addr, sa.port, sa.proto).is_err() {
         return ALLOW;
     }
     count(Reason::LocalBindRefused);
@@ -235,16 +201,6 @@ struct SockAddr6 {
     port: [u8; 2],
     proto: u8,
 }
-
-/// Where a local IPv6 client goes: the backend's address (IPv4-mapped for an IPv4
-/// rule), port (network order) and counter slot.
-struct Target6 {
-    addr: [u8; 16],
-    port: [u8; 2],
-    slot: u32,
-}
-
-const LOOPBACK6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 #[inline(always)]
 fn fields6(ctx: &SockAddrContext) -> SockAddr6 {
@@ -292,67 +248,6 @@ fn set_addr6(ctx: &SockAddrContext, addr: [u8; 16], port: [u8; 2]) {
     }
 }
 
-/// The IPv4 address inside an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
-#[inline(always)]
-fn mapped_v4(a: &[u8; 16]) -> Option<[u8; 4]> {
-    let mut i = 0;
-    while i < 10 {
-        if a[i] != 0 {
-            return None;
-        }
-        i += 1;
-    }
-    if a[10] != 0xff || a[11] != 0xff {
-        return None;
-    }
-    Some([a[12], a[13], a[14], a[15]])
-}
-
-#[inline(always)]
-fn map_v4(a: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
-    ]
-}
-
-/// As [`lookup`], for an IPv6 socket: `::1` is the loopback, `RULES_V6` the rules; an
-/// IPv4-mapped address is looked up in the IPv4 rules.
-#[inline(always)]
-fn lookup6(addr: [u8; 16], port: [u8; 2], l4: u8, host_ns: bool) -> Option<Target6> {
-    if let Some(v4) = mapped_v4(&addr) {
-        let b = lookup(v4, port, l4, host_ns)?;
-        return Some(Target6 {
-            addr: map_v4(b.addr_bytes()),
-            port: b.port_be(),
-            slot: b.stats_slot(),
-        });
-    }
-    if l4 != proto::TCP && l4 != proto::UDP {
-        return None;
-    }
-    let loopback = addr == LOOPBACK6;
-    if loopback && !host_ns {
-        return None;
-    }
-    // SAFETY (all three): values are copied out at once.
-    let b = match unsafe { RULES_V6.get(&RuleKeyV6::new(addr, port, l4)) } {
-        Some(b) => *b,
-        None => {
-            let wildcard = unsafe { RULES_V6.get(&RuleKeyV6::new([0; 16], port, l4)) }.copied()?;
-            // `::` itself: a bind there would take the wildcard's port on every address.
-            if !(loopback || addr == [0; 16] || unsafe { HOST_ADDRS_V6.get(&addr) }.is_some()) {
-                return None;
-            }
-            wildcard
-        }
-    };
-    Some(Target6 {
-        addr: b.addr_bytes(),
-        port: b.port_be(),
-        slot: b.stats_slot(),
-    })
-}
-
 /// `connect`: the call is a connect (TCP, or UDP `connect()`), which the kernel lets
 /// a dual-stack socket make to an IPv4-mapped address; an unconnected UDP `sendmsg`
 /// rewritten to one fails with ENOTSUPP, so it is left alone.
@@ -362,24 +257,25 @@ fn redirect_to_backend6(ctx: &SockAddrContext, connect: bool) {
     if sa.addr == [0; 16] {
         return;
     }
-    let Some(target) = lookup6(sa.addr, sa.port, sa.proto, in_host_netns(ctx)) else {
+    let caller = Caller::Socket {
+        host_netns: in_host_netns(ctx),
+    };
+    let Ok(target) = rules::lookup_ref(&Maps, caller, &sa.addr, sa.port, sa.proto) else {
         return;
     };
-    if !connect && mapped_v4(&target.addr).is_some() {
+    if !connect && target.is_ipv4_mapped() {
         count(Reason::PassNoIpv6Backend);
         return;
     }
     // SAFETY: plain helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = LocalPeerKeyV6::new(cookie, target.addr, target.port, sa.proto);
+    let key = LocalPeerKeyV6::new(cookie, target.addr_bytes(), target.port_be(), sa.proto);
     let published = LocalPeerV6::new(sa.addr, sa.port);
-    // SAFETY: compared by value at once.
-    let known = matches!(unsafe { LOCAL_PEERS_V6.get(&key) }, Some(p) if *p == published);
-    if !known && LOCAL_PEERS_V6.insert(&key, &published, 0).is_err() {
+    if maps::record_local_peer_v6(&key, &published).is_err() {
         count(Reason::FlowInsertFailed);
     }
-    set_addr6(ctx, target.addr, target.port);
-    maps::count_local(target.slot);
+    set_addr6(ctx, target.addr_bytes(), target.port_be());
+    maps::count_local(target.stats_slot());
     count(Reason::LocalTranslated);
 }
 
@@ -389,8 +285,7 @@ fn restore_published6(ctx: &SockAddrContext) {
     // SAFETY: plain helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = LocalPeerKeyV6::new(cookie, sa.addr, sa.port, sa.proto);
-    // SAFETY: copied out at once.
-    if let Some(p) = unsafe { LOCAL_PEERS_V6.get(&key) }.copied() {
+    if let Some(p) = maps::local_peer_v6(&key) {
         set_addr6(ctx, p.host_addr_bytes(), p.host_port_be());
     }
 }

@@ -14,6 +14,7 @@
 #![no_main]
 
 mod fastpath;
+mod hook;
 mod local;
 mod maps;
 mod nat;
@@ -26,9 +27,9 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use portfwd_common::{Reason, CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP};
+use portfwd_common::{CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP};
 
-use crate::nat::{TcPacket, Verdict, XdpPacket};
+use crate::hook::{TcPacket, Verdict, XdpPacket};
 
 /// Ingress DNAT at the XDP hook, attached natively (in the driver).
 #[xdp]
@@ -107,11 +108,6 @@ fn tc_action(v: Verdict) -> i32 {
             }
         }
     }
-}
-
-#[inline(always)]
-fn count(reason: Reason) {
-    maps::count(reason)
 }
 
 #[cfg(not(test))]

@@ -1,80 +1,108 @@
 //! The maps, declared once here; names, layouts and capacities come from `portfwd-common`.
+//!
+//! Every map access (and its `unsafe`) is here, behind typed functions: the statics are
+//! private. Lookups copy the value out, or hand out a reference for the length of the
+//! program run (map memory stays valid that long; the daemon or another CPU may write
+//! it concurrently, so callers read what they need at once).
 
 use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, BPF_ANY, BPF_NOEXIST},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    programs::TcContext,
 };
+use portfwd_common::{packet::IPV6_HLEN, rules::RuleMaps};
 use portfwd_common::{
     BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6,
     LocalPeerKeyV4, LocalPeerKeyV6, LocalPeerV4, LocalPeerV6, Nat64Flow, Nat64Reply, Reason,
     RuleKeyV4, RuleKeyV6, RuleStats, MAX_BRIDGE_PORTS, MAX_FLOWS, MAX_HOST_ADDRS, MAX_LOCAL_PEERS,
-    MAX_NAT64_FLOWS, MAX_RULES, MAX_STATS_SLOTS,
+    MAX_NAT64_FLOWS, MAX_RULES, MAX_STATS_SLOTS, NAT64_PROG_INDEX,
 };
 
 #[map(name = "RULES_V4")]
-pub static RULES_V4: HashMap<RuleKeyV4, BackendV4> = HashMap::with_max_entries(MAX_RULES, 0);
+static RULES_V4: HashMap<RuleKeyV4, BackendV4> = HashMap::with_max_entries(MAX_RULES, 0);
 
 #[map(name = "CONNTRACK_V4")]
-pub static CONNTRACK_V4: LruHashMap<FlowKeyV4, FlowV4> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+static CONNTRACK_V4: LruHashMap<FlowKeyV4, FlowV4> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
 #[map(name = "HOST_ADDRS_V4")]
-pub static HOST_ADDRS_V4: HashMap<[u8; 4], u8> = HashMap::with_max_entries(MAX_HOST_ADDRS, 0);
+static HOST_ADDRS_V4: HashMap<[u8; 4], u8> = HashMap::with_max_entries(MAX_HOST_ADDRS, 0);
 
 #[map(name = "RULES_V6")]
-pub static RULES_V6: HashMap<RuleKeyV6, BackendV6> = HashMap::with_max_entries(MAX_RULES, 0);
+static RULES_V6: HashMap<RuleKeyV6, BackendV6> = HashMap::with_max_entries(MAX_RULES, 0);
 
 #[map(name = "CONNTRACK_V6")]
-pub static CONNTRACK_V6: LruHashMap<FlowKeyV6, FlowV6> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+static CONNTRACK_V6: LruHashMap<FlowKeyV6, FlowV6> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
 #[map(name = "HOST_ADDRS_V6")]
-pub static HOST_ADDRS_V6: HashMap<[u8; 16], u8> = HashMap::with_max_entries(MAX_HOST_ADDRS, 0);
+static HOST_ADDRS_V6: HashMap<[u8; 16], u8> = HashMap::with_max_entries(MAX_HOST_ADDRS, 0);
 
 #[map(name = "NAT64_FLOWS")]
-pub static NAT64_FLOWS: LruHashMap<FlowKeyV6, Nat64Flow> =
+static NAT64_FLOWS: LruHashMap<FlowKeyV6, Nat64Flow> =
     LruHashMap::with_max_entries(MAX_NAT64_FLOWS, 0);
 
 #[map(name = "NAT64_REPLIES")]
-pub static NAT64_REPLIES: LruHashMap<FlowKeyV4, Nat64Reply> =
+static NAT64_REPLIES: LruHashMap<FlowKeyV4, Nat64Reply> =
     LruHashMap::with_max_entries(MAX_NAT64_FLOWS, 0);
 
 #[map(name = "NAT64_PROGS")]
-pub static NAT64_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+static NAT64_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 #[map(name = "RULE_STATS")]
-pub static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAX_STATS_SLOTS, 0);
+static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAX_STATS_SLOTS, 0);
 
 #[map(name = "REASON_STATS")]
-pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
 
 #[map(name = "LOCAL_PEERS_V4")]
-pub static LOCAL_PEERS_V4: LruHashMap<LocalPeerKeyV4, LocalPeerV4> =
+static LOCAL_PEERS_V4: LruHashMap<LocalPeerKeyV4, LocalPeerV4> =
     LruHashMap::with_max_entries(MAX_LOCAL_PEERS, 0);
 
 #[map(name = "LOCAL_PEERS_V6")]
-pub static LOCAL_PEERS_V6: LruHashMap<LocalPeerKeyV6, LocalPeerV6> =
+static LOCAL_PEERS_V6: LruHashMap<LocalPeerKeyV6, LocalPeerV6> =
     LruHashMap::with_max_entries(MAX_LOCAL_PEERS, 0);
 
 #[map(name = "PUBLISHED_PORTS")]
-pub static PUBLISHED_PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
+static PUBLISHED_PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
 
-/// Which rules may exist for `port` (network order) and `proto`:
-/// (address-bound, wildcard).
-#[inline(always)]
-pub fn port_rules(port_be: [u8; 2], proto: u8) -> (bool, bool) {
-    let bits = match PUBLISHED_PORTS.get(u16::from_be_bytes(port_be) as u32) {
-        Some(bits) => *bits,
-        None => 0,
-    };
-    let (exact, wildcard) = portfwd_common::port_bits(proto);
-    (bits & exact != 0, bits & wildcard != 0)
+/// The rule maps, as rule matching (`portfwd_common::rules`) reads them.
+pub struct Maps;
+
+impl RuleMaps for Maps {
+    #[inline(always)]
+    fn published(&self, port_be: [u8; 2]) -> u8 {
+        match PUBLISHED_PORTS.get(u16::from_be_bytes(port_be) as u32) {
+            Some(bits) => *bits,
+            None => 0,
+        }
+    }
+    #[inline(always)]
+    fn rule_v4(&self, key: &RuleKeyV4) -> Option<BackendV4> {
+        // SAFETY: copied out at once; the daemon may replace values concurrently.
+        unsafe { RULES_V4.get(key) }.copied()
+    }
+    #[inline(always)]
+    fn rule_v6(&self, key: &RuleKeyV6) -> Option<BackendV6> {
+        // SAFETY: as above.
+        unsafe { RULES_V6.get(key) }.copied()
+    }
+    #[inline(always)]
+    fn is_host_v4(&self, addr: &[u8; 4]) -> bool {
+        // SAFETY: only tested for presence.
+        unsafe { HOST_ADDRS_V4.get(addr) }.is_some()
+    }
+    #[inline(always)]
+    fn is_host_v6(&self, addr: &[u8; 16]) -> bool {
+        // SAFETY: only tested for presence.
+        unsafe { HOST_ADDRS_V6.get(addr) }.is_some()
+    }
 }
 
 #[map(name = "CONFIG")]
-pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 #[map(name = "BRIDGE_PORTS")]
-pub static BRIDGE_PORTS: HashMap<BridgePortKey, u32> =
-    HashMap::with_max_entries(MAX_BRIDGE_PORTS, 0);
+static BRIDGE_PORTS: HashMap<BridgePortKey, u32> = HashMap::with_max_entries(MAX_BRIDGE_PORTS, 0);
 
 /// The daemon's configuration (all zero until it writes it).
 #[inline(always)]
@@ -113,4 +141,167 @@ pub fn count_local(slot: u32) {
         // SAFETY: per-CPU slot, so no other writer runs on it concurrently.
         unsafe { (*s).local += 1 };
     }
+}
+
+/// A map insert failed (full, or out of memory): counted as
+/// [`Reason::FlowInsertFailed`] by the caller.
+#[derive(Clone, Copy)]
+pub struct InsertFailed;
+
+/// Writes `value` under `key` unless the entry already holds it: flows are written once,
+/// not per packet.
+#[inline(always)]
+fn record<K, V: PartialEq>(map: &LruHashMap<K, V>, key: &K, value: &V) -> Result<(), InsertFailed> {
+    // SAFETY: compared by value at once.
+    if let Some(existing) = unsafe { map.get(key) } {
+        if existing == value {
+            return Ok(());
+        }
+    }
+    map.insert(key, value, 0).map_err(|_| InsertFailed)
+}
+
+/// The tracked IPv4 flow of a reply (`key`: backend to client).
+#[inline(always)]
+pub fn conntrack_v4(key: &FlowKeyV4) -> Option<FlowV4> {
+    // SAFETY: copied out at once; LRU entries may be evicted concurrently.
+    unsafe { CONNTRACK_V4.get(key) }.copied()
+}
+
+/// Records an IPv4 flow for its replies (unless already recorded so).
+#[inline(always)]
+pub fn record_conntrack_v4(key: &FlowKeyV4, value: &FlowV4) -> Result<(), InsertFailed> {
+    record(&CONNTRACK_V4, key, value)
+}
+
+/// The tracked IPv6 flow of a reply.
+#[inline(always)]
+pub fn conntrack_v6(key: &FlowKeyV6) -> Option<FlowV6> {
+    // SAFETY: copied out at once; LRU entries may be evicted concurrently.
+    unsafe { CONNTRACK_V6.get(key) }.copied()
+}
+
+/// Records an IPv6 flow for its replies (unless already recorded so).
+#[inline(always)]
+pub fn record_conntrack_v6(key: &FlowKeyV6, value: &FlowV6) -> Result<(), InsertFailed> {
+    record(&CONNTRACK_V6, key, value)
+}
+
+/// The published address a local IPv4 socket asked for, by (socket, backend).
+#[inline(always)]
+pub fn local_peer_v4(key: &LocalPeerKeyV4) -> Option<LocalPeerV4> {
+    // SAFETY: copied out at once.
+    unsafe { LOCAL_PEERS_V4.get(key) }.copied()
+}
+
+/// Remembers the published address a local IPv4 socket asked for.
+#[inline(always)]
+pub fn record_local_peer_v4(key: &LocalPeerKeyV4, value: &LocalPeerV4) -> Result<(), InsertFailed> {
+    record(&LOCAL_PEERS_V4, key, value)
+}
+
+/// As [`local_peer_v4`], IPv6.
+#[inline(always)]
+pub fn local_peer_v6(key: &LocalPeerKeyV6) -> Option<LocalPeerV6> {
+    // SAFETY: copied out at once.
+    unsafe { LOCAL_PEERS_V6.get(key) }.copied()
+}
+
+/// As [`record_local_peer_v4`], IPv6.
+#[inline(always)]
+pub fn record_local_peer_v6(key: &LocalPeerKeyV6, value: &LocalPeerV6) -> Result<(), InsertFailed> {
+    record(&LOCAL_PEERS_V6, key, value)
+}
+
+/// The bridge port (ifindex) behind which the daemon saw `key`'s MAC.
+#[inline(always)]
+pub fn bridge_port(key: &BridgePortKey) -> Option<u32> {
+    // SAFETY: copied out at once.
+    unsafe { BRIDGE_PORTS.get(key) }.copied()
+}
+
+/// Jumps to the NAT64 program; returns only if the jump failed (not loaded).
+#[inline(always)]
+pub fn tail_call_nat64(ctx: &TcContext) {
+    // SAFETY: a tail call either does not return or leaves everything as it was.
+    unsafe { NAT64_PROGS.tail_call(ctx, NAT64_PROG_INDEX) };
+}
+
+/// Whether NAT64 tracks a reply under `key` (backend to the host's NAT64 port).
+#[inline(always)]
+pub fn nat64_reply_exists(key: &FlowKeyV4) -> bool {
+    // SAFETY: only tested for presence.
+    unsafe { NAT64_REPLIES.get(key) }.is_some()
+}
+
+/// The NAT64 reply state under `key`, read-only.
+#[inline(always)]
+pub fn nat64_reply(key: &FlowKeyV4) -> Option<&'static Nat64Reply> {
+    // SAFETY: map memory stays valid for the program run; callers read it at once.
+    unsafe { NAT64_REPLIES.get(key) }
+}
+
+/// The NAT64 reply state under `key`, to update in place.
+#[inline(always)]
+pub fn nat64_reply_mut(key: &FlowKeyV4) -> Option<&'static mut Nat64Reply> {
+    let r = NAT64_REPLIES.get_ptr_mut(key)?;
+    // SAFETY: a live map value, valid for the program run; fields are read and written
+    // in place (a racing CPU writes the same fields: last writer wins, as in C).
+    Some(unsafe { &mut *r })
+}
+
+/// Claims `key` (a NAT64 port) for `value`: only if free (`BPF_NOEXIST`, so two CPUs
+/// cannot both get it) or, `take_over`, whatever holds it.
+#[inline(always)]
+pub fn insert_nat64_reply(
+    key: &FlowKeyV4,
+    value: &Nat64Reply,
+    take_over: bool,
+) -> Result<(), InsertFailed> {
+    let flags = if take_over { BPF_ANY } else { BPF_NOEXIST };
+    NAT64_REPLIES
+        .insert(key, value, flags as u64)
+        .map_err(|_| InsertFailed)
+}
+
+/// Forgets the NAT64 reply state under `key`.
+#[inline(always)]
+pub fn remove_nat64_reply(key: &FlowKeyV4) {
+    let _ = NAT64_REPLIES.remove(key);
+}
+
+/// The NAT64 flow of an IPv6 client (`key`: client to published address).
+#[inline(always)]
+pub fn nat64_flow(key: &FlowKeyV6) -> Option<Nat64Flow> {
+    // SAFETY: copied out at once; LRU entries may be evicted concurrently.
+    unsafe { NAT64_FLOWS.get(key) }.copied()
+}
+
+/// Records a NAT64 flow.
+#[inline(always)]
+pub fn insert_nat64_flow(key: &FlowKeyV6, flow: &Nat64Flow) -> Result<(), InsertFailed> {
+    NAT64_FLOWS.insert(key, flow, 0).map_err(|_| InsertFailed)
+}
+
+/// Room for what a NAT64 translation builds, per CPU: the program's 512-byte stack
+/// cannot hold it next to the parsed packet.
+#[repr(C)]
+pub struct Scratch {
+    pub fib: FibParams,
+    pub key6: FlowKeyV6,
+    pub key4: FlowKeyV4,
+    pub reply: Nat64Reply,
+    pub header: [u8; IPV6_HLEN],
+}
+
+#[map(name = "NAT64_SCRATCH")]
+static NAT64_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's NAT64 scratch space.
+#[inline(always)]
+pub fn nat64_scratch() -> Option<&'static mut Scratch> {
+    let s = NAT64_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: the per-CPU entry is this program run's alone (no other run uses this
+    // CPU's entry until it ends).
+    Some(unsafe { &mut *s })
 }

@@ -27,45 +27,35 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, BPF_ANY, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
-        BPF_FIB_LOOKUP_SRC, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, BPF_NOEXIST,
+        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
+        BPF_FIB_LOOKUP_SRC, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM,
     },
     helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns},
-    macros::map,
-    maps::PerCpuArray,
     programs::TcContext,
     EbpfContext,
 };
 use portfwd_common::{
-    csum, BackendV6, FlowKeyV4, FlowKeyV6, Nat64Flow, Nat64Reply, Reason, NAT64_CLOSING,
-    NAT64_PORT_COUNT, NAT64_PORT_MIN, NAT64_PORT_TRIES, NAT64_PROG_INDEX,
+    addr,
+    nat64::{ipv4_header, ipv6_header, is_nat64_port, port_candidate, port_start, pseudo_diff},
+    packet::{
+        l4_csum_off, may_start_flow, ETH_HLEN, ETH_PROTO_OFF, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN,
+        IPV6_HLEN, TCP_FIN, TCP_RST, UDP_CSUM_OFF, UDP_HLEN,
+    },
+    rules::{self, Caller},
+    BackendV6, FlowKeyV4, FlowKeyV6, Nat64Flow, Nat64Reply, Reason, NAT64_CLOSING,
+    NAT64_PORT_TRIES,
 };
 
 use crate::{
-    count,
-    maps::{self, NAT64_FLOWS, NAT64_PROGS, NAT64_REPLIES},
-    nat::{self, Verdict},
-    packet::{
-        bytes_at, may_start_flow, parse_eth, parse_ipv4, parse_ipv6, Ipv4Flow, Ipv6Flow, ETH_HLEN,
-        ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN, L3, TCP_CSUM_OFF, TCP_FIN, TCP_RST,
-        UDP_CSUM_OFF,
-    },
+    hook::{is_nat64_reply, nat64_jump, tc_ifindex, RewriteError, Verdict},
+    maps::{self, count, Maps, Scratch},
+    packet::{bytes_at, parse_eth, parse_ipv4, parse_ipv6, Ipv4Flow, Ipv6Flow, L3},
 };
 
-const ETH_PROTO_OFF: usize = 12;
 /// The IPv4 header NAT64 writes: no options.
 const IPV4_HLEN: usize = IPV4_MIN_HLEN;
 const AF_INET: u8 = 2;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
-/// IPv4 "don't fragment": IPv6 never fragments in flight either.
-const IP_DF: u8 = 0x40;
-
-/// Whether `port` (network order) is one NAT64 hands out: only those can be replies.
-#[inline(always)]
-pub fn is_nat64_port(port: [u8; 2]) -> bool {
-    let p = u16::from_be_bytes(port);
-    p >= NAT64_PORT_MIN && p - NAT64_PORT_MIN < NAT64_PORT_COUNT
-}
 
 /// The NAT64 program (`portfwd_tc_nat64`), tail-called by TC ingress for an IPv6 packet
 /// of an IPv4-mapped rule or an IPv4 packet of a tracked NAT64 reply: it parses the
@@ -75,7 +65,7 @@ pub fn program(ctx: &TcContext) -> Verdict {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let verdict = match parse_eth(data, data_end) {
         Ok(L3::Ipv6 { ip_off }) => parse_ipv6(data, data_end, ip_off).and_then(|f| {
-            let backend = nat::lookup_rule_v6(&f)?;
+            let backend = rules::lookup_ref(&Maps, Caller::Packet, &f.dst, f.dport, f.proto)?;
             if !backend.is_ipv4_mapped() {
                 return Err(Reason::Nat64Failed);
             }
@@ -100,57 +90,26 @@ pub fn entry(ctx: &TcContext) -> Option<Verdict> {
     let is_nat64 = match parse_eth(data, data_end).ok()? {
         L3::Ipv4 { ip_off } => {
             let f = parse_ipv4(data, data_end, ip_off).ok()?;
-            is_nat64_port(f.dport) && is_reply(&f)
+            is_nat64_port(f.dport) && is_nat64_reply(&f)
         }
         L3::Ipv6 { ip_off } => {
             let f = parse_ipv6(data, data_end, ip_off).ok()?;
-            nat::lookup_rule_v6(&f).is_ok_and(|b| b.is_ipv4_mapped())
+            rules::lookup_ref(&Maps, Caller::Packet, &f.dst, f.dport, f.proto)
+                .is_ok_and(|b| b.is_ipv4_mapped())
         }
     };
-    is_nat64.then(|| tail_call(ctx))
+    is_nat64.then(|| nat64_jump(ctx))
 }
-
-/// Jumps to the NAT64 program; if the jump fails (not loaded), the packet is passed.
-#[inline(always)]
-pub fn tail_call(ctx: &TcContext) -> Verdict {
-    // SAFETY: a tail call either does not return or leaves everything as it was.
-    unsafe { NAT64_PROGS.tail_call(ctx, NAT64_PROG_INDEX) };
-    count(Reason::Nat64Failed);
-    Verdict::Pass
-}
-
-/// Whether an IPv4 packet is a tracked NAT64 reply (one lookup, only for NAT64's ports).
-#[inline(always)]
-pub fn is_reply(f: &Ipv4Flow) -> bool {
-    let key = FlowKeyV4::new(f.src, f.sport, f.dst, f.dport, f.proto);
-    // SAFETY: only tested for presence.
-    unsafe { NAT64_REPLIES.get(&key) }.is_some()
-}
-
-/// Room for what a translation builds, per CPU: the program's 512-byte stack cannot
-/// hold it next to the parsed packet.
-#[repr(C)]
-pub struct Scratch {
-    fib: FibParams,
-    key6: FlowKeyV6,
-    key4: FlowKeyV4,
-    reply: Nat64Reply,
-    header: [u8; IPV6_HLEN],
-}
-
-#[map(name = "NAT64_SCRATCH")]
-static NAT64_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// An IPv6 client's packet for `backend` (IPv4-mapped): translated and redirected, or
 /// passed untouched when it cannot be.
 #[inline(always)]
 fn forward(ctx: &TcContext, f: &Ipv6Flow, backend: &BackendV6) -> Verdict {
-    let Some(s) = NAT64_SCRATCH.get_ptr_mut(0) else {
+    let Some(s) = maps::nat64_scratch() else {
         count(Reason::Nat64Failed);
         return Verdict::Pass;
     };
-    // SAFETY: the per-CPU scratch entry is ours for the length of this program run.
-    match try_forward(ctx, f, backend, unsafe { &mut *s }) {
+    match try_forward(ctx, f, backend, s) {
         Ok(v) => v,
         Err(reason) => {
             count(reason);
@@ -184,8 +143,7 @@ fn try_forward(
     if hop_limit <= 1 {
         return Err(Reason::Nat64Failed);
     }
-    let a = backend.addr_bytes();
-    let backend_addr = [a[12], a[13], a[14], a[15]];
+    let backend_addr = addr::mapped_low(&backend.addr_bytes());
     let backend_port = backend.port_be();
 
     // Every packet: the route to the backend (it may change), and the host's address on it.
@@ -193,7 +151,7 @@ fn try_forward(
     unsafe { core::ptr::write_bytes(&mut s.fib, 0, 1) };
     s.fib.family = AF_INET;
     s.fib.l4_protocol = f.proto;
-    s.fib.ifindex = ingress_ifindex(ctx);
+    s.fib.ifindex = tc_ifindex(ctx);
     s.fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(backend_addr);
     // SAFETY: a valid request in map memory, of the size passed.
     let rc = unsafe {
@@ -212,8 +170,7 @@ fn try_forward(
     let out_ifindex = s.fib.ifindex;
 
     s.key6 = FlowKeyV6::new(f.dst, f.dport, f.src, f.sport, f.proto);
-    // SAFETY: copied out at once; LRU entries may be evicted concurrently.
-    let known = unsafe { NAT64_FLOWS.get(&s.key6) }.copied();
+    let known = maps::nat64_flow(&s.key6);
     let flow = match known {
         Some(t)
             if t.backend_addr == backend_addr
@@ -270,11 +227,9 @@ fn still_ours(f: &Ipv6Flow, t: &Nat64Flow, s: &mut Scratch) -> bool {
         t.snat_port,
         f.proto,
     );
-    let Some(r) = NAT64_REPLIES.get_ptr_mut(&s.key4) else {
+    let Some(r) = maps::nat64_reply_mut(&s.key4) else {
         return false;
     };
-    // SAFETY: a live map value; fields are read and written in place.
-    let r = unsafe { &mut *r };
     if r.client_addr != f.src
         || r.client_port != f.sport
         || r.host_addr != f.dst
@@ -307,20 +262,14 @@ fn allocate(
     s: &mut Scratch,
     mut flow: Nat64Flow,
 ) -> Result<Nat64Flow, Reason> {
-    let mut seed: u32 = u16::from_ne_bytes(f.sport) as u32;
-    let mut i = 0;
-    while i < 4 {
-        seed = seed.rotate_left(5) ^ word(&f.src, i);
-        i += 1;
-    }
-    let start = (seed ^ (seed >> 16)) as u16 % NAT64_PORT_COUNT;
+    let start = port_start(&f.src, f.sport);
     s.reply = Nat64Reply {
         client_addr: f.src,
         host_addr: f.dst,
         client_port: f.sport,
         host_port: f.dport,
         stats_slot: flow.stats_slot,
-        client_ifindex: ingress_ifindex(ctx),
+        client_ifindex: tc_ifindex(ctx),
         flags: 0,
         _pad: [0; 3],
         // SAFETY: a plain helper call.
@@ -328,7 +277,7 @@ fn allocate(
     };
     let mut n: u16 = 0;
     while n < NAT64_PORT_TRIES {
-        let port = (NAT64_PORT_MIN + (start + n) % NAT64_PORT_COUNT).to_be_bytes();
+        let port = port_candidate(start, n);
         s.key4 = FlowKeyV4::new(
             flow.backend_addr,
             flow.backend_port,
@@ -336,22 +285,19 @@ fn allocate(
             port,
             f.proto,
         );
-        // A free port is claimed with BPF_NOEXIST, so two CPUs cannot both get it; a
+        // A free port is claimed only if still free, so two CPUs cannot both get it; a
         // port whose flow is over is taken over.
-        // SAFETY: only read, at once.
-        let claimed = match unsafe { NAT64_REPLIES.get(&s.key4) } {
-            None => NAT64_REPLIES
-                .insert(&s.key4, &s.reply, BPF_NOEXIST as u64)
-                .is_ok(),
-            Some(r) if r.reusable(s.reply.last_seen_ns, f.proto) => NAT64_REPLIES
-                .insert(&s.key4, &s.reply, BPF_ANY as u64)
-                .is_ok(),
+        let claimed = match maps::nat64_reply(&s.key4) {
+            None => maps::insert_nat64_reply(&s.key4, &s.reply, false).is_ok(),
+            Some(r) if r.reusable(s.reply.last_seen_ns, f.proto) => {
+                maps::insert_nat64_reply(&s.key4, &s.reply, true).is_ok()
+            }
             Some(_) => false,
         };
         if claimed {
             flow.snat_port = port;
-            if NAT64_FLOWS.insert(&s.key6, &flow, 0).is_err() {
-                let _ = NAT64_REPLIES.remove(&s.key4);
+            if maps::insert_nat64_flow(&s.key6, &flow).is_err() {
+                maps::remove_nat64_reply(&s.key4);
                 return Err(Reason::FlowInsertFailed);
             }
             return Ok(flow);
@@ -365,16 +311,11 @@ fn allocate(
 /// is a tracked reply (`None`: not NAT64's).
 #[inline(always)]
 fn reply(ctx: &TcContext, f: &Ipv4Flow) -> Option<Verdict> {
-    let s = NAT64_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: the per-CPU scratch entry is ours for the length of this program run.
-    let s = unsafe { &mut *s };
+    let s = maps::nat64_scratch()?;
     s.key4 = FlowKeyV4::new(f.src, f.sport, f.dst, f.dport, f.proto);
-    let r = NAT64_REPLIES.get_ptr_mut(&s.key4)?;
-    // SAFETY: a live map value, updated in place, then copied out.
-    unsafe {
-        seen(&mut *r, f.proto, f.tcp_flags);
-        s.reply = *r;
-    }
+    let r = maps::nat64_reply_mut(&s.key4)?;
+    seen(r, f.proto, f.tcp_flags);
+    s.reply = *r;
     Some(match try_reply(ctx, f, s) {
         Ok(v) => v,
         Err(reason) => {
@@ -405,7 +346,8 @@ fn try_reply(ctx: &TcContext, f: &Ipv4Flow, s: &mut Scratch) -> Result<Verdict, 
     }
     // A UDP datagram without a checksum cannot be made IPv6 by a difference.
     if f.is_udp() {
-        let l4 = bytes_at(ctx.data(), ctx.data_end(), f.l4_off, 8).ok_or(Reason::Nat64Failed)?;
+        let l4 =
+            bytes_at(ctx.data(), ctx.data_end(), f.l4_off, UDP_HLEN).ok_or(Reason::Nat64Failed)?;
         // SAFETY: the 8-byte UDP header is inside the packet (checked above).
         if unsafe { *l4.add(UDP_CSUM_OFF) | *l4.add(UDP_CSUM_OFF + 1) } == 0 {
             return Err(Reason::Nat64Failed);
@@ -455,27 +397,19 @@ fn change_family<const H: usize>(
     let written = ctx
         .store(ETH_HLEN, header, BPF_F_RECOMPUTE_CSUM as u64)
         .and_then(|_| ctx.store(ETH_PROTO_OFF, &ethertype.to_be_bytes(), 0))
-        .is_ok()
-        && l4_rewrite(ctx, proto, ETH_HLEN + H, diff, ports.0, ports.1).is_ok();
-    if !written {
-        count(Reason::DropChecksum);
+        .map_err(|_| RewriteError::Helper)
+        .and_then(|_| l4_rewrite(ctx, proto, ETH_HLEN + H, diff, ports.0, ports.1));
+    match written {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            count(e.reason());
+            Ok(false)
+        }
     }
-    Ok(written)
 }
 
 /// (old, new) of the source port, then of the destination port.
 type PortChanges = (([u8; 2], [u8; 2]), ([u8; 2], [u8; 2]));
-
-/// The one's complement difference, as a `__wsum`, of a pseudo-header's addresses going
-/// from `old` (source, destination) to `new`, whatever their families.
-#[inline(always)]
-fn pseudo_diff<const A: usize, const B: usize>(
-    old: (&[u8; A], &[u8; A]),
-    new: (&[u8; B], &[u8; B]),
-) -> u64 {
-    let out = words(words(0, old.0, true), old.1, true);
-    words(words(out, new.0, false), new.1, false)
-}
 
 /// The L4 side of a family change at `l4_off`: the pseudo-header difference `diff`, then
 /// the source and destination ports (old, new).
@@ -487,123 +421,26 @@ fn l4_rewrite(
     diff: u64,
     sport: ([u8; 2], [u8; 2]),
     dport: ([u8; 2], [u8; 2]),
-) -> Result<(), ()> {
+) -> Result<(), RewriteError> {
     let udp = proto == portfwd_common::proto::UDP;
-    let csum_off = l4_off + if udp { UDP_CSUM_OFF } else { TCP_CSUM_OFF };
+    let csum_off = l4_off + l4_csum_off(proto);
     let mangled = if udp { BPF_F_MARK_MANGLED_0 } else { 0 };
     // Size 0: `diff` is a precomputed difference. No BPF_F_IPV6: the header bytes were
     // written with BPF_F_RECOMPUTE_CSUM, so only the checksum field's own change is left
     // to account for in a complete skb->csum.
     ctx.l4_csum_replace(csum_off, 0, diff, BPF_F_PSEUDO_HDR as u64 | mangled)
-        .map_err(|_| ())?;
+        .map_err(|_| RewriteError::Helper)?;
     let port = |at: usize, (old, new): ([u8; 2], [u8; 2])| {
-        ctx.store(l4_off + at, &new, 0).map_err(|_| ())?;
+        ctx.store(l4_off + at, &new, 0)
+            .map_err(|_| RewriteError::Helper)?;
         ctx.l4_csum_replace(
             csum_off,
             u16::from_ne_bytes(old) as u64,
             u16::from_ne_bytes(new) as u64,
             mangled | 2,
         )
-        .map_err(|_| ())
+        .map_err(|_| RewriteError::Helper)
     };
     port(0, sport)?;
     port(2, dport)
-}
-
-/// A 20-byte IPv4 header (no options, DF set, ID 0) with its checksum, into the start
-/// of `h`.
-#[inline(always)]
-fn ipv4_header(
-    h: &mut [u8; IPV6_HLEN],
-    tos: u8,
-    tot_len: u16,
-    ttl: u8,
-    proto: u8,
-    src: [u8; 4],
-    dst: [u8; 4],
-) {
-    let len = tot_len.to_be_bytes();
-    h[0] = 0x45;
-    h[1] = tos;
-    h[2] = len[0];
-    h[3] = len[1];
-    h[4] = 0;
-    h[5] = 0;
-    h[6] = IP_DF;
-    h[7] = 0;
-    h[8] = ttl;
-    h[9] = proto;
-    h[10] = 0;
-    h[11] = 0;
-    let mut i = 0;
-    while i < 4 {
-        h[12 + i] = src[i];
-        h[16 + i] = dst[i];
-        i += 1;
-    }
-    let mut sum: u32 = 0;
-    let mut i = 0;
-    while i < IPV4_HLEN {
-        sum += u16::from_be_bytes([h[i], h[i + 1]]) as u32;
-        i += 2;
-    }
-    let check = (!csum::fold(sum)).to_be_bytes();
-    h[10] = check[0];
-    h[11] = check[1];
-}
-
-/// A 40-byte IPv6 header (flow label 0), into `h`.
-#[inline(always)]
-fn ipv6_header(
-    h: &mut [u8; IPV6_HLEN],
-    tclass: u8,
-    payload_len: u16,
-    next: u8,
-    hop_limit: u8,
-    src: &[u8; 16],
-    dst: &[u8; 16],
-) {
-    let len = payload_len.to_be_bytes();
-    h[0] = 0x60 | (tclass >> 4);
-    h[1] = tclass << 4;
-    h[2] = 0;
-    h[3] = 0;
-    h[4] = len[0];
-    h[5] = len[1];
-    h[6] = next;
-    h[7] = hop_limit;
-    let mut i = 0;
-    while i < 16 {
-        h[8 + i] = src[i];
-        h[24 + i] = dst[i];
-        i += 1;
-    }
-}
-
-/// Adds the 16-bit words of `a` (or their complements: `out`) to a one's complement
-/// sum, read in memory order as the kernel's checksum helpers do; the result, folded,
-/// is the `__wsum` difference `bpf_l4_csum_replace` takes.
-#[inline(always)]
-fn words<const N: usize>(sum: u64, a: &[u8; N], out: bool) -> u64 {
-    let mut s = sum;
-    let mut i = 0;
-    while i + 1 < N {
-        let w = u16::from_ne_bytes([a[i], a[i + 1]]) as u64;
-        s += if out { !w & 0xffff } else { w };
-        i += 2;
-    }
-    (s & 0xffff) + (s >> 16)
-}
-
-/// Word `i` of an IPv6 address, 32 bits in memory order (a hash input).
-#[inline(always)]
-fn word(a: &[u8; 16], i: usize) -> u32 {
-    u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
-}
-
-/// The interface an skb is on (at ingress: where it arrived).
-#[inline(always)]
-pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
-    // SAFETY: reading a field of the kernel-provided __sk_buff.
-    unsafe { (*ctx.skb.skb).ifindex }
 }

@@ -11,32 +11,12 @@
 
 use portfwd_common::{proto, Reason};
 
-pub const ETH_HLEN: usize = 14;
-const VLAN_HLEN: usize = 4;
-pub const ETH_P_IP: u16 = 0x0800;
-pub const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
-pub const IPV4_MIN_HLEN: usize = 20;
-/// Fragment offset and "more fragments": any set bit means the packet is a fragment.
-const IP_FRAG_MASK: u16 = 0x3fff;
-pub const IPV6_HLEN: usize = 40;
-/// IPv6 next-header values of the extension headers (RFC 8200, and the IANA registry's
-/// "IPv6 Extension Header Types"). Fragment is [`Reason::PassFragment`].
-const IPV6_NH_FRAGMENT: u8 = 44;
-const IPV6_EXT_HEADERS: [u8; 9] = [0, 43, 50, 51, 60, 135, 139, 140, 253];
-pub const TCP_HLEN: usize = 20;
-pub const UDP_HLEN: usize = 8;
-
-/// Offsets of the checksum fields inside their headers.
-pub const IP_TTL_OFF: usize = 8;
-pub const IP_CSUM_OFF: usize = 10;
-pub const IP_SRC_OFF: usize = 12;
-pub const IP_DST_OFF: usize = 16;
-pub const TCP_CSUM_OFF: usize = 16;
-pub const UDP_CSUM_OFF: usize = 6;
-pub const IP6_SRC_OFF: usize = 8;
-pub const IP6_DST_OFF: usize = 24;
+use portfwd_common::packet::{
+    is_ext_header, ETH_HLEN, ETH_PROTO_OFF, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6,
+    IP6_DST_OFF, IP6_NEXT_OFF, IP6_SRC_OFF, IPV4_MIN_HLEN, IPV6_HLEN, IPV6_NH_FRAGMENT, IP_DST_OFF,
+    IP_FRAG_MASK, IP_FRAG_OFF, IP_PROTO_OFF, IP_SRC_OFF, TCP_CSUM_OFF, TCP_FLAGS_OFF, TCP_HLEN,
+    UDP_CSUM_OFF, UDP_HLEN, VLAN_HLEN,
+};
 
 /// What the NAT needs of a TCP/UDP packet: offsets from the start of the frame and the
 /// fields, in network order. `N` is the address length: 4 or 16.
@@ -92,16 +72,34 @@ pub fn bytes_at(data: usize, data_end: usize, off: usize, len: usize) -> Option<
     Some(start as *mut u8)
 }
 
+/// Reads `N` bytes at `p + at`.
+///
+/// # Safety
+/// `p + at .. p + at + N` must be inside the packet (checked with [`bytes_at`]).
 #[inline(always)]
-fn read<const N: usize>(p: *const u8, at: usize) -> [u8; N] {
+pub unsafe fn read<const N: usize>(p: *const u8, at: usize) -> [u8; N] {
     let mut out = [0u8; N];
     let mut i = 0;
     while i < N {
-        // SAFETY: callers checked that `p + at + N` is inside the packet.
+        // SAFETY: the caller guarantees `p + at .. p + at + N` is inside the packet.
         out[i] = unsafe { *p.add(at + i) };
         i += 1;
     }
     out
+}
+
+/// Writes `bytes` at `p`.
+///
+/// # Safety
+/// `p .. p + N` must be inside the packet (checked with [`bytes_at`]).
+#[inline(always)]
+pub unsafe fn write<const N: usize>(p: *mut u8, bytes: &[u8; N]) {
+    let mut i = 0;
+    while i < N {
+        // SAFETY: the caller guarantees `p .. p + N` is inside the packet.
+        unsafe { *p.add(i) = bytes[i] };
+        i += 1;
+    }
 }
 
 /// The network layer of a frame, after Ethernet and at most one VLAN tag.
@@ -115,11 +113,12 @@ pub enum L3 {
 #[inline(always)]
 pub fn parse_eth(data: usize, data_end: usize) -> Result<L3, Reason> {
     let eth = bytes_at(data, data_end, 0, ETH_HLEN).ok_or(Reason::PassMalformed)?;
-    let mut ethertype = u16::from_be_bytes(read(eth, 12));
+    // SAFETY (both reads): `eth` and `tag` span the bytes read (checked just before).
+    let mut ethertype = u16::from_be_bytes(unsafe { read(eth, ETH_PROTO_OFF) });
     let mut ip_off = ETH_HLEN;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
         let tag = bytes_at(data, data_end, ETH_HLEN, VLAN_HLEN).ok_or(Reason::PassMalformed)?;
-        ethertype = u16::from_be_bytes(read(tag, 2));
+        ethertype = u16::from_be_bytes(unsafe { read(tag, 2) });
         ip_off += VLAN_HLEN;
     }
     if ethertype == ETH_P_IP {
@@ -134,22 +133,24 @@ pub fn parse_eth(data: usize, data_end: usize) -> Result<L3, Reason> {
 #[inline(always)]
 pub fn parse_ipv4(data: usize, data_end: usize, ip_off: usize) -> Result<Ipv4Flow, Reason> {
     let ip = bytes_at(data, data_end, ip_off, IPV4_MIN_HLEN).ok_or(Reason::PassMalformed)?;
-    let [ver_ihl] = read::<1>(ip, 0);
+    // SAFETY (every read of `ip` and `l4` below): `ip` spans the 20-byte header and `l4`
+    // the `l4_hlen`-byte transport header (both checked with `bytes_at`).
+    let [ver_ihl] = unsafe { read::<1>(ip, 0) };
     let ihl = ((ver_ihl & 0x0f) as usize) * 4;
     if ver_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
         return Err(Reason::PassMalformed);
     }
-    if u16::from_be_bytes(read(ip, 6)) & IP_FRAG_MASK != 0 {
+    if u16::from_be_bytes(unsafe { read(ip, IP_FRAG_OFF) }) & IP_FRAG_MASK != 0 {
         return Err(Reason::PassFragment);
     }
-    let [l4_proto] = read::<1>(ip, 9);
+    let [l4_proto] = unsafe { read::<1>(ip, IP_PROTO_OFF) };
     let l4_hlen = match l4_proto {
         proto::TCP => TCP_HLEN,
         proto::UDP => UDP_HLEN,
         _ => return Err(Reason::PassNotTcpUdp),
     };
-    let src = read(ip, IP_SRC_OFF);
-    let dst = read(ip, IP_DST_OFF);
+    let src = unsafe { read(ip, IP_SRC_OFF) };
+    let dst = unsafe { read(ip, IP_DST_OFF) };
 
     let l4_off = ip_off + ihl;
     let l4 = bytes_at(data, data_end, l4_off, l4_hlen).ok_or(Reason::PassMalformed)?;
@@ -159,20 +160,22 @@ pub fn parse_ipv4(data: usize, data_end: usize, ip_off: usize) -> Result<Ipv4Flo
         proto: l4_proto,
         src,
         dst,
-        sport: read(l4, 0),
-        dport: read(l4, 2),
-        tcp_flags: tcp_flags(l4, l4_hlen),
+        sport: unsafe { read(l4, 0) },
+        dport: unsafe { read(l4, 2) },
+        tcp_flags: unsafe { tcp_flags(l4, l4_hlen) },
     })
 }
 
 #[inline(always)]
 pub fn parse_ipv6(data: usize, data_end: usize, ip_off: usize) -> Result<Ipv6Flow, Reason> {
     let ip = bytes_at(data, data_end, ip_off, IPV6_HLEN).ok_or(Reason::PassMalformed)?;
-    let [ver] = read::<1>(ip, 0);
+    // SAFETY (every read of `ip` and `l4` below): `ip` spans the 40-byte header and `l4`
+    // the `l4_hlen`-byte transport header (both checked with `bytes_at`).
+    let [ver] = unsafe { read::<1>(ip, 0) };
     if ver >> 4 != 6 {
         return Err(Reason::PassMalformed);
     }
-    let [next] = read::<1>(ip, 6);
+    let [next] = unsafe { read::<1>(ip, IP6_NEXT_OFF) };
     let l4_hlen = match next {
         proto::TCP => TCP_HLEN,
         proto::UDP => UDP_HLEN,
@@ -180,8 +183,8 @@ pub fn parse_ipv6(data: usize, data_end: usize, ip_off: usize) -> Result<Ipv6Flo
         n if is_ext_header(n) => return Err(Reason::PassIpv6ExtHeader),
         _ => return Err(Reason::PassNotTcpUdp),
     };
-    let src = read(ip, IP6_SRC_OFF);
-    let dst = read(ip, IP6_DST_OFF);
+    let src = unsafe { read(ip, IP6_SRC_OFF) };
+    let dst = unsafe { read(ip, IP6_DST_OFF) };
 
     let l4_off = ip_off + IPV6_HLEN;
     let l4 = bytes_at(data, data_end, l4_off, l4_hlen).ok_or(Reason::PassMalformed)?;
@@ -191,46 +194,23 @@ pub fn parse_ipv6(data: usize, data_end: usize, ip_off: usize) -> Result<Ipv6Flo
         proto: next,
         src,
         dst,
-        sport: read(l4, 0),
-        dport: read(l4, 2),
-        tcp_flags: tcp_flags(l4, l4_hlen),
+        sport: unsafe { read(l4, 0) },
+        dport: unsafe { read(l4, 2) },
+        tcp_flags: unsafe { tcp_flags(l4, l4_hlen) },
     })
 }
 
+/// The TCP flags byte of the L4 header at `l4`, or 0 for UDP.
+///
+/// # Safety
+/// `l4 .. l4 + l4_hlen` must be inside the packet.
 #[inline(always)]
-fn is_ext_header(next: u8) -> bool {
-    let mut i = 0;
-    while i < IPV6_EXT_HEADERS.len() {
-        if IPV6_EXT_HEADERS[i] == next {
-            return true;
-        }
-        i += 1;
-    }
-    false
-}
-
-const TCP_FLAGS_OFF: usize = 13;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_ACK: u8 = 0x10;
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_RST: u8 = 0x04;
-
-/// The TCP flags byte of the L4 header at `l4` (`l4_hlen` bytes checked present), or 0
-/// for UDP.
-#[inline(always)]
-fn tcp_flags(l4: *mut u8, l4_hlen: usize) -> u8 {
+unsafe fn tcp_flags(l4: *mut u8, l4_hlen: usize) -> u8 {
     if l4_hlen == TCP_HLEN {
-        let [flags] = read::<1>(l4, TCP_FLAGS_OFF);
+        // SAFETY: a TCP header's 20 bytes are present (the caller's guarantee).
+        let [flags] = unsafe { read::<1>(l4, TCP_FLAGS_OFF) };
         flags
     } else {
         0
     }
-}
-
-/// Whether this packet may start a flow: any UDP datagram, or a TCP SYN without ACK.
-/// Flow state is written only for these, so an established TCP flow costs no conntrack
-/// work at ingress (its replies keep the entry fresh in the LRU).
-#[inline(always)]
-pub fn may_start_flow(proto: u8, tcp_flags: u8) -> bool {
-    proto != proto::TCP || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }

@@ -12,7 +12,6 @@ use std::{
     fs, io, mem,
     net::{IpAddr, Ipv4Addr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    path::PathBuf,
 };
 
 use portfwd_common::BridgePortKey;
@@ -275,18 +274,8 @@ pub fn local_addrs() -> BTreeSet<IpAddr> {
         .collect()
 }
 
-/// The cgroup2 mount point (the root of the unified hierarchy), on unified
-/// (`/sys/fs/cgroup`) and hybrid (`/sys/fs/cgroup/unified`) layouts alike.
-pub fn cgroup2_root() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    // mountinfo: ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS... - FSTYPE SOURCE SUPER
-    mounts.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let fstype = right.split_whitespace().next()?;
-        let mountpoint = left.split_whitespace().nth(4)?;
-        (fstype == "cgroup2").then(|| PathBuf::from(mountpoint))
-    })
-}
+/// The cgroup2 mount point (one copy for the daemon, the tests and xtask).
+pub use portfwd_common::host::cgroup2_root;
 
 /// The forwarding databases of this namespace's bridges, as (bridge ifindex, MAC) to the
 /// ifindex of the port that leads to the MAC (learnt entries only).

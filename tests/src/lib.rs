@@ -15,6 +15,7 @@ pub mod bins;
 pub mod cgroup;
 pub mod client;
 pub mod daemon;
+pub mod fixture;
 pub mod netns;
 pub mod pattern;
 pub mod process;

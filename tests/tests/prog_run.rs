@@ -1,134 +1,30 @@
 //! BPF_PROG_RUN fixture tables: every kernel program, run by the real kernel on crafted
 //! frames with seeded maps. Each case gives the input frame, the expected verdict and
 //! the expected output bytes (the untouched input, or the frame rebuilt from scratch
-//! with the translated addresses and freshly computed checksums).
+//! with the translated addresses and freshly computed checksums). Every run is also
+//! compared with the model (`portfwd_common::model`, through `fixture::compare`), and
+//! random and mutated frames check kernel and model agree beyond the tables.
 //!
 //! Needs root (CAP_BPF + CAP_NET_ADMIN). Without it the suite skips, except under
 //! `CI=true`, where it fails.
 
-use std::net::Ipv4Addr;
+mod common;
 
-use aya::programs::{tc::SchedClassifier, TestRun, TestRunOptions, Xdp};
-use etherparse::{IpHeaders, Ipv4Extensions, Ipv4Header, Ipv4Options, PacketBuilder};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
 use portfwd::dataplane::Dataplane;
-use portfwd_common::{programs, proto, BackendV4, Reason, RuleKeyV4};
-
-const XDP_PASS: u32 = 2;
-/// TC_ACT_UNSPEC: TCX's "next program", what the TC programs return for "go on".
-const TC_NEXT: u32 = -1i32 as u32;
+use portfwd_common::{model::Verdict, proto, BackendV4, BridgePortKey, Reason, RuleKeyV4};
+use portfwd_tests::fixture::{
+    arp_request, check_case, compare_in, echo_request, privileged, reply_translated, run_checked,
+    translated, udp_v6, untouched, Case, Env, FastPathFib, Frame, Prog, ETH, IP4,
+};
+use portfwd_tests::{netns::Netns, require_root};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const HOST2: Ipv4Addr = Ipv4Addr::new(198, 18, 9, 1);
 const OTHER: Ipv4Addr = Ipv4Addr::new(198, 19, 7, 7);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
-const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
-const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
-
-fn privileged() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "BPF_PROG_RUN tests need root, and CI=true forbids skipping them"
-    );
-    eprintln!("skipping: BPF_PROG_RUN tests need root");
-    false
-}
-
-/// A frame described by its fields; `build` makes the bytes with correct checksums.
-#[derive(Clone)]
-struct Frame {
-    src: (Ipv4Addr, u16),
-    dst: (Ipv4Addr, u16),
-    proto: u8,
-    vlan: Option<u16>,
-    ip_options: usize,
-    more_fragments: bool,
-    frag_offset: u16,
-    payload: Vec<u8>,
-}
-
-impl Frame {
-    fn new(proto: u8, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Self {
-        Self {
-            src,
-            dst,
-            proto,
-            vlan: None,
-            ip_options: 0,
-            more_fragments: false,
-            frag_offset: 0,
-            payload: b"portfwd fixture payload".to_vec(),
-        }
-    }
-    fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Self {
-        Self::new(proto::TCP, src, dst)
-    }
-    fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Self {
-        Self::new(proto::UDP, src, dst)
-    }
-    fn with_src(&self, src: (Ipv4Addr, u16)) -> Self {
-        Self {
-            src,
-            ..self.clone()
-        }
-    }
-    fn with_dst(&self, dst: (Ipv4Addr, u16)) -> Self {
-        Self {
-            dst,
-            ..self.clone()
-        }
-    }
-
-    fn build(&self) -> Vec<u8> {
-        let mut ip = Ipv4Header::new(
-            0,
-            64,
-            self.proto.into(),
-            self.src.0.octets(),
-            self.dst.0.octets(),
-        )
-        .expect("ipv4 header");
-        ip.options = match self.ip_options {
-            0 => Ipv4Options::default(),
-            4 => Ipv4Options::from([1, 1, 1, 0]), // NOP NOP NOP EOL
-            8 => Ipv4Options::from([1, 1, 1, 1, 1, 1, 1, 0]),
-            n => panic!("unsupported option length {n}"),
-        };
-        ip.more_fragments = self.more_fragments;
-        ip.fragment_offset = self.frag_offset.try_into().expect("fragment offset");
-        let eth = PacketBuilder::ethernet2(MAC_A, MAC_B);
-        let ip_headers = IpHeaders::Ipv4(ip, Ipv4Extensions::default());
-        let mut out = Vec::new();
-        match (self.vlan, self.proto) {
-            (None, proto::TCP) => eth
-                .ip(ip_headers)
-                .tcp(self.src.1, self.dst.1, 1000, 64240)
-                .syn()
-                .write(&mut out, &self.payload),
-            (None, proto::UDP) => eth
-                .ip(ip_headers)
-                .udp(self.src.1, self.dst.1)
-                .write(&mut out, &self.payload),
-            (Some(vid), proto::TCP) => eth
-                .single_vlan(vid.try_into().expect("vlan id"))
-                .ip(ip_headers)
-                .tcp(self.src.1, self.dst.1, 1000, 64240)
-                .syn()
-                .write(&mut out, &self.payload),
-            (Some(vid), proto::UDP) => eth
-                .single_vlan(vid.try_into().expect("vlan id"))
-                .ip(ip_headers)
-                .udp(self.src.1, self.dst.1)
-                .write(&mut out, &self.payload),
-            _ => panic!("unsupported protocol"),
-        }
-        .expect("write frame");
-        out
-    }
-}
 
 /// A loaded dataplane with the fixture rules: HOST:9000/tcp and *:5353/udp to BACKEND,
 /// and *:9001/tcp to the same backend port (one backend behind two host ports).
@@ -152,89 +48,6 @@ fn fixture_dataplane() -> Dataplane {
     dp.sync_host_addrs(&[HOST, HOST2].into_iter().collect())
         .expect("host addrs");
     dp
-}
-
-/// Which program a case runs.
-#[derive(Clone, Copy, Debug)]
-enum Prog {
-    XdpIngress,
-    TcIngress,
-    TcEgress,
-}
-
-fn run(dp: &Dataplane, prog: Prog, input: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; input.len() + 256];
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(input);
-    opts.data_out = Some(&mut out);
-    let ebpf = dp.ebpf();
-    let result = match prog {
-        Prog::XdpIngress => {
-            let p: &Xdp = ebpf
-                .program(programs::XDP_INGRESS)
-                .expect("xdp program")
-                .try_into()
-                .expect("xdp");
-            p.test_run(opts).expect("test run")
-        }
-        Prog::TcIngress | Prog::TcEgress => {
-            let name = if matches!(prog, Prog::TcIngress) {
-                programs::TC_INGRESS
-            } else {
-                programs::TC_EGRESS
-            };
-            let p: &SchedClassifier = ebpf
-                .program(name)
-                .expect("tc program")
-                .try_into()
-                .expect("tc");
-            p.test_run(opts).expect("test run")
-        }
-    };
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
-}
-
-fn pass_verdict(prog: Prog) -> u32 {
-    match prog {
-        Prog::XdpIngress => XDP_PASS,
-        _ => TC_NEXT,
-    }
-}
-
-fn reason_count(dp: &Dataplane, reason: Reason) -> u64 {
-    dp.reason_stats()
-        .expect("reason stats")
-        .into_iter()
-        .find(|(r, _)| *r == reason)
-        .map(|(_, n)| n)
-        .expect("reason present")
-}
-
-struct Case {
-    what: &'static str,
-    input: Vec<u8>,
-    /// `None`: the frame must come out untouched.
-    expect: Option<Vec<u8>>,
-    reason: Reason,
-}
-
-fn translated(what: &'static str, input: &Frame, output: &Frame) -> Case {
-    Case {
-        what,
-        input: input.build(),
-        expect: Some(output.build()),
-        reason: Reason::Translated,
-    }
-}
-
-fn untouched(what: &'static str, input: Vec<u8>, reason: Reason) -> Case {
-    Case {
-        what,
-        input,
-        expect: None,
-        reason,
-    }
 }
 
 fn ingress_cases() -> Vec<Case> {
@@ -285,8 +98,8 @@ fn ingress_cases() -> Vec<Case> {
     let mut zero_in = udp.build();
     let mut zero_out = udp.with_dst((BACKEND, 53)).build();
     for f in [&mut zero_in, &mut zero_out] {
-        f[14 + 20 + 6] = 0;
-        f[14 + 20 + 7] = 0;
+        f[ETH + IP4 + 6] = 0;
+        f[ETH + IP4 + 7] = 0;
     }
     cases.push(Case {
         what: "udp zero checksum stays zero",
@@ -330,96 +143,64 @@ fn ingress_cases() -> Vec<Case> {
         Reason::PassFragment,
     ));
 
-    // ARP request.
-    let mut arp = vec![0xff; 6];
-    arp.extend_from_slice(&MAC_A);
-    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
-    arp.extend_from_slice(&MAC_A);
-    arp.extend_from_slice(&CLIENT.octets());
-    arp.extend_from_slice(&[0; 6]);
-    arp.extend_from_slice(&HOST.octets());
-    cases.push(untouched("ARP", arp, Reason::PassNotIp));
+    cases.push(untouched(
+        "ARP",
+        arp_request(CLIENT, HOST),
+        Reason::PassNotIp,
+    ));
 
     // IPv6 UDP to port 5353: the IPv4 wildcard rule does not cover IPv6 (the IPv6
     // fixtures are in prog_run_v6.rs).
-    let mut v6 = Vec::new();
-    PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv6(
-            [0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
-            [0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
-            64,
-        )
-        .udp(1234, 5353)
-        .write(&mut v6, b"v6")
-        .expect("v6 frame");
     cases.push(untouched(
         "IPv6 without an IPv6 rule",
-        v6,
+        udp_v6(
+            (Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2), 1234),
+            (Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1), 5353),
+            b"v6",
+        ),
         Reason::PassNoRule,
     ));
 
-    let mut icmp = Vec::new();
-    PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv4(CLIENT.octets(), HOST.octets(), 64)
-        .icmpv4_echo_request(1, 1)
-        .write(&mut icmp, b"ping")
-        .expect("icmp frame");
-    cases.push(untouched("ICMP", icmp, Reason::PassNotTcpUdp));
+    cases.push(untouched(
+        "ICMP",
+        echo_request(CLIENT, HOST),
+        Reason::PassNotTcpUdp,
+    ));
 
     let full = tcp.build();
     cases.push(untouched(
         "Ethernet header only",
-        full[..14].to_vec(),
+        full[..ETH].to_vec(),
         Reason::PassMalformed,
     ));
     cases.push(untouched(
         "IPv4 header cut short",
-        full[..14 + 12].to_vec(),
+        full[..ETH + 12].to_vec(),
         Reason::PassMalformed,
     ));
     cases.push(untouched(
         "TCP header cut short",
-        full[..14 + 20 + 10].to_vec(),
+        full[..ETH + IP4 + 10].to_vec(),
         Reason::PassMalformed,
     ));
     let mut opts_cut = opts.build();
-    opts_cut.truncate(14 + 28 + 4);
+    opts_cut.truncate(ETH + IP4 + 8 + 4);
     cases.push(untouched(
         "options push TCP past the end",
         opts_cut,
         Reason::PassMalformed,
     ));
     let mut bad_ihl = full.clone();
-    bad_ihl[14] = 0x44; // IHL 4 < 5
+    bad_ihl[ETH] = 0x44; // IHL 4 < 5
     cases.push(untouched("IHL below 5", bad_ihl, Reason::PassMalformed));
     let mut bad_ver = full.clone();
-    bad_ver[14] = 0x65;
+    bad_ver[ETH] = 0x65;
     cases.push(untouched(
         "IP version 6 in an IPv4 ethertype",
         bad_ver,
         Reason::PassMalformed,
     ));
     cases
-}
-
-fn check_case(dp: &Dataplane, prog: Prog, case: &Case) {
-    let before = reason_count(dp, case.reason);
-    let (verdict, out) = run(dp, prog, &case.input);
-    assert_eq!(
-        verdict,
-        pass_verdict(prog),
-        "{prog:?}: {}: verdict",
-        case.what
-    );
-    let expect = case.expect.as_ref().unwrap_or(&case.input);
-    assert_eq!(&out, expect, "{prog:?}: {}: output bytes", case.what);
-    assert_eq!(
-        reason_count(dp, case.reason),
-        before + 1,
-        "{prog:?}: {}: counted as {:?}",
-        case.what,
-        case.reason
-    );
 }
 
 #[test]
@@ -441,7 +222,10 @@ fn tc_ingress_fixtures() {
     let dp = fixture_dataplane();
     // The kernel's skb test run refuses (EINVAL) an IPv4 frame shorter than an IPv4
     // header; such an skb never reaches TC, as the stack drops it first.
-    for case in ingress_cases().iter().filter(|c| c.input.len() >= 14 + 20) {
+    for case in ingress_cases()
+        .iter()
+        .filter(|c| c.input.len() >= ETH + IP4)
+    {
         check_case(&dp, Prog::TcIngress, case);
     }
 }
@@ -454,11 +238,11 @@ fn rule_counters_count_translated_packets() {
     let dp = fixture_dataplane();
     let frame = Frame::tcp((CLIENT, 40000), (HOST, 9000)).build();
     for _ in 0..3 {
-        run(&dp, Prog::XdpIngress, &frame);
+        run_checked(&dp, Prog::XdpIngress, &frame);
     }
     let s = dp.rule_stats(1).expect("stats");
     assert_eq!((s.packets, s.bytes), (3, 3 * frame.len() as u64));
-    run(
+    run_checked(
         &dp,
         Prog::TcIngress,
         &Frame::tcp((CLIENT, 1), (HOST, 4444)).build(),
@@ -492,63 +276,48 @@ fn tc_egress_reply_fixtures() {
             ),
         );
 
-        let (v, _) = run(
+        let (v, _) = run_checked(
             &dp,
             ingress,
             &Frame::tcp((CLIENT, 40000), (HOST, 9000)).build(),
         );
-        assert_eq!(v, pass_verdict(ingress));
-        let (v, _) = run(
+        assert_eq!(v, ingress.pass_verdict());
+        let (v, _) = run_checked(
             &dp,
             ingress,
             &Frame::tcp((CLIENT, 40002), (HOST2, 9001)).build(),
         );
-        assert_eq!(v, pass_verdict(ingress));
-        let (v, _) = run(
+        assert_eq!(v, ingress.pass_verdict());
+        let (v, _) = run_checked(
             &dp,
             ingress,
             &Frame::udp((CLIENT, 40001), (HOST2, 5353)).build(),
         );
-        assert_eq!(v, pass_verdict(ingress));
+        assert_eq!(v, ingress.pass_verdict());
 
         let reply_udp = Frame::udp((BACKEND, 53), (CLIENT, 40001));
         let reply_9001 = Frame::tcp((BACKEND, 8080), (CLIENT, 40002));
         let cases = [
-            Case {
-                what: "tcp reply of HOST:9000",
-                input: reply_tcp.build(),
-                expect: Some(reply_tcp.with_src((HOST, 9000)).build()),
-                reason: Reason::ReplyTranslated,
-            },
-            Case {
-                what: "same backend, reply of HOST2:9001",
-                input: reply_9001.build(),
-                expect: Some(reply_9001.with_src((HOST2, 9001)).build()),
-                reason: Reason::ReplyTranslated,
-            },
-            Case {
-                what: "udp reply",
-                input: reply_udp.build(),
-                expect: Some(reply_udp.with_src((HOST2, 5353)).build()),
-                reason: Reason::ReplyTranslated,
-            },
+            reply_translated(
+                "tcp reply of HOST:9000",
+                &reply_tcp,
+                &reply_tcp.with_src((HOST, 9000)),
+            ),
+            reply_translated(
+                "same backend, reply of HOST2:9001",
+                &reply_9001,
+                &reply_9001.with_src((HOST2, 9001)),
+            ),
+            reply_translated("udp reply", &reply_udp, &reply_udp.with_src((HOST2, 5353))),
             untouched(
                 "other client port",
                 reply_tcp.with_dst((CLIENT, 40999)).build(),
                 Reason::PassNoFlow,
             ),
-            untouched(
-                "ARP",
-                ingress_cases()
-                    .into_iter()
-                    .find(|c| c.what == "ARP")
-                    .expect("arp")
-                    .input,
-                Reason::PassNotIp,
-            ),
+            untouched("ARP", arp_request(CLIENT, HOST), Reason::PassNotIp),
             untouched(
                 "truncated reply",
-                reply_tcp.build()[..14 + 20 + 3].to_vec(),
+                reply_tcp.build()[..ETH + IP4 + 3].to_vec(),
                 Reason::PassMalformed,
             ),
         ];
@@ -592,8 +361,8 @@ fn ingress_hooks_agree_on_random_frames() {
                 );
                 f.payload = payload;
                 let input = f.build();
-                let (_, xdp_out) = run(&dp, Prog::XdpIngress, &input);
-                let (_, tc_out) = run(&dp, Prog::TcIngress, &input);
+                let (_, xdp_out) = run_checked(&dp, Prog::XdpIngress, &input);
+                let (_, tc_out) = run_checked(&dp, Prog::TcIngress, &input);
                 let expect = f.with_dst(backend).build();
                 prop_assert_eq!(&xdp_out, &expect);
                 prop_assert_eq!(&tc_out, &expect);
@@ -616,14 +385,14 @@ fn published_ports_filter_follows_rule_removal() {
     dp.insert_rule(wildcard, BackendV4::new(BACKEND, 8081, 4))
         .expect("wildcard rule");
     let exact = RuleKeyV4::from_parts(HOST, 9000, proto::TCP);
-    let (_, out) = run(&dp, Prog::XdpIngress, &frame.build());
+    let (_, out) = run_checked(&dp, Prog::XdpIngress, &frame.build());
     assert_eq!(
         out,
         frame.with_dst((BACKEND, 8080)).build(),
         "exact rule first"
     );
     dp.remove_rule(&exact).expect("remove exact");
-    let (_, out) = run(&dp, Prog::XdpIngress, &frame.build());
+    let (_, out) = run_checked(&dp, Prog::XdpIngress, &frame.build());
     assert_eq!(
         out,
         frame.with_dst((BACKEND, 8081)).build(),
@@ -635,4 +404,145 @@ fn published_ports_filter_follows_rule_removal() {
         Prog::XdpIngress,
         &untouched("no rule left", frame.build(), Reason::PassNoRule),
     );
+}
+
+/// Property: random and mutated frames (see `common`), through XDP ingress, TC ingress
+/// and TC egress: the kernel agrees with the model on verdict, bytes, reasons and flows.
+#[test]
+fn kernel_matches_model_on_random_frames() {
+    if !privileged() {
+        return;
+    }
+    let dp = fixture_dataplane();
+    let pool = common::Pool {
+        addrs: [HOST, HOST2, CLIENT, OTHER, BACKEND]
+            .map(Into::into)
+            .to_vec(),
+        hosts: 2,
+        ipv4: true,
+    };
+    common::kernel_matches_model(&dp, &pool, 300);
+}
+
+/// The backend's MAC, as a permanent neighbour of the fast-path namespace.
+const BACKEND_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
+/// The bridge port the fast path redirects to (BPF_PROG_RUN does not deliver it).
+const BRIDGE_PORT: u32 = 77;
+
+/// A namespace whose FIB reaches the backends' subnet on `d0` and knows the backend's
+/// MAC; what the model is told of it.
+fn fast_path_net() -> (Netns, FastPathFib) {
+    let ns = Netns::new("fp", "run");
+    ns.ip("link add d0 type veth peer name d1");
+    ns.ip("addr add 198.18.1.1/24 dev d0");
+    ns.ip("link set d1 up");
+    ns.ip("link set d0 up");
+    ns.ip("link set lo up");
+    ns.sysctl("net.ipv4.ip_forward", "1");
+    let mac = BACKEND_MAC.map(|b| format!("{b:02x}")).join(":");
+    ns.ip(&format!(
+        "neigh add {BACKEND} lladdr {mac} dev d0 nud permanent"
+    ));
+    // `N: d0@d1: <...> ... link/ether MAC brd ...`
+    let link = ns.ip("-o link show d0");
+    let ifindex = link
+        .split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("ifindex of d0 in {link:?}"));
+    let smac = link
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .map(|m| {
+            let b: Vec<u8> = m
+                .split(':')
+                .map(|x| u8::from_str_radix(x, 16).expect("MAC"))
+                .collect();
+            <[u8; 6]>::try_from(b).expect("MAC")
+        })
+        .unwrap_or_else(|| panic!("MAC of d0 in {link:?}"));
+    let fib = FastPathFib {
+        subnet: ([198, 18, 1, 0], 24),
+        ifindex,
+        smac,
+        mtu: 1500,
+        neighbours: vec![(BACKEND.octets(), BACKEND_MAC)],
+    };
+    (ns, fib)
+}
+
+/// The fast path, compared with the model: a translated packet is forwarded one hop (the
+/// FIB's MACs, TTL minus one) and redirected to the backend's bridge port at every
+/// ingress hook; an expiring TTL or an unknown bridge port falls back to the kernel;
+/// and random and mutated frames agree with the model with the fast path on.
+#[test]
+fn fast_path_matches_model() {
+    if !require_root("fast_path_matches_model") {
+        return;
+    }
+    let mut dp = fixture_dataplane();
+    dp.set_fast_path(true, true).expect("fast path on");
+    let (ns, fib) = fast_path_net();
+    let ports = [(BridgePortKey::new(fib.ifindex, BACKEND_MAC), BRIDGE_PORT)]
+        .into_iter()
+        .collect();
+    dp.sync_bridge_ports(&ports).expect("bridge ports");
+    let env = Env {
+        ns: Some(&ns),
+        route: None,
+        fib: Some(&fib),
+    };
+    let syn = Frame::tcp((CLIENT, 40000), (HOST, 9000));
+    let forwarded = Frame {
+        hops: 63,
+        macs: (fib.smac, BACKEND_MAC),
+        ..syn.with_dst((BACKEND, 8080))
+    };
+    let expiring = Frame {
+        hops: 1,
+        ..syn.clone()
+    };
+    for prog in [Prog::XdpIngress, Prog::XdpGeneric, Prog::TcIngress] {
+        let c = compare_in(&dp, env, prog, &syn.build()).expect("runs");
+        assert_eq!(
+            c.outcome.verdict,
+            Verdict::Redirect(BRIDGE_PORT),
+            "{prog:?}"
+        );
+        assert_eq!(c.output, forwarded.build(), "{prog:?}: forwarded one hop");
+        assert!(c.counted.contains(&(Reason::Redirected, 1)), "{prog:?}");
+        let c = compare_in(&dp, env, prog, &expiring.build()).expect("runs");
+        assert_eq!(c.outcome.verdict, Verdict::Pass, "{prog:?}: TTL 1");
+        assert!(
+            c.counted.contains(&(Reason::FastPathFallback, 1)),
+            "{prog:?}"
+        );
+    }
+    let pool = common::Pool {
+        addrs: [HOST, HOST2, CLIENT, OTHER, BACKEND]
+            .map(Into::into)
+            .to_vec(),
+        hosts: 2,
+        ipv4: true,
+    };
+    let progs = [
+        Prog::XdpIngress,
+        Prog::XdpGeneric,
+        Prog::TcIngress,
+        Prog::TcEgress,
+    ];
+    common::kernel_matches_model_in(&dp, env, &pool, &progs, 200);
+
+    // The bridge port unknown: the kernel routes the translated packet.
+    dp.sync_bridge_ports(&Default::default())
+        .expect("no bridge ports");
+    for prog in [Prog::XdpIngress, Prog::TcIngress] {
+        let c = compare_in(&dp, env, prog, &syn.build()).expect("runs");
+        assert_eq!(c.output, syn.with_dst((BACKEND, 8080)).build(), "{prog:?}");
+        assert!(
+            c.counted.contains(&(Reason::FastPathFallback, 1)),
+            "{prog:?}"
+        );
+    }
 }

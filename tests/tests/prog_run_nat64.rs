@@ -1,7 +1,8 @@
 //! BPF_PROG_RUN of NAT64 (remote IPv6 clients of an IPv4-only backend): the real
 //! programs, run by the kernel on crafted frames carrying full checksums (as from a
 //! wire), their output parsed back and checked field by field, with every checksum
-//! recomputed from scratch (etherparse) and compared.
+//! recomputed from scratch (etherparse) and compared. Every run is also compared with
+//! the model (`portfwd_common::model::nat64`, through `fixture::compare_in`).
 //!
 //! NAT64 asks the kernel's FIB for the route to the backend and the host's address on
 //! it, and BPF_PROG_RUN runs in the caller's network namespace: the runs happen inside a
@@ -9,17 +10,25 @@
 //!
 //! Needs root; skips without it, except under `CI=true`, where it fails.
 
+mod common;
+
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::maps::HashMap;
-use aya::programs::{tc::SchedClassifier, TestRun, TestRunOptions};
-use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
+use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
 use portfwd::dataplane::Dataplane;
+use portfwd_common::model::nat64::Route;
 use portfwd_common::{
     programs, proto, BackendV6, FlowKeyV4, Nat64Reply, Reason, RuleKeyV6, NAT64_CLOSING,
     NAT64_PORT_COUNT, NAT64_PORT_MIN, NAT64_REPLIES,
 };
-use portfwd_tests::{netns::Netns, require_root};
+use portfwd_tests::{
+    fixture::{
+        compare_in, reason_count as reason, Env, Frame, Prog, MAC_A, MAC_B, TC_NEXT, TC_REDIRECT,
+    },
+    netns::Netns,
+    require_root,
+};
 
 const CLIENT: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
 const HOST: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
@@ -29,11 +38,6 @@ const HOST2: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 9, 0, 0, 0, 1);
 /// The host's address on the backends' network, and a backend (IPv4 only).
 const HOST4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
-const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
-const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
-/// TC_ACT_REDIRECT, and TCX's "next program".
-const TC_REDIRECT: u32 = 7;
-const TC_NEXT: u32 = -1i32 as u32;
 
 /// The rules: `*`:9000/tcp and `*`:5353/udp to the IPv4-only BACKEND, as the daemon
 /// writes them (the IPv6 side holds the backend IPv4-mapped).
@@ -53,8 +57,13 @@ fn dataplane() -> Dataplane {
 }
 
 /// A namespace with the backends' network on a veth (its peer stays in the namespace
-/// too), forwarding on.
-fn backend_net() -> Netns {
+/// too), forwarding on; and its route to the backends, as the model is told it.
+struct BackendNet {
+    ns: Netns,
+    route: Route,
+}
+
+fn backend_net() -> BackendNet {
     let ns = Netns::new("n64", "run");
     ns.ip("link add d0 type veth peer name d1");
     ns.ip(&format!("addr add {HOST4}/24 dev d0"));
@@ -62,33 +71,37 @@ fn backend_net() -> Netns {
     ns.ip("link set d0 up");
     ns.ip("link set lo up");
     ns.sysctl("net.ipv4.ip_forward", "1");
-    ns
+    // `N: d0@d1: ...`
+    let link = ns.ip("-o link show d0");
+    let ifindex = link
+        .split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("ifindex of d0 in {link:?}"));
+    BackendNet {
+        ns,
+        route: Route {
+            src: HOST4.octets(),
+            ifindex,
+        },
+    }
 }
 
-fn run(dp: &Dataplane, ns: &Netns, prog: &'static str, input: &[u8]) -> (u32, Vec<u8>) {
-    let p: &SchedClassifier = dp
-        .ebpf()
-        .program(prog)
-        .expect("program")
-        .try_into()
-        .expect("tc program");
-    ns.run(|| {
-        let mut out = vec![0u8; input.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(input);
-        opts.data_out = Some(&mut out);
-        let r = p.test_run(opts).expect("test run");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
-    })
-}
-
-fn reason(dp: &Dataplane, reason: Reason) -> u64 {
-    dp.reason_stats()
-        .expect("reason stats")
-        .into_iter()
-        .find(|(r, _)| *r == reason)
-        .map_or(0, |(_, n)| n)
+/// Runs the TC program `prog` on `input` inside the namespace (whose FIB NAT64
+/// consults), checked against the model ([`compare_in`]).
+fn run(dp: &Dataplane, net: &BackendNet, prog: &'static str, input: &[u8]) -> (u32, Vec<u8>) {
+    let prog = match prog {
+        programs::TC_INGRESS => Prog::TcIngress,
+        programs::TC_NAT64_ENTRY => Prog::Nat64Entry,
+        other => panic!("not a NAT64 fixture program: {other}"),
+    };
+    let env = Env {
+        ns: Some(&net.ns),
+        route: Some(net.route),
+        fib: None,
+    };
+    let c = compare_in(dp, env, prog, input).expect("a frame the kernel runs");
+    (c.verdict, c.output)
 }
 
 const PAYLOAD: &[u8] = b"portfwd nat64 fixture payload";
@@ -281,7 +294,7 @@ fn nat64_leaves_the_rest_untouched() {
 
 /// The NAT64 source port of translating `input` (a TCP SYN or UDP datagram to `*`:9000 or
 /// `*`:5353), after checking it was translated.
-fn nat64_port(dp: &Dataplane, ns: &Netns, input: &[u8]) -> u16 {
+fn nat64_port(dp: &Dataplane, ns: &BackendNet, input: &[u8]) -> u16 {
     let (verdict, out) = run(dp, ns, programs::TC_INGRESS, input);
     assert_eq!(verdict, TC_REDIRECT, "translated");
     parse_checked(&out).0 .1
@@ -399,6 +412,7 @@ fn nat64_random_frames_both_ways() {
         .expect("property");
 }
 
+/// A client's IPv6 frame (a TCP SYN, or UDP).
 fn frame_v6(
     l4: u8,
     src: (Ipv6Addr, u16),
@@ -406,19 +420,15 @@ fn frame_v6(
     hops: u8,
     payload: &[u8],
 ) -> Vec<u8> {
-    let ip = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv6(src.0.octets(), dst.0.octets(), hops);
-    let mut out = Vec::new();
-    match l4 {
-        proto::TCP => ip
-            .tcp(src.1, dst.1, 1000, 64240)
-            .syn()
-            .write(&mut out, payload),
-        _ => ip.udp(src.1, dst.1).write(&mut out, payload),
+    Frame {
+        hops,
+        payload: payload.to_vec(),
+        ..Frame::new(l4, src, dst)
     }
-    .expect("frame");
-    out
+    .build()
 }
 
+/// A backend's IPv4 answer (a TCP ACK, or UDP), from the other MAC.
 fn frame_v4(
     l4: u8,
     src: (Ipv4Addr, u16),
@@ -426,15 +436,43 @@ fn frame_v4(
     ttl: u8,
     payload: &[u8],
 ) -> Vec<u8> {
-    let ip = PacketBuilder::ethernet2(MAC_B, MAC_A).ipv4(src.0.octets(), dst.0.octets(), ttl);
-    let mut out = Vec::new();
-    match l4 {
-        proto::TCP => ip
-            .tcp(src.1, dst.1, 2000, 64240)
-            .ack(1001)
-            .write(&mut out, payload),
-        _ => ip.udp(src.1, dst.1).write(&mut out, payload),
+    Frame {
+        hops: ttl,
+        macs: (MAC_B, MAC_A),
+        seq: 2000,
+        ack: Some(1001),
+        payload: payload.to_vec(),
+        ..Frame::new(l4, src, dst)
     }
-    .expect("frame");
-    out
+    .build()
+}
+
+/// Property: random and mutated IPv6 frames (see `common`) against the NAT64 rules, at
+/// XDP ingress, TC ingress (NAT64 followed through the tail call), TC egress and NAT64's
+/// entry, and the backend's answer to every NAT64 flow: the kernel agrees with the model
+/// on verdict, bytes, reasons, flows both ways and rule counters.
+#[test]
+fn nat64_kernel_matches_model_on_random_frames() {
+    if !require_root("nat64_kernel_matches_model_on_random_frames") {
+        return;
+    }
+    let dp = dataplane();
+    let net = backend_net();
+    let env = Env {
+        ns: Some(&net.ns),
+        route: Some(net.route),
+        fib: None,
+    };
+    let pool = common::Pool {
+        addrs: [HOST, HOST2, CLIENT].map(Into::into).to_vec(),
+        hosts: 2,
+        ipv4: false,
+    };
+    let progs = [
+        Prog::XdpIngress,
+        Prog::TcIngress,
+        Prog::TcEgress,
+        Prog::Nat64Entry,
+    ];
+    common::kernel_matches_model_in(&dp, env, &pool, &progs, 200);
 }

@@ -2,23 +2,23 @@
 //! point per hook serves both families), run by the real kernel on crafted IPv6 frames
 //! with seeded IPv6 maps. Each case gives the input frame, the expected verdict and the
 //! expected output bytes (the untouched input, or the frame rebuilt from scratch with
-//! the translated address and port and a freshly computed checksum).
+//! the translated address and port and a freshly computed checksum). Every run is also
+//! compared with the model (`fixture::compare`), and random and mutated frames check
+//! kernel and model agree beyond the tables.
 //!
 //! Needs root (CAP_BPF + CAP_NET_ADMIN). Without it the suite skips, except under
 //! `CI=true`, where it fails.
 
+mod common;
+
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use aya::programs::{tc::SchedClassifier, TestRun, TestRunOptions, Xdp};
-use etherparse::PacketBuilder;
 use portfwd::dataplane::Dataplane;
-use portfwd_common::{
-    programs, proto, BackendV4, BackendV6, Reason, RuleKeyV4, RuleKeyV6, CONNTRACK_V6,
+use portfwd_common::{proto, BackendV4, BackendV6, Reason, RuleKeyV4, RuleKeyV6, CONNTRACK_V6};
+use portfwd_tests::fixture::{
+    check_case, echo_request, privileged, reply_translated, run_checked, translated, untouched,
+    Case, Frame, Prog, ETH, IP6,
 };
-
-const XDP_PASS: u32 = 2;
-/// TC_ACT_UNSPEC: TCX's "next program", what the TC programs return for "go on".
-const TC_NEXT: u32 = -1i32 as u32;
 
 /// Addresses from 2001:2::/48 (RFC 5180, benchmarking).
 const CLIENT: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
@@ -26,121 +26,6 @@ const HOST: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
 const HOST2: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 9, 0, 0, 0, 1);
 const OTHER: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 7, 0, 0, 0, 7);
 const BACKEND: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 2);
-const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
-const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
-const ETH: usize = 14;
-const IP6: usize = 40;
-
-fn privileged() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "BPF_PROG_RUN tests need root, and CI=true forbids skipping them"
-    );
-    eprintln!("skipping: BPF_PROG_RUN tests need root");
-    false
-}
-
-/// An IPv6 frame described by its fields; `build` makes the bytes with correct checksums.
-#[derive(Clone)]
-struct Frame {
-    src: (Ipv6Addr, u16),
-    dst: (Ipv6Addr, u16),
-    proto: u8,
-    vlan: Option<u16>,
-    payload: Vec<u8>,
-}
-
-impl Frame {
-    fn new(proto: u8, src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16)) -> Self {
-        Self {
-            src,
-            dst,
-            proto,
-            vlan: None,
-            payload: b"portfwd v6 fixture payload".to_vec(),
-        }
-    }
-    fn tcp(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16)) -> Self {
-        Self::new(proto::TCP, src, dst)
-    }
-    fn udp(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16)) -> Self {
-        Self::new(proto::UDP, src, dst)
-    }
-    fn with_src(&self, src: (Ipv6Addr, u16)) -> Self {
-        Self {
-            src,
-            ..self.clone()
-        }
-    }
-    fn with_dst(&self, dst: (Ipv6Addr, u16)) -> Self {
-        Self {
-            dst,
-            ..self.clone()
-        }
-    }
-    /// Where the IPv6 header starts.
-    fn ip_off(&self) -> usize {
-        ETH + if self.vlan.is_some() { 4 } else { 0 }
-    }
-
-    fn build(&self) -> Vec<u8> {
-        let (s, d) = (self.src.0.octets(), self.dst.0.octets());
-        let eth = PacketBuilder::ethernet2(MAC_A, MAC_B);
-        let mut out = Vec::new();
-        match (self.vlan, self.proto) {
-            (None, proto::TCP) => eth
-                .ipv6(s, d, 64)
-                .tcp(self.src.1, self.dst.1, 1000, 64240)
-                .syn()
-                .write(&mut out, &self.payload),
-            (None, proto::UDP) => eth
-                .ipv6(s, d, 64)
-                .udp(self.src.1, self.dst.1)
-                .write(&mut out, &self.payload),
-            (Some(vid), proto::TCP) => eth
-                .single_vlan(vid.try_into().expect("vlan id"))
-                .ipv6(s, d, 64)
-                .tcp(self.src.1, self.dst.1, 1000, 64240)
-                .syn()
-                .write(&mut out, &self.payload),
-            (Some(vid), proto::UDP) => eth
-                .single_vlan(vid.try_into().expect("vlan id"))
-                .ipv6(s, d, 64)
-                .udp(self.src.1, self.dst.1)
-                .write(&mut out, &self.payload),
-            _ => panic!("unsupported protocol"),
-        }
-        .expect("write frame");
-        out
-    }
-
-    /// The frame with an 8-byte extension header of type `next_header` inserted before
-    /// the transport header (checksums are not fixed: the frame must pass untouched).
-    fn with_ext_header(&self, next_header: u8) -> Vec<u8> {
-        let mut f = self.build();
-        let ip = self.ip_off();
-        let transport = f[ip + 6];
-        let mut ext = [0u8; 8];
-        ext[0] = transport;
-        if next_header == 44 {
-            // Fragment header: offset 0, M flag set, an identification.
-            ext[3] = 1;
-            ext[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
-        } else {
-            // Hdr Ext Len 0 (8 bytes), a PadN option filling the rest.
-            ext[2] = 1;
-            ext[3] = 4;
-        }
-        f[ip + 6] = next_header;
-        let plen = u16::from_be_bytes([f[ip + 4], f[ip + 5]]) + 8;
-        f[ip + 4..ip + 6].copy_from_slice(&plen.to_be_bytes());
-        f.splice(ip + IP6..ip + IP6, ext);
-        f
-    }
-}
 
 /// A loaded dataplane with the fixture rules: [HOST]:9000/tcp and [::]:5353/udp to
 /// BACKEND, [::]:9001/tcp to the same backend port (one backend behind two host ports),
@@ -170,89 +55,6 @@ fn fixture_dataplane() -> Dataplane {
     dp.sync_host_addrs_v6(&[HOST, HOST2].into_iter().collect())
         .expect("host addrs");
     dp
-}
-
-/// Which program a case runs.
-#[derive(Clone, Copy, Debug)]
-enum Prog {
-    XdpIngress,
-    TcIngress,
-    TcEgress,
-}
-
-fn run(dp: &Dataplane, prog: Prog, input: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; input.len() + 256];
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(input);
-    opts.data_out = Some(&mut out);
-    let ebpf = dp.ebpf();
-    let result = match prog {
-        Prog::XdpIngress => {
-            let p: &Xdp = ebpf
-                .program(programs::XDP_INGRESS)
-                .expect("xdp program")
-                .try_into()
-                .expect("xdp");
-            p.test_run(opts).expect("test run")
-        }
-        Prog::TcIngress | Prog::TcEgress => {
-            let name = if matches!(prog, Prog::TcIngress) {
-                programs::TC_INGRESS
-            } else {
-                programs::TC_EGRESS
-            };
-            let p: &SchedClassifier = ebpf
-                .program(name)
-                .expect("tc program")
-                .try_into()
-                .expect("tc");
-            p.test_run(opts).expect("test run")
-        }
-    };
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
-}
-
-fn pass_verdict(prog: Prog) -> u32 {
-    match prog {
-        Prog::XdpIngress => XDP_PASS,
-        _ => TC_NEXT,
-    }
-}
-
-fn reason_count(dp: &Dataplane, reason: Reason) -> u64 {
-    dp.reason_stats()
-        .expect("reason stats")
-        .into_iter()
-        .find(|(r, _)| *r == reason)
-        .map(|(_, n)| n)
-        .expect("reason present")
-}
-
-struct Case {
-    what: &'static str,
-    input: Vec<u8>,
-    /// `None`: the frame must come out untouched.
-    expect: Option<Vec<u8>>,
-    reason: Reason,
-}
-
-fn translated(what: &'static str, input: &Frame, output: &Frame) -> Case {
-    Case {
-        what,
-        input: input.build(),
-        expect: Some(output.build()),
-        reason: Reason::Translated,
-    }
-}
-
-fn untouched(what: &'static str, input: Vec<u8>, reason: Reason) -> Case {
-    Case {
-        what,
-        input,
-        expect: None,
-        reason,
-    }
 }
 
 fn ingress_cases() -> Vec<Case> {
@@ -373,13 +175,11 @@ fn ingress_cases() -> Vec<Case> {
         Reason::PassIpv6ExtHeader,
     ));
 
-    let mut icmp = Vec::new();
-    PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv6(CLIENT.octets(), HOST.octets(), 64)
-        .icmpv6_echo_request(1, 1)
-        .write(&mut icmp, b"ping")
-        .expect("icmpv6 frame");
-    cases.push(untouched("ICMPv6", icmp, Reason::PassNotTcpUdp));
+    cases.push(untouched(
+        "ICMPv6",
+        echo_request(CLIENT, HOST),
+        Reason::PassNotTcpUdp,
+    ));
 
     let full = tcp.build();
     cases.push(untouched(
@@ -419,26 +219,6 @@ fn ingress_cases() -> Vec<Case> {
     cases
 }
 
-fn check_case(dp: &Dataplane, prog: Prog, case: &Case) {
-    let before = reason_count(dp, case.reason);
-    let (verdict, out) = run(dp, prog, &case.input);
-    assert_eq!(
-        verdict,
-        pass_verdict(prog),
-        "{prog:?}: {}: verdict",
-        case.what
-    );
-    let expect = case.expect.as_ref().unwrap_or(&case.input);
-    assert_eq!(&out, expect, "{prog:?}: {}: output bytes", case.what);
-    assert_eq!(
-        reason_count(dp, case.reason),
-        before + 1,
-        "{prog:?}: {}: counted as {:?}",
-        case.what,
-        case.reason
-    );
-}
-
 #[test]
 fn xdp_ingress_fixtures_v6() {
     if !privileged() {
@@ -474,11 +254,11 @@ fn rule_counters_count_translated_v6_packets() {
     let dp = fixture_dataplane();
     let frame = Frame::tcp((CLIENT, 40000), (HOST, 9000)).build();
     for _ in 0..3 {
-        run(&dp, Prog::XdpIngress, &frame);
+        run_checked(&dp, Prog::XdpIngress, &frame);
     }
     let s = dp.rule_stats(1).expect("stats");
     assert_eq!((s.packets, s.bytes), (3, 3 * frame.len() as u64));
-    run(
+    run_checked(
         &dp,
         Prog::TcIngress,
         &Frame::tcp((CLIENT, 1), (HOST, 4444)).build(),
@@ -517,8 +297,8 @@ fn tc_egress_reply_fixtures_v6() {
             Frame::tcp((CLIENT, 40002), (HOST2, 9001)),
             Frame::udp((CLIENT, 40001), (HOST2, 5353)),
         ] {
-            let (v, _) = run(&dp, ingress, &req.build());
-            assert_eq!(v, pass_verdict(ingress));
+            let (v, _) = run_checked(&dp, ingress, &req.build());
+            assert_eq!(v, ingress.pass_verdict());
         }
 
         let reply_udp = Frame::udp((BACKEND, 53), (CLIENT, 40001));
@@ -526,30 +306,22 @@ fn tc_egress_reply_fixtures_v6() {
         let mut reply_vlan = reply_udp.clone();
         reply_vlan.vlan = Some(42);
         let cases = [
-            Case {
-                what: "tcp reply of [HOST]:9000",
-                input: reply_tcp.build(),
-                expect: Some(reply_tcp.with_src((HOST, 9000)).build()),
-                reason: Reason::ReplyTranslated,
-            },
-            Case {
-                what: "same backend, reply of [HOST2]:9001",
-                input: reply_9001.build(),
-                expect: Some(reply_9001.with_src((HOST2, 9001)).build()),
-                reason: Reason::ReplyTranslated,
-            },
-            Case {
-                what: "udp reply",
-                input: reply_udp.build(),
-                expect: Some(reply_udp.with_src((HOST2, 5353)).build()),
-                reason: Reason::ReplyTranslated,
-            },
-            Case {
-                what: "udp reply with an 802.1Q tag",
-                input: reply_vlan.build(),
-                expect: Some(reply_vlan.with_src((HOST2, 5353)).build()),
-                reason: Reason::ReplyTranslated,
-            },
+            reply_translated(
+                "tcp reply of [HOST]:9000",
+                &reply_tcp,
+                &reply_tcp.with_src((HOST, 9000)),
+            ),
+            reply_translated(
+                "same backend, reply of [HOST2]:9001",
+                &reply_9001,
+                &reply_9001.with_src((HOST2, 9001)),
+            ),
+            reply_translated("udp reply", &reply_udp, &reply_udp.with_src((HOST2, 5353))),
+            reply_translated(
+                "udp reply with an 802.1Q tag",
+                &reply_vlan,
+                &reply_vlan.with_src((HOST2, 5353)),
+            ),
             untouched(
                 "other client port",
                 reply_tcp.with_dst((CLIENT, 40999)).build(),
@@ -585,7 +357,7 @@ fn v6_rule_flow_and_host_address_methods() {
     let mut dp = fixture_dataplane();
     let req = Frame::udp((CLIENT, 40001), (HOST2, 5353));
     let reply = Frame::udp((BACKEND, 53), (CLIENT, 40001));
-    run(&dp, Prog::XdpIngress, &req.build());
+    run_checked(&dp, Prog::XdpIngress, &req.build());
     let flows = |dp: &Dataplane| {
         let map = dp.ebpf().map(CONNTRACK_V6).expect("conntrack map");
         let ct: aya::maps::HashMap<_, portfwd_common::FlowKeyV6, portfwd_common::FlowV6> =
@@ -688,21 +460,35 @@ fn ingress_hooks_agree_on_random_v6_frames() {
                 f.payload = payload;
                 f.vlan = vlan.then_some(100);
                 let input = f.build();
-                let (_, xdp_out) = run(&dp, Prog::XdpIngress, &input);
-                let (_, tc_out) = run(&dp, Prog::TcIngress, &input);
+                let (_, xdp_out) = run_checked(&dp, Prog::XdpIngress, &input);
+                let (_, tc_out) = run_checked(&dp, Prog::TcIngress, &input);
                 let expect = f.with_dst(backend).build();
                 prop_assert_eq!(&xdp_out, &expect);
                 prop_assert_eq!(&tc_out, &expect);
 
-                let reply = Frame {
-                    src: backend,
-                    dst: (client, sport),
-                    ..f.clone()
-                };
-                let (_, reply_out) = run(&dp, Prog::TcEgress, &reply.build());
+                let reply = f.with_src(backend).with_dst((client, sport));
+                let (_, reply_out) = run_checked(&dp, Prog::TcEgress, &reply.build());
                 prop_assert_eq!(&reply_out, &reply.with_src(dst).build());
                 Ok(())
             },
         )
         .expect("property");
+}
+
+/// Property: random and mutated frames (see `common`), through XDP ingress, TC ingress
+/// and TC egress: the kernel agrees with the model on verdict, bytes, reasons and flows.
+#[test]
+fn kernel_matches_model_on_random_frames_v6() {
+    if !privileged() {
+        return;
+    }
+    let dp = fixture_dataplane();
+    let pool = common::Pool {
+        addrs: [HOST, HOST2, CLIENT, OTHER, BACKEND]
+            .map(Into::into)
+            .to_vec(),
+        hosts: 2,
+        ipv4: false,
+    };
+    common::kernel_matches_model(&dp, &pool, 300);
 }

@@ -1,0 +1,489 @@
+//! The hooks' side of a packet: what the translation in `nat.rs` and `nat64.rs` asks of
+//! it ([`Packet`]: bounds, rewrites, forwarding) and gives back ([`Verdict`]), for XDP
+//! ([`XdpPacket`]: direct writes, checksums updated in place) and TC ([`TcPacket`]: the
+//! kernel's checksum helpers, which keep offloaded checksums and `skb->csum` right).
+//!
+//! Rewrites fail with a [`RewriteError`]; the translation maps it to the reason it
+//! counts.
+
+use aya_ebpf::helpers::bpf_csum_diff;
+use aya_ebpf::{
+    bindings::BPF_F_PSEUDO_HDR,
+    programs::{TcContext, XdpContext},
+    EbpfContext,
+};
+use portfwd_common::{
+    csum,
+    packet::{
+        IP6_DST_OFF, IP6_SRC_OFF, IPV4_MIN_HLEN, IPV6_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF,
+        IP_TTL_OFF,
+    },
+    BackendV6, FlowKeyV4, Reason,
+};
+
+use crate::{
+    maps::{self, count},
+    packet::{bytes_at, write, Ipv4Flow, Ipv6Flow},
+};
+
+pub enum Verdict {
+    Pass,
+    Drop,
+    /// Send out of this interface (the fast path), via the hook's redirect.
+    Redirect(u32),
+    /// Send out of this interface with the kernel's neighbour lookup filling the MACs
+    /// (`bpf_redirect_neigh`, TC only: NAT64).
+    RedirectNeigh(u32),
+}
+
+/// Why a rewrite of the packet failed.
+#[derive(Clone, Copy)]
+pub enum RewriteError {
+    /// The bytes to rewrite are not inside the packet's linear data.
+    OutOfBounds,
+    /// A kernel helper (load, store, checksum replace or difference) refused.
+    Helper,
+}
+
+impl RewriteError {
+    /// The reason counted when a translation's rewrite fails (the packet is dropped: it
+    /// may be half-written, its checksum wrong).
+    #[inline(always)]
+    pub fn reason(self) -> Reason {
+        match self {
+            RewriteError::OutOfBounds => Reason::DropChecksum,
+            RewriteError::Helper => Reason::DropChecksum,
+        }
+    }
+}
+
+/// Which end of the flow a rewrite changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Src,
+    Dst,
+}
+
+/// A packet at some hook: its bounds, its length, and how to rewrite one end of it.
+pub trait Packet {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    fn len(&self) -> u64;
+    fn ctx_ptr(&self) -> *mut core::ffi::c_void;
+    fn ingress_ifindex(&self) -> u32;
+    /// Forwards the packet one hop as the kernel would: new MACs, TTL minus one.
+    fn forward(&mut self, f: &Ipv4Flow, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), RewriteError>;
+    /// Rewrites the address and port of `end`, updating the IPv4 and L4 checksums.
+    fn rewrite(
+        &mut self,
+        f: &Ipv4Flow,
+        end: End,
+        addr: [u8; 4],
+        port: [u8; 2],
+    ) -> Result<(), RewriteError>;
+    /// Rewrites the address and port of `end` of an IPv6 packet, updating the L4 checksum.
+    fn rewrite_v6(
+        &mut self,
+        f: &Ipv6Flow,
+        end: End,
+        addr: [u8; 16],
+        port: [u8; 2],
+    ) -> Result<(), RewriteError>;
+    /// An IPv6 packet for an IPv4-only backend (held IPv4-mapped): NAT64 where the hook
+    /// can change a packet's family, else passed (see `nat64`).
+    fn nat64(&mut self, f: &Ipv6Flow, backend: &BackendV6) -> Verdict;
+    /// An IPv4 packet that may be a reply of a NAT64 flow: translated back, or `None`.
+    fn nat64_reply(&mut self, f: &Ipv4Flow) -> Option<Verdict>;
+}
+
+/// and port.
+#[inline(always)]
+fn v6_field_offsets(end: End) -> (usize, usize) {
+    match end {
+        End::Src => (IP6_SRC_OFF, 0),
+        End::Dst => (IP6_DST_OFF, 2),
+    }
+}
+
+#[inline(always)]
+fn field_offsets(f: &Ipv4Flow, end: End) -> (usize, usize) {
+    match end {
+        End::Src => (f.ip_off + IP_SRC_OFF, f.l4_off),
+        End::Dst => (f.ip_off + IP_DST_OFF, f.l4_off + 2),
+    }
+}
+
+/// Offsets (from the start of the IPv6 header, and of the L4 header) of `end`'s address
+
+/// XDP: frames arrive with complete checksums (as from a wire), so both checksums are
+/// updated incrementally in place (RFC 1624) with direct packet writes.
+pub struct XdpPacket<'a> {
+    ctx: &'a XdpContext,
+}
+
+impl<'a> XdpPacket<'a> {
+    #[inline(always)]
+    pub fn new(ctx: &'a XdpContext) -> Self {
+        Self { ctx }
+    }
+}
+
+impl Packet for XdpPacket<'_> {
+    #[inline(always)]
+    fn nat64(&mut self, _: &Ipv6Flow, _: &BackendV6) -> Verdict {
+        // XDP cannot change a packet's family (no bpf_skb_change_proto): TC can.
+        count(Reason::PassNoIpv6Backend);
+        Verdict::Pass
+    }
+    #[inline(always)]
+    fn nat64_reply(&mut self, _: &Ipv4Flow) -> Option<Verdict> {
+        None
+    }
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.ctx.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.ctx.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> u64 {
+        (self.ctx.data_end() - self.ctx.data()) as u64
+    }
+    #[inline(always)]
+    fn ctx_ptr(&self) -> *mut core::ffi::c_void {
+        self.ctx.as_ptr()
+    }
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        self.ctx.ingress_ifindex() as u32
+    }
+
+    #[inline(always)]
+    fn forward(&mut self, f: &Ipv4Flow, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), RewriteError> {
+        let (data, data_end) = (self.data(), self.data_end());
+        let eth = bytes_at(data, data_end, 0, 12).ok_or(RewriteError::OutOfBounds)?;
+        let ip =
+            bytes_at(data, data_end, f.ip_off, IPV4_MIN_HLEN).ok_or(RewriteError::OutOfBounds)?;
+        // SAFETY: 12 bytes of Ethernet and 20 of IPv4 header are inside the packet.
+        unsafe {
+            write(eth, &dmac);
+            write(eth.add(6), &smac);
+            let (ttl, l4) = (*ip.add(IP_TTL_OFF), *ip.add(IP_TTL_OFF + 1));
+            let check = u16::from_be_bytes([*ip.add(IP_CSUM_OFF), *ip.add(IP_CSUM_OFF + 1)]);
+            let check = csum::replace2(
+                check,
+                u16::from_be_bytes([ttl, l4]),
+                u16::from_be_bytes([ttl - 1, l4]),
+            );
+            *ip.add(IP_TTL_OFF) = ttl - 1;
+            write(ip.add(IP_CSUM_OFF), &check.to_be_bytes());
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn rewrite(
+        &mut self,
+        f: &Ipv4Flow,
+        end: End,
+        addr: [u8; 4],
+        port: [u8; 2],
+    ) -> Result<(), RewriteError> {
+        let (data, data_end) = (self.data(), self.data_end());
+        let ip =
+            bytes_at(data, data_end, f.ip_off, IPV4_MIN_HLEN).ok_or(RewriteError::OutOfBounds)?;
+        let l4 =
+            bytes_at(data, data_end, f.l4_off, f.l4_hlen()).ok_or(RewriteError::OutOfBounds)?;
+        let (old_addr, old_port) = match end {
+            End::Src => (f.src, f.sport),
+            End::Dst => (f.dst, f.dport),
+        };
+        let (addr_at, port_at) = match end {
+            End::Src => (IP_SRC_OFF, 0),
+            End::Dst => (IP_DST_OFF, 2),
+        };
+        let l4_csum_at = f.l4_csum_off() - f.l4_off;
+        // SAFETY: `ip` spans 20 bytes and `l4` the whole L4 header (checked above); every
+        // offset below is inside them.
+        unsafe {
+            let ip_check = u16::from_be_bytes([*ip.add(IP_CSUM_OFF), *ip.add(IP_CSUM_OFF + 1)]);
+            let ip_check = csum::replace4(ip_check, old_addr, addr);
+            write(ip.add(IP_CSUM_OFF), &ip_check.to_be_bytes());
+            write(ip.add(addr_at), &addr);
+
+            let l4_check = u16::from_be_bytes([*l4.add(l4_csum_at), *l4.add(l4_csum_at + 1)]);
+            let l4_check = csum::l4_update(
+                l4_check,
+                old_addr,
+                addr,
+                u16::from_be_bytes(old_port),
+                u16::from_be_bytes(port),
+                f.is_udp(),
+            );
+            write(l4.add(l4_csum_at), &l4_check.to_be_bytes());
+            write(l4.add(port_at), &port);
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn rewrite_v6(
+        &mut self,
+        f: &Ipv6Flow,
+        end: End,
+        addr: [u8; 16],
+        port: [u8; 2],
+    ) -> Result<(), RewriteError> {
+        let (data, data_end) = (self.data(), self.data_end());
+        let ip = bytes_at(data, data_end, f.ip_off, IPV6_HLEN).ok_or(RewriteError::OutOfBounds)?;
+        let l4 =
+            bytes_at(data, data_end, f.l4_off, f.l4_hlen()).ok_or(RewriteError::OutOfBounds)?;
+        let (old_addr, old_port) = match end {
+            End::Src => (f.src, f.sport),
+            End::Dst => (f.dst, f.dport),
+        };
+        let (addr_at, port_at) = v6_field_offsets(end);
+        let l4_csum_at = f.l4_csum_off() - f.l4_off;
+        // SAFETY: `ip` spans the 40-byte IPv6 header and `l4` the whole L4 header
+        // (checked above); every offset below is inside them.
+        unsafe {
+            write(ip.add(addr_at), &addr);
+            let l4_check = u16::from_be_bytes([*l4.add(l4_csum_at), *l4.add(l4_csum_at + 1)]);
+            let l4_check = csum::l4_update_v6(
+                l4_check,
+                old_addr,
+                addr,
+                u16::from_be_bytes(old_port),
+                u16::from_be_bytes(port),
+                f.is_udp(),
+            );
+            write(l4.add(l4_csum_at), &l4_check.to_be_bytes());
+            write(l4.add(port_at), &port);
+        }
+        Ok(())
+    }
+}
+
+/// TC: an skb may carry a partial (offloaded) checksum or a complete one; the kernel's
+/// checksum helpers keep every case right (`BPF_F_PSEUDO_HDR` for the address, which the
+/// pseudo-header covers), so the TC side uses them instead of plain arithmetic.
+pub struct TcPacket<'a> {
+    ctx: &'a TcContext,
+}
+
+/// Enough linear bytes for Ethernet + VLAN + the longest IPv4 header + TCP (more than
+/// Ethernet + VLAN + IPv6 + TCP).
+const TC_LINEAR_WANT: u32 = 14 + 4 + 60 + 20;
+const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
+/// `bpf_l4_csum_replace` on IPv6 (include/uapi/linux/bpf.h, 6.16+; not in aya's bindings).
+const BPF_F_IPV6: u64 = 1 << 7;
+
+impl<'a> TcPacket<'a> {
+    #[inline(always)]
+    pub fn new(ctx: &'a TcContext) -> Self {
+        // Headers may sit in paged data (GRO, tunnels): make them linear when they are not.
+        let linear = (ctx.data_end() - ctx.data()) as u32;
+        let want = if ctx.len() < TC_LINEAR_WANT {
+            ctx.len()
+        } else {
+            TC_LINEAR_WANT
+        };
+        if linear < want {
+            let _ = ctx.pull_data(want);
+        }
+        Self { ctx }
+    }
+}
+
+impl Packet for TcPacket<'_> {
+    #[inline(always)]
+    fn nat64(&mut self, _: &Ipv6Flow, _: &BackendV6) -> Verdict {
+        nat64_jump(self.ctx)
+    }
+    #[inline(always)]
+    fn nat64_reply(&mut self, f: &Ipv4Flow) -> Option<Verdict> {
+        is_nat64_reply(f).then(|| nat64_jump(self.ctx))
+    }
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.ctx.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.ctx.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> u64 {
+        self.ctx.len() as u64
+    }
+    #[inline(always)]
+    fn ctx_ptr(&self) -> *mut core::ffi::c_void {
+        self.ctx.as_ptr()
+    }
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        tc_ifindex(self.ctx)
+    }
+
+    #[inline(always)]
+    fn forward(&mut self, f: &Ipv4Flow, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), RewriteError> {
+        let c = self.ctx;
+        let ttl: u8 = c
+            .load(f.ip_off + IP_TTL_OFF)
+            .map_err(|_| RewriteError::Helper)?;
+        let l4: u8 = c
+            .load(f.ip_off + IP_TTL_OFF + 1)
+            .map_err(|_| RewriteError::Helper)?;
+        let old = u16::from_ne_bytes([ttl, l4]) as u64;
+        let new = u16::from_ne_bytes([ttl - 1, l4]) as u64;
+        c.l3_csum_replace(f.ip_off + IP_CSUM_OFF, old, new, 2)
+            .map_err(|_| RewriteError::Helper)?;
+        c.store(f.ip_off + IP_TTL_OFF, &(ttl - 1), 0)
+            .map_err(|_| RewriteError::Helper)?;
+        c.store(0, &dmac, 0).map_err(|_| RewriteError::Helper)?;
+        c.store(6, &smac, 0).map_err(|_| RewriteError::Helper)?;
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn rewrite(
+        &mut self,
+        f: &Ipv4Flow,
+        end: End,
+        addr: [u8; 4],
+        port: [u8; 2],
+    ) -> Result<(), RewriteError> {
+        let (old_addr, old_port) = match end {
+            End::Src => (f.src, f.sport),
+            End::Dst => (f.dst, f.dport),
+        };
+        let (addr_off, port_off) = field_offsets(f, end);
+        let (data, data_end) = (self.data(), self.data_end());
+        let ip =
+            bytes_at(data, data_end, f.ip_off, IPV4_MIN_HLEN).ok_or(RewriteError::OutOfBounds)?;
+        let l4 =
+            bytes_at(data, data_end, f.l4_off, f.l4_hlen()).ok_or(RewriteError::OutOfBounds)?;
+        // The IPv4 header checksum is never offloaded: update it in place (RFC 1624),
+        // and write the new address and port directly.
+        // SAFETY: `ip` spans 20 bytes and `l4` the whole L4 header (checked above).
+        unsafe {
+            let check = u16::from_be_bytes([*ip.add(IP_CSUM_OFF), *ip.add(IP_CSUM_OFF + 1)]);
+            write(
+                ip.add(IP_CSUM_OFF),
+                &csum::replace4(check, old_addr, addr).to_be_bytes(),
+            );
+            write(ip.add(addr_off - f.ip_off), &addr);
+            write(l4.add(port_off - f.l4_off), &port);
+        }
+        // The L4 checksum may be partial (offloaded) or complete: the helpers handle
+        // both, and keep skb->csum right. The address is in the pseudo-header.
+        let l4_csum = f.l4_csum_off();
+        let mangled = if f.is_udp() { BPF_F_MARK_MANGLED_0 } else { 0 };
+        let (old_a, new_a) = (
+            u32::from_ne_bytes(old_addr) as u64,
+            u32::from_ne_bytes(addr) as u64,
+        );
+        let (old_p, new_p) = (
+            u16::from_ne_bytes(old_port) as u64,
+            u16::from_ne_bytes(port) as u64,
+        );
+        let c = self.ctx;
+        c.l4_csum_replace(l4_csum, old_a, new_a, BPF_F_PSEUDO_HDR as u64 | mangled | 4)
+            .map_err(|_| RewriteError::Helper)?;
+        c.l4_csum_replace(l4_csum, old_p, new_p, mangled | 2)
+            .map_err(|_| RewriteError::Helper)?;
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn rewrite_v6(
+        &mut self,
+        f: &Ipv6Flow,
+        end: End,
+        addr: [u8; 16],
+        port: [u8; 2],
+    ) -> Result<(), RewriteError> {
+        let (old_addr, old_port) = match end {
+            End::Src => (f.src, f.sport),
+            End::Dst => (f.dst, f.dport),
+        };
+        let (addr_at, port_at) = v6_field_offsets(end);
+        let (data, data_end) = (self.data(), self.data_end());
+        let ip = bytes_at(data, data_end, f.ip_off, IPV6_HLEN).ok_or(RewriteError::OutOfBounds)?;
+        let l4 =
+            bytes_at(data, data_end, f.l4_off, f.l4_hlen()).ok_or(RewriteError::OutOfBounds)?;
+        // SAFETY: `ip` spans the IPv6 header and `l4` the whole L4 header (checked above).
+        unsafe {
+            write(ip.add(addr_at), &addr);
+            write(l4.add(port_at), &port);
+        }
+        // The 16-byte address change as one checksum difference (bpf_csum_diff), applied
+        // with size 0 ("`to` is a diff"); the pseudo-header flag keeps a partial
+        // (offloaded) checksum and skb->csum right, as for IPv4.
+        let mut from = words(old_addr);
+        let mut to = words(addr);
+        // SAFETY: both buffers are 16 bytes on our stack, sizes multiples of 4.
+        let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
+        if diff < 0 {
+            return Err(RewriteError::Helper);
+        }
+        let l4_csum = f.l4_csum_off();
+        let mangled = if f.is_udp() { BPF_F_MARK_MANGLED_0 } else { 0 };
+        let (old_p, new_p) = (
+            u16::from_ne_bytes(old_port) as u64,
+            u16::from_ne_bytes(port) as u64,
+        );
+        let c = self.ctx;
+        // BPF_F_IPV6 (6.16+): the address change is not compensated by an IP header
+        // checksum, so skb->csum (CHECKSUM_COMPLETE) must be left alone. Kernels without
+        // the flag refuse it (EINVAL) before touching anything: retry without it there.
+        let flags = BPF_F_PSEUDO_HDR as u64 | mangled;
+        let diff = diff as u32 as u64;
+        if c.l4_csum_replace(l4_csum, 0, diff, flags | BPF_F_IPV6)
+            .is_err()
+        {
+            c.l4_csum_replace(l4_csum, 0, diff, flags)
+                .map_err(|_| RewriteError::Helper)?;
+        }
+        c.l4_csum_replace(l4_csum, old_p, new_p, mangled | 2)
+            .map_err(|_| RewriteError::Helper)?;
+        Ok(())
+    }
+}
+
+/// An address as the 32-bit words `bpf_csum_diff` reads (memory order kept).
+#[inline(always)]
+fn words(a: [u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+/// Jumps to the NAT64 program (`nat64.rs`); if the jump fails (not loaded), the packet
+/// is passed.
+#[inline(always)]
+pub fn nat64_jump(ctx: &TcContext) -> Verdict {
+    maps::tail_call_nat64(ctx);
+    count(Reason::Nat64Failed);
+    Verdict::Pass
+}
+
+/// Whether an IPv4 packet is a tracked NAT64 reply (one lookup; callers ask only for
+/// NAT64's ports).
+#[inline(always)]
+pub fn is_nat64_reply(f: &Ipv4Flow) -> bool {
+    let key = FlowKeyV4::new(f.src, f.sport, f.dst, f.dport, f.proto);
+    maps::nat64_reply_exists(&key)
+}
+
+/// The interface an skb is on (at ingress: where it arrived).
+#[inline(always)]
+pub fn tc_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: reading a field of the kernel-provided __sk_buff.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
