@@ -133,7 +133,10 @@ pub fn pseudo_diff<const A: usize, const B: usize>(
 /// Adds the 16-bit words of `a` (or their complements: `out`) to a one's complement
 /// sum, read in memory order as the kernel's checksum helpers do; the result, folded
 /// once, is the `__wsum` difference `bpf_l4_csum_replace` takes.
-#[inline(always)]
+// `inline`, not `inline(always)`: LLVM still inlines it, and folds the four calls of
+// `pseudo_diff` into less code (portfwd_tc_nat64: 2282 instructions with `always`,
+// 2018 without; it was 2227 when this lived in the kernel crate).
+#[inline]
 pub fn words<const N: usize>(sum: u64, a: &[u8; N], out: bool) -> u64 {
     let mut s = sum;
     let mut i = 0;

@@ -26,8 +26,11 @@ use crate::{
     packet::{bytes_at, write, Ipv4Flow, Ipv6Flow},
 };
 
+/// What the hook does with the packet; `main.rs` maps it to the hook's action.
 pub enum Verdict {
+    /// On to the kernel (TC: the next program on the hook).
     Pass,
+    /// Dropped (a rewrite failed half-way).
     Drop,
     /// Send out of this interface (the fast path), via the hook's redirect.
     Redirect(u32),
@@ -60,16 +63,23 @@ impl RewriteError {
 /// Which end of the flow a rewrite changes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum End {
+    /// The source (replies: the backend becomes the published address).
     Src,
+    /// The destination (ingress: the published address becomes the backend).
     Dst,
 }
 
 /// A packet at some hook: its bounds, its length, and how to rewrite one end of it.
 pub trait Packet {
+    /// Start of the linear packet data.
     fn data(&self) -> usize;
+    /// End of the linear packet data.
     fn data_end(&self) -> usize;
+    /// The packet's whole length (rule byte counters).
     fn len(&self) -> u64;
+    /// The program context, for helpers.
     fn ctx_ptr(&self) -> *mut core::ffi::c_void;
+    /// The interface the packet arrived on.
     fn ingress_ifindex(&self) -> u32;
     /// Forwards the packet one hop as the kernel would: new MACs, TTL minus one.
     fn forward(&mut self, f: &Ipv4Flow, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), RewriteError>;
@@ -422,8 +432,8 @@ impl Packet for TcPacket<'_> {
         // The 16-byte address change as one checksum difference (bpf_csum_diff), applied
         // with size 0 ("`to` is a diff"); the pseudo-header flag keeps a partial
         // (offloaded) checksum and skb->csum right, as for IPv4.
-        let mut from = words(old_addr);
-        let mut to = words(addr);
+        let mut from = csum_diff_words(old_addr);
+        let mut to = csum_diff_words(addr);
         // SAFETY: both buffers are 16 bytes on our stack, sizes multiples of 4.
         let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
         if diff < 0 {
@@ -455,7 +465,7 @@ impl Packet for TcPacket<'_> {
 
 /// An address as the 32-bit words `bpf_csum_diff` reads (memory order kept).
 #[inline(always)]
-fn words(a: [u8; 16]) -> [u32; 4] {
+fn csum_diff_words(a: [u8; 16]) -> [u32; 4] {
     [
         u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
         u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),

@@ -8,8 +8,11 @@
 //! - `portfwd_{connect4,sendmsg4,recvmsg4,getpeername4,bind4}`: local clients, served at
 //!   the socket (see `local.rs`).
 //!
-//! This crate is thin glue: it is the only code that touches packet memory; checksum
-//! arithmetic and every map layout live in `portfwd-common`.
+//! This crate is thin glue: it is the only code that touches packet memory or a map;
+//! the decisions (checksum arithmetic, rule matching, NAT64's ports and headers) and
+//! every map layout live in `portfwd-common`, tested on the host. Modules: `packet`
+//! (parsing), `maps` (every map access), `hook` (the XDP and TC packet adapters),
+//! `nat`, `fastpath`, `nat64` (translation), `local` (socket hooks); imports go one way.
 #![no_std]
 #![no_main]
 
