@@ -751,6 +751,15 @@ pub struct Nat64Reply {
 const _: () = assert!(core::mem::size_of::<Nat64Reply>() == 56);
 
 impl Nat64Reply {
+    /// Whether this reply entry still belongs to the IPv6 client flow `f` (its port may
+    /// have gone to a new flow once that one looked over).
+    #[inline(always)]
+    pub fn belongs_to(&self, f: &crate::packet::Flow<16>) -> bool {
+        self.client_addr == f.src
+            && self.client_port == f.sport
+            && self.host_addr == f.dst
+            && self.host_port == f.dport
+    }
     /// Whether the flow is over (or long idle) at `now_ns`, so its port may be reused.
     #[inline(always)]
     pub fn reusable(&self, now_ns: u64, proto: u8) -> bool {

@@ -22,7 +22,7 @@
 use crate::{
     csum,
     packet::{
-        is_ext_header, l4_csum_off, may_start_flow, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP,
+        is_ext_header, may_start_flow, Flow, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP,
         ETH_P_IPV6, IP6_DST_OFF, IP6_NEXT_OFF, IP6_SRC_OFF, IPV4_MIN_HLEN, IPV6_HLEN,
         IPV6_NH_FRAGMENT, IP_CSUM_OFF, IP_DST_OFF, IP_FRAG_MASK, IP_FRAG_OFF, IP_PROTO_OFF,
         IP_SRC_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF, TCP_FLAGS_OFF, TCP_HLEN, UDP_HLEN, VLAN_HLEN,
@@ -311,36 +311,6 @@ pub fn run(hook: Hook, maps: &impl Maps, frame: &mut [u8]) -> Outcome {
     parsed.unwrap_or_else(Outcome::pass)
 }
 
-/// A TCP or UDP packet's fields (network order) and offsets. `N`: address length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Parsed<const N: usize> {
-    /// Where the IP header starts.
-    pub ip_off: usize,
-    /// Where the TCP/UDP header starts.
-    pub l4_off: usize,
-    /// `proto::TCP` or `proto::UDP`.
-    pub proto: u8,
-    /// Source address.
-    pub src: [u8; N],
-    /// Destination address.
-    pub dst: [u8; N],
-    /// Source port.
-    pub sport: [u8; 2],
-    /// Destination port.
-    pub dport: [u8; 2],
-    /// TCP flags (0 for UDP).
-    pub tcp_flags: u8,
-}
-
-impl<const N: usize> Parsed<N> {
-    fn is_udp(&self) -> bool {
-        self.proto == proto::UDP
-    }
-    fn l4_csum_off(&self) -> usize {
-        self.l4_off + l4_csum_off(self.proto)
-    }
-}
-
 /// The network layer: where its header starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L3 {
@@ -389,12 +359,12 @@ fn parse_l4<const N: usize>(
     l4: u8,
     src: [u8; N],
     dst: [u8; N],
-) -> Result<Parsed<N>, Reason> {
+) -> Result<Flow<N>, Reason> {
     let hlen = l4_hlen(l4).ok_or(Reason::PassNotTcpUdp)?;
     if frame.len() < l4_off + hlen {
         return Err(Reason::PassMalformed);
     }
-    Ok(Parsed {
+    Ok(Flow {
         ip_off,
         l4_off,
         proto: l4,
@@ -411,7 +381,7 @@ fn parse_l4<const N: usize>(
 }
 
 /// IPv4 (options skipped); fragments and other protocols are passed.
-pub fn parse_ipv4(frame: &[u8], ip_off: usize) -> Result<Parsed<4>, Reason> {
+pub fn parse_ipv4(frame: &[u8], ip_off: usize) -> Result<Flow<4>, Reason> {
     let ip: [u8; IPV4_MIN_HLEN] = bytes(frame, ip_off).ok_or(Reason::PassMalformed)?;
     let ihl = usize::from(ip[0] & 0x0f) * 4;
     if ip[0] >> 4 != 4 || ihl < IPV4_MIN_HLEN {
@@ -428,7 +398,7 @@ pub fn parse_ipv4(frame: &[u8], ip_off: usize) -> Result<Parsed<4>, Reason> {
 }
 
 /// IPv6, the fixed header only: an extension header before TCP/UDP is passed.
-pub fn parse_ipv6(frame: &[u8], ip_off: usize) -> Result<Parsed<16>, Reason> {
+pub fn parse_ipv6(frame: &[u8], ip_off: usize) -> Result<Flow<16>, Reason> {
     let ip: [u8; IPV6_HLEN] = bytes(frame, ip_off).ok_or(Reason::PassMalformed)?;
     if ip[0] >> 4 != 6 {
         return Err(Reason::PassMalformed);
@@ -460,7 +430,7 @@ fn put(frame: &mut [u8], at: usize, bytes: &[u8]) {
 
 /// Rewrites one end's address and port of a parsed (so bounds-checked) IPv4 packet, and
 /// both checksums.
-fn rewrite_v4(frame: &mut [u8], f: &Parsed<4>, end: End, addr: [u8; 4], port: [u8; 2]) {
+fn rewrite_v4(frame: &mut [u8], f: &Flow<4>, end: End, addr: [u8; 4], port: [u8; 2]) {
     let (old_addr, old_port, addr_at, port_at) = match end {
         End::Src => (f.src, f.sport, f.ip_off + IP_SRC_OFF, f.l4_off),
         End::Dst => (f.dst, f.dport, f.ip_off + IP_DST_OFF, f.l4_off + 2),
@@ -487,7 +457,7 @@ fn rewrite_v4(frame: &mut [u8], f: &Parsed<4>, end: End, addr: [u8; 4], port: [u
 }
 
 /// As [`rewrite_v4`], for IPv6 (no header checksum; the pseudo-header moves the L4 one).
-fn rewrite_v6(frame: &mut [u8], f: &Parsed<16>, end: End, addr: [u8; 16], port: [u8; 2]) {
+fn rewrite_v6(frame: &mut [u8], f: &Flow<16>, end: End, addr: [u8; 16], port: [u8; 2]) {
     let (old_addr, old_port, addr_at, port_at) = match end {
         End::Src => (f.src, f.sport, f.ip_off + IP6_SRC_OFF, f.l4_off),
         End::Dst => (f.dst, f.dport, f.ip_off + IP6_DST_OFF, f.l4_off + 2),
@@ -506,7 +476,7 @@ fn rewrite_v6(frame: &mut [u8], f: &Parsed<16>, end: End, addr: [u8; 16], port: 
     put(frame, port_at, &port);
 }
 
-fn ingress_v4(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Parsed<4>) -> Outcome {
+fn ingress_v4(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Flow<4>) -> Outcome {
     // A NAT64 flow's reply on the backend's interface (TC only: XDP has no NAT64).
     if !hook.is_xdp()
         && crate::nat64::is_nat64_port(f.dport)
@@ -583,7 +553,7 @@ fn forward(frame: &mut [u8], ip_off: usize, smac: [u8; 6], dmac: [u8; 6]) {
     put(frame, at, &check.to_be_bytes());
 }
 
-fn ingress_v6(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Parsed<16>) -> Outcome {
+fn ingress_v6(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Flow<16>) -> Outcome {
     let backend = match rules::lookup(maps, Caller::Packet, f.dst, f.dport, f.proto) {
         Ok(b) => b,
         Err(reason) => return Outcome::pass(reason),
@@ -622,7 +592,7 @@ fn ingress_v6(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Parsed<16>) ->
     }
 }
 
-fn reply_v4(maps: &impl Maps, frame: &mut [u8], f: &Parsed<4>) -> Outcome {
+fn reply_v4(maps: &impl Maps, frame: &mut [u8], f: &Flow<4>) -> Outcome {
     let key = FlowKeyV4::new(f.src, f.sport, f.dst, f.dport, f.proto);
     let Some(tracked) = maps.flow_v4(&key) else {
         return Outcome::pass(Reason::PassNoFlow);
@@ -637,7 +607,7 @@ fn reply_v4(maps: &impl Maps, frame: &mut [u8], f: &Parsed<4>) -> Outcome {
     translated_reply(tracked.stats_slot())
 }
 
-fn reply_v6(maps: &impl Maps, frame: &mut [u8], f: &Parsed<16>) -> Outcome {
+fn reply_v6(maps: &impl Maps, frame: &mut [u8], f: &Flow<16>) -> Outcome {
     let key = FlowKeyV6::new(f.src, f.sport, f.dst, f.dport, f.proto);
     let Some(tracked) = maps.flow_v6(&key) else {
         return Outcome::pass(Reason::PassNoFlow);

@@ -109,6 +109,51 @@ pub fn l4_csum_off(proto: u8) -> usize {
     }
 }
 
+/// What the translation needs of a TCP or UDP packet, as parsed by the kernel's parser
+/// and the model's alike: offsets from the start of the frame and the fields, in network
+/// order. `N` is the address length: 4 or 16.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow<const N: usize> {
+    /// Where the IP header starts.
+    pub ip_off: usize,
+    /// Where the TCP/UDP header starts.
+    pub l4_off: usize,
+    /// `proto::TCP` or `proto::UDP`.
+    pub proto: u8,
+    /// Source address.
+    pub src: [u8; N],
+    /// Destination address.
+    pub dst: [u8; N],
+    /// Source port.
+    pub sport: [u8; 2],
+    /// Destination port.
+    pub dport: [u8; 2],
+    /// TCP flags (0 for UDP).
+    pub tcp_flags: u8,
+}
+
+impl<const N: usize> Flow<N> {
+    /// Whether the transport is UDP (else TCP).
+    #[inline(always)]
+    pub fn is_udp(&self) -> bool {
+        self.proto == proto::UDP
+    }
+    /// Offset of the L4 checksum field in the frame.
+    #[inline(always)]
+    pub fn l4_csum_off(&self) -> usize {
+        self.l4_off + l4_csum_off(self.proto)
+    }
+    /// Bytes of L4 header that must be present.
+    #[inline(always)]
+    pub fn l4_hlen(&self) -> usize {
+        if self.is_udp() {
+            UDP_HLEN
+        } else {
+            TCP_HLEN
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -230,11 +230,7 @@ fn still_ours(f: &Ipv6Flow, t: &Nat64Flow, s: &mut Scratch) -> bool {
     let Some(r) = maps::nat64_reply_mut(&s.key4) else {
         return false;
     };
-    if r.client_addr != f.src
-        || r.client_port != f.sport
-        || r.host_addr != f.dst
-        || r.host_port != f.dport
-    {
+    if !r.belongs_to(f) {
         return false;
     }
     seen(r, f.proto, f.tcp_flags);

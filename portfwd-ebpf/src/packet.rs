@@ -14,53 +14,16 @@ use portfwd_common::{proto, Reason};
 use portfwd_common::packet::{
     is_ext_header, ETH_HLEN, ETH_PROTO_OFF, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6,
     IP6_DST_OFF, IP6_NEXT_OFF, IP6_SRC_OFF, IPV4_MIN_HLEN, IPV6_HLEN, IPV6_NH_FRAGMENT, IP_DST_OFF,
-    IP_FRAG_MASK, IP_FRAG_OFF, IP_PROTO_OFF, IP_SRC_OFF, TCP_CSUM_OFF, TCP_FLAGS_OFF, TCP_HLEN,
-    UDP_CSUM_OFF, UDP_HLEN, VLAN_HLEN,
+    IP_FRAG_MASK, IP_FRAG_OFF, IP_PROTO_OFF, IP_SRC_OFF, TCP_FLAGS_OFF, TCP_HLEN, UDP_HLEN,
+    VLAN_HLEN,
 };
 
-/// What the NAT needs of a TCP/UDP packet: offsets from the start of the frame and the
-/// fields, in network order. `N` is the address length: 4 or 16.
-#[derive(Clone, Copy)]
-pub struct Flow<const N: usize> {
-    pub ip_off: usize,
-    pub l4_off: usize,
-    pub proto: u8,
-    pub src: [u8; N],
-    pub dst: [u8; N],
-    pub sport: [u8; 2],
-    pub dport: [u8; 2],
-    /// TCP flags (0 for UDP).
-    pub tcp_flags: u8,
-}
+pub use portfwd_common::packet::Flow;
 
+/// An IPv4 packet's [`Flow`].
 pub type Ipv4Flow = Flow<4>;
+/// An IPv6 packet's [`Flow`].
 pub type Ipv6Flow = Flow<16>;
-
-impl<const N: usize> Flow<N> {
-    #[inline(always)]
-    pub fn is_udp(&self) -> bool {
-        self.proto == proto::UDP
-    }
-    /// Offset of the L4 checksum field in the frame.
-    #[inline(always)]
-    pub fn l4_csum_off(&self) -> usize {
-        self.l4_off
-            + if self.is_udp() {
-                UDP_CSUM_OFF
-            } else {
-                TCP_CSUM_OFF
-            }
-    }
-    /// Bytes of L4 header that must be present.
-    #[inline(always)]
-    pub fn l4_hlen(&self) -> usize {
-        if self.is_udp() {
-            UDP_HLEN
-        } else {
-            TCP_HLEN
-        }
-    }
-}
 
 /// Returns a pointer to `len` bytes at `off`, if they lie inside the packet.
 #[inline(always)]

@@ -26,7 +26,7 @@ use crate::{
     NAT64_PORT_TRIES,
 };
 
-use super::{parse_eth, parse_ipv4, parse_ipv6, Maps, Parsed, RuleCount, Verdict, L3};
+use super::{parse_eth, parse_ipv4, parse_ipv6, Flow, Maps, RuleCount, Verdict, L3};
 
 /// The FIB's route to a backend: the host's address on it and the interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,7 +120,7 @@ pub fn program(maps: &impl Nat64Maps, input: &[u8], out: &mut [u8]) -> Nat64Outc
     o
 }
 
-fn reply_key(f: &Parsed<4>) -> FlowKeyV4 {
+fn reply_key(f: &Flow<4>) -> FlowKeyV4 {
     FlowKeyV4::new(f.src, f.sport, f.dst, f.dport, f.proto)
 }
 
@@ -137,7 +137,7 @@ fn forward(
     maps: &impl Nat64Maps,
     input: &[u8],
     out: &mut [u8],
-    f: &Parsed<16>,
+    f: &Flow<16>,
     backend: &BackendV6,
     o: &mut Nat64Outcome,
 ) -> Result<(), Reason> {
@@ -216,7 +216,7 @@ fn forward(
 }
 
 /// Whether the flow `t` still holds its port; if so it is marked seen.
-fn still_ours(maps: &impl Nat64Maps, f: &Parsed<16>, t: &Nat64Flow, o: &mut Nat64Outcome) -> bool {
+fn still_ours(maps: &impl Nat64Maps, f: &Flow<16>, t: &Nat64Flow, o: &mut Nat64Outcome) -> bool {
     let key4 = FlowKeyV4::new(
         t.backend_addr,
         t.backend_port,
@@ -227,11 +227,7 @@ fn still_ours(maps: &impl Nat64Maps, f: &Parsed<16>, t: &Nat64Flow, o: &mut Nat6
     let Some(r) = maps.nat64_reply(&key4) else {
         return false;
     };
-    if r.client_addr != f.src
-        || r.client_port != f.sport
-        || r.host_addr != f.dst
-        || r.host_port != f.dport
-    {
+    if !r.belongs_to(f) {
         return false;
     }
     o.reply = Some((key4, seen(maps, r, f.proto, f.tcp_flags)));
@@ -241,7 +237,7 @@ fn still_ours(maps: &impl Nat64Maps, f: &Parsed<16>, t: &Nat64Flow, o: &mut Nat6
 /// The first port from the client's hash whose reply key is free or whose flow is over.
 fn allocate(
     maps: &impl Nat64Maps,
-    f: &Parsed<16>,
+    f: &Flow<16>,
     key6: FlowKeyV6,
     mut flow: Nat64Flow,
     o: &mut Nat64Outcome,
@@ -286,7 +282,7 @@ fn reply(
     maps: &impl Nat64Maps,
     input: &[u8],
     out: &mut [u8],
-    f: &Parsed<4>,
+    f: &Flow<4>,
     o: &mut Nat64Outcome,
 ) -> Result<(), Reason> {
     let key4 = reply_key(f);
