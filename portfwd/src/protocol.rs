@@ -84,6 +84,22 @@ pub enum Request {
     },
 }
 
+/// Parses one request line; the error is the one line to answer.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    serde_json::from_slice(line).map_err(|e| format!("invalid request: {e}"))
+}
+
+impl Request {
+    /// Whether the request only reads (what a `--socket-read-group` peer may send).
+    /// Every request is named here, so a new one has to be classified.
+    pub fn is_read_only(&self) -> bool {
+        match self {
+            Request::List => true,
+            Request::Add { .. } | Request::Del { .. } | Request::Apply { .. } => false,
+        }
+    }
+}
+
 /// One entry of a declarations file, as the client parsed it. The daemon pairs and
 /// validates it again ([`crate::rule::Declaration::new`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
