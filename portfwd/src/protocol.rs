@@ -449,6 +449,17 @@ pub enum ClientError {
         #[source]
         source: io::Error,
     },
+    /// The socket file's mode keeps this user out (the daemon admits root and the
+    /// groups given to its `--socket-group` and `--socket-read-group`).
+    #[error(
+        "permission denied: cannot connect to the portfwd daemon at {} \
+         (it admits root and the groups of its --socket-group and --socket-read-group)",
+        path.display()
+    )]
+    Denied {
+        /// The socket.
+        path: PathBuf,
+    },
     /// The connection failed midway.
     #[error("lost the connection to the portfwd daemon at {}", path.display())]
     Io {
@@ -478,9 +489,12 @@ pub fn call<T: DeserializeOwned>(socket: &Path, req: &Request) -> Result<T, Clie
         path: socket.to_path_buf(),
         source,
     };
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
-        path: socket.to_path_buf(),
-        source,
+    let mut stream = UnixStream::connect(socket).map_err(|source| {
+        let path = socket.to_path_buf();
+        match source.kind() {
+            io::ErrorKind::PermissionDenied => ClientError::Denied { path },
+            _ => ClientError::Connect { path, source },
+        }
     })?;
     stream
         .set_read_timeout(Some(CLIENT_TIMEOUT))

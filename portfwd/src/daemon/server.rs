@@ -341,6 +341,26 @@ mod tests {
     use super::*;
     use crate::daemon::{tests::FakeKernel, SocketAccess, SocketClaim, SocketError};
 
+    #[test]
+    fn the_oldest_connection_is_closed_beyond_the_limit() {
+        let mut c = Connections::default();
+        let mut rx: Vec<_> = (0..MAX_CONNECTIONS).map(|_| c.open().1).collect();
+        assert!(rx.iter_mut().all(|r| r
+            .try_recv()
+            .is_err_and(|e| e == oneshot::error::TryRecvError::Empty)));
+        let (_, mut newest) = c.open();
+        assert_eq!(
+            rx[0].try_recv(),
+            Err(oneshot::error::TryRecvError::Closed),
+            "the oldest is told to close"
+        );
+        assert_eq!(rx[1].try_recv(), Err(oneshot::error::TryRecvError::Empty));
+        assert_eq!(newest.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+        assert!(c.close_oldest());
+        assert_eq!(rx[1].try_recv(), Err(oneshot::error::TryRecvError::Closed));
+        assert_eq!(c.open.len(), MAX_CONNECTIONS - 1);
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn server_survives_bad_clients() {
         use tokio::io::AsyncReadExt as _;

@@ -390,3 +390,102 @@ impl SocketAccess {
         fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(err)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(name: &str, gid: u32) -> Option<SocketGroup> {
+        Some(SocketGroup {
+            name: name.to_string(),
+            gid,
+        })
+    }
+
+    fn peer(uid: u32, gid: u32, groups: &[u32]) -> Peer {
+        Peer {
+            uid,
+            gid,
+            pid: 1,
+            groups: groups.to_vec(),
+        }
+    }
+
+    #[test]
+    fn peer_credentials_are_the_connecting_process() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let p = Peer::of(&a).expect("credentials");
+        assert_eq!(p.uid, nix::unistd::geteuid().as_raw());
+        assert_eq!(p.gid, nix::unistd::getegid().as_raw());
+        assert_eq!(p.pid, std::process::id() as i32);
+        let mut want: Vec<u32> = nix::unistd::getgroups()
+            .expect("getgroups")
+            .iter()
+            .map(|g| g.as_raw())
+            .collect();
+        let mut got = p.groups.clone();
+        want.sort_unstable();
+        got.sort_unstable();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn access_by_uid_primary_and_supplementary_groups() {
+        let none = SocketAccess::default();
+        let both = SocketAccess {
+            full: group("pfadm", 5000),
+            read: group("pfmon", 5001),
+        };
+        assert_eq!(none.grant(&peer(0, 0, &[])), Access::Full);
+        assert_eq!(none.grant(&peer(1000, 5000, &[5000])), Access::Refused);
+        assert_eq!(both.grant(&peer(0, 0, &[])), Access::Full);
+        assert_eq!(both.grant(&peer(1000, 5000, &[])), Access::Full);
+        assert_eq!(both.grant(&peer(1000, 100, &[7, 5000])), Access::Full);
+        assert_eq!(both.grant(&peer(1000, 5001, &[])), Access::Read);
+        assert_eq!(both.grant(&peer(1000, 100, &[5001])), Access::Read);
+        assert_eq!(both.grant(&peer(1000, 5001, &[5000])), Access::Full);
+        assert_eq!(both.grant(&peer(1000, 100, &[5002])), Access::Refused);
+    }
+
+    #[test]
+    fn refusals_name_who_is_admitted() {
+        let mut a = SocketAccess::default();
+        assert_eq!(
+            a.refusal(),
+            "permission denied: portfwd's control socket accepts root only"
+        );
+        a.full = group("pfadm", 5000);
+        assert_eq!(
+            a.refusal(),
+            "permission denied: portfwd's control socket accepts root and group pfadm"
+        );
+        a.read = group("pfmon", 5001);
+        assert_eq!(
+            a.refusal(),
+            "permission denied: portfwd's control socket accepts root, group pfadm and \
+             group pfmon (read-only)"
+        );
+        assert_eq!(
+            a.read_only_refusal(),
+            "permission denied: group pfmon may only read (list); changes need root or \
+             group pfadm"
+        );
+        a.full = None;
+        assert_eq!(
+            a.read_only_refusal(),
+            "permission denied: group pfmon may only read (list); changes need root"
+        );
+    }
+
+    #[test]
+    fn groups_by_name_or_number() {
+        assert_eq!(SocketGroup::resolve("root").expect("root").gid, 0);
+        assert_eq!(SocketGroup::resolve("61234").expect("number").gid, 61234);
+        let e = SocketGroup::resolve("no-such-group-pf").expect_err("unknown");
+        assert_eq!(
+            e.to_string(),
+            "unknown group `no-such-group-pf` (give a group name from the group database, \
+             or a gid)"
+        );
+    }
+}
