@@ -404,3 +404,71 @@ fn read_all(mut s: &UnixStream) -> String {
     let _ = s.read_to_end(&mut out);
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// Opens `n` connections to `socket` from a thread of its own running as uid and gid
+/// 65534 with no supplementary groups: Linux credentials are per thread, and the raw
+/// system calls (unlike libc's wrappers, which change every thread) change this
+/// thread's only. The thread ends there; the sockets stay the process's.
+fn connections_as_nobody(socket: &Path, n: usize) -> Vec<UnixStream> {
+    let socket = socket.to_path_buf();
+    std::thread::spawn(move || {
+        // SAFETY: plain credential system calls on this thread, which does nothing but
+        // connect afterwards and then ends.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()),
+                0,
+                "setgroups"
+            );
+            assert_eq!(
+                libc::syscall(libc::SYS_setresgid, 65534, 65534, 65534),
+                0,
+                "setresgid"
+            );
+            assert_eq!(
+                libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534),
+                0,
+                "setresuid"
+            );
+        }
+        idle_connections(&socket, n)
+    })
+    .join()
+    .expect("the unprivileged thread")
+}
+
+/// 2,000 idle connections of a refused peer cannot close an admitted peer's connection
+/// (they have a pool of their own) nor delay `list`; each gets its refusal line.
+#[test]
+fn refused_peers_cannot_crowd_out_admitted_ones() {
+    let Some(topo) = setup("refused_peers_cannot_crowd_out_admitted_ones", "ccr", &[]) else {
+        return;
+    };
+    raise_nofile();
+    let d = topo.daemon();
+    d.add("9000", &backend(0));
+    make_world_connectable(d);
+    let mut mine = UnixStream::connect(d.socket()).expect("connect as root");
+    let theirs = connections_as_nobody(d.socket(), 2000);
+
+    let t = Instant::now();
+    let r: protocol::ListReply =
+        protocol::call(d.socket(), &Request::List).expect("list with 2,000 refused peers");
+    let took = t.elapsed();
+    eprintln!("list with 2,000 refused peers connected: {took:?}");
+    assert!(took < Duration::from_secs(1), "list took {took:?}");
+    assert_eq!(r.rules.len(), 1);
+
+    // The root connection made before the flood is still open and served.
+    mine.write_all(b"{\"cmd\":\"list\"}\n").expect("send");
+    assert!(read_all(&mine).starts_with("{\"ok\":true"));
+    // The oldest of the refused connections was closed with its refusal; the newest
+    // gets it for its request.
+    let refusal = "{\"ok\":false,\"error\":\"permission denied: portfwd's control socket accepts root only\"}\n";
+    assert_eq!(read_all(&theirs[0]), refusal);
+    let mut last = theirs.last().expect("a refused connection");
+    last.write_all(b"{\"cmd\":\"del\",\"publish\":{\"host_port\":9000}}\n")
+        .expect("send");
+    assert_eq!(read_all(last), refusal);
+    assert_eq!(configs(d).len(), 1, "a refused peer changed the rules");
+}

@@ -10,10 +10,12 @@
 //! - time: the whole request must arrive within [`CLIENT_TIMEOUT`] of the connect (a
 //!   client that sends nothing, or dribbles bytes, is closed then, with one error line),
 //!   and the answer must be taken within [`CLIENT_TIMEOUT`] too.
-//! - count: at most [`MAX_CONNECTIONS`] connections are open at once; the next one
-//!   closes the oldest (one error line), so idle clients can delay nobody by more than
-//!   it takes `MAX_CONNECTIONS` newer clients to arrive. When the daemon is out of file
-//!   descriptors, the oldest connection goes too.
+//! - count: at most [`MAX_CONNECTIONS`] connections of admitted peers are open at once;
+//!   the next one closes the oldest (one error line), so idle clients can delay nobody by
+//!   more than it takes `MAX_CONNECTIONS` newer clients to arrive. Refused peers (decided
+//!   at accept, from their credentials) have a pool of their own, [`MAX_REFUSED`], so
+//!   they cannot close an admitted peer's connection. When the daemon is out of file
+//!   descriptors, the oldest connection goes too (a refused one first).
 //! - the daemon's lock is taken only to answer a request that has fully arrived and been
 //!   parsed, never while reading or writing.
 
@@ -44,6 +46,9 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections open at once; the next one closes the oldest. The daemon needs this many
 /// file descriptors besides its own (see [`raise_fd_limit`]).
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Connections of refused peers open at once (waiting for their request, to answer it
+/// with the refusal); the next one closes the oldest.
+pub const MAX_REFUSED: usize = 64;
 /// How often the host's addresses are re-read for wildcard rules.
 pub const HOST_ADDR_REFRESH: Duration = Duration::from_secs(1);
 /// Refused peers are logged at most once per this interval, with a count of the rest.
@@ -79,21 +84,30 @@ pub fn raise_fd_limit() -> io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
-/// The open connections, oldest first; dropping a connection's sender closes it.
-#[derive(Default)]
+/// The open connections of one pool, oldest first; dropping a connection's sender closes
+/// it.
 struct Connections {
+    cap: usize,
     next: u64,
     open: BTreeMap<u64, oneshot::Sender<()>>,
 }
 
 impl Connections {
-    /// Registers a new connection; closes the oldest ones beyond `MAX_CONNECTIONS`.
+    fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            next: 0,
+            open: BTreeMap::new(),
+        }
+    }
+
+    /// Registers a new connection; closes the oldest ones beyond the cap.
     fn open(&mut self) -> (u64, oneshot::Receiver<()>) {
         let (tx, rx) = oneshot::channel();
         let id = self.next;
         self.next += 1;
         self.open.insert(id, tx);
-        while self.open.len() > MAX_CONNECTIONS {
+        while self.open.len() > self.cap {
             self.open.pop_first();
         }
         (id, rx)
@@ -181,7 +195,8 @@ pub async fn serve<K: Kernel + Send + 'static>(
             untold: 0,
         }),
     });
-    let conns = Arc::new(Mutex::new(Connections::default()));
+    let admitted = Arc::new(Mutex::new(Connections::new(MAX_CONNECTIONS)));
+    let refused = Arc::new(Mutex::new(Connections::new(MAX_REFUSED)));
     let mut refresh = tokio::time::interval(HOST_ADDR_REFRESH);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -194,18 +209,32 @@ pub async fn serve<K: Kernel + Send + 'static>(
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let (id, closed) = lock(&conns).open();
-                    let registered = Registered(conns.clone(), id);
+                    let peer = Peer::of(&stream);
+                    let access = match &peer {
+                        Ok(p) => ctx.access.grant(p),
+                        Err(e) => {
+                            debug!("cannot read a control peer's credentials: {e}");
+                            Access::Refused
+                        }
+                    };
+                    let pool = match access {
+                        Access::Refused => &refused,
+                        Access::Full | Access::Read => &admitted,
+                    };
+                    let (id, closed) = lock(pool).open();
+                    let registered = Registered(pool.clone(), id);
                     let ctx = ctx.clone();
                     tokio::spawn(async move {
-                        serve_connection(stream, &ctx, closed).await;
+                        serve_connection(stream, peer, access, &ctx, closed).await;
                         drop(registered);
                     });
                 }
                 Err(e) => {
                     // Out of file descriptors: the oldest connection makes room. Wait a
                     // little in any case instead of spinning.
-                    if e.raw_os_error() == Some(libc::EMFILE) && lock(&conns).close_oldest() {
+                    if e.raw_os_error() == Some(libc::EMFILE)
+                        && (lock(&refused).close_oldest() || lock(&admitted).close_oldest())
+                    {
                         debug!("out of file descriptors: closed the oldest control connection");
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     } else {
@@ -222,25 +251,24 @@ pub async fn serve<K: Kernel + Send + 'static>(
 /// error line, when `closed` fires (too many connections).
 async fn serve_connection<K: Kernel>(
     mut stream: UnixStream,
+    peer: io::Result<Peer>,
+    access: Access,
     ctx: &Context<K>,
     closed: oneshot::Receiver<()>,
 ) {
-    let peer = Peer::of(&stream);
-    let access = match &peer {
-        Ok(p) => ctx.access.grant(p),
-        Err(e) => {
-            debug!("cannot read a control peer's credentials: {e}");
-            Access::Refused
-        }
-    };
     let deadline = tokio::time::Instant::now() + CLIENT_TIMEOUT;
     let read = tokio::time::timeout_at(deadline, read_request(&stream, access != Access::Refused));
     let read = tokio::select! {
         r = read => r,
         _ = closed => {
-            let _ = stream.try_write(&protocol::encode_err(&format!(
-                "closed: more than {MAX_CONNECTIONS} clients connected, and this one waited longest; try again"
-            )));
+            let msg = match access {
+                Access::Refused => ctx.access.refusal(),
+                Access::Full | Access::Read => format!(
+                    "closed: more than {MAX_CONNECTIONS} clients connected, and this one \
+                     waited longest; try again"
+                ),
+            };
+            let _ = stream.try_write(&protocol::encode_err(&msg));
             return;
         }
     };
@@ -343,7 +371,7 @@ mod tests {
 
     #[test]
     fn the_oldest_connection_is_closed_beyond_the_limit() {
-        let mut c = Connections::default();
+        let mut c = Connections::new(MAX_CONNECTIONS);
         let mut rx: Vec<_> = (0..MAX_CONNECTIONS).map(|_| c.open().1).collect();
         assert!(rx.iter_mut().all(|r| r
             .try_recv()
