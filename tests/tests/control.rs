@@ -200,6 +200,15 @@ fn socket_groups_grant_full_and_read_access() {
     let f_arg = file.display().to_string();
     let line = ctl_as(d, NOBODY, &[read], &["apply", "-f", &f_arg]).expect_error("apply read-only");
     assert!(line.contains("permission denied"), "{line}");
+    // A request longer than any read is refused as a change, without being kept.
+    let mut long = connections_as(d.socket(), read, 1).remove(0);
+    let mut big = vec![b' '; 100_000];
+    big.push(b'\n');
+    long.write_all(&big).expect("send");
+    assert_eq!(
+        read_all(&long),
+        String::from_utf8(protocol::encode_err(&line["portfwd-ctl: ".len()..])).expect("utf-8")
+    );
     assert_eq!(configs(d), before, "a read-only peer changed the rules");
 
     // In neither group.
@@ -405,11 +414,11 @@ fn read_all(mut s: &UnixStream) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Opens `n` connections to `socket` from a thread of its own running as uid and gid
-/// 65534 with no supplementary groups: Linux credentials are per thread, and the raw
-/// system calls (unlike libc's wrappers, which change every thread) change this
-/// thread's only. The thread ends there; the sockets stay the process's.
-fn connections_as_nobody(socket: &Path, n: usize) -> Vec<UnixStream> {
+/// Opens `n` connections to `socket` from a thread of its own running as uid 65534 with
+/// primary group `gid` and no supplementary groups: Linux credentials are per thread,
+/// and the raw system calls (unlike libc's wrappers, which change every thread) change
+/// this thread's only. The thread ends there; the sockets stay the process's.
+fn connections_as(socket: &Path, gid: u32, n: usize) -> Vec<UnixStream> {
     let socket = socket.to_path_buf();
     std::thread::spawn(move || {
         // SAFETY: plain credential system calls on this thread, which does nothing but
@@ -421,7 +430,7 @@ fn connections_as_nobody(socket: &Path, n: usize) -> Vec<UnixStream> {
                 "setgroups"
             );
             assert_eq!(
-                libc::syscall(libc::SYS_setresgid, 65534, 65534, 65534),
+                libc::syscall(libc::SYS_setresgid, gid, gid, gid),
                 0,
                 "setresgid"
             );
@@ -449,7 +458,7 @@ fn refused_peers_cannot_crowd_out_admitted_ones() {
     d.add("9000", &backend(0));
     make_world_connectable(d);
     let mut mine = UnixStream::connect(d.socket()).expect("connect as root");
-    let theirs = connections_as_nobody(d.socket(), 2000);
+    let theirs = connections_as(d.socket(), 65534, 2000);
 
     let t = Instant::now();
     let r: protocol::ListReply =

@@ -6,7 +6,8 @@
 //!
 //! Bounds, so that no client can starve the others:
 //! - size: a request line is at most [`MAX_REQUEST`] bytes; a longer one gets one error
-//!   line. A refused peer's request is read (so that it gets its answer) but not kept.
+//!   line. A refused peer's request is read (so that it gets its answer) but not kept,
+//!   and a read-only peer's is kept up to [`MAX_READ_REQUEST`] bytes only.
 //! - time: the whole request must arrive within [`CLIENT_TIMEOUT`] of the connect (a
 //!   client that sends nothing, or dribbles bytes, is closed then, with one error line),
 //!   and the answer must be taken within [`CLIENT_TIMEOUT`] too.
@@ -49,6 +50,10 @@ pub const MAX_CONNECTIONS: usize = 1024;
 /// Connections of refused peers open at once (waiting for their request, to answer it
 /// with the refusal); the next one closes the oldest.
 pub const MAX_REFUSED: usize = 64;
+/// Largest request a read-only peer's connection buffers: more than any read request
+/// (`{"cmd":"list"}`); a longer one is read to its end and refused, so read-only peers
+/// cannot make the daemon hold [`MAX_REQUEST`] bytes per connection.
+pub const MAX_READ_REQUEST: usize = 4096;
 /// How often the host's addresses are re-read for wildcard rules.
 pub const HOST_ADDR_REFRESH: Duration = Duration::from_secs(1);
 /// Refused peers are logged at most once per this interval, with a count of the rest.
@@ -257,7 +262,12 @@ async fn serve_connection<K: Kernel>(
     closed: oneshot::Receiver<()>,
 ) {
     let deadline = tokio::time::Instant::now() + CLIENT_TIMEOUT;
-    let read = tokio::time::timeout_at(deadline, read_request(&stream, access != Access::Refused));
+    let keep = match access {
+        Access::Full => MAX_REQUEST,
+        Access::Read => MAX_READ_REQUEST,
+        Access::Refused => 0,
+    };
+    let read = tokio::time::timeout_at(deadline, read_request(&stream, keep));
     let read = tokio::select! {
         r = read => r,
         _ = closed => {
@@ -275,6 +285,13 @@ async fn serve_connection<K: Kernel>(
     let who = || match &peer {
         Ok(p) => p.to_string(),
         Err(_) => "a peer of unknown credentials".to_string(),
+    };
+    let read_only_refusal = || {
+        lock(&ctx.refusals).note(&format!(
+            "refused a change from {}, which has read-only access",
+            who()
+        ));
+        protocol::encode_err(&ctx.access.read_only_refusal())
     };
     let reply = match read {
         Err(_) => Some(protocol::encode_err(&format!(
@@ -294,20 +311,16 @@ async fn serve_connection<K: Kernel>(
                 who(),
                 ctx.access.refusal()
             ));
-            line.map(|_| protocol::encode_err(&ctx.access.refusal()))
+            // Connected and closed without a word: nothing to answer.
+            (!matches!(line, Line::Empty)).then(|| protocol::encode_err(&ctx.access.refusal()))
         }
-        // Connected and closed without a word: nothing to answer.
-        Ok(Ok(None)) => None,
+        Ok(Ok(Line::Empty)) => None,
+        // Only a read-only peer's request is dropped: it is longer than any read.
+        Ok(Ok(Line::Dropped)) => Some(read_only_refusal()),
         // Parsed before the lock is taken.
-        Ok(Ok(Some(line))) => Some(match protocol::parse_request(&line) {
+        Ok(Ok(Line::Kept(line))) => Some(match protocol::parse_request(&line) {
             Err(msg) => protocol::encode_err(&msg),
-            Ok(req) if access == Access::Read && !req.is_read_only() => {
-                lock(&ctx.refusals).note(&format!(
-                    "refused a change from {}, which has read-only access",
-                    who()
-                ));
-                protocol::encode_err(&ctx.access.read_only_refusal())
-            }
+            Ok(req) if access == Access::Read && !req.is_read_only() => read_only_refusal(),
             Ok(req) => lock(&ctx.daemon).handle(req),
         }),
     };
@@ -327,11 +340,22 @@ enum ReadError {
     Io(io::Error),
 }
 
-/// One line, without its `\n`, kept only if `keep` (else read and dropped: `Some` of
-/// nothing). A request the client ended by closing its side (no newline) is taken as
-/// is; the JSON parser judges it. Nothing is allocated before the first bytes arrive,
-/// so an idle connection costs its task only.
-async fn read_request(stream: &UnixStream, keep: bool) -> Result<Option<Vec<u8>>, ReadError> {
+/// A request line as read.
+enum Line {
+    /// The client closed without a byte.
+    Empty,
+    /// The line, without its `\n`.
+    Kept(Vec<u8>),
+    /// Longer than the peer may send (though within [`MAX_REQUEST`]): read, not kept.
+    Dropped,
+}
+
+/// One line, kept if at most `keep` bytes (else read to its end and dropped: a refused
+/// peer's, or a read-only peer's that is longer than any read request). A request the
+/// client ended by closing its side (no newline) is taken as is; the JSON parser judges
+/// it. Nothing is allocated before the first bytes arrive, so an idle connection costs
+/// its task only.
+async fn read_request(stream: &UnixStream, keep: usize) -> Result<Line, ReadError> {
     let mut line = Vec::new();
     let mut len = 0usize;
     let mut chunk = Vec::new();
@@ -353,11 +377,17 @@ async fn read_request(stream: &UnixStream, keep: bool) -> Result<Option<Vec<u8>>
         if len > MAX_REQUEST {
             return Err(ReadError::TooLarge);
         }
-        if keep {
+        if len <= keep {
             line.extend_from_slice(part);
+        } else if !line.is_empty() {
+            line = Vec::new();
         }
         if end {
-            return Ok((len > 0).then_some(line));
+            return Ok(match len {
+                0 => Line::Empty,
+                _ if len <= keep => Line::Kept(line),
+                _ => Line::Dropped,
+            });
         }
     }
 }
