@@ -61,6 +61,10 @@ fn setup(test: &str, tag: &str, args: &[&str]) -> Option<Topology> {
     if !require_root(test) {
         return None;
     }
+    assert!(
+        bins::find_in_path("setpriv").is_some(),
+        "{test}: needs setpriv (util-linux) to run portfwd-ctl as another user"
+    );
     let mut topo = Topology::new(tag);
     let mut all = vec!["--ingress", "tc"];
     all.extend_from_slice(args);
