@@ -41,8 +41,8 @@ mod tests;
 
 pub use kernel::Kernel;
 pub use server::{
-    raise_fd_limit, serve, Shared, CLIENT_TIMEOUT, HOST_ADDR_REFRESH, MAX_CONNECTIONS, MAX_REFUSED,
-    REFUSAL_LOG_INTERVAL,
+    raise_fd_limit, serve, Shared, CLIENT_TIMEOUT, HOST_ADDR_REFRESH, MAX_CONNECTIONS,
+    MAX_READ_REQUEST, MAX_REFUSED, REFUSAL_LOG_INTERVAL,
 };
 pub use socket::{Access, Peer, SocketAccess, SocketClaim, SocketError, SocketGroup};
 pub use table::{Entry, RuleTable, SlotAllocator};
