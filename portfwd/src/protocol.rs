@@ -95,6 +95,22 @@ pub enum Request {
     },
 }
 
+/// Parses one request line; the error is the one line to answer.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    serde_json::from_slice(line).map_err(|e| format!("invalid request: {e}"))
+}
+
+impl Request {
+    /// Whether the request only reads (what a `--socket-read-group` peer may send).
+    /// Every request is named here, so a new one has to be classified.
+    pub fn is_read_only(&self) -> bool {
+        match self {
+            Request::List => true,
+            Request::Add { .. } | Request::Del { .. } | Request::Apply { .. } => false,
+        }
+    }
+}
+
 /// One entry of a declarations file, as the client parsed it. The daemon pairs and
 /// validates it again ([`crate::rule::Declaration::new`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -514,6 +530,17 @@ pub enum ClientError {
         #[source]
         source: io::Error,
     },
+    /// The socket file's mode keeps this user out (the daemon admits root and the
+    /// groups given to its `--socket-group` and `--socket-read-group`).
+    #[error(
+        "permission denied: cannot connect to the portfwd daemon at {} \
+         (it admits root and the groups of its --socket-group and --socket-read-group)",
+        path.display()
+    )]
+    Denied {
+        /// The socket.
+        path: PathBuf,
+    },
     /// The connection failed midway.
     #[error("lost the connection to the portfwd daemon at {}", path.display())]
     Io {
@@ -543,9 +570,12 @@ pub fn call<T: DeserializeOwned>(socket: &Path, req: &Request) -> Result<T, Clie
         path: socket.to_path_buf(),
         source,
     };
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
-        path: socket.to_path_buf(),
-        source,
+    let mut stream = UnixStream::connect(socket).map_err(|source| {
+        let path = socket.to_path_buf();
+        match source.kind() {
+            io::ErrorKind::PermissionDenied => ClientError::Denied { path },
+            _ => ClientError::Connect { path, source },
+        }
     })?;
     stream
         .set_read_timeout(Some(CLIENT_TIMEOUT))

@@ -48,6 +48,7 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
+    ("setpriv", "util-linux"),
     ("ethtool", "ethtool"),
     ("ping", "iputils"),
     ("curl", "curl"),

@@ -17,7 +17,7 @@ use anyhow::{bail, Context as _};
 use clap::Parser;
 use log::{info, warn, LevelFilter};
 use portfwd::{
-    daemon::{self, Daemon, SocketClaim},
+    daemon::{self, Daemon, SocketAccess, SocketClaim, SocketGroup},
     dataplane::{Dataplane, IngressMode},
     declfile, netinfo,
     protocol::{DEFAULT_SOCKET, SOCKET_ENV},
@@ -30,9 +30,16 @@ struct Args {
     /// Interface where ports are published (repeatable).
     #[arg(long = "iface", value_name = "IFACE", required = true)]
     ifaces: Vec<String>,
-    /// Control socket (root only).
+    /// Control socket (root only, unless `--socket-group`/`--socket-read-group`).
     #[arg(long, value_name = "PATH", env = SOCKET_ENV, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Group (name or gid) whose members may use the control socket as root does:
+    /// publishing a port redirects the host's traffic, so this is root-equivalent.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
+    /// Group (name or gid) whose members may read (`list`) but change nothing.
+    #[arg(long, value_name = "GROUP")]
+    socket_read_group: Option<String>,
     /// Where the ingress program runs: `auto` is native XDP on physical NICs whose driver
     /// supports it and TC ingress on virtual interfaces.
     #[arg(long, value_enum, default_value = "auto")]
@@ -97,6 +104,18 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(path) => Some((path.display().to_string(), declfile::load(path)?)),
         None => None,
     };
+    let access = SocketAccess {
+        full: args
+            .socket_group
+            .as_deref()
+            .map(SocketGroup::resolve)
+            .transpose()?,
+        read: args
+            .socket_read_group
+            .as_deref()
+            .map(SocketGroup::resolve)
+            .transpose()?,
+    };
     let claim = SocketClaim::acquire(&args.socket)?;
 
     // Dropping the dataplane detaches everything attached so far: every `?` below
@@ -148,6 +167,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         info!("loaded {file}: {} rules published", r.added.len());
     }
     let listener = claim.bind()?;
+    access.apply_to(claim.path())?;
+    match daemon::raise_fd_limit() {
+        Ok(n) if n < daemon::MAX_CONNECTIONS as u64 + 256 => warn!(
+            "the open-file limit is {n}: fewer than {} control connections fit",
+            daemon::MAX_CONNECTIONS
+        ),
+        Ok(_) => {}
+        Err(e) => warn!("cannot raise the open-file limit: {e}"),
+    }
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -158,8 +186,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         let listener = tokio::net::UnixListener::from_std(listener)
             .context("cannot use the control socket")?;
         let shutdown = shutdown_signal()?;
-        info!("serving {}", claim.path().display());
-        daemon::serve(listener, state.clone(), shutdown).await;
+        info!(
+            "serving {} (admits {})",
+            claim.path().display(),
+            access.admitted()
+        );
+        daemon::serve(listener, state.clone(), access, shutdown).await;
         anyhow::Ok(())
     });
     // Dropping the runtime drops every connection task and its handle on the state, so

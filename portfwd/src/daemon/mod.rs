@@ -40,8 +40,11 @@ mod table;
 mod tests;
 
 pub use kernel::Kernel;
-pub use server::{serve, Shared, CLIENT_TIMEOUT, HOST_ADDR_REFRESH, MAX_CONNECTIONS};
-pub use socket::{SocketClaim, SocketError};
+pub use server::{
+    raise_fd_limit, serve, Shared, CLIENT_TIMEOUT, HOST_ADDR_REFRESH, MAX_CONNECTIONS,
+    MAX_READ_REQUEST, MAX_REFUSED, REFUSAL_LOG_INTERVAL,
+};
+pub use socket::{Access, Peer, SocketAccess, SocketClaim, SocketError, SocketGroup};
 pub use table::{Entry, RuleTable, SlotAllocator};
 
 use std::{
@@ -824,10 +827,14 @@ impl<K: Kernel> Daemon<K> {
 
     /// Answers one request line with one response line (`\n` included).
     pub fn handle_line(&mut self, line: &[u8]) -> Vec<u8> {
-        let req = match serde_json::from_slice::<Request>(line) {
-            Ok(req) => req,
-            Err(e) => return protocol::encode_err(&format!("invalid request: {e}")),
-        };
+        match protocol::parse_request(line) {
+            Ok(req) => self.handle(req),
+            Err(msg) => protocol::encode_err(&msg),
+        }
+    }
+
+    /// Answers one parsed request (the response line, `\n` included).
+    pub fn handle(&mut self, req: Request) -> Vec<u8> {
         let reply = match req {
             Request::Add {
                 publish,
