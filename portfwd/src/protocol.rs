@@ -10,6 +10,7 @@
 //! {"cmd":"add","publish":{"host_port":9000,"host_port_end":9009},"backend":{"ip":"172.17.0.2","port":8000,"port_end":8009}}
 //! {"cmd":"del","publish":{"host_ip":"0.0.0.0","host_port":9000,"proto":"tcp"}}
 //! {"cmd":"list"}
+//! {"cmd":"flows","filter":{"port":9000},"limit":1000}
 //! {"cmd":"apply","file":"/etc/portfwd.toml","dry_run":false,"declarations":[{"line":3,"entry":"9000:8080","publish":{...},"backend":{...}}]}
 //! ```
 //! In `publish`, `host_ip` defaults to `"*"` (every host address, both families;
@@ -82,6 +83,20 @@ pub enum Request {
         /// The file's entries, in order.
         declarations: Vec<FileDeclaration>,
     },
+    /// The live flows of remote clients (at most `limit`, those `filter` keeps) and how
+    /// full the flow tables are.
+    Flows {
+        /// Which flows; all if absent.
+        #[serde(default)]
+        filter: Option<crate::flows::FlowFilter>,
+        /// The most flows listed.
+        #[serde(default = "default_flow_limit")]
+        limit: u32,
+    },
+}
+
+fn default_flow_limit() -> u32 {
+    crate::flows::DEFAULT_FLOW_LIMIT
 }
 
 /// One entry of a declarations file, as the client parsed it. The daemon pairs and
