@@ -184,7 +184,10 @@ fn man_pages(cmd: &clap::Command, name: &str, dir: &Path) -> io::Result<Vec<Path
         .render(&mut out)?;
     std::fs::write(&path, out)?;
     let mut written = vec![path];
-    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+    {
         let sub_name = format!("{name}-{}", sub.get_name());
         let sub = sub.clone().bin_name(sub_name.clone());
         written.extend(man_pages(&sub, &sub_name, dir)?);

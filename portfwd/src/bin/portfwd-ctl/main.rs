@@ -73,13 +73,15 @@ fn main() -> ExitCode {
         Command::Apply(a) => apply::run(&args.socket, a),
         Command::ImportCompose(a) => import_compose::run(a),
         Command::Flows(a) => flows::run(&args.socket, a),
-        Command::GenerateDocs { dir } => portfwd::service::write_docs(Args::command(), &dir)
-            .map(|files| {
-                for f in files {
-                    println!("{}", f.display());
-                }
-            })
-            .with_context(|| format!("cannot write into {}", dir.display())),
+        Command::GenerateDocs { dir } => {
+            portfwd::service::write_docs(Args::command().name("portfwd-ctl"), &dir)
+                .map(|files| {
+                    for f in files {
+                        println!("{}", f.display());
+                    }
+                })
+                .with_context(|| format!("cannot write into {}", dir.display()))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
