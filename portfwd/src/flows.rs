@@ -172,6 +172,41 @@ pub struct FlowsReply {
     pub tables: Vec<TableUsage>,
 }
 
+/// The tables `flows` lists (the others are counted only: local peers are keyed by
+/// socket, NAT64_FLOWS is the same flows as NAT64_REPLIES).
+const LISTED: [FlowTable; 3] = [
+    FlowTable::ConntrackV4,
+    FlowTable::ConntrackV6,
+    FlowTable::Nat64Replies,
+];
+
+/// The flows a listing keeps, up to its limit.
+struct Collector {
+    filter: Option<FlowFilter>,
+    limit: usize,
+    flows: Vec<FlowStatus>,
+    /// Flows that matched beyond the limit (counted with a filter only).
+    more: u64,
+}
+
+impl Collector {
+    fn take(&mut self, f: FlowStatus) {
+        if self.filter.is_none_or(|flt| flt.matches(&f)) {
+            if self.flows.len() < self.limit {
+                self.flows.push(f);
+            } else {
+                self.more += 1;
+            }
+        }
+    }
+
+    /// Without a filter, nothing past the limit needs reading: the tables' counts say
+    /// how many more there are.
+    fn done(&self) -> bool {
+        self.filter.is_none() && self.flows.len() >= self.limit
+    }
+}
+
 /// The dataplane's flow maps, through descriptors of their own.
 pub struct FlowTables {
     maps: Vec<(FlowTable, Map)>,
@@ -235,58 +270,51 @@ impl FlowTables {
     }
 
     /// The live flows of remote clients that match `filter`, at most `limit` of them, and
-    /// how full every table is.
+    /// how full every table is. Without a filter the walk stops at the limit; with one it
+    /// reads every flow to count the matches beyond it.
     pub fn list(
         &self,
         filter: Option<FlowFilter>,
         limit: u32,
     ) -> Result<FlowsReply, DataplaneError> {
-        let mut reply = FlowsReply {
-            tables: self.usage()?,
-            ..FlowsReply::default()
-        };
-        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-        let mut take = |f: FlowStatus| {
-            if filter.is_none_or(|flt| flt.matches(&f)) {
-                if reply.flows.len() < limit {
-                    reply.flows.push(f);
-                } else {
-                    reply.more += 1;
-                }
-            }
+        let tables = self.usage()?;
+        let mut c = Collector {
+            filter,
+            limit: usize::try_from(limit).unwrap_or(usize::MAX),
+            flows: Vec::new(),
+            more: 0,
         };
         let v4 = self.typed::<FlowKeyV4, FlowV4>(FlowTable::ConntrackV4)?;
         for (k, v) in v4.iter().filter_map(Result::ok) {
-            if let Some(f) = conntrack_flow(
-                FlowTable::ConntrackV4,
-                k.proto(),
-                k.client(),
-                v.host(),
-                k.backend(),
-            ) {
-                take(f);
+            if c.done() {
+                break;
+            }
+            let table = FlowTable::ConntrackV4;
+            if let Some(f) = conntrack_flow(table, k.proto(), k.client(), v.host(), k.backend()) {
+                c.take(f);
             }
         }
         let v6 = self.typed::<FlowKeyV6, FlowV6>(FlowTable::ConntrackV6)?;
         for (k, v) in v6.iter().filter_map(Result::ok) {
-            if let Some(f) = conntrack_flow(
-                FlowTable::ConntrackV6,
-                k.proto(),
-                k.client(),
-                v.host(),
-                k.backend(),
-            ) {
-                take(f);
+            if c.done() {
+                break;
+            }
+            let table = FlowTable::ConntrackV6;
+            if let Some(f) = conntrack_flow(table, k.proto(), k.client(), v.host(), k.backend()) {
+                c.take(f);
             }
         }
         let now = monotonic_coarse_ns();
         let nat64 = self.typed::<FlowKeyV4, Nat64Reply>(FlowTable::Nat64Replies)?;
         for (k, v) in nat64.iter().filter_map(Result::ok) {
+            if c.done() {
+                break;
+            }
             let Some(proto) = proto_of(k.proto()) else {
                 continue;
             };
             let (backend, backend_port) = k.backend();
-            take(FlowStatus {
+            c.take(FlowStatus {
                 table: FlowTable::Nat64Replies,
                 proto,
                 client: SocketAddr::new(
@@ -301,7 +329,22 @@ impl FlowTables {
                 idle_secs: now.map(|now| now.saturating_sub(v.last_seen_ns) / 1_000_000_000),
             });
         }
-        Ok(reply)
+        let more = if filter.is_none() {
+            // The walk stopped at the limit: the rest is what the tables hold beyond it.
+            let listed: u64 = tables
+                .iter()
+                .filter(|t| LISTED.contains(&t.table))
+                .map(|t| t.entries)
+                .sum();
+            listed.saturating_sub(c.flows.len() as u64)
+        } else {
+            c.more
+        };
+        Ok(FlowsReply {
+            flows: c.flows,
+            more,
+            tables,
+        })
     }
 
     fn typed<K: aya::Pod, V: aya::Pod>(

@@ -377,7 +377,14 @@ fn full_flow_table_scrape() {
         )
         .expect("insert");
     }
-    eprintln!("filled {cap} conntrack entries in {:?}", start.elapsed());
+    // An LRU map may evict a little before it is full (its free list is per CPU): the
+    // table holds what a walk of our own finds, nearly all of it.
+    let held = ct.keys().filter(Result::is_ok).count() as u64;
+    eprintln!(
+        "filled conntrack_v4 with {cap} entries in {:?}: {held} held",
+        start.elapsed()
+    );
+    assert!(held > u64::from(cap) * 99 / 100, "{held} of {cap} held");
 
     let start = Instant::now();
     let text = scrape(&topo);
@@ -385,10 +392,10 @@ fn full_flow_table_scrape() {
     let m = samples(&text);
     assert_eq!(
         value(&m, "portfwd_flows{table=\"conntrack_v4\"}"),
-        f64::from(cap)
+        held as f64
     );
     eprintln!(
-        "scrape with a full conntrack_v4 ({cap}): {took:?}, of which the flow walk {}s",
+        "scrape with a full conntrack_v4 ({held}): {took:?}, of which the flow walk {}s",
         value(&m, "portfwd_flow_table_walk_seconds")
     );
     // The control socket answers during a scrape's walk.
@@ -397,7 +404,16 @@ fn full_flow_table_scrape() {
     let out = d.ctl(&["flows", "--limit", "5"]);
     let text = out.expect_ok("flows --limit 5");
     eprintln!("flows --limit 5 with a full table: {:?}", start.elapsed());
-    let more = format!("... {} more", cap - 5);
+    let more = format!("... {} more", held - 5);
+    assert!(text.contains(&more), "{text}");
+    // A filter reads every flow to count its matches.
+    let start = Instant::now();
+    let out = d.ctl(&["flows", "--limit", "5", "9000"]);
+    let text = out.expect_ok("flows --limit 5 9000");
+    eprintln!(
+        "flows --limit 5 9000 with a full table: {:?}",
+        start.elapsed()
+    );
     assert!(text.contains(&more), "{text}");
 }
 
