@@ -49,42 +49,54 @@ pub fn notify_ready() -> io::Result<bool> {
 /// Applies the declarations file at `path` again on every SIGHUP (systemd's
 /// `ExecReload`), as `portfwd-ctl apply -f FILE` would: file rules follow the file, rules
 /// added at run time stay; a file with an error changes nothing and is logged. Without a
-/// file (no `--config`), a SIGHUP is logged and changes nothing.
-pub async fn reload_on_sighup<K: Kernel>(path: Option<PathBuf>, state: Shared<K>) {
+/// file (no `--config`), a SIGHUP is logged and changes nothing. The handler is in place
+/// when this returns (call it inside the runtime, before telling anyone the daemon is
+/// ready): from then on SIGHUP no longer ends the process.
+pub fn reload_on_sighup<K: Kernel>(
+    path: Option<PathBuf>,
+    state: Shared<K>,
+) -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            log::warn!("cannot handle SIGHUP (no reload): {e}");
-            return;
-        }
-    };
-    while hup.recv().await.is_some() {
-        let Some(path) = &path else {
-            log::info!("SIGHUP: no --config file to reload");
-            continue;
-        };
-        let file = path.display().to_string();
-        let result = declfile::load(path)
-            .map_err(anyhow::Error::from)
-            .and_then(|decls| {
-                let mut d = state.lock().unwrap_or_else(|p| p.into_inner());
-                Ok(d.apply(&file, &decls, false)?)
-            });
-        match result {
-            Ok(r) => {
-                log::info!(
-                    "SIGHUP: reloaded {file}: {} added, {} removed, {} unchanged",
-                    r.added.len(),
-                    r.removed.len(),
-                    r.unchanged.len()
-                );
-                let _ = notify(&format!("STATUS=serving; reloaded {file}"));
-            }
+    let hup = signal(SignalKind::hangup());
+    async move {
+        let mut hup = match hup {
+            Ok(s) => s,
             Err(e) => {
-                log::error!("SIGHUP: {file} not applied, nothing changed: {e:#}");
-                let _ = notify(&format!("STATUS=serving; reload of {file} failed"));
+                log::warn!("cannot handle SIGHUP (no reload): {e}");
+                return;
             }
+        };
+        while hup.recv().await.is_some() {
+            match &path {
+                Some(path) => reload(path, &state),
+                None => log::info!("SIGHUP: no --config file to reload"),
+            }
+        }
+    }
+}
+
+/// Applies the file at `path` (one SIGHUP's work).
+fn reload<K: Kernel>(path: &Path, state: &Shared<K>) {
+    let file = path.display().to_string();
+    let result = declfile::load(path)
+        .map_err(anyhow::Error::from)
+        .and_then(|decls| {
+            let mut d = state.lock().unwrap_or_else(|p| p.into_inner());
+            Ok(d.apply(&file, &decls, false)?)
+        });
+    match result {
+        Ok(r) => {
+            log::info!(
+                "SIGHUP: reloaded {file}: {} added, {} removed, {} unchanged",
+                r.added.len(),
+                r.removed.len(),
+                r.unchanged.len()
+            );
+            let _ = notify(&format!("STATUS=serving; reloaded {file}"));
+        }
+        Err(e) => {
+            log::error!("SIGHUP: {file} not applied, nothing changed: {e:#}");
+            let _ = notify(&format!("STATUS=serving; reload of {file} failed"));
         }
     }
 }

@@ -521,6 +521,36 @@ fn ready_is_sent_after_attach() {
 }
 
 #[test]
+fn metrics_address_in_use_stops_the_start() {
+    if !require_root("metrics_address_in_use_stops_the_start") {
+        return;
+    }
+    let topo = Topology::new("oinuse");
+    let _taken = topo
+        .host
+        .run(|| std::net::TcpListener::bind(METRICS))
+        .expect("bind the metrics address first");
+    let mut d = portfwd_tests::daemon::Daemon::spawn(
+        &topo.host,
+        topo.dir(),
+        &[HOST_IFACE],
+        &["--ingress", "tc", "--metrics", METRICS],
+    );
+    let status = d
+        .child()
+        .wait_timeout(Duration::from_secs(30))
+        .expect("the daemon should exit");
+    assert!(!status.success());
+    let log = d.log_text();
+    assert!(
+        log.contains(&format!("portfwd: cannot serve metrics on {METRICS}: ")),
+        "{log}"
+    );
+    assert!(!log.contains("attached"), "attached before failing: {log}");
+    assert!(!d.socket().exists(), "a socket after a failed start");
+}
+
+#[test]
 fn sighup_applies_the_config_again() {
     if !require_root("sighup_applies_the_config_again") {
         return;
