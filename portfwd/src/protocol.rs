@@ -12,6 +12,7 @@
 //! {"cmd":"add","publish":{"host_ip":"::","host_port":9000},"backend":{"ip":"172.17.0.2","port":8080},"owner":"docker:4711"}
 //! {"cmd":"del","publish":{"host_ip":"::","host_port":9000},"owner":"docker:4711"}
 //! {"cmd":"list"}
+//! {"cmd":"flows","filter":{"port":9000},"limit":1000}
 //! {"cmd":"apply","file":"/etc/portfwd.toml","dry_run":false,"declarations":[{"line":3,"entry":"9000:8080","publish":{...},"backend":{...}}]}
 //! ```
 //! In `publish`, `host_ip` defaults to `"*"` (every host address, both families;
@@ -93,6 +94,20 @@ pub enum Request {
         /// The file's entries, in order.
         declarations: Vec<FileDeclaration>,
     },
+    /// The live flows of remote clients (at most `limit`, those `filter` keeps) and how
+    /// full the flow tables are.
+    Flows {
+        /// Which flows; all if absent.
+        #[serde(default)]
+        filter: Option<crate::flows::FlowFilter>,
+        /// The most flows listed.
+        #[serde(default = "default_flow_limit")]
+        limit: u32,
+    },
+}
+
+fn default_flow_limit() -> u32 {
+    crate::flows::DEFAULT_FLOW_LIMIT
 }
 
 /// Parses one request line; the error is the one line to answer.
@@ -105,7 +120,7 @@ impl Request {
     /// Every request is named here, so a new one has to be classified.
     pub fn is_read_only(&self) -> bool {
         match self {
-            Request::List => true,
+            Request::List | Request::Flows { .. } => true,
             Request::Add { .. } | Request::Del { .. } | Request::Apply { .. } => false,
         }
     }

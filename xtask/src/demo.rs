@@ -348,7 +348,7 @@ fn sweep_stale() {
 }
 
 /// Where cargo puts the binaries (honours CARGO_TARGET_DIR and config).
-fn target_dir() -> Result<PathBuf> {
+pub fn target_dir() -> Result<PathBuf> {
     let out = Command::new(cargo())
         .args(["metadata", "--format-version", "1", "--no-deps"])
         .current_dir(workspace_root())

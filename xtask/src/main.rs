@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod dist;
 mod setup;
 mod test;
 
@@ -24,6 +25,9 @@ enum Cmd {
     Test(test::Args),
     /// Benchmark portfwd against direct routing, iptables DNAT and userspace proxies.
     Bench(bench::Args),
+    /// Build the release binaries and write them, their completions and man pages, the
+    /// systemd unit and the Prometheus examples into target/dist.
+    Dist,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo => demo::run(),
         Cmd::Test(args) => test::run(args),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Dist => dist::run(),
     }
 }

@@ -38,6 +38,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("nftables", "bench: nftables DNAT baseline"),
     ("bpftool", "tests: check what is attached"),
     ("wrk", "bench: HTTP load"),
+    ("prometheus", "tests: promtool check metrics"),
+    ("systemd", "tests: systemd-analyze verify of the unit"),
 ];
 
 /// The linker the eBPF crate links with, and the exact install command.
@@ -58,6 +60,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("bpftool", "bpftool"),
     ("wrk", "wrk"),
+    ("promtool", "prometheus"),
+    ("systemd-analyze", "systemd"),
 ];
 
 pub fn run() -> Result<()> {

@@ -1,6 +1,8 @@
 //! `portfwd`: the daemon. Loads the kernel programs, attaches them to every `--iface`,
 //! and serves the control socket that `portfwd-ctl` talks to, until SIGINT or SIGTERM;
-//! then it detaches everything it attached and removes its socket.
+//! then it detaches everything it attached and removes its socket. SIGHUP applies the
+//! `--config` file again; readiness goes to `$NOTIFY_SOCKET` (systemd `Type=notify`)
+//! once the programs are attached and the socket listens; `--metrics` serves Prometheus.
 //!
 //! Startup order matters: the socket claim (an exclusive lock) comes before anything is
 //! loaded, so a second daemon on the same socket refuses without touching the first
@@ -14,13 +16,16 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use clap::Parser;
+use clap::{CommandFactory as _, Parser};
 use log::{info, warn, LevelFilter};
 use portfwd::{
     daemon::{self, Daemon, SocketAccess, SocketClaim, SocketGroup},
     dataplane::{Dataplane, IngressMode},
-    declfile, netinfo,
+    declfile,
+    flows::FlowTables,
+    netinfo,
     protocol::{DEFAULT_SOCKET, SOCKET_ENV},
+    service,
 };
 
 /// In-kernel port forwarding for container hosts: the daemon.
@@ -28,7 +33,11 @@ use portfwd::{
 #[command(version)]
 struct Args {
     /// Interface where ports are published (repeatable).
-    #[arg(long = "iface", value_name = "IFACE", required = true)]
+    #[arg(
+        long = "iface",
+        value_name = "IFACE",
+        required_unless_present_any = ["check_config", "generate_docs"]
+    )]
     ifaces: Vec<String>,
     /// Control socket (root only, unless `--socket-group`/`--socket-read-group`).
     #[arg(long, value_name = "PATH", env = SOCKET_ENV, default_value = DEFAULT_SOCKET)]
@@ -69,6 +78,17 @@ struct Args {
     /// would. A file with any error stops the daemon before anything is attached.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Serve Prometheus metrics on `http://ADDR:PORT/metrics` (off by default; e.g.
+    /// `127.0.0.1:9464`).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
+    /// Validate a declarations file (as `--config` and `apply` would) and exit: a summary
+    /// on success, one line and a non-zero exit on an error. Touches nothing, needs no root.
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    check_config: Option<PathBuf>,
+    /// Write shell completions and man pages into DIR and exit (`cargo xtask dist`).
+    #[arg(long, value_name = "DIR", hide = true)]
+    generate_docs: Option<PathBuf>,
     /// Log level (default: info, or RUST_LOG).
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<LevelFilter>,
@@ -76,6 +96,9 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(code) = one_shot(&args) {
+        return code;
+    }
     let mut logger = env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or(LevelFilter::Info.as_str()),
     );
@@ -91,6 +114,43 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--check-config` and `--generate-docs`: they do their one thing and exit.
+fn one_shot(args: &Args) -> Option<ExitCode> {
+    if let Some(file) = &args.check_config {
+        return Some(match service::check_config(file) {
+            Ok(r) => {
+                println!("{}: OK, {} rules", file.display(), r.added.len());
+                for rule in &r.added {
+                    println!("  {rule}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!(
+                    "portfwd: {}",
+                    portfwd::protocol::one_line(&format!("{e:#}"))
+                );
+                ExitCode::FAILURE
+            }
+        });
+    }
+    if let Some(dir) = &args.generate_docs {
+        return Some(match service::write_docs(Args::command(), dir) {
+            Ok(files) => {
+                for f in files {
+                    println!("{}", f.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("portfwd: cannot write into {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        });
+    }
+    None
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -117,6 +177,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             .transpose()?,
     };
     let claim = SocketClaim::acquire(&args.socket)?;
+    let metrics = match args.metrics {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot serve metrics on {addr}"))?,
+        ),
+        None => None,
+    };
 
     // Dropping the dataplane detaches everything attached so far: every `?` below
     // leaves the interfaces as they were.
@@ -181,16 +248,31 @@ fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
+    let flow_tables = FlowTables::new(state.kernel())?;
     let state = Arc::new(Mutex::new(state));
     let served = rt.block_on(async {
         let listener = tokio::net::UnixListener::from_std(listener)
             .context("cannot use the control socket")?;
         let shutdown = shutdown_signal()?;
+        if let Some(l) = metrics {
+            l.set_nonblocking(true).context("cannot serve metrics")?;
+            let l = tokio::net::TcpListener::from_std(l).context("cannot serve metrics")?;
+            info!("metrics on http://{}/metrics", l.local_addr()?);
+            tokio::spawn(portfwd::metrics::serve(l, state.clone(), flow_tables));
+        }
+        tokio::spawn(service::reload_on_sighup(
+            args.config.clone(),
+            state.clone(),
+        ));
         info!(
             "serving {} (admits {})",
             claim.path().display(),
             access.admitted()
         );
+        // Attached, and the socket listens: requests queue until `serve` takes them.
+        if let Err(e) = service::notify_ready() {
+            warn!("cannot notify the service manager: {e}");
+        }
         daemon::serve(listener, state.clone(), access, shutdown).await;
         anyhow::Ok(())
     });

@@ -3,7 +3,8 @@
 //! of [`crate::netinfo`] (addresses, local listeners, ephemeral range, bridges). The
 //! daemon reaches the host only through it, so its logic is testable without BPF or root.
 //! Rule, flow and host-address operations are generic over the address [`Family`]: one
-//! method per operation for IPv4 and IPv6.
+//! method per operation for IPv4 and IPv6. Every map write of [`Dataplane`]'s impl that
+//! fails is counted in the metrics' `portfwd_map_update_errors_total`.
 
 use std::{
     collections::BTreeSet,
@@ -15,6 +16,8 @@ use portfwd_common::{Reason, RuleStats};
 
 use crate::{
     dataplane::{Attachment, Dataplane, DataplaneError, Family},
+    flows::{FlowFilter, FlowTables, FlowsReply},
+    metrics::count_map_update,
     netinfo,
     rule::{PortRange, Proto},
 };
@@ -69,6 +72,12 @@ pub trait Kernel {
     fn refresh_fast_path(&mut self) -> Result<(), DataplaneError> {
         Ok(())
     }
+    /// The live flows `filter` keeps (at most `limit`) and how full the flow tables are;
+    /// a kernel without flow tables has none.
+    fn flows(&self, filter: Option<FlowFilter>, limit: u32) -> Result<FlowsReply, DataplaneError> {
+        let _ = (filter, limit);
+        Ok(FlowsReply::default())
+    }
 }
 
 impl Kernel for Dataplane {
@@ -77,13 +86,13 @@ impl Kernel for Dataplane {
         key: F::RuleKey,
         backend: F::Backend,
     ) -> Result<(), DataplaneError> {
-        self.insert_rule_of::<F>(key, backend)
+        count_map_update(self.insert_rule_of::<F>(key, backend))
     }
     fn remove_rule<F: Family>(&mut self, key: &F::RuleKey) -> Result<(), DataplaneError> {
-        self.remove_rule_of::<F>(key)
+        count_map_update(self.remove_rule_of::<F>(key))
     }
     fn reset_rule_stats(&mut self, slot: u32) -> Result<(), DataplaneError> {
-        Dataplane::reset_rule_stats(self, slot)
+        count_map_update(Dataplane::reset_rule_stats(self, slot))
     }
     fn rule_stats(&self, slot: u32) -> Result<RuleStats, DataplaneError> {
         Dataplane::rule_stats(self, slot)
@@ -92,7 +101,7 @@ impl Kernel for Dataplane {
         &mut self,
         backends: &BTreeSet<(F::Addr, u16, u8)>,
     ) -> Result<usize, DataplaneError> {
-        self.forget_flows_of::<F>(backends)
+        count_map_update(self.forget_flows_of::<F>(backends))
     }
     fn reason_stats(&self) -> Result<Vec<(Reason, u64)>, DataplaneError> {
         Dataplane::reason_stats(self)
@@ -107,10 +116,10 @@ impl Kernel for Dataplane {
         &mut self,
         addrs: &BTreeSet<F::Addr>,
     ) -> Result<(), DataplaneError> {
-        self.sync_host_addrs_of::<F>(addrs)
+        count_map_update(self.sync_host_addrs_of::<F>(addrs))
     }
     fn sync_nat64(&mut self, backends: &BTreeSet<Ipv4Addr>) -> Result<Vec<String>, DataplaneError> {
-        Dataplane::sync_nat64(self, backends)
+        count_map_update(Dataplane::sync_nat64(self, backends))
     }
     fn nat64_entries(&self) -> Vec<String> {
         Dataplane::nat64_entries(self).to_vec()
@@ -128,9 +137,12 @@ impl Kernel for Dataplane {
         if self.fast_path() {
             // A failed read keeps the last known ports: stale entries only fall back.
             if let Ok(ports) = netinfo::bridge_ports() {
-                self.sync_bridge_ports(&ports)?;
+                count_map_update(self.sync_bridge_ports(&ports))?;
             }
         }
         Ok(())
+    }
+    fn flows(&self, filter: Option<FlowFilter>, limit: u32) -> Result<FlowsReply, DataplaneError> {
+        FlowTables::new(self)?.list(filter, limit)
     }
 }

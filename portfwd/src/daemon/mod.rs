@@ -191,6 +191,9 @@ pub enum DaemonError {
         /// The rule's owner.
         owner: Option<Owner>,
     },
+    /// The flow tables cannot be read.
+    #[error("cannot read the flow tables")]
+    Flows(#[source] Box<DataplaneError>),
 }
 
 /// The daemon's state: the kernel side and the table that mirrors it.
@@ -855,6 +858,11 @@ impl<K: Kernel> Daemon<K> {
             } => self
                 .apply(&file, &declarations, dry_run)
                 .map(|r| protocol::encode_ok(&r)),
+            Request::Flows { filter, limit } => self
+                .kernel
+                .flows(filter, limit)
+                .map(|r| protocol::encode_ok(&r))
+                .map_err(|e| DaemonError::Flows(Box::new(e))),
         };
         reply.unwrap_or_else(|e| {
             let msg = Chain(&e).to_string();

@@ -7,12 +7,14 @@
 mod add;
 mod apply;
 mod del;
+mod flows;
 mod import_compose;
 mod list;
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use anyhow::Context as _;
+use clap::{CommandFactory as _, Parser, Subcommand};
 use portfwd::protocol::{DEFAULT_SOCKET, SOCKET_ENV};
 
 /// Publish container ports with portfwd's in-kernel forwarding.
@@ -40,6 +42,15 @@ enum Command {
     /// Print a declarations file for a Compose file's published ports:
     /// `import-compose FILE --to SERVICE=IP ...`.
     ImportCompose(import_compose::Args),
+    /// Show the live flows of remote clients and how full the flow tables are:
+    /// `flows [--json] [--limit N] [PORT|BACKEND]`.
+    Flows(flows::Args),
+    /// Write shell completions and man pages into DIR (`cargo xtask dist`).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Where to write them.
+        dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -61,6 +72,16 @@ fn main() -> ExitCode {
         Command::List(a) => list::run(&args.socket, a),
         Command::Apply(a) => apply::run(&args.socket, a),
         Command::ImportCompose(a) => import_compose::run(a),
+        Command::Flows(a) => flows::run(&args.socket, a),
+        Command::GenerateDocs { dir } => {
+            portfwd::service::write_docs(Args::command().name("portfwd-ctl"), &dir)
+                .map(|files| {
+                    for f in files {
+                        println!("{}", f.display());
+                    }
+                })
+                .with_context(|| format!("cannot write into {}", dir.display()))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
