@@ -149,13 +149,21 @@ impl RuleKeyV4 {
     }
 }
 
+/// A flag of [`BackendV4`] / [`BackendV6`]: the rule is a container runtime's whose
+/// port the runtime holds with its own idle reservation socket (podman's conmon): a
+/// local `bind()` of it is let through instead of refused. Its traffic still goes to the
+/// backend: ingress translates before the socket lookup, and the connect hooks rewrite
+/// local clients first.
+pub const BACKEND_RESERVATION: u8 = 1;
+
 /// Value of [`RULES_V4`]: where a published port goes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendV4 {
     addr: [u8; 4],
     port: [u8; 2],
-    _pad: [u8; 2],
+    flags: u8,
+    _pad: u8,
     stats_slot: u32,
 }
 const _: () = assert!(core::mem::size_of::<BackendV4>() == 12);
@@ -166,9 +174,20 @@ impl BackendV4 {
         Self {
             addr: addr.octets(),
             port: port.to_be_bytes(),
-            _pad: [0; 2],
+            flags: 0,
+            _pad: 0,
             stats_slot,
         }
+    }
+    /// The same backend with `flags` ([`BACKEND_RESERVATION`]).
+    pub const fn with_flags(mut self, flags: u8) -> Self {
+        self.flags = flags;
+        self
+    }
+    /// Its flags ([`BACKEND_RESERVATION`]).
+    #[inline(always)]
+    pub const fn flags(&self) -> u8 {
+        self.flags
     }
     /// The address, network-order bytes.
     #[inline(always)]
@@ -423,7 +442,8 @@ impl RuleKeyV6 {
 pub struct BackendV6 {
     addr: [u8; 16],
     port: [u8; 2],
-    _pad: [u8; 2],
+    flags: u8,
+    _pad: u8,
     stats_slot: u32,
 }
 const _: () = assert!(core::mem::size_of::<BackendV6>() == 24);
@@ -439,11 +459,23 @@ impl BackendV6 {
         Self {
             addr,
             port: port_be,
-            _pad: [0; 2],
+            flags: 0,
+            _pad: 0,
             stats_slot,
         }
     }
-    /// An IPv4 backend as an IPv4-mapped one (how a dual-stack socket reaches it).
+    /// The same backend with `flags` ([`BACKEND_RESERVATION`]).
+    pub const fn with_flags(mut self, flags: u8) -> Self {
+        self.flags = flags;
+        self
+    }
+    /// Its flags ([`BACKEND_RESERVATION`]).
+    #[inline(always)]
+    pub const fn flags(&self) -> u8 {
+        self.flags
+    }
+    /// An IPv4 backend as an IPv4-mapped one (how a dual-stack socket reaches it),
+    /// flags kept.
     #[inline(always)]
     pub fn from_v4_mapped(b: BackendV4) -> Self {
         Self::from_bytes(
@@ -451,6 +483,7 @@ impl BackendV6 {
             b.port_be(),
             b.stats_slot(),
         )
+        .with_flags(b.flags())
     }
     /// The address, network-order bytes.
     #[inline(always)]

@@ -40,6 +40,7 @@ pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
             publish: decl.spec(),
             backend: decl.backend(),
             owner: args.owner,
+            reservation_ok: false,
         },
     )?;
     // The chosen ports, for scripts: `published *:32768/tcp -> 172.17.0.2:80`.
