@@ -138,7 +138,7 @@ pub struct OwnerError {
 
 impl Owner {
     /// The longest owner name.
-    pub const MAX_LEN: usize = 64;
+    pub const MAX_LEN: usize = 128;
 
     /// Validates and builds.
     pub fn new(name: &str) -> Result<Self, OwnerError> {

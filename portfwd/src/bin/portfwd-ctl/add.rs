@@ -23,7 +23,7 @@ pub struct Args {
     #[arg(value_name = "BACKEND_OTHER_FAMILY", allow_hyphen_values = true)]
     other: Option<String>,
     /// Mark the rule as this plugin's (`list` shows it; `del --owner` removes only its
-    /// own): 1 to 64 printable characters, e.g. `backup:nightly`.
+    /// own): 1 to 128 printable characters, e.g. `backup:nightly`.
     #[arg(long, value_name = "NAME")]
     owner: Option<Owner>,
 }
