@@ -704,6 +704,12 @@ pub const CONFIG_FAST_PATH_NATIVE_XDP: u64 = 2;
 /// [`Config::flags`]: no NAT64 (`portfwd --no-nat64`): remote IPv6 clients of an
 /// IPv4-only backend are passed (`pass_no_ipv6_backend`) instead of translated.
 pub const CONFIG_NO_NAT64: u64 = 4;
+/// [`Config::flags`]: the socket hooks serve only the host's network namespace
+/// (`portfwd --local-clients host-netns`, Cilium's host-namespace-only socket LB): a
+/// process of another namespace in the served cgroup (a VPN or test namespace that
+/// reaches the host's address but has no route to the backends) is left to the packet
+/// path, like a remote client.
+pub const CONFIG_SOCK_HOST_NETNS_ONLY: u64 = 8;
 
 /// NAT64 (remote IPv6 clients of an IPv4-only backend, at TC): the translation of each
 /// such flow, keyed by the client's flow as it arrives ([`FlowKeyV6`]: client address
