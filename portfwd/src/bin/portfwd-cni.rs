@@ -446,3 +446,87 @@ fn check(conf: &NetConf, owner: &Owner, socket: &Path) -> Result<(), CniError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn mapping(host_ip: &str, proto: &str) -> PortMapping {
+        serde_json::from_value(json!({
+            "hostPort": 9000, "containerPort": 80, "protocol": proto, "hostIP": host_ip
+        }))
+        .expect("mapping")
+    }
+
+    #[test]
+    fn container_addresses_are_the_sandbox_ones_first_of_each_family() {
+        let prev = json!({
+            "interfaces": [{"name": "cni0"}, {"name": "eth0", "sandbox": "/run/netns/x"}],
+            "ips": [
+                {"address": "10.88.0.1/16", "interface": 0},
+                {"address": "10.88.0.7/16", "interface": 1},
+                {"address": "10.88.0.8/16", "interface": 1},
+                {"address": "fd00::7/64", "interface": 1}
+            ]
+        });
+        let a = container_addrs(&prev).expect("addresses");
+        assert_eq!(a.v4(), Some("10.88.0.7".parse().expect("ip")));
+        assert_eq!(a.v6(), Some("fd00::7".parse().expect("ip")));
+        // Without interfaces, every address counts.
+        let a = container_addrs(&json!({"ips": [{"address": "10.88.0.9/16"}]})).expect("one");
+        assert_eq!(a.first(), "10.88.0.9".parse::<IpAddr>().expect("ip"));
+        assert_eq!(
+            container_addrs(&json!({"ips": []})).expect_err("none").code,
+            7
+        );
+        let bad = json!({"ips": [{"address": "nonsense"}]});
+        assert_eq!(container_addrs(&bad).expect_err("bad").code, 6);
+    }
+
+    #[test]
+    fn mappings_become_rules_of_the_host_address_family() {
+        let dual = Addrs::from_list(&[
+            "10.88.0.7".parse().expect("ip"),
+            "fd00::7".parse().expect("ip"),
+        ])
+        .expect("dual");
+        let v4only = Addrs::new("10.88.0.7".parse().expect("ip")).expect("v4");
+        let show = |m: &PortMapping, a: Addrs| declaration(m, a).map(|d| d.to_string());
+        assert!(show(&mapping("", "tcp"), dual)
+            .expect("any")
+            .starts_with("*:9000/tcp"));
+        let d = declaration(&mapping("", "UDP"), dual).expect("udp");
+        assert_eq!(d.proto(), Proto::Udp);
+        assert_eq!(d.backend().addrs(), dual);
+        let d = declaration(&mapping("127.0.0.1", ""), dual).expect("v4 host");
+        assert_eq!(d.backend().addrs(), v4only);
+        // An IPv6 host address: the container's IPv6 address, or NAT64 to its IPv4 one.
+        let d = declaration(&mapping("::", "tcp"), dual).expect("v6 host");
+        assert_eq!(
+            d.backend().addrs().v6(),
+            Some("fd00::7".parse().expect("ip"))
+        );
+        let d = declaration(&mapping("::", "tcp"), v4only).expect("nat64");
+        assert_eq!(d.backend().addrs(), v4only);
+        let v6only = Addrs::new("fd00::7".parse().expect("ip")).expect("v6");
+        assert_eq!(
+            declaration(&mapping("0.0.0.0", "tcp"), v6only)
+                .expect_err("no v4")
+                .code,
+            7
+        );
+        assert_eq!(
+            declaration(&mapping("", "sctp"), dual)
+                .expect_err("sctp")
+                .code,
+            7
+        );
+        assert_eq!(
+            declaration(&mapping("nope", "tcp"), dual)
+                .expect_err("ip")
+                .code,
+            7
+        );
+    }
+}
