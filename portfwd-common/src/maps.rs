@@ -149,13 +149,21 @@ impl RuleKeyV4 {
     }
 }
 
+/// A flag of [`BackendV4`] / [`BackendV6`]: the rule is a container runtime's whose
+/// port the runtime holds with its own idle reservation socket (podman's conmon): a
+/// local `bind()` of it is let through instead of refused. Its traffic still goes to the
+/// backend: ingress translates before the socket lookup, and the connect hooks rewrite
+/// local clients first.
+pub const BACKEND_RESERVATION: u8 = 1;
+
 /// Value of [`RULES_V4`]: where a published port goes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendV4 {
     addr: [u8; 4],
     port: [u8; 2],
-    _pad: [u8; 2],
+    flags: u8,
+    _pad: u8,
     stats_slot: u32,
 }
 const _: () = assert!(core::mem::size_of::<BackendV4>() == 12);
@@ -166,9 +174,20 @@ impl BackendV4 {
         Self {
             addr: addr.octets(),
             port: port.to_be_bytes(),
-            _pad: [0; 2],
+            flags: 0,
+            _pad: 0,
             stats_slot,
         }
+    }
+    /// The same backend with `flags` ([`BACKEND_RESERVATION`]).
+    pub const fn with_flags(mut self, flags: u8) -> Self {
+        self.flags = flags;
+        self
+    }
+    /// Its flags ([`BACKEND_RESERVATION`]).
+    #[inline(always)]
+    pub const fn flags(&self) -> u8 {
+        self.flags
     }
     /// The address, network-order bytes.
     #[inline(always)]
@@ -423,7 +442,8 @@ impl RuleKeyV6 {
 pub struct BackendV6 {
     addr: [u8; 16],
     port: [u8; 2],
-    _pad: [u8; 2],
+    flags: u8,
+    _pad: u8,
     stats_slot: u32,
 }
 const _: () = assert!(core::mem::size_of::<BackendV6>() == 24);
@@ -439,11 +459,23 @@ impl BackendV6 {
         Self {
             addr,
             port: port_be,
-            _pad: [0; 2],
+            flags: 0,
+            _pad: 0,
             stats_slot,
         }
     }
-    /// An IPv4 backend as an IPv4-mapped one (how a dual-stack socket reaches it).
+    /// The same backend with `flags` ([`BACKEND_RESERVATION`]).
+    pub const fn with_flags(mut self, flags: u8) -> Self {
+        self.flags = flags;
+        self
+    }
+    /// Its flags ([`BACKEND_RESERVATION`]).
+    #[inline(always)]
+    pub const fn flags(&self) -> u8 {
+        self.flags
+    }
+    /// An IPv4 backend as an IPv4-mapped one (how a dual-stack socket reaches it),
+    /// flags kept.
     #[inline(always)]
     pub fn from_v4_mapped(b: BackendV4) -> Self {
         Self::from_bytes(
@@ -451,6 +483,7 @@ impl BackendV6 {
             b.port_be(),
             b.stats_slot(),
         )
+        .with_flags(b.flags())
     }
     /// The address, network-order bytes.
     #[inline(always)]
@@ -671,6 +704,12 @@ pub const CONFIG_FAST_PATH_NATIVE_XDP: u64 = 2;
 /// [`Config::flags`]: no NAT64 (`portfwd --no-nat64`): remote IPv6 clients of an
 /// IPv4-only backend are passed (`pass_no_ipv6_backend`) instead of translated.
 pub const CONFIG_NO_NAT64: u64 = 4;
+/// [`Config::flags`]: the socket hooks serve only the host's network namespace
+/// (`portfwd --local-clients host-netns`, Cilium's host-namespace-only socket LB): a
+/// process of another namespace in the served cgroup (a VPN or test namespace that
+/// reaches the host's address but has no route to the backends) is left to the packet
+/// path, like a remote client.
+pub const CONFIG_SOCK_HOST_NETNS_ONLY: u64 = 8;
 
 /// NAT64 (remote IPv6 clients of an IPv4-only backend, at TC): the translation of each
 /// such flow, keyed by the client's flow as it arrives ([`FlowKeyV6`]: client address

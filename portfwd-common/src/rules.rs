@@ -17,6 +17,8 @@
 //!   in the IPv4 rules and its backend given back IPv4-mapped.
 //! - [`Caller::Bind`]: as a socket in the host namespace (binds elsewhere, and port 0,
 //!   never match); `[::]` on a dual-stack socket also takes the IPv4 wildcard's port.
+//!   A rule flagged [`crate::BACKEND_RESERVATION`] (a runtime's, whose own reservation
+//!   socket holds the port) never matches a bind: the bind goes through.
 //!
 //! Key construction and lookup order are exactly the kernel's: an exact lookup with
 //! the unspecified address is a wildcard lookup, and so hits without a host-address check.
@@ -75,6 +77,8 @@ pub trait Family: Copy + PartialEq {
     fn mapped_v4(&self) -> Option<[u8; 4]>;
     /// An IPv4 backend in this family (IPv4-mapped for IPv6).
     fn from_v4(b: BackendV4) -> Self::Backend;
+    /// The backend's flags ([`crate::BACKEND_RESERVATION`]).
+    fn flags(b: &Self::Backend) -> u8;
     /// This family's rule under `key`.
     fn rule<M: RuleMaps>(maps: &M, key: &Self::RuleKey) -> Option<Self::Backend>;
     /// Whether `self` is one of the host's addresses.
@@ -101,6 +105,10 @@ impl Family for [u8; 4] {
     #[inline(always)]
     fn from_v4(b: BackendV4) -> BackendV4 {
         b
+    }
+    #[inline(always)]
+    fn flags(b: &BackendV4) -> u8 {
+        b.flags()
     }
     #[inline(always)]
     fn rule<M: RuleMaps>(maps: &M, key: &RuleKeyV4) -> Option<BackendV4> {
@@ -135,6 +143,10 @@ impl Family for [u8; 16] {
     #[inline(always)]
     fn from_v4(b: BackendV4) -> BackendV6 {
         BackendV6::from_v4_mapped(b)
+    }
+    #[inline(always)]
+    fn flags(b: &BackendV6) -> u8 {
+        b.flags()
     }
     #[inline(always)]
     fn rule<M: RuleMaps>(maps: &M, key: &RuleKeyV6) -> Option<BackendV6> {
@@ -179,12 +191,17 @@ pub fn lookup_ref<A: Family, M: RuleMaps>(
             if !host_netns || port_be == [0, 0] {
                 return Err(Reason::PassNoRule);
             }
-            match socket(maps, *addr, port_be, proto, true) {
+            let found = match socket(maps, *addr, port_be, proto, true) {
                 Ok(b) => Ok(b),
                 Err(_) if A::DUAL_STACK && *addr == A::UNSPECIFIED => {
                     socket_family(maps, [0u8; 4], port_be, proto, true).map(A::from_v4)
                 }
                 Err(e) => Err(e),
+            };
+            match found {
+                // A runtime's reservation: its bind goes through.
+                Ok(b) if A::flags(&b) & crate::BACKEND_RESERVATION != 0 => Err(Reason::PassNoRule),
+                other => other,
             }
         }
     }
@@ -609,6 +626,25 @@ mod tests {
         assert!(lookup(&m, bind(true), [0u8; 16], p(443), TCP).is_err());
         assert!(lookup(&m, bind(true), v6("2001:db8::2"), p(53), UDP).is_err());
         assert!(lookup(&m, bind(true), v6("::ffff:0.0.0.0"), p(53), UDP).is_ok());
+    }
+
+    #[test]
+    fn a_reservation_lets_binds_through_and_still_serves() {
+        let mut m = sample();
+        let p = |port: u16| port.to_be_bytes();
+        for b in m.v4.values_mut() {
+            *b = b.with_flags(crate::BACKEND_RESERVATION);
+        }
+        let bind = Caller::Bind { host_netns: true };
+        assert!(lookup(&m, bind, [0u8; 4], p(80), TCP).is_err());
+        assert!(lookup(&m, bind, [127, 0, 0, 1], p(80), TCP).is_err());
+        // `[::]` falling back to the IPv4 wildcard's rule keeps its flag.
+        assert!(lookup(&m, bind, [0u8; 16], p(53), UDP).is_err());
+        // Connects and packets are served as before.
+        let socket = Caller::Socket { host_netns: true };
+        let b = lookup(&m, socket, [127, 0, 0, 1], p(80), TCP).expect("served");
+        assert_eq!(b.flags(), crate::BACKEND_RESERVATION);
+        assert!(lookup(&m, Caller::Packet, [0u8; 4], p(80), TCP).is_ok());
     }
 
     fn arb_v4() -> impl Strategy<Value = [u8; 4]> {

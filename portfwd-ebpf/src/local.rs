@@ -9,6 +9,15 @@
 //!   looks (the source of a UDP reply, the peer of a connected socket);
 //! - bind4 refuses a local `bind()` of a published port, which would otherwise shadow it.
 //!
+//! Whose sockets: every process of the served cgroup (`portfwd --cgroup`), in every
+//! network namespace, so containers calling the host's address are served (their
+//! packets would enter on the bridge, where nothing translates, and the backend's reply
+//! to a neighbour on the same bridge would bypass the host). With
+//! [`CONFIG_SOCK_HOST_NETNS_ONLY`] (`--local-clients host-netns`), only the host's
+//! namespace: another namespace's connection to the host's address then goes by packet,
+//! through the ingress hooks, as a remote client's does, which serves a namespace that
+//! reaches the host but has no route to the backends.
+//!
 //! Loopback is the host's only in the host's network namespace: a container's
 //! `127.0.0.1:9000` is its own, so loopback destinations and binds are left alone in
 //! other namespaces. The host's other addresses are reachable from every namespace
@@ -32,7 +41,7 @@ use aya_ebpf::{
 };
 use portfwd_common::{
     rules::{self, Caller},
-    LocalPeerKeyV4, LocalPeerKeyV6, LocalPeerV4, LocalPeerV6, Reason,
+    LocalPeerKeyV4, LocalPeerKeyV6, LocalPeerV4, LocalPeerV6, Reason, CONFIG_SOCK_HOST_NETNS_ONLY,
 };
 
 use crate::maps::{self, count, Maps};
@@ -122,15 +131,27 @@ fn in_host_netns(ctx: &SockAddrContext) -> bool {
     cfg.host_netns_cookie == 0 || cookie == cfg.host_netns_cookie
 }
 
+/// Whether the socket hooks serve this call's namespace (`None`: not served, see
+/// [`CONFIG_SOCK_HOST_NETNS_ONLY`]), and whether it is the host's.
+#[inline(always)]
+fn served_netns(ctx: &SockAddrContext) -> Option<bool> {
+    let host_netns = in_host_netns(ctx);
+    if !host_netns && maps::config().flags & CONFIG_SOCK_HOST_NETNS_ONLY != 0 {
+        return None;
+    }
+    Some(host_netns)
+}
+
 #[inline(always)]
 fn redirect_to_backend(ctx: &SockAddrContext) {
     let sa = fields(ctx);
     if sa.addr == [0; 4] {
         return;
     }
-    let caller = Caller::Socket {
-        host_netns: in_host_netns(ctx),
+    let Some(host_netns) = served_netns(ctx) else {
+        return;
     };
+    let caller = Caller::Socket { host_netns };
     let Ok(backend) = rules::lookup_ref(&Maps, caller, &sa.addr, sa.port, sa.proto) else {
         return;
     };
@@ -257,9 +278,10 @@ fn redirect_to_backend6(ctx: &SockAddrContext, connect: bool) {
     if sa.addr == [0; 16] {
         return;
     }
-    let caller = Caller::Socket {
-        host_netns: in_host_netns(ctx),
+    let Some(host_netns) = served_netns(ctx) else {
+        return;
     };
+    let caller = Caller::Socket { host_netns };
     let Ok(target) = rules::lookup_ref(&Maps, caller, &sa.addr, sa.port, sa.proto) else {
         return;
     };

@@ -17,9 +17,9 @@ use aya::{
 use portfwd_common::{
     port_bits, programs, BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4,
     FlowV6, Nat64Flow, Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, RuleStats, BRIDGE_PORTS, CONFIG,
-    CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONFIG_NO_NAT64, CONNTRACK_V4, CONNTRACK_V6,
-    HOST_ADDRS_V4, HOST_ADDRS_V6, NAT64_FLOWS, NAT64_PROGS, NAT64_PROG_INDEX, NAT64_REPLIES,
-    PUBLISHED_PORTS, REASON_STATS, RULES_V4, RULES_V6, RULE_STATS,
+    CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONFIG_NO_NAT64, CONFIG_SOCK_HOST_NETNS_ONLY,
+    CONNTRACK_V4, CONNTRACK_V6, HOST_ADDRS_V4, HOST_ADDRS_V6, NAT64_FLOWS, NAT64_PROGS,
+    NAT64_PROG_INDEX, NAT64_REPLIES, PUBLISHED_PORTS, REASON_STATS, RULES_V4, RULES_V6, RULE_STATS,
 };
 use thiserror::Error;
 
@@ -403,6 +403,21 @@ impl Dataplane {
             self.config.flags &= !CONFIG_NO_NAT64;
         } else {
             self.config.flags |= CONFIG_NO_NAT64;
+        }
+        self.write_config()
+    }
+
+    /// Serves local clients of the host's network namespace only (`host_netns_only`), or
+    /// of every namespace in the served cgroup (the default); see
+    /// [`CONFIG_SOCK_HOST_NETNS_ONLY`].
+    pub fn set_sock_host_netns_only(
+        &mut self,
+        host_netns_only: bool,
+    ) -> Result<(), DataplaneError> {
+        if host_netns_only {
+            self.config.flags |= CONFIG_SOCK_HOST_NETNS_ONLY;
+        } else {
+            self.config.flags &= !CONFIG_SOCK_HOST_NETNS_ONLY;
         }
         self.write_config()
     }

@@ -23,7 +23,11 @@
 //! A dual-stack `backend` gives its IPv4 address as `ip` and its IPv6 one as `ip6`.
 //! An `owner` (optional, an [`Owner`]) marks a runtime rule as a plugin's: `list` shows
 //! it, and a `del` that names an owner removes only a rule of that owner, so a plugin
-//! (`portfwd-docker-proxy`) removes what it added and nothing else. Unknown fields are
+//! (`portfwd-docker-proxy`) removes what it added and nothing else. With an owner,
+//! `"reservation_ok": true` says the runtime holds the ports with its own idle
+//! reservation socket (podman's conmon, after `portfwd-cni` publishes them): a local
+//! process holding them does not refuse the add, and local binds of them are let
+//! through instead of refused; traffic still goes to the backend. Unknown fields are
 //! rejected.
 //!
 //! Responses: `{"ok":false,"error":"<one line>"}` on failure, otherwise `{"ok":true, ...}`
@@ -72,6 +76,10 @@ pub enum Request {
         /// The plugin the rule belongs to, if any.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         owner: Option<Owner>,
+        /// The runtime (the owner, required) holds the ports with its own idle
+        /// reservation socket: not refused for it, and its bind is let through.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        reservation_ok: bool,
     },
     /// Unpublish `publish` (as `list` shows it: a range is removed whole).
     Del {
@@ -161,7 +169,7 @@ pub struct OwnerError {
 
 impl Owner {
     /// The longest owner name.
-    pub const MAX_LEN: usize = 64;
+    pub const MAX_LEN: usize = 128;
 
     /// Validates and builds.
     pub fn new(name: &str) -> Result<Self, OwnerError> {
@@ -635,11 +643,13 @@ mod tests {
             publish: "198.51.100.7:9000/udp".parse().expect("valid"),
             backend: "172.17.0.2:53".parse().expect("valid"),
             owner: None,
+            reservation_ok: false,
         };
         let range = Request::Add {
             publish: "9000-9009".parse().expect("valid"),
             backend: "172.17.0.2:8000-8009".parse().expect("valid"),
             owner: None,
+            reservation_ok: false,
         };
         let json = serde_json::to_string(&range).expect("encodes");
         assert_eq!(
@@ -658,6 +668,7 @@ mod tests {
                 publish: "[::1]:".parse().expect("valid"),
                 backend: "[2001:db8::2]:80".parse().expect("valid"),
                 owner: None,
+                reservation_ok: false,
             }
         );
         let apply = Request::Apply {

@@ -15,6 +15,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 mod docker;
+mod podman;
 
 /// Debian packages, with the reason each is needed.
 const APT_PACKAGES: &[(&str, &str)] = &[
@@ -97,6 +98,7 @@ pub fn ensure() -> Result<()> {
         )?;
     }
     docker::ensure()?;
+    podman::ensure()?;
     ensure_bpf_linker()?;
     println!("==> setup: done");
     Ok(())
@@ -180,7 +182,7 @@ fn dpkg_installed(pkg: &str) -> bool {
 /// Without apt: say exactly what is missing, install nothing.
 fn report_non_debian() -> Result<()> {
     let mut missing = Vec::new();
-    for (tool, pkg) in TOOLS.iter().chain(docker::TOOLS) {
+    for (tool, pkg) in TOOLS.iter().chain(docker::TOOLS).chain(podman::TOOLS) {
         if which(tool).is_none() {
             missing.push(format!("`{tool}` (package {pkg})"));
         }

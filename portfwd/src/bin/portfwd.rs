@@ -74,6 +74,13 @@ struct Args {
     /// no NAT64 entry program goes on the backends' interfaces.
     #[arg(long)]
     no_nat64: bool,
+    /// Whose connections the socket hooks rewrite: `all` (every network namespace in
+    /// the cgroup: the host's processes and containers calling the host's address) or
+    /// `host-netns` (the daemon's namespace only; other namespaces go by packet, through
+    /// the ingress hooks, like remote clients: for namespaces that reach the host but
+    /// cannot route to the backends, at the cost of containers calling the host).
+    #[arg(long, value_enum, default_value_t = LocalScope::All)]
+    local_clients: LocalScope,
     /// Declarations file (TOML) to publish at start, as `portfwd-ctl apply -f FILE`
     /// would. A file with any error stops the daemon before anything is attached.
     #[arg(long, value_name = "FILE")]
@@ -92,6 +99,13 @@ struct Args {
     /// Log level (default: info, or RUST_LOG).
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<LevelFilter>,
+}
+
+/// `--local-clients`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LocalScope {
+    All,
+    HostNetns,
 }
 
 fn main() -> ExitCode {
@@ -205,6 +219,10 @@ fn run(args: Args) -> anyhow::Result<()> {
                 _ => "native XDP",
             }
         );
+    }
+    if args.local_clients == LocalScope::HostNetns {
+        dp.set_sock_host_netns_only(true)?;
+        info!("local clients: the host's network namespace only");
     }
     if args.no_nat64 {
         dp.set_nat64(false)?;

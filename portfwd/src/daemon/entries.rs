@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use portfwd_common::{BackendV4, BackendV6, RuleKeyV4, RuleKeyV6};
+use portfwd_common::{BackendV4, BackendV6, RuleKeyV4, RuleKeyV6, BACKEND_RESERVATION};
 
 use super::{DaemonError, Kernel};
 use crate::{
@@ -72,12 +72,15 @@ pub(super) fn write_entry<K: Kernel>(
 /// The kernel's view of a rule: one entry per port and family served, all with its
 /// slot. IPv4 clients go to the backend's IPv4 address (`RULES_V4`); IPv6 clients to its
 /// IPv6 address, or to its IPv4 one as `::ffff:a.b.c.d`, which the socket hooks serve and
-/// the packet path passes (`RULES_V6`). `*` takes each family's wildcard key.
+/// the packet path passes (`RULES_V6`). `*` takes each family's wildcard key. A
+/// `reservation`'s entries carry [`BACKEND_RESERVATION`].
 pub(super) fn map_entries(
     publish: &Publish,
     backend: &Backend,
     slot: u32,
+    reservation: bool,
 ) -> Result<Vec<MapEntry>, DaemonError> {
+    let flags = if reservation { BACKEND_RESERVATION } else { 0 };
     let proto = publish.proto().number();
     let host = publish.host();
     let addrs = backend.addrs();
@@ -92,7 +95,7 @@ pub(super) fn map_entries(
             Some(b) => entries.extend(pairs().map(|(hp, bp)| {
                 MapEntry::V4(
                     RuleKeyV4::from_parts(h, hp, proto),
-                    BackendV4::new(b, bp, slot),
+                    BackendV4::new(b, bp, slot).with_flags(flags),
                 )
             })),
             // `*` to an IPv6-only backend: no IPv4 client can reach it.
@@ -114,7 +117,7 @@ pub(super) fn map_entries(
         entries.extend(pairs().map(|(hp, bp)| {
             MapEntry::V6(
                 RuleKeyV6::from_parts(h, hp, proto),
-                BackendV6::new(b, bp, slot),
+                BackendV6::new(b, bp, slot).with_flags(flags),
             )
         }));
     }

@@ -138,6 +138,9 @@ pub enum DaemonError {
         /// What was tried.
         why: String,
     },
+    /// `reservation_ok` without an owner: only a runtime's rule holds a reservation.
+    #[error("reservation_ok needs an owner (the runtime whose reservation socket holds the port)")]
+    ReservationWithoutOwner,
     /// The request is not a valid rule.
     #[error(transparent)]
     Invalid(#[from] RuleError),
@@ -292,11 +295,35 @@ impl<K: Kernel> Daemon<K> {
         decl: Declaration,
         owner: Option<Owner>,
     ) -> Result<RuleReply, DaemonError> {
-        let rule = self.resolve(&decl, &self.table)?;
-        self.commit(&[], &[rule], Source::Cli)?;
+        self.add_runtime(decl, owner, false)
+    }
+
+    /// As [`Self::add_owned`]; with `reservation_ok` (which needs an owner), the rule is
+    /// a runtime's that holds its ports with its own idle reservation socket (podman's
+    /// conmon): a local process holding them does not refuse the add, and local binds
+    /// of them go through ([`portfwd_common::BACKEND_RESERVATION`]). Their traffic still
+    /// goes to the backend.
+    pub fn add_runtime(
+        &mut self,
+        decl: Declaration,
+        owner: Option<Owner>,
+        reservation_ok: bool,
+    ) -> Result<RuleReply, DaemonError> {
+        if reservation_ok && owner.is_none() {
+            return Err(DaemonError::ReservationWithoutOwner);
+        }
+        let rule = self.resolve(&decl, &self.table, reservation_ok)?;
+        self.commit_flagged(&[], &[rule], Source::Cli, reservation_ok)?;
         match owner {
             Some(owner) => {
-                info!("published {rule} (source cli, owner {owner})");
+                info!(
+                    "published {rule} (source cli, owner {owner}{})",
+                    if reservation_ok {
+                        ", reservation ok"
+                    } else {
+                        ""
+                    }
+                );
                 self.table.set_owner(rule.publish, owner);
             }
             None => info!("published {rule} (source cli)"),
@@ -309,13 +336,26 @@ impl<K: Kernel> Daemon<K> {
 
     /// The concrete rule for `decl` given the rules in `view`: exact ports if free, else
     /// the first free port of a range, else any free block of the ephemeral range.
-    fn resolve(&self, decl: &Declaration, view: &RuleTable) -> Result<Rule, DaemonError> {
+    /// With `reservation_ok`, ports local processes hold count as free.
+    fn resolve(
+        &self,
+        decl: &Declaration,
+        view: &RuleTable,
+        reservation_ok: bool,
+    ) -> Result<Rule, DaemonError> {
         let (ip, proto, backend) = (decl.host(), decl.proto(), decl.backend());
+        let first_held = |publish: &Publish| {
+            if reservation_ok {
+                None
+            } else {
+                self.first_held(publish)
+            }
+        };
         match decl.host_ports() {
             HostPorts::Exact(ports) => {
                 let publish = Publish::new(ip, ports, proto)?;
                 view.check_free(&publish)?;
-                if let Some(port) = self.first_held(&publish) {
+                if let Some(port) = first_held(&publish) {
                     return Err(DaemonError::HeldLocally {
                         publish,
                         what: if ports.is_single() {
@@ -330,9 +370,7 @@ impl<K: Kernel> Daemon<K> {
             HostPorts::FirstFree(range) => {
                 for port in range.ports() {
                     let publish = Publish::single(ip, port, proto)?;
-                    if view.first_conflict(&publish).is_none()
-                        && self.first_held(&publish).is_none()
-                    {
+                    if view.first_conflict(&publish).is_none() && first_held(&publish).is_none() {
                         return Ok(Rule::new(publish, backend)?);
                     }
                 }
@@ -352,7 +390,7 @@ impl<K: Kernel> Daemon<K> {
                     let taken = view
                         .first_conflict(&publish)
                         .map(|(port, _)| port)
-                        .or_else(|| self.first_held(&publish));
+                        .or_else(|| first_held(&publish));
                     match taken {
                         None => return Ok(Rule::new(publish, backend)?),
                         Some(port) if port < u16::MAX => start = port + 1,
@@ -392,6 +430,18 @@ impl<K: Kernel> Daemon<K> {
         add: &[Rule],
         source: Source,
     ) -> Result<(), DaemonError> {
+        self.commit_flagged(remove, add, source, false)
+    }
+
+    /// As [`Self::commit`], the rules added being runtime reservations or not (see
+    /// [`Self::add_runtime`]).
+    fn commit_flagged(
+        &mut self,
+        remove: &[Publish],
+        add: &[Rule],
+        source: Source,
+        reservation: bool,
+    ) -> Result<(), DaemonError> {
         // Counter slots first: running out changes nothing.
         let mut slots = Vec::with_capacity(add.len());
         for rule in add {
@@ -419,13 +469,13 @@ impl<K: Kernel> Daemon<K> {
                 release(self, &slots);
                 return Err(DaemonError::NotPublished { publish: *p });
             };
-            for v in map_entries(p, &e.backend, e.stats_slot)? {
+            for v in map_entries(p, &e.backend, e.stats_slot, e.reservation)? {
                 old.insert(v.key(), (v, *p));
             }
         }
         let mut writes = Vec::new();
         for (rule, &slot) in add.iter().zip(&slots) {
-            let entries = match map_entries(&rule.publish, &rule.backend, slot) {
+            let entries = match map_entries(&rule.publish, &rule.backend, slot, reservation) {
                 Ok(e) => e,
                 Err(e) => {
                     release(self, &slots);
@@ -515,6 +565,7 @@ impl<K: Kernel> Daemon<K> {
                     backend: rule.backend,
                     stats_slot: slot,
                     source,
+                    reservation,
                 },
             );
         }
@@ -711,7 +762,7 @@ impl<K: Kernel> Daemon<K> {
         }
         let mut added = Vec::new();
         for (d, decl) in pending {
-            let rule = self.resolve(decl, &view).map_err(|e| {
+            let rule = self.resolve(decl, &view, false).map_err(|e| {
                 let e = match e {
                     DaemonError::PortAllocated {
                         addr_port,
@@ -740,6 +791,7 @@ impl<K: Kernel> Daemon<K> {
                     backend: rule.backend,
                     stats_slot: u32::MAX,
                     source: Source::File,
+                    reservation: false,
                 },
             );
             lines.insert(rule.publish, d.line);
@@ -843,9 +895,10 @@ impl<K: Kernel> Daemon<K> {
                 publish,
                 backend,
                 owner,
+                reservation_ok,
             } => Declaration::new(publish, backend)
                 .map_err(DaemonError::from)
-                .and_then(|d| self.add_owned(d, owner))
+                .and_then(|d| self.add_runtime(d, owner, reservation_ok))
                 .map(|r| protocol::encode_ok(&r)),
             Request::Del { publish, owner } => self
                 .del_owned(publish, owner.as_ref())

@@ -49,6 +49,9 @@ pub struct Entry {
     pub stats_slot: u32,
     /// Who published it: `cli` or `file`.
     pub source: Source,
+    /// A runtime's reservation (see [`super::Daemon::add_runtime`]): its map entries
+    /// carry [`portfwd_common::BACKEND_RESERVATION`].
+    pub reservation: bool,
 }
 
 /// The published rules, keyed by what is published. Pure: no kernel calls.

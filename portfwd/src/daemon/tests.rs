@@ -209,6 +209,36 @@ fn add_refuses_a_port_a_local_process_holds() {
 }
 
 #[test]
+fn a_runtime_reservation_is_not_refused_for_its_own_socket() {
+    let mut d = Daemon::new(FakeKernel {
+        held: vec![(ip("0.0.0.0"), 9000, Proto::Tcp)],
+        ..FakeKernel::default()
+    });
+    let owner = || Some(Owner::new("cni:abc/eth0").expect("valid"));
+    // Without an owner, no reservation; without the flag, refused as before.
+    let err = d
+        .add_runtime(decl("9000", "198.18.1.2:8080"), None, true)
+        .expect_err("no owner");
+    assert_eq!(
+        chain(&err),
+        "reservation_ok needs an owner (the runtime whose reservation socket holds the port)"
+    );
+    d.add_runtime(decl("9000", "198.18.1.2:8080"), owner(), false)
+        .expect_err("held");
+    assert!(d.table().is_empty());
+    d.add_runtime(decl("9000", "198.18.1.2:8080"), owner(), true)
+        .expect("the runtime's own reservation");
+    let (p, e) = d.table().iter().next().expect("published");
+    assert!(e.reservation, "{p}");
+    assert_eq!(kernel_rules(&d).len(), 1);
+    assert_eq!(kernel_rules_v6(&d).len(), 1);
+    // Other rules keep refusing held ports and binds.
+    d.add(decl("9001", "198.18.1.2:8080")).expect("free");
+    let plain = d.table().iter().find(|(p, _)| p.host_port() == 9001);
+    assert!(!plain.expect("published").1.reservation);
+}
+
+#[test]
 fn conflicts_follow_docker() {
     // (already published, then added, expected error or None)
     let table: &[(&[&str], &str, Option<&str>)] = &[

@@ -23,7 +23,7 @@ pub struct Args {
     #[arg(value_name = "BACKEND_OTHER_FAMILY", allow_hyphen_values = true)]
     other: Option<String>,
     /// Mark the rule as this plugin's (`list` shows it; `del --owner` removes only its
-    /// own): 1 to 64 printable characters, e.g. `backup:nightly`.
+    /// own): 1 to 128 printable characters, e.g. `backup:nightly`.
     #[arg(long, value_name = "NAME")]
     owner: Option<Owner>,
 }
@@ -40,6 +40,7 @@ pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
             publish: decl.spec(),
             backend: decl.backend(),
             owner: args.owner,
+            reservation_ok: false,
         },
     )?;
     // The chosen ports, for scripts: `published *:32768/tcp -> 172.17.0.2:80`.

@@ -187,6 +187,7 @@ fn publish(socket: &Path, decl: &Declaration) -> Result<RuleReply, ClientError> 
                 publish: decl.spec(),
                 backend: decl.backend(),
                 owner: Some(owner()),
+                reservation_ok: false,
             },
         )
     };

@@ -1,0 +1,49 @@
+//! The container runtime the Podman tests drive (`tests/tests/podman.rs`): Debian's
+//! podman with runc (crun fails on hybrid cgroup layouts) and the reference CNI plugins
+//! (`bridge`, `host-local`) that `portfwd-cni` chains after. Installed without
+//! recommended packages, like the Docker ones; the image's busybox comes with those.
+
+use std::process::Command;
+
+use anyhow::Result;
+
+/// Debian packages, with the reason each is needed.
+const PACKAGES: &[(&str, &str)] = &[
+    ("podman", "podman tests: podman and conmon"),
+    ("runc", "podman tests: the OCI runtime"),
+    (
+        "containernetworking-plugins",
+        "podman tests: the bridge and host-local CNI plugins",
+    ),
+];
+
+/// Commands they provide, for the report on machines without apt.
+pub const TOOLS: &[(&str, &str)] = &[("podman", "podman"), ("conmon", "conmon"), ("runc", "runc")];
+
+/// Installs the missing ones (`--no-install-recommends`).
+pub fn ensure() -> Result<()> {
+    let missing: Vec<&(&str, &str)> = PACKAGES
+        .iter()
+        .filter(|(pkg, _)| !super::dpkg_installed(pkg))
+        .collect();
+    if missing.is_empty() {
+        println!("    podman: all {} present", PACKAGES.len());
+        return Ok(());
+    }
+    println!(
+        "    installing {} missing podman package(s):",
+        missing.len()
+    );
+    for (pkg, why) in &missing {
+        println!("      {pkg:<28} {why}");
+    }
+    super::require_root("install apt packages")?;
+    let names: Vec<&str> = missing.iter().map(|(p, _)| *p).collect();
+    super::step(Command::new("apt-get").arg("update").arg("-q"))?;
+    super::step(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&names)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
