@@ -121,12 +121,16 @@ pub fn clear_flows(dp: &mut Dataplane) {
     clear::<FlowKeyV4, Nat64Reply>(dp, NAT64_REPLIES);
 }
 
+fn config_flags(dp: &Dataplane) -> u64 {
+    let config: Array<&MapData, Config> = Array::try_from(map(dp, CONFIG)).expect(CONFIG);
+    config.get(&0, 0).expect("config").flags
+}
+
 impl Mirror {
     /// The kernel's maps as they are now, in `env` (its FIB and NAT64 route).
     pub fn read(dp: &Dataplane, env: Env<'_>) -> Self {
         let published: Array<&MapData, u8> =
             Array::try_from(map(dp, PUBLISHED_PORTS)).expect(PUBLISHED_PORTS);
-        let config: Array<&MapData, Config> = Array::try_from(map(dp, CONFIG)).expect(CONFIG);
         Self {
             published: published.iter().map(|b| b.expect("published")).collect(),
             rules_v4: entries(dp, RULES_V4),
@@ -137,7 +141,7 @@ impl Mirror {
             hosts_v6: entries::<[u8; 16], u8>(dp, HOST_ADDRS_V6)
                 .into_keys()
                 .collect(),
-            config_flags: config.get(&0, 0).expect("config").flags,
+            config_flags: config_flags(dp),
             bridge_ports: entries(dp, BRIDGE_PORTS),
             fib: env.fib.cloned(),
             route: env.route,
@@ -440,10 +444,17 @@ impl<'a> Fuzzer<'a> {
     }
 
     /// Empties the flow tables on both sides and starts a new batch; the configuration
-    /// and the time are read again (the caller may have changed the former).
+    /// and the time are read again (the caller may have changed the former; the rules,
+    /// host addresses and bridge ports must not change).
     pub fn reset(&mut self) {
         clear_flows(self.dp);
-        self.mirror = Mirror::read(self.dp, self.env);
+        let m = &mut self.mirror;
+        m.flows_v4.clear();
+        m.flows_v6.clear();
+        m.nat64_flows.clear();
+        m.nat64_replies.clear();
+        m.config_flags = config_flags(self.dp);
+        m.now_ns = fixture::coarse_now_ns();
         self.expected = Counters::read(self.dp, &self.slots);
         self.batch.clear();
     }
