@@ -657,6 +657,8 @@ fn packets_fuzzed_against_the_model() {
             // A batch taking long (a loaded machine) is checked and emptied early: the
             // model's clock is the batch's start, and NAT64 ports age in seconds.
             if n % BATCH != 0 && batch_start.elapsed() > MAX_BATCH_TIME {
+                // Said, as it changes what follows (the flows emptied early).
+                eprintln!("fuzz_packets: batch cut short at frame {n} (over {MAX_BATCH_TIME:?})");
                 fz.end_batch();
                 batch_start = Instant::now();
             }
