@@ -444,8 +444,8 @@ impl<'a> Fuzzer<'a> {
     }
 
     /// Empties the flow tables on both sides and starts a new batch; the configuration
-    /// and the time are read again (the caller may have changed the former; the rules,
-    /// host addresses and bridge ports must not change).
+    /// bridge ports and the time are read again (the caller may have changed the
+    /// first two; the rules and host addresses must not change).
     pub fn reset(&mut self) {
         clear_flows(self.dp);
         let m = &mut self.mirror;
@@ -454,6 +454,7 @@ impl<'a> Fuzzer<'a> {
         m.nat64_flows.clear();
         m.nat64_replies.clear();
         m.config_flags = config_flags(self.dp);
+        m.bridge_ports = entries(self.dp, BRIDGE_PORTS);
         m.now_ns = fixture::coarse_now_ns();
         self.expected = Counters::read(self.dp, &self.slots);
         self.batch.clear();

@@ -667,12 +667,19 @@ fn packets_fuzzed_against_the_model() {
                     fz.end_batch();
                 }
                 batch_start = Instant::now();
-                // This batch's configuration: the fast path at each hook, NAT64.
-                let c = gen.rng.below(8);
+                // This batch's configuration: the fast path at each hook, NAT64, the
+                // backend's bridge port known (else the fast path falls back).
+                let c = gen.rng.below(16);
                 fz.dp
                     .set_fast_path(c & 1 != 0, c & 2 != 0)
                     .expect("fast path");
                 fz.dp.set_nat64(c & 4 == 0 || n == 0).expect("nat64");
+                let bridge = if c & 8 == 0 || n == 0 {
+                    ports.clone()
+                } else {
+                    Default::default()
+                };
+                fz.dp.sync_bridge_ports(&bridge).expect("bridge ports");
                 fz.reset();
                 fz.label = format!("seed {seed}, batch {} (frames {n}..)", n / BATCH);
             }
