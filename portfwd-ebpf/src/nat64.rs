@@ -152,6 +152,9 @@ fn try_forward(
     s.fib.family = AF_INET;
     s.fib.l4_protocol = f.proto;
     s.fib.ifindex = tc_ifindex(ctx);
+    // The translated packet's length, checked against the route's MTU (without it the
+    // FIB would check the IPv6 frame, 20 bytes longer than what leaves).
+    s.fib.__bindgen_anon_1.tot_len = payload_len.wrapping_add(IPV4_HLEN as u16);
     s.fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(backend_addr);
     // SAFETY: a valid request in map memory, of the size passed.
     let rc = unsafe {

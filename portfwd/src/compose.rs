@@ -239,7 +239,7 @@ pub fn import(
 mod tests {
     use super::*;
 
-    const COMPOSE: &str = r#"
+    pub(super) const COMPOSE: &str = r#"
 services:
   web:
     image: nginx
@@ -373,6 +373,131 @@ ports = [
                 .to_string();
             assert!(err.starts_with(want), "{err}\nwanted {want}");
             assert!(!err.contains('\n'), "{err}");
+        }
+    }
+}
+
+/// Property tests: arbitrary text, and Compose files built from the grammar and then
+/// mutated, never panic the import; every refusal is one line; what it writes is a
+/// declarations file the parser accepts.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::rule::fuzz::{mutated, one_line, spec};
+    use proptest::prelude::*;
+
+    /// A YAML scalar of the shapes the ports' fields take, right and wrong.
+    fn scalar() -> BoxedStrategy<String> {
+        prop_oneof![
+            spec().prop_map(|s| format!("{s:?}")),
+            spec(),
+            any::<i64>().prop_map(|n| n.to_string()),
+            Just("1.5".to_string()),
+            Just("true".to_string()),
+            Just("null".to_string()),
+            Just("~".to_string()),
+            Just("[]".to_string()),
+            Just("{}".to_string()),
+            Just("${PORT}".to_string()),
+            "[a-z0-9:./-]{0,10}",
+        ]
+        .boxed()
+    }
+
+    /// One `ports` item: short syntax, or the long syntax's mapping on one line.
+    fn port_item() -> BoxedStrategy<String> {
+        let key = prop_oneof![
+            Just("target"),
+            Just("published"),
+            Just("host_ip"),
+            Just("protocol"),
+            Just("mode"),
+            Just("name"),
+            Just("bogus"),
+        ];
+        prop_oneof![
+            3 => scalar(),
+            2 => proptest::collection::vec((key, scalar()), 0..5).prop_map(|kv| {
+                let fields: Vec<String> = kv.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                format!("{{{}}}", fields.join(", "))
+            }),
+        ]
+        .boxed()
+    }
+
+    fn service() -> BoxedStrategy<String> {
+        (
+            prop_oneof![Just("web"), Just("db"), Just("dns"), Just("other")],
+            proptest::option::weighted(0.85, proptest::collection::vec(port_item(), 0..5)),
+            proptest::option::weighted(0.1, scalar()),
+        )
+            .prop_map(|(name, ports, odd)| {
+                let mut s = format!("  {name}:\n    image: x\n");
+                if let Some(ports) = ports {
+                    s += "    ports:\n";
+                    for p in ports {
+                        s += &format!("      - {p}\n");
+                    }
+                }
+                if let Some(v) = odd {
+                    s += &format!("    ports: {v}\n");
+                }
+                s
+            })
+            .boxed()
+    }
+
+    fn file() -> BoxedStrategy<String> {
+        (
+            proptest::option::weighted(0.2, scalar()),
+            proptest::collection::vec(service(), 0..4),
+        )
+            .prop_map(|(version, services)| {
+                let mut f = String::new();
+                if let Some(v) = version {
+                    f += &format!("version: {v}\n");
+                }
+                f += "services:\n";
+                f += &services.concat();
+                f
+            })
+            .boxed()
+    }
+
+    fn check(yaml: &str) -> Result<(), TestCaseError> {
+        let to: BTreeMap<String, Addrs> = [("web", "172.17.0.2"), ("dns", "2001:db8::3")]
+            .into_iter()
+            .map(|(s, ip)| {
+                let ip = ip.parse().expect("address");
+                (s.to_string(), Addrs::new(ip).expect("backend address"))
+            })
+            .collect();
+        match import("c.yml", yaml, &to) {
+            Ok(text) => {
+                let parsed = declfile::parse("imported.toml", &text);
+                prop_assert!(parsed.is_ok(), "{yaml}\n->\n{text}\n{parsed:?}");
+            }
+            Err(e) => one_line(&e)?,
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,300}") {
+            check(&text)?;
+        }
+
+        #[test]
+        fn grammar_shaped_files_never_panic(text in mutated(file())) {
+            check(&text)?;
+        }
+
+        #[test]
+        fn mutated_good_file_never_panics(text in mutated(Just(tests::COMPOSE.to_string()))) {
+            check(&text)?;
         }
     }
 }

@@ -304,7 +304,7 @@ mod tests {
     use super::*;
     use crate::report::chain;
 
-    const GOOD: &str = r#"# the web tier
+    pub(super) const GOOD: &str = r#"# the web tier
 [[publish]]
 to = "172.17.0.2"
 ports = ["9000:8080", "127.0.0.1:9443:443", "5353:53/udp", "7000-7010:7000-7010"]
@@ -460,6 +460,116 @@ ports = [
             assert!(err.starts_with(prefix), "{text:?}: {err}");
             assert!(err.contains(part), "{text:?}: {err}");
             assert!(!err.contains('\n'), "{err}");
+        }
+    }
+}
+
+/// Property tests: arbitrary text, and declarations files built from the grammar and
+/// then mutated, never panic the parser; every refusal is one line.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::rule::fuzz::{backend, mutated, one_line, spec};
+    use proptest::prelude::*;
+
+    /// A TOML value of the shapes the file's fields take, right and wrong.
+    fn value() -> BoxedStrategy<String> {
+        prop_oneof![
+            spec().prop_map(|s| format!("{s:?}")),
+            backend().prop_map(|s| format!("{s:?}")),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<bool>().prop_map(|b| b.to_string()),
+            Just("1.5".to_string()),
+            Just("[]".to_string()),
+            Just("{}".to_string()),
+            Just("\"\"".to_string()),
+            "\"[^\"\\\\]{0,12}\"",
+        ]
+        .boxed()
+    }
+
+    /// A `ports` item: a short-form string, or a long-form table with some of its keys.
+    fn port_item() -> BoxedStrategy<String> {
+        let key = prop_oneof![
+            Just("target"),
+            Just("published"),
+            Just("host_ip"),
+            Just("protocol"),
+            Just("mode"),
+            Just("name"),
+            Just("app_protocol"),
+            Just("bogus"),
+        ];
+        prop_oneof![
+            3 => spec().prop_map(|s| format!("{s:?}")),
+            2 => proptest::collection::vec((key, value()), 0..5).prop_map(|kv| {
+                let fields: Vec<String> = kv.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+                format!("{{ {} }}", fields.join(", "))
+            }),
+            1 => value(),
+        ]
+        .boxed()
+    }
+
+    fn to_value() -> BoxedStrategy<String> {
+        prop_oneof![
+            Just("\"172.17.0.2\"".to_string()),
+            Just("[\"172.17.0.4\", \"2001:db8::4\"]".to_string()),
+            Just("[\"172.17.0.4\", \"172.17.0.5\"]".to_string()),
+            Just("[]".to_string()),
+            value(),
+        ]
+        .boxed()
+    }
+
+    /// A file of `[[publish]]` tables (sometimes other keys, other tables).
+    fn file() -> BoxedStrategy<String> {
+        let table = (
+            proptest::option::weighted(0.9, to_value()),
+            proptest::option::weighted(0.9, proptest::collection::vec(port_item(), 0..5)),
+            proptest::option::weighted(0.1, value()),
+        )
+            .prop_map(|(to, ports, extra)| {
+                let mut t = String::from("[[publish]]\n");
+                if let Some(to) = to {
+                    t += &format!("to = {to}\n");
+                }
+                if let Some(ports) = ports {
+                    t += &format!("ports = [{}]\n", ports.join(", "));
+                }
+                if let Some(v) = extra {
+                    t += &format!("other = {v}\n");
+                }
+                t
+            });
+        proptest::collection::vec(table, 0..4)
+            .prop_map(|t| t.join("\n"))
+            .boxed()
+    }
+
+    fn check(text: &str) -> Result<(), TestCaseError> {
+        if let Err(e) = parse("f.toml", text) {
+            one_line(&e)?;
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,300}") {
+            check(&text)?;
+        }
+
+        #[test]
+        fn grammar_shaped_files_never_panic(text in mutated(file())) {
+            check(&text)?;
+        }
+
+        #[test]
+        fn mutated_good_file_never_panics(text in mutated(Just(tests::GOOD.to_string()))) {
+            check(&text)?;
         }
     }
 }

@@ -435,7 +435,7 @@ pub struct FastPathFib {
 impl FastPathFib {
     /// The next hop of a `tot_len`-byte packet to `dst`: (interface, its MAC, the
     /// neighbour's MAC).
-    fn lookup(&self, dst: [u8; 4], tot_len: u16) -> Option<(u32, [u8; 6], [u8; 6])> {
+    pub fn lookup(&self, dst: [u8; 4], tot_len: u16) -> Option<(u32, [u8; 6], [u8; 6])> {
         if tot_len > self.mtu {
             return None;
         }
@@ -451,7 +451,7 @@ impl FastPathFib {
 }
 
 /// The coarse monotonic clock, `bpf_ktime_get_coarse_ns`'s.
-fn coarse_now_ns() -> u64 {
+pub fn coarse_now_ns() -> u64 {
     let mut t = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

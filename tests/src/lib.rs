@@ -16,6 +16,7 @@ pub mod cgroup;
 pub mod client;
 pub mod daemon;
 pub mod fixture;
+pub mod fuzz;
 pub mod netns;
 pub mod pattern;
 pub mod process;

@@ -83,6 +83,7 @@ fn backend_net() -> BackendNet {
         route: Route {
             src: HOST4.octets(),
             ifindex,
+            mtu: 1500,
         },
     }
 }

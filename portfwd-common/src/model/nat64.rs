@@ -18,7 +18,7 @@ use crate::{
     nat64::{ipv4_header, ipv6_header, port_candidate, port_start, pseudo_diff},
     packet::{
         may_start_flow, ETH_HLEN, ETH_PROTO_OFF, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN,
-        TCP_FIN, TCP_RST, UDP_CSUM_OFF,
+        TCP_FIN, TCP_RST, UDP_CSUM_OFF, VLAN_HLEN,
     },
     proto,
     rules::{self, Caller},
@@ -35,6 +35,8 @@ pub struct Route {
     pub src: [u8; 4],
     /// The interface towards the backend.
     pub ifindex: u32,
+    /// The route's MTU (the interface's).
+    pub mtu: u16,
 }
 
 /// What NAT64 reads beyond [`Maps`].
@@ -155,6 +157,17 @@ fn forward(
     let backend_addr = addr::ipv4_mapped(&backend.addr_bytes()).ok_or(Reason::Nat64Failed)?;
     let backend_port = backend.port_be();
     let route = maps.route_v4(backend_addr).ok_or(Reason::Nat64Failed)?;
+    // `bpf_fib_lookup` is given the translated packet's length and refuses a route whose
+    // MTU it exceeds; a length of zero (a wrapped payload length) makes it check the
+    // frame against the interface instead (`is_skb_forwardable`).
+    let tot_len = payload_len.wrapping_add(IPV4_MIN_HLEN as u16);
+    let fits = match tot_len {
+        0 => input.len() <= usize::from(route.mtu) + ETH_HLEN + VLAN_HLEN,
+        n => n <= route.mtu,
+    };
+    if !fits {
+        return Err(Reason::Nat64Failed);
+    }
 
     let key6 = FlowKeyV6::new(f.dst, f.dport, f.src, f.sport, f.proto);
     let flow = match maps.nat64_flow(&key6) {

@@ -691,6 +691,7 @@ mod nat64_program {
     const ROUTE: Route = Route {
         src: [198, 18, 1, 1],
         ifindex: 5,
+        mtu: 1500,
     };
     /// Where the client's packets arrive.
     const CLIENT_IF: u32 = 1;
@@ -754,6 +755,30 @@ mod nat64_program {
                 ip.hop_limit,
             ),
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// The FIB checks the translated packet against the route's MTU: an IPv6 packet of
+    /// MTU + 20 bytes fits once IPv4, one byte more does not (passed, counted).
+    #[test]
+    fn route_mtu_bounds_the_translated_packet() {
+        let rules = rules();
+        let hosts = [v6(HOST6)];
+        let maps = tables(&rules, &hosts, &[], &[]);
+        let base = F::new(proto::UDP, (CLIENT6, 40000), (HOST6, 7001)).build();
+        for (ipv4_len, fits) in [(1500usize, true), (1501, false)] {
+            let mut input = base.clone();
+            // UDP header (8) and payload; the checksum does not matter to the verdict.
+            let payload_len = ipv4_len - 20;
+            input.resize(14 + 40 + payload_len, 0xab);
+            input[18..20].copy_from_slice(&(payload_len as u16).to_be_bytes());
+            let (o, _) = run64(&maps, &input);
+            let want = if fits {
+                Reason::Nat64Translated
+            } else {
+                Reason::Nat64Failed
+            };
+            assert_eq!(o.reason, want, "IPv4 length {ipv4_len}");
         }
     }
 

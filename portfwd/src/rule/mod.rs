@@ -1679,3 +1679,199 @@ mod tests {
         .is_err());
     }
 }
+
+/// Property tests: the publish/backend grammar on arbitrary and structure-aware mutated
+/// input never panics, and every refusal is one line. The generators serve the
+/// declarations file's and the Compose import's tests too.
+#[cfg(test)]
+pub(crate) mod fuzz {
+    use super::*;
+    use crate::report::chain;
+    use proptest::prelude::*;
+
+    /// Host addresses as written, good and bad.
+    fn host() -> BoxedStrategy<String> {
+        prop_oneof![
+            Just(String::new()),
+            Just("127.0.0.1:".to_string()),
+            Just("0.0.0.0:".to_string()),
+            Just("*:".to_string()),
+            Just("[::1]:".to_string()),
+            Just("[::]:".to_string()),
+            Just("::1:".to_string()),
+            Just("[::ffff:1.2.3.4]:".to_string()),
+            Just("256.1.1.1:".to_string()),
+            Just("[fe80::1%eth0]:".to_string()),
+            Just("localhost:".to_string()),
+            any::<std::net::Ipv4Addr>().prop_map(|a| format!("{a}:")),
+            any::<std::net::Ipv6Addr>().prop_map(|a| format!("[{a}]:")),
+            "[0-9a-f:.\\[\\]*]{0,12}:",
+        ]
+        .boxed()
+    }
+
+    /// Ports and ranges as written, good and bad.
+    fn ports() -> BoxedStrategy<String> {
+        prop_oneof![
+            any::<u16>().prop_map(|p| p.to_string()),
+            (any::<u16>(), any::<u16>()).prop_map(|(a, b)| format!("{a}-{b}")),
+            (1u16..2000).prop_map(|a| format!("{a}-{}", a + 10)),
+            Just("0".to_string()),
+            Just("65536".to_string()),
+            Just("99999999999999999999999".to_string()),
+            Just("-".to_string()),
+            Just("1-".to_string()),
+            Just("-1".to_string()),
+            Just("+80".to_string()),
+            Just("٣".to_string()),
+            any::<u64>().prop_map(|p| p.to_string()),
+            "[0-9-]{0,8}",
+        ]
+        .boxed()
+    }
+
+    fn proto() -> BoxedStrategy<String> {
+        prop_oneof![
+            Just(String::new()),
+            Just("/tcp".to_string()),
+            Just("/udp".to_string()),
+            Just("/sctp".to_string()),
+            Just("/".to_string()),
+            Just("/TCP".to_string()),
+            Just("/tcp/udp".to_string()),
+            "/[a-z]{0,5}",
+        ]
+        .boxed()
+    }
+
+    /// A publish spec `[HOST:]PORTS[/PROTO]` or a mapping `[HOST:][PORTS:]PORTS[/PROTO]`.
+    pub(crate) fn spec() -> BoxedStrategy<String> {
+        (host(), ports(), proptest::option::of(ports()), proto())
+            .prop_map(|(h, p, container, proto)| match container {
+                Some(c) => format!("{h}{p}:{c}{proto}"),
+                None => format!("{h}{p}{proto}"),
+            })
+            .boxed()
+    }
+
+    /// A backend `IP:PORTS`, or two joined by `,`, good and bad.
+    pub(crate) fn backend() -> BoxedStrategy<String> {
+        prop_oneof![
+            3 => backend_one(),
+            1 => (backend_one(), backend_one()).prop_map(|(a, b)| format!("{a},{b}")),
+        ]
+        .boxed()
+    }
+
+    fn backend_one() -> BoxedStrategy<String> {
+        (
+            prop_oneof![
+                any::<std::net::Ipv4Addr>().prop_map(|a| a.to_string()),
+                any::<std::net::Ipv6Addr>().prop_map(|a| format!("[{a}]")),
+                Just("10.0.0.2".to_string()),
+                Just("[::1]".to_string()),
+                Just("::1".to_string()),
+                Just("0.0.0.0".to_string()),
+                Just(String::new()),
+            ],
+            ports(),
+            proto(),
+        )
+            .prop_map(|(a, p, proto)| format!("{a}:{p}{proto}"))
+            .boxed()
+    }
+
+    /// `s` with a few characters inserted, deleted or replaced at random places.
+    pub(crate) fn mutated(s: impl Strategy<Value = String>) -> impl Strategy<Value = String> {
+        (
+            s,
+            proptest::collection::vec((any::<usize>(), 0u8..3, any::<char>()), 0..4),
+        )
+            .prop_map(|(s, edits)| {
+                let mut chars: Vec<char> = s.chars().collect();
+                for (at, op, c) in edits {
+                    let i = at % (chars.len() + 1);
+                    match op {
+                        0 => chars.insert(i, c),
+                        1 if i < chars.len() => {
+                            chars.remove(i);
+                        }
+                        _ if i < chars.len() => chars[i] = c,
+                        _ => chars.push(c),
+                    }
+                }
+                chars.into_iter().collect()
+            })
+    }
+
+    /// An error shown as the CLI shows it: one line, not empty.
+    pub(crate) fn one_line(e: &dyn std::error::Error) -> Result<(), TestCaseError> {
+        let text = chain(e);
+        prop_assert!(!text.is_empty());
+        prop_assert!(!text.contains('\n') && !text.contains('\r'), "{text:?}");
+        Ok(())
+    }
+
+    /// Input without line breaks: a command-line argument as typed (the messages quote
+    /// it; the daemon's protocol flattens them, `protocol::one_line`).
+    fn no_breaks(s: String) -> String {
+        s.replace(['\n', '\r'], " ")
+    }
+
+    fn check_all(spec: &str, backend: &str) -> Result<(), TestCaseError> {
+        if let Err(e) = spec.parse::<Publish>() {
+            one_line(&e)?;
+        }
+        if let Err(e) = spec.parse::<PublishSpec>() {
+            one_line(&e)?;
+        }
+        if let Err(e) = backend.parse::<Backend>() {
+            one_line(&e)?;
+        }
+        if let Err(e) = Declaration::parse(spec, backend) {
+            one_line(&e)?;
+        }
+        let to = Addrs::new("172.17.0.2".parse().expect("address")).expect("backend address");
+        if let Err(e) = Declaration::from_mapping(spec, to) {
+            one_line(&e)?;
+        }
+        if let Err(e) = parse_host_ports(spec) {
+            one_line(&e)?;
+        }
+        if let Err(e) = spec.parse::<PortRange>() {
+            one_line(&e)?;
+        }
+        if let Err(e) = parse_host_text(spec) {
+            one_line(&e)?;
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn arbitrary_text_never_panics(spec in "\\PC{0,40}", backend in "\\PC{0,40}") {
+            check_all(&no_breaks(spec), &no_breaks(backend))?;
+        }
+
+        #[test]
+        fn grammar_shaped_text_never_panics(
+            spec in mutated(spec()).prop_map(no_breaks),
+            backend in mutated(backend()).prop_map(no_breaks),
+        ) {
+            check_all(&spec, &backend)?;
+        }
+
+        /// What parses shows as text that parses back to the same thing.
+        #[test]
+        fn accepted_text_round_trips(spec in spec(), backend in backend()) {
+            if let Ok(p) = spec.parse::<Publish>() {
+                prop_assert_eq!(p.to_string().parse::<Publish>().ok(), Some(p), "{}", spec);
+            }
+            if let Ok(b) = backend.parse::<Backend>() {
+                prop_assert_eq!(b.to_string().parse::<Backend>().ok(), Some(b), "{}", backend);
+            }
+        }
+    }
+}
