@@ -261,12 +261,14 @@ fn parsed(req: &[u8]) -> Option<Request> {
 }
 
 /// Whether `req` is a valid `del` of a kept rule: such requests are not sent (their
-/// success would be right, and the end check wrong).
+/// success would be right, and the end check wrong). A `del` naming an owner is refused
+/// for the kept rules, which have none.
 fn deletes_a_kept_rule(req: &Option<Request>) -> bool {
     match req {
-        Some(Request::Del { publish }) => {
-            KEPT.iter().any(|&(port, _)| publish.ports().contains(port))
-        }
+        Some(Request::Del {
+            publish,
+            owner: None,
+        }) => KEPT.iter().any(|&(port, _)| publish.ports().contains(port)),
         _ => false,
     }
 }
