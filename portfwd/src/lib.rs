@@ -11,6 +11,8 @@ pub mod daemon;
 pub mod dataplane;
 pub mod declfile;
 pub mod netinfo;
+pub mod pin;
 pub mod protocol;
 pub mod report;
 pub mod rule;
+pub mod state;

@@ -18,6 +18,7 @@ pub mod daemon;
 pub mod fixture;
 pub mod netns;
 pub mod pattern;
+pub mod pins;
 pub mod process;
 pub mod tmp;
 pub mod topology;

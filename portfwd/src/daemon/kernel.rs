@@ -14,7 +14,7 @@ use std::{
 use portfwd_common::{Reason, RuleStats};
 
 use crate::{
-    dataplane::{Attachment, Dataplane, DataplaneError, Family},
+    dataplane::{Attachment, Dataplane, DataplaneError, Family, RuleEntry},
     netinfo,
     rule::{PortRange, Proto},
 };
@@ -30,6 +30,11 @@ pub trait Kernel {
     ) -> Result<(), DataplaneError>;
     /// Unpublishes one port of family `F`; an absent key is not an error.
     fn remove_rule<F: Family>(&mut self, key: &F::RuleKey) -> Result<(), DataplaneError>;
+    /// Every rule entry of family `F` the kernel holds (to adopt pinned maps); none
+    /// unless the kernel keeps state across daemons.
+    fn rules_snapshot<F: Family>(&mut self) -> Result<Vec<RuleEntry<F>>, DataplaneError> {
+        Ok(Vec::new())
+    }
     /// Zeroes a counter slot before it is given to a new rule.
     fn reset_rule_stats(&mut self, slot: u32) -> Result<(), DataplaneError>;
     /// A rule's counters, summed over CPUs.
@@ -72,6 +77,9 @@ pub trait Kernel {
 }
 
 impl Kernel for Dataplane {
+    fn rules_snapshot<F: Family>(&mut self) -> Result<Vec<RuleEntry<F>>, DataplaneError> {
+        self.rules_snapshot_of::<F>()
+    }
     fn insert_rule<F: Family>(
         &mut self,
         key: F::RuleKey,
