@@ -214,6 +214,8 @@ pub struct Dataplane {
     /// behind (and what it adopted as it was).
     new_pins: Vec<std::path::PathBuf>,
     new_maps: Option<std::path::PathBuf>,
+    /// Whether [`Self::keep_pins`] was called: links pinned from then on stay too.
+    kept: bool,
 }
 
 impl Drop for Dataplane {
@@ -367,6 +369,7 @@ impl Dataplane {
             pinned_now: BTreeSet::new(),
             new_pins: Vec::new(),
             new_maps: None,
+            kept: false,
         })
     }
 
@@ -375,6 +378,7 @@ impl Dataplane {
     pub fn keep_pins(&mut self) {
         self.new_pins.clear();
         self.new_maps = None;
+        self.kept = true;
     }
 
     /// Where maps and links are pinned, if they are.
@@ -481,10 +485,22 @@ impl Dataplane {
         })?;
         link.pin(&path)
             .map_err(|e| pin_err(std::io::Error::other(e.to_string())))?;
-        self.new_pins.push(path);
+        if !self.kept {
+            self.new_pins.push(path);
+        }
         self.pinned_now
             .insert((owner.to_string(), hook.to_string()));
         Ok(())
+    }
+
+    /// The cgroup (its id, the inode of its directory) of the socket program `name`'s
+    /// pinned link.
+    fn pinned_cgroup_id(&self, name: &str) -> Option<u64> {
+        use std::os::fd::AsFd as _;
+        let path = self.pins.as_ref()?.link_path(CGROUP_OWNER, name);
+        let fd = crate::pin::obj_get(&path).ok()?;
+        let info = crate::pin::link_info(fd.as_fd()).ok()?;
+        Some(u64::from(info[4]) | (u64::from(info[5]) << 32))
     }
 
     /// Whether a link is pinned as `owner@hook`.
@@ -695,10 +711,18 @@ impl Dataplane {
             path: cgroup.display().to_string(),
             source,
         })?;
+        let cgroup_id = {
+            use std::os::unix::fs::MetadataExt as _;
+            cg.metadata().map(|m| m.ino()).ok()
+        };
         for name in SOCKET_PROGRAMS {
             if self.is_pinned(CGROUP_OWNER, name) {
-                self.adopt_link(CGROUP_OWNER, name, name)?;
-                continue;
+                if self.pinned_cgroup_id(name) == cgroup_id {
+                    self.adopt_link(CGROUP_OWNER, name, name)?;
+                    continue;
+                }
+                // Another cgroup than the earlier daemon's: served from now on instead.
+                self.unpin_link(CGROUP_OWNER, name)?;
             }
             let pinning = self.pins.is_some();
             let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;

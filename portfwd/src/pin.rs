@@ -365,8 +365,10 @@ pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()>
     Ok(())
 }
 
-/// The program id behind a link (`BPF_OBJ_GET_INFO_BY_FD`), for tests and messages.
-pub fn link_prog_id(link: &impl AsFd) -> Option<u32> {
+/// The start of a link's `struct bpf_link_info` (`BPF_OBJ_GET_INFO_BY_FD`) as 32-bit
+/// words: `[0]` type, `[1]` link id, `[2]` program id, then the type's union from `[4]`
+/// (a cgroup link's cgroup id in `[4..6]`).
+pub fn link_info(link: BorrowedFd<'_>) -> io::Result<[u32; 32]> {
     #[repr(C)]
     #[derive(Default)]
     struct InfoAttr {
@@ -374,14 +376,14 @@ pub fn link_prog_id(link: &impl AsFd) -> Option<u32> {
         info_len: u32,
         info: u64,
     }
-    // struct bpf_link_info starts with type, id, prog_id (u32 each).
     let mut info = [0u32; 32];
     let attr = InfoAttr {
-        bpf_fd: link.as_fd().as_raw_fd() as u32,
+        bpf_fd: link.as_raw_fd() as u32,
         info_len: std::mem::size_of_val(&info) as u32,
         info: info.as_mut_ptr() as u64,
     };
-    // SAFETY: `attr` points to `info`, writable for `info_len` bytes, for the call.
+    // SAFETY: `attr` points to `info`, writable for `info_len` bytes, for the call; the
+    // descriptor is borrowed for it.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -390,5 +392,16 @@ pub fn link_prog_id(link: &impl AsFd) -> Option<u32> {
             std::mem::size_of::<InfoAttr>(),
         )
     };
-    (rc == 0).then_some(info[2])
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info)
+}
+
+/// The (link id, program id) of the link pinned at `path`: a link update keeps the
+/// first and changes the second.
+pub fn pinned_link_ids(path: &Path) -> io::Result<(u32, u32)> {
+    let fd = obj_get(path)?;
+    let info = link_info(fd.as_fd())?;
+    Ok((info[1], info[2]))
 }

@@ -155,7 +155,7 @@ pub struct Daemon {
     log: PathBuf,
     /// Where the daemon's socket programs apply: the test's own cgroup, never the root
     /// (see [`crate::cgroup`]). Dropped after the daemon.
-    cgroup: Cgroup,
+    cgroup: Arc<Cgroup>,
     /// The bpffs of its `--pin-dir` (shared by the daemons of a restart test): when the
     /// last holder drops it, whatever the daemons left pinned goes with it.
     pins: Arc<PinFs>,
@@ -166,21 +166,24 @@ impl Daemon {
     /// [extra...]` inside `ns` (through nsenter), its output going to `DIR/portfwd.log`.
     /// Does not wait.
     pub fn spawn(ns: &Netns, dir: &Path, ifaces: &[&str], extra: &[&str]) -> Self {
-        Self::spawn_over(ns, dir, ifaces, extra, Arc::new(PinFs::new()), None)
+        Self::spawn_over(ns, dir, ifaces, extra, None, None)
     }
 
-    /// As [`Self::spawn`], pinning in `pins` (a restart: the pinned state of an earlier
-    /// daemon there is adopted), with `bin` instead of the built daemon if given (an
-    /// upgrade), in the cgroup of `like` if given (a restart serves the same cgroup).
+    /// As [`Self::spawn`]; with `after`, a restart of that (stopped or killed) daemon:
+    /// the same pin directory (whose state it adopts) and cgroup; with `bin`, that
+    /// binary instead of the built daemon (an upgrade).
     pub fn spawn_over(
         ns: &Netns,
         dir: &Path,
         ifaces: &[&str],
         extra: &[&str],
-        pins: Arc<PinFs>,
+        after: Option<&Daemon>,
         bin: Option<&Path>,
     ) -> Self {
-        let cgroup = Cgroup::new("d");
+        let (pins, cgroup) = match after {
+            Some(d) => (d.pins.clone(), d.cgroup.clone()),
+            None => (Arc::new(PinFs::new()), Arc::new(Cgroup::new("d"))),
+        };
         let socket = dir.join("portfwd.sock");
         let log = dir.join("portfwd.log");
         let logf = std::fs::File::create(&log).expect("daemon log file");
@@ -206,6 +209,13 @@ impl Daemon {
             cgroup,
             pins,
         }
+    }
+
+    /// SIGKILL (a crash), and the exit status.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        self.child.wait_timeout(Duration::from_secs(30))
     }
 
     /// The bpffs of its pin directory, to hand to the next daemon.
