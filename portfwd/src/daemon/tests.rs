@@ -803,3 +803,75 @@ fn handle_line_never_fails() {
     let del = ok(d.handle_line(br#"{"cmd":"del","publish":{"host_port":9000}}"#));
     assert_eq!(del["error"], "No published port *:9000/tcp");
 }
+
+fn saved(p: &str, b: &str, slot: u32, source: Source) -> (Publish, Entry) {
+    (
+        publish(p),
+        Entry {
+            backend: b.parse().unwrap_or_else(|e| panic!("{b}: {e}")),
+            stats_slot: slot,
+            source,
+        },
+    )
+}
+
+#[test]
+fn adopt_takes_back_rules_with_their_slots_and_sources() {
+    let mut d = Daemon::new(FakeKernel::default());
+    // This kernel keeps nothing across daemons: every entry is written back.
+    let fixed = d
+        .adopt(vec![
+            saved("0.0.0.0:9000-9001/tcp", "10.0.0.2:80-81", 5, Source::Cli),
+            saved("127.0.0.1:53/udp", "10.0.0.3:53", 2, Source::File),
+        ])
+        .expect("adopt");
+    assert_eq!(fixed, 3);
+    assert_eq!(
+        kernel_rules(&d),
+        [
+            "0.0.0.0:9000/6 -> 10.0.0.2:80 #5",
+            "0.0.0.0:9001/6 -> 10.0.0.2:81 #5",
+            "127.0.0.1:53/17 -> 10.0.0.3:53 #2",
+        ]
+    );
+    assert_eq!(
+        table_rules(&d),
+        [
+            "127.0.0.1:53/udp -> 10.0.0.3:53 (file)",
+            "0.0.0.0:9000-9001/tcp -> 10.0.0.2:80-81 (cli)",
+        ]
+    );
+    // Adopted counters are not reset; the next rule gets a slot none of them holds.
+    assert!(d.kernel().reset.is_empty());
+    d.add(decl("9100", "10.0.0.4:80")).expect("add");
+    assert_eq!(
+        d.table().get(&publish("9100")).map(|e| e.stats_slot),
+        Some(6)
+    );
+    // A second adoption, or saved rules that conflict or share a slot, are refused.
+    assert!(matches!(
+        d.adopt(Vec::new()),
+        Err(DaemonError::AdoptInvalid(_))
+    ));
+    for rules in [
+        vec![
+            saved("9000/tcp", "10.0.0.2:80", 1, Source::Cli),
+            saved("0.0.0.0:9000/tcp", "10.0.0.3:80", 2, Source::Cli),
+        ],
+        vec![
+            saved("9000/tcp", "10.0.0.2:80", 1, Source::Cli),
+            saved("9001/tcp", "10.0.0.3:80", 1, Source::Cli),
+        ],
+        vec![saved(
+            "9000/tcp",
+            "10.0.0.2:80",
+            MAX_STATS_SLOTS,
+            Source::Cli,
+        )],
+    ] {
+        let mut d = Daemon::new(FakeKernel::default());
+        let e = d.adopt(rules).expect_err("refused");
+        assert!(matches!(e, DaemonError::AdoptInvalid(_)), "{e}");
+        assert!(d.table().is_empty() && d.kernel().rules.is_empty());
+    }
+}
