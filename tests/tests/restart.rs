@@ -439,6 +439,36 @@ fn another_layout_is_refused() {
     assert!(other.exists());
 }
 
+/// `--no-pin` over forwarding left pinned by an earlier daemon would run the programs
+/// twice: refused with one line, and the pinned state keeps forwarding.
+#[test]
+fn no_pin_refuses_over_pinned_state() {
+    let Some(mut topo) = Topology::with_daemon("no_pin_refuses", "nop", "tc") else {
+        return;
+    };
+    topo.daemon().add("9000", &backend(0));
+    let mut old = topo.take_daemon().expect("daemon");
+    old.stop(Duration::from_secs(30)).expect("SIGTERM");
+    let mut new = Daemon::spawn_over(
+        &topo.host,
+        topo.dir(),
+        &[HOST_IFACE],
+        &["--ingress", "tc", "--no-pin"],
+        Some(&old),
+        None,
+    );
+    let status = new
+        .child()
+        .wait_timeout(Duration::from_secs(60))
+        .expect("the daemon must refuse");
+    assert!(!status.success());
+    let log = new.log_text();
+    let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("portfwd:")).collect();
+    assert_eq!(errors.len(), 1, "{log}");
+    assert!(errors[0].contains("--cleanup"), "{log}");
+    assert_eq!(topo.get_published(9000).body_text(), body(0));
+}
+
 /// `bpftool -j TYPE show`'s ids.
 fn bpftool_ids(kind: &str) -> Vec<u64> {
     let out = std::process::Command::new("bpftool")

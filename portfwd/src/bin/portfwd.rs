@@ -144,6 +144,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     // below leaves the interfaces as they were. Pinned, the hooks an earlier daemon left
     // keep running its programs until this one's replace them.
     let mut dp = if args.no_pin {
+        // Programs pinned by an earlier daemon would run next to this one's.
+        let links = args.pin_dir.join("links");
+        if std::fs::read_dir(&links).is_ok_and(|mut d| d.next().is_some()) {
+            bail!(
+                "an earlier daemon's programs still run from {} (--no-pin would run a second \
+                 copy): start without --no-pin to adopt them, or run `portfwd --cleanup` first",
+                args.pin_dir.display()
+            );
+        }
         Dataplane::load()?
     } else {
         let pins = portfwd::pin::PinDir::open(&args.pin_dir)?;
