@@ -4,7 +4,7 @@
 //!
 //! Layout of a pin directory (default [`DEFAULT_PIN_DIR`]):
 //! - `maps-v<LAYOUT_VERSION>/<MAP NAME>`: every map the programs share (see
-//!   [`crate::dataplane::PINNED_MAPS`]). The version in the directory's name is the
+//!   [`crate::dataplane::pinned_maps`]). The version in the directory's name is the
 //!   layout of the maps' keys and values: a binary with another layout refuses to
 //!   start over it rather than mix layouts, and each pinned map's type and key and
 //!   value sizes are checked against this binary's object too.

@@ -10,7 +10,8 @@
 //!
 //! Startup order matters: the socket claim (an exclusive lock) comes before anything is
 //! loaded, so a second daemon on the same socket refuses without touching the first
-//! one's interfaces; every failure before serving drops what was attached.
+//! one's interfaces; every failure before serving drops what this start attached and
+//! pinned (state adopted from an earlier daemon stays pinned, and forwarding).
 
 use std::{
     collections::BTreeSet,
