@@ -1,6 +1,12 @@
 //! The kernel side as the daemon sees it: loads the embedded object, attaches the
-//! programs to interfaces, and gives typed access to the maps. Dropping a [`Dataplane`]
-//! detaches everything it attached (aya owns the links).
+//! programs to interfaces, and gives typed access to the maps.
+//!
+//! Two lifetimes: [`Dataplane::load`] owns its maps and links, and dropping it
+//! detaches everything (tests, `--no-pin`); [`Dataplane::load_pinned`] pins maps and
+//! links in a [`PinDir`] (see [`crate::pin`]) and adopts what an earlier daemon pinned
+//! there, so that forwarding outlives the process: dropping it leaves every hook
+//! attached, and the next daemon replaces the programs behind the links with
+//! `BPF_LINK_UPDATE`.
 
 use std::{
     collections::BTreeSet,
@@ -11,7 +17,10 @@ use std::{
 
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues, ProgramArray},
-    programs::{tc::SchedClassifier, CgroupAttachMode, CgroupSockAddr, TcAttachType, Xdp, XdpMode},
+    programs::{
+        links::FdLink, tc::SchedClassifier, CgroupAttachMode, CgroupSockAddr, TcAttachType, Xdp,
+        XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use portfwd_common::{
@@ -22,6 +31,8 @@ use portfwd_common::{
     NAT64_PROG_INDEX, NAT64_REPLIES, PUBLISHED_PORTS, REASON_STATS, RULES_V4, RULES_V6, RULE_STATS,
 };
 use thiserror::Error;
+
+use crate::pin::{PinDir, PinError};
 
 /// The compiled kernel programs (built by `build.rs` from `portfwd-ebpf`).
 pub static BPF_OBJECT: &[u8] =
@@ -79,6 +90,23 @@ pub enum DataplaneError {
         /// Why.
         #[source]
         source: aya::programs::ProgramError,
+    },
+    /// The pin directory cannot be used (or holds another layout).
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    /// The object cannot be parsed (a build mismatch).
+    #[error("cannot parse the BPF object")]
+    Object(#[source] aya_obj::ParseError),
+    /// A link cannot be pinned, adopted or unpinned.
+    #[error("cannot {action} the link {path}")]
+    Link {
+        /// `pin`, `adopt` or `unpin`.
+        action: &'static str,
+        /// The pin.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
     /// The network namespace's cookie cannot be read.
     #[error("cannot read this network namespace's cookie")]
@@ -177,18 +205,121 @@ pub struct Dataplane {
     port_refs: std::collections::HashMap<(u16, u8, bool), u32>,
     /// Interfaces where NAT64's entry program is attached (see [`Self::sync_nat64`]).
     nat64_entries: Vec<String>,
+    /// Where maps and links are pinned, if they are.
+    pins: Option<PinDir>,
+    /// Links adopted or pinned by this run, as (owner, hook): the others are stale.
+    pinned_now: BTreeSet<(String, String)>,
+    /// Links this run pinned, and whether it created the maps' pins too: removed on
+    /// drop until [`Self::keep_pins`], so that a start that fails leaves nothing new
+    /// behind (and what it adopted as it was).
+    new_pins: Vec<std::path::PathBuf>,
+    new_maps: Option<std::path::PathBuf>,
+    /// Whether [`Self::keep_pins`] was called: links pinned from then on stay too.
+    kept: bool,
 }
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        // Links first: the programs are detached before their maps go.
+        for p in self.new_pins.drain(..) {
+            let _ = std::fs::remove_file(p);
+        }
+        if let Some(dir) = self.new_maps.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Maps of the object that are not pinned: per-run scratch space.
+const UNPINNED_MAPS: [&str; 1] = ["NAT64_SCRATCH"];
+
+/// The maps of this binary's object that are pinned, as (name, type, key size, value
+/// size): every named map but [`UNPINNED_MAPS`] and the compiler's sections (`.rodata`,
+/// ...).
+pub fn pinned_maps() -> Result<Vec<(String, u32, u32, u32)>, DataplaneError> {
+    let obj = aya_obj::Object::parse(BPF_OBJECT).map_err(DataplaneError::Object)?;
+    let mut maps: Vec<_> = obj
+        .maps
+        .iter()
+        .filter(|(name, _)| !name.starts_with('.') && !UNPINNED_MAPS.contains(&name.as_str()))
+        .map(|(name, m)| (name.clone(), m.map_type(), m.key_size(), m.value_size()))
+        .collect();
+    maps.sort();
+    Ok(maps)
+}
+
+/// A pinned link's hook name for a [`Hook`].
+fn hook_pin_name(hook: Hook) -> &'static str {
+    match hook {
+        Hook::Xdp => "xdp",
+        Hook::XdpGeneric => "xdp-generic",
+        Hook::TcIngress => "tc-ingress",
+        Hook::TcEgress => "tc-egress",
+    }
+}
+
+/// The program a hook runs.
+fn hook_program(hook: Hook) -> &'static str {
+    match hook {
+        Hook::Xdp => programs::XDP_INGRESS,
+        Hook::XdpGeneric => programs::XDP_GENERIC_INGRESS,
+        Hook::TcIngress => programs::TC_INGRESS,
+        Hook::TcEgress => programs::TC_EGRESS,
+    }
+}
+
+/// The pin owner of the socket programs' links.
+const CGROUP_OWNER: &str = "cgroup";
+/// The pin hook name of NAT64's entry program.
+const NAT64_ENTRY_HOOK: &str = "nat64-entry";
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
 
 impl Dataplane {
-    /// Loads every program and creates the maps; attaches nothing yet.
+    /// Loads every program and creates the maps; attaches nothing yet. Nothing is
+    /// pinned: dropping it detaches everything.
     pub fn load() -> Result<Self, DataplaneError> {
-        let mut ebpf = EbpfLoader::new()
-            .load(BPF_OBJECT)
-            .map_err(DataplaneError::Load)?;
+        Self::load_with(EbpfLoader::new(), None)
+    }
+
+    /// Loads every program over the maps pinned in `pins` (creating and pinning the
+    /// ones that are not yet), after checking that they have this binary's layout;
+    /// adopts the links pinned there: the hooks keep running the earlier programs
+    /// until [`Self::attach`], [`Self::attach_local`] and this call (for NAT64's entries)
+    /// swap them for this binary's with `BPF_LINK_UPDATE`. Links and maps stay when it
+    /// is dropped.
+    pub fn load_pinned(pins: PinDir) -> Result<Self, DataplaneError> {
+        let maps = pinned_maps()?;
+        pins.check_layout(&maps)?;
+        let dir = pins.maps_dir();
+        std::fs::create_dir_all(&dir).map_err(|source| PinError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let paths: Vec<(String, std::path::PathBuf)> = maps
+            .iter()
+            .map(|(name, ..)| (name.clone(), dir.join(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name.as_str(), path.as_path());
+        }
+        let fresh = std::fs::read_dir(&dir)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(true);
+        let mut dp = Self::load_with(loader, Some(pins))?;
+        if fresh {
+            dp.new_maps = Some(dir);
+        }
+        dp.adopt_maps()?;
+        dp.adopt_nat64_entries()?;
+        Ok(dp)
+    }
+
+    fn load_with(mut loader: EbpfLoader<'_>, pins: Option<PinDir>) -> Result<Self, DataplaneError> {
+        let mut ebpf = loader.load(BPF_OBJECT).map_err(DataplaneError::Load)?;
         for name in [
             programs::TC_INGRESS,
             programs::TC_EGRESS,
@@ -234,7 +365,190 @@ impl Dataplane {
             config: Config::default(),
             port_refs: std::collections::HashMap::new(),
             nat64_entries: Vec::new(),
+            pins,
+            pinned_now: BTreeSet::new(),
+            new_pins: Vec::new(),
+            new_maps: None,
+            kept: false,
         })
+    }
+
+    /// Keeps what this run pinned when it is dropped (the daemon started): forwarding
+    /// outlives the process from now on.
+    pub fn keep_pins(&mut self) {
+        self.new_pins.clear();
+        self.new_maps = None;
+        self.kept = true;
+    }
+
+    /// Where maps and links are pinned, if they are.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pins.as_ref().map(PinDir::path)
+    }
+
+    /// After loading over pinned maps: the published-ports filter's reference counts
+    /// from the pinned rules, and the configuration with its flags reset (the daemon
+    /// sets them from its options) and the host's network namespace kept.
+    fn adopt_maps(&mut self) -> Result<(), DataplaneError> {
+        for (k, _) in self.rules_snapshot_of::<V4>()? {
+            *self.port_refs.entry(V4::rule_port(&k)).or_insert(0) += 1;
+        }
+        for (k, _) in self.rules_snapshot_of::<V6>()? {
+            *self.port_refs.entry(V6::rule_port(&k)).or_insert(0) += 1;
+        }
+        let map = self
+            .ebpf
+            .map(CONFIG)
+            .ok_or(DataplaneError::MissingMap(CONFIG))?;
+        let a: Array<&MapData, Config> = Array::try_from(map).map_err(map_err(CONFIG))?;
+        let pinned = a.get(&0, 0).map_err(map_err(CONFIG))?;
+        self.config.host_netns_cookie = pinned.host_netns_cookie;
+        if self.config != pinned {
+            self.write_config()?;
+        }
+        Ok(())
+    }
+
+    /// Swaps this binary's NAT64 entry program in behind every pinned entry link.
+    fn adopt_nat64_entries(&mut self) -> Result<(), DataplaneError> {
+        let Some(pins) = &self.pins else {
+            return Ok(());
+        };
+        let entries: Vec<String> = pins
+            .links()?
+            .into_iter()
+            .filter(|(_, hook, _)| hook == NAT64_ENTRY_HOOK)
+            .map(|(owner, ..)| owner)
+            .collect();
+        for iface in entries {
+            self.adopt_link(&iface, NAT64_ENTRY_HOOK, programs::TC_NAT64_ENTRY)?;
+            self.nat64_entries.push(iface);
+        }
+        Ok(())
+    }
+
+    /// Replaces the program behind the link pinned as `owner@hook` with this object's
+    /// `prog`, in one `BPF_LINK_UPDATE`.
+    fn adopt_link(
+        &mut self,
+        owner: &str,
+        hook: &str,
+        prog: &'static str,
+    ) -> Result<(), DataplaneError> {
+        let Some(pins) = &self.pins else {
+            return Ok(());
+        };
+        let path = pins.link_path(owner, hook);
+        let link_err = |source| DataplaneError::Link {
+            action: "adopt",
+            path: path.display().to_string(),
+            source,
+        };
+        let link = crate::pin::obj_get(&path).map_err(link_err)?;
+        let p = self
+            .ebpf
+            .program(prog)
+            .ok_or(DataplaneError::MissingProgram(prog))?;
+        let fd = p
+            .fd()
+            .map_err(|source| DataplaneError::Program { name: prog, source })?;
+        use std::os::fd::AsFd as _;
+        crate::pin::link_update(link.as_fd(), fd.as_fd()).map_err(link_err)?;
+        log::debug!("adopted {}: now runs {prog}", path.display());
+        self.pinned_now
+            .insert((owner.to_string(), hook.to_string()));
+        Ok(())
+    }
+
+    /// Pins a link just made as `owner@hook` (when pinning), so that it outlives the
+    /// process.
+    fn pin_new_link(
+        &mut self,
+        owner: &str,
+        hook: &str,
+        link: Result<FdLink, aya::programs::links::LinkError>,
+    ) -> Result<(), DataplaneError> {
+        let Some(pins) = &self.pins else {
+            return Ok(());
+        };
+        let path = pins.link_path(owner, hook);
+        let pin_err = |source| DataplaneError::Link {
+            action: "pin",
+            path: path.display().to_string(),
+            source,
+        };
+        let link = link.map_err(|e| {
+            pin_err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                format!("not a BPF link (TC needs TCX, kernel 6.6+; or run with --no-pin): {e}"),
+            ))
+        })?;
+        link.pin(&path)
+            .map_err(|e| pin_err(std::io::Error::other(e.to_string())))?;
+        if !self.kept {
+            self.new_pins.push(path);
+        }
+        self.pinned_now
+            .insert((owner.to_string(), hook.to_string()));
+        Ok(())
+    }
+
+    /// The cgroup (its id, the inode of its directory) of the socket program `name`'s
+    /// pinned link.
+    fn pinned_cgroup_id(&self, name: &str) -> Option<u64> {
+        use std::os::fd::AsFd as _;
+        let path = self.pins.as_ref()?.link_path(CGROUP_OWNER, name);
+        let fd = crate::pin::obj_get(&path).ok()?;
+        let info = crate::pin::link_info(fd.as_fd()).ok()?;
+        Some(u64::from(info[4]) | (u64::from(info[5]) << 32))
+    }
+
+    /// Whether a link is pinned as `owner@hook`.
+    fn is_pinned(&self, owner: &str, hook: &str) -> bool {
+        self.pins
+            .as_ref()
+            .is_some_and(|p| p.link_path(owner, hook).exists())
+    }
+
+    /// Removes the pin `owner@hook`: its link is detached.
+    fn unpin_link(&mut self, owner: &str, hook: &str) -> Result<(), DataplaneError> {
+        let Some(pins) = &self.pins else {
+            return Ok(());
+        };
+        let path = pins.link_path(owner, hook);
+        std::fs::remove_file(&path).map_err(|source| DataplaneError::Link {
+            action: "unpin",
+            path: path.display().to_string(),
+            source,
+        })?;
+        self.pinned_now
+            .remove(&(owner.to_string(), hook.to_string()));
+        log::info!("detached {owner} ({hook}): not asked for any more");
+        Ok(())
+    }
+
+    /// After the attachments of a start: detaches the pinned links this run neither
+    /// adopted nor made (interfaces no longer given, a cgroup no longer served).
+    /// Returns them as `owner@hook`.
+    pub fn drop_stale_links(&mut self) -> Result<Vec<String>, DataplaneError> {
+        let Some(pins) = &self.pins else {
+            return Ok(Vec::new());
+        };
+        let stale: Vec<(String, String)> = pins
+            .links()?
+            .into_iter()
+            .map(|(owner, hook, _)| (owner, hook))
+            .filter(|k| !self.pinned_now.contains(k))
+            .collect();
+        let mut gone = Vec::new();
+        for (owner, hook) in stale {
+            self.unpin_link(&owner, &hook)?;
+            if hook == NAT64_ENTRY_HOOK {
+                self.nat64_entries.retain(|i| *i != owner);
+            }
+            gone.push(format!("{owner}@{hook}"));
+        }
+        Ok(gone)
     }
 
     /// The loaded object, for BPF_PROG_RUN tests and benchmarks.
@@ -258,20 +572,49 @@ impl Dataplane {
         if crate::netinfo::ifindex(iface).is_none() {
             return Err(DataplaneError::UnknownInterface(iface.to_string()));
         }
-        let ingress = match mode {
-            IngressMode::Xdp => self.attach_xdp(iface, XdpMode::Driver)?,
-            IngressMode::XdpGeneric => self.attach_xdp(iface, XdpMode::Skb)?,
-            IngressMode::Tc => self.attach_tc(iface, Hook::TcIngress)?,
-            IngressMode::Auto if crate::netinfo::is_virtual(iface) => {
+        // A hook pinned by an earlier daemon keeps running its program until the link
+        // update: `auto` keeps the ingress hook it finds; another mode replaces it (the
+        // one case with a gap).
+        let pinned_ingress = [Hook::Xdp, Hook::XdpGeneric, Hook::TcIngress]
+            .into_iter()
+            .find(|&h| self.is_pinned(iface, hook_pin_name(h)));
+        let wanted = match mode {
+            IngressMode::Xdp => Some(Hook::Xdp),
+            IngressMode::XdpGeneric => Some(Hook::XdpGeneric),
+            IngressMode::Tc => Some(Hook::TcIngress),
+            IngressMode::Auto => None,
+        };
+        let adopted = match pinned_ingress {
+            Some(h) if wanted.is_none() || wanted == Some(h) => {
+                self.adopt_link(iface, hook_pin_name(h), hook_program(h))?;
+                Some(h)
+            }
+            Some(h) => {
+                self.unpin_link(iface, hook_pin_name(h))?;
+                None
+            }
+            None => None,
+        };
+        let ingress = match (adopted, mode) {
+            (Some(h), _) => h,
+            (None, IngressMode::Xdp) => self.attach_xdp(iface, XdpMode::Driver)?,
+            (None, IngressMode::XdpGeneric) => self.attach_xdp(iface, XdpMode::Skb)?,
+            (None, IngressMode::Tc) => self.attach_tc(iface, Hook::TcIngress)?,
+            (None, IngressMode::Auto) if crate::netinfo::is_virtual(iface) => {
                 self.attach_tc(iface, Hook::TcIngress)?
             }
-            IngressMode::Auto => match self.attach_xdp(iface, XdpMode::Driver) {
+            (None, IngressMode::Auto) => match self.attach_xdp(iface, XdpMode::Driver) {
                 Ok(hook) => hook,
                 // The driver has no native XDP: TC costs less than generic XDP.
                 Err(_) => self.attach_tc(iface, Hook::TcIngress)?,
             },
         };
-        let egress = self.attach_tc(iface, Hook::TcEgress)?;
+        let egress = if self.is_pinned(iface, hook_pin_name(Hook::TcEgress)) {
+            self.adopt_link(iface, hook_pin_name(Hook::TcEgress), programs::TC_EGRESS)?;
+            Hook::TcEgress
+        } else {
+            self.attach_tc(iface, Hook::TcEgress)?
+        };
         let a = Attachment {
             iface: iface.to_string(),
             ingress,
@@ -320,9 +663,19 @@ impl Dataplane {
             if self.nat64_entries.contains(&iface) {
                 continue;
             }
+            let pinning = self.pins.is_some();
             let prog: &mut SchedClassifier = program(&mut self.ebpf, programs::TC_NAT64_ENTRY)?;
             match prog.attach(&iface, TcAttachType::Ingress) {
-                Ok(_) => {
+                Ok(id) => {
+                    if pinning {
+                        let link =
+                            prog.take_link(id)
+                                .map_err(|source| DataplaneError::Program {
+                                    name: programs::TC_NAT64_ENTRY,
+                                    source,
+                                })?;
+                        self.pin_new_link(&iface, NAT64_ENTRY_HOOK, FdLink::try_from(link))?;
+                    }
                     self.nat64_entries.push(iface.clone());
                     attached.push(iface);
                 }
@@ -358,14 +711,34 @@ impl Dataplane {
             path: cgroup.display().to_string(),
             source,
         })?;
+        let cgroup_id = {
+            use std::os::unix::fs::MetadataExt as _;
+            cg.metadata().map(|m| m.ino()).ok()
+        };
         for name in SOCKET_PROGRAMS {
+            if self.is_pinned(CGROUP_OWNER, name) {
+                if self.pinned_cgroup_id(name) == cgroup_id {
+                    self.adopt_link(CGROUP_OWNER, name, name)?;
+                    continue;
+                }
+                // Another cgroup than the earlier daemon's: served from now on instead.
+                self.unpin_link(CGROUP_OWNER, name)?;
+            }
+            let pinning = self.pins.is_some();
             let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-            prog.attach(&cg, CgroupAttachMode::Single)
+            let id = prog
+                .attach(&cg, CgroupAttachMode::Single)
                 .map_err(|source| DataplaneError::AttachCgroup {
                     name,
                     path: cgroup.display().to_string(),
                     source,
                 })?;
+            if pinning {
+                let link = prog
+                    .take_link(id)
+                    .map_err(|source| DataplaneError::Program { name, source })?;
+                self.pin_new_link(CGROUP_OWNER, name, FdLink::try_from(link))?;
+            }
         }
         self.local_cgroup = Some(cgroup.to_path_buf());
         Ok(())
@@ -472,13 +845,21 @@ impl Dataplane {
         } else {
             programs::XDP_INGRESS
         };
+        let pinning = self.pins.is_some();
         let prog: &mut Xdp = program(&mut self.ebpf, name)?;
-        prog.attach(iface, mode)
+        let id = prog
+            .attach(iface, mode)
             .map_err(|source| DataplaneError::Attach {
                 hook,
                 iface: iface.to_string(),
                 source,
             })?;
+        if pinning {
+            let link = prog
+                .take_link(id)
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            self.pin_new_link(iface, hook_pin_name(hook), FdLink::try_from(link))?;
+        }
         Ok(hook)
     }
 
@@ -487,13 +868,21 @@ impl Dataplane {
             Hook::TcEgress => (programs::TC_EGRESS, TcAttachType::Egress),
             _ => (programs::TC_INGRESS, TcAttachType::Ingress),
         };
+        let pinning = self.pins.is_some();
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-        prog.attach(iface, attach_type)
+        let id = prog
+            .attach(iface, attach_type)
             .map_err(|source| DataplaneError::Attach {
                 hook,
                 iface: iface.to_string(),
                 source,
             })?;
+        if pinning {
+            let link = prog
+                .take_link(id)
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            self.pin_new_link(iface, hook_pin_name(hook), FdLink::try_from(link))?;
+        }
         Ok(hook)
     }
 

@@ -4,12 +4,13 @@
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 
-use crate::{bins, cgroup::Cgroup, netns::Netns, process::ChildGuard};
+use crate::{bins, cgroup::Cgroup, netns::Netns, pins::PinFs, process::ChildGuard};
 
 /// How long the daemon may take to load, attach and answer (generous: only to avoid
 /// hanging).
@@ -154,7 +155,10 @@ pub struct Daemon {
     log: PathBuf,
     /// Where the daemon's socket programs apply: the test's own cgroup, never the root
     /// (see [`crate::cgroup`]). Dropped after the daemon.
-    cgroup: Cgroup,
+    cgroup: Arc<Cgroup>,
+    /// The bpffs of its `--pin-dir` (shared by the daemons of a restart test): when the
+    /// last holder drops it, whatever the daemons left pinned goes with it.
+    pins: Arc<PinFs>,
 }
 
 impl Daemon {
@@ -162,13 +166,32 @@ impl Daemon {
     /// [extra...]` inside `ns` (through nsenter), its output going to `DIR/portfwd.log`.
     /// Does not wait.
     pub fn spawn(ns: &Netns, dir: &Path, ifaces: &[&str], extra: &[&str]) -> Self {
-        let cgroup = Cgroup::new("d");
+        Self::spawn_over(ns, dir, ifaces, extra, None, None)
+    }
+
+    /// As [`Self::spawn`]; with `after`, a restart of that (stopped or killed) daemon:
+    /// the same pin directory (whose state it adopts) and cgroup; with `bin`, that
+    /// binary instead of the built daemon (an upgrade).
+    pub fn spawn_over(
+        ns: &Netns,
+        dir: &Path,
+        ifaces: &[&str],
+        extra: &[&str],
+        after: Option<&Daemon>,
+        bin: Option<&Path>,
+    ) -> Self {
+        let (pins, cgroup) = match after {
+            Some(d) => (d.pins.clone(), d.cgroup.clone()),
+            None => (Arc::new(PinFs::new()), Arc::new(Cgroup::new("d"))),
+        };
         let socket = dir.join("portfwd.sock");
         let log = dir.join("portfwd.log");
         let logf = std::fs::File::create(&log).expect("daemon log file");
-        let mut cmd = ns.command(bins::bin(bins::PORTFWD));
+        let mut cmd = ns.command(bin.map_or_else(|| bins::bin(bins::PORTFWD), Path::to_path_buf));
         cmd.arg("--socket")
             .arg(&socket)
+            .arg("--pin-dir")
+            .arg(pins.pin_dir())
             .arg("--cgroup")
             .arg(cgroup.path());
         for i in ifaces {
@@ -184,7 +207,32 @@ impl Daemon {
             socket,
             log,
             cgroup,
+            pins,
         }
+    }
+
+    /// SIGKILL (a crash), and the exit status.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        self.child.wait_timeout(Duration::from_secs(30))
+    }
+
+    /// The bpffs of its pin directory, to hand to the next daemon.
+    pub fn pins(&self) -> &Arc<PinFs> {
+        &self.pins
+    }
+
+    /// `portfwd --cleanup --pin-dir <its pin dir> --socket <its socket>`: stops
+    /// forwarding for good (the daemon must have exited). Returns its output.
+    pub fn cleanup(&self) -> CtlOutput {
+        let mut cmd = Command::new(bins::bin(bins::PORTFWD));
+        cmd.arg("--cleanup")
+            .arg("--pin-dir")
+            .arg(self.pins.pin_dir())
+            .arg("--socket")
+            .arg(&self.socket);
+        run_ctl(&mut cmd)
     }
 
     /// Starts the daemon and waits until its socket answers `list`.

@@ -19,6 +19,7 @@ pub mod fixture;
 pub mod fuzz;
 pub mod netns;
 pub mod pattern;
+pub mod pins;
 pub mod process;
 pub mod tmp;
 pub mod topology;

@@ -188,6 +188,12 @@ impl Topology {
         self.daemon.as_mut().expect("start_daemon first")
     }
 
+    /// Makes `d` the running daemon (one started over the pinned state of the last).
+    pub fn set_daemon(&mut self, d: Daemon) -> &Daemon {
+        assert!(self.daemon.is_none(), "daemon already running");
+        self.daemon.insert(d)
+    }
+
     /// Stops the daemon (if running) and forgets it.
     pub fn take_daemon(&mut self) -> Option<Daemon> {
         self.daemon.take()

@@ -249,8 +249,12 @@ fn without_cgroup2_the_daemon_serves_remote_clients_only() {
     let root = cgroup2_root().expect("cgroup2 mounted on the test machine");
     let socket = topo.dir().join("nocg.sock");
     let log = topo.dir().join("nocg.log");
+    // Its own bpffs for the pinned state, unmounted (dropping the pins) after the daemon.
+    let pins = portfwd_tests::pins::PinFs::new();
     let script = format!(
-        "umount -l {root} && exec nsenter --net={ns} -- {bin} --socket {sock} --iface {HOST_IFACE}",
+        "umount -l {root} && exec nsenter --net={ns} -- {bin} --socket {sock} --iface {HOST_IFACE} \
+         --pin-dir {pin}",
+        pin = pins.pin_dir().display(),
         root = root.display(),
         ns = topo.host.path().display(),
         bin = bins::bin(bins::PORTFWD).display(),

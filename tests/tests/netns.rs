@@ -589,8 +589,11 @@ mod cli {
         assert_eq!(topo.get_published(9000).body_text(), body(0));
     }
 
+    /// SIGTERM is the first half of a restart: the daemon exits and removes its
+    /// socket, and forwarding goes on from the pinned state (new connections included);
+    /// `portfwd --cleanup` is what stops it for good.
     #[test]
-    fn sigterm_detaches_and_removes_the_socket() {
+    fn sigterm_keeps_forwarding_until_cleanup() {
         let Some(mut topo) = setup("sigterm", "term", "xdp") else {
             return;
         };
@@ -607,11 +610,27 @@ mod cli {
         );
         assert!(!d.socket().exists(), "socket left behind");
         let link = topo.host.ip(&format!("link show {HOST_IFACE}"));
+        assert!(link.contains("xdp"), "XDP detached by SIGTERM: {link}");
+        assert_eq!(
+            topo.get_published(9000).body_text(),
+            body(0),
+            "forwarding after SIGTERM"
+        );
+
+        let out = d.cleanup();
+        out.expect_ok("portfwd --cleanup");
+        let link = topo.host.ip(&format!("link show {HOST_IFACE}"));
         assert!(!link.contains("xdp"), "XDP still attached: {link}");
         let net = topo
             .host
             .exec_ok("bpftool", &["net", "show", "dev", HOST_IFACE]);
         assert!(!net.contains("portfwd"), "still attached: {net}");
         assert_not_forwarded(&topo, 9000);
+        assert!(
+            !d.pins().pin_dir().exists(),
+            "pin directory left after --cleanup"
+        );
+        // Nothing left to clean: still a success.
+        d.cleanup().expect_ok("a second portfwd --cleanup");
     }
 }

@@ -9,6 +9,7 @@ mod control;
 mod frame;
 mod micro;
 mod report;
+mod restart;
 mod serve;
 mod sys;
 mod topo;
@@ -56,6 +57,9 @@ pub struct Args {
     /// Skip the control-plane measurements.
     #[arg(long)]
     no_control: bool,
+    /// Skip the restart, upgrade and crash cases (connections lost, longest gap).
+    #[arg(long)]
+    no_restart: bool,
     /// Results directory (default: bench-results/<UTC timestamp>).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -78,6 +82,8 @@ struct Config {
     control_counts: Vec<u32>,
     per_rule_iptables_max: u32,
     proxy_ports: u32,
+    /// Established connections through a restart, upgrade or crash.
+    restart_connections: usize,
     /// Longest wait for an idle machine before each case.
     settle: Duration,
 }
@@ -231,6 +237,15 @@ pub fn run(args: Args) -> Result<()> {
                 error: format!("{e:#}"),
             }),
         }
+    }
+    if !args.no_restart {
+        eprintln!("bench: restart, upgrade, crash");
+        res.restart = restart::run(
+            &art,
+            &format!("pfb-{pid}-"),
+            &sock_dir,
+            cfg.restart_connections,
+        );
     }
     res.meta.insert(
         "wall time".into(),
@@ -415,6 +430,7 @@ fn config(args: &Args) -> Result<Config> {
         },
         per_rule_iptables_max: if q { 100 } else { 1_000 },
         proxy_ports: if q { 10 } else { 100 },
+        restart_connections: if q { 20 } else { 200 },
         // The smoke run does not wait for quiet: it makes no timing claims.
         settle: Duration::from_millis(if q { 0 } else { 5_000 }),
     })

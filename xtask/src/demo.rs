@@ -166,7 +166,8 @@ impl Demo {
             .with_context(|| format!("cannot create cgroup {}", cgroup.display()))?;
         self.cgroup = Some(cgroup.clone());
         let mut cmd = self.in_ns(&host, self.bins.join("portfwd"));
-        cmd.args(["--iface", "cli0", "--socket"])
+        // The demo's daemon leaves nothing pinned: its namespaces go when it ends.
+        cmd.args(["--iface", "cli0", "--no-pin", "--socket"])
             .arg(&socket)
             .arg("--cgroup")
             .arg(&cgroup);

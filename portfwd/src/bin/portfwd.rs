@@ -1,12 +1,20 @@
 //! `portfwd`: the daemon. Loads the kernel programs, attaches them to every `--iface`,
-//! and serves the control socket that `portfwd-ctl` talks to, until SIGINT or SIGTERM;
-//! then it detaches everything it attached and removes its socket. SIGHUP applies the
-//! `--config` file again; readiness goes to `$NOTIFY_SOCKET` (systemd `Type=notify`)
-//! once the programs are attached and the socket listens; `--metrics` serves Prometheus.
+//! and serves the control socket that `portfwd-ctl` talks to, until SIGINT or SIGTERM.
+//!
+//! The programs' links and maps are pinned in `--pin-dir` and the rules saved next to
+//! the socket, so forwarding outlives the daemon: on SIGTERM (a restart), a crash or a
+//! SIGKILL the hooks keep forwarding from the pinned state, and the next start adopts
+//! it (the programs behind the links are swapped in one `BPF_LINK_UPDATE`, no gap).
+//! `portfwd --cleanup` stops forwarding for good (removes links, maps and the rules'
+//! file); `--no-pin` runs as before pinning: everything is detached when it exits.
+//! SIGHUP applies the `--config` file again; readiness goes to `$NOTIFY_SOCKET`
+//! (systemd `Type=notify`) once the programs are attached and the socket listens;
+//! `--metrics` serves Prometheus.
 //!
 //! Startup order matters: the socket claim (an exclusive lock) comes before anything is
 //! loaded, so a second daemon on the same socket refuses without touching the first
-//! one's interfaces; every failure before serving drops what was attached.
+//! one's interfaces; every failure before serving drops what this start attached and
+//! pinned (state adopted from an earlier daemon stays pinned, and forwarding).
 
 use std::{
     collections::BTreeSet,
@@ -36,9 +44,23 @@ struct Args {
     #[arg(
         long = "iface",
         value_name = "IFACE",
-        required_unless_present_any = ["check_config", "generate_docs"]
+        required_unless_present_any = ["check_config", "generate_docs", "cleanup"]
     )]
     ifaces: Vec<String>,
+    /// bpffs directory where the maps and links are pinned, so that forwarding goes on
+    /// when the daemon stops or dies and the next daemon adopts it (one daemon per
+    /// directory).
+    #[arg(long, value_name = "DIR", default_value = portfwd::pin::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Pin nothing: everything is detached when the daemon exits, and a crash stops
+    /// forwarding.
+    #[arg(long, conflicts_with = "cleanup")]
+    no_pin: bool,
+    /// Stop forwarding for good and exit: remove the links, maps and rules pinned in
+    /// `--pin-dir` by a daemon that is no longer running, and its rules' file (next to
+    /// `--socket`).
+    #[arg(long)]
+    cleanup: bool,
     /// Control socket (root only, unless `--socket-group`/`--socket-read-group`).
     #[arg(long, value_name = "PATH", env = SOCKET_ENV, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
@@ -167,8 +189,25 @@ fn one_shot(args: &Args) -> Option<ExitCode> {
     None
 }
 
+/// `--cleanup`: removes the pinned state and the saved rules.
+fn cleanup(args: &Args) -> anyhow::Result<()> {
+    let pins = portfwd::pin::cleanup(&args.pin_dir)?;
+    let state = portfwd::state::remove(&portfwd::state::path_for(&args.socket))?;
+    match (pins, state) {
+        (false, false) => info!("nothing pinned in {}", args.pin_dir.display()),
+        _ => info!(
+            "removed the pinned state in {} (forwarding stopped) and the saved rules",
+            args.pin_dir.display()
+        ),
+    }
+    Ok(())
+}
+
 /// Runs the daemon until SIGINT or SIGTERM.
 fn run(args: Args) -> anyhow::Result<()> {
+    if args.cleanup {
+        return cleanup(&args);
+    }
     let mut seen = BTreeSet::new();
     if let Some(dup) = args.ifaces.iter().find(|i| !seen.insert(i.as_str())) {
         bail!("interface `{dup}` given twice");
@@ -199,9 +238,26 @@ fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
 
-    // Dropping the dataplane detaches everything attached so far: every `?` below
-    // leaves the interfaces as they were.
-    let mut dp = Dataplane::load()?;
+    // Unpinned, dropping the dataplane detaches everything attached so far: every `?`
+    // below leaves the interfaces as they were. Pinned, the hooks an earlier daemon left
+    // keep running its programs until this one's replace them.
+    let mut dp = if args.no_pin {
+        // Programs pinned by an earlier daemon would run next to this one's.
+        let links = args.pin_dir.join("links");
+        if std::fs::read_dir(&links).is_ok_and(|mut d| d.next().is_some()) {
+            bail!(
+                "an earlier daemon's programs still run from {} (--no-pin would run a second \
+                 copy): start without --no-pin to adopt them, or run `portfwd --cleanup` first",
+                args.pin_dir.display()
+            );
+        }
+        Dataplane::load()?
+    } else {
+        let pins = portfwd::pin::PinDir::open(&args.pin_dir)?;
+        let dp = Dataplane::load_pinned(pins)?;
+        info!("maps and links pinned in {}", args.pin_dir.display());
+        dp
+    };
     for iface in &args.ifaces {
         let a = dp.attach(iface, args.ingress)?;
         info!(
@@ -244,8 +300,28 @@ fn run(args: Args) -> anyhow::Result<()> {
              packets to backends behind other interfaces will be dropped"
         );
     }
+    let gone = dp.drop_stale_links()?;
+    if !gone.is_empty() {
+        info!("detached stale links: {}", gone.join(", "));
+    }
     let mut state = Daemon::new(dp);
     state.refresh_host_addrs();
+    if !args.no_pin {
+        let file = portfwd::state::path_for(&args.socket);
+        let saved = portfwd::state::load(&file)?.unwrap_or_default();
+        let n = saved.len();
+        let fixed = state.adopt(saved)?;
+        if fixed > 0 {
+            warn!(
+                "the pinned rule maps differed from {} in {fixed} entries: made them match",
+                file.display()
+            );
+        }
+        if n > 0 {
+            info!("adopted {n} rules from {}", file.display());
+        }
+        state.persist_to(file);
+    }
     if let Some((file, decls)) = &config {
         // An error here returns, and dropping the state detaches everything.
         let r = state.apply(file, decls, false)?;
@@ -261,6 +337,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Ok(_) => {}
         Err(e) => warn!("cannot raise the open-file limit: {e}"),
     }
+    state.kernel_mut().keep_pins();
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -301,7 +378,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     match Arc::try_unwrap(state) {
         Ok(state) => {
             drop(state);
-            info!("detached from every interface");
+            if args.no_pin {
+                info!("detached from every interface");
+            } else {
+                info!(
+                    "forwarding goes on from the state pinned in {} (the next start adopts it; `portfwd --cleanup` removes it)",
+                    args.pin_dir.display()
+                );
+            }
         }
         Err(_) => warn!("the dataplane is still referenced at exit"),
     }

@@ -15,7 +15,7 @@ use std::{
 use portfwd_common::{Reason, RuleStats};
 
 use crate::{
-    dataplane::{Attachment, Dataplane, DataplaneError, Family},
+    dataplane::{Attachment, Dataplane, DataplaneError, Family, RuleEntry},
     flows::{FlowFilter, FlowTables, FlowsReply},
     metrics::count_map_update,
     netinfo,
@@ -33,6 +33,11 @@ pub trait Kernel {
     ) -> Result<(), DataplaneError>;
     /// Unpublishes one port of family `F`; an absent key is not an error.
     fn remove_rule<F: Family>(&mut self, key: &F::RuleKey) -> Result<(), DataplaneError>;
+    /// Every rule entry of family `F` the kernel holds (to adopt pinned maps); none
+    /// unless the kernel keeps state across daemons.
+    fn rules_snapshot<F: Family>(&mut self) -> Result<Vec<RuleEntry<F>>, DataplaneError> {
+        Ok(Vec::new())
+    }
     /// Zeroes a counter slot before it is given to a new rule.
     fn reset_rule_stats(&mut self, slot: u32) -> Result<(), DataplaneError>;
     /// A rule's counters, summed over CPUs.
@@ -81,6 +86,9 @@ pub trait Kernel {
 }
 
 impl Kernel for Dataplane {
+    fn rules_snapshot<F: Family>(&mut self) -> Result<Vec<RuleEntry<F>>, DataplaneError> {
+        self.rules_snapshot_of::<F>()
+    }
     fn insert_rule<F: Family>(
         &mut self,
         key: F::RuleKey,

@@ -197,6 +197,12 @@ pub enum DaemonError {
     /// The flow tables cannot be read.
     #[error("cannot read the flow tables")]
     Flows(#[source] Box<DataplaneError>),
+    /// Saved rules that cannot be adopted as they are.
+    #[error("cannot adopt the saved rules: {0}")]
+    AdoptInvalid(String),
+    /// The pinned rule maps cannot be made to match the saved rules.
+    #[error("cannot make the pinned rule maps match the saved rules")]
+    Adopt(#[source] Box<DataplaneError>),
 }
 
 /// The daemon's state: the kernel side and the table that mirrors it.
@@ -208,6 +214,8 @@ pub struct Daemon<K> {
     host_addrs_v6: HostAddrs<V6>,
     /// Whether the last NAT64 sync failed (logged once per run of failures).
     nat64_failing: bool,
+    /// Where the rule table is saved after every change (see [`crate::state`]).
+    state_file: Option<std::path::PathBuf>,
 }
 
 /// What the daemon last wrote to one family's host-address map (what its wildcard rules
@@ -270,12 +278,101 @@ impl<K: Kernel> Daemon<K> {
             host_addrs_v4: HostAddrs::default(),
             host_addrs_v6: HostAddrs::default(),
             nat64_failing: false,
+            state_file: None,
         }
+    }
+
+    /// Saves the rule table to `path` now and after every committed change, for the
+    /// next daemon to adopt.
+    pub fn persist_to(&mut self, path: std::path::PathBuf) {
+        self.state_file = Some(path);
+        self.save_state();
+    }
+
+    /// Writes the rule table to the state file, if there is one. A failure is logged:
+    /// the change is made in the kernel already, and the next change retries.
+    fn save_state(&self) {
+        if let Some(path) = &self.state_file {
+            let saved = crate::state::from_rules(
+                self.table.iter().map(|(p, e)| (p, e, self.table.owner(p))),
+            );
+            if let Err(e) = crate::state::save(path, &saved) {
+                warn!("cannot save the rules: {}", Chain(&e));
+            }
+        }
+    }
+
+    /// Takes over `rules`, saved by an earlier daemon whose maps this one adopted: they
+    /// become the table with their sources, owners and counter slots (so their counters go on),
+    /// and the kernel's rule maps are made to match them exactly. Returns how many map
+    /// entries had to be written or removed (0 when the maps and the file agree).
+    /// Only on an empty table; refuses, changing nothing, rules that conflict or share a
+    /// slot.
+    pub fn adopt(&mut self, rules: Vec<crate::state::Adopted>) -> Result<usize, DaemonError> {
+        if !self.table.is_empty() {
+            return Err(DaemonError::AdoptInvalid(
+                "the daemon has rules already".into(),
+            ));
+        }
+        let mut table = RuleTable::default();
+        let mut used = BTreeSet::new();
+        let mut expected: HashMap<MapKey, MapEntry> = HashMap::new();
+        for (p, e, owner) in rules {
+            if let Some((port, other)) = table.first_conflict(&p) {
+                return Err(DaemonError::AdoptInvalid(format!(
+                    "{p} conflicts with {other} at port {port}"
+                )));
+            }
+            if e.stats_slot >= MAX_STATS_SLOTS || !used.insert(e.stats_slot) {
+                return Err(DaemonError::AdoptInvalid(format!(
+                    "{p} has counter slot {}, out of range or taken",
+                    e.stats_slot
+                )));
+            }
+            for v in map_entries(&p, &e.backend, e.stats_slot, e.reservation)? {
+                expected.insert(v.key(), v);
+            }
+            table.insert(p, e);
+            if let Some(owner) = owner {
+                table.set_owner(p, owner);
+            }
+        }
+        let kernel_err = |e| DaemonError::Adopt(Box::new(e));
+        let mut actual: HashMap<MapKey, MapEntry> = HashMap::new();
+        for (k, b) in self.kernel.rules_snapshot::<V4>().map_err(kernel_err)? {
+            actual.insert(MapKey::V4(k), MapEntry::V4(k, b));
+        }
+        for (k, b) in self.kernel.rules_snapshot::<V6>().map_err(kernel_err)? {
+            actual.insert(MapKey::V6(k), MapEntry::V6(k, b));
+        }
+        let mut fixed = 0;
+        for key in actual.keys() {
+            if !expected.contains_key(key) {
+                write_entry(&mut self.kernel, *key, None).map_err(kernel_err)?;
+                fixed += 1;
+            }
+        }
+        for (key, v) in &expected {
+            if actual.get(key) != Some(v) {
+                write_entry(&mut self.kernel, *key, Some(*v)).map_err(kernel_err)?;
+                fixed += 1;
+            }
+        }
+        self.slots = SlotAllocator::with_used(&used);
+        self.table = table;
+        self.sync_nat64();
+        self.save_state();
+        Ok(fixed)
     }
 
     /// The kernel side.
     pub fn kernel(&self) -> &K {
         &self.kernel
+    }
+
+    /// The kernel side, mutable.
+    pub fn kernel_mut(&mut self) -> &mut K {
+        &mut self.kernel
     }
 
     /// The published rules.
@@ -571,6 +668,7 @@ impl<K: Kernel> Daemon<K> {
         }
         self.forget_stale_flows(&gone);
         self.sync_nat64();
+        self.save_state();
         Ok(())
     }
 

@@ -34,6 +34,17 @@ impl SlotAllocator {
             self.free.pop_front()
         }
     }
+    /// An allocator where `used` are taken (an adopted table's slots): the fresh ones
+    /// follow the highest, the gaps below it are free.
+    pub fn with_used(used: &std::collections::BTreeSet<u32>) -> Self {
+        let next = used
+            .last()
+            .map_or(0, |&m| m.saturating_add(1).min(MAX_STATS_SLOTS));
+        Self {
+            next,
+            free: (0..next).filter(|s| !used.contains(s)).collect(),
+        }
+    }
     /// Gives `slot` back, to be reused after every slot freed before it.
     pub fn release(&mut self, slot: u32) {
         self.free.push_back(slot);
@@ -147,5 +158,18 @@ mod tests {
         a.release(7);
         a.release(3);
         assert_eq!((a.alloc(), a.alloc(), a.alloc()), (Some(7), Some(3), None));
+    }
+
+    #[test]
+    fn adopted_slots_stay_taken() {
+        let mut a = SlotAllocator::with_used(&[0, 2, 5].into_iter().collect());
+        let got: Vec<_> = (0..4).filter_map(|_| a.alloc()).collect();
+        assert_eq!(got, vec![6, 7, 8, 9]);
+        let mut a = SlotAllocator::with_used(&[MAX_STATS_SLOTS - 1].into_iter().collect());
+        assert_eq!(a.alloc(), Some(0));
+        assert_eq!(
+            SlotAllocator::with_used(&Default::default()).alloc(),
+            Some(0)
+        );
     }
 }

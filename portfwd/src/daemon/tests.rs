@@ -924,3 +924,102 @@ fn owners_remove_only_their_own_rules() {
     assert_eq!(ok(d.handle_line(&add("0.0.0.0", 9000, None)))["ok"], true);
     assert_eq!(d.table().owner(&publish("0.0.0.0:9000")), None);
 }
+
+fn saved(p: &str, b: &str, slot: u32, source: Source) -> crate::state::Adopted {
+    (
+        publish(p),
+        Entry {
+            backend: b.parse().unwrap_or_else(|e| panic!("{b}: {e}")),
+            stats_slot: slot,
+            source,
+            reservation: false,
+        },
+        None,
+    )
+}
+
+#[test]
+fn adopt_takes_back_rules_with_their_slots_and_sources() {
+    let mut d = Daemon::new(FakeKernel::default());
+    // This kernel keeps nothing across daemons: every entry is written back.
+    let fixed = d
+        .adopt(vec![
+            saved("0.0.0.0:9000-9001/tcp", "10.0.0.2:80-81", 5, Source::Cli),
+            saved("127.0.0.1:53/udp", "10.0.0.3:53", 2, Source::File),
+        ])
+        .expect("adopt");
+    assert_eq!(fixed, 3);
+    assert_eq!(
+        kernel_rules(&d),
+        [
+            "0.0.0.0:9000/6 -> 10.0.0.2:80 #5",
+            "0.0.0.0:9001/6 -> 10.0.0.2:81 #5",
+            "127.0.0.1:53/17 -> 10.0.0.3:53 #2",
+        ]
+    );
+    assert_eq!(
+        table_rules(&d),
+        [
+            "127.0.0.1:53/udp -> 10.0.0.3:53 (file)",
+            "0.0.0.0:9000-9001/tcp -> 10.0.0.2:80-81 (cli)",
+        ]
+    );
+    // Adopted counters are not reset; the next rule gets a slot none of them holds.
+    assert!(d.kernel().reset.is_empty());
+    d.add(decl("9100", "10.0.0.4:80")).expect("add");
+    assert_eq!(
+        d.table().get(&publish("9100")).map(|e| e.stats_slot),
+        Some(6)
+    );
+    // A second adoption, or saved rules that conflict or share a slot, are refused.
+    assert!(matches!(
+        d.adopt(Vec::new()),
+        Err(DaemonError::AdoptInvalid(_))
+    ));
+    for rules in [
+        vec![
+            saved("9000/tcp", "10.0.0.2:80", 1, Source::Cli),
+            saved("0.0.0.0:9000/tcp", "10.0.0.3:80", 2, Source::Cli),
+        ],
+        vec![
+            saved("9000/tcp", "10.0.0.2:80", 1, Source::Cli),
+            saved("9001/tcp", "10.0.0.3:80", 1, Source::Cli),
+        ],
+        vec![saved(
+            "9000/tcp",
+            "10.0.0.2:80",
+            MAX_STATS_SLOTS,
+            Source::Cli,
+        )],
+    ] {
+        let mut d = Daemon::new(FakeKernel::default());
+        let e = d.adopt(rules).expect_err("refused");
+        assert!(matches!(e, DaemonError::AdoptInvalid(_)), "{e}");
+        assert!(d.table().is_empty() && d.kernel().rules.is_empty());
+    }
+}
+
+#[test]
+fn adopt_keeps_owners_and_reservations() {
+    let mut d = Daemon::new(FakeKernel::default());
+    let (p, mut e, _) = saved("0.0.0.0:8080/tcp", "10.0.0.4:80", 7, Source::Cli);
+    e.reservation = true;
+    let owner: crate::protocol::Owner = "cni:0123abcd/eth0".parse().expect("owner");
+    d.adopt(vec![(p, e, Some(owner.clone()))]).expect("adopt");
+    assert_eq!(d.table().owner(&publish("0.0.0.0:8080/tcp")), Some(&owner));
+    assert_eq!(
+        d.table()
+            .get(&publish("0.0.0.0:8080/tcp"))
+            .map(|e| e.reservation),
+        Some(true)
+    );
+    // The owner still guards its rule after the adoption.
+    let r: serde_json::Value = serde_json::from_slice(&d.handle_line(
+        br#"{"cmd":"del","publish":{"host_ip":"0.0.0.0","host_port":8080},"owner":"docker:1"}"#,
+    ))
+    .expect("JSON");
+    assert_eq!(
+        r["error"],
+        "cannot unpublish 0.0.0.0:8080/tcp for docker:1: it belongs to cni:0123abcd/eth0"
+    );
+}

@@ -124,6 +124,7 @@ fn portfwd(
     let mut cmd = sys::daemon_cmd(ns, daemon);
     let cgroup = sys::Cgroup::new(ns.name())?;
     cmd.args(["--iface", "pf0", "--ingress", "tc", "--socket", &sock]);
+    super::variants::no_pin(&mut cmd, daemon);
     if super::variants::daemon_has_cgroup_flag(daemon) {
         cmd.arg("--cgroup").arg(&cgroup.daemon_path);
     }

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use anyhow::Result;
 
-use super::{control::ControlResult, micro::MicroResult};
+use super::{control::ControlResult, micro::MicroResult, restart::RestartResult};
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Sample {
@@ -43,6 +43,7 @@ pub struct Results {
     pub failures: Vec<Failure>,
     pub micro: Vec<MicroResult>,
     pub control: Vec<ControlResult>,
+    pub restart: Vec<RestartResult>,
     pub local_unavailable: Vec<(String, String)>,
 }
 
@@ -397,6 +398,23 @@ impl Results {
                         .map(|k| format!("{:.1} MB", k as f64 / 1024.0))
                         .unwrap_or_else(|| "–".into()),
                     c.note
+                );
+            }
+        }
+        if !self.restart.is_empty() {
+            s += "\n## Restart, upgrade, crash: established connections\n\nEach connection ping-pongs 64 bytes once a millisecond through a published port while the daemon goes away and a new one adopts the pinned state. Target: 0 lost, a longest gap close to the baseline (the longest wait between answers before the event).\n\n| event | connections | lost | longest gap | baseline gap | control socket away | note |\n|---|---|---|---|---|---|---|\n";
+            let ms = |x: Option<f64>| x.map_or_else(|| "–".into(), |v| format!("{v:.1} ms"));
+            for r in &self.restart {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {} | {} |",
+                    r.event,
+                    r.connections,
+                    r.lost.map_or_else(|| "–".into(), |n| n.to_string()),
+                    ms(r.longest_gap_ms),
+                    ms(r.baseline_gap_ms),
+                    ms(r.control_away_ms),
+                    r.note
                 );
             }
         }

@@ -250,6 +250,7 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
                 "--socket",
                 &sock,
             ]);
+            no_pin(&mut cmd, daemon);
             match v {
                 Variant::PortfwdTcFast => {
                     cmd.arg("--fast-path");
@@ -306,11 +307,24 @@ fn docker_proxy_cmd(topo: &Topology, host: u16, ct: u16) -> Command {
 /// Whether this daemon build takes `--cgroup` (the cgroup whose processes it serves as
 /// local clients).
 pub fn daemon_has_cgroup_flag(daemon: &std::path::Path) -> bool {
+    daemon_has_flag(daemon, "--cgroup")
+}
+
+/// Whether `daemon --help` lists `flag` (builds of other versions are benchmarked too).
+pub fn daemon_has_flag(daemon: &std::path::Path, flag: &str) -> bool {
     Command::new(daemon)
         .arg("--help")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("--cgroup"))
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(flag))
         .unwrap_or(false)
+}
+
+/// `--no-pin` where the daemon pins by default: a benchmark's daemon leaves nothing
+/// attached or pinned when it stops.
+pub fn no_pin(cmd: &mut Command, daemon: &std::path::Path) {
+    if daemon_has_flag(daemon, "--no-pin") {
+        cmd.arg("--no-pin");
+    }
 }
 
 /// Whether the daemon serves `localhost:PORT` at the socket (its `list --json` says so).
