@@ -17,3 +17,4 @@ pub mod protocol;
 pub mod report;
 pub mod rule;
 pub mod service;
+pub mod trace;
