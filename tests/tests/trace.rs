@@ -300,6 +300,7 @@ fn trace_agrees_with_real_traffic_and_changes_nothing() {
     // The human form names the rule, the rewritten destination and the hook.
     let text = d.ctl(&["trace", &c4, &h4(9000, "")]);
     let text = text.expect_ok("trace");
+    eprintln!("{text}");
     assert!(text.contains("*:9000/tcp -> 198.18.1.2:8080"), "{text}");
     assert!(text.contains("TC ingress on cli0"), "{text}");
     assert!(text.contains("BPF_PROG_RUN"), "{text}");
