@@ -682,6 +682,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_trace_is_read_only() {
+        let query = TraceQuery {
+            iface: None,
+            client: IpAddr::from([10, 0, 0, 1]),
+            client_port: DEFAULT_CLIENT_PORT,
+            host: IpAddr::from([10, 0, 0, 2]),
+            port: 80,
+            udp: false,
+        };
+        let req = crate::protocol::Request::Trace { query };
+        assert!(req.is_read_only());
+        let line = serde_json::to_vec(&req).expect("encode");
+        assert_eq!(crate::protocol::parse_request(&line), Ok(req));
+    }
+
+    #[test]
     fn frames_have_valid_checksums() {
         for (s, d) in [
             (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2])),

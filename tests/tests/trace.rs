@@ -38,7 +38,7 @@ struct Net6 {
     topo: Topology,
 }
 
-fn net6(test: &str, tag: &str) -> Option<Net6> {
+fn net6(test: &str, tag: &str, ingress: &str) -> Option<Net6> {
     if !require_root(test) {
         return None;
     }
@@ -72,7 +72,7 @@ fn net6(test: &str, tag: &str) -> Option<Net6> {
     cli.ip(&format!(
         "-6 neigh add {OTHER6} lladdr 02:00:00:00:00:77 dev eth0"
     ));
-    topo.start_daemon_with(&["--ingress", "tc"]);
+    topo.start_daemon_with(&["--ingress", ingress]);
     Some(Net6 {
         _servers: servers,
         topo,
@@ -148,8 +148,28 @@ type Case = (
 );
 
 #[test]
-fn trace_agrees_with_real_traffic_and_changes_nothing() {
-    let Some(net) = net6("trace_agrees_with_real_traffic_and_changes_nothing", "tr") else {
+fn trace_agrees_with_real_traffic_and_changes_nothing_tc() {
+    trace_case(
+        "trace_agrees_with_real_traffic_and_changes_nothing_tc",
+        "trt",
+        "tc",
+        "TC ingress",
+    );
+}
+
+#[test]
+fn trace_agrees_with_real_traffic_and_changes_nothing_xdp() {
+    trace_case(
+        "trace_agrees_with_real_traffic_and_changes_nothing_xdp",
+        "trx",
+        "xdp",
+        "native XDP",
+    );
+}
+
+/// The traces and the real packets on `ingress`, whose hook `trace` names `hook`.
+fn trace_case(test: &str, tag: &str, ingress: &str, hook: &str) {
+    let Some(net) = net6(test, tag, ingress) else {
         return;
     };
     let (topo, d) = (&net.topo, net.topo.daemon());
@@ -276,7 +296,7 @@ fn trace_agrees_with_real_traffic_and_changes_nothing() {
             "{client} -> {dest}: {v}"
         );
         assert_eq!(v["iface"], HOST_IFACE, "{v}");
-        assert_eq!(v["hook"], "TC ingress", "{v}");
+        assert_eq!(v["hook"], hook, "{v}");
         assert_eq!(
             v["backend"].as_str().map(str::to_string),
             *want_backend,
@@ -302,8 +322,15 @@ fn trace_agrees_with_real_traffic_and_changes_nothing() {
     let text = text.expect_ok("trace");
     eprintln!("{text}");
     assert!(text.contains("*:9000/tcp -> 198.18.1.2:8080"), "{text}");
-    assert!(text.contains("TC ingress on cli0"), "{text}");
+    assert!(text.contains(&format!("{hook} on cli0")), "{text}");
     assert!(text.contains("BPF_PROG_RUN"), "{text}");
+    // Bad input: one line, non-zero, nothing traced.
+    let e = d.ctl(&["trace", &c4, &h6(HOST6, 9006, "")]);
+    assert!(e.expect_error("mixed families").contains("same family"));
+    let e = d.ctl(&["trace", "--iface", "nosuch0", &c4, &h4(9000, "")]);
+    assert!(e.expect_error("unknown interface").contains("nosuch0"));
+    let e = d.ctl(&["trace", &c4, &h4(9000, "/sctp")]);
+    assert!(e.expect_error("sctp").contains("sctp"));
     let text = d.ctl(&["trace", &c4, &h4(9999, "")]);
     assert!(text
         .expect_ok("trace")
