@@ -536,7 +536,13 @@ pub fn trace(live: &Dataplane, q: &TraceQuery) -> Result<TraceReply, TraceError>
         (false, 7) => "redirect",
         _ => "other",
     };
-    let verdict = format!("{verdict} ({ret})");
+    // TC's codes are signed (TC_ACT_UNSPEC is -1: "go on").
+    let code = if xdp {
+        ret.to_string()
+    } else {
+        i32::from_ne_bytes(ret.to_ne_bytes()).to_string()
+    };
+    let verdict = format!("{verdict} ({code})");
     let dst_after = destination(&out);
     let rewritten = dst_after
         .filter(|d| *d != (q.host, q.port))
