@@ -19,3 +19,4 @@ pub mod report;
 pub mod rule;
 pub mod service;
 pub mod state;
+pub mod trace;

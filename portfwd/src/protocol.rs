@@ -112,6 +112,11 @@ pub enum Request {
         #[serde(default = "default_flow_limit")]
         limit: u32,
     },
+    /// What the ingress program does with one packet (BPF_PROG_RUN on a private copy).
+    Trace {
+        /// The packet.
+        query: crate::trace::TraceQuery,
+    },
 }
 
 fn default_flow_limit() -> u32 {
@@ -128,7 +133,7 @@ impl Request {
     /// Every request is named here, so a new one has to be classified.
     pub fn is_read_only(&self) -> bool {
         match self {
-            Request::List | Request::Flows { .. } => true,
+            Request::List | Request::Flows { .. } | Request::Trace { .. } => true,
             Request::Add { .. } | Request::Del { .. } | Request::Apply { .. } => false,
         }
     }

@@ -20,6 +20,7 @@ use crate::{
     metrics::count_map_update,
     netinfo,
     rule::{PortRange, Proto},
+    trace::{TraceError, TraceQuery, TraceReply},
 };
 
 /// The dataplane and the host as the daemon uses them: a trait so that the rule logic is
@@ -82,6 +83,12 @@ pub trait Kernel {
     fn flows(&self, filter: Option<FlowFilter>, limit: u32) -> Result<FlowsReply, DataplaneError> {
         let _ = (filter, limit);
         Ok(FlowsReply::default())
+    }
+    /// What the ingress program does with one packet ([`crate::trace`]); a kernel without
+    /// programs cannot say.
+    fn trace(&self, query: &TraceQuery) -> Result<TraceReply, TraceError> {
+        let _ = query;
+        Err(TraceError::Unsupported)
     }
 }
 
@@ -152,5 +159,8 @@ impl Kernel for Dataplane {
     }
     fn flows(&self, filter: Option<FlowFilter>, limit: u32) -> Result<FlowsReply, DataplaneError> {
         FlowTables::new(self)?.list(filter, limit)
+    }
+    fn trace(&self, query: &TraceQuery) -> Result<TraceReply, TraceError> {
+        crate::trace::trace(self, query)
     }
 }

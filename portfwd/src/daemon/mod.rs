@@ -203,6 +203,9 @@ pub enum DaemonError {
     /// The pinned rule maps cannot be made to match the saved rules.
     #[error("cannot make the pinned rule maps match the saved rules")]
     Adopt(#[source] Box<DataplaneError>),
+    /// A packet cannot be traced.
+    #[error("cannot trace the packet")]
+    Trace(#[source] Box<crate::trace::TraceError>),
 }
 
 /// The daemon's state: the kernel side and the table that mirrors it.
@@ -1014,6 +1017,11 @@ impl<K: Kernel> Daemon<K> {
                 .flows(filter, limit)
                 .map(|r| protocol::encode_ok(&r))
                 .map_err(|e| DaemonError::Flows(Box::new(e))),
+            Request::Trace { query } => self
+                .kernel
+                .trace(&query)
+                .map(|r| protocol::encode_ok(&r))
+                .map_err(|e| DaemonError::Trace(Box::new(e))),
         };
         reply.unwrap_or_else(|e| {
             let msg = Chain(&e).to_string();

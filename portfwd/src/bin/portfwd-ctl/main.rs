@@ -10,6 +10,7 @@ mod del;
 mod flows;
 mod import_compose;
 mod list;
+mod trace;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -45,6 +46,9 @@ enum Command {
     /// Show the live flows of remote clients and how full the flow tables are:
     /// `flows [--json] [--limit N] [PORT|BACKEND]`.
     Flows(flows::Args),
+    /// Run one packet through the ingress program (BPF_PROG_RUN on a copy, nothing live
+    /// changes) and say what happens: `trace [--iface IF] CLIENT_IP[:PORT] HOST_IP:PORT[/udp]`.
+    Trace(trace::Args),
     /// Write shell completions and man pages into DIR (`cargo xtask dist`).
     #[command(hide = true)]
     GenerateDocs {
@@ -73,6 +77,7 @@ fn main() -> ExitCode {
         Command::Apply(a) => apply::run(&args.socket, a),
         Command::ImportCompose(a) => import_compose::run(a),
         Command::Flows(a) => flows::run(&args.socket, a),
+        Command::Trace(a) => trace::run(&args.socket, a),
         Command::GenerateDocs { dir } => {
             portfwd::service::write_docs(Args::command().name("portfwd-ctl"), &dir)
                 .map(|files| {
