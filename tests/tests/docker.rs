@@ -133,19 +133,38 @@ impl Dockerd {
     fn start(ns: &Netns, dir: &Path, portfwd_socket: &Path) -> Self {
         let dir = dir.join("docker");
         std::fs::create_dir_all(dir.join("cli")).expect("docker dir");
-        let config = dir.join("daemon.json");
-        std::fs::write(&config, "{}\n").expect("daemon.json");
+        std::fs::write(dir.join("daemon.json"), "{}\n").expect("daemon.json");
         let api = dir.join("docker.sock");
-        let log = std::fs::File::create(dir.join("dockerd.log")).expect("dockerd log");
+        let mut d = Self {
+            child: None,
+            dir,
+            api,
+        };
+        d.launch(ns, portfwd_socket);
+        d.import_busybox();
+        d
+    }
+
+    /// Starts dockerd on this data root, exec root and API socket (the first time, or
+    /// again after [`Dockerd::signal`] ended it) and waits until it answers; its log is
+    /// appended to.
+    fn launch(&mut self, ns: &Netns, portfwd_socket: &Path) {
+        assert!(self.child.is_none(), "dockerd is running already");
+        let dir = &self.dir;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("dockerd.log"))
+            .expect("dockerd log");
         let mut cmd = ns.command("dockerd");
         cmd.arg("--config-file")
-            .arg(&config)
+            .arg(dir.join("daemon.json"))
             .arg("--data-root")
             .arg(dir.join("data"))
             .arg("--exec-root")
             .arg(dir.join("exec"))
             .arg("-H")
-            .arg(format!("unix://{}", api.display()))
+            .arg(format!("unix://{}", self.api.display()))
             .arg("--pidfile")
             .arg(dir.join("docker.pid"))
             .args(["--bip", DOCKER_BIP, "--iptables=false", "--ip6tables=false"])
@@ -155,25 +174,51 @@ impl Dockerd {
             .env("PORTFWD_SOCKET", portfwd_socket)
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log);
-        let mut d = Self {
-            child: Some(ChildGuard::spawn("dockerd", &mut cmd)),
-            dir,
-            api,
-        };
+        self.child = Some(ChildGuard::spawn("dockerd", &mut cmd));
         let deadline = Instant::now() + DOCKERD_START;
-        while !d.docker(&["version"]).status.success() {
-            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait()) {
-                panic!("dockerd exited during start-up ({status}):\n{}", d.log());
+        while !self.docker(&["version"]).status.success() {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait()) {
+                panic!("dockerd exited during start-up ({status}):\n{}", self.log());
             }
             assert!(
                 Instant::now() < deadline,
                 "dockerd did not answer within {DOCKERD_START:?}:\n{}",
-                d.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-        d.import_busybox();
-        d
+    }
+
+    /// Sends `sig` to dockerd and waits (up to `timeout`) for it to exit: SIGTERM is
+    /// systemd's stop, SIGKILL a crash. Its containerd and containers may outlive it.
+    fn signal(&mut self, sig: libc::c_int, timeout: Duration) {
+        let mut child = self.child.take().expect("dockerd runs");
+        // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child's.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let status = child.wait_timeout(timeout);
+        assert!(
+            status.is_some(),
+            "dockerd did not exit within {timeout:?} of signal {sig}:\n{}",
+            self.log()
+        );
+        // The containerd it started ends with it (it cannot log any more); a dockerd
+        // started while that one is still there waits for it in vain. systemd too waits
+        // before it starts dockerd again.
+        let pidfile = self.dir.join("exec/containerd/containerd.pid");
+        let Some(pid) = std::fs::read_to_string(pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+        else {
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(
+                Instant::now() < deadline,
+                "dockerd's containerd ({pid}) outlived it by 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn log(&self) -> String {
@@ -286,6 +331,23 @@ impl Drop for Dockerd {
                 eprintln!("dockerd ignored SIGTERM for 20 s; killing it");
             }
             drop(child);
+        }
+        // A dockerd killed and not started again leaves its containers running under
+        // their shims.
+        let tasks = self
+            .dir
+            .join("exec/containerd/daemon/io.containerd.runtime.v2.task/moby");
+        for task in std::fs::read_dir(tasks).into_iter().flatten().flatten() {
+            for file in ["init.pid", "shim.pid"] {
+                let pid = std::fs::read_to_string(task.path().join(file))
+                    .ok()
+                    .and_then(|p| p.trim().parse::<i32>().ok());
+                if let Some(pid) = pid.filter(|p| *p > 1) {
+                    // SAFETY: kill has no memory-safety preconditions; the pid is one our
+                    // dockerd's containerd recorded for a container of ours.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
         }
         unmount_under(&self.dir);
     }
@@ -665,6 +727,177 @@ fn docker_run_publishes_through_portfwd() {
         "{err:?}"
     );
     docker.ok(&["rm", "-f", "web-down", "web-r", "echo-u"]);
+}
+
+/// dockerd restarts leave no stale rule (issue #10). A graceful stop (SIGTERM, as
+/// systemd stops it) stops the containers and so their proxies, which unpublish; a crash
+/// (SIGKILL) ends the proxies by their parent-death signal (SIGTERM), so they unpublish
+/// too, while containerd's shim may keep the container itself running. Either way, once
+/// dockerd is back, a `--restart always` container is published again exactly once per
+/// family, by proxies that exist, and a client reaches it with its own address; a fresh
+/// container takes the port when that one is gone.
+#[test]
+fn dockerd_restart_leaves_no_stale_rule() {
+    let Some(mut env) = setup("dockerd_restart_leaves_no_stale_rule", "dkr") else {
+        return;
+    };
+    let Env { docker, topo } = &mut env;
+    let web = "web-always";
+    let out = docker.run_web(web, &["--restart=always", "9000:8080"], &[8080]);
+    assert!(
+        out.status.success(),
+        "docker run: {out:?}\n{}",
+        docker.log()
+    );
+    let published = |ip: &str| {
+        vec![
+            (
+                "0.0.0.0".to_string(),
+                9000,
+                "tcp".to_string(),
+                ip.to_string(),
+                8080,
+            ),
+            (
+                "::".to_string(),
+                9000,
+                "tcp".to_string(),
+                ip.to_string(),
+                8080,
+            ),
+        ]
+    };
+    let ip = container_ip(docker, web);
+    assert_eq!(rules(topo), published(&ip));
+    let first = live_proxy_owners(topo);
+    assert_eq!(first.len(), 2, "one proxy per family: {first:?}");
+    let page = "hello from docker\n";
+    assert_eq!(http_get(&topo.client, v4(9000)).expect("GET"), page);
+
+    // Graceful stop: dockerd stops the container (busybox httpd ignores SIGTERM, so after
+    // its 10 s stop timeout) and its proxies; none of their rules is left, and the port no
+    // longer answers.
+    docker.signal(libc::SIGTERM, Duration::from_secs(60));
+    assert_eq!(rules(topo), vec![], "rules left by a stopped dockerd");
+    assert!(
+        http_get(&topo.client, v4(9000)).is_err(),
+        "dockerd stopped, the port still answers"
+    );
+
+    // Started again on the same roots: the container comes back, published once per
+    // family by new proxies, to its address now.
+    docker.launch(&topo.host, topo.daemon().socket());
+    let ip = wait_running(docker, web);
+    wait_rules(topo, &published(&ip), "after dockerd restarted");
+    let second = live_proxy_owners(topo);
+    assert_eq!(second.len(), 2, "one proxy per family: {second:?}");
+    assert!(first.is_disjoint(&second), "{first:?} / {second:?}");
+    assert_eq!(
+        http_get(&topo.client, v4(9000)).expect("GET after dockerd restarted"),
+        page
+    );
+    assert!(
+        container_logs(docker, web).contains(&format!("[::ffff:{CLIENT_IP}]:")),
+        "the container did not see the client's address: {}",
+        container_logs(docker, web)
+    );
+
+    // Crash: the proxies get their parent-death signal (SIGTERM) and unpublish, while
+    // the container keeps running under its shim: nothing answers on the port any more.
+    docker.signal(libc::SIGKILL, Duration::from_secs(10));
+    wait_rules(topo, &[], "after dockerd was killed");
+    assert!(
+        http_get(&topo.client, v4(9000)).is_err(),
+        "dockerd killed, the port still answers through portfwd"
+    );
+
+    // Back again: dockerd reconciles (the container runs again, by its policy) and the
+    // port is published once per family, by proxies that exist, nothing of before left.
+    docker.launch(&topo.host, topo.daemon().socket());
+    let ip = wait_running(docker, web);
+    wait_rules(
+        topo,
+        &published(&ip),
+        "after dockerd restarted from a crash",
+    );
+    let third = live_proxy_owners(topo);
+    assert_eq!(third.len(), 2, "one proxy per family: {third:?}");
+    assert!(second.is_disjoint(&third), "{second:?} / {third:?}");
+    assert_eq!(
+        http_get(&topo.client, v4(9000)).expect("GET after the crash"),
+        page
+    );
+
+    // A fresh container takes the port once that one is removed.
+    docker.ok(&["rm", "-f", web]);
+    assert_eq!(rules(topo), vec![]);
+    let out = docker.run_web("web-fresh", &["9000:8080"], &[8080]);
+    assert!(
+        out.status.success(),
+        "docker run: {out:?}\n{}",
+        docker.log()
+    );
+    let ip = container_ip(docker, "web-fresh");
+    assert_eq!(rules(topo), published(&ip));
+    assert_eq!(live_proxy_owners(topo).len(), 2);
+    assert_eq!(
+        http_get(&topo.client, v4(9000)).expect("GET the fresh container"),
+        page
+    );
+    docker.ok(&["rm", "-f", "web-fresh"]);
+    assert_eq!(rules(topo), vec![]);
+}
+
+/// The rules' owners, each checked to be a running `portfwd-docker-proxy`
+/// (`docker:<pid>`).
+fn live_proxy_owners(topo: &Topology) -> std::collections::BTreeSet<String> {
+    let owners = owners(topo);
+    for o in &owners {
+        let pid = o
+            .strip_prefix("docker:")
+            .unwrap_or_else(|| panic!("not a proxy's rule: {owners:?}"));
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        // comm is the name cut to 15 bytes.
+        assert!(
+            PROXY.starts_with(comm.trim_end()) && !comm.trim_end().is_empty(),
+            "{o}'s process is no proxy ({comm:?}): {owners:?}"
+        );
+    }
+    owners
+}
+
+/// Waits (up to 30 s) until the rules are `want`.
+#[track_caller]
+fn wait_rules(topo: &Topology, want: &[(String, u16, String, String, u16)], when: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rules(topo) != want {
+        assert!(
+            Instant::now() < deadline,
+            "{when}: rules {:?}, want {want:?}",
+            rules(topo)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits (up to 30 s) until container `name` runs; its address then.
+fn wait_running(docker: &Dockerd, name: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while docker.ok(&["inspect", "-f", "{{.State.Running}}", name]) != "true" {
+        assert!(
+            Instant::now() < deadline,
+            "{name} did not run again:\n{}",
+            docker.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    container_ip(docker, name)
+}
+
+/// What container `name` wrote (stderr, then stdout).
+fn container_logs(docker: &Dockerd, name: &str) -> String {
+    let logs = docker.docker(&["logs", name]);
+    String::from_utf8_lossy(&logs.stderr).to_string() + &String::from_utf8_lossy(&logs.stdout)
 }
 
 /// dockerd 28 and later bind (and for TCP, listen on) the host port themselves and hand
