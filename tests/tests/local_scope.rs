@@ -33,6 +33,9 @@ fn host_netns_only_leaves_other_namespaces_to_the_packet_path() {
         v.to_string().to_lowercase().contains("unreachable"),
         "ENETUNREACH expected: {v}"
     );
+    // The rules outlive a daemon (pinned and saved): unpublish, so that the next daemon
+    // starts from nothing and publishes the same rule under the other option.
+    topo.daemon().del("9000");
     drop(topo.take_daemon());
 
     // --local-clients host-netns: the same client goes by packet and is served; the
