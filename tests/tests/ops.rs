@@ -486,6 +486,9 @@ fn ready_is_sent_after_attach() {
         .arg("--cgroup")
         .arg(cgroup.path())
         .args(["--iface", HOST_IFACE, "--ingress", "tc"])
+        // Nothing pinned: the links this test looks for are then the daemon's own fds,
+        // and no bpffs is needed (readiness comes after attach either way).
+        .arg("--no-pin")
         .env("NOTIFY_SOCKET", format!("@{name}"))
         .stdout(logf.try_clone().expect("log"))
         .stderr(logf);
