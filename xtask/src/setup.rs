@@ -262,3 +262,33 @@ pub fn workspace_root() -> PathBuf {
         .expect("xtask has a parent directory")
         .to_path_buf()
 }
+
+/// Installs the `packages` (name, why) that dpkg does not have, without recommended
+/// packages (the container runtimes' tests: `setup/docker.rs`, `setup/podman.rs`);
+/// `what` names the group in the report.
+fn install_without_recommends(what: &str, packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&(&str, &str)> = packages
+        .iter()
+        .filter(|(pkg, _)| !dpkg_installed(pkg))
+        .collect();
+    if missing.is_empty() {
+        println!("    {what}: all {} present", packages.len());
+        return Ok(());
+    }
+    println!(
+        "    installing {} missing {what} package(s):",
+        missing.len()
+    );
+    for (pkg, why) in &missing {
+        println!("      {pkg:<28} {why}");
+    }
+    require_root("install apt packages")?;
+    let names: Vec<&str> = missing.iter().map(|(p, _)| *p).collect();
+    step(Command::new("apt-get").arg("update").arg("-q"))?;
+    step(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&names)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}

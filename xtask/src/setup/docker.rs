@@ -3,8 +3,6 @@
 //! without recommended packages: the tests need nothing else, and a test run must not
 //! pull in a desktop's worth of tools.
 
-use std::process::Command;
-
 use anyhow::Result;
 
 /// Debian packages, with the reason each is needed.
@@ -28,28 +26,5 @@ pub const TOOLS: &[(&str, &str)] = &[
 
 /// Installs the missing ones (`--no-install-recommends`).
 pub fn ensure() -> Result<()> {
-    let missing: Vec<&(&str, &str)> = PACKAGES
-        .iter()
-        .filter(|(pkg, _)| !super::dpkg_installed(pkg))
-        .collect();
-    if missing.is_empty() {
-        println!("    container runtime: all {} present", PACKAGES.len());
-        return Ok(());
-    }
-    println!(
-        "    installing {} missing container runtime package(s):",
-        missing.len()
-    );
-    for (pkg, why) in &missing {
-        println!("      {pkg:<26} {why}");
-    }
-    super::require_root("install apt packages")?;
-    let names: Vec<&str> = missing.iter().map(|(p, _)| *p).collect();
-    super::step(Command::new("apt-get").arg("update").arg("-q"))?;
-    super::step(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&names)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    super::install_without_recommends("container runtime", PACKAGES)
 }

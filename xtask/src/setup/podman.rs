@@ -3,8 +3,6 @@
 //! (`bridge`, `host-local`) that `portfwd-cni` chains after. Installed without
 //! recommended packages, like the Docker ones; the image's busybox comes with those.
 
-use std::process::Command;
-
 use anyhow::Result;
 
 /// Debian packages, with the reason each is needed.
@@ -22,28 +20,5 @@ pub const TOOLS: &[(&str, &str)] = &[("podman", "podman"), ("conmon", "conmon"),
 
 /// Installs the missing ones (`--no-install-recommends`).
 pub fn ensure() -> Result<()> {
-    let missing: Vec<&(&str, &str)> = PACKAGES
-        .iter()
-        .filter(|(pkg, _)| !super::dpkg_installed(pkg))
-        .collect();
-    if missing.is_empty() {
-        println!("    podman: all {} present", PACKAGES.len());
-        return Ok(());
-    }
-    println!(
-        "    installing {} missing podman package(s):",
-        missing.len()
-    );
-    for (pkg, why) in &missing {
-        println!("      {pkg:<28} {why}");
-    }
-    super::require_root("install apt packages")?;
-    let names: Vec<&str> = missing.iter().map(|(p, _)| *p).collect();
-    super::step(Command::new("apt-get").arg("update").arg("-q"))?;
-    super::step(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&names)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    super::install_without_recommends("podman", PACKAGES)
 }
