@@ -21,6 +21,7 @@ pub mod netns;
 pub mod pattern;
 pub mod pins;
 pub mod process;
+pub mod runtime;
 pub mod tmp;
 pub mod topology;
 

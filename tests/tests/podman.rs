@@ -29,6 +29,7 @@ use portfwd_tests::{
     bins, client,
     netns::describe,
     require_root,
+    runtime::{shared_libs, unmount_under},
     topology::{published, Topology, CLIENT_IP, HOST_IP},
 };
 
@@ -235,39 +236,6 @@ impl Drop for Podman {
     fn drop(&mut self) {
         let _ = self.podman(&["rm", "-af", "-t", "0"]);
         unmount_under(&self.dir);
-    }
-}
-
-/// The shared libraries `bin` loads (ldd), as absolute paths.
-fn shared_libs(bin: &Path) -> Vec<PathBuf> {
-    let out = Command::new("ldd").arg(bin).output().expect("run ldd");
-    assert!(out.status.success(), "ldd {}", bin.display());
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let path = l
-                .split_once("=>")
-                .map_or(l, |(_, p)| p)
-                .split_whitespace()
-                .next()?;
-            path.starts_with('/').then(|| PathBuf::from(path))
-        })
-        .collect()
-}
-
-/// Lazily unmounts every mount point under `dir`, deepest first.
-fn unmount_under(dir: &Path) {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let mut points: Vec<&str> = info
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .filter(|p| Path::new(p).starts_with(dir))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for p in points {
-        let _ = Command::new("umount").args(["-l", p]).status();
     }
 }
 
