@@ -9,6 +9,7 @@
 
 use std::{
     io::{self, Write as _},
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
 };
 
@@ -165,7 +166,14 @@ pub fn save(path: &Path, state: &SavedState) -> Result<(), StateError> {
     };
     let tmp = path.with_extension("json.tmp");
     let text = serde_json::to_vec_pretty(state).map_err(|e| io_err(io::Error::other(e)))?;
-    let mut f = std::fs::File::create(&tmp).map_err(io_err)?;
+    // Root's only, as the socket is: the table says which traffic goes where.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err)?;
     f.write_all(&text).map_err(io_err)?;
     f.sync_all().map_err(io_err)?;
     std::fs::rename(&tmp, path).map_err(io_err)
@@ -246,6 +254,10 @@ mod tests {
             &from_rules(rules.iter().map(|(p, e, o)| (p, e, o.as_ref()))),
         )
         .expect("save");
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).expect("saved").permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "the saved table is root's only");
         let back = load(&path).expect("load").expect("a file");
         assert_eq!(back, rules);
         std::fs::write(&path, b"{\"version\":99,\"layout\":1,\"rules\":[]}").expect("write");
