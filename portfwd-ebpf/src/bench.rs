@@ -2,7 +2,10 @@
 //!
 //! - `bench_gen`: run with BPF_PROG_RUN in `BPF_F_TEST_XDP_LIVE_FRAMES` mode on the
 //!   client's interface; writes the whole template frame into every frame (live-frame
-//!   pages are recycled without being reset) and transmits it (`XDP_TX`).
+//!   pages are recycled without being reset) and transmits it (`XDP_TX`). With
+//!   `BENCH_SPREAD` set, each frame gets its own IPv4 source (low 16 bits of the address)
+//!   and source port, checksums patched: many flows (a scale run) or random spoofed
+//!   sources (a SYN flood).
 //! - `bench_sink`: attached at the receiving end; counts and drops UDP frames whose
 //!   destination port is the configured one, passes everything else.
 #![no_std]
@@ -10,6 +13,7 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
+    helpers::bpf_get_prandom_u32,
     macros::{map, xdp},
     maps::{Array, PerCpuArray},
     programs::XdpContext,
@@ -21,6 +25,17 @@ pub const FRAME_LEN: usize = 64;
 /// Entry 0: the frame to send.
 #[map(name = "BENCH_TEMPLATE")]
 static BENCH_TEMPLATE: Array<[u8; FRAME_LEN]> = Array::with_max_entries(1, 0);
+
+/// Entry 0: `[flows, random]`. `flows == 0`: every frame is the template. Otherwise frame
+/// `i` of a CPU takes flow `i % flows` (or a random one when `random != 0`); flow `n` has
+/// source port `1024 + n % 32768` and adds `n / 32768` to the low 16 bits of the
+/// template's source address. IPv4 only, TCP or UDP.
+#[map(name = "BENCH_SPREAD")]
+static BENCH_SPREAD: Array<[u32; 2]> = Array::with_max_entries(1, 0);
+
+/// Entry 0: the next flow index of this CPU (`BENCH_SPREAD` without `random`).
+#[map(name = "BENCH_SPREAD_NEXT")]
+static BENCH_SPREAD_NEXT: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 /// Entry 0: UDP destination port (network order) the sink counts.
 #[map(name = "BENCH_SINK_PORT")]
@@ -41,7 +56,70 @@ pub fn bench_gen(ctx: XdpContext) -> u32 {
     };
     // SAFETY: `data .. data + FRAME_LEN` is inside the frame (checked above).
     unsafe { core::ptr::copy_nonoverlapping(t.as_ptr(), data as *mut u8, FRAME_LEN) };
+    if let Some(&[flows, random]) = BENCH_SPREAD.get(0) {
+        if flows != 0 {
+            // SAFETY: FRAME_LEN bytes are inside the frame (checked above).
+            unsafe { spread(data as *mut u8, next_flow(flows, random)) };
+        }
+    }
     xdp_action::XDP_TX
+}
+
+#[inline(always)]
+fn next_flow(flows: u32, random: u32) -> u32 {
+    if random != 0 {
+        // SAFETY: a helper without arguments.
+        return unsafe { bpf_get_prandom_u32() };
+    }
+    let Some(next) = BENCH_SPREAD_NEXT.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's slot.
+    unsafe {
+        let n = *next % flows;
+        *next = n + 1;
+        n
+    }
+}
+
+/// Gives the frame at `p` (FRAME_LEN bytes, the template's copy) flow `n`'s source.
+///
+/// # Safety
+/// `p .. p + FRAME_LEN` must be writable.
+#[inline(always)]
+unsafe fn spread(p: *mut u8, n: u32) {
+    const IP_CSUM: usize = 24;
+    const SRC_LO: usize = 28;
+    const SPORT: usize = 34;
+    let l4_csum = match unsafe { *p.add(23) } {
+        6 => 50,
+        17 => 40,
+        _ => return,
+    };
+    let read = |off: usize| unsafe { u16::from_be_bytes([*p.add(off), *p.add(off + 1)]) };
+    let write = |off: usize, v: u16| unsafe { p.add(off).cast::<[u8; 2]>().write(v.to_be_bytes()) };
+    let (old_src, old_port) = (read(SRC_LO), read(SPORT));
+    let src = old_src.wrapping_add((n / 32_768) as u16);
+    let port = 1024 + (n % 32_768) as u16;
+    write(SRC_LO, src);
+    write(SPORT, port);
+    write(IP_CSUM, csum_replace(read(IP_CSUM), old_src, src));
+    let l4 = read(l4_csum);
+    // A UDP checksum of zero means none.
+    if l4_csum == 40 && l4 == 0 {
+        return;
+    }
+    let l4 = csum_replace(csum_replace(l4, old_src, src), old_port, port);
+    write(l4_csum, if l4_csum == 40 && l4 == 0 { 0xffff } else { l4 });
+}
+
+/// RFC 1624 incremental update: one 16-bit word of the summed data changed.
+#[inline(always)]
+fn csum_replace(csum: u16, old: u16, new: u16) -> u16 {
+    let mut sum = u32::from(!csum) + u32::from(!old) + u32::from(new);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
 }
 
 #[xdp]
