@@ -39,6 +39,13 @@ use crate::pin::{PinDir, PinError};
 pub static BPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portfwd.bpf.o"));
 
+/// The benchmark's programs (`bench_gen`, `bench_sink`; `portfwd-ebpf/src/bench.rs`),
+/// for the suites that generate traffic with them. The daemon never loads them (and,
+/// not referring to them, does not carry them).
+#[doc(hidden)]
+pub static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portfwd-bench.bpf.o"));
+
 #[derive(Debug, Error)]
 /// Why a dataplane operation failed.
 pub enum DataplaneError {
