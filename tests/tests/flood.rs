@@ -12,6 +12,8 @@
 //!   answers after it. The counters show the flood was seen, and promoted nothing.
 //! - [`syn_churn_beyond_the_tables_evicts_no_established_flow`], BPF_PROG_RUN: more
 //!   distinct SYNs than both tables hold together leave an established flow in place.
+//! - [`retransmitted_syn_and_reused_port`], BPF_PROG_RUN against the model: a SYN of an
+//!   established flow, and a client port reused towards another published port.
 
 use std::{
     io::{Read, Write},
@@ -383,4 +385,82 @@ fn syn_churn_beyond_the_tables_evicts_no_established_flow() {
     let (_, out) = run_checked(&dp, Prog::TcEgress, &reply.build());
     assert_eq!(out, reply.with_src((HOST, 9000)).build());
     assert_eq!(fixture::reason_count(&dp, Reason::FlowPromoted), 1);
+}
+
+/// `frame` (IPv4, TCP, no options) with SYN+ACK flags, its checksum updated.
+fn syn_ack(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    let word = |f: &[u8]| u16::from_be_bytes([f[46], f[47]]);
+    let old = word(&f);
+    f[47] = 0x12;
+    let check = portfwd_common::csum::replace2(u16::from_be_bytes([f[50], f[51]]), old, word(&f));
+    f[50..52].copy_from_slice(&check.to_be_bytes());
+    f
+}
+
+/// The kernel's flows through a retransmitted SYN and a reused client port, each run
+/// compared with the model ([`run_checked`]): a SYN of an established flow writes
+/// nothing and its replies go on; the same 4-tuple reused towards another published
+/// port of the same backend replaces the established entry with an embryonic one,
+/// whose SYN-ACK carries the new published port and whose first ACK promotes it.
+#[test]
+fn retransmitted_syn_and_reused_port() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = Dataplane::load().expect("load programs");
+    for (port, slot) in [(9000, 1), (9001, 2)] {
+        dp.insert_rule(
+            RuleKeyV4::from_parts(HOST, port, proto::TCP),
+            BackendV4::new(BACKEND, 8080, slot),
+        )
+        .expect("rule");
+    }
+    let key = FlowKeyV4::new(
+        BACKEND.octets(),
+        8080u16.to_be_bytes(),
+        CLIENT.octets(),
+        40000u16.to_be_bytes(),
+        proto::TCP,
+    );
+    let tables = |dp: &Dataplane| {
+        let m = fixture::KernelMaps::new(dp, Default::default());
+        use portfwd_common::model::Maps;
+        (m.flow_v4(&key), m.embryonic_v4(&key))
+    };
+    let syn = Frame::tcp((CLIENT, 40000), (HOST, 9000));
+    let ack = Frame {
+        ack: Some(1001),
+        ..Frame::tcp((BACKEND, 8080), (CLIENT, 40000))
+    };
+    let via = |port: u16| FlowV4::new(HOST.octets(), port.to_be_bytes(), u32::from(port - 8999));
+
+    run_checked(&dp, Prog::TcIngress, &syn.build());
+    assert_eq!(
+        tables(&dp),
+        (None, Some(via(9000))),
+        "embryonic after the SYN"
+    );
+    run_checked(&dp, Prog::TcEgress, &ack.build());
+    assert_eq!(tables(&dp), (Some(via(9000)), None), "promoted by the ACK");
+
+    // A retransmitted SYN: nothing written, replies still translated.
+    run_checked(&dp, Prog::TcIngress, &syn.build());
+    assert_eq!(tables(&dp), (Some(via(9000)), None), "a retransmitted SYN");
+    let (_, out) = run_checked(&dp, Prog::TcEgress, &ack.build());
+    assert_eq!(out, ack.with_src((HOST, 9000)).build());
+
+    // The client port reused for 9001, same backend: a new flow.
+    run_checked(&dp, Prog::TcIngress, &syn.with_dst((HOST, 9001)).build());
+    assert_eq!(tables(&dp), (None, Some(via(9001))), "reused towards 9001");
+    let (_, out) = run_checked(&dp, Prog::TcEgress, &syn_ack(&ack.build()));
+    assert_eq!(out, syn_ack(&ack.with_src((HOST, 9001)).build()));
+    assert_eq!(
+        tables(&dp),
+        (None, Some(via(9001))),
+        "a SYN-ACK promotes nothing"
+    );
+    run_checked(&dp, Prog::TcEgress, &ack.build());
+    assert_eq!(tables(&dp), (Some(via(9001)), None), "promoted again");
+    assert_eq!(fixture::reason_count(&dp, Reason::FlowPromoted), 2);
 }
