@@ -104,6 +104,13 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     let cfg = config(&args)?;
+    // Every full run compares with the proxy Docker users actually run.
+    if cfg.variants.contains(&Variant::DockerProxy) && !sys::have("docker-proxy") {
+        if !args.quick {
+            bail!("docker-proxy is not installed: a full run compares with it; run `cargo xtask setup` (installs Debian's docker.io), or use --quick");
+        }
+        eprintln!("bench: note: docker-proxy is not installed; --quick runs without it");
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("workspace root")?
