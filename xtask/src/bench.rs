@@ -247,10 +247,12 @@ pub fn run(args: Args) -> Result<()> {
             .join("; ");
         eprintln!("bench: extra round {}: {what}", extra + 1);
         run_round(&mut res, &ctx, plan, cfg.rounds + extra, cfg.rounds)?;
-        extra_done.push(format!("{}: {what}", extra + 1));
+        extra_done.push(format!("{}. {what}", extra + 1));
+        res.extra_rounds = extra_done.len() as u32;
+        // No `|`: the value lands in Markdown.
         res.meta.insert(
             "extra rounds (ranges overlapped)".into(),
-            extra_done.join(" | "),
+            extra_done.join(" / "),
         );
         res.write(&out)?;
     }

@@ -49,6 +49,8 @@ pub struct Results {
     pub control: Vec<ControlResult>,
     pub restart: Vec<RestartResult>,
     pub local_unavailable: Vec<(String, String)>,
+    /// Extra rounds run where verdicts were open.
+    pub extra_rounds: u32,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -714,7 +716,10 @@ impl Results {
         row(
             "more rounds where ranges overlap",
             "portfwd, iptables, docker-proxy",
-            extra.cloned().unwrap_or_else(|| "–".into()),
+            extra.map_or_else(
+                || "–".into(),
+                |_| format!("{} extra rounds (listed above)", self.extra_rounds),
+            ),
             if extra.is_some() {
                 "met"
             } else {
