@@ -485,9 +485,29 @@ fn run_variant(
             }
         }
     }
+    if v.is_portfwd() {
+        counters_to_log(art, &topo, sock_dir);
+    }
     drop(active);
     drop(topo);
     Ok(())
+}
+
+/// Writes the daemon's rules and counters, with the reasons packets were passed or
+/// dropped (`portfwd-ctl list --json`), next to its log after the workloads: why a case
+/// failed or fell short.
+fn counters_to_log(art: &Artifacts, topo: &Topology, sock_dir: &str) {
+    let Some(ctl) = &art.ctl else { return };
+    let sock = format!("{sock_dir}/{}.sock", topo.host.name());
+    if let Ok(out) = Command::new(ctl)
+        .args(["--socket", &sock, "list", "--json"])
+        .output()
+    {
+        let path = art
+            .log_dir
+            .join(format!("{}.counters.json", topo.host.name()));
+        let _ = std::fs::write(path, out.stdout);
+    }
 }
 
 fn config(args: &Args) -> Result<Config> {
