@@ -117,6 +117,27 @@ pub fn ipv6_header(
     }
 }
 
+/// The length a translated packet of IPv4 length `tot_len` must fit in the route's MTU
+/// with: `tot_len`, or for a GSO packet (`gso_size` payload bytes a segment: a GRO or TSO
+/// super-packet) one segment's, IPv4 and L4 headers (`l4_hlen` bytes) included. Such a
+/// packet leaves as segments (`bpf_skb_change_proto` keeps `gso_size`), so its total
+/// length says nothing of what the MTU must hold.
+#[inline(always)]
+pub fn mtu_len(tot_len: u16, gso_size: u32, l4_hlen: u8) -> u16 {
+    if gso_size == 0 {
+        return tot_len;
+    }
+    let segment = IPV4_MIN_HLEN as u32 + u32::from(l4_hlen) + gso_size;
+    segment.min(u32::from(tot_len)) as u16
+}
+
+/// A TCP header's length in bytes, from its data offset byte
+/// ([`TCP_DOFF_OFF`](crate::packet::TCP_DOFF_OFF)).
+#[inline(always)]
+pub fn tcp_hlen(doff_byte: u8) -> u8 {
+    (doff_byte >> 4) * 4
+}
+
 /// The one's complement difference, as a `__wsum`, of a pseudo-header's addresses going
 /// from `old` (source, destination) to `new`, whatever their families: what
 /// `bpf_l4_csum_replace` takes with size 0 and `BPF_F_PSEUDO_HDR`. The rest of the

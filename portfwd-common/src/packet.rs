@@ -66,6 +66,8 @@ pub const UDP_HLEN: usize = 8;
 pub const TCP_CSUM_OFF: usize = 16;
 /// UDP checksum offset.
 pub const UDP_CSUM_OFF: usize = 6;
+/// TCP data offset (header length in 32-bit words, high nibble) byte offset.
+pub const TCP_DOFF_OFF: usize = 12;
 /// TCP flags byte offset.
 pub const TCP_FLAGS_OFF: usize = 13;
 /// TCP FIN flag.

@@ -36,10 +36,13 @@ use aya_ebpf::{
 };
 use portfwd_common::{
     addr,
-    nat64::{ipv4_header, ipv6_header, is_nat64_port, port_candidate, port_start, pseudo_diff},
+    nat64::{
+        ipv4_header, ipv6_header, is_nat64_port, mtu_len, port_candidate, port_start, pseudo_diff,
+        tcp_hlen,
+    },
     packet::{
         l4_csum_off, may_start_flow, ETH_HLEN, ETH_PROTO_OFF, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN,
-        IPV6_HLEN, TCP_FIN, TCP_RST, UDP_CSUM_OFF, UDP_HLEN,
+        IPV6_HLEN, TCP_DOFF_OFF, TCP_FIN, TCP_HLEN, TCP_RST, UDP_CSUM_OFF, UDP_HLEN,
     },
     rules::{self, Caller},
     BackendV6, FlowKeyV4, FlowKeyV6, Nat64Flow, Nat64Reply, Reason, NAT64_CLOSING,
@@ -143,6 +146,11 @@ fn try_forward(
     if hop_limit <= 1 {
         return Err(Reason::Nat64Failed);
     }
+    // The translated packet's IPv4 length: an IPv6 payload too long for one is not
+    // translated.
+    let tot_len = payload_len
+        .checked_add(IPV4_HLEN as u16)
+        .ok_or(Reason::Nat64Failed)?;
     let backend_addr = addr::mapped_low(&backend.addr_bytes());
     let backend_port = backend.port_be();
 
@@ -152,9 +160,10 @@ fn try_forward(
     s.fib.family = AF_INET;
     s.fib.l4_protocol = f.proto;
     s.fib.ifindex = tc_ifindex(ctx);
-    // The translated packet's length, checked against the route's MTU (without it the
-    // FIB would check the IPv6 frame, 20 bytes longer than what leaves).
-    s.fib.__bindgen_anon_1.tot_len = payload_len.wrapping_add(IPV4_HLEN as u16);
+    // The translated packet's length, or a GSO packet's segment's ([`mtu_len`]), checked
+    // against the route's MTU (without it the FIB would check the IPv6 frame, 20 bytes
+    // longer than what leaves, and let any GSO packet through).
+    s.fib.__bindgen_anon_1.tot_len = mtu_len(tot_len, gso_size(ctx), l4_hlen(ctx, f)?);
     s.fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(backend_addr);
     // SAFETY: a valid request in map memory, of the size passed.
     let rc = unsafe {
@@ -202,7 +211,7 @@ fn try_forward(
     ipv4_header(
         &mut s.header,
         tclass,
-        payload_len.wrapping_add(IPV4_HLEN as u16),
+        tot_len,
         hop_limit - 1,
         f.proto,
         flow.snat_addr,
@@ -217,6 +226,24 @@ fn try_forward(
     maps::count_rule(flow.stats_slot, ctx.len() as u64, false);
     count(Reason::Nat64Translated);
     Ok(Verdict::RedirectNeigh(out_ifindex))
+}
+
+/// `skb->gso_size`: a GSO packet's payload bytes a segment (0: not a GSO packet).
+#[inline(always)]
+fn gso_size(ctx: &TcContext) -> u32 {
+    // SAFETY: reading a field of the kernel-provided __sk_buff.
+    unsafe { (*ctx.skb.skb).gso_size }
+}
+
+/// The length of `f`'s TCP (with options) or UDP header.
+#[inline(always)]
+fn l4_hlen(ctx: &TcContext, f: &Ipv6Flow) -> Result<u8, Reason> {
+    if f.is_udp() {
+        return Ok(UDP_HLEN as u8);
+    }
+    let l4 = bytes_at(ctx.data(), ctx.data_end(), f.l4_off, TCP_HLEN).ok_or(Reason::Nat64Failed)?;
+    // SAFETY: the 20-byte TCP header is inside the packet (checked above).
+    Ok(tcp_hlen(unsafe { *l4.add(TCP_DOFF_OFF) }))
 }
 
 /// Whether the flow `t` of the client's packet `f` still holds its port (the port may

@@ -15,10 +15,10 @@
 
 use crate::{
     addr,
-    nat64::{ipv4_header, ipv6_header, port_candidate, port_start, pseudo_diff},
+    nat64::{ipv4_header, ipv6_header, mtu_len, port_candidate, port_start, pseudo_diff, tcp_hlen},
     packet::{
         may_start_flow, ETH_HLEN, ETH_PROTO_OFF, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN,
-        TCP_FIN, TCP_RST, UDP_CSUM_OFF, VLAN_HLEN,
+        TCP_DOFF_OFF, TCP_FIN, TCP_RST, UDP_CSUM_OFF, UDP_HLEN,
     },
     proto,
     rules::{self, Caller},
@@ -51,6 +51,10 @@ pub trait Nat64Maps: Maps {
     fn ingress_ifindex(&self) -> u32;
     /// `bpf_ktime_get_coarse_ns` at the run.
     fn now_ns(&self) -> u64;
+    /// `skb->gso_size`: a GSO packet's payload bytes a segment (0: not a GSO packet).
+    fn gso_size(&self) -> u32 {
+        0
+    }
 }
 
 /// What the NAT64 program does with one frame; the output frame is `out[..len]`.
@@ -156,16 +160,18 @@ fn forward(
     }
     let backend_addr = addr::ipv4_mapped(&backend.addr_bytes()).ok_or(Reason::Nat64Failed)?;
     let backend_port = backend.port_be();
+    // An IPv6 payload too long for an IPv4 packet is not translated.
+    let tot_len = payload_len
+        .checked_add(IPV4_MIN_HLEN as u16)
+        .ok_or(Reason::Nat64Failed)?;
     let route = maps.route_v4(backend_addr).ok_or(Reason::Nat64Failed)?;
-    // `bpf_fib_lookup` is given the translated packet's length and refuses a route whose
-    // MTU it exceeds; a length of zero (a wrapped payload length) makes it check the
-    // frame against the interface instead (`is_skb_forwardable`).
-    let tot_len = payload_len.wrapping_add(IPV4_MIN_HLEN as u16);
-    let fits = match tot_len {
-        0 => input.len() <= usize::from(route.mtu) + ETH_HLEN + VLAN_HLEN,
-        n => n <= route.mtu,
+    // `bpf_fib_lookup` is given the translated packet's length, or a GSO packet's
+    // segment's, and refuses a route whose MTU it exceeds.
+    let l4_hlen = match f.proto {
+        proto::UDP => UDP_HLEN as u8,
+        _ => tcp_hlen(input[f.l4_off + TCP_DOFF_OFF]),
     };
-    if !fits {
+    if mtu_len(tot_len, maps.gso_size(), l4_hlen) > route.mtu {
         return Err(Reason::Nat64Failed);
     }
 
@@ -197,7 +203,7 @@ fn forward(
     ipv4_header(
         &mut h,
         tclass,
-        payload_len.wrapping_add(IPV4_MIN_HLEN as u16),
+        tot_len,
         hop_limit - 1,
         f.proto,
         flow.snat_addr,
