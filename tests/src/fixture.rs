@@ -113,11 +113,37 @@ pub fn try_test_run<P>(p: &P, input: &[u8]) -> Result<(u32, Vec<u8>), ProgramErr
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
 {
+    try_test_run_gso(p, input, 0)
+}
+
+/// `struct __sk_buff`'s `gso_segs` and `gso_size` offsets (UAPI, fixed): the fields an
+/// skb test run takes from its context besides a few others left zero here.
+const SKB_GSO_SEGS_OFF: usize = 164;
+const SKB_GSO_SIZE_OFF: usize = 176;
+
+/// As [`try_test_run`], the skb a GSO packet of `gso_size` payload bytes a segment (a
+/// GRO or TSO super-packet) when not 0: the kernel takes `gso_size` (and `gso_segs`)
+/// from the run's `__sk_buff` context. TC programs only.
+pub fn try_test_run_gso<P>(
+    p: &P,
+    input: &[u8],
+    gso_size: u32,
+) -> Result<(u32, Vec<u8>), ProgramError>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
     // Room for a frame that grows (NAT64 to IPv6 adds 20 bytes).
     let mut out = vec![0u8; input.len() + 256];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(input);
     opts.data_out = Some(&mut out);
+    let mut ctx = [0u8; SKB_GSO_SIZE_OFF + 4];
+    if gso_size != 0 {
+        let segs = (input.len() as u32).div_ceil(gso_size);
+        ctx[SKB_GSO_SEGS_OFF..SKB_GSO_SEGS_OFF + 4].copy_from_slice(&segs.to_ne_bytes());
+        ctx[SKB_GSO_SIZE_OFF..].copy_from_slice(&gso_size.to_ne_bytes());
+        opts.ctx_in = Some(&ctx);
+    }
     let result = p.test_run(opts)?;
     out.truncate(result.data_size_out as usize);
     Ok((result.return_value, out))
@@ -418,6 +444,8 @@ pub struct KernelMaps<'a> {
     route: Option<Route>,
     fib: Option<&'a FastPathFib>,
     now_ns: u64,
+    /// The run's `skb->gso_size` (0: not a GSO packet).
+    gso_size: u32,
 }
 
 /// What the FIB of a fast-path test's namespace answers: one connected subnet on one
@@ -470,6 +498,7 @@ impl<'a> KernelMaps<'a> {
             route: env.route,
             fib: env.fib,
             now_ns: coarse_now_ns(),
+            gso_size: 0,
         }
     }
     fn map(&self, name: &str) -> &'a aya::maps::Map {
@@ -576,6 +605,9 @@ impl Nat64Maps for KernelMaps<'_> {
     fn now_ns(&self) -> u64 {
         self.now_ns
     }
+    fn gso_size(&self) -> u32 {
+        self.gso_size
+    }
 }
 
 /// The model's hook for a program (`None`: NAT64's entry, [`nat64::entry`]).
@@ -652,7 +684,20 @@ pub fn compare(dp: &Dataplane, prog: Prog, input: &[u8]) -> Option<Compared> {
 /// counted. `None`: the kernel refuses to run the frame at all, as [`refuses`]
 /// predicts (also asserted). The seed of frame fuzzing: callers feed it any bytes.
 pub fn compare_in(dp: &Dataplane, env: Env<'_>, prog: Prog, input: &[u8]) -> Option<Compared> {
-    let maps = KernelMaps::new(dp, env);
+    compare_gso_in(dp, env, prog, input, 0)
+}
+
+/// As [`compare_in`], the frame a GSO packet of `gso_size` payload bytes a segment when
+/// not 0 ([`try_test_run_gso`]; TC programs only, in a namespace).
+pub fn compare_gso_in(
+    dp: &Dataplane,
+    env: Env<'_>,
+    prog: Prog,
+    input: &[u8],
+    gso_size: u32,
+) -> Option<Compared> {
+    let mut maps = KernelMaps::new(dp, env);
+    maps.gso_size = gso_size;
     if env.fib.is_none() {
         assert_eq!(
             maps.config_flags() & (CONFIG_FAST_PATH | CONFIG_FAST_PATH_NATIVE_XDP),
@@ -708,15 +753,19 @@ pub fn compare_in(dp: &Dataplane, env: Env<'_>, prog: Prog, input: &[u8]) -> Opt
     let ran = match env.ns {
         Some(ns) => match prog {
             Prog::XdpIngress | Prog::XdpGeneric => {
+                assert_eq!(gso_size, 0, "an XDP frame is never a GSO packet");
                 let p = xdp_program(dp, prog.name());
                 ns.run(|| try_test_run(p, input))
             }
             _ => {
                 let p = tc_program(dp, prog.name());
-                ns.run(|| try_test_run(p, input))
+                ns.run(|| try_test_run_gso(p, input, gso_size))
             }
         },
-        None => try_run(dp, prog, input),
+        None => {
+            assert_eq!(gso_size, 0, "GSO runs are NAT64's, in a namespace");
+            try_run(dp, prog, input)
+        }
     };
     let refused = refuses(prog, input);
     let (verdict, output) = match ran {

@@ -24,7 +24,8 @@ use portfwd_common::{
 };
 use portfwd_tests::{
     fixture::{
-        compare_in, reason_count as reason, Env, Frame, Prog, MAC_A, MAC_B, TC_NEXT, TC_REDIRECT,
+        compare_gso_in, compare_in, reason_count as reason, Env, Frame, Prog, MAC_A, MAC_B,
+        TC_NEXT, TC_REDIRECT,
     },
     netns::Netns,
     require_root,
@@ -249,6 +250,51 @@ fn nat64_translates_both_ways_with_valid_checksums() {
         assert_eq!(reason(&dp, Reason::Nat64ReplyTranslated), before + 2);
     }
     assert!(reason(&dp, Reason::Nat64Translated) >= 4);
+}
+
+/// A GSO packet (a GRO or TSO super-packet) longer than the route's MTU is translated
+/// when each of its segments fits, the MTU checked against one (IPv4 header, TCP header,
+/// `gso_size`), and passed (counted) when a segment does not; the same frame not GSO is
+/// passed as too long. The model agrees on each.
+#[test]
+fn nat64_translates_a_gso_packet_whose_segments_fit() {
+    if !require_root("nat64_translates_a_gso_packet_whose_segments_fit") {
+        return;
+    }
+    let dp = dataplane();
+    let net = backend_net();
+    let env = Env {
+        ns: Some(&net.ns),
+        route: Some(net.route),
+        fib: None,
+    };
+    let client = (CLIENT, 42000);
+    let syn = v6_frame(proto::TCP, client, (HOST, 9000), 64);
+    assert_eq!(run(&dp, &net, programs::TC_INGRESS, &syn).0, TC_REDIRECT);
+    // 2,800 bytes of data: 2,840 as IPv4, over the route's 1,500.
+    let data: Vec<u8> = (0..2800u32).map(|i| i as u8).collect();
+    let big = Frame {
+        payload: data.clone(),
+        ack: Some(1),
+        ..Frame::new(proto::TCP, client, (HOST, 9000))
+    }
+    .build();
+    // (gso_size, translated): a segment is 20 + 20 + gso_size bytes as IPv4.
+    for (gso_size, fits) in [(0, false), (1400, true), (1460, true), (1461, false)] {
+        let failed = reason(&dp, Reason::Nat64Failed);
+        let c = compare_gso_in(&dp, env, Prog::TcIngress, &big, gso_size)
+            .expect("a frame the kernel runs");
+        if fits {
+            assert_eq!(c.verdict, TC_REDIRECT, "gso_size {gso_size}: translated");
+            let (src, dst, _, _) = parse_checked_with(&c.output, &data);
+            assert_eq!(src.0, HOST4.to_string(), "gso_size {gso_size}");
+            assert_eq!(dst, (BACKEND.to_string(), 8080), "gso_size {gso_size}");
+        } else {
+            assert_eq!(c.verdict, TC_NEXT, "gso_size {gso_size}: passed");
+            assert_eq!(c.output, big, "gso_size {gso_size}: untouched");
+            assert_eq!(reason(&dp, Reason::Nat64Failed), failed + 1);
+        }
+    }
 }
 
 /// What NAT64 leaves alone: a new client's mid-flow TCP segment (no state to translate
