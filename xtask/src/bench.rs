@@ -54,6 +54,9 @@ pub struct Args {
     /// Skip the BPF_PROG_RUN program costs.
     #[arg(long)]
     no_micro: bool,
+    /// Only the BPF_PROG_RUN program costs (no variants, control plane or restarts).
+    #[arg(long, conflicts_with = "no_micro")]
+    micro_only: bool,
     /// Skip the control-plane measurements.
     #[arg(long)]
     no_control: bool,
@@ -181,6 +184,13 @@ pub fn run(args: Args) -> Result<()> {
                 error: format!("{e:#}"),
             }),
         }
+    }
+
+    if args.micro_only {
+        res.write(&out)?;
+        println!("{}", res.summary());
+        eprintln!("bench: results in {}", out.display());
+        return Ok(());
     }
 
     let started = Instant::now();
