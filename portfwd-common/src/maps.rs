@@ -42,21 +42,34 @@ pub const CONFIG: &str = "CONFIG";
 pub const BRIDGE_PORTS: &str = "BRIDGE_PORTS";
 
 /// Which (port, protocol) pairs rules publish, of either family, and how: entry = port,
-/// value = [`port_bits`] (an address-bound rule, a wildcard rule). A cheap array filter
-/// before the rule hash lookups: traffic to unpublished ports (most of a host's traffic)
-/// costs one array read, and a port with only a wildcard rule skips the exact lookup.
-/// Written by the daemon (bits set before a rule is inserted, cleared after the last
-/// one of that kind is removed).
+/// value = bits (see [`port_bits`], [`wildcard_bit`]): an address-bound entry of either
+/// family (expansions included), an IPv4 wildcard rule, an IPv6 wildcard rule. A cheap
+/// array filter before the rule lookup: traffic to unpublished ports (most of a host's
+/// traffic) costs one array read. Written by the daemon (bits set before an entry is
+/// inserted, cleared after the last one of that kind is removed).
 pub const PUBLISHED_PORTS: &str = "PUBLISHED_PORTS";
 
-/// The [`PUBLISHED_PORTS`] bits of a protocol: (address-bound rule, wildcard rule);
-/// zero for anything else.
+/// The [`PUBLISHED_PORTS`] bits of a protocol: (address-bound entry, wildcard rule of
+/// either family); zero for anything else.
 #[inline(always)]
 pub const fn port_bits(proto: u8) -> (u8, u8) {
     match proto {
-        crate::proto::TCP => (1, 2),
-        crate::proto::UDP => (4, 8),
+        crate::proto::TCP => (1, 2 | 16),
+        crate::proto::UDP => (4, 8 | 32),
         _ => (0, 0),
+    }
+}
+
+/// The [`PUBLISHED_PORTS`] bit of a wildcard rule of one family (`v6`: IPv6's); zero for
+/// protocols other than TCP and UDP.
+#[inline(always)]
+pub const fn wildcard_bit(proto: u8, v6: bool) -> u8 {
+    match (proto, v6) {
+        (crate::proto::TCP, false) => 2,
+        (crate::proto::TCP, true) => 16,
+        (crate::proto::UDP, false) => 8,
+        (crate::proto::UDP, true) => 32,
+        _ => 0,
     }
 }
 
@@ -98,8 +111,13 @@ pub mod programs {
     pub const SOCK_BIND6: &str = "portfwd_bind6";
 }
 
-/// Rules the dataplane holds (each published port of a range is one entry).
-pub const MAX_RULES: u32 = 65_536;
+/// Entries of each rules map: each published port of a range is one, and a wildcard
+/// rule is one more per host address of the family (its expansions, see
+/// [`BACKEND_EXPANDED`]). The maps are allocated as they fill (`BPF_F_NO_PREALLOC`).
+pub const MAX_RULES: u32 = 262_144;
+/// `BPF_F_NO_PREALLOC` (include/uapi/linux/bpf.h): the rules maps take memory per entry
+/// held, not per entry possible.
+pub const RULES_MAP_FLAGS: u32 = 1;
 /// Counter slots: one per published declaration (a range shares one slot).
 pub const MAX_STATS_SLOTS: u32 = 16_384;
 /// Tracked flows; the least recently used are evicted first.
@@ -155,6 +173,13 @@ impl RuleKeyV4 {
 /// backend: ingress translates before the socket lookup, and the connect hooks rewrite
 /// local clients first.
 pub const BACKEND_RESERVATION: u8 = 1;
+
+/// A flag of [`BackendV4`] / [`BackendV6`]: the entry is an expansion of a wildcard rule
+/// (key `0.0.0.0` / `::`), written by the daemon under each host address of the family
+/// and kept in step with them, so that a packet to a wildcard rule costs one exact
+/// lookup. Internal: never a rule of its own (`list`, the saved state and adoption skip
+/// it); an address-bound rule on the same key takes its place.
+pub const BACKEND_EXPANDED: u8 = 2;
 
 /// Value of [`RULES_V4`]: where a published port goes.
 #[repr(C)]

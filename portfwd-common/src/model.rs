@@ -29,8 +29,9 @@ use crate::{
     },
     port_bits, proto,
     rules::{self, Caller, RuleMaps},
-    BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Nat64Flow, Nat64Reply, Reason,
-    RuleKeyV4, RuleKeyV6, CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONFIG_NO_NAT64,
+    wildcard_bit, BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Nat64Flow,
+    Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP,
+    CONFIG_NO_NAT64,
 };
 
 /// Which program runs the frame.
@@ -120,7 +121,9 @@ pub trait Maps: RuleMaps {
     fn next_hop(&self, q: &FibQuery) -> Option<NextHop>;
 }
 
-/// [`Maps`] as plain slices (linear search): fixture tables and host tests.
+/// [`Maps`] as plain slices (linear search): fixture tables and host tests. The rules
+/// read as the daemon writes them: each wildcard also under every host address of its
+/// family ([`crate::BACKEND_EXPANDED`]), the published-port bits to match.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Tables<'a> {
     /// `RULES_V4` (`PUBLISHED_PORTS` is derived from both families' rules).
@@ -164,25 +167,89 @@ impl RuleMaps for Tables<'_> {
             .iter()
             .map(|(k, _)| (k.port(), k.proto(), k.addr().is_unspecified()));
         let mut bits = 0;
-        for (p, l4, wildcard) in keys_v4.chain(keys_v6) {
+        let keys = keys_v4
+            .map(|k| (k, false))
+            .chain(keys_v6.map(|k| (k, true)));
+        for ((p, l4, wildcard), v6) in keys {
             if p == port {
-                let (exact_bit, wildcard_bit) = port_bits(l4);
-                bits |= if wildcard { wildcard_bit } else { exact_bit };
+                bits |= if wildcard {
+                    wildcard_bit(l4, v6)
+                } else {
+                    port_bits(l4).0
+                };
             }
         }
+        // A wildcard's expansions are address-bound entries.
+        let expanded = |hosts: bool, wildcards: &mut dyn Iterator<Item = (u16, u8)>| {
+            let mut b = 0;
+            if hosts {
+                for (p, l4) in wildcards {
+                    if p == port {
+                        b |= port_bits(l4).0;
+                    }
+                }
+            }
+            b
+        };
+        bits |= expanded(
+            !self.host_addrs_v4.is_empty(),
+            &mut self
+                .rules_v4
+                .iter()
+                .filter(|(k, _)| k.addr().is_unspecified())
+                .map(|(k, _)| (k.port(), k.proto())),
+        );
+        bits |= expanded(
+            !self.host_addrs_v6.is_empty(),
+            &mut self
+                .rules_v6
+                .iter()
+                .filter(|(k, _)| k.addr().is_unspecified())
+                .map(|(k, _)| (k.port(), k.proto())),
+        );
         bits
     }
+    /// The rule under `key`, or the wildcard's expansion for a host address (as the
+    /// daemon writes them).
     fn rule_v4(&self, key: &RuleKeyV4) -> Option<BackendV4> {
-        self.rules_v4
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, b)| *b)
+        let find = |key: &RuleKeyV4| {
+            self.rules_v4
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, b)| *b)
+        };
+        find(key).or_else(|| {
+            let a = key.addr().octets();
+            if !self.host_addrs_v4.contains(&a) {
+                return None;
+            }
+            let w = find(&RuleKeyV4::new(
+                [0; 4],
+                key.port().to_be_bytes(),
+                key.proto(),
+            ))?;
+            Some(w.with_flags(w.flags() | crate::BACKEND_EXPANDED))
+        })
     }
     fn rule_v6(&self, key: &RuleKeyV6) -> Option<BackendV6> {
-        self.rules_v6
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, b)| *b)
+        let find = |key: &RuleKeyV6| {
+            self.rules_v6
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, b)| *b)
+        };
+        find(key).or_else(|| {
+            let a = key.addr().octets();
+            if !self.host_addrs_v6.contains(&a) {
+                return None;
+            }
+            let w = find(&RuleKeyV6::new(
+                [0; 16],
+                key.port().to_be_bytes(),
+                key.proto(),
+            ))?;
+            Some(w.with_flags(w.flags() | crate::BACKEND_EXPANDED))
+        })
     }
     fn is_host_v4(&self, addr: &[u8; 4]) -> bool {
         self.host_addrs_v4.contains(addr)

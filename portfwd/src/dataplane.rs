@@ -32,7 +32,10 @@ use portfwd_common::{
 };
 use thiserror::Error;
 
-use crate::pin::{PinDir, PinError};
+use crate::{
+    expand,
+    pin::{PinDir, PinError},
+};
 
 /// The compiled kernel programs (built by `build.rs` from `portfwd-ebpf`).
 pub static BPF_OBJECT: &[u8] =
@@ -58,6 +61,17 @@ pub enum DataplaneError {
         /// Why.
         #[source]
         source: aya::programs::ProgramError,
+    },
+    /// A rules map is full.
+    #[error(
+        "map `{name}` is full ({max} entries: each published port, plus one per host \
+         address of the family for each wildcard rule's port)"
+    )]
+    RulesFull {
+        /// The map.
+        name: &'static str,
+        /// Its capacity.
+        max: u32,
     },
     /// A map operation failed.
     #[error("map `{name}`")]
@@ -202,7 +216,7 @@ pub struct Dataplane {
     config: Config,
     /// Rules per (port, protocol, wildcard?), both families: what [`PUBLISHED_PORTS`]
     /// summarizes.
-    port_refs: std::collections::HashMap<(u16, u8, bool), u32>,
+    port_refs: std::collections::HashMap<(u16, u8), u32>,
     /// Interfaces where NAT64's entry program is attached (see [`Self::sync_nat64`]).
     nat64_entries: Vec<String>,
     /// Where maps and links are pinned, if they are.
@@ -387,15 +401,17 @@ impl Dataplane {
     }
 
     /// After loading over pinned maps: the published-ports filter's reference counts
-    /// from the pinned rules, and the configuration with its flags reset (the daemon
+    /// from the pinned rules (and the filter rewritten from them: an earlier version's
+    /// bits, or a daemon that died between two writes, leave none stale), and the configuration with its flags reset (the daemon
     /// sets them from its options) and the host's network namespace kept.
     fn adopt_maps(&mut self) -> Result<(), DataplaneError> {
-        for (k, _) in self.rules_snapshot_of::<V4>()? {
-            *self.port_refs.entry(V4::rule_port(&k)).or_insert(0) += 1;
+        for (k, _) in self.rule_entries_of::<V4>()? {
+            *self.port_refs.entry(V4::port_bit(&k)).or_insert(0) += 1;
         }
-        for (k, _) in self.rules_snapshot_of::<V6>()? {
-            *self.port_refs.entry(V6::rule_port(&k)).or_insert(0) += 1;
+        for (k, _) in self.rule_entries_of::<V6>()? {
+            *self.port_refs.entry(V6::port_bit(&k)).or_insert(0) += 1;
         }
+        self.rewrite_published_ports()?;
         let map = self
             .ebpf
             .map(CONFIG)
@@ -899,46 +915,144 @@ impl Dataplane {
         HashMap::try_from(map).map_err(map_err(F::RULES))
     }
 
-    /// Publishes (or replaces) one port of family `F` (the key's address unspecified:
-    /// every host address in [`Self::sync_host_addrs_of`]); the published-ports filter
-    /// learns it first.
+    /// Publishes (or replaces) one port of family `F`. The key's address unspecified: a
+    /// wildcard, served at every host address in [`Self::sync_host_addrs_of`] through its
+    /// expansions (`expand.rs`), written here too; an address-bound key takes the place
+    /// of an expansion there.
     pub fn insert_rule_of<F: Family>(
         &mut self,
         key: F::RuleKey,
         backend: F::Backend,
     ) -> Result<(), DataplaneError> {
-        let (port, proto, wildcard) = F::rule_port(&key);
+        self.put_entry::<F>(key, backend)?;
+        if expand::is_wildcard::<F>(&key) {
+            for h in self.host_addrs_of::<F>()? {
+                let k = F::with_addr(&key, h);
+                match self.rules_of::<F>()?.get(&k, 0) {
+                    Ok(b) if !expand::is_expansion::<F>(&b) => {}
+                    _ => self.put_entry::<F>(k, expand::expanded::<F>(backend))?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Unpublishes one port of family `F`; absent keys are not an error. A wildcard's
+    /// expansions go with it; a host address's rule leaves the place to the wildcard's
+    /// expansion, if there is one.
+    pub fn remove_rule_of<F: Family>(&mut self, key: &F::RuleKey) -> Result<(), DataplaneError> {
+        self.remove_entry::<F>(key)?;
+        let (addr, _, _) = F::rule_key(key);
+        if expand::is_wildcard::<F>(key) {
+            for h in self.host_addrs_of::<F>()? {
+                let k = F::with_addr(key, h);
+                if let Ok(b) = self.rules_of::<F>()?.get(&k, 0) {
+                    if expand::is_expansion::<F>(&b) {
+                        self.remove_entry::<F>(&k)?;
+                    }
+                }
+            }
+        } else if self.host_addrs_of::<F>()?.contains(&addr) {
+            let wildcard = F::with_addr(key, F::UNSPECIFIED);
+            if let Ok(w) = self.rules_of::<F>()?.get(&wildcard, 0) {
+                self.put_entry::<F>(*key, expand::expanded::<F>(w))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one entry of family `F`'s rules map; the published-ports filter learns a
+    /// new key first. A full map is a clear error (rules times host addresses).
+    fn put_entry<F: Family>(
+        &mut self,
+        key: F::RuleKey,
+        backend: F::Backend,
+    ) -> Result<(), DataplaneError> {
+        let (port, bit) = F::port_bit(&key);
         let new = self.rules_of::<F>()?.get(&key, 0).is_err();
         if new {
-            self.port_ref(port, proto, wildcard, true)?;
+            self.port_ref(port, bit, true)?;
         }
         let inserted = self
             .rules_of::<F>()?
             .insert(key, backend, 0)
-            .map_err(map_err(F::RULES));
+            .map_err(|e| match &e {
+                aya::maps::MapError::SyscallError(s)
+                    if s.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                {
+                    DataplaneError::RulesFull {
+                        name: F::RULES,
+                        max: portfwd_common::MAX_RULES,
+                    }
+                }
+                _ => map_err(F::RULES)(e),
+            });
         if inserted.is_err() && new {
-            self.port_ref(port, proto, wildcard, false)?;
+            self.port_ref(port, bit, false)?;
         }
         inserted
     }
 
-    /// Unpublishes one port of family `F`; absent keys are not an error.
-    pub fn remove_rule_of<F: Family>(&mut self, key: &F::RuleKey) -> Result<(), DataplaneError> {
-        let (port, proto, wildcard) = F::rule_port(key);
+    /// Deletes one entry of family `F`'s rules map; an absent key is not an error.
+    fn remove_entry<F: Family>(&mut self, key: &F::RuleKey) -> Result<(), DataplaneError> {
+        let (port, bit) = F::port_bit(key);
         match self.rules_of::<F>()?.remove(key) {
             Err(e) if !is_not_found(&e) => Err(map_err(F::RULES)(e)),
             Err(_) => Ok(()),
-            Ok(()) => self.port_ref(port, proto, wildcard, false),
+            Ok(()) => self.port_ref(port, bit, false),
         }
     }
 
-    /// Every rule of family `F` the kernel holds.
+    /// Every rule of family `F` the kernel holds, without the wildcards' expansions
+    /// (internal: they follow the rules and the host addresses).
     pub fn rules_snapshot_of<F: Family>(&mut self) -> Result<Vec<RuleEntry<F>>, DataplaneError> {
+        let mut all = self.rule_entries_of::<F>()?;
+        all.retain(|(_, b)| !expand::is_expansion::<F>(b));
+        Ok(all)
+    }
+
+    /// Every entry of family `F`'s rules map, expansions included.
+    pub fn rule_entries_of<F: Family>(&mut self) -> Result<Vec<RuleEntry<F>>, DataplaneError> {
         let rules = self.rules_of::<F>()?;
         rules
             .iter()
             .collect::<Result<_, _>>()
             .map_err(map_err(F::RULES))
+    }
+
+    /// The host addresses of family `F` in the kernel's map.
+    fn host_addrs_of<F: Family>(&mut self) -> Result<BTreeSet<F::Addr>, DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(F::HOST_ADDRS)
+            .ok_or(DataplaneError::MissingMap(F::HOST_ADDRS))?;
+        let m: HashMap<&mut MapData, F::Octets, u8> =
+            HashMap::try_from(map).map_err(map_err(F::HOST_ADDRS))?;
+        Ok(m.keys().filter_map(Result::ok).map(F::addr).collect())
+    }
+
+    /// Makes the wildcards' expansions of family `F` exactly what the rules and the host
+    /// addresses in the kernel's maps call for (after a host-address change, and for
+    /// maps a daemon that died half-way left behind). Returns how many entries it wrote
+    /// or deleted; every write is tried, the first failure returned.
+    pub fn sync_expansions_of<F: Family>(&mut self) -> Result<usize, DataplaneError> {
+        let hosts = self.host_addrs_of::<F>()?;
+        let entries = self.rule_entries_of::<F>()?;
+        let want = expand::wanted::<F>(&entries, &hosts);
+        let (put, remove) = expand::plan::<F>(&entries, &want);
+        let mut failed = None;
+        let n = put.len() + remove.len();
+        for (k, b) in put {
+            if let Err(e) = self.put_entry::<F>(k, b) {
+                failed.get_or_insert(e);
+            }
+        }
+        for k in remove {
+            if let Err(e) = self.remove_entry::<F>(&k) {
+                failed.get_or_insert(e);
+            }
+        }
+        failed.map_or(Ok(n), Err)
     }
 
     /// Removes the entries of `name` (an LRU map keyed by the family's flow key) whose
@@ -968,9 +1082,10 @@ impl Dataplane {
     }
 
     /// Makes the kernel's set of the family's host addresses (what wildcard rules
-    /// match) equal to `addrs`. An address that cannot be removed would keep matching
-    /// wildcard rules: each such failure is logged, the others are still made, and the
-    /// first is returned (the caller retries the whole set).
+    /// match) equal to `addrs`, and the wildcards' expansions follow them
+    /// ([`Self::sync_expansions_of`]). An address that cannot be removed would keep
+    /// matching wildcard rules: each such failure is logged, the others are still made,
+    /// and the first is returned (the caller retries the whole set).
     pub fn sync_host_addrs_of<F: Family>(
         &mut self,
         addrs: &BTreeSet<F::Addr>,
@@ -1000,6 +1115,10 @@ impl Dataplane {
         for &new in addrs.difference(&current) {
             m.insert(F::octets(new), 1, 0)
                 .map_err(map_err(F::HOST_ADDRS))?;
+        }
+        // The wildcards follow the addresses.
+        if let Err(e) = self.sync_expansions_of::<F>() {
+            failed.get_or_insert(e);
         }
         failed.map_or(Ok(()), Err)
     }
@@ -1096,17 +1215,11 @@ impl Dataplane {
         self.sync_host_addrs_of::<V6>(addrs)
     }
 
-    /// Counts one rule more (`add`) or less on (port, protocol, wildcard?), keeping its
-    /// bit in [`PUBLISHED_PORTS`]: set before the first such rule goes in, cleared after
-    /// the last one went out, so the filter never hides a rule.
-    fn port_ref(
-        &mut self,
-        port: u16,
-        proto: u8,
-        wildcard: bool,
-        add: bool,
-    ) -> Result<(), DataplaneError> {
-        let key = (port, proto, wildcard);
+    /// Counts one rule entry more (`add`) or less on (port, bit: see [`Family::port_bit`]),
+    /// keeping the bit in [`PUBLISHED_PORTS`]: set before the first such entry goes in,
+    /// cleared after the last one went out, so the filter never hides a rule.
+    fn port_ref(&mut self, port: u16, bit: u8, add: bool) -> Result<(), DataplaneError> {
+        let key = (port, bit);
         let refs = self.port_refs.entry(key).or_insert(0);
         let before = *refs;
         *refs = if add {
@@ -1121,8 +1234,6 @@ impl Dataplane {
         if (before == 0) == (after == 0) {
             return Ok(());
         }
-        let (exact_bit, wildcard_bit) = port_bits(proto);
-        let bit = if wildcard { wildcard_bit } else { exact_bit };
         let map = self
             .ebpf
             .map_mut(PUBLISHED_PORTS)
@@ -1136,6 +1247,26 @@ impl Dataplane {
         ports
             .set(u32::from(port), bits, 0)
             .map_err(map_err(PUBLISHED_PORTS))
+    }
+
+    /// Makes every port's [`PUBLISHED_PORTS`] bits those of the reference counts.
+    fn rewrite_published_ports(&mut self) -> Result<(), DataplaneError> {
+        let mut want = vec![0u8; 65_536];
+        for &(port, bit) in self.port_refs.keys() {
+            want[usize::from(port)] |= bit;
+        }
+        let map = self
+            .ebpf
+            .map_mut(PUBLISHED_PORTS)
+            .ok_or(DataplaneError::MissingMap(PUBLISHED_PORTS))?;
+        let mut ports: Array<&mut MapData, u8> =
+            Array::try_from(map).map_err(map_err(PUBLISHED_PORTS))?;
+        for (port, &bits) in (0u32..).zip(&want) {
+            if ports.get(&port, 0).map_err(map_err(PUBLISHED_PORTS))? != bits {
+                ports.set(port, bits, 0).map_err(map_err(PUBLISHED_PORTS))?;
+            }
+        }
+        Ok(())
     }
 
     /// A rule's counters, summed over CPUs.
@@ -1209,10 +1340,14 @@ pub trait Family {
     type Addr: Copy + Ord + fmt::Debug + Into<IpAddr>;
     /// The address as map keys hold it (network order).
     type Octets: aya::Pod;
+    /// `0.0.0.0` / `::`: a wildcard rule's key address.
+    const UNSPECIFIED: Self::Addr;
+    /// IPv6 (its own wildcard bits in [`PUBLISHED_PORTS`]).
+    const V6: bool;
     /// A key of the family's rules map.
-    type RuleKey: aya::Pod;
+    type RuleKey: aya::Pod + Eq + std::hash::Hash + fmt::Debug;
     /// A value of the family's rules map.
-    type Backend: aya::Pod;
+    type Backend: aya::Pod + PartialEq + fmt::Debug;
     /// A key of the family's conntrack map (a flow as its replies carry it).
     type FlowKey: aya::Pod;
     /// A value of the family's conntrack map.
@@ -1235,10 +1370,27 @@ pub trait Family {
     fn backend(b: &Self::Backend) -> (Self::Addr, u16, u32);
     /// A flow key's backend: address, port, protocol.
     fn flow_backend(k: &Self::FlowKey) -> (Self::Addr, u16, u8);
+    /// The rule key with another address.
+    fn with_addr(k: &Self::RuleKey, a: Self::Addr) -> Self::RuleKey;
+    /// A rule value's flags.
+    fn flags(b: &Self::Backend) -> u8;
+    /// The rule value with other flags.
+    fn with_flags(b: Self::Backend, flags: u8) -> Self::Backend;
     /// A rule key's port, protocol and whether it is the wildcard.
     fn rule_port(k: &Self::RuleKey) -> (u16, u8, bool) {
         let (addr, port, proto) = Self::rule_key(k);
         (port, proto, addr.into().is_unspecified())
+    }
+    /// A rule key's port and its [`PUBLISHED_PORTS`] bit: the family's wildcard bit, or
+    /// the address-bound one.
+    fn port_bit(k: &Self::RuleKey) -> (u16, u8) {
+        let (port, proto, wildcard) = Self::rule_port(k);
+        let bit = if wildcard {
+            portfwd_common::wildcard_bit(proto, Self::V6)
+        } else {
+            port_bits(proto).0
+        };
+        (port, bit)
     }
 }
 
@@ -1259,6 +1411,8 @@ macro_rules! family {
             const NAME: &'static str = $name;
             type Addr = $addr;
             type Octets = [u8; $len];
+            const UNSPECIFIED: $addr = <$addr>::UNSPECIFIED;
+            const V6: bool = $len == 16;
             type RuleKey = $rule_key;
             type Backend = $backend;
             type FlowKey = $flow_key;
@@ -1287,6 +1441,15 @@ macro_rules! family {
             fn flow_backend(k: &$flow_key) -> ($addr, u16, u8) {
                 let (ip, port) = k.backend();
                 (ip, port, k.proto())
+            }
+            fn with_addr(k: &$rule_key, a: $addr) -> $rule_key {
+                <$rule_key>::from_parts(a, k.port(), k.proto())
+            }
+            fn flags(b: &$backend) -> u8 {
+                b.flags()
+            }
+            fn with_flags(b: $backend, flags: u8) -> $backend {
+                b.with_flags(flags)
             }
         }
     };

@@ -16,8 +16,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use portfwd_common::{
-    port_bits, programs, proto, BackendV4, FlowKeyV4, FlowV4, RuleKeyV4, CONNTRACK_V4,
-    HOST_ADDRS_V4, PUBLISHED_PORTS, RULES_V4,
+    port_bits, programs, proto, wildcard_bit, BackendV4, FlowKeyV4, FlowV4, RuleKeyV4,
+    BACKEND_EXPANDED, CONNTRACK_V4, HOST_ADDRS_V4, PUBLISHED_PORTS, RULES_V4,
 };
 
 use super::{
@@ -153,17 +153,24 @@ fn seed(ebpf: &mut Ebpf) -> Result<()> {
         BackendV4::new(CT_IP, 8080, 0),
         0,
     )?;
-    // Wildcard: mapped onto itself, so every iteration takes the wildcard path.
+    // Wildcard: mapped onto itself, so every iteration takes the wildcard path: its own
+    // entry and its expansion under the host address, as the daemon writes them.
+    let wildcard_backend = BackendV4::new(HOST_IP, 9001, 1);
     rules.insert(
         RuleKeyV4::from_parts(Ipv4Addr::UNSPECIFIED, 9001, proto::TCP),
-        BackendV4::new(HOST_IP, 9001, 1),
+        wildcard_backend,
+        0,
+    )?;
+    rules.insert(
+        RuleKeyV4::from_parts(HOST_IP, 9001, proto::TCP),
+        wildcard_backend.with_flags(BACKEND_EXPANDED),
         0,
     )?;
     // The ports' bits in the published-ports filter, as the daemon sets them.
     let mut ports: aya::maps::Array<_, u8> =
         aya::maps::Array::try_from(ebpf.map_mut(PUBLISHED_PORTS).context(PUBLISHED_PORTS)?)?;
-    let (exact, wildcard) = port_bits(proto::TCP);
-    for (port, bit) in [(9000u32, exact), (8080, exact), (9001, wildcard)] {
+    let (exact, wildcard) = (port_bits(proto::TCP).0, wildcard_bit(proto::TCP, false));
+    for (port, bit) in [(9000u32, exact), (8080, exact), (9001, exact | wildcard)] {
         ports.set(port, bit, 0)?;
     }
     let mut hosts: HashMap<_, [u8; 4], u8> =
