@@ -924,14 +924,33 @@ impl Dataplane {
         key: F::RuleKey,
         backend: F::Backend,
     ) -> Result<(), DataplaneError> {
+        let before = self.rules_of::<F>()?.get(&key, 0).ok();
         self.put_entry::<F>(key, backend)?;
-        if expand::is_wildcard::<F>(&key) {
-            for h in self.host_addrs_of::<F>()? {
-                let k = F::with_addr(&key, h);
-                match self.rules_of::<F>()?.get(&k, 0) {
-                    Ok(b) if !expand::is_expansion::<F>(&b) => {}
-                    _ => self.put_entry::<F>(k, expand::expanded::<F>(backend))?,
-                }
+        if !expand::is_wildcard::<F>(&key) {
+            return Ok(());
+        }
+        let expanded = self.expand_wildcard::<F>(&key, backend);
+        if expanded.is_err() {
+            // All or nothing (a full map refuses the rule): the map as it was.
+            let _ = self.remove_rule_of::<F>(&key);
+            if let Some(b) = before {
+                let _ = self.insert_rule_of::<F>(key, b);
+            }
+        }
+        expanded
+    }
+
+    /// Writes the wildcard `key`'s expansions, where no address-bound rule holds the key.
+    fn expand_wildcard<F: Family>(
+        &mut self,
+        key: &F::RuleKey,
+        backend: F::Backend,
+    ) -> Result<(), DataplaneError> {
+        for h in self.host_addrs_of::<F>()? {
+            let k = F::with_addr(key, h);
+            match self.rules_of::<F>()?.get(&k, 0) {
+                Ok(b) if !expand::is_expansion::<F>(&b) => {}
+                _ => self.put_entry::<F>(k, expand::expanded::<F>(backend))?,
             }
         }
         Ok(())
