@@ -42,11 +42,12 @@ pub const CONFIG: &str = "CONFIG";
 pub const BRIDGE_PORTS: &str = "BRIDGE_PORTS";
 
 /// Which (port, protocol) pairs rules publish, of either family, and how: entry = port,
-/// value = bits (see [`port_bits`], [`wildcard_bit`]): an address-bound entry of either
-/// family (expansions included), an IPv4 wildcard rule, an IPv6 wildcard rule. A cheap
-/// array filter before the rule lookup: traffic to unpublished ports (most of a host's
-/// traffic) costs one array read. Written by the daemon (bits set before an entry is
-/// inserted, cleared after the last one of that kind is removed).
+/// value = bits: an address-bound entry of either family (expansions included), a
+/// wildcard rule of either family ([`port_bits`]), and a wildcard rule of each family
+/// ([`wildcard_bit`]; the either-family bit stays for earlier binaries over the same
+/// pinned map). A cheap array filter before the rule lookup: traffic to unpublished
+/// ports (most of a host's traffic) costs one array read. Written by the daemon (bits
+/// set before an entry is inserted, cleared after the last one of that kind is removed).
 pub const PUBLISHED_PORTS: &str = "PUBLISHED_PORTS";
 
 /// The [`PUBLISHED_PORTS`] bits of a protocol: (address-bound entry, wildcard rule of
@@ -54,8 +55,8 @@ pub const PUBLISHED_PORTS: &str = "PUBLISHED_PORTS";
 #[inline(always)]
 pub const fn port_bits(proto: u8) -> (u8, u8) {
     match proto {
-        crate::proto::TCP => (1, 2 | 16),
-        crate::proto::UDP => (4, 8 | 32),
+        crate::proto::TCP => (1, 2),
+        crate::proto::UDP => (4, 8),
         _ => (0, 0),
     }
 }
@@ -65,12 +66,18 @@ pub const fn port_bits(proto: u8) -> (u8, u8) {
 #[inline(always)]
 pub const fn wildcard_bit(proto: u8, v6: bool) -> u8 {
     match (proto, v6) {
-        (crate::proto::TCP, false) => 2,
-        (crate::proto::TCP, true) => 16,
-        (crate::proto::UDP, false) => 8,
-        (crate::proto::UDP, true) => 32,
+        (crate::proto::TCP, false) => 16,
+        (crate::proto::TCP, true) => 32,
+        (crate::proto::UDP, false) => 64,
+        (crate::proto::UDP, true) => 128,
         _ => 0,
     }
+}
+
+/// Every [`PUBLISHED_PORTS`] bit a wildcard rule of one family sets.
+#[inline(always)]
+pub const fn wildcard_bits(proto: u8, v6: bool) -> u8 {
+    port_bits(proto).1 | wildcard_bit(proto, v6)
 }
 
 /// Entry points in the object, as their ELF symbols (aya finds programs by symbol).

@@ -29,7 +29,7 @@ use crate::{
     },
     port_bits, proto,
     rules::{self, Caller, RuleMaps},
-    wildcard_bit, BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Nat64Flow,
+    wildcard_bits, BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Nat64Flow,
     Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP,
     CONFIG_NO_NAT64,
 };
@@ -173,7 +173,7 @@ impl RuleMaps for Tables<'_> {
         for ((p, l4, wildcard), v6) in keys {
             if p == port {
                 bits |= if wildcard {
-                    wildcard_bit(l4, v6)
+                    wildcard_bits(l4, v6)
                 } else {
                     port_bits(l4).0
                 };

@@ -310,7 +310,7 @@ mod tests {
         /// `wildcard`: of the family `v6`; else an address-bound entry.
         fn mark(&mut self, wildcard: Option<bool>, port: [u8; 2], l4: u8) {
             let bit = match wildcard {
-                Some(v6) => wildcard_bit(l4, v6),
+                Some(v6) => crate::wildcard_bits(l4, v6),
                 None => port_bits(l4).0,
             };
             *self.published.entry(port).or_default() |= bit;

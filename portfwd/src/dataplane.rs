@@ -406,10 +406,12 @@ impl Dataplane {
     /// sets them from its options) and the host's network namespace kept.
     fn adopt_maps(&mut self) -> Result<(), DataplaneError> {
         for (k, _) in self.rule_entries_of::<V4>()? {
-            *self.port_refs.entry(V4::port_bit(&k)).or_insert(0) += 1;
+            let (port, bits) = V4::port_bits(&k);
+            self.count_port_bits(port, bits);
         }
         for (k, _) in self.rule_entries_of::<V6>()? {
-            *self.port_refs.entry(V6::port_bit(&k)).or_insert(0) += 1;
+            let (port, bits) = V6::port_bits(&k);
+            self.count_port_bits(port, bits);
         }
         self.rewrite_published_ports()?;
         let map = self
@@ -987,10 +989,10 @@ impl Dataplane {
         key: F::RuleKey,
         backend: F::Backend,
     ) -> Result<(), DataplaneError> {
-        let (port, bit) = F::port_bit(&key);
+        let (port, bits) = F::port_bits(&key);
         let new = self.rules_of::<F>()?.get(&key, 0).is_err();
         if new {
-            self.port_ref(port, bit, true)?;
+            self.port_ref(port, bits, true)?;
         }
         let inserted = self
             .rules_of::<F>()?
@@ -1007,18 +1009,18 @@ impl Dataplane {
                 _ => map_err(F::RULES)(e),
             });
         if inserted.is_err() && new {
-            self.port_ref(port, bit, false)?;
+            self.port_ref(port, bits, false)?;
         }
         inserted
     }
 
     /// Deletes one entry of family `F`'s rules map; an absent key is not an error.
     fn remove_entry<F: Family>(&mut self, key: &F::RuleKey) -> Result<(), DataplaneError> {
-        let (port, bit) = F::port_bit(key);
+        let (port, bits) = F::port_bits(key);
         match self.rules_of::<F>()?.remove(key) {
             Err(e) if !is_not_found(&e) => Err(map_err(F::RULES)(e)),
             Err(_) => Ok(()),
-            Ok(()) => self.port_ref(port, bit, false),
+            Ok(()) => self.port_ref(port, bits, false),
         }
     }
 
@@ -1234,23 +1236,33 @@ impl Dataplane {
         self.sync_host_addrs_of::<V6>(addrs)
     }
 
-    /// Counts one rule entry more (`add`) or less on (port, bit: see [`Family::port_bit`]),
-    /// keeping the bit in [`PUBLISHED_PORTS`]: set before the first such entry goes in,
-    /// cleared after the last one went out, so the filter never hides a rule.
-    fn port_ref(&mut self, port: u16, bit: u8, add: bool) -> Result<(), DataplaneError> {
-        let key = (port, bit);
-        let refs = self.port_refs.entry(key).or_insert(0);
-        let before = *refs;
-        *refs = if add {
-            before + 1
-        } else {
-            before.saturating_sub(1)
-        };
-        let after = *refs;
-        if after == 0 {
-            self.port_refs.remove(&key);
+    /// Counts one rule entry more (`add`) or less on `port` for each of `bits` (see
+    /// [`Family::port_bits`]), keeping each bit in [`PUBLISHED_PORTS`]: set before the
+    /// first such entry goes in, cleared after the last one went out, so the filter never
+    /// hides a rule.
+    fn port_ref(&mut self, port: u16, bits: u8, add: bool) -> Result<(), DataplaneError> {
+        let mut set = 0u8;
+        let mut clear = 0u8;
+        for bit in (0..8).map(|i| 1u8 << i).filter(|b| bits & b != 0) {
+            let key = (port, bit);
+            let refs = self.port_refs.entry(key).or_insert(0);
+            let before = *refs;
+            *refs = if add {
+                before + 1
+            } else {
+                before.saturating_sub(1)
+            };
+            let after = *refs;
+            if after == 0 {
+                self.port_refs.remove(&key);
+            }
+            match (before == 0, after == 0) {
+                (true, false) => set |= bit,
+                (false, true) => clear |= bit,
+                _ => {}
+            }
         }
-        if (before == 0) == (after == 0) {
+        if set | clear == 0 {
             return Ok(());
         }
         let map = self
@@ -1259,13 +1271,19 @@ impl Dataplane {
             .ok_or(DataplaneError::MissingMap(PUBLISHED_PORTS))?;
         let mut ports: Array<&mut MapData, u8> =
             Array::try_from(map).map_err(map_err(PUBLISHED_PORTS))?;
-        let bits = ports
+        let old = ports
             .get(&u32::from(port), 0)
             .map_err(map_err(PUBLISHED_PORTS))?;
-        let bits = if after > 0 { bits | bit } else { bits & !bit };
         ports
-            .set(u32::from(port), bits, 0)
+            .set(u32::from(port), (old | set) & !clear, 0)
             .map_err(map_err(PUBLISHED_PORTS))
+    }
+
+    /// Counts one pinned entry on `port` for each of `bits` (adoption).
+    fn count_port_bits(&mut self, port: u16, bits: u8) {
+        for bit in (0..8).map(|i| 1u8 << i).filter(|b| bits & b != 0) {
+            *self.port_refs.entry((port, bit)).or_insert(0) += 1;
+        }
     }
 
     /// Makes every port's [`PUBLISHED_PORTS`] bits those of the reference counts.
@@ -1400,16 +1418,16 @@ pub trait Family {
         let (addr, port, proto) = Self::rule_key(k);
         (port, proto, addr.into().is_unspecified())
     }
-    /// A rule key's port and its [`PUBLISHED_PORTS`] bit: the family's wildcard bit, or
-    /// the address-bound one.
-    fn port_bit(k: &Self::RuleKey) -> (u16, u8) {
+    /// A rule key's port and its [`PUBLISHED_PORTS`] bits: the wildcard's (of either
+    /// family and of this one), or the address-bound one.
+    fn port_bits(k: &Self::RuleKey) -> (u16, u8) {
         let (port, proto, wildcard) = Self::rule_port(k);
-        let bit = if wildcard {
-            portfwd_common::wildcard_bit(proto, Self::V6)
+        let bits = if wildcard {
+            portfwd_common::wildcard_bits(proto, Self::V6)
         } else {
             port_bits(proto).0
         };
-        (port, bit)
+        (port, bits)
     }
 }
 

@@ -12,12 +12,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::{Array, HashMap, MapData};
 use portfwd::{
     dataplane::{Dataplane, V4},
     pin::PinDir,
 };
-use portfwd_common::{proto, BackendV4, Reason, RuleKeyV4, BACKEND_EXPANDED, RULES_V4};
+use portfwd_common::{
+    port_bits, proto, wildcard_bits, BackendV4, Reason, RuleKeyV4, BACKEND_EXPANDED,
+    PUBLISHED_PORTS, RULES_V4,
+};
 use portfwd_tests::{
     client,
     fixture::{check_case, privileged, translated, untouched, Frame, Prog},
@@ -128,7 +131,8 @@ fn expansions_follow_rules_and_addresses() {
 }
 
 /// A new `Dataplane` over pinned maps recognises the expansions by their flag: the
-/// rules snapshot shows the rules alone, and the next host-address sync repairs what a
+/// rules snapshot shows the rules alone, the published-ports filter is rewritten from
+/// the rules (an earlier binary's bits), and the next host-address sync repairs what a
 /// daemon that died between two writes left (a missing expansion, an orphan).
 #[test]
 fn expansions_are_recognised_after_a_restart() {
@@ -143,6 +147,13 @@ fn expansions_are_recognised_after_a_restart() {
         dp.sync_host_addrs(&hosts(&[H1, H2])).expect("hosts");
         dp.insert_rule(key(Ipv4Addr::UNSPECIFIED, 9000), w)
             .expect("wildcard");
+        // The port's bits as an earlier binary left them (its wildcard bit alone): the
+        // next load rewrites them from the rules.
+        let map = dp.ebpf_mut().map_mut(PUBLISHED_PORTS).expect("ports map");
+        let mut ports: Array<&mut MapData, u8> = Array::try_from(map).expect("ports map");
+        ports
+            .set(9000, port_bits(proto::TCP).1, 0)
+            .expect("old bits");
         dp.keep_pins();
     }
     let mut dp =
@@ -150,6 +161,13 @@ fn expansions_are_recognised_after_a_restart() {
     assert_eq!(
         dp.rules_snapshot_of::<V4>().expect("snapshot"),
         vec![(key(Ipv4Addr::UNSPECIFIED, 9000), w)]
+    );
+    let map = dp.ebpf().map(PUBLISHED_PORTS).expect("ports map");
+    let ports: Array<&MapData, u8> = Array::try_from(map).expect("ports map");
+    assert_eq!(
+        ports.get(&9000, 0).expect("bits"),
+        port_bits(proto::TCP).0 | wildcard_bits(proto::TCP, false),
+        "the filter rewritten from the pinned rules"
     );
     // Forwarding goes on through the pinned expansions.
     let frame = Frame::tcp((CLIENT, 40000), (H2, 9000));

@@ -16,7 +16,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use portfwd_common::{
-    port_bits, programs, proto, wildcard_bit, BackendV4, FlowKeyV4, FlowV4, RuleKeyV4,
+    port_bits, programs, proto, wildcard_bits, BackendV4, FlowKeyV4, FlowV4, RuleKeyV4,
     BACKEND_EXPANDED, CONNTRACK_V4, HOST_ADDRS_V4, PUBLISHED_PORTS, RULES_V4,
 };
 
@@ -169,7 +169,7 @@ fn seed(ebpf: &mut Ebpf) -> Result<()> {
     // The ports' bits in the published-ports filter, as the daemon sets them.
     let mut ports: aya::maps::Array<_, u8> =
         aya::maps::Array::try_from(ebpf.map_mut(PUBLISHED_PORTS).context(PUBLISHED_PORTS)?)?;
-    let (exact, wildcard) = (port_bits(proto::TCP).0, wildcard_bit(proto::TCP, false));
+    let (exact, wildcard) = (port_bits(proto::TCP).0, wildcard_bits(proto::TCP, false));
     for (port, bit) in [(9000u32, exact), (8080, exact), (9001, exact | wildcard)] {
         ports.set(port, bit, 0)?;
     }
