@@ -214,9 +214,13 @@ pub struct Dataplane {
     attachments: Vec<Attachment>,
     local_cgroup: Option<std::path::PathBuf>,
     config: Config,
-    /// Rules per (port, protocol, wildcard?), both families: what [`PUBLISHED_PORTS`]
+    /// Rule entries per (port, bit), both families: what [`PUBLISHED_PORTS`]
     /// summarizes.
     port_refs: std::collections::HashMap<(u16, u8), u32>,
+    /// The host addresses of each family (IPv4, IPv6) as last read from or written to
+    /// their map (`None`: read it), so that publishing a wildcard range does not walk
+    /// the map for every port.
+    host_cache: [Option<Vec<IpAddr>>; 2],
     /// Interfaces where NAT64's entry program is attached (see [`Self::sync_nat64`]).
     nat64_entries: Vec<String>,
     /// Where maps and links are pinned, if they are.
@@ -378,6 +382,7 @@ impl Dataplane {
             local_cgroup: None,
             config: Config::default(),
             port_refs: std::collections::HashMap::new(),
+            host_cache: [None, None],
             nat64_entries: Vec::new(),
             pins,
             pinned_now: BTreeSet::new(),
@@ -948,12 +953,11 @@ impl Dataplane {
         key: &F::RuleKey,
         backend: F::Backend,
     ) -> Result<(), DataplaneError> {
+        let value = expand::expanded::<F>(backend);
         for h in self.host_addrs_of::<F>()? {
-            let k = F::with_addr(key, h);
-            match self.rules_of::<F>()?.get(&k, 0) {
-                Ok(b) if !expand::is_expansion::<F>(&b) => {}
-                _ => self.put_entry::<F>(k, expand::expanded::<F>(backend))?,
-            }
+            self.put_entry_if::<F>(F::with_addr(key, h), value, |b| {
+                expand::is_expansion::<F>(b)
+            })?;
         }
         Ok(())
     }
@@ -989,8 +993,22 @@ impl Dataplane {
         key: F::RuleKey,
         backend: F::Backend,
     ) -> Result<(), DataplaneError> {
+        self.put_entry_if::<F>(key, backend, |_| true)
+    }
+
+    /// [`Self::put_entry`], unless the key holds a value `replace` refuses (one lookup).
+    fn put_entry_if<F: Family>(
+        &mut self,
+        key: F::RuleKey,
+        backend: F::Backend,
+        replace: impl Fn(&F::Backend) -> bool,
+    ) -> Result<(), DataplaneError> {
         let (port, bits) = F::port_bits(&key);
-        let new = self.rules_of::<F>()?.get(&key, 0).is_err();
+        let new = match self.rules_of::<F>()?.get(&key, 0) {
+            Ok(b) if !replace(&b) => return Ok(()),
+            Ok(_) => false,
+            Err(_) => true,
+        };
         if new {
             self.port_ref(port, bits, true)?;
         }
@@ -1041,15 +1059,22 @@ impl Dataplane {
             .map_err(map_err(F::RULES))
     }
 
-    /// The host addresses of family `F` in the kernel's map.
+    /// The host addresses of family `F` in the kernel's map (cached: only
+    /// [`Self::sync_host_addrs_of`] writes it).
     fn host_addrs_of<F: Family>(&mut self) -> Result<BTreeSet<F::Addr>, DataplaneError> {
+        let slot = usize::from(F::V6);
+        if let Some(cached) = &self.host_cache[slot] {
+            return Ok(cached.iter().filter_map(|&ip| F::from_ip(ip)).collect());
+        }
         let map = self
             .ebpf
             .map_mut(F::HOST_ADDRS)
             .ok_or(DataplaneError::MissingMap(F::HOST_ADDRS))?;
         let m: HashMap<&mut MapData, F::Octets, u8> =
             HashMap::try_from(map).map_err(map_err(F::HOST_ADDRS))?;
-        Ok(m.keys().filter_map(Result::ok).map(F::addr).collect())
+        let addrs: BTreeSet<F::Addr> = m.keys().filter_map(Result::ok).map(F::addr).collect();
+        self.host_cache[slot] = Some(addrs.iter().map(|&a| a.into()).collect());
+        Ok(addrs)
     }
 
     /// Makes the wildcards' expansions of family `F` exactly what the rules and the host
@@ -1111,6 +1136,7 @@ impl Dataplane {
         &mut self,
         addrs: &BTreeSet<F::Addr>,
     ) -> Result<(), DataplaneError> {
+        self.host_cache[usize::from(F::V6)] = None;
         let map = self
             .ebpf
             .map_mut(F::HOST_ADDRS)
