@@ -10,6 +10,7 @@
 //! host's address. The container runs iperf3 and the rig's HTTP and echo servers.
 //! The client's link also has IPv6 (client 2001:2::2, host 2001:2::1, RFC 5180); the
 //! container is IPv4-only, so IPv6 clients need a proxy or NAT64 (the `v6-*` workloads).
+//! The host's client-facing veth has GRO on, as a NIC would (issue #13).
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
@@ -17,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use super::sys::{self, Netns, Proc};
 
@@ -82,8 +83,15 @@ impl Topology {
              ip addr add {BRIDGE_IP}/24 dev br0
              ip link set {host_if} up
              ip link set br0 up
-             ip link set hs0 up"
+             ip link set hs0 up
+             ethtool -K {host_if} gro on >/dev/null"
         ))?;
+        // GRO on the host's receiving veth, as a NIC does for every variant alike
+        // (without it a veth skips NAPI and hands the host one skb per segment).
+        let k = host.sh(&format!("ethtool -k {host_if}"))?;
+        if !k.lines().any(|l| l.trim() == "generic-receive-offload: on") {
+            bail!("GRO did not turn on for {host_if}: `ethtool -k` shows it off");
+        }
         ct.sh(&format!(
             "ip addr add {CT_IP}/24 dev {CT_IF}
              ip link set {CT_IF} up
