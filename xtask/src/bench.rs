@@ -460,6 +460,7 @@ fn config(args: &Args) -> Result<Config> {
             rate_runs: if q { 1 } else { 3 },
             secs: if q { 1 } else { secs.clamp(1, 3) },
             ports: if q { 1_000 } else { 65_535 },
+            settle: Duration::from_millis(if q { 0 } else { 5_000 }),
         },
     })
 }

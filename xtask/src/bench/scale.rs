@@ -72,6 +72,8 @@ pub struct Plan {
     pub rate_flows: Vec<u32>,
     pub rate_runs: usize,
     pub secs: u64,
+    /// Longest wait for an idle machine before each rate run and hit-cost size.
+    pub settle: Duration,
     /// Ports published as one range.
     pub ports: u32,
 }
@@ -80,7 +82,8 @@ pub fn run(art: &Artifacts, prefix: &str, sock_dir: &str, plan: &Plan) -> Vec<Sc
     let mut out = Vec::new();
     for &flows in &plan.cost_flows {
         eprintln!("bench:   hit cost, {flows} live flows");
-        match hit_cost(&art.bpf_object, flows, plan.frames, plan.passes) {
+        let load = sys::settle(plan.settle);
+        match hit_cost(&art.bpf_object, flows, plan.frames, plan.passes, load) {
             Ok(mut r) => out.append(&mut r),
             Err(e) => out.push(failed("hit cost", "BPF_PROG_RUN", flows, &e)),
         }
@@ -101,7 +104,7 @@ pub fn run(art: &Artifacts, prefix: &str, sock_dir: &str, plan: &Plan) -> Vec<Sc
     for (i, &flows) in plan.rate_flows.iter().enumerate() {
         eprintln!("bench:   forwarding, {flows} flows");
         let p = format!("{prefix}f{i}");
-        match forwarding(art, &p, sock_dir, flows, plan.secs, plan.rate_runs) {
+        match forwarding(art, &p, sock_dir, flows, plan) {
             Ok(r) => out.push(r),
             Err(e) => out.push(failed("forwarding", "64-byte UDP, TC", flows, &e)),
         }
@@ -174,7 +177,13 @@ const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
 const XDP_PASS: i32 = 2;
 const TC_ACT_UNSPEC: i32 = -1;
 
-fn hit_cost(obj: &Path, flows: u32, frames: usize, passes: usize) -> Result<Vec<ScaleResult>> {
+fn hit_cost(
+    obj: &Path,
+    flows: u32,
+    frames: usize,
+    passes: usize,
+    load: f64,
+) -> Result<Vec<ScaleResult>> {
     let capacity = capacity_for(flows);
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(CONNTRACK_V4, capacity)
@@ -267,7 +276,10 @@ fn hit_cost(obj: &Path, flows: u32, frames: usize, passes: usize) -> Result<Vec<
             let m = median(&v);
             let over = (!case.starts_with("floor")).then(|| m - floors[floor]);
             let note = if over.is_none() {
-                format!("table of {capacity}, filled in {fill_s:.1} s")
+                format!(
+                    "table of {capacity}, filled in {fill_s:.1} s; background load {:.0} %",
+                    load * 100.0
+                )
             } else {
                 String::new()
             };
@@ -464,8 +476,7 @@ fn forwarding(
     prefix: &str,
     sock_dir: &str,
     flows: u32,
-    secs: u64,
-    runs: usize,
+    plan: &Plan,
 ) -> Result<ScaleResult> {
     let host_if = format!("{}h", &prefix[prefix.len().saturating_sub(10)..]);
     let topo = Topology::build(prefix, &host_if, &art.xtask)?;
@@ -492,9 +503,10 @@ fn forwarding(
     work::udp64(&topo, art, HOST_IP, UDP.1, 1, flows)?;
     let fill_s = prefill(d.pid(), flows)?;
     let (before, _) = conntrack_usage(art, &sock)?;
-    let mut v = Vec::new();
-    for _ in 0..runs.max(1) {
-        v.push(work::udp64(&topo, art, HOST_IP, UDP.1, secs, flows)?.value);
+    let (mut v, mut load) = (Vec::new(), 0.0f64);
+    for _ in 0..plan.rate_runs.max(1) {
+        load = load.max(sys::settle(plan.settle));
+        v.push(work::udp64(&topo, art, HOST_IP, UDP.1, plan.secs, flows)?.value);
     }
     d.check_alive()?;
     let (live, cap) = conntrack_usage(art, &sock)?;
@@ -511,8 +523,9 @@ fn forwarding(
         over_floor: None,
         note: format!(
             "--max-flows {capacity}: conntrack_v4 {before} before, {live}/{cap} after \
-             (filled in {fill_s:.1} s); BPF maps {maps}; runs: {}",
-            v.len()
+             (filled in {fill_s:.1} s); BPF maps {maps}; runs: {}, background load up to {:.0} %",
+            v.len(),
+            load * 100.0
         ),
     })
 }
