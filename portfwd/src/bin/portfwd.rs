@@ -104,9 +104,9 @@ struct Args {
     #[arg(long, value_enum, default_value_t = LocalScope::All)]
     local_clients: LocalScope,
     /// Flows each flow table holds (IPv4 and IPv6 remote clients' connections), from
-    /// 1024 to 16777216; the least recently used are evicted beyond it. 224 bytes of
-    /// kernel memory per flow (both tables), allocated at start: 29 MB by default. A daemon adopting pinned
-    /// tables must be given their size (or `--cleanup` first).
+    /// 1024 to 16777216; the least recently used are evicted beyond it. About 224 bytes
+    /// of kernel memory per flow (both tables), allocated at start: 29 MB by default. A
+    /// daemon adopting pinned tables must be given their size (or `--cleanup` first).
     #[arg(long, value_name = "N", default_value_t = dataplane::DEFAULT_MAX_FLOWS,
           value_parser = dataplane::parse_max_flows, allow_negative_numbers = true)]
     max_flows: u32,

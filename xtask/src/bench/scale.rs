@@ -418,6 +418,14 @@ fn conntrack_usage(art: &Artifacts, sock: &str) -> Result<(u64, u64)> {
         .context("no conntrack_v4 in `flows --json`")
 }
 
+/// What the daemon counted that tells whether every frame hit a live flow (`list --json`).
+fn reasons(art: &Artifacts, sock: &str) -> Result<String> {
+    let v: serde_json::Value = serde_json::from_str(&ctl(art, sock, &["list", "--json"])?)?;
+    let counted = ["translated", "flow_insert_failed", "pass_no_rule"]
+        .map(|r| format!("{r} {}", v["reasons"][r].as_u64().unwrap_or(0)));
+    Ok(counted.join(", "))
+}
+
 /// The BPF maps process `pid` holds, each once, as id and kernel memory (`memlock`),
 /// from /proc/PID/fdinfo.
 fn maps_held(pid: u32) -> Option<std::collections::BTreeMap<u32, u64>> {
@@ -510,6 +518,7 @@ fn forwarding(
     }
     d.check_alive()?;
     let (live, cap) = conntrack_usage(art, &sock)?;
+    let reasons = reasons(art, &sock)?;
     let maps = map_memory(d.pid()).map(mb).unwrap_or_else(|| "–".into());
     d.stop();
     Ok(ScaleResult {
@@ -523,7 +532,8 @@ fn forwarding(
         over_floor: None,
         note: format!(
             "--max-flows {capacity}: conntrack_v4 {before} before, {live}/{cap} after \
-             (filled in {fill_s:.1} s); BPF maps {maps}; runs: {}, background load up to {:.0} %",
+             (filled in {fill_s:.1} s); BPF maps {maps}; runs: {}, background load up to {:.0} %; \
+             counted: {reasons}",
             v.len(),
             load * 100.0
         ),
