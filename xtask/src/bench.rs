@@ -58,7 +58,8 @@ pub struct Args {
     /// Skip the control-plane measurements.
     #[arg(long)]
     no_control: bool,
-    /// Skip the restart, upgrade and crash cases (connections lost, longest gap).
+    /// Skip the restart, upgrade, crash and SYN-flood cases (connections lost, longest
+    /// gap, flood rate).
     #[arg(long)]
     no_restart: bool,
     /// Skip the scale cases (hit cost and forwarding with up to 1,000,000 live flows,
@@ -87,8 +88,10 @@ struct Config {
     control_counts: Vec<u32>,
     per_rule_iptables_max: u32,
     proxy_ports: u32,
-    /// Established connections through a restart, upgrade or crash.
+    /// Established connections through a restart, upgrade, crash or SYN flood.
     restart_connections: usize,
+    /// How long the SYN flood runs.
+    flood: Duration,
     /// Longest wait for an idle machine before each case.
     settle: Duration,
     scale: scale::Plan,
@@ -245,12 +248,13 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     if !args.no_restart {
-        eprintln!("bench: restart, upgrade, crash");
+        eprintln!("bench: restart, upgrade, crash, SYN flood");
         res.restart = restart::run(
             &art,
             &format!("pfb-{pid}-"),
             &sock_dir,
             cfg.restart_connections,
+            cfg.flood,
         );
     }
     if !args.no_scale {
@@ -441,6 +445,7 @@ fn config(args: &Args) -> Result<Config> {
         per_rule_iptables_max: if q { 100 } else { 1_000 },
         proxy_ports: if q { 10 } else { 100 },
         restart_connections: if q { 20 } else { 200 },
+        flood: Duration::from_secs(if q { 2 } else { 8 }),
         // The smoke run does not wait for quiet: it makes no timing claims.
         settle: Duration::from_millis(if q { 0 } else { 5_000 }),
         scale: scale::Plan {

@@ -10,9 +10,10 @@
 //!   lookup, then the flow's lookup to see it is recorded). The floor is an empty program
 //!   of the same type run the same way, over the same frames.
 //! - **Forwarding**: 64-byte UDP (`work::udp64`) from as many sources as flows, through
-//!   the daemon at TC with `--max-flows` above the count; a first run records flows (and
-//!   the value the programs write), the rest are filled in through the daemon's map, so
-//!   the measured runs hit live flows.
+//!   the daemon at TC with `--max-flows` above the count; a first run records flows (as
+//!   embryonic: nothing answers them) and so the value the programs write, then every
+//!   flow is filled into the established table through the daemon's map, so the measured
+//!   runs hit live established flows, as a host with that many connections does.
 //! - **Ports**: one range publishing N ports (at most 1-65535, every TCP port; one
 //!   declaration per port would run out of counter slots at 16,384): time to publish,
 //!   the daemon's resident memory and its BPF maps' memory, and an echo through one of
@@ -33,7 +34,7 @@ use aya::{
 };
 use portfwd_common::{
     port_bits, programs, proto, BackendV4, FlowKeyV4, FlowV4, RuleKeyV4, CONNTRACK_V4,
-    PUBLISHED_PORTS, RULES_V4,
+    EMBRYONIC_V4, PUBLISHED_PORTS, RULES_V4,
 };
 
 use super::{
@@ -450,24 +451,34 @@ fn map_memory(pid: u32) -> Option<u64> {
     Some(maps_held(pid)?.values().sum())
 }
 
-/// Fills the daemon's flow table with flows `0..flows`, as its programs record them: the
-/// value (published address, the rule's counter slot) copied from a flow they recorded.
-/// Returns the seconds the fill took.
-fn prefill(pid: u32, flows: u32) -> Result<f64> {
+/// The daemon's map `name` (flow key and value types), opened by id: one of the maps
+/// process `pid` holds.
+fn daemon_flow_map(pid: u32, name: &str) -> Result<HashMap<MapData, FlowKeyV4, FlowV4>> {
     let ids = maps_held(pid).context("cannot read the daemon's descriptors")?;
     let id = ids
         .keys()
         .copied()
-        .find(|&id| MapInfo::from_id(id).is_ok_and(|i| i.name_as_str() == Some(CONNTRACK_V4)))
-        .context("the daemon holds no CONNTRACK_V4")?;
+        .find(|&id| MapInfo::from_id(id).is_ok_and(|i| i.name_as_str() == Some(name)))
+        .with_context(|| format!("the daemon holds no {name}"))?;
     let map = Map::from_map_data(MapData::from_id(id)?)?;
-    let mut ct: HashMap<_, FlowKeyV4, FlowV4> = HashMap::try_from(map)?;
-    let value = ct
-        .iter()
-        .filter_map(Result::ok)
-        .map(|(_, v)| v)
-        .next()
-        .context("no flow recorded by the first run")?;
+    Ok(HashMap::try_from(map)?)
+}
+
+/// Fills the daemon's established flow table with flows `0..flows`, as its programs
+/// record them: the value (published address, the rule's counter slot) copied from a
+/// flow they recorded (embryonic: the sink answers nothing, so none is promoted).
+/// Returns the seconds the fill took.
+fn prefill(pid: u32, flows: u32) -> Result<f64> {
+    let recorded = |name: &str| -> Result<Option<FlowV4>> {
+        let map = daemon_flow_map(pid, name)?;
+        let first = map.iter().filter_map(Result::ok).map(|(_, v)| v).next();
+        Ok(first)
+    };
+    let value = match recorded(CONNTRACK_V4)? {
+        Some(v) => v,
+        None => recorded(EMBRYONIC_V4)?.context("no flow recorded by the first run")?,
+    };
+    let mut ct = daemon_flow_map(pid, CONNTRACK_V4)?;
     let start = Instant::now();
     for n in 0..flows {
         ct.insert(key(n), value, 0)?;
