@@ -10,7 +10,9 @@ use std::{
 
 use anyhow::Result;
 
-use super::{control::ControlResult, micro::MicroResult, restart::RestartResult};
+use super::{
+    control::ControlResult, micro::MicroResult, restart::RestartResult, scale::ScaleResult,
+};
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Sample {
@@ -48,6 +50,7 @@ pub struct Results {
     pub micro: Vec<MicroResult>,
     pub control: Vec<ControlResult>,
     pub restart: Vec<RestartResult>,
+    pub scale: Vec<ScaleResult>,
     pub local_unavailable: Vec<(String, String)>,
     /// Extra rounds run where verdicts were open.
     pub extra_rounds: u32,
@@ -462,6 +465,9 @@ impl Results {
                 );
             }
         }
+        if !self.scale.is_empty() {
+            s += &self.scale_table();
+        }
         if !self.failures.is_empty() {
             s += "\n## Failed cases\n\n";
             for f in &self.failures {
@@ -795,6 +801,33 @@ impl Results {
             "–".into(),
             "not measured by this run (the scale bench)",
         );
+        s
+    }
+
+    /// Scale: hit cost and forwarding rate by live flows, publishing many ports.
+    fn scale_table(&self) -> String {
+        let mut s = String::from(
+            "\n## Scale: live flows and published ports (issue 13)\n\nHit cost: BPF_PROG_RUN once per frame (`repeat` 1), each frame a randomly drawn live flow of a table filled from userspace, so lookups miss the cache as in production; median of the passes' means (min–max), and over an empty program run the same way. Forwarding: 64-byte UDP from one source per flow through the daemon at TC with `--max-flows` above the count, every flow live and established (a first run records flows and the value the programs write, then all are filled into the established table through the daemon's map). Ports: one range, one to one onto the container.\n\n| measurement | case | flows or ports | value (median, min–max) | over the empty program | note |\n|---|---|---|---|---|---|\n",
+        );
+        for r in &self.scale {
+            let value = match (r.median, r.min, r.max) {
+                (Some(m), Some(lo), Some(hi)) => {
+                    format!("{} ({}–{}) {}", num(m), num(lo), num(hi), r.unit)
+                }
+                (Some(m), ..) => format!("{} {}", num(m), r.unit),
+                _ => "–".into(),
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {value} | {} | {} |",
+                r.measure,
+                r.case,
+                r.scale,
+                r.over_floor
+                    .map_or_else(|| "–".into(), |x| format!("{x:+.1} ns")),
+                r.note
+            );
+        }
         s
     }
 
