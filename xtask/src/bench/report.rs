@@ -684,34 +684,32 @@ impl Results {
                 status,
             );
         }
-        let ports = self
-            .control
+        // 65,535 ports: every port there is (0 is no port).
+        let ports: Vec<&ScaleResult> = self
+            .scale
             .iter()
-            .filter(|c| c.publisher == "portfwd" && c.ports >= 65_536 && c.seconds.is_some())
-            .min_by(|a, b| {
-                a.seconds
-                    .unwrap_or(f64::MAX)
-                    .total_cmp(&b.seconds.unwrap_or(f64::MAX))
-            });
-        match ports {
-            Some(c) => row(
-                "publishing and memory with 65,536 ports",
-                "portfwd",
-                format!(
-                    "{:.2} s ({}), {:.1} MB",
-                    c.seconds.unwrap_or(0.0),
-                    c.method,
-                    c.rss_kib.unwrap_or(0) as f64 / 1024.0
-                ),
+            .filter(|r| r.measure == "ports" && r.scale >= 65_535)
+            .collect();
+        let (measured, status) = if ports.is_empty() {
+            ("–".into(), "not measured in this run")
+        } else if ports.iter().any(|r| r.median.is_none()) {
+            ("failed (see the scale table)".into(), "missed")
+        } else {
+            let values: Vec<String> = ports
+                .iter()
+                .map(|r| format!("{} {}", num(r.median.unwrap_or(0.0)), r.unit))
+                .collect();
+            (
+                format!("{} ports: {}", ports[0].scale, values.join(", ")),
                 "met (measured)",
-            ),
-            None => row(
-                "publishing and memory with 65,536 ports",
-                "portfwd",
-                "–".into(),
-                "not measured in this run",
-            ),
-        }
+            )
+        };
+        row(
+            "publishing and memory with 65,536 ports",
+            "portfwd",
+            measured,
+            status,
+        );
         for fast in ["portfwd-tc-fast", "portfwd-xdp-fast"] {
             for w in ["udp64", "v6-udp64"] {
                 let (measured, status) = if self.variants.iter().any(|v| v == fast) {
@@ -795,11 +793,29 @@ impl Results {
                 "missed"
             },
         );
+        let scale_ok = |measure: &str| {
+            [1_000u64, 100_000, 1_000_000].iter().all(|n| {
+                self.scale
+                    .iter()
+                    .any(|r| r.measure == measure && r.scale == *n && r.median.is_some())
+            })
+        };
+        let (cost, rate) = (scale_ok("hit cost"), scale_ok("forwarding"));
         row(
             "hit cost and forwarding rate with 1,000, 100,000 and 1,000,000 live flows",
             "portfwd",
-            "–".into(),
-            "not measured by this run (the scale bench)",
+            format!(
+                "hit cost {}, forwarding {} (scale table)",
+                if cost { "measured" } else { "–" },
+                if rate { "measured" } else { "–" }
+            ),
+            if cost && rate {
+                "met (measured)"
+            } else if self.scale.is_empty() {
+                "not measured (--no-scale)"
+            } else {
+                "missed: a case failed or was not run"
+            },
         );
         s
     }
