@@ -230,7 +230,8 @@ fn copy_array<V: Pod + PartialEq + Default>(
 
 /// A fresh copy of the programs with the live maps that decide an ingress verdict.
 fn load_copy(live: &Dataplane) -> Result<Dataplane, DataplaneError> {
-    let mut copy = Dataplane::load()?;
+    // The copy's flow tables hold the traced packet's flow at most: the smallest size.
+    let mut copy = Dataplane::load_sized(*crate::dataplane::MAX_FLOWS_RANGE.start())?;
     let (l, c) = (live.ebpf(), copy.ebpf_mut());
     copy_hash::<RuleKeyV4, BackendV4>(l, c, RULES_V4)?;
     copy_hash::<RuleKeyV6, BackendV6>(l, c, RULES_V6)?;

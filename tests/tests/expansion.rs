@@ -14,7 +14,7 @@ use std::{
 
 use aya::maps::{Array, HashMap, MapData};
 use portfwd::{
-    dataplane::{Dataplane, V4},
+    dataplane::{Dataplane, DEFAULT_MAX_FLOWS, V4},
     pin::PinDir,
 };
 use portfwd_common::{
@@ -142,8 +142,11 @@ fn expansions_are_recognised_after_a_restart() {
     let pins = PinFs::new();
     let w = BackendV4::new(BACKEND, 8080, 1);
     {
-        let mut dp =
-            Dataplane::load_pinned(PinDir::open(&pins.pin_dir()).expect("pin dir")).expect("load");
+        let mut dp = Dataplane::load_pinned(
+            PinDir::open(&pins.pin_dir()).expect("pin dir"),
+            DEFAULT_MAX_FLOWS,
+        )
+        .expect("load");
         dp.sync_host_addrs(&hosts(&[H1, H2])).expect("hosts");
         dp.insert_rule(key(Ipv4Addr::UNSPECIFIED, 9000), w)
             .expect("wildcard");
@@ -156,8 +159,11 @@ fn expansions_are_recognised_after_a_restart() {
             .expect("old bits");
         dp.keep_pins();
     }
-    let mut dp =
-        Dataplane::load_pinned(PinDir::open(&pins.pin_dir()).expect("pin dir")).expect("reload");
+    let mut dp = Dataplane::load_pinned(
+        PinDir::open(&pins.pin_dir()).expect("pin dir"),
+        DEFAULT_MAX_FLOWS,
+    )
+    .expect("reload");
     assert_eq!(
         dp.rules_snapshot_of::<V4>().expect("snapshot"),
         vec![(key(Ipv4Addr::UNSPECIFIED, 9000), w)]

@@ -10,6 +10,7 @@ mod frame;
 mod micro;
 mod report;
 mod restart;
+mod scale;
 mod serve;
 mod sys;
 mod topo;
@@ -69,6 +70,10 @@ pub struct Args {
     /// gap, flood rate).
     #[arg(long)]
     no_restart: bool,
+    /// Skip the scale cases (hit cost and forwarding with up to 1,000,000 live flows,
+    /// publishing 65,535 ports).
+    #[arg(long)]
+    no_scale: bool,
     /// Results directory (default: bench-results/<UTC timestamp>).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -98,6 +103,7 @@ struct Config {
     flood: Duration,
     /// Longest wait for an idle machine before each case.
     settle: Duration,
+    scale: scale::Plan,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -305,6 +311,10 @@ pub fn run(args: Args) -> Result<()> {
             cfg.flood,
         );
     }
+    if !args.no_scale {
+        eprintln!("bench: scale (live flows, published ports)");
+        res.scale = scale::run(&art, &format!("pfb-{pid}-"), &sock_dir, &cfg.scale);
+    }
     res.meta.insert(
         "wall time".into(),
         format!("{:.0} s", started.elapsed().as_secs_f64()),
@@ -424,7 +434,7 @@ fn run_variant(
             }
             Workload::Latency => work::latency(&topo.client, t.addr, t.echo, cfg.latency_secs),
             Workload::Udp64 => {
-                work::udp64(&topo, art, t.addr, t.udp.unwrap_or(0), cfg.latency_secs)
+                work::udp64(&topo, art, t.addr, t.udp.unwrap_or(0), cfg.latency_secs, 0)
                     .map(|m| vec![m])
             }
             Workload::LocalCrr | Workload::LocalTcp1 => {
@@ -566,6 +576,25 @@ fn config(args: &Args) -> Result<Config> {
         flood: Duration::from_secs(if q { 2 } else { 8 }),
         // The smoke run does not wait for quiet: it makes no timing claims.
         settle: Duration::from_millis(if q { 0 } else { 5_000 }),
+        scale: scale::Plan {
+            cost_flows: if q {
+                vec![1_000, 10_000]
+            } else {
+                vec![1_000, 100_000, 1_000_000]
+            },
+            frames: if q { 2_000 } else { 20_000 },
+            passes: if q { 3 } else { 7 },
+            // One flow first: what the others compare with.
+            rate_flows: if q {
+                vec![1, 1_000]
+            } else {
+                vec![1, 1_000, 100_000, 1_000_000]
+            },
+            rate_runs: if q { 1 } else { 3 },
+            secs: if q { 1 } else { secs.clamp(1, 3) },
+            ports: if q { 1_000 } else { 65_535 },
+            settle: Duration::from_millis(if q { 0 } else { 5_000 }),
+        },
     })
 }
 

@@ -229,7 +229,7 @@ fn median_of(runs: usize, mut f: impl FnMut() -> Result<f64>) -> Result<(f64, f6
 
 /// The empty programs (floor), loaded with the raw `bpf(2)` syscall: two instructions,
 /// `r0 = verdict; exit`, no object file needed.
-mod raw {
+pub(super) mod raw {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
     use anyhow::{bail, Result};
@@ -245,7 +245,7 @@ mod raw {
         unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len() as u32) }
     }
 
-    fn load(prog_type: u32, verdict: i32) -> Result<OwnedFd> {
+    pub fn load(prog_type: u32, verdict: i32) -> Result<OwnedFd> {
         let mut insns = [0u8; 16];
         insns[0] = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K, dst r0
         insns[4..8].copy_from_slice(&verdict.to_ne_bytes());
@@ -266,7 +266,11 @@ mod raw {
 
     /// Average ns per run of the empty program over `repeat` runs.
     pub fn time_empty(prog_type: u32, verdict: i32, data: &[u8], repeat: u32) -> Result<f64> {
-        let fd = load(prog_type, verdict)?;
+        time_loaded(&load(prog_type, verdict)?, data, repeat)
+    }
+
+    /// Average ns per run of the loaded program `fd` over `repeat` runs.
+    pub fn time_loaded(fd: &OwnedFd, data: &[u8], repeat: u32) -> Result<f64> {
         let mut out = vec![0u8; data.len() + 256];
         let mut attr = [0u8; 128];
         attr[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());

@@ -332,6 +332,7 @@ pub fn udp64(
     dst: Ipv4Addr,
     dport: u16,
     secs: u64,
+    flows: u32,
 ) -> Result<Measure> {
     let hif = topo.host_if.clone();
     // GRO (NAPI) is on for every workload (the topology turns it on).
@@ -366,6 +367,10 @@ pub fn udp64(
         let mut tpl: Array<_, [u8; 64]> =
             Array::try_from(ebpf.map_mut("BENCH_TEMPLATE").context("BENCH_TEMPLATE")?)?;
         tpl.set(0, frame, 0)?;
+        // `flows` > 0: each frame from its own source (`BENCH_SPREAD`, the scale runs).
+        let mut spread: Array<_, [u32; 2]> =
+            Array::try_from(ebpf.map_mut("BENCH_SPREAD").context("BENCH_SPREAD")?)?;
+        spread.set(0, [flows, 0], 0)?;
         {
             let gen: &mut Xdp = ebpf
                 .program_mut("bench_gen")
