@@ -430,6 +430,9 @@ pub struct FastPathFib {
     /// The interface's MTU: a longer packet needs fragmenting, the kernel's job.
     pub mtu: u16,
     pub neighbours: Vec<([u8; 4], [u8; 6])>,
+    /// The interface's IPv6 subnet (network, prefix length), if it has one.
+    pub subnet6: Option<([u8; 16], u8)>,
+    pub neighbours6: Vec<([u8; 16], [u8; 6])>,
 }
 
 impl FastPathFib {
@@ -446,6 +449,20 @@ impl FastPathFib {
             return None;
         }
         let (_, dmac) = self.neighbours.iter().find(|(a, _)| *a == dst)?;
+        Some((self.ifindex, self.smac, *dmac))
+    }
+
+    /// As [`Self::lookup`], for IPv6 (`len`: header included).
+    pub fn lookup_v6(&self, dst: [u8; 16], len: u16) -> Option<(u32, [u8; 6], [u8; 6])> {
+        let (net, prefix) = self.subnet6?;
+        if len > self.mtu {
+            return None;
+        }
+        let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+        if u128::from_be_bytes(dst) & mask != u128::from_be_bytes(net) & mask {
+            return None;
+        }
+        let (_, dmac) = self.neighbours6.iter().find(|(a, _)| *a == dst)?;
         Some((self.ifindex, self.smac, *dmac))
     }
 }
@@ -541,6 +558,15 @@ impl Maps for KernelMaps<'_> {
     /// then the kernel's copy of the bridge ports.
     fn next_hop(&self, q: &FibQuery) -> Option<NextHop> {
         let (ifindex, smac, dmac) = self.fib?.lookup(q.dst, q.tot_len)?;
+        let port: u32 = self.hash_get(BRIDGE_PORTS, &BridgePortKey::new(ifindex, dmac))?;
+        Some(NextHop {
+            ifindex: port,
+            smac,
+            dmac,
+        })
+    }
+    fn next_hop_v6(&self, q: &FibQuery<16>) -> Option<NextHop> {
+        let (ifindex, smac, dmac) = self.fib?.lookup_v6(q.dst, q.tot_len)?;
         let port: u32 = self.hash_get(BRIDGE_PORTS, &BridgePortKey::new(ifindex, dmac))?;
         Some(NextHop {
             ifindex: port,

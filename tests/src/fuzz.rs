@@ -194,6 +194,15 @@ impl Maps for Mirror {
             dmac,
         })
     }
+    fn next_hop_v6(&self, q: &FibQuery<16>) -> Option<NextHop> {
+        let (ifindex, smac, dmac) = self.fib.as_ref()?.lookup_v6(q.dst, q.tot_len)?;
+        let port = *self.bridge_ports.get(&BridgePortKey::new(ifindex, dmac))?;
+        Some(NextHop {
+            ifindex: port,
+            smac,
+            dmac,
+        })
+    }
 }
 
 impl Nat64Maps for Mirror {

@@ -110,6 +110,12 @@ fn backend_net() -> (Netns, FastPathFib, Route) {
     ns.ip(&format!(
         "neigh add {BACKEND} lladdr {mac} dev d0 nud permanent"
     ));
+    // The IPv6 backends' subnet too, for the IPv6 fast path.
+    ns.ip("-6 addr add 2001:2:0:1::1/64 dev d0 nodad");
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1");
+    ns.ip(&format!(
+        "-6 neigh add {BACKEND6} lladdr {mac} dev d0 nud permanent"
+    ));
     let link = ns.ip("-o link show d0");
     let ifindex = link
         .split(':')
@@ -134,6 +140,8 @@ fn backend_net() -> (Netns, FastPathFib, Route) {
         smac,
         mtu: 1500,
         neighbours: vec![(BACKEND.octets(), BACKEND_MAC)],
+        subnet6: Some((Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 0).octets(), 64)),
+        neighbours6: vec![(BACKEND6.octets(), BACKEND_MAC)],
     };
     let route = Route {
         src: HOST_BACK.octets(),

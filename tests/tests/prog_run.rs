@@ -468,6 +468,8 @@ fn fast_path_net() -> (Netns, FastPathFib) {
         smac,
         mtu: 1500,
         neighbours: vec![(BACKEND.octets(), BACKEND_MAC)],
+        subnet6: None,
+        neighbours6: Vec::new(),
     };
     (ns, fib)
 }
