@@ -31,7 +31,8 @@ use crate::{
     port_bits, proto,
     rules::{self, Caller, RuleMaps},
     BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Nat64Flow, Nat64Reply, Reason,
-    RuleKeyV4, RuleKeyV6, CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONFIG_NO_NAT64,
+    RuleKeyV4, RuleKeyV6, CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONFIG_FAST_PATH_NO_PEER,
+    CONFIG_NO_NAT64,
 };
 
 /// Which program runs the frame.
@@ -68,6 +69,8 @@ pub enum Verdict {
     Drop,
     /// Out of this interface (the fast path).
     Redirect(u32),
+    /// Into the peer of this veth (the fast path at TC ingress: `bpf_redirect_peer`).
+    RedirectPeer(u32),
     /// TC ingress jumps to the NAT64 program, which decides from there ([`nat64`]).
     TailCallNat64,
     /// Out of this interface, the kernel filling in the MACs (`bpf_redirect_neigh`:
@@ -81,6 +84,9 @@ pub enum Verdict {
 pub struct NextHop {
     /// The bridge port to redirect to.
     pub ifindex: u32,
+    /// The port is a veth whose peer is in another namespace
+    /// ([`crate::BRIDGE_PORT_PEER`]): TC ingress redirects into the peer.
+    pub peer: bool,
     /// The source MAC the frame gets (the egress interface's).
     pub smac: [u8; 6],
     /// The next hop's MAC.
@@ -537,12 +543,22 @@ fn ingress_v4(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Flow<4>) -> Ou
     match (ttl > 1).then(|| maps.next_hop(&query)).flatten() {
         Some(hop) => {
             forward(frame, f.ip_off, hop.smac, hop.dmac);
-            out.verdict = Verdict::Redirect(hop.ifindex);
+            out.verdict = redirect(hook, maps.config_flags(), &hop);
             out.reasons[1] = Some(Reason::Redirected);
         }
         None => out.reasons[1] = Some(Reason::FastPathFallback),
     }
     out
+}
+
+/// The fast path's verdict: into the veth's peer where TC can (unless switched off),
+/// else out of the port.
+fn redirect(hook: Hook, flags: u64, hop: &NextHop) -> Verdict {
+    if hop.peer && hook == Hook::TcIngress && flags & CONFIG_FAST_PATH_NO_PEER == 0 {
+        Verdict::RedirectPeer(hop.ifindex)
+    } else {
+        Verdict::Redirect(hop.ifindex)
+    }
 }
 
 /// Forwards one hop as the kernel would: new MACs, TTL minus one (header checksum
@@ -618,7 +634,7 @@ fn ingress_v6(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Flow<16>) -> O
             put(frame, 6, &hop.smac);
             // No checksum covers the hop limit.
             frame[f.ip_off + IP6_HOP_LIMIT_OFF] = hops - 1;
-            out.verdict = Verdict::Redirect(hop.ifindex);
+            out.verdict = redirect(hook, maps.config_flags(), &hop);
             out.reasons[1] = Some(Reason::Redirected);
         }
         None => out.reasons[1] = Some(Reason::FastPathFallback),

@@ -14,7 +14,7 @@ use portfwd_common::{
     packet::{
         IP6_HOP_LIMIT_OFF, IP6_PLEN_OFF, IPV4_MIN_HLEN, IPV6_HLEN, IP_TOT_LEN_OFF, IP_TTL_OFF,
     },
-    BridgePortKey,
+    BridgePortKey, BRIDGE_PORT_PEER,
 };
 
 use crate::{
@@ -29,6 +29,8 @@ const AF_INET6: u8 = 10;
 /// Where a translated packet is sent, and the MACs to give it.
 pub struct NextHop {
     pub port_ifindex: u32,
+    /// The port is a veth whose peer is in another namespace (`BRIDGE_PORT_PEER`).
+    pub peer: bool,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
 }
@@ -109,7 +111,8 @@ fn lookup<P: Packet>(pkt: &P, p: &mut FibParams) -> Option<NextHop> {
     let key = BridgePortKey::new(p.ifindex, p.dmac);
     let port = maps::bridge_port(&key)?;
     Some(NextHop {
-        port_ifindex: port,
+        port_ifindex: port & !BRIDGE_PORT_PEER,
+        peer: port & BRIDGE_PORT_PEER != 0,
         smac: p.smac,
         dmac: p.dmac,
     })

@@ -34,6 +34,9 @@ pub enum Verdict {
     Drop,
     /// Send out of this interface (the fast path), via the hook's redirect.
     Redirect(u32),
+    /// Hand to the peer of this veth, in its own namespace (the fast path at TC:
+    /// `bpf_redirect_peer`); XDP, which has no such redirect, sends it out of the veth.
+    RedirectPeer(u32),
     /// Send out of this interface with the kernel's neighbour lookup filling the MACs
     /// (`bpf_redirect_neigh`, TC only: NAT64).
     RedirectNeigh(u32),

@@ -11,7 +11,8 @@
 use portfwd_common::{
     packet::may_start_flow,
     rules::{self, Caller},
-    BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Reason, CONFIG_NO_NAT64,
+    BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Reason, CONFIG_FAST_PATH_NO_PEER,
+    CONFIG_NO_NAT64,
 };
 
 use crate::{
@@ -88,12 +89,22 @@ fn ingress_v4<P: Packet>(pkt: &mut P, flow: Ipv4Flow, fast_path_bit: u64) -> Ver
     match fastpath::next_hop(pkt, &translated) {
         Some(hop) if pkt.forward(&translated, hop.smac, hop.dmac).is_ok() => {
             count(Reason::Redirected);
-            Verdict::Redirect(hop.port_ifindex)
+            redirect(&hop)
         }
         _ => {
             count(Reason::FastPathFallback);
             Verdict::Pass
         }
+    }
+}
+
+/// The fast path's verdict for `hop`.
+#[inline(always)]
+fn redirect(hop: &fastpath::NextHop) -> Verdict {
+    if hop.peer && maps::config().flags & CONFIG_FAST_PATH_NO_PEER == 0 {
+        Verdict::RedirectPeer(hop.port_ifindex)
+    } else {
+        Verdict::Redirect(hop.port_ifindex)
     }
 }
 
@@ -174,7 +185,7 @@ fn ingress_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow, fast_path_bit: u64) -> Ver
     match fastpath::next_hop_v6(pkt, &translated) {
         Some(hop) if pkt.forward_v6(&translated, hop.smac, hop.dmac).is_ok() => {
             count(Reason::Redirected);
-            Verdict::Redirect(hop.port_ifindex)
+            redirect(&hop)
         }
         _ => {
             count(Reason::FastPathFallback);

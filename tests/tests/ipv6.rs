@@ -181,16 +181,31 @@ fn remote_client_over_ipv6_xdp() {
     remote_client_case("remote_client_over_ipv6_xdp", "6x", "xdp");
 }
 
+/// Packets sent by an interface of `ns`, from `ip -s -j link`.
+fn tx_packets(ns: &portfwd_tests::netns::Netns, dev: &str) -> u64 {
+    let out = ns.ip(&format!("-s -j link show {dev}"));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j output");
+    v[0]["stats64"]["tx"]["packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("tx packets of {dev} in {out}"))
+}
+
 /// With `--fast-path`, translated IPv6 packets take it (redirected straight to the
 /// container's bridge port, hop limit decremented), not the fallback: an upload whose
 /// every segment is redirected arrives intact, and so do a download and a UDP exchange.
-fn fast_path_case(test: &str, tag: &str, ingress: &str) {
-    let args = [
+/// From TC the container's veth is handed the packets directly (`bpf_redirect_peer`):
+/// the host's end of it (`vc1`) transmits none of them; with `no_peer`
+/// (`--fast-path-no-peer`) it transmits them all.
+fn fast_path_case(test: &str, tag: &str, ingress: &str, no_peer: bool) {
+    let mut args = vec![
         "--ingress",
         ingress,
         "--fast-path",
         "--fast-path-native-xdp",
     ];
+    if no_peer {
+        args.push("--fast-path-no-peer");
+    }
     let Some(net) = Net6::with_args(test, tag, &args) else {
         return;
     };
@@ -211,6 +226,7 @@ fn fast_path_case(test: &str, tag: &str, ingress: &str) {
         std::thread::sleep(Duration::from_millis(200));
     }
     let (redirected, fallback) = (d.reason("redirected"), d.reason("fast_path_fallback"));
+    let vc1_tx = tx_packets(&topo.host, "vc1");
 
     const N: u64 = 20 * 1024 * 1024;
     let connect = || {
@@ -240,7 +256,21 @@ fn fast_path_case(test: &str, tag: &str, ingress: &str) {
         "{ingress}: {grown} redirected for {N} bytes"
     );
     let fell_back = d.reason("fast_path_fallback") - fallback;
-    eprintln!("{ingress}: {grown} redirected, {fell_back} fell back, for {N} bytes each way");
+    let vc1_sent = tx_packets(&topo.host, "vc1") - vc1_tx;
+    eprintln!(
+        "{ingress}: {grown} redirected, {fell_back} fell back, vc1 sent {vc1_sent}, for {N} bytes each way"
+    );
+    if ingress == "tc" && no_peer {
+        assert!(
+            vc1_sent >= grown,
+            "tc, no peer: the host's veth sent {vc1_sent} packets of {grown} redirected"
+        );
+    } else if ingress == "tc" {
+        assert!(
+            vc1_sent * 100 < grown,
+            "tc: the host's veth sent {vc1_sent} packets of {grown} redirected: not into the peer"
+        );
+    }
     assert!(
         fell_back * 100 < grown,
         "{ingress}: {fell_back} fallbacks against {grown} redirects"
@@ -249,12 +279,17 @@ fn fast_path_case(test: &str, tag: &str, ingress: &str) {
 
 #[test]
 fn fast_path_redirects_ipv6_tc() {
-    fast_path_case("fast_path_redirects_ipv6_tc", "6ft", "tc");
+    fast_path_case("fast_path_redirects_ipv6_tc", "6ft", "tc", false);
+}
+
+#[test]
+fn fast_path_redirects_ipv6_tc_no_peer() {
+    fast_path_case("fast_path_redirects_ipv6_tc_no_peer", "6fn", "tc", true);
 }
 
 #[test]
 fn fast_path_redirects_ipv6_xdp() {
-    fast_path_case("fast_path_redirects_ipv6_xdp", "6fx", "xdp");
+    fast_path_case("fast_path_redirects_ipv6_xdp", "6fx", "xdp", false);
 }
 
 #[test]

@@ -16,7 +16,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use portfwd::dataplane::Dataplane;
 use portfwd_common::{
     model::Verdict, proto, BackendV4, BackendV6, BridgePortKey, Reason, RuleKeyV4, RuleKeyV6,
-    CONNTRACK_V6,
+    BRIDGE_PORT_PEER, CONNTRACK_V6,
 };
 use portfwd_tests::fixture::{
     check_case, compare_in, echo_request, privileged, reply_translated, run_checked, translated,
@@ -550,7 +550,7 @@ fn fast_path_net() -> (Netns, FastPathFib) {
 /// The IPv6 fast path, compared with the model: a translated packet is forwarded one hop
 /// (the FIB's MACs, hop limit minus one, checksums as translated) and redirected to the
 /// backend's bridge port at every ingress hook; an expiring hop limit, a packet over the
-/// route's MTU or an unknown bridge port falls back to the kernel; random and mutated
+/// route's MTU, a link-local source or an unknown bridge port falls back to the kernel; random and mutated
 /// frames agree with the model with the fast path on.
 #[test]
 fn fast_path_v6_matches_model() {
@@ -579,6 +579,11 @@ fn fast_path_v6_matches_model() {
         payload: vec![7; 1500],
         ..udp.clone()
     };
+    // The kernel never forwards a link-local source off its link: no next hop.
+    let link_local = Frame::udp(
+        (Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1), 40000),
+        (HOST2, 5353),
+    );
     for prog in [Prog::XdpIngress, Prog::XdpGeneric, Prog::TcIngress] {
         for (f, backend) in [(&syn, (BACKEND, 8080)), (&udp, (BACKEND, 53))] {
             let c = compare_in(&dp, env, prog, &f.build()).expect("runs");
@@ -595,7 +600,7 @@ fn fast_path_v6_matches_model() {
             assert_eq!(c.output, forwarded.build(), "{prog:?}: forwarded one hop");
             assert!(c.counted.contains(&(Reason::Redirected, 1)), "{prog:?}");
         }
-        for f in [&expiring, &too_big] {
+        for f in [&expiring, &too_big, &link_local] {
             let c = compare_in(&dp, env, prog, &f.build()).expect("runs");
             assert_eq!(c.outcome.verdict, Verdict::Pass, "{prog:?}");
             assert!(
@@ -618,6 +623,24 @@ fn fast_path_v6_matches_model() {
         Prog::TcEgress,
     ];
     common::kernel_matches_model_in(&dp, env, &pool, &progs, 200);
+
+    // A port whose veth peer is in another namespace: TC hands the packet to the peer,
+    // XDP (which cannot) sends it out of the port.
+    let peer = [(
+        BridgePortKey::new(fib.ifindex, BACKEND_MAC),
+        BRIDGE_PORT | BRIDGE_PORT_PEER,
+    )]
+    .into_iter()
+    .collect();
+    dp.sync_bridge_ports(&peer).expect("bridge ports");
+    for (prog, want) in [
+        (Prog::XdpIngress, Verdict::Redirect(BRIDGE_PORT)),
+        (Prog::XdpGeneric, Verdict::Redirect(BRIDGE_PORT)),
+        (Prog::TcIngress, Verdict::RedirectPeer(BRIDGE_PORT)),
+    ] {
+        let c = compare_in(&dp, env, prog, &syn.build()).expect("runs");
+        assert_eq!(c.outcome.verdict, want, "{prog:?}");
+    }
 
     // The bridge port unknown: the kernel routes the translated packet.
     dp.sync_bridge_ports(&Default::default())

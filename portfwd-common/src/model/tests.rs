@@ -492,6 +492,7 @@ fn fast_path() {
     let fx = fixture();
     let hop = NextHop {
         ifindex: 9,
+        peer: false,
         smac: [2, 0, 0, 0, 0, 9],
         dmac: [2, 0, 0, 0, 0, 10],
     };
@@ -559,6 +560,32 @@ fn fast_path() {
             run_on(Hook::XdpIngress, &other, &f.build()).0.reasons,
             [Some(Reason::Translated), None]
         );
+    }
+    // A veth port with its peer elsewhere: TC hands the packet to the peer unless
+    // switched off; XDP cannot, and sends it out of the port.
+    let peer = NextHop { peer: true, ..hop };
+    for (hook, flags, want) in [
+        (Hook::TcIngress, CONFIG_FAST_PATH, Verdict::RedirectPeer(9)),
+        (
+            Hook::TcIngress,
+            CONFIG_FAST_PATH | CONFIG_FAST_PATH_NO_PEER,
+            Verdict::Redirect(9),
+        ),
+        (Hook::XdpGeneric, CONFIG_FAST_PATH, Verdict::Redirect(9)),
+        (
+            Hook::XdpIngress,
+            CONFIG_FAST_PATH_NATIVE_XDP,
+            Verdict::Redirect(9),
+        ),
+    ] {
+        let maps = Tables {
+            config_flags: flags,
+            next_hop: Some(peer),
+            ..fx.tables()
+        };
+        for f in [&f4, &f6] {
+            assert_eq!(run_on(hook, &maps, &f.build()).0.verdict, want, "{hook:?}");
+        }
     }
 }
 
