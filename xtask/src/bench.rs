@@ -48,7 +48,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     variants: Vec<String>,
     /// Workloads, comma-separated (default all): tcp1, tcp4, crr, keepalive, latency,
-    /// local-crr, local-tcp1, v6-tcp1, v6-crr, udp64.
+    /// local-crr, local-tcp1, v6-tcp1, v6-crr, udp64, v6-udp64.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
     /// Skip the BPF_PROG_RUN program costs.
@@ -282,7 +282,8 @@ fn run_variant(
         if local && active.local.is_err() {
             continue;
         }
-        if w == Workload::Udp64 && t.udp.is_none() {
+        if (w == Workload::Udp64 && t.udp.is_none()) || (w == Workload::V6Udp64 && t.udp6.is_none())
+        {
             continue;
         }
         let v6 = matches!(w, Workload::V6Tcp1 | Workload::V6Crr);
@@ -312,9 +313,17 @@ fn run_variant(
                 }
             }
             Workload::Latency => work::latency(&topo.client, t.addr, t.echo, cfg.latency_secs),
-            Workload::Udp64 => {
-                work::udp64(&topo, art, t.addr, t.udp.unwrap_or(0), cfg.latency_secs)
-                    .map(|m| vec![m])
+            Workload::Udp64 => work::udp64(
+                &topo,
+                art,
+                t.addr.into(),
+                t.udp.unwrap_or(0),
+                cfg.latency_secs,
+            )
+            .map(|m| vec![m]),
+            Workload::V6Udp64 => {
+                let Some((addr, port)) = t.udp6 else { continue };
+                work::udp64(&topo, art, addr.into(), port, cfg.latency_secs).map(|m| vec![m])
             }
             Workload::LocalCrr | Workload::LocalTcp1 => {
                 let Ok(&(addr, http, iperf)) = active.local.as_ref() else {
