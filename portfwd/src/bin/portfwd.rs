@@ -95,7 +95,7 @@ struct Args {
     /// instead of handing them to the container's end (`bpf_redirect_peer`, the
     /// default): slower, but the host end's egress (a bandwidth-limiting qdisc, TC
     /// egress programs) sees them.
-    #[arg(long)]
+    #[arg(long, requires = "fast_path")]
     fast_path_no_peer: bool,
     /// No NAT64: remote IPv6 clients of a rule whose backend has no IPv6 address are
     /// not translated to IPv4 (they are passed, counted as `pass_no_ipv6_backend`), and
