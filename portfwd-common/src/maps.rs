@@ -7,9 +7,16 @@ use core::net::{Ipv4Addr, Ipv6Addr};
 /// Published rules, IPv4: (host address or 0.0.0.0 for "every host address", port,
 /// protocol) to backend. Written by the daemon, read by the ingress programs.
 pub const RULES_V4: &str = "RULES_V4";
-/// Per-flow translation state, IPv4, keyed as the backend's replies look. Written by the
-/// ingress programs once per flow, read by the reply translator. LRU: old flows age out.
+/// Established flows, IPv4, keyed as the backend's replies look. Written by the reply
+/// translator when the backend's answer proves a flow real (promoted from
+/// [`EMBRYONIC_V4`]), read by it first. LRU: old flows age out, but only flows whose
+/// handshake completed compete for its slots.
 pub const CONNTRACK_V4: &str = "CONNTRACK_V4";
+/// Embryonic flows, IPv4: what a TCP SYN or a UDP datagram records at ingress (same key
+/// and value as [`CONNTRACK_V4`]) until the backend's answer promotes it. A flood of
+/// spoofed SYNs churns this LRU table only. Read by the reply translator on a
+/// [`CONNTRACK_V4`] miss.
+pub const EMBRYONIC_V4: &str = "EMBRYONIC_V4";
 /// The host's own IPv4 addresses: a wildcard rule only matches packets sent to one of
 /// them (what Docker's `--dst-type LOCAL` does). Written by the daemon.
 pub const HOST_ADDRS_V4: &str = "HOST_ADDRS_V4";
@@ -29,6 +36,8 @@ pub const RULES_V6: &str = "RULES_V6";
 /// Per-flow translation state, IPv6, keyed as the backend's replies look (see
 /// [`CONNTRACK_V4`]). Written by the ingress programs, read by the reply translator.
 pub const CONNTRACK_V6: &str = "CONNTRACK_V6";
+/// Embryonic flows, IPv6 (see [`EMBRYONIC_V4`]).
+pub const EMBRYONIC_V6: &str = "EMBRYONIC_V6";
 /// The host's own IPv6 addresses, for wildcard (`::`) rules. Written by the daemon.
 pub const HOST_ADDRS_V6: &str = "HOST_ADDRS_V6";
 /// Local clients over IPv6 (see [`LOCAL_PEERS_V4`]). Written by connect6/sendmsg6, read
@@ -102,8 +111,12 @@ pub mod programs {
 pub const MAX_RULES: u32 = 65_536;
 /// Counter slots: one per published declaration (a range shares one slot).
 pub const MAX_STATS_SLOTS: u32 = 16_384;
-/// Tracked flows; the least recently used are evicted first.
+/// Established flows per family (`CONNTRACK_*`); the least recently used are evicted
+/// first.
 pub const MAX_FLOWS: u32 = 131_072;
+/// Embryonic flows per family (`EMBRYONIC_*`): handshakes in progress, and whatever a
+/// SYN flood leaves; the least recently used are evicted first.
+pub const MAX_EMBRYONIC_FLOWS: u32 = 65_536;
 /// Sockets of local clients tracked for `recvmsg`/`getpeername`.
 pub const MAX_LOCAL_PEERS: u32 = 65_536;
 /// Host addresses tracked for wildcard rules.

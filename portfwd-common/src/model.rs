@@ -22,11 +22,11 @@
 use crate::{
     csum,
     packet::{
-        is_ext_header, may_start_flow, Flow, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP,
-        ETH_P_IPV6, IP6_DST_OFF, IP6_HOP_LIMIT_OFF, IP6_NEXT_OFF, IP6_PLEN_OFF, IP6_SRC_OFF,
-        IPV4_MIN_HLEN, IPV6_HLEN, IPV6_NH_FRAGMENT, IP_CSUM_OFF, IP_DST_OFF, IP_FRAG_MASK,
-        IP_FRAG_OFF, IP_PROTO_OFF, IP_SRC_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF, TCP_FLAGS_OFF, TCP_HLEN,
-        UDP_HLEN, VLAN_HLEN,
+        is_ext_header, may_start_flow, promotes, Flow, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q,
+        ETH_P_IP, ETH_P_IPV6, IP6_DST_OFF, IP6_HOP_LIMIT_OFF, IP6_NEXT_OFF, IP6_PLEN_OFF,
+        IP6_SRC_OFF, IPV4_MIN_HLEN, IPV6_HLEN, IPV6_NH_FRAGMENT, IP_CSUM_OFF, IP_DST_OFF,
+        IP_FRAG_MASK, IP_FRAG_OFF, IP_PROTO_OFF, IP_SRC_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF,
+        TCP_FLAGS_OFF, TCP_HLEN, UDP_HLEN, VLAN_HLEN,
     },
     port_bits, proto,
     rules::{self, Caller, RuleMaps},
@@ -121,6 +121,10 @@ pub trait Maps: RuleMaps {
     fn flow_v4(&self, key: &FlowKeyV4) -> Option<FlowV4>;
     /// `CONNTRACK_V6[key]`.
     fn flow_v6(&self, key: &FlowKeyV6) -> Option<FlowV6>;
+    /// `EMBRYONIC_V4[key]`.
+    fn embryonic_v4(&self, key: &FlowKeyV4) -> Option<FlowV4>;
+    /// `EMBRYONIC_V6[key]`.
+    fn embryonic_v6(&self, key: &FlowKeyV6) -> Option<FlowV6>;
     /// Whether `NAT64_REPLIES` holds `key`.
     fn is_nat64_reply(&self, key: &FlowKeyV4) -> bool;
     /// `CONFIG.flags`.
@@ -146,6 +150,10 @@ pub struct Tables<'a> {
     pub flows_v4: &'a [(FlowKeyV4, FlowV4)],
     /// `CONNTRACK_V6`.
     pub flows_v6: &'a [(FlowKeyV6, FlowV6)],
+    /// `EMBRYONIC_V4`.
+    pub embryonic_v4: &'a [(FlowKeyV4, FlowV4)],
+    /// `EMBRYONIC_V6`.
+    pub embryonic_v6: &'a [(FlowKeyV6, FlowV6)],
     /// `NAT64_FLOWS`.
     pub nat64_flows: &'a [(FlowKeyV6, Nat64Flow)],
     /// `NAT64_REPLIES`.
@@ -216,6 +224,18 @@ impl Maps for Tables<'_> {
             .find(|(k, _)| k == key)
             .map(|(_, f)| *f)
     }
+    fn embryonic_v4(&self, key: &FlowKeyV4) -> Option<FlowV4> {
+        self.embryonic_v4
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, f)| *f)
+    }
+    fn embryonic_v6(&self, key: &FlowKeyV6) -> Option<FlowV6> {
+        self.embryonic_v6
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, f)| *f)
+    }
     fn is_nat64_reply(&self, key: &FlowKeyV4) -> bool {
         self.nat64_replies.iter().any(|(k, _)| k == key)
     }
@@ -254,12 +274,13 @@ impl nat64::Nat64Maps for Tables<'_> {
     }
 }
 
-/// A conntrack entry the program makes sure of (inserted, or found identical).
+/// A flow entry a program writes (or finds identical): which table it goes to is the
+/// [`Outcome`] field that holds it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlowWrite {
-    /// `CONNTRACK_V4[key] = value`.
+    /// `key → value`, IPv4.
     V4(FlowKeyV4, FlowV4),
-    /// `CONNTRACK_V6[key] = value`.
+    /// `key → value`, IPv6.
     V6(FlowKeyV6, FlowV6),
 }
 
@@ -279,8 +300,14 @@ pub struct Outcome {
     pub verdict: Verdict,
     /// The reasons counted, in order (a translation on the fast path counts two).
     pub reasons: [Option<Reason>; 2],
-    /// The conntrack entry written, if any.
+    /// Ingress, a packet that may start a flow whose `CONNTRACK` entry is not already
+    /// this one: the `EMBRYONIC` entry written (or found identical). A `CONNTRACK` entry
+    /// under the same key with another value is removed (the client's new connection
+    /// on that 4-tuple goes elsewhere now).
     pub flow: Option<FlowWrite>,
+    /// Reply, a packet that proves an embryonic flow real: the entry moved from
+    /// `EMBRYONIC` to `CONNTRACK` (inserted there, removed here).
+    pub promoted: Option<FlowWrite>,
     /// The rule counter incremented, if any.
     pub rule: Option<RuleCount>,
 }
@@ -291,6 +318,7 @@ impl Outcome {
             verdict: Verdict::Pass,
             reasons: [Some(reason), None],
             flow: None,
+            promoted: None,
             rule: None,
         }
     }
@@ -300,6 +328,7 @@ impl Outcome {
             verdict,
             reasons: [None, None],
             flow: None,
+            promoted: None,
             rule: None,
         }
     }
@@ -502,23 +531,26 @@ fn ingress_v4(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Flow<4>) -> Ou
         Ok(b) => b,
         Err(reason) => return Outcome::pass(reason),
     };
-    let flow = may_start_flow(f.proto, f.tcp_flags).then(|| {
-        FlowWrite::V4(
-            FlowKeyV4::new(
+    let flow = may_start_flow(f.proto, f.tcp_flags)
+        .then(|| {
+            let key = FlowKeyV4::new(
                 backend.addr_bytes(),
                 backend.port_be(),
                 f.src,
                 f.sport,
                 f.proto,
-            ),
-            FlowV4::new(f.dst, f.dport, backend.stats_slot()),
-        )
-    });
+            );
+            let value = FlowV4::new(f.dst, f.dport, backend.stats_slot());
+            // Established already (a retransmitted SYN, the next datagram): nothing.
+            (maps.flow_v4(&key) != Some(value)).then_some(FlowWrite::V4(key, value))
+        })
+        .flatten();
     rewrite_v4(frame, f, End::Dst, backend.addr_bytes(), backend.port_be());
     let mut out = Outcome {
         verdict: Verdict::Pass,
         reasons: [Some(Reason::Translated), None],
         flow,
+        promoted: None,
         rule: Some(RuleCount {
             slot: backend.stats_slot(),
             reply: false,
@@ -589,23 +621,25 @@ fn ingress_v6(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Flow<16>) -> O
         }
         return Outcome::uncounted(Verdict::TailCallNat64);
     }
-    let flow = may_start_flow(f.proto, f.tcp_flags).then(|| {
-        FlowWrite::V6(
-            FlowKeyV6::new(
+    let flow = may_start_flow(f.proto, f.tcp_flags)
+        .then(|| {
+            let key = FlowKeyV6::new(
                 backend.addr_bytes(),
                 backend.port_be(),
                 f.src,
                 f.sport,
                 f.proto,
-            ),
-            FlowV6::new(f.dst, f.dport, backend.stats_slot()),
-        )
-    });
+            );
+            let value = FlowV6::new(f.dst, f.dport, backend.stats_slot());
+            (maps.flow_v6(&key) != Some(value)).then_some(FlowWrite::V6(key, value))
+        })
+        .flatten();
     rewrite_v6(frame, f, End::Dst, backend.addr_bytes(), backend.port_be());
     let mut out = Outcome {
         verdict: Verdict::Pass,
         reasons: [Some(Reason::Translated), None],
         flow,
+        promoted: None,
         rule: Some(RuleCount {
             slot: backend.stats_slot(),
             reply: false,
@@ -644,8 +678,15 @@ fn ingress_v6(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Flow<16>) -> O
 
 fn reply_v4(maps: &impl Maps, frame: &mut [u8], f: &Flow<4>) -> Outcome {
     let key = FlowKeyV4::new(f.src, f.sport, f.dst, f.dport, f.proto);
-    let Some(tracked) = maps.flow_v4(&key) else {
-        return Outcome::pass(Reason::PassNoFlow);
+    let (tracked, promoted) = match maps.flow_v4(&key) {
+        Some(t) => (t, None),
+        None => match maps.embryonic_v4(&key) {
+            Some(t) => (
+                t,
+                promotes(f.proto, f.tcp_flags).then_some(FlowWrite::V4(key, t)),
+            ),
+            None => return Outcome::pass(Reason::PassNoFlow),
+        },
     };
     rewrite_v4(
         frame,
@@ -654,13 +695,20 @@ fn reply_v4(maps: &impl Maps, frame: &mut [u8], f: &Flow<4>) -> Outcome {
         tracked.host_addr_bytes(),
         tracked.host_port_be(),
     );
-    translated_reply(tracked.stats_slot())
+    translated_reply(tracked.stats_slot(), promoted)
 }
 
 fn reply_v6(maps: &impl Maps, frame: &mut [u8], f: &Flow<16>) -> Outcome {
     let key = FlowKeyV6::new(f.src, f.sport, f.dst, f.dport, f.proto);
-    let Some(tracked) = maps.flow_v6(&key) else {
-        return Outcome::pass(Reason::PassNoFlow);
+    let (tracked, promoted) = match maps.flow_v6(&key) {
+        Some(t) => (t, None),
+        None => match maps.embryonic_v6(&key) {
+            Some(t) => (
+                t,
+                promotes(f.proto, f.tcp_flags).then_some(FlowWrite::V6(key, t)),
+            ),
+            None => return Outcome::pass(Reason::PassNoFlow),
+        },
     };
     rewrite_v6(
         frame,
@@ -669,14 +717,18 @@ fn reply_v6(maps: &impl Maps, frame: &mut [u8], f: &Flow<16>) -> Outcome {
         tracked.host_addr_bytes(),
         tracked.host_port_be(),
     );
-    translated_reply(tracked.stats_slot())
+    translated_reply(tracked.stats_slot(), promoted)
 }
 
-fn translated_reply(slot: u32) -> Outcome {
+fn translated_reply(slot: u32, promoted: Option<FlowWrite>) -> Outcome {
     Outcome {
         verdict: Verdict::Pass,
-        reasons: [Some(Reason::ReplyTranslated), None],
+        reasons: [
+            Some(Reason::ReplyTranslated),
+            promoted.map(|_| Reason::FlowPromoted),
+        ],
         flow: None,
+        promoted,
         rule: Some(RuleCount { slot, reply: true }),
     }
 }

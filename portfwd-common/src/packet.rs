@@ -103,6 +103,15 @@ pub fn may_start_flow(proto: u8, tcp_flags: u8) -> bool {
     proto != proto::TCP || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
+/// Whether a backend's packet on an embryonic flow proves the flow real, promoting it
+/// to the established table: a spoofed client never ACKs the backend's SYN-ACK, so
+/// until the handshake completes the backend sends only SYN-ACKs and RSTs. Any UDP
+/// answer promotes (UDP has no handshake: the backend's first reply is the proof).
+#[inline(always)]
+pub fn promotes(proto: u8, tcp_flags: u8) -> bool {
+    proto != proto::TCP || tcp_flags & (TCP_SYN | TCP_RST) == 0
+}
+
 /// Offset of the L4 checksum field in a TCP or UDP header.
 #[inline(always)]
 pub fn l4_csum_off(proto: u8) -> usize {
@@ -204,6 +213,22 @@ mod tests {
     fn checksum_offsets() {
         assert_eq!(l4_csum_off(proto::UDP), UDP_CSUM_OFF);
         assert_eq!(l4_csum_off(proto::TCP), TCP_CSUM_OFF);
+    }
+
+    #[test]
+    fn what_promotes() {
+        let table = [
+            (proto::UDP, 0, true),
+            (proto::TCP, TCP_ACK, true),
+            (proto::TCP, TCP_ACK | TCP_FIN, true),
+            (proto::TCP, TCP_SYN | TCP_ACK, false),
+            (proto::TCP, TCP_RST, false),
+            (proto::TCP, TCP_RST | TCP_ACK, false),
+            (proto::TCP, TCP_SYN, false),
+        ];
+        for (p, flags, yes) in table {
+            assert_eq!(promotes(p, flags), yes, "{p} {flags:#x}");
+        }
     }
 
     proptest! {

@@ -54,11 +54,15 @@ pub enum Reason {
     /// tag, IPv4 options, an expiring hop limit, or a helper failure before the packet
     /// changed. Passed untouched.
     Nat64Failed = 19,
+    /// Reply side, counted beside [`Reason::ReplyTranslated`]: the backend's first packet
+    /// that proves a handshake completed (TCP without SYN or RST; any UDP reply) moved
+    /// its flow from the embryonic table to the established one.
+    FlowPromoted = 20,
 }
 
 impl Reason {
     /// How many reasons there are (the length of `REASON_STATS`).
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
     /// Every reason, in counter order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Translated,
@@ -81,6 +85,7 @@ impl Reason {
         Reason::Nat64Translated,
         Reason::Nat64ReplyTranslated,
         Reason::Nat64Failed,
+        Reason::FlowPromoted,
     ];
 
     /// Stable snake_case name, for `list` and metrics.
@@ -106,6 +111,7 @@ impl Reason {
             Reason::Nat64Translated => "nat64_translated",
             Reason::Nat64ReplyTranslated => "nat64_reply_translated",
             Reason::Nat64Failed => "nat64_failed",
+            Reason::FlowPromoted => "flow_promoted",
         }
     }
 }

@@ -15,8 +15,8 @@ use portfwd_common::{packet::IPV6_HLEN, rules::RuleMaps};
 use portfwd_common::{
     BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6,
     LocalPeerKeyV4, LocalPeerKeyV6, LocalPeerV4, LocalPeerV6, Nat64Flow, Nat64Reply, Reason,
-    RuleKeyV4, RuleKeyV6, RuleStats, MAX_BRIDGE_PORTS, MAX_FLOWS, MAX_HOST_ADDRS, MAX_LOCAL_PEERS,
-    MAX_NAT64_FLOWS, MAX_RULES, MAX_STATS_SLOTS, NAT64_PROG_INDEX,
+    RuleKeyV4, RuleKeyV6, RuleStats, MAX_BRIDGE_PORTS, MAX_EMBRYONIC_FLOWS, MAX_FLOWS,
+    MAX_HOST_ADDRS, MAX_LOCAL_PEERS, MAX_NAT64_FLOWS, MAX_RULES, MAX_STATS_SLOTS, NAT64_PROG_INDEX,
 };
 
 #[map(name = "RULES_V4")]
@@ -24,6 +24,10 @@ static RULES_V4: HashMap<RuleKeyV4, BackendV4> = HashMap::with_max_entries(MAX_R
 
 #[map(name = "CONNTRACK_V4")]
 static CONNTRACK_V4: LruHashMap<FlowKeyV4, FlowV4> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+#[map(name = "EMBRYONIC_V4")]
+static EMBRYONIC_V4: LruHashMap<FlowKeyV4, FlowV4> =
+    LruHashMap::with_max_entries(MAX_EMBRYONIC_FLOWS, 0);
 
 #[map(name = "HOST_ADDRS_V4")]
 static HOST_ADDRS_V4: HashMap<[u8; 4], u8> = HashMap::with_max_entries(MAX_HOST_ADDRS, 0);
@@ -33,6 +37,10 @@ static RULES_V6: HashMap<RuleKeyV6, BackendV6> = HashMap::with_max_entries(MAX_R
 
 #[map(name = "CONNTRACK_V6")]
 static CONNTRACK_V6: LruHashMap<FlowKeyV6, FlowV6> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+#[map(name = "EMBRYONIC_V6")]
+static EMBRYONIC_V6: LruHashMap<FlowKeyV6, FlowV6> =
+    LruHashMap::with_max_entries(MAX_EMBRYONIC_FLOWS, 0);
 
 #[map(name = "HOST_ADDRS_V6")]
 static HOST_ADDRS_V6: HashMap<[u8; 16], u8> = HashMap::with_max_entries(MAX_HOST_ADDRS, 0);
@@ -168,10 +176,38 @@ pub fn conntrack_v4(key: &FlowKeyV4) -> Option<FlowV4> {
     unsafe { CONNTRACK_V4.get(key) }.copied()
 }
 
-/// Records an IPv4 flow for its replies (unless already recorded so).
+/// The embryonic IPv4 flow of a reply (looked up after a [`conntrack_v4`] miss).
 #[inline(always)]
-pub fn record_conntrack_v4(key: &FlowKeyV4, value: &FlowV4) -> Result<(), InsertFailed> {
-    record(&CONNTRACK_V4, key, value)
+pub fn embryonic_v4(key: &FlowKeyV4) -> Option<FlowV4> {
+    // SAFETY: copied out at once; LRU entries may be evicted concurrently.
+    unsafe { EMBRYONIC_V4.get(key) }.copied()
+}
+
+/// Records a packet that may start an IPv4 flow: nothing if the flow is established
+/// with this value already; else into the embryonic table, a stale established entry
+/// under the key removed (the client's new connection on it goes elsewhere).
+#[inline(always)]
+pub fn record_embryonic_v4(key: &FlowKeyV4, value: &FlowV4) -> Result<(), InsertFailed> {
+    // SAFETY: compared by value at once.
+    match unsafe { CONNTRACK_V4.get(key) } {
+        Some(existing) if existing == value => return Ok(()),
+        Some(_) => {
+            let _ = CONNTRACK_V4.remove(key);
+        }
+        None => {}
+    }
+    record(&EMBRYONIC_V4, key, value)
+}
+
+/// Moves an IPv4 flow from the embryonic table to the established one. On a failed
+/// insert the embryonic entry stays, for the next packet to try again.
+#[inline(always)]
+pub fn promote_v4(key: &FlowKeyV4, value: &FlowV4) -> Result<(), InsertFailed> {
+    CONNTRACK_V4
+        .insert(key, value, 0)
+        .map_err(|_| InsertFailed)?;
+    let _ = EMBRYONIC_V4.remove(key);
+    Ok(())
 }
 
 /// The tracked IPv6 flow of a reply.
@@ -181,10 +217,35 @@ pub fn conntrack_v6(key: &FlowKeyV6) -> Option<FlowV6> {
     unsafe { CONNTRACK_V6.get(key) }.copied()
 }
 
-/// Records an IPv6 flow for its replies (unless already recorded so).
+/// As [`embryonic_v4`], IPv6.
 #[inline(always)]
-pub fn record_conntrack_v6(key: &FlowKeyV6, value: &FlowV6) -> Result<(), InsertFailed> {
-    record(&CONNTRACK_V6, key, value)
+pub fn embryonic_v6(key: &FlowKeyV6) -> Option<FlowV6> {
+    // SAFETY: copied out at once; LRU entries may be evicted concurrently.
+    unsafe { EMBRYONIC_V6.get(key) }.copied()
+}
+
+/// As [`record_embryonic_v4`], IPv6.
+#[inline(always)]
+pub fn record_embryonic_v6(key: &FlowKeyV6, value: &FlowV6) -> Result<(), InsertFailed> {
+    // SAFETY: compared by value at once.
+    match unsafe { CONNTRACK_V6.get(key) } {
+        Some(existing) if existing == value => return Ok(()),
+        Some(_) => {
+            let _ = CONNTRACK_V6.remove(key);
+        }
+        None => {}
+    }
+    record(&EMBRYONIC_V6, key, value)
+}
+
+/// As [`promote_v4`], IPv6.
+#[inline(always)]
+pub fn promote_v6(key: &FlowKeyV6, value: &FlowV6) -> Result<(), InsertFailed> {
+    CONNTRACK_V6
+        .insert(key, value, 0)
+        .map_err(|_| InsertFailed)?;
+    let _ = EMBRYONIC_V6.remove(key);
+    Ok(())
 }
 
 /// The published address a local IPv4 socket asked for, by (socket, backend).

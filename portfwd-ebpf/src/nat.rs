@@ -9,7 +9,7 @@
 //! both families.
 
 use portfwd_common::{
-    packet::may_start_flow,
+    packet::{may_start_flow, promotes},
     rules::{self, Caller},
     BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Reason, CONFIG_FAST_PATH_NO_PEER,
     CONFIG_NO_NAT64,
@@ -111,9 +111,21 @@ fn redirect(hop: &fastpath::NextHop) -> Verdict {
 #[inline(always)]
 fn reply_v4<P: Packet>(pkt: &mut P, flow: Ipv4Flow) -> Verdict {
     let key = FlowKeyV4::new(flow.src, flow.sport, flow.dst, flow.dport, flow.proto);
-    let Some(tracked) = maps::conntrack_v4(&key) else {
-        count(Reason::PassNoFlow);
-        return Verdict::Pass;
+    // Established flows first: they pay one lookup, as before embryonic state existed.
+    let tracked = match maps::conntrack_v4(&key) {
+        Some(t) => t,
+        None => match maps::embryonic_v4(&key) {
+            Some(t) => {
+                if promotes(flow.proto, flow.tcp_flags) {
+                    promote(maps::promote_v4(&key, &t));
+                }
+                t
+            }
+            None => {
+                count(Reason::PassNoFlow);
+                return Verdict::Pass;
+            }
+        },
     };
     if let Err(e) = pkt.rewrite(
         &flow,
@@ -129,9 +141,20 @@ fn reply_v4<P: Packet>(pkt: &mut P, flow: Ipv4Flow) -> Verdict {
     Verdict::Pass
 }
 
-/// Records the flow so that replies are translated back. Written once per flow: only a
-/// packet that may start one (UDP, TCP SYN) is looked at, and an existing identical
-/// entry is left alone (the egress lookups of replies keep it fresh in the LRU).
+/// Counts a promotion, or its failed insert (the flow stays embryonic and the next
+/// packet tries again).
+#[inline(always)]
+fn promote(done: Result<(), maps::InsertFailed>) {
+    count(match done {
+        Ok(()) => Reason::FlowPromoted,
+        Err(_) => Reason::FlowInsertFailed,
+    });
+}
+
+/// Records the flow so that replies are translated back: only a packet that may start
+/// one (UDP, TCP SYN) is looked at; it goes to the embryonic table unless the flow is
+/// established already (`maps::record_embryonic_v4`), so spoofed SYNs never compete
+/// with established flows for their table's slots.
 #[inline(always)]
 fn record_flow(flow: &Ipv4Flow, backend: &BackendV4) {
     if !may_start_flow(flow.proto, flow.tcp_flags) {
@@ -145,7 +168,7 @@ fn record_flow(flow: &Ipv4Flow, backend: &BackendV4) {
         flow.proto,
     );
     let value = FlowV4::new(flow.dst, flow.dport, backend.stats_slot());
-    if maps::record_conntrack_v4(&key, &value).is_err() {
+    if maps::record_embryonic_v4(&key, &value).is_err() {
         count(Reason::FlowInsertFailed);
     }
 }
@@ -197,9 +220,20 @@ fn ingress_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow, fast_path_bit: u64) -> Ver
 #[inline(always)]
 fn reply_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow) -> Verdict {
     let key = FlowKeyV6::new(flow.src, flow.sport, flow.dst, flow.dport, flow.proto);
-    let Some(tracked) = maps::conntrack_v6(&key) else {
-        count(Reason::PassNoFlow);
-        return Verdict::Pass;
+    let tracked = match maps::conntrack_v6(&key) {
+        Some(t) => t,
+        None => match maps::embryonic_v6(&key) {
+            Some(t) => {
+                if promotes(flow.proto, flow.tcp_flags) {
+                    promote(maps::promote_v6(&key, &t));
+                }
+                t
+            }
+            None => {
+                count(Reason::PassNoFlow);
+                return Verdict::Pass;
+            }
+        },
     };
     if let Err(e) = pkt.rewrite_v6(
         &flow,
@@ -229,7 +263,7 @@ fn record_flow_v6(flow: &Ipv6Flow, backend: &BackendV6) {
         flow.proto,
     );
     let value = FlowV6::new(flow.dst, flow.dport, backend.stats_slot());
-    if maps::record_conntrack_v6(&key, &value).is_err() {
+    if maps::record_embryonic_v6(&key, &value).is_err() {
         count(Reason::FlowInsertFailed);
     }
 }

@@ -27,9 +27,9 @@ use portfwd_common::{
     port_bits, programs, BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4,
     FlowV6, Nat64Flow, Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, RuleStats, BRIDGE_PORTS, CONFIG,
     CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONFIG_FAST_PATH_NO_PEER, CONFIG_NO_NAT64,
-    CONFIG_SOCK_HOST_NETNS_ONLY, CONNTRACK_V4, CONNTRACK_V6, HOST_ADDRS_V4, HOST_ADDRS_V6,
-    NAT64_FLOWS, NAT64_PROGS, NAT64_PROG_INDEX, NAT64_REPLIES, PUBLISHED_PORTS, REASON_STATS,
-    RULES_V4, RULES_V6, RULE_STATS,
+    CONFIG_SOCK_HOST_NETNS_ONLY, CONNTRACK_V4, CONNTRACK_V6, EMBRYONIC_V4, EMBRYONIC_V6,
+    HOST_ADDRS_V4, HOST_ADDRS_V6, NAT64_FLOWS, NAT64_PROGS, NAT64_PROG_INDEX, NAT64_REPLIES,
+    PUBLISHED_PORTS, REASON_STATS, RULES_V4, RULES_V6, RULE_STATS,
 };
 use thiserror::Error;
 
@@ -38,6 +38,13 @@ use crate::pin::{PinDir, PinError};
 /// The compiled kernel programs (built by `build.rs` from `portfwd-ebpf`).
 pub static BPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portfwd.bpf.o"));
+
+/// The benchmark's programs (`bench_gen`, `bench_sink`; `portfwd-ebpf/src/bench.rs`),
+/// for the suites that generate traffic with them. The daemon never loads them (and,
+/// not referring to them, does not carry them).
+#[doc(hidden)]
+pub static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portfwd-bench.bpf.o"));
 
 #[derive(Debug, Error)]
 /// Why a dataplane operation failed.
@@ -1026,7 +1033,8 @@ impl Dataplane {
         if backends.is_empty() {
             return Ok(0);
         }
-        let n = self.forget_in::<F, F::Flow>(F::CONNTRACK, backends)?;
+        let n = self.forget_in::<F, F::Flow>(F::CONNTRACK, backends)?
+            + self.forget_in::<F, F::Flow>(F::EMBRYONIC, backends)?;
         let v4: BTreeSet<(Ipv4Addr, u16, u8)> = backends
             .iter()
             .filter_map(|&(ip, port, proto)| Some((V4::from_ip(ip.into())?, port, proto)))
@@ -1233,8 +1241,10 @@ pub trait Family {
     const RULES: &'static str;
     /// The host-address map's name.
     const HOST_ADDRS: &'static str;
-    /// The conntrack map's name.
+    /// The conntrack map's name (established flows).
     const CONNTRACK: &'static str;
+    /// The embryonic flows' map's name (conntrack's layout).
+    const EMBRYONIC: &'static str;
     /// An address as map keys hold it.
     fn octets(a: Self::Addr) -> Self::Octets;
     /// An address from map key bytes.
@@ -1266,7 +1276,7 @@ pub enum V6 {}
 macro_rules! family {
     ($family:ident, $name:literal, $variant:ident, $addr:ty, $len:literal,
      $rule_key:ty, $backend:ty, $flow_key:ty, $flow:ty,
-     $rules:expr, $host_addrs:expr, $conntrack:expr) => {
+     $rules:expr, $host_addrs:expr, $conntrack:expr, $embryonic:expr) => {
         impl Family for $family {
             const NAME: &'static str = $name;
             type Addr = $addr;
@@ -1278,6 +1288,7 @@ macro_rules! family {
             const RULES: &'static str = $rules;
             const HOST_ADDRS: &'static str = $host_addrs;
             const CONNTRACK: &'static str = $conntrack;
+            const EMBRYONIC: &'static str = $embryonic;
             fn octets(a: $addr) -> [u8; $len] {
                 a.octets()
             }
@@ -1316,7 +1327,8 @@ family!(
     FlowV4,
     RULES_V4,
     HOST_ADDRS_V4,
-    CONNTRACK_V4
+    CONNTRACK_V4,
+    EMBRYONIC_V4
 );
 family!(
     V6,
@@ -1330,7 +1342,8 @@ family!(
     FlowV6,
     RULES_V6,
     HOST_ADDRS_V6,
-    CONNTRACK_V6
+    CONNTRACK_V6,
+    EMBRYONIC_V6
 );
 
 /// A map delete of an absent key: aya reports it as the syscall's ENOENT.

@@ -17,8 +17,8 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use aya::maps::{HashMap, Map, MapData};
 use portfwd_common::{
     proto, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, LocalPeerKeyV4, LocalPeerKeyV6, LocalPeerV4,
-    LocalPeerV6, Nat64Flow, Nat64Reply, CONNTRACK_V4, CONNTRACK_V6, LOCAL_PEERS_V4, LOCAL_PEERS_V6,
-    NAT64_FLOWS, NAT64_REPLIES,
+    LocalPeerV6, Nat64Flow, Nat64Reply, CONNTRACK_V4, CONNTRACK_V6, EMBRYONIC_V4, EMBRYONIC_V6,
+    LOCAL_PEERS_V4, LOCAL_PEERS_V6, NAT64_FLOWS, NAT64_REPLIES,
 };
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +38,11 @@ pub enum FlowTable {
     ConntrackV4,
     /// Remote IPv6 clients' flows ([`CONNTRACK_V6`]).
     ConntrackV6,
+    /// Remote IPv4 clients' flows whose handshake has not completed ([`EMBRYONIC_V4`]):
+    /// SYNs not yet answered past the SYN-ACK, spoofed ones included.
+    EmbryonicV4,
+    /// The same for IPv6 ([`EMBRYONIC_V6`]).
+    EmbryonicV6,
     /// Local IPv4 clients' sockets ([`LOCAL_PEERS_V4`]).
     LocalPeersV4,
     /// Local IPv6 clients' sockets ([`LOCAL_PEERS_V6`]).
@@ -50,9 +55,11 @@ pub enum FlowTable {
 
 impl FlowTable {
     /// Every table, in the order metrics and `flows` show them.
-    pub const ALL: [FlowTable; 6] = [
+    pub const ALL: [FlowTable; 8] = [
         FlowTable::ConntrackV4,
         FlowTable::ConntrackV6,
+        FlowTable::EmbryonicV4,
+        FlowTable::EmbryonicV6,
         FlowTable::LocalPeersV4,
         FlowTable::LocalPeersV6,
         FlowTable::Nat64Flows,
@@ -64,6 +71,8 @@ impl FlowTable {
         match self {
             FlowTable::ConntrackV4 => "conntrack_v4",
             FlowTable::ConntrackV6 => "conntrack_v6",
+            FlowTable::EmbryonicV4 => "embryonic_v4",
+            FlowTable::EmbryonicV6 => "embryonic_v6",
             FlowTable::LocalPeersV4 => "local_peers_v4",
             FlowTable::LocalPeersV6 => "local_peers_v6",
             FlowTable::Nat64Flows => "nat64_flows",
@@ -76,6 +85,8 @@ impl FlowTable {
         match self {
             FlowTable::ConntrackV4 => CONNTRACK_V4,
             FlowTable::ConntrackV6 => CONNTRACK_V6,
+            FlowTable::EmbryonicV4 => EMBRYONIC_V4,
+            FlowTable::EmbryonicV6 => EMBRYONIC_V6,
             FlowTable::LocalPeersV4 => LOCAL_PEERS_V4,
             FlowTable::LocalPeersV6 => LOCAL_PEERS_V6,
             FlowTable::Nat64Flows => NAT64_FLOWS,
@@ -146,7 +157,8 @@ impl FlowFilter {
 /// One live flow.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowStatus {
-    /// The table it is in (`conntrack_v4`, `conntrack_v6` or `nat64_replies`).
+    /// The table it is in (`conntrack_v4`, `conntrack_v6`, `nat64_replies`, or
+    /// `embryonic_v4`/`embryonic_v6` before the backend's answer proves it).
     pub table: FlowTable,
     /// The protocol.
     pub proto: Proto,
@@ -172,12 +184,15 @@ pub struct FlowsReply {
     pub tables: Vec<TableUsage>,
 }
 
-/// The tables `flows` lists (the others are counted only: local peers are keyed by
-/// socket, NAT64_FLOWS is the same flows as NAT64_REPLIES).
-const LISTED: [FlowTable; 3] = [
+/// The tables `flows` lists, in this order (the others are counted only: local peers
+/// are keyed by socket, NAT64_FLOWS is the same flows as NAT64_REPLIES). Embryonic
+/// flows come last, so a SYN flood does not crowd established flows out of a listing.
+const LISTED: [FlowTable; 5] = [
     FlowTable::ConntrackV4,
     FlowTable::ConntrackV6,
     FlowTable::Nat64Replies,
+    FlowTable::EmbryonicV4,
+    FlowTable::EmbryonicV6,
 ];
 
 /// The flows a listing keeps, up to its limit.
@@ -257,6 +272,8 @@ impl FlowTables {
         let entries = match table {
             FlowTable::ConntrackV4 => count::<FlowKeyV4, FlowV4>(map, name)?,
             FlowTable::ConntrackV6 => count::<FlowKeyV6, FlowV6>(map, name)?,
+            FlowTable::EmbryonicV4 => count::<FlowKeyV4, FlowV4>(map, name)?,
+            FlowTable::EmbryonicV6 => count::<FlowKeyV6, FlowV6>(map, name)?,
             FlowTable::LocalPeersV4 => count::<LocalPeerKeyV4, LocalPeerV4>(map, name)?,
             FlowTable::LocalPeersV6 => count::<LocalPeerKeyV6, LocalPeerV6>(map, name)?,
             FlowTable::Nat64Flows => count::<FlowKeyV6, Nat64Flow>(map, name)?,
@@ -284,26 +301,8 @@ impl FlowTables {
             flows: Vec::new(),
             more: 0,
         };
-        let v4 = self.typed::<FlowKeyV4, FlowV4>(FlowTable::ConntrackV4)?;
-        for (k, v) in v4.iter().filter_map(Result::ok) {
-            if c.done() {
-                break;
-            }
-            let table = FlowTable::ConntrackV4;
-            if let Some(f) = conntrack_flow(table, k.proto(), k.client(), v.host(), k.backend()) {
-                c.take(f);
-            }
-        }
-        let v6 = self.typed::<FlowKeyV6, FlowV6>(FlowTable::ConntrackV6)?;
-        for (k, v) in v6.iter().filter_map(Result::ok) {
-            if c.done() {
-                break;
-            }
-            let table = FlowTable::ConntrackV6;
-            if let Some(f) = conntrack_flow(table, k.proto(), k.client(), v.host(), k.backend()) {
-                c.take(f);
-            }
-        }
+        self.collect_v4(FlowTable::ConntrackV4, &mut c)?;
+        self.collect_v6(FlowTable::ConntrackV6, &mut c)?;
         let now = monotonic_coarse_ns();
         let nat64 = self.typed::<FlowKeyV4, Nat64Reply>(FlowTable::Nat64Replies)?;
         for (k, v) in nat64.iter().filter_map(Result::ok) {
@@ -329,6 +328,8 @@ impl FlowTables {
                 idle_secs: now.map(|now| now.saturating_sub(v.last_seen_ns) / 1_000_000_000),
             });
         }
+        self.collect_v4(FlowTable::EmbryonicV4, &mut c)?;
+        self.collect_v6(FlowTable::EmbryonicV6, &mut c)?;
         let more = if filter.is_none() {
             // The walk stopped at the limit: the rest is what the tables hold beyond it.
             let listed: u64 = tables
@@ -345,6 +346,34 @@ impl FlowTables {
             more,
             tables,
         })
+    }
+
+    /// Lists an IPv4 table of conntrack's layout (established or embryonic).
+    fn collect_v4(&self, table: FlowTable, c: &mut Collector) -> Result<(), DataplaneError> {
+        let m = self.typed::<FlowKeyV4, FlowV4>(table)?;
+        for (k, v) in m.iter().filter_map(Result::ok) {
+            if c.done() {
+                break;
+            }
+            if let Some(f) = conntrack_flow(table, k.proto(), k.client(), v.host(), k.backend()) {
+                c.take(f);
+            }
+        }
+        Ok(())
+    }
+
+    /// As [`Self::collect_v4`], IPv6.
+    fn collect_v6(&self, table: FlowTable, c: &mut Collector) -> Result<(), DataplaneError> {
+        let m = self.typed::<FlowKeyV6, FlowV6>(table)?;
+        for (k, v) in m.iter().filter_map(Result::ok) {
+            if c.done() {
+                break;
+            }
+            if let Some(f) = conntrack_flow(table, k.proto(), k.client(), v.host(), k.backend()) {
+                c.take(f);
+            }
+        }
+        Ok(())
     }
 
     fn typed<K: aya::Pod, V: aya::Pod>(

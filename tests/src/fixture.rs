@@ -23,7 +23,8 @@ use portfwd_common::{
     programs, proto, BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4,
     FlowV6, Nat64Flow, Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, BRIDGE_PORTS, BRIDGE_PORT_PEER,
     CONFIG, CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONNTRACK_V4, CONNTRACK_V6,
-    HOST_ADDRS_V4, HOST_ADDRS_V6, NAT64_FLOWS, NAT64_REPLIES, PUBLISHED_PORTS, RULES_V4, RULES_V6,
+    EMBRYONIC_V4, EMBRYONIC_V6, HOST_ADDRS_V4, HOST_ADDRS_V6, NAT64_FLOWS, NAT64_REPLIES,
+    PUBLISHED_PORTS, RULES_V4, RULES_V6,
 };
 
 use crate::netns::Netns;
@@ -520,12 +521,14 @@ impl<'a> KernelMaps<'a> {
         map.get(&index, 0)
             .unwrap_or_else(|e| panic!("{name}[{index}]: {e}"))
     }
-    /// How many entries the flow maps hold: (conntrack of both families, NAT64 flows,
-    /// NAT64 replies).
-    pub fn flow_counts(&self) -> (usize, usize, usize) {
+    /// How many entries the flow maps hold: (conntrack of both families, embryonic of
+    /// both families, NAT64 flows, NAT64 replies).
+    pub fn flow_counts(&self) -> (usize, usize, usize, usize) {
         (
             self.hash_len::<FlowKeyV4, FlowV4>(CONNTRACK_V4)
                 + self.hash_len::<FlowKeyV6, FlowV6>(CONNTRACK_V6),
+            self.hash_len::<FlowKeyV4, FlowV4>(EMBRYONIC_V4)
+                + self.hash_len::<FlowKeyV6, FlowV6>(EMBRYONIC_V6),
             self.hash_len::<FlowKeyV6, Nat64Flow>(NAT64_FLOWS),
             self.hash_len::<FlowKeyV4, Nat64Reply>(NAT64_REPLIES),
         )
@@ -556,6 +559,12 @@ impl Maps for KernelMaps<'_> {
     }
     fn flow_v6(&self, key: &FlowKeyV6) -> Option<FlowV6> {
         self.hash_get(CONNTRACK_V6, key)
+    }
+    fn embryonic_v4(&self, key: &FlowKeyV4) -> Option<FlowV4> {
+        self.hash_get(EMBRYONIC_V4, key)
+    }
+    fn embryonic_v6(&self, key: &FlowKeyV6) -> Option<FlowV6> {
+        self.hash_get(EMBRYONIC_V6, key)
     }
     fn is_nat64_reply(&self, key: &FlowKeyV4) -> bool {
         self.nat64_reply(key).is_some()
@@ -710,12 +719,24 @@ pub fn compare_in(dp: &Dataplane, env: Env<'_>, prog: Prog, input: &[u8]) -> Opt
         Some(o) => (o.verdict, vec![o.reason], o.rule),
         None => (outcome.verdict, outcome.counted().collect(), outcome.rule),
     };
-    // A flow recorded under a new key adds one; under a known key it is replaced.
-    let new_flow = match outcome.flow {
-        Some(FlowWrite::V4(k, _)) => maps.flow_v4(&k).is_none(),
-        Some(FlowWrite::V6(k, _)) => maps.flow_v6(&k).is_none(),
-        None => false,
-    };
+    // Table sizes after the run. Ingress: an embryonic flow under a new key adds one
+    // there, and removes the established entry it replaces. Reply: a promotion moves
+    // one entry from the embryonic table to the established one.
+    let (mut ct_delta, mut emb_delta) = (0isize, 0isize);
+    match outcome.flow {
+        Some(FlowWrite::V4(k, _)) => {
+            emb_delta += isize::from(maps.embryonic_v4(&k).is_none());
+            ct_delta -= isize::from(maps.flow_v4(&k).is_some());
+        }
+        Some(FlowWrite::V6(k, _)) => {
+            emb_delta += isize::from(maps.embryonic_v6(&k).is_none());
+            ct_delta -= isize::from(maps.flow_v6(&k).is_some());
+        }
+        None => {}
+    }
+    if outcome.promoted.is_some() {
+        (ct_delta, emb_delta) = (1, -1);
+    }
     let new_nat64_flow = nat64
         .and_then(|o| o.flow)
         .is_some_and(|(k, _)| maps.nat64_flow(&k).is_none());
@@ -766,8 +787,25 @@ pub fn compare_in(dp: &Dataplane, env: Env<'_>, prog: Prog, input: &[u8]) -> Opt
     assert_eq!(output, expect, "output bytes, {}", ctx());
     assert_eq!(counted, want, "reasons counted, {}", ctx());
     match outcome.flow {
-        Some(FlowWrite::V4(k, v)) => assert_eq!(maps.flow_v4(&k), Some(v), "flow, {}", ctx()),
-        Some(FlowWrite::V6(k, v)) => assert_eq!(maps.flow_v6(&k), Some(v), "flow, {}", ctx()),
+        Some(FlowWrite::V4(k, v)) => {
+            assert_eq!(maps.embryonic_v4(&k), Some(v), "embryonic flow, {}", ctx());
+            assert_eq!(maps.flow_v4(&k), None, "no established flow, {}", ctx());
+        }
+        Some(FlowWrite::V6(k, v)) => {
+            assert_eq!(maps.embryonic_v6(&k), Some(v), "embryonic flow, {}", ctx());
+            assert_eq!(maps.flow_v6(&k), None, "no established flow, {}", ctx());
+        }
+        None => {}
+    }
+    match outcome.promoted {
+        Some(FlowWrite::V4(k, v)) => {
+            assert_eq!(maps.flow_v4(&k), Some(v), "promoted flow, {}", ctx());
+            assert_eq!(maps.embryonic_v4(&k), None, "promoted away, {}", ctx());
+        }
+        Some(FlowWrite::V6(k, v)) => {
+            assert_eq!(maps.flow_v6(&k), Some(v), "promoted flow, {}", ctx());
+            assert_eq!(maps.embryonic_v6(&k), None, "promoted away, {}", ctx());
+        }
         None => {}
     }
     if let Some((k, v)) = nat64.and_then(|o| o.flow) {
@@ -787,11 +825,14 @@ pub fn compare_in(dp: &Dataplane, env: Env<'_>, prog: Prog, input: &[u8]) -> Opt
         };
         assert_eq!(got, v, "NAT64 reply entry, {}", ctx());
     }
-    let (flows, n64_flows, n64_replies) = counts_before;
+    let (flows, embryonic, n64_flows, n64_replies) = counts_before;
     assert_eq!(
         maps.flow_counts(),
         (
-            flows + usize::from(new_flow),
+            flows.checked_add_signed(ct_delta).expect("conntrack count"),
+            embryonic
+                .checked_add_signed(emb_delta)
+                .expect("embryonic count"),
             n64_flows + usize::from(new_nat64_flow),
             n64_replies + usize::from(new_nat64_reply)
         ),

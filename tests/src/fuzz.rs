@@ -7,8 +7,8 @@
 //! once, the flow tables kept by applying the model's own writes), so a frame costs one
 //! BPF_PROG_RUN. Per frame: the verdict and the output bytes are compared at once.
 //! Per batch ([`Fuzzer::end_batch`]): the reason counters and the rule counters against
-//! the sums the model predicted, and every flow table (conntrack of both families, NAT64
-//! both ways) diffed whole against the mirror's; then the flow tables are emptied on
+//! the sums the model predicted, and every flow table (conntrack and embryonic of both
+//! families, NAT64 both ways) diffed whole against the mirror's; then the flow tables are emptied on
 //! both sides, so each batch starts from the same known state. On any disagreement the
 //! batch is replayed frame by frame through [`compare_in`] from that state, which
 //! names the first frame the kernel and the model disagree on (printed as hex).
@@ -23,8 +23,8 @@ use portfwd_common::rules::RuleMaps;
 use portfwd_common::{
     BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Nat64Flow,
     Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, BRIDGE_PORTS, BRIDGE_PORT_PEER, CONFIG, CONNTRACK_V4,
-    CONNTRACK_V6, HOST_ADDRS_V4, HOST_ADDRS_V6, NAT64_FLOWS, NAT64_REPLIES, PUBLISHED_PORTS,
-    RULES_V4, RULES_V6,
+    CONNTRACK_V6, EMBRYONIC_V4, EMBRYONIC_V6, HOST_ADDRS_V4, HOST_ADDRS_V6, NAT64_FLOWS,
+    NAT64_REPLIES, PUBLISHED_PORTS, RULES_V4, RULES_V6,
 };
 
 use crate::fixture::{self, action, compare_in, hook, refuses, Env, FastPathFib, Prog};
@@ -82,6 +82,8 @@ pub struct Mirror {
     now_ns: u64,
     pub flows_v4: StdHashMap<FlowKeyV4, FlowV4>,
     pub flows_v6: StdHashMap<FlowKeyV6, FlowV6>,
+    pub embryonic_v4: StdHashMap<FlowKeyV4, FlowV4>,
+    pub embryonic_v6: StdHashMap<FlowKeyV6, FlowV6>,
     pub nat64_flows: StdHashMap<FlowKeyV6, Nat64Flow>,
     pub nat64_replies: StdHashMap<FlowKeyV4, Nat64Reply>,
 }
@@ -114,10 +116,12 @@ fn clear<K: aya::Pod, V: aya::Pod>(dp: &mut Dataplane, name: &str) {
     }
 }
 
-/// Empties the flow tables (conntrack of both families, NAT64 both ways).
+/// Empties the flow tables (conntrack and embryonic of both families, NAT64 both ways).
 pub fn clear_flows(dp: &mut Dataplane) {
     clear::<FlowKeyV4, FlowV4>(dp, CONNTRACK_V4);
     clear::<FlowKeyV6, FlowV6>(dp, CONNTRACK_V6);
+    clear::<FlowKeyV4, FlowV4>(dp, EMBRYONIC_V4);
+    clear::<FlowKeyV6, FlowV6>(dp, EMBRYONIC_V6);
     clear::<FlowKeyV6, Nat64Flow>(dp, NAT64_FLOWS);
     clear::<FlowKeyV4, Nat64Reply>(dp, NAT64_REPLIES);
 }
@@ -149,6 +153,8 @@ impl Mirror {
             now_ns: fixture::coarse_now_ns(),
             flows_v4: entries(dp, CONNTRACK_V4),
             flows_v6: entries(dp, CONNTRACK_V6),
+            embryonic_v4: entries(dp, EMBRYONIC_V4),
+            embryonic_v6: entries(dp, EMBRYONIC_V6),
             nat64_flows: entries(dp, NAT64_FLOWS),
             nat64_replies: entries(dp, NAT64_REPLIES),
         }
@@ -179,6 +185,12 @@ impl Maps for Mirror {
     }
     fn flow_v6(&self, key: &FlowKeyV6) -> Option<FlowV6> {
         self.flows_v6.get(key).copied()
+    }
+    fn embryonic_v4(&self, key: &FlowKeyV4) -> Option<FlowV4> {
+        self.embryonic_v4.get(key).copied()
+    }
+    fn embryonic_v6(&self, key: &FlowKeyV6) -> Option<FlowV6> {
+        self.embryonic_v6.get(key).copied()
     }
     fn is_nat64_reply(&self, key: &FlowKeyV4) -> bool {
         self.nat64_replies.contains_key(key)
@@ -234,7 +246,7 @@ pub struct Predicted {
     pub reasons: Vec<Reason>,
     /// (slot, reply, bytes).
     pub rule: Option<(u32, bool, u64)>,
-    /// The conntrack entry written (the backend's reply is worth sending).
+    /// The embryonic entry written (the backend's reply is worth sending).
     pub flow: Option<FlowWrite>,
     /// The NAT64 flow written (the backend's answer is worth sending).
     pub nat64_flow: Option<(FlowKeyV6, Nat64Flow)>,
@@ -272,9 +284,22 @@ pub fn predict(mirror: &mut Mirror, prog: Prog, input: &[u8]) -> Predicted {
     };
     match outcome.flow {
         Some(FlowWrite::V4(k, v)) => {
+            mirror.flows_v4.remove(&k);
+            mirror.embryonic_v4.insert(k, v);
+        }
+        Some(FlowWrite::V6(k, v)) => {
+            mirror.flows_v6.remove(&k);
+            mirror.embryonic_v6.insert(k, v);
+        }
+        None => {}
+    }
+    match outcome.promoted {
+        Some(FlowWrite::V4(k, v)) => {
+            mirror.embryonic_v4.remove(&k);
             mirror.flows_v4.insert(k, v);
         }
         Some(FlowWrite::V6(k, v)) => {
+            mirror.embryonic_v6.remove(&k);
             mirror.flows_v6.insert(k, v);
         }
         None => {}
@@ -415,6 +440,8 @@ impl<'a> Fuzzer<'a> {
         let m = &self.mirror;
         let flows_v4 = entries::<FlowKeyV4, FlowV4>(self.dp, CONNTRACK_V4);
         let flows_v6 = entries::<FlowKeyV6, FlowV6>(self.dp, CONNTRACK_V6);
+        let embryonic_v4 = entries::<FlowKeyV4, FlowV4>(self.dp, EMBRYONIC_V4);
+        let embryonic_v6 = entries::<FlowKeyV6, FlowV6>(self.dp, EMBRYONIC_V6);
         let nat64_flows = entries::<FlowKeyV6, Nat64Flow>(self.dp, NAT64_FLOWS);
         // The kernel's time is its own, read during the run: not before the mirror's.
         let mut times_ok = true;
@@ -435,18 +462,25 @@ impl<'a> Fuzzer<'a> {
                 .collect();
         let same = flows_v4 == m.flows_v4
             && flows_v6 == m.flows_v6
+            && embryonic_v4 == m.embryonic_v4
+            && embryonic_v6 == m.embryonic_v6
             && nat64_flows == m.nat64_flows
             && nat64_replies == m.nat64_replies
             && times_ok;
         if !same {
             let msg = format!(
-                "flow tables: kernel {} + {} conntrack, {} + {} NAT64; model {} + {}, {} + {}",
+                "flow tables: kernel {} + {} conntrack, {} + {} embryonic, {} + {} NAT64; \
+                 model {} + {}, {} + {}, {} + {}",
                 flows_v4.len(),
                 flows_v6.len(),
+                embryonic_v4.len(),
+                embryonic_v6.len(),
                 nat64_flows.len(),
                 nat64_replies.len(),
                 m.flows_v4.len(),
                 m.flows_v6.len(),
+                m.embryonic_v4.len(),
+                m.embryonic_v6.len(),
                 m.nat64_flows.len(),
                 m.nat64_replies.len()
             );
@@ -463,6 +497,8 @@ impl<'a> Fuzzer<'a> {
         let m = &mut self.mirror;
         m.flows_v4.clear();
         m.flows_v6.clear();
+        m.embryonic_v4.clear();
+        m.embryonic_v6.clear();
         m.nat64_flows.clear();
         m.nat64_replies.clear();
         m.config_flags = config_flags(self.dp);

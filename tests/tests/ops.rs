@@ -288,14 +288,21 @@ fn flows_show_live_tcp_and_udp_until_del() {
         let out = d.ctl(&all);
         serde_json::from_str(out.expect_ok("flows --json")).expect("flows --json is JSON")
     };
+    // The TCP connection's backend has not spoken yet: no proof of a completed
+    // handshake, so its flow is embryonic; the UDP flow's echo promoted it.
     let has = |v: &Value, proto: &str, client: SocketAddr, port: u16, backend: &str| {
+        let table = if proto == "tcp" {
+            "embryonic_v4"
+        } else {
+            "conntrack_v4"
+        };
         v["flows"].as_array().is_some_and(|a| {
             a.iter().any(|f| {
                 f["proto"] == proto
                     && f["client"] == client.to_string()
                     && f["published"] == published(port).to_string()
                     && f["backend"] == backend
-                    && f["table"] == "conntrack_v4"
+                    && f["table"] == table
             })
         })
     };
@@ -327,9 +334,18 @@ fn flows_show_live_tcp_and_udp_until_del() {
     let text = text.expect_ok("flows --limit 1");
     assert!(text.contains("more (raise --limit"), "{text}");
     assert!(text.contains("tables: conntrack_v4 "), "{text}");
+    assert!(text.contains(", embryonic_v4 "), "{text}");
     let usage = &all["tables"][0];
     assert_eq!(usage["table"], "conntrack_v4");
-    assert!(usage["entries"].as_u64() >= Some(2), "{all}");
+    assert!(usage["entries"].as_u64() >= Some(1), "{all}");
+    let usage = &all["tables"][2];
+    assert_eq!(usage["table"], "embryonic_v4");
+    assert!(usage["entries"].as_u64() >= Some(1), "{all}");
+    assert_eq!(
+        usage["capacity"].as_u64(),
+        Some(u64::from(portfwd_common::MAX_EMBRYONIC_FLOWS)),
+        "{all}"
+    );
 
     d.del("9000");
     d.del("5353/udp");

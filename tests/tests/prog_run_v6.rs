@@ -362,6 +362,8 @@ fn v6_rule_flow_and_host_address_methods() {
     let req = Frame::udp((CLIENT, 40001), (HOST2, 5353));
     let reply = Frame::udp((BACKEND, 53), (CLIENT, 40001));
     run_checked(&dp, Prog::XdpIngress, &req.build());
+    // The backend's answer promotes the flow from embryonic to established.
+    run_checked(&dp, Prog::TcEgress, &reply.build());
     let flows = |dp: &Dataplane| {
         let map = dp.ebpf().map(CONNTRACK_V6).expect("conntrack map");
         let ct: aya::maps::HashMap<_, portfwd_common::FlowKeyV6, portfwd_common::FlowV6> =

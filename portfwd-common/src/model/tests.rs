@@ -409,7 +409,7 @@ fn replies_follow_the_recorded_flows() {
     ] {
         let (o, out) = run_on(Hook::TcEgress, &maps, &reply.build());
         assert_eq!(out, reply.src(published).build());
-        assert_eq!(o, translated_reply(slot));
+        assert_eq!(o, translated_reply(slot, None));
     }
     assert_untouched(
         &[Hook::TcEgress],
@@ -644,6 +644,158 @@ fn checked(frame: &[u8]) -> (u16, u16) {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// A TCP frame of `f` with its flags byte set to `flags` (checksums not fixed: the
+/// model reads flags, never verifies).
+fn with_tcp_flags(f: &F, flags: u8) -> Vec<u8> {
+    let mut frame = f.build();
+    let at = match f.src.0 {
+        IpAddr::V4(_) => 14 + 20 + crate::packet::TCP_FLAGS_OFF,
+        IpAddr::V6(_) => 14 + 40 + crate::packet::TCP_FLAGS_OFF,
+    };
+    frame[at] = flags;
+    frame
+}
+
+/// The flow a SYN of CLIENT4:40000 to HOST4:9000 records (rule slot 1).
+fn syn_flow() -> (FlowKeyV4, FlowV4) {
+    (
+        FlowKeyV4::new(
+            BACKEND4.octets(),
+            8080u16.to_be_bytes(),
+            CLIENT4.octets(),
+            40000u16.to_be_bytes(),
+            proto::TCP,
+        ),
+        FlowV4::new(HOST4.octets(), 9000u16.to_be_bytes(), 1),
+    )
+}
+
+#[test]
+fn a_syn_records_an_embryonic_flow_unless_established_so() {
+    let fx = fixture();
+    let syn = F::new(proto::TCP, (CLIENT4, 40000), (HOST4, 9000)).build();
+    let (key, value) = syn_flow();
+    for hook in INGRESS {
+        // New: recorded (embryonic).
+        let (o, _) = run_on(hook, &fx.tables(), &syn);
+        assert_eq!(o.flow, Some(FlowWrite::V4(key, value)), "{hook:?}: new");
+        assert_eq!(o.promoted, None);
+        // Established with this value (a retransmitted SYN, the same 4-tuple reused for
+        // the same published port): nothing written, the established entry serves.
+        let same = [(key, value)];
+        let maps = Tables {
+            flows_v4: &same,
+            ..fx.tables()
+        };
+        let (o, _) = run_on(hook, &maps, &syn);
+        assert_eq!(o.flow, None, "{hook:?}: established");
+        assert_eq!(o.reasons, [Some(Reason::Translated), None]);
+        // Established through another published port: the SYN starts a new flow.
+        let other = [(key, FlowV4::new(HOST4_2.octets(), 9001u16.to_be_bytes(), 3))];
+        let maps = Tables {
+            flows_v4: &other,
+            ..fx.tables()
+        };
+        let (o, _) = run_on(hook, &maps, &syn);
+        assert_eq!(o.flow, Some(FlowWrite::V4(key, value)), "{hook:?}: reused");
+        // Embryonic already (a retransmitted SYN of a spoofed client): found identical.
+        let embryonic = [(key, value)];
+        let maps = Tables {
+            embryonic_v4: &embryonic,
+            ..fx.tables()
+        };
+        let (o, _) = run_on(hook, &maps, &syn);
+        assert_eq!(o.flow, Some(FlowWrite::V4(key, value)), "{hook:?}: again");
+    }
+    // Mid-flow TCP records nothing, embryonic or not.
+    let ack = F {
+        ack: true,
+        ..F::new(proto::TCP, (CLIENT4, 40000), (HOST4, 9000))
+    };
+    let (o, _) = run_on(Hook::TcIngress, &fx.tables(), &ack.build());
+    assert_eq!((o.flow, o.promoted), (None, None));
+}
+
+#[test]
+fn only_a_completed_handshake_promotes() {
+    let fx = fixture();
+    let (key, value) = syn_flow();
+    let embryonic = [(key, value)];
+    let maps = Tables {
+        embryonic_v4: &embryonic,
+        ..fx.tables()
+    };
+    let reply = F::new(proto::TCP, (BACKEND4, 8080), (CLIENT4, 40000));
+    // SYN-ACK and RST (with or without ACK), what a spoofed client's flow gets:
+    // translated from the embryonic entry, not promoted.
+    for flags in [0x12, 0x04, 0x14, 0x02] {
+        let (o, out) = run_on(Hook::TcEgress, &maps, &with_tcp_flags(&reply, flags));
+        assert_eq!(o, translated_reply(1, None), "flags {flags:#x}");
+        assert_eq!(
+            &out[26..30],
+            &HOST4.octets(),
+            "flags {flags:#x}: source rewritten"
+        );
+    }
+    // ACK, FIN-ACK, PSH-ACK: the client answered the SYN-ACK. Promoted.
+    for flags in [0x10, 0x11, 0x18, 0x00] {
+        let (o, out) = run_on(Hook::TcEgress, &maps, &with_tcp_flags(&reply, flags));
+        assert_eq!(
+            o,
+            translated_reply(1, Some(FlowWrite::V4(key, value))),
+            "flags {flags:#x}"
+        );
+        assert_eq!(
+            o.reasons,
+            [Some(Reason::ReplyTranslated), Some(Reason::FlowPromoted)]
+        );
+        assert_eq!(&out[26..30], &HOST4.octets());
+    }
+    // The established entry wins over an embryonic one under the same key, and an
+    // established flow is never promoted again.
+    let established = [(key, FlowV4::new(HOST4_2.octets(), 9001u16.to_be_bytes(), 3))];
+    let both = Tables {
+        flows_v4: &established,
+        embryonic_v4: &embryonic,
+        ..fx.tables()
+    };
+    let ack = F {
+        ack: true,
+        ..reply.clone()
+    };
+    let (o, out) = run_on(Hook::TcEgress, &both, &ack.build());
+    assert_eq!(o, translated_reply(3, None));
+    assert_eq!(out, ack.src((HOST4_2, 9001)).build());
+    // UDP: the backend's first answer promotes.
+    let (key6, value6) = (
+        FlowKeyV6::new(
+            BACKEND6.octets(),
+            53u16.to_be_bytes(),
+            CLIENT6.octets(),
+            40001u16.to_be_bytes(),
+            proto::UDP,
+        ),
+        FlowV6::new(HOST6.octets(), 5353u16.to_be_bytes(), 12),
+    );
+    let embryonic6 = [(key6, value6)];
+    let maps = Tables {
+        embryonic_v6: &embryonic6,
+        ..fx.tables()
+    };
+    let answer = F::new(proto::UDP, (BACKEND6, 53), (CLIENT6, 40001));
+    let (o, out) = run_on(Hook::TcEgress, &maps, &answer.build());
+    assert_eq!(o, translated_reply(12, Some(FlowWrite::V6(key6, value6))));
+    assert_eq!(out, answer.src((HOST6, 5353)).build());
+    // Nothing in either table: passed.
+    assert_untouched(
+        &[Hook::TcEgress],
+        &fx.tables(),
+        &ack.build(),
+        Reason::PassNoFlow,
+        "no flow",
+    );
 }
 
 proptest! {

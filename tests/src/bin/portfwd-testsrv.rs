@@ -1,7 +1,7 @@
 //! `portfwd-testsrv`: the "container" the namespace tests and the demo publish.
 //!
 //! ```text
-//! portfwd-testsrv [--http ADDR] [--body TEXT] [--udp ADDR]
+//! portfwd-testsrv [--http ADDR] [--body TEXT] [--udp ADDR] [--echo ADDR]
 //! ```
 //! - HTTP/1.1 on `--http`: `GET /` answers `--body`; `GET /bytes/N` answers N bytes of the
 //!   deterministic [`Pattern`] stream. Every answer carries `X-Peer: IP:PORT`, the peer
@@ -10,6 +10,8 @@
 //!   `LEN DIGEST` (the body's length and FNV-1a 64 digest in hex), for uploads.
 //! - UDP echo on `--udp`: answers each datagram with `peer=IP:PORT\n` followed by the
 //!   datagram itself.
+//! - TCP echo on `--echo`: sends back whatever each connection sends, until it closes
+//!   (long-lived connections that exchange data on demand).
 //!
 //! Prints `ready` on stdout once every socket is bound, so a harness can wait for it.
 
@@ -27,6 +29,7 @@ struct Args {
     http: Option<SocketAddr>,
     body: String,
     udp: Option<SocketAddr>,
+    echo: Option<SocketAddr>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -34,6 +37,7 @@ fn parse_args() -> Result<Args, String> {
         http: None,
         body: "hello".to_string(),
         udp: None,
+        echo: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -41,17 +45,19 @@ fn parse_args() -> Result<Args, String> {
         match flag.as_str() {
             "--http" => args.http = Some(parse_addr(&value()?)?),
             "--udp" => args.udp = Some(parse_addr(&value()?)?),
+            "--echo" => args.echo = Some(parse_addr(&value()?)?),
             "--body" => args.body = value()?,
             "-h" | "--help" => {
                 return Err(
-                    "usage: portfwd-testsrv [--http ADDR] [--body TEXT] [--udp ADDR]".into(),
+                    "usage: portfwd-testsrv [--http ADDR] [--body TEXT] [--udp ADDR] [--echo ADDR]"
+                        .into(),
                 )
             }
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
-    if args.http.is_none() && args.udp.is_none() {
-        return Err("give --http ADDR, --udp ADDR or both".into());
+    if args.http.is_none() && args.udp.is_none() && args.echo.is_none() {
+        return Err("give --http ADDR, --udp ADDR or --echo ADDR".into());
     }
     Ok(args)
 }
@@ -90,12 +96,35 @@ fn main() -> ExitCode {
         };
         workers.push(thread::spawn(move || serve_udp(sock)));
     }
+    if let Some(addr) = args.echo {
+        let listener = match TcpListener::bind(addr) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("portfwd-testsrv: cannot listen on {addr}/tcp: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        workers.push(thread::spawn(move || serve_echo(listener)));
+    }
     println!("ready");
     let _ = std::io::stdout().flush();
     for w in workers {
         let _ = w.join();
     }
     ExitCode::SUCCESS
+}
+
+fn serve_echo(listener: TcpListener) {
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        thread::spawn(move || {
+            let Ok(mut back) = conn.try_clone() else {
+                return;
+            };
+            let _ = conn.set_nodelay(true);
+            let _ = std::io::copy(&mut conn, &mut back);
+        });
+    }
 }
 
 fn serve_http(listener: TcpListener, body: Arc<str>) {

@@ -1,5 +1,6 @@
 //! The frames the bench sends: TCP segments and an ARP request for the BPF_PROG_RUN costs
-//! (`micro`), 64-byte UDP frames for the live-frames generator (`work::udp64`). Every
+//! (`micro`), 64-byte UDP frames and TCP SYNs for the live-frames generator
+//! (`work::udp64`, the SYN flood of `restart`). Every
 //! checksum is valid, as from a wire, and computed with `portfwd_common::csum`, the
 //! arithmetic the dataplane's own updates are tested against.
 
@@ -62,6 +63,31 @@ pub fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8
     let mut f = eth(DST_MAC, SRC_MAC, ETH_IPV4);
     f.extend_from_slice(&ipv4_header(src, dst, proto::TCP, tcp.len() as u16));
     f.extend_from_slice(&tcp);
+    f
+}
+
+/// Ethernet + IPv4 + a TCP SYN (no payload), padded to 64 bytes, with valid checksums.
+pub fn syn_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+) -> [u8; 64] {
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02; // SYN
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let c = l4_checksum(src, dst, proto::TCP, &tcp);
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    let mut f = [0u8; 64];
+    f[..14].copy_from_slice(&eth(dst_mac, src_mac, ETH_IPV4));
+    f[14..34].copy_from_slice(&ipv4_header(src, dst, proto::TCP, 20));
+    f[34..54].copy_from_slice(&tcp);
     f
 }
 
@@ -167,6 +193,9 @@ mod tests {
         verifies(&u, proto::UDP);
         assert_eq!(u16::from_be_bytes([u[16], u[17]]), 50, "IPv4 total length");
         assert_eq!(arp_frame(A, B).len(), 60);
+        let s = syn_frame([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], A, B, 40_000, 9000);
+        verifies(&s[..54], proto::TCP);
+        assert_eq!(s[47], 0x02, "SYN");
     }
 
     #[test]

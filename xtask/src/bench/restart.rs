@@ -6,10 +6,16 @@
 //! the longest time any connection went without an answer around the event (the longest
 //! gap in forwarding, next to the usual gap between answers), and how long the control
 //! socket was away. A fresh topology and a bpffs of its own per case.
+//!
+//! The SYN-flood case (`syn-flood`) keeps the daemon and instead floods the published
+//! port with SYNs from random spoofed sources (10.99.0.0/16, random ports: `bench_gen`
+//! in BPF_PROG_RUN live-frames mode from the client's veth with `BENCH_SPREAD` random,
+//! as fast as the machine goes): the connections lost (target 0) at the flood rate
+//! reached, offered by the generator and seen by portfwd (the rule's packet counter).
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddrV4, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
     path::{Path, PathBuf},
     process::Command,
     sync::{
@@ -20,11 +26,17 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use aya::{
+    maps::Array,
+    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp},
+    EbpfLoader,
+};
 
 use super::{
+    frame::syn_frame,
     serve::ECHO_LEN,
     sys::{self, Proc},
-    topo::{Artifacts, Topology, CT_IP, ECHO, HOST_IP},
+    topo::{Artifacts, Topology, CLIENT_IF, CLIENT_IP, CT_IP, ECHO, HOST_IP},
 };
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -40,17 +52,26 @@ pub struct RestartResult {
     pub baseline_gap_ms: Option<f64>,
     /// From the signal to the new daemon answering on its socket, ms.
     pub control_away_ms: Option<f64>,
+    /// `syn-flood`: spoofed SYNs per second the generator offered.
+    pub flood_offered_pps: Option<f64>,
+    /// `syn-flood`: spoofed SYNs per second portfwd translated (the rule's counter).
+    pub flood_seen_pps: Option<f64>,
     pub note: String,
 }
 
 /// The events, in order.
-pub const EVENTS: [&str; 3] = ["restart", "upgrade", "crash"];
+pub const EVENTS: [&str; 4] = ["restart", "upgrade", "crash", "syn-flood"];
+
+/// The spoofed sources of the SYN flood (bench_gen randomizes the low 16 bits), routed
+/// from the host back towards the client, which drops the backend's SYN-ACKs.
+const SPOOFED: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 0);
 
 pub fn run(
     art: &Artifacts,
     prefix: &str,
     sock_dir: &str,
     connections: usize,
+    flood: Duration,
 ) -> Vec<RestartResult> {
     EVENTS
         .iter()
@@ -63,6 +84,8 @@ pub fn run(
                 longest_gap_ms: None,
                 baseline_gap_ms: None,
                 control_away_ms: None,
+                flood_offered_pps: None,
+                flood_seen_pps: None,
                 note,
             };
             let Some(daemon) = &art.daemon else {
@@ -78,6 +101,7 @@ pub fn run(
                 sock_dir,
                 event,
                 connections,
+                flood,
             )
             .unwrap_or_else(|e| unavailable(format!("failed: {e:#}")))
         })
@@ -117,6 +141,7 @@ fn case(
     sock_dir: &str,
     event: &str,
     connections: usize,
+    flood: Duration,
 ) -> Result<RestartResult> {
     let host_if = format!("{}h", &prefix[prefix.len().saturating_sub(10)..]);
     let topo = Topology::build(prefix, &host_if, &art.xtask)?;
@@ -171,26 +196,34 @@ fn case(
     // The event.
     let copy;
     let event_at = Instant::now();
-    let bin = match event {
-        "crash" => {
-            // SAFETY: kill(2) on our own child, not yet reaped.
-            unsafe { libc::kill(d.pid() as i32, libc::SIGKILL) };
-            drop(d);
-            daemon
-        }
-        "upgrade" => {
-            copy = art.log_dir.join(format!("{prefix}-portfwd-upgrade"));
-            std::fs::copy(daemon, &copy)?;
-            d.stop();
-            &copy
-        }
-        _ => {
-            d.stop();
-            daemon
-        }
+    let (mut d, control_away, rates) = if event == "syn-flood" {
+        let seen = || rule_packets(ctl, &sock, ECHO.1);
+        let before = seen()?;
+        let (sent, secs) = syn_flood(&topo, art, &host_if, flood)?;
+        let seen = (seen()? - before) as f64 / secs;
+        (d, None, Some((sent as f64 / secs, seen)))
+    } else {
+        let bin = match event {
+            "crash" => {
+                // SAFETY: kill(2) on our own child, not yet reaped.
+                unsafe { libc::kill(d.pid() as i32, libc::SIGKILL) };
+                drop(d);
+                daemon
+            }
+            "upgrade" => {
+                copy = art.log_dir.join(format!("{prefix}-portfwd-upgrade"));
+                std::fs::copy(daemon, &copy)?;
+                d.stop();
+                &copy
+            }
+            _ => {
+                d.stop();
+                daemon
+            }
+        };
+        let d = start(bin, 1)?;
+        (d, Some(event_at.elapsed()), None)
     };
-    let mut d = start(bin, 1)?;
-    let control_away = event_at.elapsed();
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);
 
@@ -247,12 +280,89 @@ fn case(
         lost: Some(lost),
         longest_gap_ms: Some(ms(longest)),
         baseline_gap_ms: Some(ms(baseline)),
-        control_away_ms: Some(ms(control_away)),
+        control_away_ms: control_away.map(ms),
+        flood_offered_pps: rates.map(|r| r.0),
+        flood_seen_pps: rates.map(|r| r.1),
         note: if errors.is_empty() {
             String::new()
         } else {
             format!("first errors: {}", errors.join("; "))
         },
+    })
+}
+
+/// The packets `portfwd-ctl list --json` counts on the rule of `port`/tcp.
+fn rule_packets(ctl: &Path, sock: &str, port: u16) -> Result<u64> {
+    let out = Command::new(ctl)
+        .args(["--socket", sock, "list", "--json"])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("list --json")?;
+    v["rules"]
+        .as_array()
+        .and_then(|rules| {
+            rules
+                .iter()
+                .find(|r| r["host_port"] == port && r["proto"] == "tcp")
+        })
+        .and_then(|r| r["packets"].as_u64())
+        .context("no rule counter in list --json")
+}
+
+/// Floods the published echo port from the client's veth for `secs`: 64-byte SYNs from
+/// random spoofed sources (`bench_gen`, live frames, `BENCH_SPREAD` random). The host's
+/// veth gets GRO (NAPI), without which a veth drops XDP-transmitted frames. Returns
+/// (frames offered, seconds).
+fn syn_flood(
+    topo: &Topology,
+    art: &Artifacts,
+    host_if: &str,
+    secs: Duration,
+) -> Result<(u64, f64)> {
+    topo.host.sh(&format!(
+        "ethtool -K {host_if} gro on >/dev/null
+         ip route add {SPOOFED}/16 via {CLIENT_IP}"
+    ))?;
+    let frame = syn_frame(
+        Topology::mac(&topo.host, host_if)?,
+        Topology::mac(&topo.client, CLIENT_IF)?,
+        SPOOFED,
+        HOST_IP,
+        1024,
+        ECHO.1,
+    );
+    let ifindex = Topology::ifindex(&topo.client, CLIENT_IF)?;
+    let obj = art.bench_object.clone();
+    sys::on_thread(&topo.client, move || {
+        let mut ebpf = EbpfLoader::new().load_file(&obj)?;
+        let mut tpl: Array<_, [u8; 64]> =
+            Array::try_from(ebpf.map_mut("BENCH_TEMPLATE").context("BENCH_TEMPLATE")?)?;
+        tpl.set(0, frame, 0)?;
+        let mut spread: Array<_, [u32; 2]> =
+            Array::try_from(ebpf.map_mut("BENCH_SPREAD").context("BENCH_SPREAD")?)?;
+        spread.set(0, [1, 1], 0)?;
+        let gen: &mut Xdp = ebpf
+            .program_mut("bench_gen")
+            .context("bench_gen")?
+            .try_into()?;
+        gen.load()?;
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, ...
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&64u32.to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let (start, chunk) = (Instant::now(), 1u32 << 16);
+        let mut sent = 0u64;
+        while start.elapsed() < secs {
+            gen.test_run(TestRunOptions {
+                data_in: Some(&frame),
+                ctx_in: Some(&ctx),
+                repeat: chunk,
+                attrs: TestRunAttrs::new().xdp_live_frames(64),
+                ..Default::default()
+            })
+            .context("BPF_PROG_RUN live frames")?;
+            sent += u64::from(chunk);
+        }
+        Ok((sent, start.elapsed().as_secs_f64()))
     })
 }
 

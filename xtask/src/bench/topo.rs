@@ -12,6 +12,7 @@
 //! `v6-tcp1`/`v6-crr` services are published to the container's IPv4 address, so IPv6
 //! clients need a proxy or NAT64 there; the container also has 2001:2:0:1::2 (bridge
 //! 2001:2:0:1::1), which only `v6-udp64` uses (IPv6 end to end, the IPv6 fast path).
+//! The host's client-facing veth has GRO on, as a NIC would (issue #13).
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
@@ -19,7 +20,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use super::sys::{self, Netns, Proc};
 
@@ -91,8 +92,15 @@ impl Topology {
              ip -6 addr add {BRIDGE_IP6}/64 dev br0 nodad
              ip link set {host_if} up
              ip link set br0 up
-             ip link set hs0 up"
+             ip link set hs0 up
+             ethtool -K {host_if} gro on >/dev/null"
         ))?;
+        // GRO on the host's receiving veth, as a NIC does for every variant alike
+        // (without it a veth skips NAPI and hands the host one skb per segment).
+        let k = host.sh(&format!("ethtool -k {host_if}"))?;
+        if !k.lines().any(|l| l.trim() == "generic-receive-offload: on") {
+            bail!("GRO did not turn on for {host_if}: `ethtool -k` shows it off");
+        }
         ct.sh(&format!(
             "ip addr add {CT_IP}/24 dev {CT_IF}
              ip -6 addr add {CT_IP6}/64 dev {CT_IF} nodad

@@ -219,7 +219,7 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
                         .arg(format!("TCP:{CT_IP}:{ct}"));
                     c
                 } else {
-                    docker_proxy_cmd(topo, host, ct)
+                    docker_proxy_cmd(topo, "0.0.0.0", host, ct)
                 };
                 cmd.stdout(Stdio::null()).stderr(Stdio::null());
                 procs.push(Proc::spawn(v.name(), &mut cmd)?);
@@ -228,22 +228,22 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
             let mut t = published();
             t.udp = None;
             t.udp6 = None;
-            // IPv6 clients: socat listens on IPv6 too (docker-proxy would, for a
-            // container without IPv6); docker-proxy itself is not measured there.
-            if v == Variant::Socat {
-                for (ct, host) in [HTTP, IPERF] {
+            // IPv6 clients: a second listener on `::`, to the container's IPv4 address
+            // (what Docker starts for `-p` and a container without IPv6).
+            for (ct, host) in [HTTP, IPERF] {
+                let mut c = if v == Variant::Socat {
                     let mut c = topo.host.command("socat");
                     c.arg(format!(
                         "TCP6-LISTEN:{host},fork,reuseaddr,backlog=4096,ipv6only=1"
                     ))
-                    .arg(format!("TCP:{CT_IP}:{ct}"))
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null());
-                    procs.push(Proc::spawn("socat (IPv6)", &mut c)?);
-                    topo.wait_listening(&topo.host, host, true)?;
-                }
-            } else {
-                t.addr6 = None;
+                    .arg(format!("TCP:{CT_IP}:{ct}"));
+                    c
+                } else {
+                    docker_proxy_cmd(topo, "::", host, ct)
+                };
+                c.stdout(Stdio::null()).stderr(Stdio::null());
+                procs.push(Proc::spawn(&format!("{} (IPv6)", v.name()), &mut c)?);
+                topo.wait_listening(&topo.host, host, true)?;
             }
             Ok(Active {
                 _procs: procs,
@@ -333,10 +333,10 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
 
 /// docker-proxy as dockerd starts it; it needs fd 3 open (its parent passes a pipe there)
 /// or it closes its listener.
-fn docker_proxy_cmd(topo: &Topology, host: u16, ct: u16) -> Command {
+fn docker_proxy_cmd(topo: &Topology, host_ip: &str, host: u16, ct: u16) -> Command {
     let mut c = topo.host.command("sh");
     c.arg("-c").arg(format!(
-        "exec 3</dev/null; exec docker-proxy -proto tcp -host-ip 0.0.0.0 -host-port {host} -container-ip {CT_IP} -container-port {ct}"
+        "exec 3</dev/null; exec docker-proxy -proto tcp -host-ip {host_ip} -host-port {host} -container-ip {CT_IP} -container-port {ct}"
     ));
     c
 }

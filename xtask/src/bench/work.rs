@@ -26,6 +26,7 @@ use super::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum Workload {
     Tcp1,
+    Tcp1Tso,
     Tcp4,
     Crr,
     KeepAlive,
@@ -34,13 +35,15 @@ pub enum Workload {
     LocalCrr,
     LocalTcp1,
     V6Tcp1,
+    V6Tcp1Tso,
     V6Crr,
     V6Udp64,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 11] = [
+    pub const ALL: [Workload; 13] = [
         Workload::Tcp1,
+        Workload::Tcp1Tso,
         Workload::Tcp4,
         Workload::Crr,
         Workload::KeepAlive,
@@ -48,8 +51,9 @@ impl Workload {
         Workload::LocalCrr,
         Workload::LocalTcp1,
         Workload::V6Tcp1,
+        Workload::V6Tcp1Tso,
         Workload::V6Crr,
-        // Last: they turn on GRO and threaded NAPI on the host's veth.
+        // Last: they make the host veth's NAPI threaded.
         Workload::Udp64,
         Workload::V6Udp64,
     ];
@@ -57,6 +61,7 @@ impl Workload {
     pub fn name(self) -> &'static str {
         match self {
             Workload::Tcp1 => "tcp1",
+            Workload::Tcp1Tso => "tcp1-tso",
             Workload::Tcp4 => "tcp4",
             Workload::Crr => "crr",
             Workload::KeepAlive => "keepalive",
@@ -65,6 +70,7 @@ impl Workload {
             Workload::LocalCrr => "local-crr",
             Workload::LocalTcp1 => "local-tcp1",
             Workload::V6Tcp1 => "v6-tcp1",
+            Workload::V6Tcp1Tso => "v6-tcp1-tso",
             Workload::V6Crr => "v6-crr",
             Workload::V6Udp64 => "v6-udp64",
         }
@@ -72,7 +78,10 @@ impl Workload {
 
     pub fn label(self) -> &'static str {
         match self {
-            Workload::Tcp1 => "TCP, 1 stream (iperf3)",
+            Workload::Tcp1 => "TCP, 1 stream (iperf3), client's transmit offloads off",
+            Workload::Tcp1Tso => {
+                "TCP, 1 stream (iperf3), client's TSO, GSO and checksum offload on"
+            }
             Workload::Tcp4 => "TCP, 4 streams (iperf3)",
             Workload::Crr => "new connection per request (wrk, Connection: close)",
             Workload::KeepAlive => "HTTP keep-alive request rate (wrk)",
@@ -81,6 +90,9 @@ impl Workload {
             Workload::LocalCrr => "localhost:PORT from the host, new connection per request",
             Workload::LocalTcp1 => "localhost:PORT from the host, TCP 1 stream",
             Workload::V6Tcp1 => "IPv6 client to the IPv4-only container, TCP 1 stream",
+            Workload::V6Tcp1Tso => {
+                "IPv6 client to the IPv4-only container, TCP 1 stream, client's offloads on"
+            }
             Workload::V6Crr => "IPv6 client to the IPv4-only container, new connection per request",
             Workload::V6Udp64 => {
                 "64-byte UDP over IPv6, end to end (live-frames generator, BPF sink)"
@@ -90,6 +102,14 @@ impl Workload {
 
     pub fn from_name(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|w| w.name() == s)
+    }
+
+    /// From the client's IPv6 address (served only by a proxy or NAT64).
+    pub fn is_v6(self) -> bool {
+        matches!(
+            self,
+            Workload::V6Tcp1 | Workload::V6Tcp1Tso | Workload::V6Crr
+        )
     }
 }
 
@@ -165,6 +185,26 @@ pub fn iperf3(
     let retr = v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
     let mut m = Measure::new("gbit_s", bps / 1e9, bytes / 1e9);
     m.note = format!("retransmits={retr}");
+    Ok(m)
+}
+
+/// One bulk TCP stream with the client's transmit offloads (checksum, TSO, GSO) on when
+/// `offloads`, off again after (the topology keeps them off): with them on, the client
+/// hands the host 64 KB super-packets and the run measures the forwarder per
+/// super-packet, not the client's segmentation.
+pub fn bulk(ns: &Netns, addr: IpAddr, port: u16, offloads: bool, secs: u64) -> Result<Measure> {
+    if !offloads {
+        return iperf3(ns, None, addr, port, 1, secs);
+    }
+    ns.sh(&format!(
+        "ethtool -K {CLIENT_IF} tx on tso on gso on >/dev/null"
+    ))
+    .context("client offloads on")?;
+    let r = iperf3(ns, None, addr, port, 1, secs);
+    let off = ns.sh(&format!("ethtool -K {CLIENT_IF} tx off tso off >/dev/null"));
+    let mut m = r?;
+    off.context("client offloads off")?;
+    m.note += " client_offloads=on";
     Ok(m)
 }
 
@@ -292,8 +332,8 @@ pub fn latency(ns: &Netns, addr: Ipv4Addr, port: u16, secs: u64) -> Result<Vec<M
 /// 64-byte UDP frames offered by BPF_PROG_RUN in live-frames mode from the client's
 /// veth (the generator writes the whole template into every frame: live-frame pages are
 /// recycled without being reset), forwarded by the host, counted and dropped by an XDP
-/// sink on the container's veth. The host veth gets GRO (NAPI) and its NAPI thread is
-/// pinned to CPU 1, the generator to CPU 0; CPU per packet is the forwarding CPU's.
+/// sink on the container's veth. The host veth has GRO (NAPI); its NAPI thread is made
+/// threaded and pinned to CPU 1, the generator to CPU 0; CPU per packet is the forwarding CPU's.
 /// The sink also sits at the container's TC ingress, where frames handed over by
 /// `bpf_redirect_peer` arrive (they skip the veth's NAPI, so its XDP program). `dst`'s
 /// family picks the frame's (IPv6: `v6-udp64`).
@@ -305,10 +345,9 @@ pub fn udp64(
     secs: u64,
 ) -> Result<Measure> {
     let hif = topo.host_if.clone();
-    topo.host.sh(&format!(
-        "ethtool -K {hif} gro on >/dev/null
-         echo 1 > /sys/class/net/{hif}/threaded"
-    ))?;
+    // GRO (NAPI) is on for every workload (the topology turns it on).
+    topo.host
+        .sh(&format!("echo 1 > /sys/class/net/{hif}/threaded"))?;
     let pinned = sys::pin_kthreads(&format!("napi/{hif}-"), 1);
     let (host_mac, client_mac) = (
         Topology::mac(&topo.host, &hif)?,
@@ -392,9 +431,9 @@ pub fn udp64(
         drop(ebpf);
         Ok((delivered, offered, elapsed, cpu1.cpu_busy_since(&cpu0, 1)))
     });
-    let _ = topo.host.sh(&format!(
-        "echo 0 > /sys/class/net/{hif}/threaded; ethtool -K {hif} gro off >/dev/null"
-    ));
+    let _ = topo
+        .host
+        .sh(&format!("echo 0 > /sys/class/net/{hif}/threaded"));
     let (delivered, offered, elapsed, fwd_cpu) = result?;
     let mut m = Measure::new("mpps", delivered as f64 / elapsed / 1e6, delivered as f64);
     m.note = format!(
