@@ -755,6 +755,11 @@ pub const CONFIG_NO_NAT64: u64 = 4;
 /// reaches the host's address but has no route to the backends) is left to the packet
 /// path, like a remote client.
 pub const CONFIG_SOCK_HOST_NETNS_ONLY: u64 = 8;
+/// [`Config::flags`]: the fast path at TC transmits on the bridge port even when it is a
+/// veth whose peer is in another namespace ([`BRIDGE_PORT_PEER`]), instead of handing the
+/// packet to the peer (`portfwd --fast-path-no-peer`): slower, but the host end's egress
+/// (qdiscs such as a bandwidth limit, TC egress programs) sees the packets.
+pub const CONFIG_FAST_PATH_NO_PEER: u64 = 16;
 
 /// NAT64 (remote IPv6 clients of an IPv4-only backend, at TC): the translation of each
 /// such flow, keyed by the client's flow as it arrives ([`FlowKeyV6`]: client address
@@ -856,6 +861,12 @@ impl Nat64Reply {
 
 /// Most bridge forwarding entries tracked for the fast path.
 pub const MAX_BRIDGE_PORTS: u32 = 16_384;
+
+/// Set in a [`BRIDGE_PORTS`] value (the port's ifindex): the port is one end of a veth
+/// (or netkit) pair whose other end lives in another network namespace (a container's
+/// `eth0`), so TC ingress can hand the packet straight to that end (`bpf_redirect_peer`)
+/// instead of transmitting it on the port. Interface indexes stay below 2^31.
+pub const BRIDGE_PORT_PEER: u32 = 1 << 31;
 
 /// Key of [`BRIDGE_PORTS`].
 #[repr(C)]

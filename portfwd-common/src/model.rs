@@ -23,15 +23,16 @@ use crate::{
     csum,
     packet::{
         is_ext_header, may_start_flow, promotes, Flow, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q,
-        ETH_P_IP, ETH_P_IPV6, IP6_DST_OFF, IP6_NEXT_OFF, IP6_SRC_OFF, IPV4_MIN_HLEN, IPV6_HLEN,
-        IPV6_NH_FRAGMENT, IP_CSUM_OFF, IP_DST_OFF, IP_FRAG_MASK, IP_FRAG_OFF, IP_PROTO_OFF,
-        IP_SRC_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF, TCP_FLAGS_OFF, TCP_HLEN, UDP_HLEN, VLAN_HLEN,
+        ETH_P_IP, ETH_P_IPV6, IP6_DST_OFF, IP6_HOP_LIMIT_OFF, IP6_NEXT_OFF, IP6_PLEN_OFF,
+        IP6_SRC_OFF, IPV4_MIN_HLEN, IPV6_HLEN, IPV6_NH_FRAGMENT, IP_CSUM_OFF, IP_DST_OFF,
+        IP_FRAG_MASK, IP_FRAG_OFF, IP_PROTO_OFF, IP_SRC_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF,
+        TCP_FLAGS_OFF, TCP_HLEN, UDP_HLEN, VLAN_HLEN,
     },
     port_bits, proto,
     rules::{self, Caller, RuleMaps},
     wildcard_bits, BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Nat64Flow,
     Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP,
-    CONFIG_NO_NAT64,
+    CONFIG_FAST_PATH_NO_PEER, CONFIG_NO_NAT64,
 };
 
 /// Which program runs the frame.
@@ -68,6 +69,8 @@ pub enum Verdict {
     Drop,
     /// Out of this interface (the fast path).
     Redirect(u32),
+    /// Into the peer of this veth (the fast path at TC ingress: `bpf_redirect_peer`).
+    RedirectPeer(u32),
     /// TC ingress jumps to the NAT64 program, which decides from there ([`nat64`]).
     TailCallNat64,
     /// Out of this interface, the kernel filling in the MACs (`bpf_redirect_neigh`:
@@ -75,30 +78,35 @@ pub enum Verdict {
     RedirectNeigh(u32),
 }
 
-/// Where the fast path sends a translated IPv4 packet: the FIB's next hop and the
+/// Where the fast path sends a translated packet: the FIB's next hop and the
 /// bridge port that leads to it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NextHop {
     /// The bridge port to redirect to.
     pub ifindex: u32,
+    /// The port is a veth whose peer is in another namespace
+    /// ([`crate::BRIDGE_PORT_PEER`]): TC ingress redirects into the peer.
+    pub peer: bool,
     /// The source MAC the frame gets (the egress interface's).
     pub smac: [u8; 6],
     /// The next hop's MAC.
     pub dmac: [u8; 6],
 }
 
-/// The translated IPv4 packet the fast path asks the FIB about.
+/// The translated packet the fast path asks the FIB about (`N`: 4 for IPv4, 16 for
+/// IPv6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FibQuery {
+pub struct FibQuery<const N: usize = 4> {
     /// `proto::TCP` or `proto::UDP`.
     pub proto: u8,
-    /// The IPv4 header's total length, as it says: the FIB checks it against the
-    /// route's MTU (`BPF_FIB_LKUP_RET_FRAG_NEEDED` above it).
+    /// The packet's length from its IP header on: IPv4's total length, IPv6's payload
+    /// length plus the 40-byte header (saturating), as the header says. The FIB checks
+    /// it against the route's MTU (`BPF_FIB_LKUP_RET_FRAG_NEEDED` above it).
     pub tot_len: u16,
     /// Source address (the client's).
-    pub src: [u8; 4],
+    pub src: [u8; N],
     /// Destination address (the backend's).
-    pub dst: [u8; 4],
+    pub dst: [u8; N],
     /// Source port.
     pub sport: [u8; 2],
     /// Destination port (the backend's).
@@ -123,6 +131,8 @@ pub trait Maps: RuleMaps {
     fn config_flags(&self) -> u64;
     /// The fast path's next hop for `q`, if the FIB and the bridge ports know one.
     fn next_hop(&self, q: &FibQuery) -> Option<NextHop>;
+    /// The same for an IPv6 packet.
+    fn next_hop_v6(&self, q: &FibQuery<16>) -> Option<NextHop>;
 }
 
 /// [`Maps`] as plain slices (linear search): fixture tables and host tests. The rules
@@ -299,6 +309,9 @@ impl Maps for Tables<'_> {
         self.config_flags
     }
     fn next_hop(&self, _: &FibQuery) -> Option<NextHop> {
+        self.next_hop
+    }
+    fn next_hop_v6(&self, _: &FibQuery<16>) -> Option<NextHop> {
         self.next_hop
     }
 }
@@ -628,12 +641,22 @@ fn ingress_v4(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Flow<4>) -> Ou
     match (ttl > 1).then(|| maps.next_hop(&query)).flatten() {
         Some(hop) => {
             forward(frame, f.ip_off, hop.smac, hop.dmac);
-            out.verdict = Verdict::Redirect(hop.ifindex);
+            out.verdict = redirect(hook, maps.config_flags(), &hop);
             out.reasons[1] = Some(Reason::Redirected);
         }
         None => out.reasons[1] = Some(Reason::FastPathFallback),
     }
     out
+}
+
+/// The fast path's verdict: into the veth's peer where TC can (unless switched off),
+/// else out of the port.
+fn redirect(hook: Hook, flags: u64, hop: &NextHop) -> Verdict {
+    if hop.peer && hook == Hook::TcIngress && flags & CONFIG_FAST_PATH_NO_PEER == 0 {
+        Verdict::RedirectPeer(hop.ifindex)
+    } else {
+        Verdict::Redirect(hop.ifindex)
+    }
 }
 
 /// Forwards one hop as the kernel would: new MACs, TTL minus one (header checksum
@@ -678,19 +701,45 @@ fn ingress_v6(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Flow<16>) -> O
         })
         .flatten();
     rewrite_v6(frame, f, End::Dst, backend.addr_bytes(), backend.port_be());
-    // No IPv6 fast path: where it is on, the kernel routes the packet instead.
-    let fallback =
-        (maps.config_flags() & hook.fast_path_bit() != 0).then_some(Reason::FastPathFallback);
-    Outcome {
+    let mut out = Outcome {
         verdict: Verdict::Pass,
-        reasons: [Some(Reason::Translated), fallback],
+        reasons: [Some(Reason::Translated), None],
         flow,
         promoted: None,
         rule: Some(RuleCount {
             slot: backend.stats_slot(),
             reply: false,
         }),
+    };
+    if maps.config_flags() & hook.fast_path_bit() == 0 {
+        return out;
     }
+    let hops = frame[f.ip_off + IP6_HOP_LIMIT_OFF];
+    let plen = u16::from_be_bytes([
+        frame[f.ip_off + IP6_PLEN_OFF],
+        frame[f.ip_off + IP6_PLEN_OFF + 1],
+    ]);
+    let query = FibQuery {
+        proto: f.proto,
+        tot_len: plen.saturating_add(IPV6_HLEN as u16),
+        src: f.src,
+        dst: backend.addr_bytes(),
+        sport: f.sport,
+        dport: backend.port_be(),
+    };
+    // An expiring hop limit needs an ICMPv6 error: the kernel's job.
+    match (hops > 1).then(|| maps.next_hop_v6(&query)).flatten() {
+        Some(hop) => {
+            put(frame, 0, &hop.dmac);
+            put(frame, 6, &hop.smac);
+            // No checksum covers the hop limit.
+            frame[f.ip_off + IP6_HOP_LIMIT_OFF] = hops - 1;
+            out.verdict = redirect(hook, maps.config_flags(), &hop);
+            out.reasons[1] = Some(Reason::Redirected);
+        }
+        None => out.reasons[1] = Some(Reason::FastPathFallback),
+    }
+    out
 }
 
 fn reply_v4(maps: &impl Maps, frame: &mut [u8], f: &Flow<4>) -> Outcome {

@@ -26,10 +26,10 @@ use aya::{
 use portfwd_common::{
     port_bits, programs, BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4,
     FlowV6, Nat64Flow, Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, RuleStats, BRIDGE_PORTS, CONFIG,
-    CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONFIG_NO_NAT64, CONFIG_SOCK_HOST_NETNS_ONLY,
-    CONNTRACK_V4, CONNTRACK_V6, EMBRYONIC_V4, EMBRYONIC_V6, HOST_ADDRS_V4, HOST_ADDRS_V6,
-    MAX_FLOWS, NAT64_FLOWS, NAT64_PROGS, NAT64_PROG_INDEX, NAT64_REPLIES, PUBLISHED_PORTS,
-    REASON_STATS, RULES_V4, RULES_V6, RULE_STATS,
+    CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONFIG_FAST_PATH_NO_PEER, CONFIG_NO_NAT64,
+    CONFIG_SOCK_HOST_NETNS_ONLY, CONNTRACK_V4, CONNTRACK_V6, EMBRYONIC_V4, EMBRYONIC_V6,
+    HOST_ADDRS_V4, HOST_ADDRS_V6, MAX_FLOWS, NAT64_FLOWS, NAT64_PROGS, NAT64_PROG_INDEX,
+    NAT64_REPLIES, PUBLISHED_PORTS, REASON_STATS, RULES_V4, RULES_V6, RULE_STATS,
 };
 use thiserror::Error;
 
@@ -896,6 +896,17 @@ impl Dataplane {
             self.config.flags |= CONFIG_SOCK_HOST_NETNS_ONLY;
         } else {
             self.config.flags &= !CONFIG_SOCK_HOST_NETNS_ONLY;
+        }
+        self.write_config()
+    }
+
+    /// Whether the fast path at TC hands packets to a veth's peer (the default) or
+    /// transmits them on the host's end ([`CONFIG_FAST_PATH_NO_PEER`]).
+    pub fn set_fast_path_peer(&mut self, on: bool) -> Result<(), DataplaneError> {
+        if on {
+            self.config.flags &= !CONFIG_FAST_PATH_NO_PEER;
+        } else {
+            self.config.flags |= CONFIG_FAST_PATH_NO_PEER;
         }
         self.write_config()
     }

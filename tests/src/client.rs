@@ -215,7 +215,11 @@ pub fn udp_echo(ns: &Netns, to: SocketAddrV4, payload: &[u8]) -> std::io::Result
 /// Uploads the first `n` bytes of the pattern to `PUT /digest` on `to` (from inside
 /// `ns`); returns what the server counted: (length, digest).
 pub fn upload(ns: &Netns, to: SocketAddrV4, n: u64) -> std::io::Result<(u64, u64)> {
-    let mut s = connect(ns, to)?;
+    upload_on(connect(ns, to)?, n)
+}
+
+/// As [`upload`], on a connected stream (any family).
+pub fn upload_on(mut s: TcpStream, n: u64) -> std::io::Result<(u64, u64)> {
     write!(
         s,
         "PUT /digest HTTP/1.1\r\nHost: portfwd-test\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"

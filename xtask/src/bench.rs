@@ -49,7 +49,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     variants: Vec<String>,
     /// Workloads, comma-separated (default all): tcp1, tcp1-tso, tcp4, crr, keepalive,
-    /// latency, local-crr, local-tcp1, v6-tcp1, v6-tcp1-tso, v6-crr, udp64.
+    /// latency, local-crr, local-tcp1, v6-tcp1, v6-tcp1-tso, v6-crr, udp64, v6-udp64.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
     /// Extra rounds, at most, of the portfwd variants and the workloads where their
@@ -397,7 +397,8 @@ fn run_variant(
         if local && active.local.is_err() {
             continue;
         }
-        if w == Workload::Udp64 && t.udp.is_none() {
+        if (w == Workload::Udp64 && t.udp.is_none()) || (w == Workload::V6Udp64 && t.udp6.is_none())
+        {
             continue;
         }
         if w.is_v6() && t.addr6.is_none() {
@@ -433,9 +434,18 @@ fn run_variant(
                 }
             }
             Workload::Latency => work::latency(&topo.client, t.addr, t.echo, cfg.latency_secs),
-            Workload::Udp64 => {
-                work::udp64(&topo, art, t.addr, t.udp.unwrap_or(0), cfg.latency_secs, 0)
-                    .map(|m| vec![m])
+            Workload::Udp64 => work::udp64(
+                &topo,
+                art,
+                t.addr.into(),
+                t.udp.unwrap_or(0),
+                cfg.latency_secs,
+                0,
+            )
+            .map(|m| vec![m]),
+            Workload::V6Udp64 => {
+                let Some((addr, port)) = t.udp6 else { continue };
+                work::udp64(&topo, art, addr.into(), port, cfg.latency_secs, 0).map(|m| vec![m])
             }
             Workload::LocalCrr | Workload::LocalTcp1 => {
                 let Ok(&(addr, http, iperf)) = active.local.as_ref() else {

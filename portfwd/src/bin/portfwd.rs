@@ -91,6 +91,12 @@ struct Args {
     /// the redirected frames.
     #[arg(long)]
     fast_path_native_xdp: bool,
+    /// From TC, transmit fast-path packets on the host's end of a container's veth
+    /// instead of handing them to the container's end (`bpf_redirect_peer`, the
+    /// default): slower, but the host end's egress (a bandwidth-limiting qdisc, TC
+    /// egress programs) sees them.
+    #[arg(long, requires = "fast_path")]
+    fast_path_no_peer: bool,
     /// No NAT64: remote IPv6 clients of a rule whose backend has no IPv6 address are
     /// not translated to IPv4 (they are passed, counted as `pass_no_ipv6_backend`), and
     /// no NAT64 entry program goes on the backends' interfaces.
@@ -292,6 +298,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.fast_path || args.fast_path_native_xdp {
         dp.set_fast_path(args.fast_path, args.fast_path_native_xdp)?;
+        dp.set_fast_path_peer(!args.fast_path_no_peer)?;
         info!(
             "fast path on ({}): translated packets go straight to the backend's bridge port",
             match (args.fast_path, args.fast_path_native_xdp) {

@@ -519,13 +519,13 @@ fn forwarding(
     )?;
     // A first run records flows (those of the frames the host did not drop), then the
     // rest are filled in from userspace with the value the programs wrote.
-    work::udp64(&topo, art, HOST_IP, UDP.1, 1, flows)?;
+    work::udp64(&topo, art, HOST_IP.into(), UDP.1, 1, flows)?;
     let fill_s = prefill(d.pid(), flows)?;
     let (before, _) = conntrack_usage(art, &sock)?;
     let (mut v, mut load) = (Vec::new(), 0.0f64);
     for _ in 0..plan.rate_runs.max(1) {
         load = load.max(sys::settle(plan.settle));
-        v.push(work::udp64(&topo, art, HOST_IP, UDP.1, plan.secs, flows)?.value);
+        v.push(work::udp64(&topo, art, HOST_IP.into(), UDP.1, plan.secs, flows)?.value);
     }
     d.check_alive()?;
     let (live, cap) = conntrack_usage(art, &sock)?;
