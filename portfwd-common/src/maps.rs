@@ -51,15 +51,16 @@ pub const CONFIG: &str = "CONFIG";
 pub const BRIDGE_PORTS: &str = "BRIDGE_PORTS";
 
 /// Which (port, protocol) pairs rules publish, of either family, and how: entry = port,
-/// value = [`port_bits`] (an address-bound rule, a wildcard rule). A cheap array filter
-/// before the rule hash lookups: traffic to unpublished ports (most of a host's traffic)
-/// costs one array read, and a port with only a wildcard rule skips the exact lookup.
-/// Written by the daemon (bits set before a rule is inserted, cleared after the last
-/// one of that kind is removed).
+/// value = bits: an address-bound entry of either family (expansions included), a
+/// wildcard rule of either family ([`port_bits`]), and a wildcard rule of each family
+/// ([`wildcard_bit`]; the either-family bit stays for earlier binaries over the same
+/// pinned map). A cheap array filter before the rule lookup: traffic to unpublished
+/// ports (most of a host's traffic) costs one array read. Written by the daemon (bits
+/// set before an entry is inserted, cleared after the last one of that kind is removed).
 pub const PUBLISHED_PORTS: &str = "PUBLISHED_PORTS";
 
-/// The [`PUBLISHED_PORTS`] bits of a protocol: (address-bound rule, wildcard rule);
-/// zero for anything else.
+/// The [`PUBLISHED_PORTS`] bits of a protocol: (address-bound entry, wildcard rule of
+/// either family); zero for anything else.
 #[inline(always)]
 pub const fn port_bits(proto: u8) -> (u8, u8) {
     match proto {
@@ -67,6 +68,25 @@ pub const fn port_bits(proto: u8) -> (u8, u8) {
         crate::proto::UDP => (4, 8),
         _ => (0, 0),
     }
+}
+
+/// The [`PUBLISHED_PORTS`] bit of a wildcard rule of one family (`v6`: IPv6's); zero for
+/// protocols other than TCP and UDP.
+#[inline(always)]
+pub const fn wildcard_bit(proto: u8, v6: bool) -> u8 {
+    match (proto, v6) {
+        (crate::proto::TCP, false) => 16,
+        (crate::proto::TCP, true) => 32,
+        (crate::proto::UDP, false) => 64,
+        (crate::proto::UDP, true) => 128,
+        _ => 0,
+    }
+}
+
+/// Every [`PUBLISHED_PORTS`] bit a wildcard rule of one family sets.
+#[inline(always)]
+pub const fn wildcard_bits(proto: u8, v6: bool) -> u8 {
+    port_bits(proto).1 | wildcard_bit(proto, v6)
 }
 
 /// Entry points in the object, as their ELF symbols (aya finds programs by symbol).
@@ -107,8 +127,13 @@ pub mod programs {
     pub const SOCK_BIND6: &str = "portfwd_bind6";
 }
 
-/// Rules the dataplane holds (each published port of a range is one entry).
-pub const MAX_RULES: u32 = 65_536;
+/// Entries of each rules map: each published port of a range is one, and a wildcard
+/// rule is one more per host address of the family (its expansions, see
+/// [`BACKEND_EXPANDED`]). The maps are allocated as they fill (`BPF_F_NO_PREALLOC`).
+pub const MAX_RULES: u32 = 262_144;
+/// `BPF_F_NO_PREALLOC` (include/uapi/linux/bpf.h): the rules maps take memory per entry
+/// held, not per entry possible.
+pub const RULES_MAP_FLAGS: u32 = 1;
 /// Counter slots: one per published declaration (a range shares one slot).
 pub const MAX_STATS_SLOTS: u32 = 16_384;
 /// Established flows per family (`CONNTRACK_*`); the least recently used are evicted
@@ -168,6 +193,13 @@ impl RuleKeyV4 {
 /// backend: ingress translates before the socket lookup, and the connect hooks rewrite
 /// local clients first.
 pub const BACKEND_RESERVATION: u8 = 1;
+
+/// A flag of [`BackendV4`] / [`BackendV6`]: the entry is an expansion of a wildcard rule
+/// (key `0.0.0.0` / `::`), written by the daemon under each host address of the family
+/// and kept in step with them, so that a packet to a wildcard rule costs one exact
+/// lookup. Internal: never a rule of its own (`list`, the saved state and adoption skip
+/// it); an address-bound rule on the same key takes its place.
+pub const BACKEND_EXPANDED: u8 = 2;
 
 /// Value of [`RULES_V4`]: where a published port goes.
 #[repr(C)]
@@ -723,6 +755,11 @@ pub const CONFIG_NO_NAT64: u64 = 4;
 /// reaches the host's address but has no route to the backends) is left to the packet
 /// path, like a remote client.
 pub const CONFIG_SOCK_HOST_NETNS_ONLY: u64 = 8;
+/// [`Config::flags`]: the fast path at TC transmits on the bridge port even when it is a
+/// veth whose peer is in another namespace ([`BRIDGE_PORT_PEER`]), instead of handing the
+/// packet to the peer (`portfwd --fast-path-no-peer`): slower, but the host end's egress
+/// (qdiscs such as a bandwidth limit, TC egress programs) sees the packets.
+pub const CONFIG_FAST_PATH_NO_PEER: u64 = 16;
 
 /// NAT64 (remote IPv6 clients of an IPv4-only backend, at TC): the translation of each
 /// such flow, keyed by the client's flow as it arrives ([`FlowKeyV6`]: client address
@@ -824,6 +861,12 @@ impl Nat64Reply {
 
 /// Most bridge forwarding entries tracked for the fast path.
 pub const MAX_BRIDGE_PORTS: u32 = 16_384;
+
+/// Set in a [`BRIDGE_PORTS`] value (the port's ifindex): the port is one end of a veth
+/// (or netkit) pair whose other end lives in another network namespace (a container's
+/// `eth0`), so TC ingress can hand the packet straight to that end (`bpf_redirect_peer`)
+/// instead of transmitting it on the port. Interface indexes stay below 2^31.
+pub const BRIDGE_PORT_PEER: u32 = 1 << 31;
 
 /// Key of [`BRIDGE_PORTS`].
 #[repr(C)]

@@ -23,14 +23,16 @@ use crate::{
     csum,
     packet::{
         is_ext_header, may_start_flow, promotes, Flow, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q,
-        ETH_P_IP, ETH_P_IPV6, IP6_DST_OFF, IP6_NEXT_OFF, IP6_SRC_OFF, IPV4_MIN_HLEN, IPV6_HLEN,
-        IPV6_NH_FRAGMENT, IP_CSUM_OFF, IP_DST_OFF, IP_FRAG_MASK, IP_FRAG_OFF, IP_PROTO_OFF,
-        IP_SRC_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF, TCP_FLAGS_OFF, TCP_HLEN, UDP_HLEN, VLAN_HLEN,
+        ETH_P_IP, ETH_P_IPV6, IP6_DST_OFF, IP6_HOP_LIMIT_OFF, IP6_NEXT_OFF, IP6_PLEN_OFF,
+        IP6_SRC_OFF, IPV4_MIN_HLEN, IPV6_HLEN, IPV6_NH_FRAGMENT, IP_CSUM_OFF, IP_DST_OFF,
+        IP_FRAG_MASK, IP_FRAG_OFF, IP_PROTO_OFF, IP_SRC_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF,
+        TCP_FLAGS_OFF, TCP_HLEN, UDP_HLEN, VLAN_HLEN,
     },
     port_bits, proto,
     rules::{self, Caller, RuleMaps},
-    BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Nat64Flow, Nat64Reply, Reason,
-    RuleKeyV4, RuleKeyV6, CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONFIG_NO_NAT64,
+    wildcard_bits, BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Nat64Flow,
+    Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP,
+    CONFIG_FAST_PATH_NO_PEER, CONFIG_NO_NAT64,
 };
 
 /// Which program runs the frame.
@@ -67,6 +69,8 @@ pub enum Verdict {
     Drop,
     /// Out of this interface (the fast path).
     Redirect(u32),
+    /// Into the peer of this veth (the fast path at TC ingress: `bpf_redirect_peer`).
+    RedirectPeer(u32),
     /// TC ingress jumps to the NAT64 program, which decides from there ([`nat64`]).
     TailCallNat64,
     /// Out of this interface, the kernel filling in the MACs (`bpf_redirect_neigh`:
@@ -74,30 +78,35 @@ pub enum Verdict {
     RedirectNeigh(u32),
 }
 
-/// Where the fast path sends a translated IPv4 packet: the FIB's next hop and the
+/// Where the fast path sends a translated packet: the FIB's next hop and the
 /// bridge port that leads to it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NextHop {
     /// The bridge port to redirect to.
     pub ifindex: u32,
+    /// The port is a veth whose peer is in another namespace
+    /// ([`crate::BRIDGE_PORT_PEER`]): TC ingress redirects into the peer.
+    pub peer: bool,
     /// The source MAC the frame gets (the egress interface's).
     pub smac: [u8; 6],
     /// The next hop's MAC.
     pub dmac: [u8; 6],
 }
 
-/// The translated IPv4 packet the fast path asks the FIB about.
+/// The translated packet the fast path asks the FIB about (`N`: 4 for IPv4, 16 for
+/// IPv6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FibQuery {
+pub struct FibQuery<const N: usize = 4> {
     /// `proto::TCP` or `proto::UDP`.
     pub proto: u8,
-    /// The IPv4 header's total length, as it says: the FIB checks it against the
-    /// route's MTU (`BPF_FIB_LKUP_RET_FRAG_NEEDED` above it).
+    /// The packet's length from its IP header on: IPv4's total length, IPv6's payload
+    /// length plus the 40-byte header (saturating), as the header says. The FIB checks
+    /// it against the route's MTU (`BPF_FIB_LKUP_RET_FRAG_NEEDED` above it).
     pub tot_len: u16,
     /// Source address (the client's).
-    pub src: [u8; 4],
+    pub src: [u8; N],
     /// Destination address (the backend's).
-    pub dst: [u8; 4],
+    pub dst: [u8; N],
     /// Source port.
     pub sport: [u8; 2],
     /// Destination port (the backend's).
@@ -122,9 +131,13 @@ pub trait Maps: RuleMaps {
     fn config_flags(&self) -> u64;
     /// The fast path's next hop for `q`, if the FIB and the bridge ports know one.
     fn next_hop(&self, q: &FibQuery) -> Option<NextHop>;
+    /// The same for an IPv6 packet.
+    fn next_hop_v6(&self, q: &FibQuery<16>) -> Option<NextHop>;
 }
 
-/// [`Maps`] as plain slices (linear search): fixture tables and host tests.
+/// [`Maps`] as plain slices (linear search): fixture tables and host tests. The rules
+/// read as the daemon writes them: each wildcard also under every host address of its
+/// family ([`crate::BACKEND_EXPANDED`]), the published-port bits to match.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Tables<'a> {
     /// `RULES_V4` (`PUBLISHED_PORTS` is derived from both families' rules).
@@ -172,25 +185,89 @@ impl RuleMaps for Tables<'_> {
             .iter()
             .map(|(k, _)| (k.port(), k.proto(), k.addr().is_unspecified()));
         let mut bits = 0;
-        for (p, l4, wildcard) in keys_v4.chain(keys_v6) {
+        let keys = keys_v4
+            .map(|k| (k, false))
+            .chain(keys_v6.map(|k| (k, true)));
+        for ((p, l4, wildcard), v6) in keys {
             if p == port {
-                let (exact_bit, wildcard_bit) = port_bits(l4);
-                bits |= if wildcard { wildcard_bit } else { exact_bit };
+                bits |= if wildcard {
+                    wildcard_bits(l4, v6)
+                } else {
+                    port_bits(l4).0
+                };
             }
         }
+        // A wildcard's expansions are address-bound entries.
+        let expanded = |hosts: bool, wildcards: &mut dyn Iterator<Item = (u16, u8)>| {
+            let mut b = 0;
+            if hosts {
+                for (p, l4) in wildcards {
+                    if p == port {
+                        b |= port_bits(l4).0;
+                    }
+                }
+            }
+            b
+        };
+        bits |= expanded(
+            !self.host_addrs_v4.is_empty(),
+            &mut self
+                .rules_v4
+                .iter()
+                .filter(|(k, _)| k.addr().is_unspecified())
+                .map(|(k, _)| (k.port(), k.proto())),
+        );
+        bits |= expanded(
+            !self.host_addrs_v6.is_empty(),
+            &mut self
+                .rules_v6
+                .iter()
+                .filter(|(k, _)| k.addr().is_unspecified())
+                .map(|(k, _)| (k.port(), k.proto())),
+        );
         bits
     }
+    /// The rule under `key`, or the wildcard's expansion for a host address (as the
+    /// daemon writes them).
     fn rule_v4(&self, key: &RuleKeyV4) -> Option<BackendV4> {
-        self.rules_v4
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, b)| *b)
+        let find = |key: &RuleKeyV4| {
+            self.rules_v4
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, b)| *b)
+        };
+        find(key).or_else(|| {
+            let a = key.addr().octets();
+            if !self.host_addrs_v4.contains(&a) {
+                return None;
+            }
+            let w = find(&RuleKeyV4::new(
+                [0; 4],
+                key.port().to_be_bytes(),
+                key.proto(),
+            ))?;
+            Some(w.with_flags(w.flags() | crate::BACKEND_EXPANDED))
+        })
     }
     fn rule_v6(&self, key: &RuleKeyV6) -> Option<BackendV6> {
-        self.rules_v6
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, b)| *b)
+        let find = |key: &RuleKeyV6| {
+            self.rules_v6
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, b)| *b)
+        };
+        find(key).or_else(|| {
+            let a = key.addr().octets();
+            if !self.host_addrs_v6.contains(&a) {
+                return None;
+            }
+            let w = find(&RuleKeyV6::new(
+                [0; 16],
+                key.port().to_be_bytes(),
+                key.proto(),
+            ))?;
+            Some(w.with_flags(w.flags() | crate::BACKEND_EXPANDED))
+        })
     }
     fn is_host_v4(&self, addr: &[u8; 4]) -> bool {
         self.host_addrs_v4.contains(addr)
@@ -232,6 +309,9 @@ impl Maps for Tables<'_> {
         self.config_flags
     }
     fn next_hop(&self, _: &FibQuery) -> Option<NextHop> {
+        self.next_hop
+    }
+    fn next_hop_v6(&self, _: &FibQuery<16>) -> Option<NextHop> {
         self.next_hop
     }
 }
@@ -561,12 +641,22 @@ fn ingress_v4(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Flow<4>) -> Ou
     match (ttl > 1).then(|| maps.next_hop(&query)).flatten() {
         Some(hop) => {
             forward(frame, f.ip_off, hop.smac, hop.dmac);
-            out.verdict = Verdict::Redirect(hop.ifindex);
+            out.verdict = redirect(hook, maps.config_flags(), &hop);
             out.reasons[1] = Some(Reason::Redirected);
         }
         None => out.reasons[1] = Some(Reason::FastPathFallback),
     }
     out
+}
+
+/// The fast path's verdict: into the veth's peer where TC can (unless switched off),
+/// else out of the port.
+fn redirect(hook: Hook, flags: u64, hop: &NextHop) -> Verdict {
+    if hop.peer && hook == Hook::TcIngress && flags & CONFIG_FAST_PATH_NO_PEER == 0 {
+        Verdict::RedirectPeer(hop.ifindex)
+    } else {
+        Verdict::Redirect(hop.ifindex)
+    }
 }
 
 /// Forwards one hop as the kernel would: new MACs, TTL minus one (header checksum
@@ -611,19 +701,45 @@ fn ingress_v6(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Flow<16>) -> O
         })
         .flatten();
     rewrite_v6(frame, f, End::Dst, backend.addr_bytes(), backend.port_be());
-    // No IPv6 fast path: where it is on, the kernel routes the packet instead.
-    let fallback =
-        (maps.config_flags() & hook.fast_path_bit() != 0).then_some(Reason::FastPathFallback);
-    Outcome {
+    let mut out = Outcome {
         verdict: Verdict::Pass,
-        reasons: [Some(Reason::Translated), fallback],
+        reasons: [Some(Reason::Translated), None],
         flow,
         promoted: None,
         rule: Some(RuleCount {
             slot: backend.stats_slot(),
             reply: false,
         }),
+    };
+    if maps.config_flags() & hook.fast_path_bit() == 0 {
+        return out;
     }
+    let hops = frame[f.ip_off + IP6_HOP_LIMIT_OFF];
+    let plen = u16::from_be_bytes([
+        frame[f.ip_off + IP6_PLEN_OFF],
+        frame[f.ip_off + IP6_PLEN_OFF + 1],
+    ]);
+    let query = FibQuery {
+        proto: f.proto,
+        tot_len: plen.saturating_add(IPV6_HLEN as u16),
+        src: f.src,
+        dst: backend.addr_bytes(),
+        sport: f.sport,
+        dport: backend.port_be(),
+    };
+    // An expiring hop limit needs an ICMPv6 error: the kernel's job.
+    match (hops > 1).then(|| maps.next_hop_v6(&query)).flatten() {
+        Some(hop) => {
+            put(frame, 0, &hop.dmac);
+            put(frame, 6, &hop.smac);
+            // No checksum covers the hop limit.
+            frame[f.ip_off + IP6_HOP_LIMIT_OFF] = hops - 1;
+            out.verdict = redirect(hook, maps.config_flags(), &hop);
+            out.reasons[1] = Some(Reason::Redirected);
+        }
+        None => out.reasons[1] = Some(Reason::FastPathFallback),
+    }
+    out
 }
 
 fn reply_v4(maps: &impl Maps, frame: &mut [u8], f: &Flow<4>) -> Outcome {

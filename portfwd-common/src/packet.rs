@@ -46,8 +46,12 @@ pub const IP_DST_OFF: usize = 16;
 
 /// IPv6 fixed header length.
 pub const IPV6_HLEN: usize = 40;
+/// IPv6 payload length offset.
+pub const IP6_PLEN_OFF: usize = 4;
 /// IPv6 next-header offset.
 pub const IP6_NEXT_OFF: usize = 6;
+/// IPv6 hop limit offset.
+pub const IP6_HOP_LIMIT_OFF: usize = 7;
 /// IPv6 source address offset.
 pub const IP6_SRC_OFF: usize = 8;
 /// IPv6 destination address offset.

@@ -6,11 +6,14 @@
 //! The rules, keyed by (address, port, protocol), hold address-bound rules and the
 //! wildcard (address `0.0.0.0` / `::`), which covers only the host's own addresses:
 //!
-//! - [`Caller::Packet`]: the `PUBLISHED_PORTS` bits say which lookups can hit at all
-//!   (most traffic is for unpublished ports and costs one array read). The exact rule
-//!   first, then the wildcard if the destination is a host address. Misses are
-//!   [`Reason::PassNoRule`], a wildcard for another address [`Reason::PassNotHostAddr`];
-//!   the ingress programs count them.
+//! - [`Caller::Packet`]: one exact lookup. The daemon expands each wildcard rule into
+//!   one entry per host address of the family ([`crate::BACKEND_EXPANDED`], kept in step
+//!   with the addresses), so a hit on either kind of rule is a single hash lookup, with
+//!   no host-address check. The `PUBLISHED_PORTS` bits say whether the lookup can hit
+//!   at all (most traffic is for unpublished ports and costs one array read). Misses
+//!   are [`Reason::PassNoRule`], or [`Reason::PassNotHostAddr`] when the family has a
+//!   wildcard rule on the port (its own bit) and the destination is not a host address
+//!   (checked on the miss path only); the ingress programs count them.
 //! - [`Caller::Socket`]: TCP and UDP only. Loopback (`127/8`, `::1`) is the host's only
 //!   in the host's network namespace; the wildcard also covers loopback and the
 //!   unspecified address. An IPv4-mapped IPv6 address (a dual-stack socket) is looked up
@@ -22,8 +25,12 @@
 //!
 //! Key construction and lookup order are exactly the kernel's: an exact lookup with
 //! the unspecified address is a wildcard lookup, and so hits without a host-address check.
+//! The socket hooks keep the wildcard lookup and host-address check: they also serve
+//! loopback and the unspecified address, which have no expansions.
 
-use crate::{addr, port_bits, proto, BackendV4, BackendV6, Reason, RuleKeyV4, RuleKeyV6};
+use crate::{
+    addr, port_bits, proto, wildcard_bit, BackendV4, BackendV6, Reason, RuleKeyV4, RuleKeyV6,
+};
 
 /// Who asks for a rule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +76,8 @@ pub trait Family: Copy + PartialEq {
     /// Whether a socket bound to [`Self::UNSPECIFIED`] also takes the IPv4 ports
     /// (an IPv6 dual-stack socket).
     const DUAL_STACK: bool;
+    /// IPv6 (its own wildcard bits in `PUBLISHED_PORTS`).
+    const V6: bool;
     /// The rule key of (`self`, `port_be`, `proto`).
     fn rule_key(self, port_be: [u8; 2], proto: u8) -> Self::RuleKey;
     /// `127/8` or `::1`.
@@ -90,6 +99,7 @@ impl Family for [u8; 4] {
     type Backend = BackendV4;
     const UNSPECIFIED: Self = [0; 4];
     const DUAL_STACK: bool = false;
+    const V6: bool = false;
     #[inline(always)]
     fn rule_key(self, port_be: [u8; 2], proto: u8) -> RuleKeyV4 {
         RuleKeyV4::new(self, port_be, proto)
@@ -128,6 +138,7 @@ impl Family for [u8; 16] {
     type Backend = BackendV6;
     const UNSPECIFIED: Self = [0; 16];
     const DUAL_STACK: bool = true;
+    const V6: bool = true;
     #[inline(always)]
     fn rule_key(self, port_be: [u8; 2], proto: u8) -> RuleKeyV6 {
         RuleKeyV6::new(self, port_be, proto)
@@ -216,22 +227,17 @@ fn packet<A: Family, M: RuleMaps>(
     proto: u8,
 ) -> Result<A::Backend, Reason> {
     let bits = maps.published(port_be);
-    let (exact_bit, wildcard_bit) = port_bits(proto);
-    if bits & exact_bit != 0 {
+    if bits & port_bits(proto).0 != 0 {
         if let Some(b) = A::rule(maps, &(*addr).rule_key(port_be, proto)) {
             return Ok(b);
         }
     }
-    if bits & wildcard_bit == 0 {
-        return Err(Reason::PassNoRule);
-    }
-    let Some(b) = A::rule(maps, &A::UNSPECIFIED.rule_key(port_be, proto)) else {
-        return Err(Reason::PassNoRule);
-    };
-    if !addr.is_host(maps) {
+    // Only the reason of a miss is left to find: a wildcard rule's expansions cover
+    // every host address, so the family's wildcard port missed at another address.
+    if bits & wildcard_bit(proto, A::V6) != 0 && !addr.is_host(maps) {
         return Err(Reason::PassNotHostAddr);
     }
-    Ok(b)
+    Err(Reason::PassNoRule)
 }
 
 /// [`Caller::Socket`]: an IPv4-mapped address goes to the IPv4 rules.
@@ -301,15 +307,19 @@ mod tests {
     }
 
     impl Mem {
-        fn mark(&mut self, wildcard: bool, port: [u8; 2], l4: u8) {
-            let (e, w) = port_bits(l4);
-            *self.published.entry(port).or_default() |= if wildcard { w } else { e };
+        /// `wildcard`: of the family `v6`; else an address-bound entry.
+        fn mark(&mut self, wildcard: Option<bool>, port: [u8; 2], l4: u8) {
+            let bit = match wildcard {
+                Some(v6) => crate::wildcard_bits(l4, v6),
+                None => port_bits(l4).0,
+            };
+            *self.published.entry(port).or_default() |= bit;
         }
         fn add4(&mut self, a: [u8; 4], port: u16, l4: u8, slot: u32) -> &mut Self {
             let p = port.to_be_bytes();
             let b = BackendV4::new([10, 0, 0, slot as u8].into(), 8000 + slot as u16, slot);
             self.v4.insert((a, p, l4), b);
-            self.mark(a == [0; 4], p, l4);
+            self.mark((a == [0; 4]).then_some(false), p, l4);
             self
         }
         fn add6(&mut self, a: [u8; 16], port: u16, l4: u8, slot: u32) -> &mut Self {
@@ -318,7 +328,46 @@ mod tests {
             ba[15] = slot as u8;
             let b = BackendV6::from_bytes(ba, (8000 + slot as u16).to_be_bytes(), slot);
             self.v6.insert((a, p, l4), b);
-            self.mark(a == [0; 16], p, l4);
+            self.mark((a == [0; 16]).then_some(true), p, l4);
+            self
+        }
+    }
+
+    impl Mem {
+        /// Each wildcard rule's expansions, as the daemon writes them: one entry per
+        /// host address of the family, where no address-bound rule holds the key.
+        fn expand(&mut self) -> &mut Self {
+            let flag = crate::BACKEND_EXPANDED;
+            let w4: Vec<_> = self
+                .v4
+                .iter()
+                .filter(|(k, _)| k.0 == [0; 4])
+                .map(|(k, b)| (*k, *b))
+                .collect();
+            for ((_, p, l4), b) in w4 {
+                for h in self.hosts4.clone() {
+                    if let std::collections::btree_map::Entry::Vacant(e) = self.v4.entry((h, p, l4))
+                    {
+                        e.insert(b.with_flags(b.flags() | flag));
+                        self.mark(None, p, l4);
+                    }
+                }
+            }
+            let w6: Vec<_> = self
+                .v6
+                .iter()
+                .filter(|(k, _)| k.0 == [0; 16])
+                .map(|(k, b)| (*k, *b))
+                .collect();
+            for ((_, p, l4), b) in w6 {
+                for h in self.hosts6.clone() {
+                    if let std::collections::btree_map::Entry::Vacant(e) = self.v6.entry((h, p, l4))
+                    {
+                        e.insert(b.with_flags(b.flags() | flag));
+                        self.mark(None, p, l4);
+                    }
+                }
+            }
             self
         }
     }
@@ -343,11 +392,12 @@ mod tests {
         }
     }
 
-    // The four lookups as the kernel had them before they became one function, over
+    // The four lookups as the kernel had them before they became one function (the
+    // packet's with the wildcard lookup and host check that expansions replace), over
     // the same maps: the oracle the generic one must agree with.
     fn old_ingress_v4(m: &Mem, dst: [u8; 4], port: [u8; 2], l4: u8) -> Result<u32, Reason> {
         let bits = m.published(port);
-        let (e, w) = port_bits(l4);
+        let (e, w) = (port_bits(l4).0, wildcard_bit(l4, false));
         if bits & e != 0 {
             if let Some(b) = m.rule_v4(&RuleKeyV4::new(dst, port, l4)) {
                 return Ok(b.stats_slot());
@@ -366,7 +416,7 @@ mod tests {
     }
     fn old_ingress_v6(m: &Mem, dst: [u8; 16], port: [u8; 2], l4: u8) -> Result<u32, Reason> {
         let bits = m.published(port);
-        let (e, w) = port_bits(l4);
+        let (e, w) = (port_bits(l4).0, wildcard_bit(l4, true));
         if bits & e != 0 {
             if let Some(b) = m.rule_v6(&RuleKeyV6::new(dst, port, l4)) {
                 return Ok(b.stats_slot());
@@ -408,7 +458,9 @@ mod tests {
             a[10] = 0xff;
             a[11] = 0xff;
             a[12..].copy_from_slice(&b.addr_bytes());
-            return Some(BackendV6::from_bytes(a, b.port_be(), b.stats_slot()));
+            return Some(
+                BackendV6::from_bytes(a, b.port_be(), b.stats_slot()).with_flags(b.flags()),
+            );
         }
         if l4 != TCP && l4 != UDP {
             return None;
@@ -461,7 +513,8 @@ mod tests {
             .add6([0; 16], 80, TCP, 6);
         let mapped = BackendV6::from_v4_mapped(BackendV4::new([10, 0, 0, 7].into(), 8007, 7));
         m.v6.insert(([0; 16], 9000u16.to_be_bytes(), TCP), mapped);
-        m.mark(true, 9000u16.to_be_bytes(), TCP);
+        m.mark(Some(true), 9000u16.to_be_bytes(), TCP);
+        m.expand();
         m
     }
 
@@ -495,7 +548,7 @@ mod tests {
             ([192, 0, 2, 1], 81, TCP, Err(PassNoRule)),
             // An exact lookup of 0.0.0.0 is the wildcard's key.
             ([0; 4], 80, TCP, Ok(2)),
-            ([0; 4], 53, UDP, Err(PassNotHostAddr)),
+            ([0; 4], 53, UDP, Ok(3)),
             ([192, 0, 2, 1], 80, 1, Err(PassNoRule)),
         ];
         for &(a, port, l4, want) in v4 {
@@ -523,13 +576,35 @@ mod tests {
         m.published.clear();
         let r = lookup(&m, Caller::Packet, [192, 0, 2, 1], 80u16.to_be_bytes(), TCP);
         assert_eq!(slot4(r), Err(Reason::PassNoRule));
-        // Only the wildcard bit: the exact rule is skipped.
-        m.mark(true, 80u16.to_be_bytes(), TCP);
+        // Only the wildcard bit: no lookup (the expansions set the exact bit); the
+        // miss's reason from the host-address check.
+        m.mark(Some(false), 80u16.to_be_bytes(), TCP);
         let r = lookup(&m, Caller::Packet, [192, 0, 2, 1], 80u16.to_be_bytes(), TCP);
-        assert_eq!(slot4(r), Ok(2));
-        // A stale wildcard bit without the rule.
+        assert_eq!(slot4(r), Err(Reason::PassNoRule));
+        let r = lookup(&m, Caller::Packet, [192, 0, 2, 9], 80u16.to_be_bytes(), TCP);
+        assert_eq!(slot4(r), Err(Reason::PassNotHostAddr));
+        // The exact bit: the entry under the destination, whatever the wildcard.
+        m.mark(None, 80u16.to_be_bytes(), TCP);
         m.v4.remove(&([0; 4], 80u16.to_be_bytes(), TCP));
         let r = lookup(&m, Caller::Packet, [192, 0, 2, 1], 80u16.to_be_bytes(), TCP);
+        assert_eq!(slot4(r), Ok(1));
+    }
+
+    #[test]
+    fn packet_hits_expansions_in_one_lookup() {
+        let m = sample();
+        let p = |port: u16| port.to_be_bytes();
+        // A wildcard served through its expansion: the flag, its slot, no host check.
+        let b = lookup(&m, Caller::Packet, [192, 0, 2, 1], p(53), UDP).expect("expansion");
+        assert_eq!((b.stats_slot(), b.flags()), (3, crate::BACKEND_EXPANDED));
+        // The address-bound rule on the same key is not overwritten by an expansion.
+        let b = lookup(&m, Caller::Packet, [192, 0, 2, 1], p(80), TCP).expect("exact");
+        assert_eq!((b.stats_slot(), b.flags()), (1, 0));
+        // Without the expansion (a host address the daemon has not expanded for yet),
+        // the wildcard does not serve the packet.
+        let mut gone = m.clone();
+        gone.v4.remove(&([192, 0, 2, 1], p(53), UDP));
+        let r = lookup(&gone, Caller::Packet, [192, 0, 2, 1], p(53), UDP);
         assert_eq!(slot4(r), Err(Reason::PassNoRule));
     }
 
@@ -675,27 +750,22 @@ mod tests {
     fn arb_mem() -> impl Strategy<Value = Mem> {
         let r4 = proptest::collection::vec((arb_v4(), arb_port(), arb_l4()), 0..6);
         let r6 = proptest::collection::vec((arb_v6(), arb_port(), arb_l4()), 0..6);
-        let h4 = proptest::collection::vec(arb_v4(), 0..3);
-        let h6 = proptest::collection::vec(arb_v6(), 0..3);
-        let stale = proptest::collection::vec((arb_port(), any::<u8>()), 0..2);
-        (r4, r6, h4, h6, stale).prop_map(
-            |(r4, r6, h4, h6, stale): (Vec<_>, Vec<_>, Vec<_>, Vec<_>, Vec<_>)| {
-                let mut m = Mem::default();
-                for (i, (a, p, l4)) in r4.into_iter().enumerate() {
-                    m.add4(a, u16::from_be_bytes(p), l4, i as u32);
-                }
-                for (i, (a, p, l4)) in r6.into_iter().enumerate() {
-                    m.add6(a, u16::from_be_bytes(p), l4, 100 + i as u32);
-                }
-                m.hosts4.extend(h4);
-                m.hosts6.extend(h6);
-                // Stale or extra bits, as between two daemon writes.
-                for (p, bits) in stale {
-                    m.published.insert(p, bits);
-                }
-                m
-            },
-        )
+        // Host addresses are never unspecified; the maps as the daemon leaves them (no
+        // stale bits: a host address without its expansion would miss).
+        let h4 = proptest::collection::vec(arb_v4().prop_filter("host", |a| *a != [0; 4]), 0..3);
+        let h6 = proptest::collection::vec(arb_v6().prop_filter("host", |a| *a != [0; 16]), 0..3);
+        (r4, r6, h4, h6).prop_map(|(r4, r6, h4, h6): (Vec<_>, Vec<_>, Vec<_>, Vec<_>)| {
+            let mut m = Mem::default();
+            for (i, (a, p, l4)) in r4.into_iter().enumerate() {
+                m.add4(a, u16::from_be_bytes(p), l4, i as u32);
+            }
+            for (i, (a, p, l4)) in r6.into_iter().enumerate() {
+                m.add6(a, u16::from_be_bytes(p), l4, 100 + i as u32);
+            }
+            m.hosts4.extend(h4);
+            m.hosts6.extend(h6);
+            m
+        })
     }
 
     proptest! {
@@ -704,14 +774,25 @@ mod tests {
             m in arb_mem(), a4 in arb_v4(), a6 in arb_v6(), port in arb_port(),
             l4 in arb_l4(), ns in any::<bool>(),
         ) {
-            prop_assert_eq!(
-                slot4(lookup(&m, Caller::Packet, a4, port, l4)),
-                old_ingress_v4(&m, a4, port, l4)
-            );
-            prop_assert_eq!(
-                slot6(lookup(&m, Caller::Packet, a6, port, l4)),
-                old_ingress_v6(&m, a6, port, l4)
-            );
+            // Packets: one lookup in the kernel's maps (`x`, expanded) serves what the
+            // old two lookups served over the rules alone (`m`), but the unspecified
+            // destination (never a host address, nor a real packet's): it hits the
+            // wildcard's own key once expansions mark the port.
+            let mut x = m.clone();
+            x.expand();
+            if a4 != [0; 4] {
+                prop_assert_eq!(
+                    slot4(lookup(&x, Caller::Packet, a4, port, l4)),
+                    old_ingress_v4(&m, a4, port, l4)
+                );
+            }
+            if a6 != [0; 16] {
+                prop_assert_eq!(
+                    slot6(lookup(&x, Caller::Packet, a6, port, l4)),
+                    old_ingress_v6(&m, a6, port, l4)
+                );
+            }
+            let m = x;
             let sock = Caller::Socket { host_netns: ns };
             prop_assert_eq!(lookup(&m, sock, a4, port, l4).ok(), old_local(&m, a4, port, l4, ns));
             prop_assert_eq!(lookup(&m, sock, a6, port, l4).ok(), old_local6(&m, a6, port, l4, ns));

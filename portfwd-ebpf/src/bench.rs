@@ -6,17 +6,18 @@
 //!   `BENCH_SPREAD` set, each frame gets its own IPv4 source (low 16 bits of the address)
 //!   and source port, checksums patched: many flows (a scale run) or random spoofed
 //!   sources (a SYN flood).
-//! - `bench_sink`: attached at the receiving end; counts and drops UDP frames whose
-//!   destination port is the configured one, passes everything else.
+//! - `bench_sink`: attached at the receiving end; counts and drops UDP frames (IPv4 or
+//!   IPv6) whose destination port is the configured one, passes everything else.
+//!   `bench_sink_tc` does the same at TC ingress, for frames that skip XDP.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{xdp_action, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_get_prandom_u32,
-    macros::{map, xdp},
+    macros::{classifier, map, xdp},
     maps::{Array, PerCpuArray},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 
 /// Template frame length; the generator sends frames of exactly this size.
@@ -91,7 +92,12 @@ unsafe fn spread(p: *mut u8, n: u32) {
     const IP_CSUM: usize = 24;
     const SRC_LO: usize = 28;
     const SPORT: usize = 34;
-    let l4_csum = match unsafe { *p.add(23) } {
+    // IPv4 without options only (an IPv6 template is sent as it is).
+    let (ethertype, ver_ihl, proto) = unsafe { ([*p.add(12), *p.add(13)], *p.add(14), *p.add(23)) };
+    if ethertype != [0x08, 0x00] || ver_ihl != 0x45 {
+        return;
+    }
+    let l4_csum = match proto {
         6 => 50,
         17 => 40,
         _ => return,
@@ -124,33 +130,59 @@ fn csum_replace(csum: u16, old: u16, new: u16) -> u16 {
 
 #[xdp]
 pub fn bench_sink(ctx: XdpContext) -> u32 {
-    let (data, end) = (ctx.data(), ctx.data_end());
+    if counted(ctx.data(), ctx.data_end()) {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
+/// The same at TC ingress, for frames that skip the veth's NAPI and so its XDP program
+/// (`bpf_redirect_peer` delivers an skb straight into the peer's ingress).
+#[classifier]
+pub fn bench_sink_tc(ctx: TcContext) -> i32 {
+    if counted(ctx.data(), ctx.data_end()) {
+        TC_ACT_SHOT as i32
+    } else {
+        TC_ACT_UNSPEC
+    }
+}
+
+/// Whether the frame is UDP to the configured port (IPv4 without options, or IPv6
+/// without extension headers); counts it if so.
+#[inline(always)]
+fn counted(data: usize, end: usize) -> bool {
     // Ethernet (14) + IPv4 without options (20) + UDP ports (4).
     if data + 38 > end {
-        return xdp_action::XDP_PASS;
+        return false;
     }
+    let p = data as *const u8;
     // SAFETY: 38 bytes are inside the frame (checked above).
-    let (ethertype, proto, ihl, dport) = unsafe {
-        let p = data as *const u8;
-        (
-            [*p.add(12), *p.add(13)],
-            *p.add(23),
-            *p.add(14) & 0x0f,
-            [*p.add(36), *p.add(37)],
-        )
+    let (ethertype, v4_proto, ihl) =
+        unsafe { ([*p.add(12), *p.add(13)], *p.add(23), *p.add(14) & 0x0f) };
+    let dport = match ethertype {
+        // SAFETY: 38 bytes are inside the frame (checked above).
+        [0x08, 0x00] if v4_proto == 17 && ihl == 5 => unsafe { [*p.add(36), *p.add(37)] },
+        // Ethernet (14) + IPv6 (40) + UDP ports (4).
+        [0x86, 0xdd] if data + 58 <= end => {
+            // SAFETY: 58 bytes are inside the frame (checked above).
+            let (next, dport) = unsafe { (*p.add(20), [*p.add(56), *p.add(57)]) };
+            if next != 17 {
+                return false;
+            }
+            dport
+        }
+        _ => return false,
     };
-    if ethertype != [0x08, 0x00] || proto != 17 || ihl != 5 {
-        return xdp_action::XDP_PASS;
-    }
     match BENCH_SINK_PORT.get(0) {
         Some(port) if *port == dport => {}
-        _ => return xdp_action::XDP_PASS,
+        _ => return false,
     }
     if let Some(c) = BENCH_SINK_COUNT.get_ptr_mut(0) {
         // SAFETY: per-CPU slot.
         unsafe { *c += 1 };
     }
-    xdp_action::XDP_DROP
+    true
 }
 
 #[panic_handler]

@@ -2,29 +2,35 @@
 //! of up the host's stack. The kernel's FIB and neighbour tables decide the next hop
 //! (`bpf_fib_lookup`), the daemon's copy of the bridges' forwarding databases names the
 //! port (`BRIDGE_PORTS`), and the packet is forwarded as the kernel would: MACs
-//! rewritten, TTL decremented. Whenever any step cannot complete (no route, neighbour not
-//! resolved yet, MAC not learnt, TTL expiring) the kernel path takes the packet instead.
+//! rewritten, TTL (IPv6: hop limit) decremented. Whenever any step cannot complete (no
+//! route, neighbour not resolved yet, MAC not learnt, TTL expiring, packet over the
+//! route's MTU) the kernel path takes the packet instead.
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS},
     helpers::bpf_fib_lookup,
 };
 use portfwd_common::{
-    packet::{IPV4_MIN_HLEN, IP_TOT_LEN_OFF, IP_TTL_OFF},
-    BridgePortKey,
+    packet::{
+        IP6_HOP_LIMIT_OFF, IP6_PLEN_OFF, IPV4_MIN_HLEN, IPV6_HLEN, IP_TOT_LEN_OFF, IP_TTL_OFF,
+    },
+    BridgePortKey, BRIDGE_PORT_PEER,
 };
 
 use crate::{
-    hook::Packet,
+    hook::{addr_words, Packet},
     maps,
-    packet::{bytes_at, Ipv4Flow},
+    packet::{bytes_at, Ipv4Flow, Ipv6Flow},
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// Where a translated packet is sent, and the MACs to give it.
 pub struct NextHop {
     pub port_ifindex: u32,
+    /// The port is a veth whose peer is in another namespace (`BRIDGE_PORT_PEER`).
+    pub peer: bool,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
 }
@@ -55,11 +61,46 @@ pub fn next_hop<P: Packet>(pkt: &P, f: &Ipv4Flow) -> Option<NextHop> {
     p.ifindex = pkt.ingress_ifindex();
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(f.src);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(f.dst);
+    lookup(pkt, &mut p)
+}
+
+/// As [`next_hop`], for IPv6: the hop limit instead of the TTL, and the FIB's MTU check
+/// on the whole packet (header included, as for IPv4's total length).
+#[inline(always)]
+pub fn next_hop_v6<P: Packet>(pkt: &P, f: &Ipv6Flow) -> Option<NextHop> {
+    let ip = bytes_at(pkt.data(), pkt.data_end(), f.ip_off, IPV6_HLEN)?;
+    // SAFETY: the 40-byte IPv6 header is inside the packet (checked above).
+    let (hops, plen) = unsafe {
+        (
+            *ip.add(IP6_HOP_LIMIT_OFF),
+            u16::from_be_bytes([*ip.add(IP6_PLEN_OFF), *ip.add(IP6_PLEN_OFF + 1)]),
+        )
+    };
+    // An expiring hop limit needs an ICMPv6 error: the kernel's job.
+    if hops <= 1 {
+        return None;
+    }
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = AF_INET6;
+    p.l4_protocol = f.proto;
+    p.sport = u16::from_ne_bytes(f.sport);
+    p.dport = u16::from_ne_bytes(f.dport);
+    p.__bindgen_anon_1.tot_len = plen.saturating_add(IPV6_HLEN as u16);
+    p.ifindex = pkt.ingress_ifindex();
+    p.__bindgen_anon_3.ipv6_src = addr_words(f.src);
+    p.__bindgen_anon_4.ipv6_dst = addr_words(f.dst);
+    lookup(pkt, &mut p)
+}
+
+/// The FIB's answer for `p`, then the bridge port behind its next hop.
+#[inline(always)]
+fn lookup<P: Packet>(pkt: &P, p: &mut FibParams) -> Option<NextHop> {
     // SAFETY: `p` is a valid request on our stack, of the size passed.
     let rc = unsafe {
         bpf_fib_lookup(
             pkt.ctx_ptr(),
-            &mut p,
+            p,
             core::mem::size_of::<FibParams>() as i32,
             0,
         )
@@ -70,7 +111,8 @@ pub fn next_hop<P: Packet>(pkt: &P, f: &Ipv4Flow) -> Option<NextHop> {
     let key = BridgePortKey::new(p.ifindex, p.dmac);
     let port = maps::bridge_port(&key)?;
     Some(NextHop {
-        port_ifindex: port,
+        port_ifindex: port & !BRIDGE_PORT_PEER,
+        peer: port & BRIDGE_PORT_PEER != 0,
         smac: p.smac,
         dmac: p.dmac,
     })

@@ -15,8 +15,8 @@ use aya_ebpf::{
 use portfwd_common::{
     csum,
     packet::{
-        IP6_DST_OFF, IP6_SRC_OFF, IPV4_MIN_HLEN, IPV6_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF,
-        IP_TTL_OFF,
+        IP6_DST_OFF, IP6_HOP_LIMIT_OFF, IP6_SRC_OFF, IPV4_MIN_HLEN, IPV6_HLEN, IP_CSUM_OFF,
+        IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF,
     },
     BackendV6, FlowKeyV4, Reason,
 };
@@ -34,6 +34,9 @@ pub enum Verdict {
     Drop,
     /// Send out of this interface (the fast path), via the hook's redirect.
     Redirect(u32),
+    /// Hand to the peer of this veth, in its own namespace (the fast path at TC:
+    /// `bpf_redirect_peer`); XDP, which has no such redirect, sends it out of the veth.
+    RedirectPeer(u32),
     /// Send out of this interface with the kernel's neighbour lookup filling the MACs
     /// (`bpf_redirect_neigh`, TC only: NAT64).
     RedirectNeigh(u32),
@@ -83,6 +86,13 @@ pub trait Packet {
     fn ingress_ifindex(&self) -> u32;
     /// Forwards the packet one hop as the kernel would: new MACs, TTL minus one.
     fn forward(&mut self, f: &Ipv4Flow, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), RewriteError>;
+    /// The same for IPv6: new MACs, hop limit minus one (no header checksum).
+    fn forward_v6(
+        &mut self,
+        f: &Ipv6Flow,
+        smac: [u8; 6],
+        dmac: [u8; 6],
+    ) -> Result<(), RewriteError>;
     /// Rewrites the address and port of `end`, updating the IPv4 and L4 checksums.
     fn rewrite(
         &mut self,
@@ -189,6 +199,25 @@ impl Packet for XdpPacket<'_> {
             );
             *ip.add(IP_TTL_OFF) = ttl - 1;
             write(ip.add(IP_CSUM_OFF), &check.to_be_bytes());
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn forward_v6(
+        &mut self,
+        f: &Ipv6Flow,
+        smac: [u8; 6],
+        dmac: [u8; 6],
+    ) -> Result<(), RewriteError> {
+        let (data, data_end) = (self.data(), self.data_end());
+        let eth = bytes_at(data, data_end, 0, 12).ok_or(RewriteError::OutOfBounds)?;
+        let ip = bytes_at(data, data_end, f.ip_off, IPV6_HLEN).ok_or(RewriteError::OutOfBounds)?;
+        // SAFETY: 12 bytes of Ethernet and the 40-byte IPv6 header are inside the packet.
+        unsafe {
+            write(eth, &dmac);
+            write(eth.add(6), &smac);
+            *ip.add(IP6_HOP_LIMIT_OFF) -= 1;
         }
         Ok(())
     }
@@ -358,6 +387,24 @@ impl Packet for TcPacket<'_> {
     }
 
     #[inline(always)]
+    fn forward_v6(
+        &mut self,
+        f: &Ipv6Flow,
+        smac: [u8; 6],
+        dmac: [u8; 6],
+    ) -> Result<(), RewriteError> {
+        let c = self.ctx;
+        let at = f.ip_off + IP6_HOP_LIMIT_OFF;
+        let hops: u8 = c.load(at).map_err(|_| RewriteError::Helper)?;
+        // No checksum covers the hop limit.
+        c.store(at, &(hops - 1), 0)
+            .map_err(|_| RewriteError::Helper)?;
+        c.store(0, &dmac, 0).map_err(|_| RewriteError::Helper)?;
+        c.store(6, &smac, 0).map_err(|_| RewriteError::Helper)?;
+        Ok(())
+    }
+
+    #[inline(always)]
     fn rewrite(
         &mut self,
         f: &Ipv4Flow,
@@ -432,8 +479,8 @@ impl Packet for TcPacket<'_> {
         // The 16-byte address change as one checksum difference (bpf_csum_diff), applied
         // with size 0 ("`to` is a diff"); the pseudo-header flag keeps a partial
         // (offloaded) checksum and skb->csum right, as for IPv4.
-        let mut from = csum_diff_words(old_addr);
-        let mut to = csum_diff_words(addr);
+        let mut from = addr_words(old_addr);
+        let mut to = addr_words(addr);
         // SAFETY: both buffers are 16 bytes on our stack, sizes multiples of 4.
         let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
         if diff < 0 {
@@ -463,9 +510,10 @@ impl Packet for TcPacket<'_> {
     }
 }
 
-/// An address as the 32-bit words `bpf_csum_diff` reads (memory order kept).
+/// An address as the 32-bit words `bpf_csum_diff` and `bpf_fib_lookup` read (memory
+/// order kept).
 #[inline(always)]
-fn csum_diff_words(a: [u8; 16]) -> [u32; 4] {
+pub fn addr_words(a: [u8; 16]) -> [u32; 4] {
     [
         u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
         u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),

@@ -26,7 +26,7 @@ mod packet;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -54,7 +54,9 @@ fn xdp_ingress(ctx: &XdpContext, fast_path_bit: u64) -> u32 {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
         // SAFETY: plain helper call; it returns XDP_REDIRECT, or XDP_ABORTED on a bad index.
-        Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
+        Verdict::Redirect(ifindex) | Verdict::RedirectPeer(ifindex) => unsafe {
+            bpf_redirect(ifindex, 0) as u32
+        },
         // Never produced at XDP (NAT64 is TC's).
         Verdict::RedirectNeigh(_) => xdp_action::XDP_PASS,
     }
@@ -99,6 +101,12 @@ fn tc_action(v: Verdict) -> i32 {
         Verdict::Drop => TC_ACT_SHOT as i32,
         // SAFETY: plain helper call; TC_ACT_REDIRECT on success.
         Verdict::Redirect(ifindex) => match unsafe { bpf_redirect(ifindex, 0) } as i32 {
+            r if r == TC_ACT_REDIRECT as i32 => r,
+            _ => TC_ACT_UNSPEC,
+        },
+        // Into the veth's peer, skipping the veth's transmit and the peer's backlog.
+        // SAFETY: plain helper call; TC_ACT_REDIRECT on success.
+        Verdict::RedirectPeer(ifindex) => match unsafe { bpf_redirect_peer(ifindex, 0) } as i32 {
             r if r == TC_ACT_REDIRECT as i32 => r,
             _ => TC_ACT_UNSPEC,
         },

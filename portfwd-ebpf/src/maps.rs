@@ -17,10 +17,12 @@ use portfwd_common::{
     LocalPeerKeyV4, LocalPeerKeyV6, LocalPeerV4, LocalPeerV6, Nat64Flow, Nat64Reply, Reason,
     RuleKeyV4, RuleKeyV6, RuleStats, MAX_BRIDGE_PORTS, MAX_EMBRYONIC_FLOWS, MAX_FLOWS,
     MAX_HOST_ADDRS, MAX_LOCAL_PEERS, MAX_NAT64_FLOWS, MAX_RULES, MAX_STATS_SLOTS, NAT64_PROG_INDEX,
+    RULES_MAP_FLAGS,
 };
 
 #[map(name = "RULES_V4")]
-static RULES_V4: HashMap<RuleKeyV4, BackendV4> = HashMap::with_max_entries(MAX_RULES, 0);
+static RULES_V4: HashMap<RuleKeyV4, BackendV4> =
+    HashMap::with_max_entries(MAX_RULES, RULES_MAP_FLAGS);
 
 #[map(name = "CONNTRACK_V4")]
 static CONNTRACK_V4: LruHashMap<FlowKeyV4, FlowV4> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
@@ -33,7 +35,8 @@ static EMBRYONIC_V4: LruHashMap<FlowKeyV4, FlowV4> =
 static HOST_ADDRS_V4: HashMap<[u8; 4], u8> = HashMap::with_max_entries(MAX_HOST_ADDRS, 0);
 
 #[map(name = "RULES_V6")]
-static RULES_V6: HashMap<RuleKeyV6, BackendV6> = HashMap::with_max_entries(MAX_RULES, 0);
+static RULES_V6: HashMap<RuleKeyV6, BackendV6> =
+    HashMap::with_max_entries(MAX_RULES, RULES_MAP_FLAGS);
 
 #[map(name = "CONNTRACK_V6")]
 static CONNTRACK_V6: LruHashMap<FlowKeyV6, FlowV6> = LruHashMap::with_max_entries(MAX_FLOWS, 0);

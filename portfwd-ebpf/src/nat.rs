@@ -5,13 +5,14 @@
 //! Both families share the entry points: the parser branches once on the ethertype, and
 //! each family has its own maps (`RULES_V4`/`RULES_V6`, ...). IPv6 has no header
 //! checksum; its pseudo-header covers both addresses, so an address rewrite changes the
-//! L4 checksum only. The fast path (FIB lookup and redirect) is IPv4-only: translated
-//! IPv6 packets always take the kernel's routing.
+//! L4 checksum only. The fast path (FIB lookup and redirect, `fastpath.rs`) serves
+//! both families.
 
 use portfwd_common::{
     packet::{may_start_flow, promotes},
     rules::{self, Caller},
-    BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Reason, CONFIG_NO_NAT64,
+    BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Reason, CONFIG_FAST_PATH_NO_PEER,
+    CONFIG_NO_NAT64,
 };
 
 use crate::{
@@ -88,12 +89,22 @@ fn ingress_v4<P: Packet>(pkt: &mut P, flow: Ipv4Flow, fast_path_bit: u64) -> Ver
     match fastpath::next_hop(pkt, &translated) {
         Some(hop) if pkt.forward(&translated, hop.smac, hop.dmac).is_ok() => {
             count(Reason::Redirected);
-            Verdict::Redirect(hop.port_ifindex)
+            redirect(&hop)
         }
         _ => {
             count(Reason::FastPathFallback);
             Verdict::Pass
         }
+    }
+}
+
+/// The fast path's verdict for `hop`.
+#[inline(always)]
+fn redirect(hop: &fastpath::NextHop) -> Verdict {
+    if hop.peer && maps::config().flags & CONFIG_FAST_PATH_NO_PEER == 0 {
+        Verdict::RedirectPeer(hop.port_ifindex)
+    } else {
+        Verdict::Redirect(hop.port_ifindex)
     }
 }
 
@@ -186,11 +197,24 @@ fn ingress_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow, fast_path_bit: u64) -> Ver
     }
     maps::count_rule(backend.stats_slot(), pkt.len(), false);
     count(Reason::Translated);
-    // No IPv6 fast path: the kernel routes the translated packet.
-    if maps::config().flags & fast_path_bit != 0 {
-        count(Reason::FastPathFallback);
+    let translated = Ipv6Flow {
+        dst: backend.addr_bytes(),
+        dport: backend.port_be(),
+        ..flow
+    };
+    if maps::config().flags & fast_path_bit == 0 {
+        return Verdict::Pass;
     }
-    Verdict::Pass
+    match fastpath::next_hop_v6(pkt, &translated) {
+        Some(hop) if pkt.forward_v6(&translated, hop.smac, hop.dmac).is_ok() => {
+            count(Reason::Redirected);
+            redirect(&hop)
+        }
+        _ => {
+            count(Reason::FastPathFallback);
+            Verdict::Pass
+        }
+    }
 }
 
 #[inline(always)]

@@ -26,14 +26,17 @@ use aya::{
 use portfwd_common::{
     port_bits, programs, BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4,
     FlowV6, Nat64Flow, Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, RuleStats, BRIDGE_PORTS, CONFIG,
-    CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONFIG_NO_NAT64, CONFIG_SOCK_HOST_NETNS_ONLY,
-    CONNTRACK_V4, CONNTRACK_V6, EMBRYONIC_V4, EMBRYONIC_V6, HOST_ADDRS_V4, HOST_ADDRS_V6,
-    NAT64_FLOWS, NAT64_PROGS, NAT64_PROG_INDEX, NAT64_REPLIES, PUBLISHED_PORTS, REASON_STATS,
-    RULES_V4, RULES_V6, RULE_STATS,
+    CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONFIG_FAST_PATH_NO_PEER, CONFIG_NO_NAT64,
+    CONFIG_SOCK_HOST_NETNS_ONLY, CONNTRACK_V4, CONNTRACK_V6, EMBRYONIC_V4, EMBRYONIC_V6,
+    HOST_ADDRS_V4, HOST_ADDRS_V6, MAX_FLOWS, NAT64_FLOWS, NAT64_PROGS, NAT64_PROG_INDEX,
+    NAT64_REPLIES, PUBLISHED_PORTS, REASON_STATS, RULES_V4, RULES_V6, RULE_STATS,
 };
 use thiserror::Error;
 
-use crate::pin::{PinDir, PinError};
+use crate::{
+    expand,
+    pin::{PinDir, PinError},
+};
 
 /// The compiled kernel programs (built by `build.rs` from `portfwd-ebpf`).
 pub static BPF_OBJECT: &[u8] =
@@ -66,6 +69,17 @@ pub enum DataplaneError {
         /// Why.
         #[source]
         source: aya::programs::ProgramError,
+    },
+    /// A rules map is full.
+    #[error(
+        "map `{name}` is full ({max} entries: each published port, plus one per host \
+         address of the family for each wildcard rule's port)"
+    )]
+    RulesFull {
+        /// The map.
+        name: &'static str,
+        /// Its capacity.
+        max: u32,
     },
     /// A map operation failed.
     #[error("map `{name}`")]
@@ -208,9 +222,13 @@ pub struct Dataplane {
     attachments: Vec<Attachment>,
     local_cgroup: Option<std::path::PathBuf>,
     config: Config,
-    /// Rules per (port, protocol, wildcard?), both families: what [`PUBLISHED_PORTS`]
+    /// Rule entries per (port, bit), both families: what [`PUBLISHED_PORTS`]
     /// summarizes.
-    port_refs: std::collections::HashMap<(u16, u8, bool), u32>,
+    port_refs: std::collections::HashMap<(u16, u8), u32>,
+    /// The host addresses of each family (IPv4, IPv6) as last read from or written to
+    /// their map (`None`: read it), so that publishing a wildcard range does not walk
+    /// the map for every port.
+    host_cache: [Option<Vec<IpAddr>>; 2],
     /// Interfaces where NAT64's entry program is attached (see [`Self::sync_nat64`]).
     nat64_entries: Vec<String>,
     /// Where maps and links are pinned, if they are.
@@ -236,6 +254,63 @@ impl Drop for Dataplane {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// The flow tables `--max-flows` sizes: each holds up to that many flows. The one list
+/// of them: loading sizes these, and adopting pinned maps checks these.
+pub const FLOW_TABLE_MAPS: &[&str] = &[CONNTRACK_V4, CONNTRACK_V6];
+
+/// `--max-flows` unless given: the size the object declares.
+pub const DEFAULT_MAX_FLOWS: u32 = MAX_FLOWS;
+
+/// `--max-flows`' bounds: below, a few hundred clients evict each other; above, the
+/// tables take gigabytes (see [`flow_tables_bytes`]).
+pub const MAX_FLOWS_RANGE: std::ops::RangeInclusive<u32> = 1_024..=16_777_216;
+
+/// Kernel memory per flow entry, both tables together, measured on 6.18 (`bpftool map
+/// show`'s `memlock`: 80 bytes an IPv4 entry, 112 an IPv6 one), besides the hash buckets
+/// ([`BUCKET_BYTES`] each, a power of two of them per table). A table joining
+/// [`FLOW_TABLE_MAPS`] adds its own.
+pub const FLOW_BYTES: u64 = 192;
+
+/// Kernel memory per hash bucket.
+pub const BUCKET_BYTES: u64 = 16;
+
+/// Parses and checks `--max-flows`: a number in [`MAX_FLOWS_RANGE`] (`_` and `,` allowed
+/// as digit separators). The error is one line, for clap to prefix with the value.
+pub fn parse_max_flows(s: &str) -> Result<u32, String> {
+    let (lo, hi) = (*MAX_FLOWS_RANGE.start(), *MAX_FLOWS_RANGE.end());
+    let digits: String = s.chars().filter(|c| !matches!(c, '_' | ',')).collect();
+    if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!("not a number of flows (from {lo} to {hi})"));
+    }
+    match digits.parse::<u32>() {
+        Ok(n) if MAX_FLOWS_RANGE.contains(&n) => Ok(n),
+        _ => Err(format!("must be from {lo} to {hi} flows")),
+    }
+}
+
+/// Refuses a `max_flows` whose flow tables would not fit in `available` bytes of memory
+/// (`MemAvailable`): the kernel allocates them whole at load time.
+pub fn check_max_flows(max_flows: u32, available: u64) -> Result<(), String> {
+    let need = flow_tables_bytes(max_flows);
+    if need > available {
+        return Err(format!(
+            "--max-flows {max_flows} needs about {} MiB for its flow tables, only {} MiB \
+             of memory is available",
+            need >> 20,
+            available >> 20
+        ));
+    }
+    Ok(())
+}
+
+/// The flow tables' kernel memory for `max_flows`: 224 bytes a flow at a power of two,
+/// up to 256 just above one (the kernel rounds the buckets up). Matches `memlock` within
+/// 0.1 % at 1,024, 131,072, 1,000,000, 1,250,000 and 4,000,000.
+pub fn flow_tables_bytes(max_flows: u32) -> u64 {
+    let buckets = u64::from(max_flows).next_power_of_two();
+    u64::from(max_flows) * FLOW_BYTES + FLOW_TABLE_MAPS.len() as u64 * buckets * BUCKET_BYTES
 }
 
 /// Maps of the object that are not pinned: per-run scratch space.
@@ -281,6 +356,13 @@ const CGROUP_OWNER: &str = "cgroup";
 /// The pin hook name of NAT64's entry program.
 const NAT64_ENTRY_HOOK: &str = "nat64-entry";
 
+/// Sizes the flow tables a loader creates.
+fn size_flow_tables(loader: &mut EbpfLoader<'_>, max_flows: u32) {
+    for name in FLOW_TABLE_MAPS {
+        loader.map_max_entries(name, max_flows);
+    }
+}
+
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
@@ -289,7 +371,14 @@ impl Dataplane {
     /// Loads every program and creates the maps; attaches nothing yet. Nothing is
     /// pinned: dropping it detaches everything.
     pub fn load() -> Result<Self, DataplaneError> {
-        Self::load_with(EbpfLoader::new(), None)
+        Self::load_sized(DEFAULT_MAX_FLOWS)
+    }
+
+    /// As [`Self::load`], with flow tables ([`FLOW_TABLE_MAPS`]) of `max_flows` entries.
+    pub fn load_sized(max_flows: u32) -> Result<Self, DataplaneError> {
+        let mut loader = EbpfLoader::new();
+        size_flow_tables(&mut loader, max_flows);
+        Self::load_with(loader, None)
     }
 
     /// Loads every program over the maps pinned in `pins` (creating and pinning the
@@ -297,10 +386,12 @@ impl Dataplane {
     /// adopts the links pinned there: the hooks keep running the earlier programs
     /// until [`Self::attach`], [`Self::attach_local`] and this call (for NAT64's entries)
     /// swap them for this binary's with `BPF_LINK_UPDATE`. Links and maps stay when it
-    /// is dropped.
-    pub fn load_pinned(pins: PinDir) -> Result<Self, DataplaneError> {
+    /// is dropped. The flow tables hold `max_flows` entries; pinned ones of another size
+    /// are refused (a map cannot be resized, and two sizes must not mix).
+    pub fn load_pinned(pins: PinDir, max_flows: u32) -> Result<Self, DataplaneError> {
         let maps = pinned_maps()?;
         pins.check_layout(&maps)?;
+        pins.check_capacity(FLOW_TABLE_MAPS, max_flows)?;
         let dir = pins.maps_dir();
         std::fs::create_dir_all(&dir).map_err(|source| PinError::Io {
             path: dir.display().to_string(),
@@ -311,6 +402,7 @@ impl Dataplane {
             .map(|(name, ..)| (name.clone(), dir.join(name)))
             .collect();
         let mut loader = EbpfLoader::new();
+        size_flow_tables(&mut loader, max_flows);
         for (name, path) in &paths {
             loader.map_pin_path(name.as_str(), path.as_path());
         }
@@ -372,6 +464,7 @@ impl Dataplane {
             local_cgroup: None,
             config: Config::default(),
             port_refs: std::collections::HashMap::new(),
+            host_cache: [None, None],
             nat64_entries: Vec::new(),
             pins,
             pinned_now: BTreeSet::new(),
@@ -395,15 +488,19 @@ impl Dataplane {
     }
 
     /// After loading over pinned maps: the published-ports filter's reference counts
-    /// from the pinned rules, and the configuration with its flags reset (the daemon
+    /// from the pinned rules (and the filter rewritten from them: an earlier version's
+    /// bits, or a daemon that died between two writes, leave none stale), and the configuration with its flags reset (the daemon
     /// sets them from its options) and the host's network namespace kept.
     fn adopt_maps(&mut self) -> Result<(), DataplaneError> {
-        for (k, _) in self.rules_snapshot_of::<V4>()? {
-            *self.port_refs.entry(V4::rule_port(&k)).or_insert(0) += 1;
+        for (k, _) in self.rule_entries_of::<V4>()? {
+            let (port, bits) = V4::port_bits(&k);
+            self.count_port_bits(port, bits);
         }
-        for (k, _) in self.rules_snapshot_of::<V6>()? {
-            *self.port_refs.entry(V6::rule_port(&k)).or_insert(0) += 1;
+        for (k, _) in self.rule_entries_of::<V6>()? {
+            let (port, bits) = V6::port_bits(&k);
+            self.count_port_bits(port, bits);
         }
+        self.rewrite_published_ports()?;
         let map = self
             .ebpf
             .map(CONFIG)
@@ -803,6 +900,17 @@ impl Dataplane {
         self.write_config()
     }
 
+    /// Whether the fast path at TC hands packets to a veth's peer (the default) or
+    /// transmits them on the host's end ([`CONFIG_FAST_PATH_NO_PEER`]).
+    pub fn set_fast_path_peer(&mut self, on: bool) -> Result<(), DataplaneError> {
+        if on {
+            self.config.flags &= !CONFIG_FAST_PATH_NO_PEER;
+        } else {
+            self.config.flags |= CONFIG_FAST_PATH_NO_PEER;
+        }
+        self.write_config()
+    }
+
     /// Whether the fast path is on at any hook.
     pub fn fast_path(&self) -> bool {
         self.config.flags & (CONFIG_FAST_PATH | CONFIG_FAST_PATH_NATIVE_XDP) != 0
@@ -907,46 +1015,183 @@ impl Dataplane {
         HashMap::try_from(map).map_err(map_err(F::RULES))
     }
 
-    /// Publishes (or replaces) one port of family `F` (the key's address unspecified:
-    /// every host address in [`Self::sync_host_addrs_of`]); the published-ports filter
-    /// learns it first.
+    /// Publishes (or replaces) one port of family `F`. The key's address unspecified: a
+    /// wildcard, served at every host address in [`Self::sync_host_addrs_of`] through its
+    /// expansions (`expand.rs`), written here too; an address-bound key takes the place
+    /// of an expansion there.
     pub fn insert_rule_of<F: Family>(
         &mut self,
         key: F::RuleKey,
         backend: F::Backend,
     ) -> Result<(), DataplaneError> {
-        let (port, proto, wildcard) = F::rule_port(&key);
-        let new = self.rules_of::<F>()?.get(&key, 0).is_err();
+        let before = self.rules_of::<F>()?.get(&key, 0).ok();
+        self.put_entry::<F>(key, backend)?;
+        if !expand::is_wildcard::<F>(&key) {
+            return Ok(());
+        }
+        let expanded = self.expand_wildcard::<F>(&key, backend);
+        if expanded.is_err() {
+            // All or nothing (a full map refuses the rule): the map as it was.
+            let _ = self.remove_rule_of::<F>(&key);
+            if let Some(b) = before {
+                let _ = self.insert_rule_of::<F>(key, b);
+            }
+        }
+        expanded
+    }
+
+    /// Writes the wildcard `key`'s expansions, where no address-bound rule holds the key.
+    fn expand_wildcard<F: Family>(
+        &mut self,
+        key: &F::RuleKey,
+        backend: F::Backend,
+    ) -> Result<(), DataplaneError> {
+        let value = expand::expanded::<F>(backend);
+        for h in self.host_addrs_of::<F>()? {
+            self.put_entry_if::<F>(F::with_addr(key, h), value, |b| {
+                expand::is_expansion::<F>(b)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Unpublishes one port of family `F`; absent keys are not an error. A wildcard's
+    /// expansions go with it; a host address's rule leaves the place to the wildcard's
+    /// expansion, if there is one.
+    pub fn remove_rule_of<F: Family>(&mut self, key: &F::RuleKey) -> Result<(), DataplaneError> {
+        self.remove_entry::<F>(key)?;
+        let (addr, _, _) = F::rule_key(key);
+        if expand::is_wildcard::<F>(key) {
+            for h in self.host_addrs_of::<F>()? {
+                let k = F::with_addr(key, h);
+                if let Ok(b) = self.rules_of::<F>()?.get(&k, 0) {
+                    if expand::is_expansion::<F>(&b) {
+                        self.remove_entry::<F>(&k)?;
+                    }
+                }
+            }
+        } else if self.host_addrs_of::<F>()?.contains(&addr) {
+            let wildcard = F::with_addr(key, F::UNSPECIFIED);
+            if let Ok(w) = self.rules_of::<F>()?.get(&wildcard, 0) {
+                self.put_entry::<F>(*key, expand::expanded::<F>(w))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one entry of family `F`'s rules map; the published-ports filter learns a
+    /// new key first. A full map is a clear error (rules times host addresses).
+    fn put_entry<F: Family>(
+        &mut self,
+        key: F::RuleKey,
+        backend: F::Backend,
+    ) -> Result<(), DataplaneError> {
+        self.put_entry_if::<F>(key, backend, |_| true)
+    }
+
+    /// [`Self::put_entry`], unless the key holds a value `replace` refuses (one lookup).
+    fn put_entry_if<F: Family>(
+        &mut self,
+        key: F::RuleKey,
+        backend: F::Backend,
+        replace: impl Fn(&F::Backend) -> bool,
+    ) -> Result<(), DataplaneError> {
+        let (port, bits) = F::port_bits(&key);
+        let new = match self.rules_of::<F>()?.get(&key, 0) {
+            Ok(b) if !replace(&b) => return Ok(()),
+            Ok(_) => false,
+            Err(_) => true,
+        };
         if new {
-            self.port_ref(port, proto, wildcard, true)?;
+            self.port_ref(port, bits, true)?;
         }
         let inserted = self
             .rules_of::<F>()?
             .insert(key, backend, 0)
-            .map_err(map_err(F::RULES));
+            .map_err(|e| match &e {
+                aya::maps::MapError::SyscallError(s)
+                    if s.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                {
+                    DataplaneError::RulesFull {
+                        name: F::RULES,
+                        max: portfwd_common::MAX_RULES,
+                    }
+                }
+                _ => map_err(F::RULES)(e),
+            });
         if inserted.is_err() && new {
-            self.port_ref(port, proto, wildcard, false)?;
+            self.port_ref(port, bits, false)?;
         }
         inserted
     }
 
-    /// Unpublishes one port of family `F`; absent keys are not an error.
-    pub fn remove_rule_of<F: Family>(&mut self, key: &F::RuleKey) -> Result<(), DataplaneError> {
-        let (port, proto, wildcard) = F::rule_port(key);
+    /// Deletes one entry of family `F`'s rules map; an absent key is not an error.
+    fn remove_entry<F: Family>(&mut self, key: &F::RuleKey) -> Result<(), DataplaneError> {
+        let (port, bits) = F::port_bits(key);
         match self.rules_of::<F>()?.remove(key) {
             Err(e) if !is_not_found(&e) => Err(map_err(F::RULES)(e)),
             Err(_) => Ok(()),
-            Ok(()) => self.port_ref(port, proto, wildcard, false),
+            Ok(()) => self.port_ref(port, bits, false),
         }
     }
 
-    /// Every rule of family `F` the kernel holds.
+    /// Every rule of family `F` the kernel holds, without the wildcards' expansions
+    /// (internal: they follow the rules and the host addresses).
     pub fn rules_snapshot_of<F: Family>(&mut self) -> Result<Vec<RuleEntry<F>>, DataplaneError> {
+        let mut all = self.rule_entries_of::<F>()?;
+        all.retain(|(_, b)| !expand::is_expansion::<F>(b));
+        Ok(all)
+    }
+
+    /// Every entry of family `F`'s rules map, expansions included.
+    pub fn rule_entries_of<F: Family>(&mut self) -> Result<Vec<RuleEntry<F>>, DataplaneError> {
         let rules = self.rules_of::<F>()?;
         rules
             .iter()
             .collect::<Result<_, _>>()
             .map_err(map_err(F::RULES))
+    }
+
+    /// The host addresses of family `F` in the kernel's map (cached: only
+    /// [`Self::sync_host_addrs_of`] writes it).
+    fn host_addrs_of<F: Family>(&mut self) -> Result<BTreeSet<F::Addr>, DataplaneError> {
+        let slot = usize::from(F::V6);
+        if let Some(cached) = &self.host_cache[slot] {
+            return Ok(cached.iter().filter_map(|&ip| F::from_ip(ip)).collect());
+        }
+        let map = self
+            .ebpf
+            .map_mut(F::HOST_ADDRS)
+            .ok_or(DataplaneError::MissingMap(F::HOST_ADDRS))?;
+        let m: HashMap<&mut MapData, F::Octets, u8> =
+            HashMap::try_from(map).map_err(map_err(F::HOST_ADDRS))?;
+        let addrs: BTreeSet<F::Addr> = m.keys().filter_map(Result::ok).map(F::addr).collect();
+        self.host_cache[slot] = Some(addrs.iter().map(|&a| a.into()).collect());
+        Ok(addrs)
+    }
+
+    /// Makes the wildcards' expansions of family `F` exactly what the rules and the host
+    /// addresses in the kernel's maps call for (after a host-address change, and for
+    /// maps a daemon that died half-way left behind). Returns how many entries it wrote
+    /// or deleted; every write is tried, the first failure returned.
+    pub fn sync_expansions_of<F: Family>(&mut self) -> Result<usize, DataplaneError> {
+        let hosts = self.host_addrs_of::<F>()?;
+        let entries = self.rule_entries_of::<F>()?;
+        let want = expand::wanted::<F>(&entries, &hosts);
+        let (put, remove) = expand::plan::<F>(&entries, &want);
+        let mut failed = None;
+        let n = put.len() + remove.len();
+        for (k, b) in put {
+            if let Err(e) = self.put_entry::<F>(k, b) {
+                failed.get_or_insert(e);
+            }
+        }
+        for k in remove {
+            if let Err(e) = self.remove_entry::<F>(&k) {
+                failed.get_or_insert(e);
+            }
+        }
+        failed.map_or(Ok(n), Err)
     }
 
     /// Removes the entries of `name` (an LRU map keyed by the family's flow key) whose
@@ -976,13 +1221,15 @@ impl Dataplane {
     }
 
     /// Makes the kernel's set of the family's host addresses (what wildcard rules
-    /// match) equal to `addrs`. An address that cannot be removed would keep matching
-    /// wildcard rules: each such failure is logged, the others are still made, and the
-    /// first is returned (the caller retries the whole set).
+    /// match) equal to `addrs`, and the wildcards' expansions follow them
+    /// ([`Self::sync_expansions_of`]). An address that cannot be removed would keep
+    /// matching wildcard rules: each such failure is logged, the others are still made,
+    /// and the first is returned (the caller retries the whole set).
     pub fn sync_host_addrs_of<F: Family>(
         &mut self,
         addrs: &BTreeSet<F::Addr>,
     ) -> Result<(), DataplaneError> {
+        self.host_cache[usize::from(F::V6)] = None;
         let map = self
             .ebpf
             .map_mut(F::HOST_ADDRS)
@@ -1008,6 +1255,10 @@ impl Dataplane {
         for &new in addrs.difference(&current) {
             m.insert(F::octets(new), 1, 0)
                 .map_err(map_err(F::HOST_ADDRS))?;
+        }
+        // The wildcards follow the addresses.
+        if let Err(e) = self.sync_expansions_of::<F>() {
+            failed.get_or_insert(e);
         }
         failed.map_or(Ok(()), Err)
     }
@@ -1105,46 +1356,74 @@ impl Dataplane {
         self.sync_host_addrs_of::<V6>(addrs)
     }
 
-    /// Counts one rule more (`add`) or less on (port, protocol, wildcard?), keeping its
-    /// bit in [`PUBLISHED_PORTS`]: set before the first such rule goes in, cleared after
-    /// the last one went out, so the filter never hides a rule.
-    fn port_ref(
-        &mut self,
-        port: u16,
-        proto: u8,
-        wildcard: bool,
-        add: bool,
-    ) -> Result<(), DataplaneError> {
-        let key = (port, proto, wildcard);
-        let refs = self.port_refs.entry(key).or_insert(0);
-        let before = *refs;
-        *refs = if add {
-            before + 1
-        } else {
-            before.saturating_sub(1)
-        };
-        let after = *refs;
-        if after == 0 {
-            self.port_refs.remove(&key);
+    /// Counts one rule entry more (`add`) or less on `port` for each of `bits` (see
+    /// [`Family::port_bits`]), keeping each bit in [`PUBLISHED_PORTS`]: set before the
+    /// first such entry goes in, cleared after the last one went out, so the filter never
+    /// hides a rule.
+    fn port_ref(&mut self, port: u16, bits: u8, add: bool) -> Result<(), DataplaneError> {
+        let mut set = 0u8;
+        let mut clear = 0u8;
+        for bit in (0..8).map(|i| 1u8 << i).filter(|b| bits & b != 0) {
+            let key = (port, bit);
+            let refs = self.port_refs.entry(key).or_insert(0);
+            let before = *refs;
+            *refs = if add {
+                before + 1
+            } else {
+                before.saturating_sub(1)
+            };
+            let after = *refs;
+            if after == 0 {
+                self.port_refs.remove(&key);
+            }
+            match (before == 0, after == 0) {
+                (true, false) => set |= bit,
+                (false, true) => clear |= bit,
+                _ => {}
+            }
         }
-        if (before == 0) == (after == 0) {
+        if set | clear == 0 {
             return Ok(());
         }
-        let (exact_bit, wildcard_bit) = port_bits(proto);
-        let bit = if wildcard { wildcard_bit } else { exact_bit };
         let map = self
             .ebpf
             .map_mut(PUBLISHED_PORTS)
             .ok_or(DataplaneError::MissingMap(PUBLISHED_PORTS))?;
         let mut ports: Array<&mut MapData, u8> =
             Array::try_from(map).map_err(map_err(PUBLISHED_PORTS))?;
-        let bits = ports
+        let old = ports
             .get(&u32::from(port), 0)
             .map_err(map_err(PUBLISHED_PORTS))?;
-        let bits = if after > 0 { bits | bit } else { bits & !bit };
         ports
-            .set(u32::from(port), bits, 0)
+            .set(u32::from(port), (old | set) & !clear, 0)
             .map_err(map_err(PUBLISHED_PORTS))
+    }
+
+    /// Counts one pinned entry on `port` for each of `bits` (adoption).
+    fn count_port_bits(&mut self, port: u16, bits: u8) {
+        for bit in (0..8).map(|i| 1u8 << i).filter(|b| bits & b != 0) {
+            *self.port_refs.entry((port, bit)).or_insert(0) += 1;
+        }
+    }
+
+    /// Makes every port's [`PUBLISHED_PORTS`] bits those of the reference counts.
+    fn rewrite_published_ports(&mut self) -> Result<(), DataplaneError> {
+        let mut want = vec![0u8; 65_536];
+        for &(port, bit) in self.port_refs.keys() {
+            want[usize::from(port)] |= bit;
+        }
+        let map = self
+            .ebpf
+            .map_mut(PUBLISHED_PORTS)
+            .ok_or(DataplaneError::MissingMap(PUBLISHED_PORTS))?;
+        let mut ports: Array<&mut MapData, u8> =
+            Array::try_from(map).map_err(map_err(PUBLISHED_PORTS))?;
+        for (port, &bits) in (0u32..).zip(&want) {
+            if ports.get(&port, 0).map_err(map_err(PUBLISHED_PORTS))? != bits {
+                ports.set(port, bits, 0).map_err(map_err(PUBLISHED_PORTS))?;
+            }
+        }
+        Ok(())
     }
 
     /// A rule's counters, summed over CPUs.
@@ -1218,10 +1497,14 @@ pub trait Family {
     type Addr: Copy + Ord + fmt::Debug + Into<IpAddr>;
     /// The address as map keys hold it (network order).
     type Octets: aya::Pod;
+    /// `0.0.0.0` / `::`: a wildcard rule's key address.
+    const UNSPECIFIED: Self::Addr;
+    /// IPv6 (its own wildcard bits in [`PUBLISHED_PORTS`]).
+    const V6: bool;
     /// A key of the family's rules map.
-    type RuleKey: aya::Pod;
+    type RuleKey: aya::Pod + Eq + std::hash::Hash + fmt::Debug;
     /// A value of the family's rules map.
-    type Backend: aya::Pod;
+    type Backend: aya::Pod + PartialEq + fmt::Debug;
     /// A key of the family's conntrack map (a flow as its replies carry it).
     type FlowKey: aya::Pod;
     /// A value of the family's conntrack map.
@@ -1246,10 +1529,27 @@ pub trait Family {
     fn backend(b: &Self::Backend) -> (Self::Addr, u16, u32);
     /// A flow key's backend: address, port, protocol.
     fn flow_backend(k: &Self::FlowKey) -> (Self::Addr, u16, u8);
+    /// The rule key with another address.
+    fn with_addr(k: &Self::RuleKey, a: Self::Addr) -> Self::RuleKey;
+    /// A rule value's flags.
+    fn flags(b: &Self::Backend) -> u8;
+    /// The rule value with other flags.
+    fn with_flags(b: Self::Backend, flags: u8) -> Self::Backend;
     /// A rule key's port, protocol and whether it is the wildcard.
     fn rule_port(k: &Self::RuleKey) -> (u16, u8, bool) {
         let (addr, port, proto) = Self::rule_key(k);
         (port, proto, addr.into().is_unspecified())
+    }
+    /// A rule key's port and its [`PUBLISHED_PORTS`] bits: the wildcard's (of either
+    /// family and of this one), or the address-bound one.
+    fn port_bits(k: &Self::RuleKey) -> (u16, u8) {
+        let (port, proto, wildcard) = Self::rule_port(k);
+        let bits = if wildcard {
+            portfwd_common::wildcard_bits(proto, Self::V6)
+        } else {
+            port_bits(proto).0
+        };
+        (port, bits)
     }
 }
 
@@ -1270,6 +1570,8 @@ macro_rules! family {
             const NAME: &'static str = $name;
             type Addr = $addr;
             type Octets = [u8; $len];
+            const UNSPECIFIED: $addr = <$addr>::UNSPECIFIED;
+            const V6: bool = $len == 16;
             type RuleKey = $rule_key;
             type Backend = $backend;
             type FlowKey = $flow_key;
@@ -1299,6 +1601,15 @@ macro_rules! family {
             fn flow_backend(k: &$flow_key) -> ($addr, u16, u8) {
                 let (ip, port) = k.backend();
                 (ip, port, k.proto())
+            }
+            fn with_addr(k: &$rule_key, a: $addr) -> $rule_key {
+                <$rule_key>::from_parts(a, k.port(), k.proto())
+            }
+            fn flags(b: &$backend) -> u8 {
+                b.flags()
+            }
+            fn with_flags(b: $backend, flags: u8) -> $backend {
+                b.with_flags(flags)
             }
         }
     };
@@ -1378,4 +1689,53 @@ pub fn current_netns_cookie() -> Result<u64, DataplaneError> {
         return Err(DataplaneError::NetnsCookie(std::io::Error::last_os_error()));
     }
     Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_flows_parses_and_bounds() {
+        assert_eq!(parse_max_flows("1024"), Ok(1024));
+        assert_eq!(parse_max_flows("1_000_000"), Ok(1_000_000));
+        assert_eq!(parse_max_flows("16,777,216"), Ok(16_777_216));
+        for bad in [
+            "0",
+            "1023",
+            "16777217",
+            "99999999999",
+            "-5",
+            "",
+            "1e6",
+            "lots",
+            " 2048",
+        ] {
+            let e = parse_max_flows(bad).expect_err(bad);
+            assert!(!e.contains('\n') && e.contains("1024"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn flow_memory_matches_the_kernels() {
+        // memlock of CONNTRACK_V4 + CONNTRACK_V6, bpftool, kernel 6.18.
+        for (n, memlock) in [
+            (131_072, 12_583_872 + 16_778_176),
+            (1_000_000, 96_778_176 + 128_778_176),
+            (4_000_000, 387_109_824 + 515_109_824),
+        ] {
+            let est = flow_tables_bytes(n) as f64;
+            assert!(
+                (est / memlock as f64 - 1.0).abs() < 0.001,
+                "{n}: {est} {memlock}"
+            );
+        }
+    }
+
+    #[test]
+    fn max_flows_must_fit_in_memory() {
+        assert!(check_max_flows(DEFAULT_MAX_FLOWS, 1 << 30).is_ok());
+        let e = check_max_flows(16_777_216, 1 << 30).expect_err("5 GiB in 1 GiB");
+        assert!(e.contains("16777216") && e.contains("1024 MiB"), "{e}");
+    }
 }

@@ -10,6 +10,7 @@ pub mod compose;
 pub mod daemon;
 pub mod dataplane;
 pub mod declfile;
+pub mod expand;
 pub mod flows;
 pub mod metrics;
 pub mod netinfo;

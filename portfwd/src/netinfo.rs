@@ -14,7 +14,7 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
-use portfwd_common::BridgePortKey;
+use portfwd_common::{BridgePortKey, BRIDGE_PORT_PEER};
 
 use crate::rule::{PortRange, Proto};
 
@@ -113,6 +113,91 @@ struct Ndmsg {
 /// The learnt (not the bridges' own, permanent) entries of every bridge's forwarding
 /// database, from an `RTM_GETNEIGH` dump of family `AF_BRIDGE`.
 pub fn bridge_fdb() -> io::Result<Vec<FdbEntry>> {
+    let nd = Ndmsg {
+        family: libc::AF_BRIDGE as u8,
+        pad1: 0,
+        pad2: 0,
+        ifindex: 0,
+        state: 0,
+        flags: 0,
+        ty: 0,
+    };
+    // SAFETY: Ndmsg is plain data (repr(C), no padding bytes left uninitialised).
+    let nd = unsafe {
+        std::slice::from_raw_parts((&nd as *const Ndmsg).cast::<u8>(), mem::size_of::<Ndmsg>())
+    };
+    let mut out = Vec::new();
+    netlink_dump(libc::RTM_GETNEIGH, nd, libc::RTM_NEWNEIGH, |m| {
+        if let Some(e) = parse_neigh(m) {
+            out.push(e);
+        }
+    })?;
+    Ok(out)
+}
+
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+const IFLA_LINK_NETNSID: u16 = 37;
+/// `struct ifinfomsg`: family, type, index, flags, change.
+const IFINFOMSG_LEN: usize = 16;
+
+/// The interfaces of this namespace that are one end of a veth or netkit pair whose
+/// other end lives in another namespace (a container's `eth0`): the ones
+/// `bpf_redirect_peer` can deliver through. From an `RTM_GETLINK` dump: the kind in
+/// `IFLA_LINKINFO`, and `IFLA_LINK_NETNSID`, which the kernel adds only when the peer is
+/// in another namespace.
+pub fn peer_links() -> io::Result<BTreeSet<u32>> {
+    let mut out = BTreeSet::new();
+    let req = [0u8; IFINFOMSG_LEN]; // AF_UNSPEC: every interface
+    netlink_dump(libc::RTM_GETLINK, &req, libc::RTM_NEWLINK, |m| {
+        let Some(index) = m.get(4..8) else { return };
+        let index = i32::from_ne_bytes([index[0], index[1], index[2], index[3]]);
+        let (mut kind, mut other_ns) = (None, false);
+        for (ty, data) in attrs(m.get(IFINFOMSG_LEN..).unwrap_or(&[])) {
+            match ty {
+                IFLA_LINK_NETNSID => other_ns = true,
+                IFLA_LINKINFO => {
+                    kind = attrs(data)
+                        .find(|(t, _)| *t == IFLA_INFO_KIND)
+                        .map(|(_, k)| k.split(|b| *b == 0).next().unwrap_or(k))
+                }
+                _ => {}
+            }
+        }
+        if other_ns && matches!(kind, Some(b"veth" | b"netkit")) {
+            if let Ok(i) = u32::try_from(index) {
+                out.insert(i);
+            }
+        }
+    })?;
+    Ok(out)
+}
+
+/// The (type, payload) of each netlink attribute in `buf` (nested flags masked).
+fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let alen = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+        let atype = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff;
+        if alen < 4 || alen > buf.len() {
+            return None;
+        }
+        let data = &buf[4..alen];
+        buf = buf.get((alen + 3) & !3..).unwrap_or(&[]);
+        Some((atype, data))
+    })
+}
+
+/// Sends an `NLM_F_DUMP` request of type `request` (payload `body`) on a fresh
+/// NETLINK_ROUTE socket and calls `each` with the payload of every `reply`-typed message.
+fn netlink_dump(
+    request: u16,
+    body: &[u8],
+    reply: u16,
+    mut each: impl FnMut(&[u8]),
+) -> io::Result<()> {
     // SAFETY: plain socket(2); the fd is owned right away.
     let fd = unsafe {
         libc::socket(
@@ -128,37 +213,23 @@ pub fn bridge_fdb() -> io::Result<Vec<FdbEntry>> {
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
 
     let hdr_len = mem::size_of::<libc::nlmsghdr>();
-    let mut req = vec![0u8; hdr_len + mem::size_of::<Ndmsg>()];
+    let mut req = vec![0u8; hdr_len + body.len()];
     let hdr = libc::nlmsghdr {
         nlmsg_len: req.len() as u32,
-        nlmsg_type: libc::RTM_GETNEIGH,
+        nlmsg_type: request,
         nlmsg_flags: (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
         nlmsg_seq: 1,
         nlmsg_pid: 0,
     };
-    // SAFETY: both structs are plain data; the buffer holds exactly both.
-    unsafe {
-        std::ptr::write_unaligned(req.as_mut_ptr().cast(), hdr);
-        std::ptr::write_unaligned(
-            req.as_mut_ptr().add(hdr_len).cast(),
-            Ndmsg {
-                family: libc::AF_BRIDGE as u8,
-                pad1: 0,
-                pad2: 0,
-                ifindex: 0,
-                state: 0,
-                flags: 0,
-                ty: 0,
-            },
-        );
-    }
+    // SAFETY: the header is plain data; the buffer holds it.
+    unsafe { std::ptr::write_unaligned(req.as_mut_ptr().cast(), hdr) };
+    req[hdr_len..].copy_from_slice(body);
     // SAFETY: sending our own buffer on our own socket (to the kernel: address zeroed).
     let sent = unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
 
-    let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // SAFETY: receiving into our own buffer of the given length.
@@ -178,13 +249,9 @@ pub fn bridge_fdb() -> io::Result<Vec<FdbEntry>> {
                 ));
             }
             match i32::from(h.nlmsg_type) {
-                libc::NLMSG_DONE => return Ok(out),
+                libc::NLMSG_DONE => return Ok(()),
                 libc::NLMSG_ERROR => return Err(io::Error::other("netlink dump failed")),
-                t if t == i32::from(libc::RTM_NEWNEIGH) => {
-                    if let Some(e) = parse_neigh(&msgs[hdr_len..len]) {
-                        out.push(e);
-                    }
-                }
+                t if t == i32::from(reply) => each(&msgs[hdr_len..len]),
                 _ => {}
             }
             // Messages are 4-byte aligned.
@@ -205,14 +272,7 @@ fn parse_neigh(payload: &[u8]) -> Option<FdbEntry> {
         return None;
     }
     let (mut mac, mut master) = (None, None);
-    let mut attrs = &payload[nd_len..];
-    while attrs.len() >= 4 {
-        let alen = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
-        let atype = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
-        if alen < 4 || alen > attrs.len() {
-            break;
-        }
-        let data = &attrs[4..alen];
+    for (atype, data) in attrs(&payload[nd_len..]) {
         match atype {
             NDA_LLADDR if data.len() == 6 => mac = Some(<[u8; 6]>::try_from(data).ok()?),
             NDA_MASTER if data.len() == 4 => {
@@ -220,7 +280,6 @@ fn parse_neigh(payload: &[u8]) -> Option<FdbEntry> {
             }
             _ => {}
         }
-        attrs = attrs.get((alen + 3) & !3..).unwrap_or(&[]);
     }
     Some(FdbEntry {
         bridge_ifindex: master?,
@@ -279,10 +338,24 @@ pub use portfwd_common::host::cgroup2_root;
 
 /// The forwarding databases of this namespace's bridges, as (bridge ifindex, MAC) to the
 /// ifindex of the port that leads to the MAC (learnt entries only).
+/// A port that is a veth whose peer is in another namespace carries
+/// [`BRIDGE_PORT_PEER`] (TC then redirects into the peer); if the links cannot be read,
+/// no port does (a plain redirect, always right).
 pub fn bridge_ports() -> io::Result<BTreeMap<BridgePortKey, u32>> {
+    let peers = peer_links().unwrap_or_default();
     Ok(bridge_fdb()?
         .into_iter()
-        .map(|e| (BridgePortKey::new(e.bridge_ifindex, e.mac), e.port_ifindex))
+        .map(|e| {
+            let flag = if peers.contains(&e.port_ifindex) {
+                BRIDGE_PORT_PEER
+            } else {
+                0
+            };
+            (
+                BridgePortKey::new(e.bridge_ifindex, e.mac),
+                e.port_ifindex | flag,
+            )
+        })
         .collect())
 }
 

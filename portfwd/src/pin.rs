@@ -94,6 +94,22 @@ pub enum PinError {
         /// This binary's.
         expected: u32,
     },
+    /// A pinned flow table holds another number of flows than asked for.
+    #[error(
+        "pinned flow table {name} in {path} holds {found} flows, --max-flows asks for \
+         {requested}: start with --max-flows {found}, or run `portfwd --cleanup --pin-dir \
+         {path}` first (stops forwarding and drops every flow)"
+    )]
+    Capacity {
+        /// The directory.
+        path: String,
+        /// The map.
+        name: String,
+        /// The pinned map's `max_entries`.
+        found: u32,
+        /// `--max-flows`.
+        requested: u32,
+    },
     /// A pinned map cannot be read.
     #[error("cannot read the pinned map {path}")]
     Map {
@@ -219,6 +235,30 @@ impl PinDir {
                         expected,
                     });
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses pinned maps among `names` whose capacity (`max_entries`) is not
+    /// `requested`: a map cannot be resized, and tables of two sizes must not mix.
+    pub fn check_capacity(&self, names: &[&str], requested: u32) -> Result<(), PinError> {
+        for name in names {
+            let pin = self.maps_dir().join(name);
+            if !pin.exists() {
+                continue;
+            }
+            let info = aya::maps::MapInfo::from_pin(&pin).map_err(|source| PinError::Map {
+                path: pin.display().to_string(),
+                source,
+            })?;
+            if info.max_entries() != requested {
+                return Err(PinError::Capacity {
+                    path: self.path.display().to_string(),
+                    name: name.to_string(),
+                    found: info.max_entries(),
+                    requested,
+                });
             }
         }
         Ok(())

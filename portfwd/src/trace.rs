@@ -23,8 +23,9 @@ use aya::{
 use portfwd_common::{
     csum, port_bits, programs, proto,
     rules::{self, Caller, RuleMaps},
-    BackendV4, BackendV6, BridgePortKey, Config, Reason, RuleKeyV4, RuleKeyV6, BRIDGE_PORTS,
-    CONFIG, HOST_ADDRS_V4, HOST_ADDRS_V6, PUBLISHED_PORTS, REASON_STATS, RULES_V4, RULES_V6,
+    BackendV4, BackendV6, BridgePortKey, Config, Reason, RuleKeyV4, RuleKeyV6, BACKEND_EXPANDED,
+    BRIDGE_PORTS, CONFIG, HOST_ADDRS_V4, HOST_ADDRS_V6, PUBLISHED_PORTS, REASON_STATS, RULES_V4,
+    RULES_V6,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -229,7 +230,8 @@ fn copy_array<V: Pod + PartialEq + Default>(
 
 /// A fresh copy of the programs with the live maps that decide an ingress verdict.
 fn load_copy(live: &Dataplane) -> Result<Dataplane, DataplaneError> {
-    let mut copy = Dataplane::load()?;
+    // The copy's flow tables hold the traced packet's flow at most: the smallest size.
+    let mut copy = Dataplane::load_sized(*crate::dataplane::MAX_FLOWS_RANGE.start())?;
     let (l, c) = (live.ebpf(), copy.ebpf_mut());
     copy_hash::<RuleKeyV4, BackendV4>(l, c, RULES_V4)?;
     copy_hash::<RuleKeyV6, BackendV6>(l, c, RULES_V6)?;
@@ -401,16 +403,19 @@ struct ModelAnswer {
 fn model_packet(maps: &LiveRules<'_>, host: IpAddr, port: u16, l4: u8, p: &str) -> ModelAnswer {
     let port_be = port.to_be_bytes();
     let found = match host {
+        // A wildcard's hit is its expansion under the host address: shown as the wildcard.
         IpAddr::V4(a) => rules::lookup(maps, Caller::Packet, a.octets(), port_be, l4).map(|b| {
-            let exact = maps
-                .rule_v4(&RuleKeyV4::new(a.octets(), port_be, l4))
-                .is_some();
+            let exact = b.flags() & BACKEND_EXPANDED == 0
+                && maps
+                    .rule_v4(&RuleKeyV4::new(a.octets(), port_be, l4))
+                    .is_some();
             (exact, IpAddr::V4(b.addr()), b.port())
         }),
         IpAddr::V6(a) => rules::lookup(maps, Caller::Packet, a.octets(), port_be, l4).map(|b| {
-            let exact = maps
-                .rule_v6(&RuleKeyV6::new(a.octets(), port_be, l4))
-                .is_some();
+            let exact = b.flags() & BACKEND_EXPANDED == 0
+                && maps
+                    .rule_v6(&RuleKeyV6::new(a.octets(), port_be, l4))
+                    .is_some();
             let addr = match b.addr().to_ipv4_mapped() {
                 Some(v4) => IpAddr::V4(v4),
                 None => IpAddr::V6(b.addr()),

@@ -21,10 +21,10 @@ use portfwd_common::model::{self, FibQuery, FlowWrite, Hook, Maps, NextHop, Outc
 use portfwd_common::rules::RuleMaps;
 use portfwd_common::{
     programs, proto, BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4,
-    FlowV6, Nat64Flow, Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, BRIDGE_PORTS, CONFIG,
-    CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONNTRACK_V4, CONNTRACK_V6, EMBRYONIC_V4,
-    EMBRYONIC_V6, HOST_ADDRS_V4, HOST_ADDRS_V6, NAT64_FLOWS, NAT64_REPLIES, PUBLISHED_PORTS,
-    RULES_V4, RULES_V6,
+    FlowV6, Nat64Flow, Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, BRIDGE_PORTS, BRIDGE_PORT_PEER,
+    CONFIG, CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONNTRACK_V4, CONNTRACK_V6,
+    EMBRYONIC_V4, EMBRYONIC_V6, HOST_ADDRS_V4, HOST_ADDRS_V6, NAT64_FLOWS, NAT64_REPLIES,
+    PUBLISHED_PORTS, RULES_V4, RULES_V6,
 };
 
 use crate::netns::Netns;
@@ -459,6 +459,9 @@ pub struct FastPathFib {
     /// The interface's MTU: a longer packet needs fragmenting, the kernel's job.
     pub mtu: u16,
     pub neighbours: Vec<([u8; 4], [u8; 6])>,
+    /// The interface's IPv6 subnet (network, prefix length), if it has one.
+    pub subnet6: Option<([u8; 16], u8)>,
+    pub neighbours6: Vec<([u8; 16], [u8; 6])>,
 }
 
 impl FastPathFib {
@@ -475,6 +478,29 @@ impl FastPathFib {
             return None;
         }
         let (_, dmac) = self.neighbours.iter().find(|(a, _)| *a == dst)?;
+        Some((self.ifindex, self.smac, *dmac))
+    }
+
+    /// As [`Self::lookup`], for IPv6 (`len`: header included). A source the kernel
+    /// never forwards off its link (multicast, link-local, loopback: measured, the
+    /// lookup fails) has no next hop.
+    pub fn lookup_v6(
+        &self,
+        src: [u8; 16],
+        dst: [u8; 16],
+        len: u16,
+    ) -> Option<(u32, [u8; 6], [u8; 6])> {
+        let (net, prefix) = self.subnet6?;
+        let src = u128::from_be_bytes(src);
+        let scoped = src >> 120 == 0xff || src >> 118 == 0xfe80 >> 6 || src == 1;
+        if len > self.mtu || scoped {
+            return None;
+        }
+        let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+        if u128::from_be_bytes(dst) & mask != u128::from_be_bytes(net) & mask {
+            return None;
+        }
+        let (_, dmac) = self.neighbours6.iter().find(|(a, _)| *a == dst)?;
         Some((self.ifindex, self.smac, *dmac))
     }
 }
@@ -581,7 +607,18 @@ impl Maps for KernelMaps<'_> {
         let (ifindex, smac, dmac) = self.fib?.lookup(q.dst, q.tot_len)?;
         let port: u32 = self.hash_get(BRIDGE_PORTS, &BridgePortKey::new(ifindex, dmac))?;
         Some(NextHop {
-            ifindex: port,
+            ifindex: port & !BRIDGE_PORT_PEER,
+            peer: port & BRIDGE_PORT_PEER != 0,
+            smac,
+            dmac,
+        })
+    }
+    fn next_hop_v6(&self, q: &FibQuery<16>) -> Option<NextHop> {
+        let (ifindex, smac, dmac) = self.fib?.lookup_v6(q.src, q.dst, q.tot_len)?;
+        let port: u32 = self.hash_get(BRIDGE_PORTS, &BridgePortKey::new(ifindex, dmac))?;
+        Some(NextHop {
+            ifindex: port & !BRIDGE_PORT_PEER,
+            peer: port & BRIDGE_PORT_PEER != 0,
             smac,
             dmac,
         })
@@ -630,7 +667,12 @@ pub fn action(prog: Prog, verdict: Verdict) -> u32 {
         (Prog::XdpIngress | Prog::XdpGeneric, Verdict::Drop) => XDP_DROP,
         (_, Verdict::Drop) => TC_SHOT,
         (Prog::XdpIngress | Prog::XdpGeneric, Verdict::Redirect(_)) => XDP_REDIRECT,
-        (_, Verdict::Redirect(_) | Verdict::RedirectNeigh(_)) => TC_REDIRECT,
+        (Prog::XdpIngress | Prog::XdpGeneric, Verdict::RedirectPeer(_)) => {
+            panic!("XDP has no peer redirect")
+        }
+        (_, Verdict::Redirect(_) | Verdict::RedirectPeer(_) | Verdict::RedirectNeigh(_)) => {
+            TC_REDIRECT
+        }
         (_, Verdict::TailCallNat64) => panic!("a tail call is not a verdict"),
     }
 }

@@ -25,7 +25,7 @@ use portfwd_common::model::nat64::Route;
 use portfwd_common::model::FlowWrite;
 use portfwd_common::{
     proto, BackendV4, BackendV6, BridgePortKey, FlowKeyV4, FlowV4, RuleKeyV4, RuleKeyV6,
-    NAT64_PORT_COUNT, NAT64_PORT_MIN,
+    BRIDGE_PORT_PEER, NAT64_PORT_COUNT, NAT64_PORT_MIN,
 };
 use portfwd_tests::fixture::{privileged, Env, FastPathFib, Prog, MAC_A, MAC_B};
 use portfwd_tests::fuzz::{Fuzzer, Rng};
@@ -110,6 +110,12 @@ fn backend_net() -> (Netns, FastPathFib, Route) {
     ns.ip(&format!(
         "neigh add {BACKEND} lladdr {mac} dev d0 nud permanent"
     ));
+    // The IPv6 backends' subnet too, for the IPv6 fast path.
+    ns.ip("-6 addr add 2001:2:0:1::1/64 dev d0 nodad");
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1");
+    ns.ip(&format!(
+        "-6 neigh add {BACKEND6} lladdr {mac} dev d0 nud permanent"
+    ));
     let link = ns.ip("-o link show d0");
     let ifindex = link
         .split(':')
@@ -134,6 +140,8 @@ fn backend_net() -> (Netns, FastPathFib, Route) {
         smac,
         mtu: 1500,
         neighbours: vec![(BACKEND.octets(), BACKEND_MAC)],
+        subnet6: Some((Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 0).octets(), 64)),
+        neighbours6: vec![(BACKEND6.octets(), BACKEND_MAC)],
     };
     let route = Route {
         src: HOST_BACK.octets(),
@@ -668,14 +676,17 @@ fn packets_fuzzed_against_the_model() {
                 }
                 batch_start = Instant::now();
                 // This batch's configuration: the fast path at each hook, NAT64, the
-                // backend's bridge port known (else the fast path falls back).
-                let c = gen.rng.below(16);
+                // backend's bridge port known (else the fast path falls back), that
+                // port a veth with its peer elsewhere, the peer hand-over switched off.
+                let c = gen.rng.below(64);
                 fz.dp
                     .set_fast_path(c & 1 != 0, c & 2 != 0)
                     .expect("fast path");
+                fz.dp.set_fast_path_peer(c & 32 == 0).expect("peer");
                 fz.dp.set_nat64(c & 4 == 0 || n == 0).expect("nat64");
                 let bridge = if c & 8 == 0 || n == 0 {
-                    ports.clone()
+                    let flag = if c & 16 != 0 { BRIDGE_PORT_PEER } else { 0 };
+                    ports.iter().map(|(k, v)| (*k, v | flag)).collect()
                 } else {
                     Default::default()
                 };

@@ -181,6 +181,117 @@ fn remote_client_over_ipv6_xdp() {
     remote_client_case("remote_client_over_ipv6_xdp", "6x", "xdp");
 }
 
+/// Packets sent by an interface of `ns`, from `ip -s -j link`.
+fn tx_packets(ns: &portfwd_tests::netns::Netns, dev: &str) -> u64 {
+    let out = ns.ip(&format!("-s -j link show {dev}"));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j output");
+    v[0]["stats64"]["tx"]["packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("tx packets of {dev} in {out}"))
+}
+
+/// With `--fast-path`, translated IPv6 packets take it (redirected straight to the
+/// container's bridge port, hop limit decremented), not the fallback: an upload whose
+/// every segment is redirected arrives intact, and so do a download and a UDP exchange.
+/// From TC the container's veth is handed the packets directly (`bpf_redirect_peer`):
+/// the host's end of it (`vc1`) transmits none of them; with `no_peer`
+/// (`--fast-path-no-peer`) it transmits them all.
+fn fast_path_case(test: &str, tag: &str, ingress: &str, no_peer: bool) {
+    let mut args = vec![
+        "--ingress",
+        ingress,
+        "--fast-path",
+        "--fast-path-native-xdp",
+    ];
+    if no_peer {
+        args.push("--fast-path-no-peer");
+    }
+    let Some(net) = Net6::with_args(test, tag, &args) else {
+        return;
+    };
+    let (topo, d) = (&net.topo, net.topo.daemon());
+    d.add(&format!("[{HOST6}]:9000"), &backend6(0));
+    d.add(&format!("[{HOST6}]:5353/udp"), &udp_backend6(1));
+    // The first packets fall back while the host resolves the container's neighbour
+    // entry and the daemon reads the bridge's MAC (once a second): ask until redirected.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while d.reason("redirected") == 0 {
+        let r = remote_get(topo, published6(9000)).expect("GET over IPv6");
+        assert_eq!(r.body_text(), body(0), "{ingress}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{ingress}: nothing was redirected: {}",
+            d.list_json()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (redirected, fallback) = (d.reason("redirected"), d.reason("fast_path_fallback"));
+    let vc1_tx = tx_packets(&topo.host, "vc1");
+
+    const N: u64 = 20 * 1024 * 1024;
+    let connect = || {
+        let s = topo
+            .client
+            .run(|| TcpStream::connect_timeout(&published6(9000), Duration::from_secs(10)))
+            .expect("connect over IPv6");
+        s.set_read_timeout(Some(client::IO_TIMEOUT))
+            .expect("timeout");
+        s
+    };
+    let (len, digest) = client::upload_on(connect(), N).expect("upload over IPv6");
+    assert_eq!(len, N, "{ingress}: upload length seen by the backend");
+    assert_eq!(digest, pattern_digest(N), "{ingress}: upload digest");
+    let down = client::download_on(connect(), N).expect("download over IPv6");
+    assert_eq!(down.len, N, "{ingress}: download length");
+    assert_eq!(down.digest, pattern_digest(N), "{ingress}: download digest");
+    let (reply, from) = remote_udp(topo, published6(5353), b"v6-fast");
+    assert_eq!(from, published6(5353), "{ingress}: reply source");
+    assert!(reply.ends_with(b"v6-fast"), "{ingress}");
+
+    // Every upload segment (no TSO on the client: at most 1,500 bytes each) went the
+    // fast way; the few fallbacks allowed are stray packets of the warm-up.
+    let grown = d.reason("redirected") - redirected;
+    assert!(
+        grown >= N / 1500,
+        "{ingress}: {grown} redirected for {N} bytes"
+    );
+    let fell_back = d.reason("fast_path_fallback") - fallback;
+    let vc1_sent = tx_packets(&topo.host, "vc1") - vc1_tx;
+    eprintln!(
+        "{ingress}: {grown} redirected, {fell_back} fell back, vc1 sent {vc1_sent}, for {N} bytes each way"
+    );
+    if ingress == "tc" && no_peer {
+        assert!(
+            vc1_sent >= grown,
+            "tc, no peer: the host's veth sent {vc1_sent} packets of {grown} redirected"
+        );
+    } else if ingress == "tc" {
+        assert!(
+            vc1_sent * 100 < grown,
+            "tc: the host's veth sent {vc1_sent} packets of {grown} redirected: not into the peer"
+        );
+    }
+    assert!(
+        fell_back * 100 < grown,
+        "{ingress}: {fell_back} fallbacks against {grown} redirects"
+    );
+}
+
+#[test]
+fn fast_path_redirects_ipv6_tc() {
+    fast_path_case("fast_path_redirects_ipv6_tc", "6ft", "tc", false);
+}
+
+#[test]
+fn fast_path_redirects_ipv6_tc_no_peer() {
+    fast_path_case("fast_path_redirects_ipv6_tc_no_peer", "6fn", "tc", true);
+}
+
+#[test]
+fn fast_path_redirects_ipv6_xdp() {
+    fast_path_case("fast_path_redirects_ipv6_xdp", "6fx", "xdp", false);
+}
+
 #[test]
 fn host_reaches_ipv6_loopback_and_host_address() {
     let Some(net) = Net6::new("host_reaches_ipv6_loopback_and_host_address", "6l", "tc") else {

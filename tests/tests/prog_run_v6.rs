@@ -14,11 +14,15 @@ mod common;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use portfwd::dataplane::Dataplane;
-use portfwd_common::{proto, BackendV4, BackendV6, Reason, RuleKeyV4, RuleKeyV6, CONNTRACK_V6};
-use portfwd_tests::fixture::{
-    check_case, echo_request, privileged, reply_translated, run_checked, translated, untouched,
-    Case, Frame, Prog, ETH, IP6,
+use portfwd_common::{
+    model::Verdict, proto, BackendV4, BackendV6, BridgePortKey, Reason, RuleKeyV4, RuleKeyV6,
+    BRIDGE_PORT_PEER, CONNTRACK_V6,
 };
+use portfwd_tests::fixture::{
+    check_case, compare_in, echo_request, privileged, reply_translated, run_checked, translated,
+    untouched, Case, Env, FastPathFib, Frame, Prog, ETH, IP6,
+};
+use portfwd_tests::{netns::Netns, require_root};
 
 /// Addresses from 2001:2::/48 (RFC 5180, benchmarking).
 const CLIENT: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
@@ -493,4 +497,162 @@ fn kernel_matches_model_on_random_frames_v6() {
         ipv4: false,
     };
     common::kernel_matches_model(&dp, &pool, 300);
+}
+
+/// The backend's MAC, as a permanent neighbour of the fast-path namespace.
+const BACKEND_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
+/// The bridge port the fast path redirects to (BPF_PROG_RUN does not deliver it).
+const BRIDGE_PORT: u32 = 77;
+
+/// A namespace whose FIB reaches the backends' IPv6 subnet on `d0` (IPv6 forwarding on)
+/// and knows the backend's MAC; what the model is told of it.
+fn fast_path_net() -> (Netns, FastPathFib) {
+    let ns = Netns::new("fp6", "run");
+    ns.ip("link add d0 type veth peer name d1");
+    ns.ip("-6 addr add 2001:2:0:1::1/64 dev d0 nodad");
+    ns.ip("link set d1 up");
+    ns.ip("link set d0 up");
+    ns.ip("link set lo up");
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1");
+    let mac = BACKEND_MAC.map(|b| format!("{b:02x}")).join(":");
+    ns.ip(&format!(
+        "-6 neigh add {BACKEND} lladdr {mac} dev d0 nud permanent"
+    ));
+    // `N: d0@d1: <...> ... link/ether MAC brd ...`
+    let link = ns.ip("-o link show d0");
+    let ifindex = link
+        .split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("ifindex of d0 in {link:?}"));
+    let smac = link
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .map(|m| {
+            let b: Vec<u8> = m
+                .split(':')
+                .map(|x| u8::from_str_radix(x, 16).expect("MAC"))
+                .collect();
+            <[u8; 6]>::try_from(b).expect("MAC")
+        })
+        .unwrap_or_else(|| panic!("MAC of d0 in {link:?}"));
+    let fib = FastPathFib {
+        subnet: ([0; 4], 32),
+        ifindex,
+        smac,
+        mtu: 1500,
+        neighbours: Vec::new(),
+        subnet6: Some((Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 0).octets(), 64)),
+        neighbours6: vec![(BACKEND.octets(), BACKEND_MAC)],
+    };
+    (ns, fib)
+}
+
+/// The IPv6 fast path, compared with the model: a translated packet is forwarded one hop
+/// (the FIB's MACs, hop limit minus one, checksums as translated) and redirected to the
+/// backend's bridge port at every ingress hook; an expiring hop limit, a packet over the
+/// route's MTU, a link-local source or an unknown bridge port falls back to the kernel; random and mutated
+/// frames agree with the model with the fast path on.
+#[test]
+fn fast_path_v6_matches_model() {
+    if !require_root("fast_path_v6_matches_model") {
+        return;
+    }
+    let mut dp = fixture_dataplane();
+    dp.set_fast_path(true, true).expect("fast path on");
+    let (ns, fib) = fast_path_net();
+    let ports = [(BridgePortKey::new(fib.ifindex, BACKEND_MAC), BRIDGE_PORT)]
+        .into_iter()
+        .collect();
+    dp.sync_bridge_ports(&ports).expect("bridge ports");
+    let env = Env {
+        ns: Some(&ns),
+        route: None,
+        fib: Some(&fib),
+    };
+    let syn = Frame::tcp((CLIENT, 40000), (HOST, 9000));
+    let udp = Frame::udp((CLIENT, 40000), (HOST2, 5353));
+    let expiring = Frame {
+        hops: 1,
+        ..syn.clone()
+    };
+    let too_big = Frame {
+        payload: vec![7; 1500],
+        ..udp.clone()
+    };
+    // The kernel never forwards a link-local source off its link: no next hop.
+    let link_local = Frame::udp(
+        (Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1), 40000),
+        (HOST2, 5353),
+    );
+    for prog in [Prog::XdpIngress, Prog::XdpGeneric, Prog::TcIngress] {
+        for (f, backend) in [(&syn, (BACKEND, 8080)), (&udp, (BACKEND, 53))] {
+            let c = compare_in(&dp, env, prog, &f.build()).expect("runs");
+            assert_eq!(
+                c.outcome.verdict,
+                Verdict::Redirect(BRIDGE_PORT),
+                "{prog:?}"
+            );
+            let forwarded = Frame {
+                hops: 63,
+                macs: (fib.smac, BACKEND_MAC),
+                ..f.with_dst(backend)
+            };
+            assert_eq!(c.output, forwarded.build(), "{prog:?}: forwarded one hop");
+            assert!(c.counted.contains(&(Reason::Redirected, 1)), "{prog:?}");
+        }
+        for f in [&expiring, &too_big, &link_local] {
+            let c = compare_in(&dp, env, prog, &f.build()).expect("runs");
+            assert_eq!(c.outcome.verdict, Verdict::Pass, "{prog:?}");
+            assert!(
+                c.counted.contains(&(Reason::FastPathFallback, 1)),
+                "{prog:?}"
+            );
+        }
+    }
+    let pool = common::Pool {
+        addrs: [HOST, HOST2, CLIENT, OTHER, BACKEND]
+            .map(Into::into)
+            .to_vec(),
+        hosts: 2,
+        ipv4: false,
+    };
+    let progs = [
+        Prog::XdpIngress,
+        Prog::XdpGeneric,
+        Prog::TcIngress,
+        Prog::TcEgress,
+    ];
+    common::kernel_matches_model_in(&dp, env, &pool, &progs, 200);
+
+    // A port whose veth peer is in another namespace: TC hands the packet to the peer,
+    // XDP (which cannot) sends it out of the port.
+    let peer = [(
+        BridgePortKey::new(fib.ifindex, BACKEND_MAC),
+        BRIDGE_PORT | BRIDGE_PORT_PEER,
+    )]
+    .into_iter()
+    .collect();
+    dp.sync_bridge_ports(&peer).expect("bridge ports");
+    for (prog, want) in [
+        (Prog::XdpIngress, Verdict::Redirect(BRIDGE_PORT)),
+        (Prog::XdpGeneric, Verdict::Redirect(BRIDGE_PORT)),
+        (Prog::TcIngress, Verdict::RedirectPeer(BRIDGE_PORT)),
+    ] {
+        let c = compare_in(&dp, env, prog, &syn.build()).expect("runs");
+        assert_eq!(c.outcome.verdict, want, "{prog:?}");
+    }
+
+    // The bridge port unknown: the kernel routes the translated packet.
+    dp.sync_bridge_ports(&Default::default())
+        .expect("no bridge ports");
+    for prog in [Prog::XdpIngress, Prog::TcIngress] {
+        let c = compare_in(&dp, env, prog, &syn.build()).expect("runs");
+        assert_eq!(c.output, syn.with_dst((BACKEND, 8080)).build(), "{prog:?}");
+        assert!(
+            c.counted.contains(&(Reason::FastPathFallback, 1)),
+            "{prog:?}"
+        );
+    }
 }

@@ -10,6 +10,7 @@ mod frame;
 mod micro;
 mod report;
 mod restart;
+mod scale;
 mod serve;
 mod sys;
 mod topo;
@@ -48,7 +49,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     variants: Vec<String>,
     /// Workloads, comma-separated (default all): tcp1, tcp1-tso, tcp4, crr, keepalive,
-    /// latency, local-crr, local-tcp1, v6-tcp1, v6-tcp1-tso, v6-crr, udp64.
+    /// latency, local-crr, local-tcp1, v6-tcp1, v6-tcp1-tso, v6-crr, udp64, v6-udp64.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
     /// Extra rounds, at most, of the portfwd variants and the workloads where their
@@ -59,6 +60,9 @@ pub struct Args {
     /// Skip the BPF_PROG_RUN program costs.
     #[arg(long)]
     no_micro: bool,
+    /// Only the BPF_PROG_RUN program costs (no variants, control plane or restarts).
+    #[arg(long, conflicts_with = "no_micro")]
+    micro_only: bool,
     /// Skip the control-plane measurements.
     #[arg(long)]
     no_control: bool,
@@ -66,6 +70,10 @@ pub struct Args {
     /// gap, flood rate).
     #[arg(long)]
     no_restart: bool,
+    /// Skip the scale cases (hit cost and forwarding with up to 1,000,000 live flows,
+    /// publishing 65,535 ports).
+    #[arg(long)]
+    no_scale: bool,
     /// Results directory (default: bench-results/<UTC timestamp>).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -95,6 +103,7 @@ struct Config {
     flood: Duration,
     /// Longest wait for an idle machine before each case.
     settle: Duration,
+    scale: scale::Plan,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -199,6 +208,13 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
 
+    if args.micro_only {
+        res.write(&out)?;
+        println!("{}", res.summary());
+        eprintln!("bench: results in {}", out.display());
+        return Ok(());
+    }
+
     let started = Instant::now();
     let ctx = RunCtx {
         cfg: &cfg,
@@ -295,6 +311,10 @@ pub fn run(args: Args) -> Result<()> {
             cfg.flood,
         );
     }
+    if !args.no_scale {
+        eprintln!("bench: scale (live flows, published ports)");
+        res.scale = scale::run(&art, &format!("pfb-{pid}-"), &sock_dir, &cfg.scale);
+    }
     res.meta.insert(
         "wall time".into(),
         format!("{:.0} s", started.elapsed().as_secs_f64()),
@@ -377,7 +397,8 @@ fn run_variant(
         if local && active.local.is_err() {
             continue;
         }
-        if w == Workload::Udp64 && t.udp.is_none() {
+        if (w == Workload::Udp64 && t.udp.is_none()) || (w == Workload::V6Udp64 && t.udp6.is_none())
+        {
             continue;
         }
         if w.is_v6() && t.addr6.is_none() {
@@ -413,9 +434,18 @@ fn run_variant(
                 }
             }
             Workload::Latency => work::latency(&topo.client, t.addr, t.echo, cfg.latency_secs),
-            Workload::Udp64 => {
-                work::udp64(&topo, art, t.addr, t.udp.unwrap_or(0), cfg.latency_secs)
-                    .map(|m| vec![m])
+            Workload::Udp64 => work::udp64(
+                &topo,
+                art,
+                t.addr.into(),
+                t.udp.unwrap_or(0),
+                cfg.latency_secs,
+                0,
+            )
+            .map(|m| vec![m]),
+            Workload::V6Udp64 => {
+                let Some((addr, port)) = t.udp6 else { continue };
+                work::udp64(&topo, art, addr.into(), port, cfg.latency_secs, 0).map(|m| vec![m])
             }
             Workload::LocalCrr | Workload::LocalTcp1 => {
                 let Ok(&(addr, http, iperf)) = active.local.as_ref() else {
@@ -556,6 +586,25 @@ fn config(args: &Args) -> Result<Config> {
         flood: Duration::from_secs(if q { 2 } else { 8 }),
         // The smoke run does not wait for quiet: it makes no timing claims.
         settle: Duration::from_millis(if q { 0 } else { 5_000 }),
+        scale: scale::Plan {
+            cost_flows: if q {
+                vec![1_000, 10_000]
+            } else {
+                vec![1_000, 100_000, 1_000_000]
+            },
+            frames: if q { 2_000 } else { 20_000 },
+            passes: if q { 3 } else { 7 },
+            // One flow first: what the others compare with.
+            rate_flows: if q {
+                vec![1, 1_000]
+            } else {
+                vec![1, 1_000, 100_000, 1_000_000]
+            },
+            rate_runs: if q { 1 } else { 3 },
+            secs: if q { 1 } else { secs.clamp(1, 3) },
+            ports: if q { 1_000 } else { 65_535 },
+            settle: Duration::from_millis(if q { 0 } else { 5_000 }),
+        },
     })
 }
 

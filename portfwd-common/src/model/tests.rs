@@ -492,15 +492,24 @@ fn fast_path() {
     let fx = fixture();
     let hop = NextHop {
         ifindex: 9,
+        peer: false,
         smac: [2, 0, 0, 0, 0, 9],
         dmac: [2, 0, 0, 0, 0, 10],
     };
-    let f = F::new(proto::TCP, (CLIENT4, 40000), (HOST4, 9000));
-    for (hook, bit) in [
+    let f4 = F::new(proto::TCP, (CLIENT4, 40000), (HOST4, 9000));
+    let f6 = F::new(proto::TCP, (CLIENT6, 40000), (HOST6, 9000));
+    let hooks = [
         (Hook::XdpIngress, CONFIG_FAST_PATH_NATIVE_XDP),
         (Hook::XdpGeneric, CONFIG_FAST_PATH),
         (Hook::TcIngress, CONFIG_FAST_PATH),
-    ] {
+    ];
+    // Both families: IPv6's hop limit stands in for the TTL (no header checksum).
+    for ((hook, bit), (f, backend)) in hooks.into_iter().flat_map(|h| {
+        [
+            (h, (f4.clone(), IpAddr::V4(BACKEND4))),
+            (h, (f6.clone(), IpAddr::V6(BACKEND6))),
+        ]
+    }) {
         let on = Tables {
             config_flags: bit,
             next_hop: Some(hop),
@@ -514,7 +523,7 @@ fn fast_path() {
         );
         let mut want = F {
             ttl: 63,
-            ..f.dst((BACKEND4, 8080))
+            ..f.dst((backend, 8080))
         }
         .build();
         want[..6].copy_from_slice(&hop.dmac);
@@ -537,18 +546,8 @@ fn fast_path() {
                 o.reasons,
                 [Some(Reason::Translated), Some(Reason::FastPathFallback)]
             );
-            assert_eq!(out, f.dst((BACKEND4, 8080)).build());
+            assert_eq!(out, f.dst((backend, 8080)).build());
         }
-        // IPv6 has no fast path.
-        let f6 = F::new(proto::TCP, (CLIENT6, 1), (HOST6, 9000));
-        let (o, _) = run_on(hook, &on, &f6.build());
-        assert_eq!(
-            (o.verdict, o.reasons),
-            (
-                Verdict::Pass,
-                [Some(Reason::Translated), Some(Reason::FastPathFallback)]
-            )
-        );
     }
     // The other hooks' bit does not switch this one on.
     let other = Tables {
@@ -556,10 +555,38 @@ fn fast_path() {
         next_hop: Some(hop),
         ..fx.tables()
     };
-    assert_eq!(
-        run_on(Hook::XdpIngress, &other, &f.build()).0.reasons,
-        [Some(Reason::Translated), None]
-    );
+    for f in [&f4, &f6] {
+        assert_eq!(
+            run_on(Hook::XdpIngress, &other, &f.build()).0.reasons,
+            [Some(Reason::Translated), None]
+        );
+    }
+    // A veth port with its peer elsewhere: TC hands the packet to the peer unless
+    // switched off; XDP cannot, and sends it out of the port.
+    let peer = NextHop { peer: true, ..hop };
+    for (hook, flags, want) in [
+        (Hook::TcIngress, CONFIG_FAST_PATH, Verdict::RedirectPeer(9)),
+        (
+            Hook::TcIngress,
+            CONFIG_FAST_PATH | CONFIG_FAST_PATH_NO_PEER,
+            Verdict::Redirect(9),
+        ),
+        (Hook::XdpGeneric, CONFIG_FAST_PATH, Verdict::Redirect(9)),
+        (
+            Hook::XdpIngress,
+            CONFIG_FAST_PATH_NATIVE_XDP,
+            Verdict::Redirect(9),
+        ),
+    ] {
+        let maps = Tables {
+            config_flags: flags,
+            next_hop: Some(peer),
+            ..fx.tables()
+        };
+        for f in [&f4, &f6] {
+            assert_eq!(run_on(hook, &maps, &f.build()).0.verdict, want, "{hook:?}");
+        }
+    }
 }
 
 #[test]

@@ -24,11 +24,11 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use clap::{CommandFactory as _, Parser};
+use clap::{error::ErrorKind, CommandFactory as _, Parser};
 use log::{info, warn, LevelFilter};
 use portfwd::{
     daemon::{self, Daemon, SocketAccess, SocketClaim, SocketGroup},
-    dataplane::{Dataplane, IngressMode},
+    dataplane::{self, Dataplane, IngressMode},
     declfile,
     flows::FlowTables,
     netinfo,
@@ -91,6 +91,12 @@ struct Args {
     /// the redirected frames.
     #[arg(long)]
     fast_path_native_xdp: bool,
+    /// From TC, transmit fast-path packets on the host's end of a container's veth
+    /// instead of handing them to the container's end (`bpf_redirect_peer`, the
+    /// default): slower, but the host end's egress (a bandwidth-limiting qdisc, TC
+    /// egress programs) sees them.
+    #[arg(long, requires = "fast_path")]
+    fast_path_no_peer: bool,
     /// No NAT64: remote IPv6 clients of a rule whose backend has no IPv6 address are
     /// not translated to IPv4 (they are passed, counted as `pass_no_ipv6_backend`), and
     /// no NAT64 entry program goes on the backends' interfaces.
@@ -103,6 +109,13 @@ struct Args {
     /// cannot route to the backends, at the cost of containers calling the host).
     #[arg(long, value_enum, default_value_t = LocalScope::All)]
     local_clients: LocalScope,
+    /// Flows each flow table holds (IPv4 and IPv6 remote clients' connections), from
+    /// 1024 to 16777216; the least recently used are evicted beyond it. About 224 bytes
+    /// of kernel memory per flow (both tables), allocated at start: 29 MB by default. A
+    /// daemon adopting pinned tables must be given their size (or `--cleanup` first).
+    #[arg(long, value_name = "N", default_value_t = dataplane::DEFAULT_MAX_FLOWS,
+          value_parser = dataplane::parse_max_flows, allow_negative_numbers = true)]
+    max_flows: u32,
     /// Declarations file (TOML) to publish at start, as `portfwd-ctl apply -f FILE`
     /// would. A file with any error stops the daemon before anything is attached.
     #[arg(long, value_name = "FILE")]
@@ -131,7 +144,20 @@ enum LocalScope {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        // A bad value is one line, as every other refusal.
+        Err(e) if e.kind() == ErrorKind::InvalidValue || e.kind() == ErrorKind::ValueValidation => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!(
+                "portfwd: {}",
+                first.strip_prefix("error: ").unwrap_or(first)
+            );
+            return ExitCode::from(2);
+        }
+        Err(e) => e.exit(),
+    };
     if let Some(code) = one_shot(&args) {
         return code;
     }
@@ -251,10 +277,15 @@ fn run(args: Args) -> anyhow::Result<()> {
                 args.pin_dir.display()
             );
         }
-        Dataplane::load()?
+        check_memory(args.max_flows)?;
+        Dataplane::load_sized(args.max_flows)?
     } else {
         let pins = portfwd::pin::PinDir::open(&args.pin_dir)?;
-        let dp = Dataplane::load_pinned(pins)?;
+        // Pinned tables are allocated already: only new ones need the memory.
+        if !pins.maps_dir().join(dataplane::FLOW_TABLE_MAPS[0]).exists() {
+            check_memory(args.max_flows)?;
+        }
+        let dp = Dataplane::load_pinned(pins, args.max_flows)?;
         info!("maps and links pinned in {}", args.pin_dir.display());
         dp
     };
@@ -267,6 +298,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.fast_path || args.fast_path_native_xdp {
         dp.set_fast_path(args.fast_path, args.fast_path_native_xdp)?;
+        dp.set_fast_path_peer(!args.fast_path_no_peer)?;
         info!(
             "fast path on ({}): translated packets go straight to the backend's bridge port",
             match (args.fast_path, args.fast_path_native_xdp) {
@@ -344,6 +376,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("cannot start the runtime")?;
     let flow_tables = FlowTables::new(state.kernel())?;
+    info!("flow tables: {} flows each", args.max_flows);
     let state = Arc::new(Mutex::new(state));
     let served = rt.block_on(async {
         let listener = tokio::net::UnixListener::from_std(listener)
@@ -390,6 +423,24 @@ fn run(args: Args) -> anyhow::Result<()> {
         Err(_) => warn!("the dataplane is still referenced at exit"),
     }
     served
+}
+
+/// Refuses flow tables of `max_flows` entries that would not fit in the memory available
+/// now (the kernel allocates them whole, and a failure deep in a map's creation says less).
+fn check_memory(max_flows: u32) -> anyhow::Result<()> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let available_kib = meminfo.lines().find_map(|l| {
+        l.strip_prefix("MemAvailable:")?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse::<u64>()
+            .ok()
+    });
+    match available_kib {
+        Some(kib) => dataplane::check_max_flows(max_flows, kib * 1024).map_err(anyhow::Error::msg),
+        None => Ok(()),
+    }
 }
 
 /// Completes on the first SIGINT or SIGTERM.

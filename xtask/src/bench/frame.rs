@@ -4,7 +4,7 @@
 //! checksum is valid, as from a wire, and computed with `portfwd_common::csum`, the
 //! arithmetic the dataplane's own updates are tested against.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use portfwd_common::{csum, proto};
 
@@ -13,6 +13,7 @@ const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
 const DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
 const ETH_IPV4: u16 = 0x0800;
 const ETH_ARP: u16 = 0x0806;
+const ETH_IPV6: u16 = 0x86dd;
 
 fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16) -> Vec<u8> {
     let mut f = Vec::with_capacity(64);
@@ -133,6 +134,41 @@ pub fn udp_frame(
     f
 }
 
+/// Ethernet + IPv6 + UDP, 64 bytes (2 bytes of payload), hop limit 64, with a valid
+/// checksum.
+pub fn udp6_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    sport: u16,
+    dport: u16,
+) -> [u8; 64] {
+    const UDP_LEN: u16 = 10;
+    let mut udp = [0u8; UDP_LEN as usize];
+    udp[0..2].copy_from_slice(&sport.to_be_bytes());
+    udp[2..4].copy_from_slice(&dport.to_be_bytes());
+    udp[4..6].copy_from_slice(&UDP_LEN.to_be_bytes());
+    udp[8..].copy_from_slice(b"v6");
+    let pseudo = csum::pseudo_header_v6(src.octets(), dst.octets(), proto::UDP, u32::from(UDP_LEN));
+    // A computed zero is sent as 0xFFFF (IPv6 forbids a zero UDP checksum).
+    let c = match !csum::sum(&udp, pseudo) {
+        0 => 0xffff,
+        c => c,
+    };
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    let mut f = [0u8; 64];
+    f[..14].copy_from_slice(&eth(dst_mac, src_mac, ETH_IPV6));
+    f[14] = 0x60;
+    f[18..20].copy_from_slice(&UDP_LEN.to_be_bytes());
+    f[20] = proto::UDP;
+    f[21] = 64;
+    f[22..38].copy_from_slice(&src.octets());
+    f[38..54].copy_from_slice(&dst.octets());
+    f[54..].copy_from_slice(&udp);
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,5 +196,21 @@ mod tests {
         let s = syn_frame([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], A, B, 40_000, 9000);
         verifies(&s[..54], proto::TCP);
         assert_eq!(s[47], 0x02, "SYN");
+    }
+
+    #[test]
+    fn udp6_checksum_verifies() {
+        let (a, b) = (
+            Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2),
+            Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1),
+        );
+        let u = udp6_frame([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], a, b, 40_000, 9000);
+        let pseudo = csum::pseudo_header_v6(a.octets(), b.octets(), proto::UDP, 10);
+        assert_eq!(csum::sum(&u[54..], pseudo), 0xffff, "UDP checksum");
+        assert_eq!(
+            u16::from_be_bytes([u[18], u[19]]),
+            10,
+            "IPv6 payload length"
+        );
     }
 }

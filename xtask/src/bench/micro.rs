@@ -16,8 +16,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use portfwd_common::{
-    port_bits, programs, proto, BackendV4, FlowKeyV4, FlowV4, RuleKeyV4, CONNTRACK_V4,
-    HOST_ADDRS_V4, PUBLISHED_PORTS, RULES_V4,
+    port_bits, programs, proto, wildcard_bits, BackendV4, FlowKeyV4, FlowV4, RuleKeyV4,
+    BACKEND_EXPANDED, CONNTRACK_V4, HOST_ADDRS_V4, PUBLISHED_PORTS, RULES_V4,
 };
 
 use super::{
@@ -153,17 +153,24 @@ fn seed(ebpf: &mut Ebpf) -> Result<()> {
         BackendV4::new(CT_IP, 8080, 0),
         0,
     )?;
-    // Wildcard: mapped onto itself, so every iteration takes the wildcard path.
+    // Wildcard: mapped onto itself, so every iteration takes the wildcard path: its own
+    // entry and its expansion under the host address, as the daemon writes them.
+    let wildcard_backend = BackendV4::new(HOST_IP, 9001, 1);
     rules.insert(
         RuleKeyV4::from_parts(Ipv4Addr::UNSPECIFIED, 9001, proto::TCP),
-        BackendV4::new(HOST_IP, 9001, 1),
+        wildcard_backend,
+        0,
+    )?;
+    rules.insert(
+        RuleKeyV4::from_parts(HOST_IP, 9001, proto::TCP),
+        wildcard_backend.with_flags(BACKEND_EXPANDED),
         0,
     )?;
     // The ports' bits in the published-ports filter, as the daemon sets them.
     let mut ports: aya::maps::Array<_, u8> =
         aya::maps::Array::try_from(ebpf.map_mut(PUBLISHED_PORTS).context(PUBLISHED_PORTS)?)?;
-    let (exact, wildcard) = port_bits(proto::TCP);
-    for (port, bit) in [(9000u32, exact), (8080, exact), (9001, wildcard)] {
+    let (exact, wildcard) = (port_bits(proto::TCP).0, wildcard_bits(proto::TCP, false));
+    for (port, bit) in [(9000u32, exact), (8080, exact), (9001, exact | wildcard)] {
         ports.set(port, bit, 0)?;
     }
     let mut hosts: HashMap<_, [u8; 4], u8> =
@@ -222,7 +229,7 @@ fn median_of(runs: usize, mut f: impl FnMut() -> Result<f64>) -> Result<(f64, f6
 
 /// The empty programs (floor), loaded with the raw `bpf(2)` syscall: two instructions,
 /// `r0 = verdict; exit`, no object file needed.
-mod raw {
+pub(super) mod raw {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
     use anyhow::{bail, Result};
@@ -238,7 +245,7 @@ mod raw {
         unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len() as u32) }
     }
 
-    fn load(prog_type: u32, verdict: i32) -> Result<OwnedFd> {
+    pub fn load(prog_type: u32, verdict: i32) -> Result<OwnedFd> {
         let mut insns = [0u8; 16];
         insns[0] = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K, dst r0
         insns[4..8].copy_from_slice(&verdict.to_ne_bytes());
@@ -259,7 +266,11 @@ mod raw {
 
     /// Average ns per run of the empty program over `repeat` runs.
     pub fn time_empty(prog_type: u32, verdict: i32, data: &[u8], repeat: u32) -> Result<f64> {
-        let fd = load(prog_type, verdict)?;
+        time_loaded(&load(prog_type, verdict)?, data, repeat)
+    }
+
+    /// Average ns per run of the loaded program `fd` over `repeat` runs.
+    pub fn time_loaded(fd: &OwnedFd, data: &[u8], repeat: u32) -> Result<f64> {
         let mut out = vec![0u8; data.len() + 256];
         let mut attr = [0u8; 128];
         attr[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());

@@ -8,8 +8,10 @@
 //! The client's default route is the host, so `direct` reaches the container by its own
 //! address (no translation); every other variant publishes the container's ports on the
 //! host's address. The container runs iperf3 and the rig's HTTP and echo servers.
-//! The client's link also has IPv6 (client 2001:2::2, host 2001:2::1, RFC 5180); the
-//! container is IPv4-only, so IPv6 clients need a proxy or NAT64 (the `v6-*` workloads).
+//! The client's link also has IPv6 (client 2001:2::2, host 2001:2::1, RFC 5180). The
+//! `v6-tcp1`/`v6-crr` services are published to the container's IPv4 address, so IPv6
+//! clients need a proxy or NAT64 there; the container also has 2001:2:0:1::2 (bridge
+//! 2001:2:0:1::1), which only `v6-udp64` uses (IPv6 end to end, the IPv6 fast path).
 //! The host's client-facing veth has GRO on, as a NIC would (issue #13).
 
 use std::{
@@ -28,6 +30,8 @@ pub const BRIDGE_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 pub const CT_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
 pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
 pub const HOST_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+pub const BRIDGE_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 1);
+pub const CT_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 2);
 
 /// (container port, published host port) of each service.
 pub const HTTP: (u16, u16) = (8080, 9000);
@@ -35,6 +39,9 @@ pub const IPERF: (u16, u16) = (5201, 9201);
 pub const ECHO: (u16, u16) = (7007, 9007);
 /// 64-byte UDP frames: to 8080/udp in the container, published as 9000/udp.
 pub const UDP: (u16, u16) = (8080, 9000);
+/// 64-byte UDP over IPv6: to the same container port, published as 9008/udp (9000/udp's
+/// rule already serves IPv6 clients, by NAT64 to the container's IPv4 address).
+pub const UDP6: (u16, u16) = (8080, 9008);
 
 pub const CLIENT_IF: &str = "c0";
 pub const CT_IF: &str = "s0";
@@ -78,9 +85,11 @@ impl Topology {
             "sysctl -qw net.ipv4.ip_forward=1
              sysctl -qw net.ipv4.conf.all.rp_filter=0
              sysctl -qw net.ipv4.conf.default.rp_filter=0
+             sysctl -qw net.ipv6.conf.all.forwarding=1
              ip addr add {HOST_IP}/24 dev {host_if}
              ip -6 addr add {HOST_IP6}/64 dev {host_if} nodad
              ip addr add {BRIDGE_IP}/24 dev br0
+             ip -6 addr add {BRIDGE_IP6}/64 dev br0 nodad
              ip link set {host_if} up
              ip link set br0 up
              ip link set hs0 up
@@ -94,8 +103,10 @@ impl Topology {
         }
         ct.sh(&format!(
             "ip addr add {CT_IP}/24 dev {CT_IF}
+             ip -6 addr add {CT_IP6}/64 dev {CT_IF} nodad
              ip link set {CT_IF} up
-             ip route add default via {BRIDGE_IP}"
+             ip route add default via {BRIDGE_IP}
+             ip -6 route add default via {BRIDGE_IP6}"
         ))?;
         let mut topo = Self {
             servers: Vec::new(),
@@ -127,6 +138,12 @@ impl Topology {
         topo.client
             .sh(&format!("ping -c1 -W2 {CT_IP} >/dev/null"))
             .context("the container is unreachable from the client")?;
+        topo.client
+            // Early ones are lost while the bridge's link-local address is tentative.
+            .sh(&format!(
+                "for i in $(seq 20); do ping -6 -c1 -W1 {CT_IP6} >/dev/null && exit 0; done; exit 1"
+            ))
+            .context("the container is unreachable from the client over IPv6")?;
         Ok(topo)
     }
 

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 
 use super::{
     sys::{self, Proc},
-    topo::{Artifacts, Topology, CT_IP, ECHO, HOST_IP, HOST_IP6, HTTP, IPERF, UDP},
+    topo::{Artifacts, Topology, CT_IP, CT_IP6, ECHO, HOST_IP, HOST_IP6, HTTP, IPERF, UDP, UDP6},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -34,6 +34,9 @@ pub enum Variant {
     PortfwdTcFast,
     /// The fast path from native XDP on the veth (XDP_REDIRECT; GSO trap for TCP).
     PortfwdXdpFast,
+    /// The fast path from TC transmitting on the host's end of the veth
+    /// (`--fast-path-no-peer`): what the peer hand-over saves. Run only when named.
+    PortfwdTcFastNoPeer,
 }
 
 impl Variant {
@@ -60,6 +63,7 @@ impl Variant {
             Variant::PortfwdXdpNative => "portfwd-xdp-native",
             Variant::PortfwdTcFast => "portfwd-tc-fast",
             Variant::PortfwdXdpFast => "portfwd-xdp-fast",
+            Variant::PortfwdTcFastNoPeer => "portfwd-tc-fast-nopeer",
         }
     }
 
@@ -74,11 +78,20 @@ impl Variant {
             Variant::PortfwdXdpNative => "portfwd, native XDP on veth (GSO trap)",
             Variant::PortfwdTcFast => "portfwd fast path (redirect), TC ingress",
             Variant::PortfwdXdpFast => "portfwd fast path (XDP_REDIRECT), native XDP on veth",
+            Variant::PortfwdTcFastNoPeer => {
+                "portfwd fast path, TC ingress, transmitted on the host's veth (no peer hand-over)"
+            }
         }
     }
 
+    /// Variants run only when named with `--variants`.
+    pub const OPTIONAL: [Variant; 1] = [Variant::PortfwdTcFastNoPeer];
+
     pub fn from_name(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|v| v.name() == s)
+        Self::ALL
+            .into_iter()
+            .chain(Self::OPTIONAL)
+            .find(|v| v.name() == s)
     }
 
     pub fn is_portfwd(self) -> bool {
@@ -89,6 +102,7 @@ impl Variant {
                 | Variant::PortfwdXdpNative
                 | Variant::PortfwdTcFast
                 | Variant::PortfwdXdpFast
+                | Variant::PortfwdTcFastNoPeer
         )
     }
 
@@ -120,6 +134,9 @@ pub struct Targets {
     /// Where IPv6 clients of the IPv4-only container go (same ports), or None: the
     /// variant cannot serve them.
     pub addr6: Option<Ipv6Addr>,
+    /// Where 64-byte UDP over IPv6 goes (the container's IPv6 address, end to end), or
+    /// None: the variant does not forward it.
+    pub udp6: Option<(Ipv6Addr, u16)>,
 }
 
 /// A variant set up in a topology; dropping it stops what it started.
@@ -143,6 +160,7 @@ pub fn published() -> Targets {
         udp: Some(UDP.1),
         // portfwd: NAT64 at TC. socat: a second, IPv6 listener.
         addr6: Some(HOST_IP6),
+        udp6: Some((HOST_IP6, UDP6.1)),
     }
 }
 
@@ -156,8 +174,9 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
                 iperf: IPERF.0,
                 echo: ECHO.0,
                 udp: Some(UDP.0),
-                // The container has no IPv6 address.
+                // Its services listen on IPv4 only.
                 addr6: None,
+                udp6: Some((CT_IP6, UDP6.0)),
             },
             // A host process talking straight to the container.
             local: Ok((CT_IP, HTTP.0, IPERF.0)),
@@ -173,6 +192,11 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
                     "iptables-nft -t nat -A PFB -p {proto} --dport {host} -j DNAT --to-destination {CT_IP}:{ct}\n"
                 );
             }
+            // 64-byte UDP over IPv6, end to end.
+            script += &format!(
+                "ip6tables-nft -t nat -A PREROUTING -d {HOST_IP6} -p udp --dport {} -j DNAT --to-destination [{CT_IP6}]:{}\n",
+                UDP6.1, UDP6.0
+            );
             topo.host.sh(&script).context("iptables DNAT rules")?;
             Ok(Active {
                 _procs: Vec::new(),
@@ -203,6 +227,7 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
             }
             let mut t = published();
             t.udp = None;
+            t.udp6 = None;
             // IPv6 clients: a second listener on `::`, to the container's IPv4 address
             // (what Docker starts for `-p` and a container without IPv6).
             for (ct, host) in [HTTP, IPERF] {
@@ -230,12 +255,13 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
         | Variant::PortfwdXdpGeneric
         | Variant::PortfwdXdpNative
         | Variant::PortfwdTcFast
-        | Variant::PortfwdXdpFast => {
+        | Variant::PortfwdXdpFast
+        | Variant::PortfwdTcFastNoPeer => {
             let (Some(daemon), Some(ctl)) = (&art.daemon, &art.ctl) else {
                 bail!("portfwd is not built");
             };
             let ingress = match v {
-                Variant::PortfwdTc | Variant::PortfwdTcFast => "tc",
+                Variant::PortfwdTc | Variant::PortfwdTcFast | Variant::PortfwdTcFastNoPeer => "tc",
                 Variant::PortfwdXdpGeneric => "xdp-generic",
                 _ => "xdp",
             };
@@ -254,6 +280,9 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
             match v {
                 Variant::PortfwdTcFast => {
                     cmd.arg("--fast-path");
+                }
+                Variant::PortfwdTcFastNoPeer => {
+                    cmd.args(["--fast-path", "--fast-path-no-peer"]);
                 }
                 Variant::PortfwdXdpFast => {
                     // Redirected XDP frames reach the container only when its end of the
@@ -284,6 +313,14 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
                     &format!("{CT_IP}:{ct}"),
                 ]))?;
             }
+            // IPv6 end to end.
+            sys::run(Command::new(ctl).args([
+                "--socket",
+                &sock,
+                "add",
+                &format!("[{HOST_IP6}]:{}/udp", UDP6.1),
+                &format!("[{CT_IP6}]:{}", UDP6.0),
+            ]))?;
             let local = local_service(ctl, &sock);
             Ok(Active {
                 _procs: vec![d],

@@ -10,15 +10,17 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::{
     maps::{Array, PerCpuArray},
-    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
+    programs::{
+        SchedClassifier, TcAttachType, TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode,
+    },
     EbpfLoader,
 };
 
 use super::{
-    frame::udp_frame,
+    frame::{udp6_frame, udp_frame},
     serve::ECHO_LEN,
     sys::{self, Netns},
-    topo::{Artifacts, Topology, CLIENT_IF, CLIENT_IP, CT_IF, UDP},
+    topo::{Artifacts, Topology, CLIENT_IF, CLIENT_IP, CLIENT_IP6, CT_IF, UDP},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -35,10 +37,11 @@ pub enum Workload {
     V6Tcp1,
     V6Tcp1Tso,
     V6Crr,
+    V6Udp64,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 12] = [
+    pub const ALL: [Workload; 13] = [
         Workload::Tcp1,
         Workload::Tcp1Tso,
         Workload::Tcp4,
@@ -50,8 +53,9 @@ impl Workload {
         Workload::V6Tcp1,
         Workload::V6Tcp1Tso,
         Workload::V6Crr,
-        // Last: it makes the host veth's NAPI threaded.
+        // Last: they make the host veth's NAPI threaded.
         Workload::Udp64,
+        Workload::V6Udp64,
     ];
 
     pub fn name(self) -> &'static str {
@@ -68,6 +72,7 @@ impl Workload {
             Workload::V6Tcp1 => "v6-tcp1",
             Workload::V6Tcp1Tso => "v6-tcp1-tso",
             Workload::V6Crr => "v6-crr",
+            Workload::V6Udp64 => "v6-udp64",
         }
     }
 
@@ -89,6 +94,9 @@ impl Workload {
                 "IPv6 client to the IPv4-only container, TCP 1 stream, client's offloads on"
             }
             Workload::V6Crr => "IPv6 client to the IPv4-only container, new connection per request",
+            Workload::V6Udp64 => {
+                "64-byte UDP over IPv6, end to end (live-frames generator, BPF sink)"
+            }
         }
     }
 
@@ -326,26 +334,30 @@ pub fn latency(ns: &Netns, addr: Ipv4Addr, port: u16, secs: u64) -> Result<Vec<M
 /// recycled without being reset), forwarded by the host, counted and dropped by an XDP
 /// sink on the container's veth. The host veth has GRO (NAPI); its NAPI thread is made
 /// threaded and pinned to CPU 1, the generator to CPU 0; CPU per packet is the forwarding CPU's.
+/// The sink also sits at the container's TC ingress, where frames handed over by
+/// `bpf_redirect_peer` arrive (they skip the veth's NAPI, so its XDP program). `dst`'s
+/// family picks the frame's (IPv6: `v6-udp64`).
 pub fn udp64(
     topo: &Topology,
     art: &Artifacts,
-    dst: Ipv4Addr,
+    dst: IpAddr,
     dport: u16,
     secs: u64,
+    flows: u32,
 ) -> Result<Measure> {
     let hif = topo.host_if.clone();
     // GRO (NAPI) is on for every workload (the topology turns it on).
     topo.host
         .sh(&format!("echo 1 > /sys/class/net/{hif}/threaded"))?;
     let pinned = sys::pin_kthreads(&format!("napi/{hif}-"), 1);
-    let frame = udp_frame(
+    let (host_mac, client_mac) = (
         Topology::mac(&topo.host, &hif)?,
         Topology::mac(&topo.client, CLIENT_IF)?,
-        CLIENT_IP,
-        dst,
-        40_000,
-        dport,
     );
+    let frame = match dst {
+        IpAddr::V4(dst) => udp_frame(host_mac, client_mac, CLIENT_IP, dst, 40_000, dport),
+        IpAddr::V6(dst) => udp6_frame(host_mac, client_mac, CLIENT_IP6, dst, 40_000, dport),
+    };
     let ifindex = Topology::ifindex(&topo.client, CLIENT_IF)?;
     let (client_path, ct_path) = (topo.client.path(), topo.ct.path());
     let obj = art.bench_object.clone();
@@ -360,12 +372,25 @@ pub fn udp64(
             sink.attach(CT_IF, XdpMode::Driver)
                 .context("attach the sink (native XDP) to the container's veth")?;
         }
+        {
+            let sink: &mut SchedClassifier = ebpf
+                .program_mut("bench_sink_tc")
+                .context("bench_sink_tc")?
+                .try_into()?;
+            sink.load()?;
+            sink.attach(CT_IF, TcAttachType::Ingress)
+                .context("attach the sink (TC ingress) to the container's veth")?;
+        }
         let mut port: Array<_, [u8; 2]> =
             Array::try_from(ebpf.map_mut("BENCH_SINK_PORT").context("BENCH_SINK_PORT")?)?;
         port.set(0, UDP.0.to_be_bytes(), 0)?;
         let mut tpl: Array<_, [u8; 64]> =
             Array::try_from(ebpf.map_mut("BENCH_TEMPLATE").context("BENCH_TEMPLATE")?)?;
         tpl.set(0, frame, 0)?;
+        // `flows` > 0: each frame from its own source (`BENCH_SPREAD`, the scale runs).
+        let mut spread: Array<_, [u32; 2]> =
+            Array::try_from(ebpf.map_mut("BENCH_SPREAD").context("BENCH_SPREAD")?)?;
+        spread.set(0, [flows, 0], 0)?;
         {
             let gen: &mut Xdp = ebpf
                 .program_mut("bench_gen")
