@@ -194,6 +194,24 @@ mod tests {
         }
     }
 
+    #[test]
+    fn mtu_len_is_one_segment_of_a_gso_packet() {
+        // Not GSO: the whole packet.
+        assert_eq!(mtu_len(2840, 0, 20), 2840);
+        // GSO: IPv4 20 + TCP 32 (timestamps) + 1428 of data, a 1500-byte MTU's segment.
+        assert_eq!(mtu_len(65_000, 1428, 32), 1480);
+        assert_eq!(mtu_len(65_000, 1460, 20), 1500);
+        // UDP GSO: 20 + 8 + gso_size.
+        assert_eq!(mtu_len(9000, 1472, 8), 1500);
+        // A GSO packet shorter than one full segment: its own length.
+        assert_eq!(mtu_len(600, 1460, 20), 600);
+        // The header nibble: 5 words (20 bytes) to 15 (60).
+        assert_eq!(
+            (tcp_hlen(0x50), tcp_hlen(0x80), tcp_hlen(0xf0)),
+            (20, 32, 60)
+        );
+    }
+
     proptest! {
         #[test]
         fn candidates_stay_in_range(client in any::<[u8; 16]>(), port in any::<[u8; 2]>()) {
