@@ -129,8 +129,9 @@ pub mod programs {
 
 /// Entries of each rules map: each published port of a range is one, and a wildcard
 /// rule is one more per host address of the family (its expansions, see
-/// [`BACKEND_EXPANDED`]). The maps are allocated as they fill (`BPF_F_NO_PREALLOC`).
-pub const MAX_RULES: u32 = 262_144;
+/// [`BACKEND_EXPANDED`]): every port (1-65535) published as `*` on a host with up to 15
+/// addresses of the family. The maps are allocated as they fill (`BPF_F_NO_PREALLOC`).
+pub const MAX_RULES: u32 = 1_048_576;
 /// `BPF_F_NO_PREALLOC` (include/uapi/linux/bpf.h): the rules maps take memory per entry
 /// held, not per entry possible.
 pub const RULES_MAP_FLAGS: u32 = 1;
