@@ -82,6 +82,30 @@ impl Netns {
         self.ns.ip(args).unwrap_or_else(|e| fail(&e))
     }
 
+    /// `ip -o link show dev IF` here: (ifindex, MAC).
+    pub fn link(&self, ifname: &str) -> (u32, [u8; 6]) {
+        // `N: d0@d1: <...> ... link/ether MAC brd ...`
+        let out = self.ip(&format!("-o link show dev {ifname}"));
+        let index = out
+            .split(':')
+            .next()
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("ifindex of {ifname} in {out:?}"));
+        let mac = out
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .map(|m| {
+                let b: Vec<u8> = m
+                    .split(':')
+                    .map(|x| u8::from_str_radix(x, 16).expect("MAC"))
+                    .collect();
+                <[u8; 6]>::try_from(b).expect("MAC")
+            })
+            .unwrap_or_else(|| panic!("MAC of {ifname} in {out:?}"));
+        (index, mac)
+    }
+
     /// A command that runs `program` inside this namespace, through
     /// `nsenter --net=/run/netns/<ns>` (which, unlike `ip netns exec`, leaves `/sys` and so
     /// the cgroup2 mount visible).

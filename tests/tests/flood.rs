@@ -107,26 +107,6 @@ fn converse(
     }
 }
 
-/// `ip -o link show dev IF` in `ns`: (ifindex, MAC).
-fn link(ns: &Netns, ifname: &str) -> (u32, [u8; 6]) {
-    let out = ns.ip(&format!("-o link show dev {ifname}"));
-    let index = out
-        .split(':')
-        .next()
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no ifindex in {out:?}"));
-    let mac = out
-        .split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no MAC in {out:?}"));
-    let mut bytes = [0u8; 6];
-    for (b, part) in bytes.iter_mut().zip(mac.split(':')) {
-        *b = u8::from_str_radix(part, 16).expect("MAC byte");
-    }
-    (index, bytes)
-}
-
 /// The 64-byte SYN bench_gen sends (it rewrites the low 16 bits of the source and the
 /// source port per frame, checksums patched).
 fn syn_template(smac: [u8; 6], dmac: [u8; 6]) -> [u8; 64] {
@@ -145,7 +125,7 @@ fn syn_template(smac: [u8; 6], dmac: [u8; 6]) -> [u8; 64] {
 /// Floods from `ns` (its veth `ifname`, whose peer has `dmac`) for `secs`: bench_gen in
 /// BPF_PROG_RUN live-frames mode, random spread. Returns (frames sent, seconds).
 fn flood(ns: &Netns, ifname: &str, dmac: [u8; 6], secs: Duration) -> (u64, f64) {
-    let (ifindex, smac) = link(ns, ifname);
+    let (ifindex, smac) = ns.link(ifname);
     let template = syn_template(smac, dmac);
     ns.run(move || -> Result<(u64, f64), String> {
         let err = |e: &dyn std::fmt::Display| e.to_string();
@@ -247,7 +227,7 @@ fn established_connections_survive_a_spoofed_syn_flood() {
     let seen_before = d.rule(PORT, "tcp").packets;
 
     let flood_start = Instant::now();
-    let (sent, secs) = flood(&topo.client, "eth0", link(&topo.host, HOST_IFACE).1, FLOOD);
+    let (sent, secs) = flood(&topo.client, "eth0", topo.host.link(HOST_IFACE).1, FLOOD);
     let flood_end = Instant::now();
     let embryonic = entries(&topo, "embryonic_v4");
     let established = entries(&topo, "conntrack_v4");

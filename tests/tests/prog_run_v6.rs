@@ -518,25 +518,7 @@ fn fast_path_net() -> (Netns, FastPathFib) {
     ns.ip(&format!(
         "-6 neigh add {BACKEND} lladdr {mac} dev d0 nud permanent"
     ));
-    // `N: d0@d1: <...> ... link/ether MAC brd ...`
-    let link = ns.ip("-o link show d0");
-    let ifindex = link
-        .split(':')
-        .next()
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("ifindex of d0 in {link:?}"));
-    let smac = link
-        .split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .map(|m| {
-            let b: Vec<u8> = m
-                .split(':')
-                .map(|x| u8::from_str_radix(x, 16).expect("MAC"))
-                .collect();
-            <[u8; 6]>::try_from(b).expect("MAC")
-        })
-        .unwrap_or_else(|| panic!("MAC of d0 in {link:?}"));
+    let (ifindex, smac) = ns.link("d0");
     let fib = FastPathFib {
         subnet: ([0; 4], 32),
         ifindex,
