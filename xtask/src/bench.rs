@@ -401,6 +401,9 @@ fn run_variant(
         {
             continue;
         }
+        if v.udp_only() && !matches!(w, Workload::Udp64 | Workload::V6Udp64) {
+            continue;
+        }
         if w.is_v6() && t.addr6.is_none() {
             continue;
         }

@@ -738,11 +738,7 @@ impl Results {
         );
         for fast in ["portfwd-tc-fast", "portfwd-xdp-fast"] {
             for w in ["udp64", "v6-udp64"] {
-                let (measured, status) = if self.variants.iter().any(|v| v == fast) {
-                    self.check(fast, "direct", w, "mpps", 2.5, true)
-                } else {
-                    ("–".into(), "not measured: variant not run".into())
-                };
+                let (measured, status) = self.fast_path_udp(fast, w);
                 row(
                     &format!("64-byte UDP ≥ 2.5× direct through the fast path (`{w}`)"),
                     fast,
@@ -1032,11 +1028,7 @@ impl Results {
                 ("udp64", "64-byte UDP"),
                 ("v6-udp64", "64-byte UDP over IPv6"),
             ] {
-                let (measured, status) = if self.variants.iter().any(|v| v == fast) {
-                    self.check(fast, "direct", w, "mpps", 2.5, true)
-                } else {
-                    ("–".into(), "not measured: variant not run".into())
-                };
+                let (measured, status) = self.fast_path_udp(fast, w);
                 row(
                     &format!("{what} ≥ 2.5× direct with the fast path"),
                     fast,
@@ -1108,6 +1100,27 @@ impl Results {
             ),
         }
         s
+    }
+
+    /// The fast path's 64-byte UDP target (2.5× direct), with the rig's ceiling beside
+    /// it when `xdp-floor` ran: its ratio to direct, and the fast path's share of it.
+    fn fast_path_udp(&self, fast: &str, w: &str) -> (String, String) {
+        if !self.variants.iter().any(|v| v == fast) {
+            return ("–".into(), "not measured: variant not run".into());
+        }
+        let (mut measured, status) = self.check(fast, "direct", w, "mpps", 2.5, true);
+        let stat = |v: &str| self.stat(v, w, "mpps");
+        if let (Some(floor), Some(direct), Some(a)) =
+            (stat("xdp-floor"), stat("direct"), stat(fast))
+        {
+            let _ = write!(
+                measured,
+                "; `xdp-floor` (redirect, no lookup) {:.2}× direct: {:.0} % of it",
+                floor.median / direct.median,
+                100.0 * a.median / floor.median
+            );
+        }
+        (measured, status)
     }
 
     fn check(

@@ -7,10 +7,17 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use aya::{
+    maps::Array,
+    programs::{Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
 
 use super::{
     sys::{self, Proc},
-    topo::{Artifacts, Topology, CT_IP, CT_IP6, ECHO, HOST_IP, HOST_IP6, HTTP, IPERF, UDP, UDP6},
+    topo::{
+        Artifacts, Topology, CT_IF, CT_IP, CT_IP6, ECHO, HOST_IP, HOST_IP6, HTTP, IPERF, UDP, UDP6,
+    },
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -37,10 +44,15 @@ pub enum Variant {
     /// The fast path from TC transmitting on the host's end of the veth
     /// (`--fast-path-no-peer`): what the peer hand-over saves. Run only when named.
     PortfwdTcFastNoPeer,
+    /// Not a forwarder: `bench_floor`, an XDP program that rewrites the port and MACs of
+    /// the 64-byte UDP frames and redirects them with no lookup at all. The most any XDP
+    /// forwarder reaches on this rig (the veths' and the sink's costs are fixed), so the
+    /// fast path's ratio to direct can be read against what the rig allows. UDP only.
+    XdpFloor,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 9] = [
+    pub const ALL: [Variant; 10] = [
         Variant::Direct,
         Variant::Iptables,
         Variant::Socat,
@@ -50,6 +62,7 @@ impl Variant {
         Variant::PortfwdXdpNative,
         Variant::PortfwdTcFast,
         Variant::PortfwdXdpFast,
+        Variant::XdpFloor,
     ];
 
     pub fn name(self) -> &'static str {
@@ -64,6 +77,7 @@ impl Variant {
             Variant::PortfwdTcFast => "portfwd-tc-fast",
             Variant::PortfwdXdpFast => "portfwd-xdp-fast",
             Variant::PortfwdTcFastNoPeer => "portfwd-tc-fast-nopeer",
+            Variant::XdpFloor => "xdp-floor",
         }
     }
 
@@ -80,6 +94,9 @@ impl Variant {
             Variant::PortfwdXdpFast => "portfwd fast path (XDP_REDIRECT), native XDP on veth",
             Variant::PortfwdTcFastNoPeer => {
                 "portfwd fast path, TC ingress, transmitted on the host's veth (no peer hand-over)"
+            }
+            Variant::XdpFloor => {
+                "XDP_REDIRECT with no lookup (the rig's ceiling for an XDP forwarder; UDP only, not portfwd)"
             }
         }
     }
@@ -104,6 +121,11 @@ impl Variant {
                 | Variant::PortfwdXdpFast
                 | Variant::PortfwdTcFastNoPeer
         )
+    }
+
+    /// Whether the variant forwards only the 64-byte UDP workloads.
+    pub fn udp_only(self) -> bool {
+        self == Variant::XdpFloor
     }
 
     /// Why the variant cannot run on this machine, if it cannot.
@@ -147,6 +169,8 @@ pub struct Active {
     /// `localhost:PORT` from the host namespace: (address, HTTP port, iperf port), or why
     /// the variant has no local service.
     pub local: Result<(Ipv4Addr, u16, u16)>,
+    /// BPF programs the variant attached, detached on drop.
+    pub _bpf: Option<Ebpf>,
 }
 
 const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
@@ -180,6 +204,7 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
             },
             // A host process talking straight to the container.
             local: Ok((CT_IP, HTTP.0, IPERF.0)),
+            _bpf: None,
         }),
         Variant::Iptables => {
             let mut script = String::from(
@@ -208,6 +233,7 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
                 local: Err(anyhow::anyhow!(
                     "not measured (Docker's localhost case is served by docker-proxy)"
                 )),
+                _bpf: None,
             })
         }
         Variant::Socat | Variant::DockerProxy => {
@@ -249,6 +275,7 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
                 _procs: procs,
                 targets: t,
                 local: Ok((LOCALHOST, HTTP.1, IPERF.1)),
+                _bpf: None,
             })
         }
         Variant::PortfwdTc
@@ -326,8 +353,10 @@ pub fn setup(v: Variant, topo: &Topology, art: &Artifacts, sock_dir: &str) -> Re
                 _procs: vec![d],
                 targets: published(),
                 local,
+                _bpf: None,
             })
         }
+        Variant::XdpFloor => floor(topo, art),
     }
 }
 
@@ -379,4 +408,49 @@ fn local_service(ctl: &std::path::Path, sock: &str) -> Result<(Ipv4Addr, u16, u1
     } else {
         bail!("portfwd serves no local clients yet (`list --json` shows no local service)")
     }
+}
+
+/// `bench_floor` on the host's client-facing veth (native XDP), sending the 64-byte UDP
+/// frames of both families to the container's bridge port (`hs0`) with the container's
+/// MAC and port.
+fn floor(topo: &Topology, art: &Artifacts) -> Result<Active> {
+    // Redirected XDP frames reach the container only when its veth runs NAPI.
+    topo.ct.sh(&format!("ethtool -K {CT_IF} gro on"))?;
+    let port_if = Topology::ifindex(&topo.host, "hs0")?;
+    let (dmac, smac) = (
+        Topology::mac(&topo.ct, CT_IF)?,
+        Topology::mac(&topo.host, "br0")?,
+    );
+    let mut job = [0u8; 24];
+    job[0..4].copy_from_slice(&port_if.to_ne_bytes());
+    job[4..10].copy_from_slice(&dmac);
+    job[10..16].copy_from_slice(&smac);
+    job[16..18].copy_from_slice(&UDP.1.to_be_bytes());
+    job[18..20].copy_from_slice(&UDP.0.to_be_bytes());
+    job[20..22].copy_from_slice(&UDP6.1.to_be_bytes());
+    job[22..24].copy_from_slice(&UDP6.0.to_be_bytes());
+    let (obj, hif) = (art.bench_object.clone(), topo.host_if.clone());
+    let ebpf = sys::on_thread(&topo.host, move || {
+        let mut ebpf = EbpfLoader::new().load_file(&obj)?;
+        let mut cfg: Array<_, [u8; 24]> =
+            Array::try_from(ebpf.map_mut("BENCH_FLOOR").context("BENCH_FLOOR")?)?;
+        cfg.set(0, job, 0)?;
+        let prog: &mut Xdp = ebpf
+            .program_mut("bench_floor")
+            .context("bench_floor")?
+            .try_into()?;
+        prog.load()?;
+        prog.attach(&hif, XdpMode::Driver)
+            .context("attach bench_floor (native XDP) to the host's veth")?;
+        Ok(ebpf)
+    })?;
+    Ok(Active {
+        _procs: Vec::new(),
+        targets: Targets {
+            addr6: None,
+            ..published()
+        },
+        local: Err(anyhow::anyhow!("not a forwarder of connections (UDP only)")),
+        _bpf: Some(ebpf),
+    })
 }
