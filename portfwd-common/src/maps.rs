@@ -49,6 +49,13 @@ pub const CONFIG: &str = "CONFIG";
 /// from the bridges' forwarding databases. Written by the daemon, read by the ingress
 /// programs to redirect a translated packet straight to the backend's port.
 pub const BRIDGE_PORTS: &str = "BRIDGE_PORTS";
+/// Fast path: (ingress ifindex, backend address) to the next hop the FIB and
+/// [`BRIDGE_PORTS`] gave for it, kept [`NEXT_HOP_TTL_NS`]: the FIB lookup is the fast
+/// path's largest cost. Written by the ingress programs; cleared by the daemon when the
+/// bridge ports change. Not pinned: a cache, empty in each new load.
+pub const NEXT_HOPS_V4: &str = "NEXT_HOPS_V4";
+/// As [`NEXT_HOPS_V4`], for IPv6 backends.
+pub const NEXT_HOPS_V6: &str = "NEXT_HOPS_V6";
 
 /// Which (port, protocol) pairs rules publish, of either family, and how: entry = port,
 /// value = bits: an address-bound entry of either family (expansions included), a
@@ -869,6 +876,66 @@ pub const MAX_BRIDGE_PORTS: u32 = 16_384;
 /// instead of transmitting it on the port. Interface indexes stay below 2^31.
 pub const BRIDGE_PORT_PEER: u32 = 1 << 31;
 
+/// Entries of each [`NEXT_HOPS_V4`] / [`NEXT_HOPS_V6`] cache (least recently used out).
+pub const MAX_NEXT_HOPS: u32 = 16_384;
+
+/// How long a cached next hop is used before the FIB is asked again: a route or
+/// neighbour change reaches the fast path within this time (a bridge port change at
+/// once: the daemon clears the caches). Short enough that a stale hop is a blip, long
+/// enough that the FIB is asked once per backend every few hundred thousand packets.
+pub const NEXT_HOP_TTL_NS: u64 = 50_000_000;
+
+/// Key of [`NEXT_HOPS_V4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NextHopKeyV4 {
+    /// The interface the packet arrived on (the FIB's answer may depend on it).
+    pub ifindex: u32,
+    /// The backend's address (the translated destination).
+    pub addr: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<NextHopKeyV4>() == 8);
+
+/// Key of [`NEXT_HOPS_V6`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NextHopKeyV6 {
+    /// As in [`NextHopKeyV4`].
+    pub ifindex: u32,
+    /// The backend's address (the translated destination).
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<NextHopKeyV6>() == 20);
+
+/// Value of [`NEXT_HOPS_V4`] and [`NEXT_HOPS_V6`]: what the FIB and [`BRIDGE_PORTS`]
+/// answered, and when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CachedHop {
+    /// `bpf_ktime_get_coarse_ns` when the FIB answered.
+    pub stamp_ns: u64,
+    /// The bridge port's ifindex, with [`BRIDGE_PORT_PEER`] as in [`BRIDGE_PORTS`].
+    pub port: u32,
+    /// The longest packet (IPv4 total length, IPv6 payload plus header) the FIB's MTU
+    /// check has passed for this hop: a longer one asks the FIB again.
+    pub fits: u16,
+    /// The source MAC to write (the FIB's: the bridge's).
+    pub smac: [u8; 6],
+    /// The destination MAC to write (the backend's neighbour entry).
+    pub dmac: [u8; 6],
+    /// Zero.
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<CachedHop>() == 32);
+
+impl CachedHop {
+    /// Whether the hop may serve a packet of `len` bytes at `now_ns`.
+    #[inline(always)]
+    pub fn serves(&self, now_ns: u64, len: u16) -> bool {
+        now_ns.wrapping_sub(self.stamp_ns) < NEXT_HOP_TTL_NS && len <= self.fits
+    }
+}
+
 /// Key of [`BRIDGE_PORTS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -902,6 +969,9 @@ mod pod {
     unsafe impl aya::Pod for super::LocalPeerV4 {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::BridgePortKey {}
+    unsafe impl aya::Pod for super::NextHopKeyV4 {}
+    unsafe impl aya::Pod for super::NextHopKeyV6 {}
+    unsafe impl aya::Pod for super::CachedHop {}
     unsafe impl aya::Pod for super::RuleKeyV4 {}
     unsafe impl aya::Pod for super::BackendV4 {}
     unsafe impl aya::Pod for super::FlowKeyV4 {}

@@ -13,11 +13,11 @@ use aya_ebpf::{
 };
 use portfwd_common::{packet::IPV6_HLEN, rules::RuleMaps};
 use portfwd_common::{
-    BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6,
-    LocalPeerKeyV4, LocalPeerKeyV6, LocalPeerV4, LocalPeerV6, Nat64Flow, Nat64Reply, Reason,
-    RuleKeyV4, RuleKeyV6, RuleStats, MAX_BRIDGE_PORTS, MAX_EMBRYONIC_FLOWS, MAX_FLOWS,
-    MAX_HOST_ADDRS, MAX_LOCAL_PEERS, MAX_NAT64_FLOWS, MAX_RULES, MAX_STATS_SLOTS, NAT64_PROG_INDEX,
-    RULES_MAP_FLAGS,
+    BackendV4, BackendV6, BridgePortKey, CachedHop, Config, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6,
+    LocalPeerKeyV4, LocalPeerKeyV6, LocalPeerV4, LocalPeerV6, Nat64Flow, Nat64Reply, NextHopKeyV4,
+    NextHopKeyV6, Reason, RuleKeyV4, RuleKeyV6, RuleStats, MAX_BRIDGE_PORTS, MAX_EMBRYONIC_FLOWS,
+    MAX_FLOWS, MAX_HOST_ADDRS, MAX_LOCAL_PEERS, MAX_NAT64_FLOWS, MAX_NEXT_HOPS, MAX_RULES,
+    MAX_STATS_SLOTS, NAT64_PROG_INDEX, RULES_MAP_FLAGS,
 };
 
 #[map(name = "RULES_V4")]
@@ -277,6 +277,43 @@ pub fn record_local_peer_v6(key: &LocalPeerKeyV6, value: &LocalPeerV6) -> Result
     record(&LOCAL_PEERS_V6, key, value)
 }
 
+#[map(name = "NEXT_HOPS_V4")]
+static NEXT_HOPS_V4: LruHashMap<NextHopKeyV4, CachedHop> =
+    LruHashMap::with_max_entries(MAX_NEXT_HOPS, 0);
+
+#[map(name = "NEXT_HOPS_V6")]
+static NEXT_HOPS_V6: LruHashMap<NextHopKeyV6, CachedHop> =
+    LruHashMap::with_max_entries(MAX_NEXT_HOPS, 0);
+
+/// The cached next hop of an IPv4 backend, as last written (the caller checks its age).
+/// A reference, not a copy: the fast path runs close to the stack limit. An update
+/// replaces the whole element (the old one stays readable until the run ends).
+#[inline(always)]
+pub fn next_hop_v4(key: &NextHopKeyV4) -> Option<&'static CachedHop> {
+    // SAFETY: map memory outlives the program run.
+    unsafe { NEXT_HOPS_V4.get(key) }
+}
+
+/// Caches an IPv4 backend's next hop; a failed insert only costs the next packet a FIB
+/// lookup.
+#[inline(always)]
+pub fn cache_next_hop_v4(key: &NextHopKeyV4, hop: &CachedHop) {
+    let _ = NEXT_HOPS_V4.insert(key, hop, 0);
+}
+
+/// As [`next_hop_v4`], IPv6.
+#[inline(always)]
+pub fn next_hop_v6(key: &NextHopKeyV6) -> Option<&'static CachedHop> {
+    // SAFETY: as above.
+    unsafe { NEXT_HOPS_V6.get(key) }
+}
+
+/// As [`cache_next_hop_v4`], IPv6.
+#[inline(always)]
+pub fn cache_next_hop_v6(key: &NextHopKeyV6, hop: &CachedHop) {
+    let _ = NEXT_HOPS_V6.insert(key, hop, 0);
+}
+
 /// The bridge port (ifindex) behind which the daemon saw `key`'s MAC.
 #[inline(always)]
 pub fn bridge_port(key: &BridgePortKey) -> Option<u32> {
@@ -360,6 +397,23 @@ pub struct Scratch {
 
 #[map(name = "NAT64_SCRATCH")]
 static NAT64_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// The fast path's FIB request, off the stack (the ingress programs run close to its
+/// 512-byte limit).
+#[map(name = "FIB_SCRATCH")]
+static FIB_SCRATCH: PerCpuArray<FibParams> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's FIB request, zeroed (a valid, empty request).
+#[inline(always)]
+pub fn fib_scratch() -> Option<&'static mut FibParams> {
+    let p = FIB_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: the per-CPU entry is this program run's alone; all zeroes is a valid
+    // bpf_fib_lookup.
+    unsafe {
+        core::ptr::write_bytes(p, 0, 1);
+        Some(&mut *p)
+    }
+}
 
 /// This CPU's NAT64 scratch space.
 #[inline(always)]

@@ -24,12 +24,14 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use portfwd_common::{
-    port_bits, programs, BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4,
-    FlowV6, Nat64Flow, Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, RuleStats, BRIDGE_PORTS, CONFIG,
-    CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONFIG_FAST_PATH_NO_PEER, CONFIG_NO_NAT64,
+    port_bits, programs, BackendV4, BackendV6, BridgePortKey, CachedHop, Config, FlowKeyV4,
+    FlowKeyV6, FlowV4, FlowV6, Nat64Flow, Nat64Reply, NextHopKeyV4, NextHopKeyV6, Reason,
+    RuleKeyV4, RuleKeyV6, RuleStats, BRIDGE_PORTS, CONFIG, CONFIG_FAST_PATH,
+    CONFIG_FAST_PATH_NATIVE_XDP, CONFIG_FAST_PATH_NO_PEER, CONFIG_NO_NAT64,
     CONFIG_SOCK_HOST_NETNS_ONLY, CONNTRACK_V4, CONNTRACK_V6, EMBRYONIC_V4, EMBRYONIC_V6,
     HOST_ADDRS_V4, HOST_ADDRS_V6, MAX_FLOWS, NAT64_FLOWS, NAT64_PROGS, NAT64_PROG_INDEX,
-    NAT64_REPLIES, PUBLISHED_PORTS, REASON_STATS, RULES_V4, RULES_V6, RULE_STATS,
+    NAT64_REPLIES, NEXT_HOPS_V4, NEXT_HOPS_V6, PUBLISHED_PORTS, REASON_STATS, RULES_V4, RULES_V6,
+    RULE_STATS,
 };
 use thiserror::Error;
 
@@ -313,8 +315,9 @@ pub fn flow_tables_bytes(max_flows: u32) -> u64 {
     u64::from(max_flows) * FLOW_BYTES + FLOW_TABLE_MAPS.len() as u64 * buckets * BUCKET_BYTES
 }
 
-/// Maps of the object that are not pinned: per-run scratch space.
-const UNPINNED_MAPS: [&str; 1] = ["NAT64_SCRATCH"];
+/// Maps of the object that are not pinned: per-run scratch space and the fast path's
+/// next-hop caches (empty in each new load).
+const UNPINNED_MAPS: [&str; 4] = ["NAT64_SCRATCH", "FIB_SCRATCH", NEXT_HOPS_V4, NEXT_HOPS_V6];
 
 /// The maps of this binary's object that are pinned, as (name, type, key size, value
 /// size): every named map but [`UNPINNED_MAPS`] and the compiler's sections (`.rodata`,
@@ -871,7 +874,26 @@ impl Dataplane {
         if native_xdp {
             self.config.flags |= CONFIG_FAST_PATH_NATIVE_XDP;
         }
-        self.write_config()
+        self.write_config()?;
+        self.clear_next_hops()
+    }
+
+    /// Empties the fast path's next-hop caches: the next packet to each backend asks the
+    /// FIB again.
+    pub fn clear_next_hops(&mut self) -> Result<(), DataplaneError> {
+        fn clear<K: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DataplaneError> {
+            let map = ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+            let mut m: HashMap<&mut MapData, K, CachedHop> =
+                HashMap::try_from(map).map_err(map_err(name))?;
+            let keys: Vec<K> = m.keys().filter_map(Result::ok).collect();
+            for k in keys {
+                // Gone already (evicted, or cleared by another writer): as wanted.
+                let _ = m.remove(&k);
+            }
+            Ok(())
+        }
+        clear::<NextHopKeyV4>(&mut self.ebpf, NEXT_HOPS_V4)?;
+        clear::<NextHopKeyV6>(&mut self.ebpf, NEXT_HOPS_V6)
     }
 
     /// Turns NAT64 (remote IPv6 clients of IPv4-only backends) on or off; on by default.
@@ -942,10 +964,19 @@ impl Dataplane {
                 let _ = m.remove(k);
             }
         }
+        let mut changed = false;
+        for (k, v) in &current {
+            changed |= ports.get(k) != Some(v);
+        }
         for (k, v) in ports {
             if !current.contains(&(*k, *v)) {
                 m.insert(*k, *v, 0).map_err(map_err(BRIDGE_PORTS))?;
+                changed = true;
             }
+        }
+        // Cached next hops may name a port that moved or went away.
+        if changed {
+            self.clear_next_hops()?;
         }
         Ok(())
     }

@@ -15,10 +15,11 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use portfwd::dataplane::Dataplane;
 use portfwd_common::{
     model::Verdict, proto, BackendV4, BridgePortKey, Reason, RuleKeyV4, BRIDGE_PORT_PEER,
+    NEXT_HOP_TTL_NS,
 };
 use portfwd_tests::fixture::{
-    arp_request, check_case, compare_in, echo_request, privileged, reply_translated, run_checked,
-    translated, udp_v6, untouched, Case, Env, FastPathFib, Frame, Prog, ETH, IP4,
+    arp_request, check_case, compare_in, echo_request, privileged, reply_translated, run,
+    run_checked, translated, udp_v6, untouched, Case, Env, FastPathFib, Frame, Prog, ETH, IP4,
 };
 use portfwd_tests::{netns::Netns, require_root};
 
@@ -549,4 +550,43 @@ fn fast_path_matches_model() {
             "{prog:?}"
         );
     }
+}
+
+/// The fast path's next-hop cache (the FIB's answer per backend, `NEXT_HOPS_V4`): a
+/// neighbour change that leaves the bridge ports alone reaches the fast path once the
+/// entry is `NEXT_HOP_TTL_NS` old (bridge port changes clear it at once: see
+/// `fast_path_matches_model`).
+#[test]
+fn fast_path_next_hop_cache_expires() {
+    if !require_root("fast_path_next_hop_cache_expires") {
+        return;
+    }
+    const NEW_MAC: [u8; 6] = [2, 0, 0, 0, 1, 3];
+    let mut dp = fixture_dataplane();
+    dp.set_fast_path(true, true).expect("fast path on");
+    let (ns, fib) = fast_path_net();
+    let ports = [BACKEND_MAC, NEW_MAC]
+        .map(|mac| (BridgePortKey::new(fib.ifindex, mac), BRIDGE_PORT))
+        .into_iter()
+        .collect();
+    dp.sync_bridge_ports(&ports).expect("bridge ports");
+    let syn = Frame::tcp((CLIENT, 40000), (HOST, 9000)).build();
+    let dmac = |dp: &Dataplane| {
+        ns.run(|| {
+            let (verdict, out) = run(dp, Prog::XdpIngress, &syn);
+            assert_eq!(verdict, 4, "XDP_REDIRECT");
+            <[u8; 6]>::try_from(&out[..6]).expect("a MAC")
+        })
+    };
+    assert_eq!(dmac(&dp), BACKEND_MAC);
+    let mac = NEW_MAC.map(|b| format!("{b:02x}")).join(":");
+    ns.ip(&format!(
+        "neigh replace {BACKEND} lladdr {mac} dev d0 nud permanent"
+    ));
+    std::thread::sleep(std::time::Duration::from_nanos(3 * NEXT_HOP_TTL_NS));
+    assert_eq!(
+        dmac(&dp),
+        NEW_MAC,
+        "the new neighbour after the cache's time"
+    );
 }
