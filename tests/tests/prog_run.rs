@@ -17,10 +17,10 @@ use portfwd_common::{
     model::Verdict, proto, BackendV4, BridgePortKey, Reason, RuleKeyV4, BRIDGE_PORT_PEER,
 };
 use portfwd_tests::fixture::{
-    arp_request, check_case, compare_in, echo_request, privileged, reply_translated, run_checked,
-    translated, udp_v6, untouched, Case, Env, FastPathFib, Frame, Prog, ETH, IP4,
+    arp_request, backend_net, check_case, compare_in, echo_request, privileged, reply_translated,
+    run_checked, translated, udp_v6, untouched, Case, Env, Frame, Prog, BACKEND_MAC, ETH, IP4,
 };
-use portfwd_tests::{netns::Netns, require_root};
+use portfwd_tests::require_root;
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -426,37 +426,8 @@ fn kernel_matches_model_on_random_frames() {
     common::kernel_matches_model(&dp, &pool, 300);
 }
 
-/// The backend's MAC, as a permanent neighbour of the fast-path namespace.
-const BACKEND_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
 /// The bridge port the fast path redirects to (BPF_PROG_RUN does not deliver it).
 const BRIDGE_PORT: u32 = 77;
-
-/// A namespace whose FIB reaches the backends' subnet on `d0` and knows the backend's
-/// MAC; what the model is told of it.
-fn fast_path_net() -> (Netns, FastPathFib) {
-    let ns = Netns::new("fp", "run");
-    ns.ip("link add d0 type veth peer name d1");
-    ns.ip("addr add 198.18.1.1/24 dev d0");
-    ns.ip("link set d1 up");
-    ns.ip("link set d0 up");
-    ns.ip("link set lo up");
-    ns.sysctl("net.ipv4.ip_forward", "1");
-    let mac = BACKEND_MAC.map(|b| format!("{b:02x}")).join(":");
-    ns.ip(&format!(
-        "neigh add {BACKEND} lladdr {mac} dev d0 nud permanent"
-    ));
-    let (ifindex, smac) = ns.link("d0");
-    let fib = FastPathFib {
-        subnet: ([198, 18, 1, 0], 24),
-        ifindex,
-        smac,
-        mtu: 1500,
-        neighbours: vec![(BACKEND.octets(), BACKEND_MAC)],
-        subnet6: None,
-        neighbours6: Vec::new(),
-    };
-    (ns, fib)
-}
 
 /// The fast path, compared with the model: a translated packet is forwarded one hop (the
 /// FIB's MACs, TTL minus one) and redirected to the backend's bridge port at every
@@ -469,7 +440,7 @@ fn fast_path_matches_model() {
     }
     let mut dp = fixture_dataplane();
     dp.set_fast_path(true, true).expect("fast path on");
-    let (ns, fib) = fast_path_net();
+    let (ns, fib) = backend_net("fp", &[BACKEND.into()]);
     let ports = [(BridgePortKey::new(fib.ifindex, BACKEND_MAC), BRIDGE_PORT)]
         .into_iter()
         .collect();
