@@ -13,9 +13,7 @@ mod common;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use portfwd::dataplane::Dataplane;
-use portfwd_common::{
-    model::Verdict, proto, BackendV4, BridgePortKey, Reason, RuleKeyV4, BRIDGE_PORT_PEER,
-};
+use portfwd_common::{model::Verdict, proto, BackendV4, BridgePortKey, Reason, RuleKeyV4};
 use portfwd_tests::fixture::{
     arp_request, backend_net, check_case, compare_in, echo_request, privileged, reply_translated,
     run_checked, translated, udp_v6, untouched, Case, Env, Frame, Prog, BACKEND_MAC, ETH, IP4,
@@ -491,33 +489,6 @@ fn fast_path_matches_model() {
     ];
     common::kernel_matches_model_in(&dp, env, &pool, &progs, 200);
 
-    // A port whose veth peer is in another namespace: TC hands the packet to the peer,
-    // XDP (which cannot) sends it out of the port.
-    let peer = [(
-        BridgePortKey::new(fib.ifindex, BACKEND_MAC),
-        BRIDGE_PORT | BRIDGE_PORT_PEER,
-    )]
-    .into_iter()
-    .collect();
-    dp.sync_bridge_ports(&peer).expect("bridge ports");
-    for (prog, want) in [
-        (Prog::XdpIngress, Verdict::Redirect(BRIDGE_PORT)),
-        (Prog::XdpGeneric, Verdict::Redirect(BRIDGE_PORT)),
-        (Prog::TcIngress, Verdict::RedirectPeer(BRIDGE_PORT)),
-    ] {
-        let c = compare_in(&dp, env, prog, &syn.build()).expect("runs");
-        assert_eq!(c.outcome.verdict, want, "{prog:?}");
-    }
-
-    // The bridge port unknown: the kernel routes the translated packet.
-    dp.sync_bridge_ports(&Default::default())
-        .expect("no bridge ports");
-    for prog in [Prog::XdpIngress, Prog::TcIngress] {
-        let c = compare_in(&dp, env, prog, &syn.build()).expect("runs");
-        assert_eq!(c.output, syn.with_dst((BACKEND, 8080)).build(), "{prog:?}");
-        assert!(
-            c.counted.contains(&(Reason::FastPathFallback, 1)),
-            "{prog:?}"
-        );
-    }
+    common::peer_hand_over(&mut dp, env, &syn, BRIDGE_PORT);
+    common::unknown_bridge_port_falls_back(&mut dp, env, &syn, &syn.with_dst((BACKEND, 8080)));
 }
