@@ -520,20 +520,14 @@ pub const BACKEND_NET6: (Ipv6Addr, u8) = (Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0
 pub fn backend_net(tag: &str, backends: &[IpAddr]) -> (Netns, FastPathFib) {
     let ns = Netns::new(tag, "run");
     ns.ip("link add d0 type veth peer name d1");
-    let v4: Vec<Ipv4Addr> = backends
-        .iter()
-        .filter_map(|a| match a {
-            IpAddr::V4(a) => Some(*a),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
-    let v6: Vec<Ipv6Addr> = backends
-        .iter()
-        .filter_map(|a| match a {
-            IpAddr::V6(a) => Some(*a),
-            IpAddr::V4(_) => None,
-        })
-        .collect();
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for b in backends {
+        match b {
+            IpAddr::V4(a) => v4.push((a.octets(), BACKEND_MAC)),
+            IpAddr::V6(a) => v6.push((a.octets(), BACKEND_MAC)),
+        }
+    }
     let (host4, len4) = BACKEND_NET4;
     let (host6, len6) = BACKEND_NET6;
     if !v4.is_empty() {
@@ -567,9 +561,9 @@ pub fn backend_net(tag: &str, backends: &[IpAddr]) -> (Netns, FastPathFib) {
         ifindex,
         smac,
         mtu: 1500,
-        neighbours: v4.iter().map(|a| (a.octets(), BACKEND_MAC)).collect(),
+        neighbours: v4,
         subnet6: (!v6.is_empty()).then(|| ((u128::from(host6) & mask6).to_be_bytes(), len6)),
-        neighbours6: v6.iter().map(|a| (a.octets(), BACKEND_MAC)).collect(),
+        neighbours6: v6,
     };
     (ns, fib)
 }
