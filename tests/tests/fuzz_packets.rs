@@ -31,7 +31,7 @@ use portfwd_tests::fixture::{
     backend_net, privileged, Env, FastPathFib, Prog, BACKEND_MAC, BACKEND_NET4, MAC_A, MAC_B,
 };
 use portfwd_tests::fuzz::{Fuzzer, Rng};
-use portfwd_tests::netns::Netns;
+use portfwd_tests::{env_u64, netns::Netns};
 
 const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const HOST2: Ipv4Addr = Ipv4Addr::new(198, 18, 9, 1);
@@ -565,15 +565,6 @@ impl Gen {
             spoil_value: 0,
         }
         .bytes()
-    }
-}
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?}: not a number")),
-        Err(_) => default,
     }
 }
 
