@@ -98,7 +98,7 @@ impl Topology {
             dir,
         };
         topo.wire();
-        topo.start_servers();
+        topo.start_servers(|_| "0.0.0.0".to_string(), "server");
         topo
     }
 
@@ -153,15 +153,17 @@ impl Topology {
         }
     }
 
-    fn start_servers(&mut self) {
+    /// Starts each container's HTTP and UDP servers on `ip(i)` (as a socket address
+    /// takes it: `[...]` for IPv6), named `what` in errors.
+    fn start_servers(&mut self, ip: impl Fn(usize) -> String, what: &str) {
         let srv = bins::bin(bins::TESTSRV);
         for (i, c) in self.containers.iter().enumerate() {
             let mut cmd = c.command(&srv);
-            cmd.args(["--http", &format!("0.0.0.0:{HTTP_PORT}")])
-                .args(["--udp", &format!("0.0.0.0:{UDP_PORT}")])
+            cmd.args(["--http", &format!("{}:{HTTP_PORT}", ip(i))])
+                .args(["--udp", &format!("{}:{UDP_PORT}", ip(i))])
                 .args(["--body", &body(i)]);
             self.servers.push(ChildGuard::spawn_until_line(
-                &format!("server in {}", c.name()),
+                &format!("{what} in {}", c.name()),
                 &mut cmd,
                 "ready",
                 Duration::from_secs(30),
@@ -182,17 +184,8 @@ impl Topology {
         for (i, c) in self.containers.iter().enumerate() {
             c.ip(&format!("-6 addr add {}/64 dev eth0 nodad", CONTAINER6[i]));
             c.ip(&format!("-6 route add default via {BRIDGE6}"));
-            let mut cmd = c.command(bins::bin(bins::TESTSRV));
-            cmd.args(["--http", &format!("[{}]:{HTTP_PORT}", CONTAINER6[i])])
-                .args(["--udp", &format!("[{}]:{UDP_PORT}", CONTAINER6[i])])
-                .args(["--body", &body(i)]);
-            self.servers.push(ChildGuard::spawn_until_line(
-                &format!("IPv6 server in {}", c.name()),
-                &mut cmd,
-                "ready",
-                Duration::from_secs(30),
-            ));
         }
+        self.start_servers(|i| format!("[{}]", CONTAINER6[i]), "IPv6 server");
     }
 
     /// A directory of this test's own (sockets, logs), removed at the end.
