@@ -568,6 +568,22 @@ pub fn backend_net(tag: &str, backends: &[IpAddr]) -> (Netns, FastPathFib) {
     (ns, fib)
 }
 
+/// The model's next hop for the FIB's answer (interface, its MAC, the neighbour's MAC,
+/// as [`FastPathFib::lookup`] gives it): the bridge port `port` holds for that interface
+/// and MAC, its peer flag split off.
+pub fn bridge_next_hop(
+    (ifindex, smac, dmac): (u32, [u8; 6], [u8; 6]),
+    port: impl FnOnce(&BridgePortKey) -> Option<u32>,
+) -> Option<NextHop> {
+    let port = port(&BridgePortKey::new(ifindex, dmac))?;
+    Some(NextHop {
+        ifindex: port & !BRIDGE_PORT_PEER,
+        peer: port & BRIDGE_PORT_PEER != 0,
+        smac,
+        dmac,
+    })
+}
+
 /// The coarse monotonic clock, `bpf_ktime_get_coarse_ns`'s.
 pub fn coarse_now_ns() -> u64 {
     let mut t = libc::timespec {
@@ -667,23 +683,13 @@ impl Maps for KernelMaps<'_> {
     /// The test namespace's FIB (none: [`compare_in`] checks the fast path is off),
     /// then the kernel's copy of the bridge ports.
     fn next_hop(&self, q: &FibQuery) -> Option<NextHop> {
-        let (ifindex, smac, dmac) = self.fib?.lookup(q.dst, q.tot_len)?;
-        let port: u32 = self.hash_get(BRIDGE_PORTS, &BridgePortKey::new(ifindex, dmac))?;
-        Some(NextHop {
-            ifindex: port & !BRIDGE_PORT_PEER,
-            peer: port & BRIDGE_PORT_PEER != 0,
-            smac,
-            dmac,
+        bridge_next_hop(self.fib?.lookup(q.dst, q.tot_len)?, |k| {
+            self.hash_get(BRIDGE_PORTS, k)
         })
     }
     fn next_hop_v6(&self, q: &FibQuery<16>) -> Option<NextHop> {
-        let (ifindex, smac, dmac) = self.fib?.lookup_v6(q.src, q.dst, q.tot_len)?;
-        let port: u32 = self.hash_get(BRIDGE_PORTS, &BridgePortKey::new(ifindex, dmac))?;
-        Some(NextHop {
-            ifindex: port & !BRIDGE_PORT_PEER,
-            peer: port & BRIDGE_PORT_PEER != 0,
-            smac,
-            dmac,
+        bridge_next_hop(self.fib?.lookup_v6(q.src, q.dst, q.tot_len)?, |k| {
+            self.hash_get(BRIDGE_PORTS, k)
         })
     }
 }
