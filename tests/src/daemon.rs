@@ -211,6 +211,29 @@ impl Daemon {
         }
     }
 
+    /// Spawns a daemon over `after`'s pinned state (as [`Self::spawn_over`]) that must
+    /// refuse to start: waits for its failing exit and returns the one `portfwd:` line
+    /// (the error) it printed. Panics, with its log, otherwise.
+    #[track_caller]
+    pub fn refused_over(
+        ns: &Netns,
+        dir: &Path,
+        ifaces: &[&str],
+        extra: &[&str],
+        after: &Daemon,
+    ) -> String {
+        let mut d = Self::spawn_over(ns, dir, ifaces, extra, Some(after), None);
+        let status = d
+            .child
+            .wait_timeout(START_TIMEOUT)
+            .unwrap_or_else(|| panic!("the daemon must refuse:\n{}", d.log_text()));
+        let log = d.log_text();
+        assert!(!status.success(), "{status}:\n{log}");
+        let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("portfwd:")).collect();
+        assert_eq!(errors.len(), 1, "one error line:\n{log}");
+        errors[0].to_string()
+    }
+
     /// SIGKILL (a crash), and the exit status.
     pub fn kill(&mut self) -> Option<ExitStatus> {
         // SAFETY: kill(2) on the pid of our own child, which has not been reaped.

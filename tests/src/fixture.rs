@@ -505,6 +505,85 @@ impl FastPathFib {
     }
 }
 
+/// The backends' MAC, a permanent neighbour of the [`backend_net`] namespace.
+pub const BACKEND_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
+/// The backends' subnets on [`backend_net`]'s `d0`, as the address the namespace holds
+/// there and the prefix length.
+pub const BACKEND_NET4: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 18, 1, 1), 24);
+pub const BACKEND_NET6: (Ipv6Addr, u8) = (Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 1), 64);
+
+/// A namespace (`tag`) whose FIB reaches the backends' subnet of each family in
+/// `backends` on `d0` (a veth whose peer `d1` stays inside), forwarding on for that
+/// family, each of `backends` a permanent neighbour with [`BACKEND_MAC`]; and what the
+/// model is told of it. A family without a backend has no address there, so its
+/// lookups fail in the kernel as in the model. NAT64's route is `d0` too.
+pub fn backend_net(tag: &str, backends: &[IpAddr]) -> (Netns, FastPathFib) {
+    let ns = Netns::new(tag, "run");
+    ns.ip("link add d0 type veth peer name d1");
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for b in backends {
+        match b {
+            IpAddr::V4(a) => v4.push((a.octets(), BACKEND_MAC)),
+            IpAddr::V6(a) => v6.push((a.octets(), BACKEND_MAC)),
+        }
+    }
+    let (host4, len4) = BACKEND_NET4;
+    let (host6, len6) = BACKEND_NET6;
+    if !v4.is_empty() {
+        ns.ip(&format!("addr add {host4}/{len4} dev d0"));
+    }
+    if !v6.is_empty() {
+        ns.ip(&format!("-6 addr add {host6}/{len6} dev d0 nodad"));
+    }
+    ns.ip("link set d1 up");
+    ns.ip("link set d0 up");
+    if !v4.is_empty() {
+        ns.sysctl("net.ipv4.ip_forward", "1");
+    }
+    if !v6.is_empty() {
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1");
+    }
+    let mac = BACKEND_MAC.map(|b| format!("{b:02x}")).join(":");
+    for b in backends {
+        ns.ip(&format!("neigh add {b} lladdr {mac} dev d0 nud permanent"));
+    }
+    let (ifindex, smac) = ns.link("d0");
+    let mask4 = u32::MAX.checked_shl(32 - u32::from(len4)).unwrap_or(0);
+    let mask6 = u128::MAX.checked_shl(128 - u32::from(len6)).unwrap_or(0);
+    let fib = FastPathFib {
+        // 0.0.0.0/32 and no neighbour: no IPv4 next hop.
+        subnet: if v4.is_empty() {
+            ([0; 4], 32)
+        } else {
+            ((u32::from(host4) & mask4).to_be_bytes(), len4)
+        },
+        ifindex,
+        smac,
+        mtu: 1500,
+        neighbours: v4,
+        subnet6: (!v6.is_empty()).then(|| ((u128::from(host6) & mask6).to_be_bytes(), len6)),
+        neighbours6: v6,
+    };
+    (ns, fib)
+}
+
+/// The model's next hop for the FIB's answer (interface, its MAC, the neighbour's MAC,
+/// as [`FastPathFib::lookup`] gives it): the bridge port `port` holds for that interface
+/// and MAC, its peer flag split off.
+pub fn bridge_next_hop(
+    (ifindex, smac, dmac): (u32, [u8; 6], [u8; 6]),
+    port: impl FnOnce(&BridgePortKey) -> Option<u32>,
+) -> Option<NextHop> {
+    let port = port(&BridgePortKey::new(ifindex, dmac))?;
+    Some(NextHop {
+        ifindex: port & !BRIDGE_PORT_PEER,
+        peer: port & BRIDGE_PORT_PEER != 0,
+        smac,
+        dmac,
+    })
+}
+
 /// The coarse monotonic clock, `bpf_ktime_get_coarse_ns`'s.
 pub fn coarse_now_ns() -> u64 {
     let mut t = libc::timespec {
@@ -604,23 +683,13 @@ impl Maps for KernelMaps<'_> {
     /// The test namespace's FIB (none: [`compare_in`] checks the fast path is off),
     /// then the kernel's copy of the bridge ports.
     fn next_hop(&self, q: &FibQuery) -> Option<NextHop> {
-        let (ifindex, smac, dmac) = self.fib?.lookup(q.dst, q.tot_len)?;
-        let port: u32 = self.hash_get(BRIDGE_PORTS, &BridgePortKey::new(ifindex, dmac))?;
-        Some(NextHop {
-            ifindex: port & !BRIDGE_PORT_PEER,
-            peer: port & BRIDGE_PORT_PEER != 0,
-            smac,
-            dmac,
+        bridge_next_hop(self.fib?.lookup(q.dst, q.tot_len)?, |k| {
+            self.hash_get(BRIDGE_PORTS, k)
         })
     }
     fn next_hop_v6(&self, q: &FibQuery<16>) -> Option<NextHop> {
-        let (ifindex, smac, dmac) = self.fib?.lookup_v6(q.src, q.dst, q.tot_len)?;
-        let port: u32 = self.hash_get(BRIDGE_PORTS, &BridgePortKey::new(ifindex, dmac))?;
-        Some(NextHop {
-            ifindex: port & !BRIDGE_PORT_PEER,
-            peer: port & BRIDGE_PORT_PEER != 0,
-            smac,
-            dmac,
+        bridge_next_hop(self.fib?.lookup_v6(q.src, q.dst, q.tot_len)?, |k| {
+            self.hash_get(BRIDGE_PORTS, k)
         })
     }
 }

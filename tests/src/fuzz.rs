@@ -22,9 +22,9 @@ use portfwd_common::model::{self, FibQuery, FlowWrite, Maps, NextHop, Outcome, V
 use portfwd_common::rules::RuleMaps;
 use portfwd_common::{
     BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Nat64Flow,
-    Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, BRIDGE_PORTS, BRIDGE_PORT_PEER, CONFIG, CONNTRACK_V4,
-    CONNTRACK_V6, EMBRYONIC_V4, EMBRYONIC_V6, HOST_ADDRS_V4, HOST_ADDRS_V6, NAT64_FLOWS,
-    NAT64_REPLIES, PUBLISHED_PORTS, RULES_V4, RULES_V6,
+    Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, BRIDGE_PORTS, CONFIG, CONNTRACK_V4, CONNTRACK_V6,
+    EMBRYONIC_V4, EMBRYONIC_V6, HOST_ADDRS_V4, HOST_ADDRS_V6, NAT64_FLOWS, NAT64_REPLIES,
+    PUBLISHED_PORTS, RULES_V4, RULES_V6,
 };
 
 use crate::fixture::{self, action, compare_in, hook, refuses, Env, FastPathFib, Prog};
@@ -199,24 +199,15 @@ impl Maps for Mirror {
         self.config_flags
     }
     fn next_hop(&self, q: &FibQuery) -> Option<NextHop> {
-        let (ifindex, smac, dmac) = self.fib.as_ref()?.lookup(q.dst, q.tot_len)?;
-        let port = *self.bridge_ports.get(&BridgePortKey::new(ifindex, dmac))?;
-        Some(NextHop {
-            ifindex: port & !BRIDGE_PORT_PEER,
-            peer: port & BRIDGE_PORT_PEER != 0,
-            smac,
-            dmac,
+        fixture::bridge_next_hop(self.fib.as_ref()?.lookup(q.dst, q.tot_len)?, |k| {
+            self.bridge_ports.get(k).copied()
         })
     }
     fn next_hop_v6(&self, q: &FibQuery<16>) -> Option<NextHop> {
-        let (ifindex, smac, dmac) = self.fib.as_ref()?.lookup_v6(q.src, q.dst, q.tot_len)?;
-        let port = *self.bridge_ports.get(&BridgePortKey::new(ifindex, dmac))?;
-        Some(NextHop {
-            ifindex: port & !BRIDGE_PORT_PEER,
-            peer: port & BRIDGE_PORT_PEER != 0,
-            smac,
-            dmac,
-        })
+        fixture::bridge_next_hop(
+            self.fib.as_ref()?.lookup_v6(q.src, q.dst, q.tot_len)?,
+            |k| self.bridge_ports.get(k).copied(),
+        )
     }
 }
 

@@ -58,3 +58,14 @@ pub fn require_root(test: &str) -> bool {
         }
     }
 }
+
+/// The number in the environment variable `name` (a run's size or seed), or `default`
+/// when it is unset; panics on anything else, so a typo cannot shrink a run silently.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?}: not a number")),
+        Err(_) => default,
+    }
+}

@@ -13,7 +13,7 @@
 //! own namespaces, so the same addresses serve tests running in parallel.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4},
     path::Path,
     time::Duration,
 };
@@ -39,6 +39,16 @@ pub const HOST_IFACE: &str = "cli0";
 pub const HTTP_PORT: u16 = 8080;
 /// Where each container echoes UDP.
 pub const UDP_PORT: u16 = 5353;
+
+/// With [`Topology::add_ipv6`], from 2001:2::/48: the host's address on the client
+/// veth, the client's, the host's on the bridge, and the containers'.
+pub const HOST6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
+pub const BRIDGE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 1);
+pub const CONTAINER6: [Ipv6Addr; 2] = [
+    Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 2),
+    Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 3),
+];
 
 /// The body container `i` (0-based) answers with.
 pub fn body(i: usize) -> String {
@@ -88,7 +98,7 @@ impl Topology {
             dir,
         };
         topo.wire();
-        topo.start_servers();
+        topo.start_servers(|_| "0.0.0.0".to_string(), "server");
         topo
     }
 
@@ -143,20 +153,39 @@ impl Topology {
         }
     }
 
-    fn start_servers(&mut self) {
+    /// Starts each container's HTTP and UDP servers on `ip(i)` (as a socket address
+    /// takes it: `[...]` for IPv6), named `what` in errors.
+    fn start_servers(&mut self, ip: impl Fn(usize) -> String, what: &str) {
         let srv = bins::bin(bins::TESTSRV);
         for (i, c) in self.containers.iter().enumerate() {
             let mut cmd = c.command(&srv);
-            cmd.args(["--http", &format!("0.0.0.0:{HTTP_PORT}")])
-                .args(["--udp", &format!("0.0.0.0:{UDP_PORT}")])
+            cmd.args(["--http", &format!("{}:{HTTP_PORT}", ip(i))])
+                .args(["--udp", &format!("{}:{UDP_PORT}", ip(i))])
                 .args(["--body", &body(i)]);
             self.servers.push(ChildGuard::spawn_until_line(
-                &format!("server in {}", c.name()),
+                &format!("{what} in {}", c.name()),
                 &mut cmd,
                 "ready",
                 Duration::from_secs(30),
             ));
         }
+    }
+
+    /// Adds IPv6 ([`HOST6`], [`CLIENT6`], [`BRIDGE6`], [`CONTAINER6`]; forwarding on in
+    /// the host) and starts each container's IPv6 servers, answering with the same body
+    /// on the same ports as the IPv4 ones.
+    pub fn add_ipv6(&mut self) {
+        let (host, cli) = (&self.host, &self.client);
+        host.sysctl("net.ipv6.conf.all.forwarding", "1");
+        host.ip(&format!("-6 addr add {HOST6}/64 dev {HOST_IFACE} nodad"));
+        host.ip(&format!("-6 addr add {BRIDGE6}/64 dev br0 nodad"));
+        cli.ip(&format!("-6 addr add {CLIENT6}/64 dev eth0 nodad"));
+        cli.ip(&format!("-6 route add default via {HOST6}"));
+        for (i, c) in self.containers.iter().enumerate() {
+            c.ip(&format!("-6 addr add {}/64 dev eth0 nodad", CONTAINER6[i]));
+            c.ip(&format!("-6 route add default via {BRIDGE6}"));
+        }
+        self.start_servers(|i| format!("[{}]", CONTAINER6[i]), "IPv6 server");
     }
 
     /// A directory of this test's own (sockets, logs), removed at the end.

@@ -19,24 +19,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use portfwd::protocol::{Request, MAX_REQUEST};
-use portfwd_tests::client;
 use portfwd_tests::fuzz::Rng;
 use portfwd_tests::topology::{backend, body, published, udp_backend, Topology, CONTAINER_IPS};
+use portfwd_tests::{client, env_u64};
 use serde_json::{json, Value};
 
 /// The rules that must survive: their host ports are never touched by a valid `del`.
 const KEPT: [(u16, &str); 3] = [(9000, "tcp"), (9001, "tcp"), (9053, "udp")];
 /// Client threads sending at once (the daemon serves up to 64 connections at once).
 const THREADS: u64 = 4;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?}: not a number")),
-        Err(_) => default,
-    }
-}
 
 /// A request generator.
 struct Gen {

@@ -27,23 +27,24 @@ use portfwd_common::{
     proto, BackendV4, BackendV6, BridgePortKey, FlowKeyV4, FlowV4, RuleKeyV4, RuleKeyV6,
     BRIDGE_PORT_PEER, NAT64_PORT_COUNT, NAT64_PORT_MIN,
 };
-use portfwd_tests::fixture::{privileged, Env, FastPathFib, Prog, MAC_A, MAC_B};
+use portfwd_tests::fixture::{
+    backend_net, privileged, Env, FastPathFib, Prog, BACKEND_MAC, BACKEND_NET4, MAC_A, MAC_B,
+};
 use portfwd_tests::fuzz::{Fuzzer, Rng};
-use portfwd_tests::netns::Netns;
+use portfwd_tests::{env_u64, netns::Netns};
 
 const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const HOST2: Ipv4Addr = Ipv4Addr::new(198, 18, 9, 1);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const OTHER: Ipv4Addr = Ipv4Addr::new(198, 19, 7, 7);
 /// The host's address on the backends' network (NAT64's source), and a backend.
-const HOST_BACK: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+const HOST_BACK: Ipv4Addr = BACKEND_NET4.0;
 const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 const HOST6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
 const HOST6_2: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 9, 0, 0, 0, 1);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
 const OTHER6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 7, 0, 0, 0, 7);
 const BACKEND6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 2);
-const BACKEND_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
 const BRIDGE_PORT: u32 = 77;
 
 /// Published ports first (9002 and 5354 are NAT64's), then backends', clients', NAT64's.
@@ -96,40 +97,14 @@ fn dataplane() -> Dataplane {
     dp
 }
 
-/// The namespace the runs happen in: the backends' subnet on `d0` (NAT64's route and the
-/// fast path's FIB), the backend's MAC a permanent neighbour.
-fn backend_net() -> (Netns, FastPathFib, Route) {
-    let ns = Netns::new("fz", "run");
-    ns.ip("link add d0 type veth peer name d1");
-    ns.ip(&format!("addr add {HOST_BACK}/24 dev d0"));
-    ns.ip("link set d1 up");
-    ns.ip("link set d0 up");
-    ns.ip("link set lo up");
-    ns.sysctl("net.ipv4.ip_forward", "1");
-    let mac = BACKEND_MAC.map(|b| format!("{b:02x}")).join(":");
-    ns.ip(&format!(
-        "neigh add {BACKEND} lladdr {mac} dev d0 nud permanent"
-    ));
-    // The IPv6 backends' subnet too, for the IPv6 fast path.
-    ns.ip("-6 addr add 2001:2:0:1::1/64 dev d0 nodad");
-    ns.sysctl("net.ipv6.conf.all.forwarding", "1");
-    ns.ip(&format!(
-        "-6 neigh add {BACKEND6} lladdr {mac} dev d0 nud permanent"
-    ));
-    let (ifindex, smac) = ns.link("d0");
-    let fib = FastPathFib {
-        subnet: ([198, 18, 1, 0], 24),
-        ifindex,
-        smac,
-        mtu: 1500,
-        neighbours: vec![(BACKEND.octets(), BACKEND_MAC)],
-        subnet6: Some((Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 0).octets(), 64)),
-        neighbours6: vec![(BACKEND6.octets(), BACKEND_MAC)],
-    };
+/// The namespace the runs happen in: both families' backends' subnets on `d0` (NAT64's
+/// route and the fast path's FIB), the backends' MAC a permanent neighbour.
+fn net() -> (Netns, FastPathFib, Route) {
+    let (ns, fib) = backend_net("fz", &[BACKEND.into(), BACKEND6.into()]);
     let route = Route {
         src: HOST_BACK.octets(),
-        ifindex,
-        mtu: 1500,
+        ifindex: fib.ifindex,
+        mtu: fib.mtu,
     };
     (ns, fib, route)
 }
@@ -593,15 +568,6 @@ impl Gen {
     }
 }
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?}: not a number")),
-        Err(_) => default,
-    }
-}
-
 /// A million random and mutated frames through every packet program, kernel and model
 /// agreeing on each.
 #[test]
@@ -618,7 +584,7 @@ fn packets_fuzzed_against_the_model() {
         seeds.len()
     );
     let mut dp = dataplane();
-    let (ns, fib, route) = backend_net();
+    let (ns, fib, route) = net();
     let ports = [(BridgePortKey::new(fib.ifindex, BACKEND_MAC), BRIDGE_PORT)]
         .into_iter()
         .collect();
@@ -754,7 +720,7 @@ fn a_wrong_model_is_caught() {
         return;
     }
     let mut dp = dataplane();
-    let (ns, fib, route) = backend_net();
+    let (ns, fib, route) = net();
     let env = Env {
         ns: None,
         route: Some(route),

@@ -18,33 +18,22 @@
 //! local clients of an IPv4-only backend connect to it IPv4-mapped at the socket.
 
 use std::{
-    net::{Ipv6Addr, SocketAddr, SocketAddrV6, TcpStream, UdpSocket},
+    net::{SocketAddr, SocketAddrV6, TcpStream, UdpSocket},
     time::Duration,
 };
 
 use portfwd_tests::{
-    bins, client,
+    client,
     pattern::pattern_digest,
-    process::ChildGuard,
     require_root,
     topology::{
-        backend, body, published, udp_backend, Topology, BRIDGE_IP, CLIENT_IP, CONTAINER_IPS,
-        HOST_IFACE, HTTP_PORT, UDP_PORT,
+        backend, body, published, udp_backend, Topology, BRIDGE6, BRIDGE_IP, CLIENT6, CLIENT_IP,
+        CONTAINER6, CONTAINER_IPS, HOST6, HOST_IFACE, HTTP_PORT, UDP_PORT,
     },
 };
 
-const HOST6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
-const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
-const BRIDGE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 1);
-const CONTAINER6: [Ipv6Addr; 2] = [
-    Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 2),
-    Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 3),
-];
-
 /// A topology with IPv6 added, the containers' IPv6 servers, and a daemon.
 struct Net6 {
-    // Dropped first: the servers stop before their namespaces go.
-    _servers: Vec<ChildGuard>,
     topo: Topology,
 }
 
@@ -59,32 +48,9 @@ impl Net6 {
             return None;
         }
         let mut topo = Topology::new(tag);
-        let (host, cli) = (&topo.host, &topo.client);
-        host.sysctl("net.ipv6.conf.all.forwarding", "1");
-        host.ip(&format!("-6 addr add {HOST6}/64 dev {HOST_IFACE} nodad"));
-        host.ip(&format!("-6 addr add {BRIDGE6}/64 dev br0 nodad"));
-        cli.ip(&format!("-6 addr add {CLIENT6}/64 dev eth0 nodad"));
-        cli.ip(&format!("-6 route add default via {HOST6}"));
-        let mut servers = Vec::new();
-        for (i, c) in topo.containers.iter().enumerate() {
-            c.ip(&format!("-6 addr add {}/64 dev eth0 nodad", CONTAINER6[i]));
-            c.ip(&format!("-6 route add default via {BRIDGE6}"));
-            let mut cmd = c.command(bins::bin(bins::TESTSRV));
-            cmd.args(["--http", &format!("[{}]:{HTTP_PORT}", CONTAINER6[i])])
-                .args(["--udp", &format!("[{}]:{UDP_PORT}", CONTAINER6[i])])
-                .args(["--body", &body(i)]);
-            servers.push(ChildGuard::spawn_until_line(
-                &format!("IPv6 server in {}", c.name()),
-                &mut cmd,
-                "ready",
-                Duration::from_secs(30),
-            ));
-        }
+        topo.add_ipv6();
         topo.start_daemon_with(args);
-        Some(Self {
-            _servers: servers,
-            topo,
-        })
+        Some(Self { topo })
     }
 }
 

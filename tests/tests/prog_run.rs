@@ -14,14 +14,13 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use portfwd::dataplane::Dataplane;
 use portfwd_common::{
-    model::Verdict, proto, BackendV4, BridgePortKey, Reason, RuleKeyV4, BRIDGE_PORT_PEER,
-    NEXT_HOP_TTL_NS,
+    model::Verdict, proto, BackendV4, BridgePortKey, Reason, RuleKeyV4, NEXT_HOP_TTL_NS,
 };
 use portfwd_tests::fixture::{
-    arp_request, check_case, compare_in, echo_request, privileged, reply_translated, run,
-    run_checked, translated, udp_v6, untouched, Case, Env, FastPathFib, Frame, Prog, ETH, IP4,
+    arp_request, backend_net, check_case, compare_in, echo_request, privileged, reply_translated,
+    run, run_checked, translated, udp_v6, untouched, Case, Env, Frame, Prog, BACKEND_MAC, ETH, IP4,
 };
-use portfwd_tests::{netns::Netns, require_root};
+use portfwd_tests::require_root;
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -427,37 +426,8 @@ fn kernel_matches_model_on_random_frames() {
     common::kernel_matches_model(&dp, &pool, 300);
 }
 
-/// The backend's MAC, as a permanent neighbour of the fast-path namespace.
-const BACKEND_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
 /// The bridge port the fast path redirects to (BPF_PROG_RUN does not deliver it).
 const BRIDGE_PORT: u32 = 77;
-
-/// A namespace whose FIB reaches the backends' subnet on `d0` and knows the backend's
-/// MAC; what the model is told of it.
-fn fast_path_net() -> (Netns, FastPathFib) {
-    let ns = Netns::new("fp", "run");
-    ns.ip("link add d0 type veth peer name d1");
-    ns.ip("addr add 198.18.1.1/24 dev d0");
-    ns.ip("link set d1 up");
-    ns.ip("link set d0 up");
-    ns.ip("link set lo up");
-    ns.sysctl("net.ipv4.ip_forward", "1");
-    let mac = BACKEND_MAC.map(|b| format!("{b:02x}")).join(":");
-    ns.ip(&format!(
-        "neigh add {BACKEND} lladdr {mac} dev d0 nud permanent"
-    ));
-    let (ifindex, smac) = ns.link("d0");
-    let fib = FastPathFib {
-        subnet: ([198, 18, 1, 0], 24),
-        ifindex,
-        smac,
-        mtu: 1500,
-        neighbours: vec![(BACKEND.octets(), BACKEND_MAC)],
-        subnet6: None,
-        neighbours6: Vec::new(),
-    };
-    (ns, fib)
-}
 
 /// The fast path, compared with the model: a translated packet is forwarded one hop (the
 /// FIB's MACs, TTL minus one) and redirected to the backend's bridge port at every
@@ -470,7 +440,7 @@ fn fast_path_matches_model() {
     }
     let mut dp = fixture_dataplane();
     dp.set_fast_path(true, true).expect("fast path on");
-    let (ns, fib) = fast_path_net();
+    let (ns, fib) = backend_net("fp", &[BACKEND.into()]);
     let ports = [(BridgePortKey::new(fib.ifindex, BACKEND_MAC), BRIDGE_PORT)]
         .into_iter()
         .collect();
@@ -521,35 +491,8 @@ fn fast_path_matches_model() {
     ];
     common::kernel_matches_model_in(&dp, env, &pool, &progs, 200);
 
-    // A port whose veth peer is in another namespace: TC hands the packet to the peer,
-    // XDP (which cannot) sends it out of the port.
-    let peer = [(
-        BridgePortKey::new(fib.ifindex, BACKEND_MAC),
-        BRIDGE_PORT | BRIDGE_PORT_PEER,
-    )]
-    .into_iter()
-    .collect();
-    dp.sync_bridge_ports(&peer).expect("bridge ports");
-    for (prog, want) in [
-        (Prog::XdpIngress, Verdict::Redirect(BRIDGE_PORT)),
-        (Prog::XdpGeneric, Verdict::Redirect(BRIDGE_PORT)),
-        (Prog::TcIngress, Verdict::RedirectPeer(BRIDGE_PORT)),
-    ] {
-        let c = compare_in(&dp, env, prog, &syn.build()).expect("runs");
-        assert_eq!(c.outcome.verdict, want, "{prog:?}");
-    }
-
-    // The bridge port unknown: the kernel routes the translated packet.
-    dp.sync_bridge_ports(&Default::default())
-        .expect("no bridge ports");
-    for prog in [Prog::XdpIngress, Prog::TcIngress] {
-        let c = compare_in(&dp, env, prog, &syn.build()).expect("runs");
-        assert_eq!(c.output, syn.with_dst((BACKEND, 8080)).build(), "{prog:?}");
-        assert!(
-            c.counted.contains(&(Reason::FastPathFallback, 1)),
-            "{prog:?}"
-        );
-    }
+    common::peer_hand_over(&mut dp, env, &syn, BRIDGE_PORT);
+    common::unknown_bridge_port_falls_back(&mut dp, env, &syn, &syn.with_dst((BACKEND, 8080)));
 }
 
 /// The fast path's next-hop cache (the FIB's answer per backend, `NEXT_HOPS_V4`): a
@@ -564,7 +507,7 @@ fn fast_path_next_hop_cache_expires() {
     const NEW_MAC: [u8; 6] = [2, 0, 0, 0, 1, 3];
     let mut dp = fixture_dataplane();
     dp.set_fast_path(true, true).expect("fast path on");
-    let (ns, fib) = fast_path_net();
+    let (ns, fib) = backend_net("fc", &[BACKEND.into()]);
     let ports = [BACKEND_MAC, NEW_MAC]
         .map(|mac| (BridgePortKey::new(fib.ifindex, mac), BRIDGE_PORT))
         .into_iter()

@@ -24,7 +24,7 @@ use portfwd_common::{
 };
 use portfwd_tests::{
     fixture::{
-        compare_gso_in, compare_in, reason_count as reason, Env, Frame, Prog, MAC_A, MAC_B,
+        self, compare_gso_in, compare_in, reason_count as reason, Env, Frame, Prog, MAC_A, MAC_B,
         TC_NEXT, TC_REDIRECT,
     },
     netns::Netns,
@@ -37,7 +37,7 @@ const HOST: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
 /// starts at the same place (the start hashes the client's address and port).
 const HOST2: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 9, 0, 0, 0, 1);
 /// The host's address on the backends' network, and a backend (IPv4 only).
-const HOST4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+const HOST4: Ipv4Addr = fixture::BACKEND_NET4.0;
 const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 
 /// The rules: `*`:9000/tcp and `*`:5353/udp to the IPv4-only BACKEND, as the daemon
@@ -65,26 +65,14 @@ struct BackendNet {
 }
 
 fn backend_net() -> BackendNet {
-    let ns = Netns::new("n64", "run");
-    ns.ip("link add d0 type veth peer name d1");
-    ns.ip(&format!("addr add {HOST4}/24 dev d0"));
-    ns.ip("link set d1 up");
-    ns.ip("link set d0 up");
-    ns.ip("link set lo up");
-    ns.sysctl("net.ipv4.ip_forward", "1");
-    // `N: d0@d1: ...`
-    let link = ns.ip("-o link show d0");
-    let ifindex = link
-        .split(':')
-        .next()
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("ifindex of d0 in {link:?}"));
+    // The backend a permanent neighbour too: NAT64's lookup skips neighbours.
+    let (ns, fib) = fixture::backend_net("n64", &[BACKEND.into()]);
     BackendNet {
         ns,
         route: Route {
             src: HOST4.octets(),
-            ifindex,
-            mtu: 1500,
+            ifindex: fib.ifindex,
+            mtu: fib.mtu,
         },
     }
 }

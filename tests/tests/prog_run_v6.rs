@@ -16,13 +16,13 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use portfwd::dataplane::Dataplane;
 use portfwd_common::{
     model::Verdict, proto, BackendV4, BackendV6, BridgePortKey, Reason, RuleKeyV4, RuleKeyV6,
-    BRIDGE_PORT_PEER, CONNTRACK_V6,
+    CONNTRACK_V6,
 };
 use portfwd_tests::fixture::{
-    check_case, compare_in, echo_request, privileged, reply_translated, run_checked, translated,
-    untouched, Case, Env, FastPathFib, Frame, Prog, ETH, IP6,
+    backend_net, check_case, compare_in, echo_request, privileged, reply_translated, run_checked,
+    translated, untouched, Case, Env, Frame, Prog, BACKEND_MAC, ETH, IP6,
 };
-use portfwd_tests::{netns::Netns, require_root};
+use portfwd_tests::require_root;
 
 /// Addresses from 2001:2::/48 (RFC 5180, benchmarking).
 const CLIENT: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
@@ -499,37 +499,8 @@ fn kernel_matches_model_on_random_frames_v6() {
     common::kernel_matches_model(&dp, &pool, 300);
 }
 
-/// The backend's MAC, as a permanent neighbour of the fast-path namespace.
-const BACKEND_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
 /// The bridge port the fast path redirects to (BPF_PROG_RUN does not deliver it).
 const BRIDGE_PORT: u32 = 77;
-
-/// A namespace whose FIB reaches the backends' IPv6 subnet on `d0` (IPv6 forwarding on)
-/// and knows the backend's MAC; what the model is told of it.
-fn fast_path_net() -> (Netns, FastPathFib) {
-    let ns = Netns::new("fp6", "run");
-    ns.ip("link add d0 type veth peer name d1");
-    ns.ip("-6 addr add 2001:2:0:1::1/64 dev d0 nodad");
-    ns.ip("link set d1 up");
-    ns.ip("link set d0 up");
-    ns.ip("link set lo up");
-    ns.sysctl("net.ipv6.conf.all.forwarding", "1");
-    let mac = BACKEND_MAC.map(|b| format!("{b:02x}")).join(":");
-    ns.ip(&format!(
-        "-6 neigh add {BACKEND} lladdr {mac} dev d0 nud permanent"
-    ));
-    let (ifindex, smac) = ns.link("d0");
-    let fib = FastPathFib {
-        subnet: ([0; 4], 32),
-        ifindex,
-        smac,
-        mtu: 1500,
-        neighbours: Vec::new(),
-        subnet6: Some((Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 0).octets(), 64)),
-        neighbours6: vec![(BACKEND.octets(), BACKEND_MAC)],
-    };
-    (ns, fib)
-}
 
 /// The IPv6 fast path, compared with the model: a translated packet is forwarded one hop
 /// (the FIB's MACs, hop limit minus one, checksums as translated) and redirected to the
@@ -543,7 +514,7 @@ fn fast_path_v6_matches_model() {
     }
     let mut dp = fixture_dataplane();
     dp.set_fast_path(true, true).expect("fast path on");
-    let (ns, fib) = fast_path_net();
+    let (ns, fib) = backend_net("fp6", &[BACKEND.into()]);
     let ports = [(BridgePortKey::new(fib.ifindex, BACKEND_MAC), BRIDGE_PORT)]
         .into_iter()
         .collect();
@@ -608,33 +579,6 @@ fn fast_path_v6_matches_model() {
     ];
     common::kernel_matches_model_in(&dp, env, &pool, &progs, 200);
 
-    // A port whose veth peer is in another namespace: TC hands the packet to the peer,
-    // XDP (which cannot) sends it out of the port.
-    let peer = [(
-        BridgePortKey::new(fib.ifindex, BACKEND_MAC),
-        BRIDGE_PORT | BRIDGE_PORT_PEER,
-    )]
-    .into_iter()
-    .collect();
-    dp.sync_bridge_ports(&peer).expect("bridge ports");
-    for (prog, want) in [
-        (Prog::XdpIngress, Verdict::Redirect(BRIDGE_PORT)),
-        (Prog::XdpGeneric, Verdict::Redirect(BRIDGE_PORT)),
-        (Prog::TcIngress, Verdict::RedirectPeer(BRIDGE_PORT)),
-    ] {
-        let c = compare_in(&dp, env, prog, &syn.build()).expect("runs");
-        assert_eq!(c.outcome.verdict, want, "{prog:?}");
-    }
-
-    // The bridge port unknown: the kernel routes the translated packet.
-    dp.sync_bridge_ports(&Default::default())
-        .expect("no bridge ports");
-    for prog in [Prog::XdpIngress, Prog::TcIngress] {
-        let c = compare_in(&dp, env, prog, &syn.build()).expect("runs");
-        assert_eq!(c.output, syn.with_dst((BACKEND, 8080)).build(), "{prog:?}");
-        assert!(
-            c.counted.contains(&(Reason::FastPathFallback, 1)),
-            "{prog:?}"
-        );
-    }
+    common::peer_hand_over(&mut dp, env, &syn, BRIDGE_PORT);
+    common::unknown_bridge_port_falls_back(&mut dp, env, &syn, &syn.with_dst((BACKEND, 8080)));
 }

@@ -182,25 +182,10 @@ fn other_max_flows_is_refused_at_adoption() {
     for asked in [None, Some("2048")] {
         let mut extra = vec!["--ingress", "tc"];
         extra.extend(asked.map(|n| ["--max-flows", n]).into_iter().flatten());
-        let mut new = Daemon::spawn_over(
-            &topo.host,
-            topo.dir(),
-            &[HOST_IFACE],
-            &extra,
-            Some(&old),
-            None,
-        );
-        let status = new
-            .child()
-            .wait_timeout(Duration::from_secs(60))
-            .expect("the daemon must refuse");
-        assert!(!status.success());
-        let log = new.log_text();
-        let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("portfwd:")).collect();
-        assert_eq!(errors.len(), 1, "{log}");
+        let line = Daemon::refused_over(&topo.host, topo.dir(), &[HOST_IFACE], &extra, &old);
         let requested = asked.unwrap_or("131072");
         for needle in ["1024", requested, "--max-flows", "--cleanup"] {
-            assert!(errors[0].contains(needle), "{needle}: {log}");
+            assert!(line.contains(needle), "{needle}: {line}");
         }
         // The old programs still forward from the pinned state.
         assert_eq!(topo.get_published(9000).body_text(), body(0));

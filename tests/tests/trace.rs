@@ -11,72 +11,36 @@ use std::{
 };
 
 use portfwd_tests::{
-    bins,
     daemon::Daemon,
-    process::ChildGuard,
     require_root,
     topology::{
-        backend, body, udp_backend, Topology, CLIENT_IP, HOST_IFACE, HOST_IP, HTTP_PORT, UDP_PORT,
+        backend, udp_backend, Topology, CLIENT6, CLIENT_IP, CONTAINER6, HOST6, HOST_IFACE, HOST_IP,
+        HTTP_PORT, UDP_PORT,
     },
 };
 use serde_json::Value;
 
-const HOST6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
-const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
-const BRIDGE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 1);
-const CONTAINER6: [Ipv6Addr; 2] = [
-    Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 2),
-    Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 3),
-];
 /// On the client's link, but not the host's: what no wildcard rule covers.
 const OTHER4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 77);
 const OTHER6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x77);
 
-/// The topology with IPv6 added and the containers' IPv6 servers (dropped first).
-struct Net6 {
-    _servers: Vec<ChildGuard>,
-    topo: Topology,
-}
-
-fn net6(test: &str, tag: &str, ingress: &str) -> Option<Net6> {
+/// The topology with IPv6 added (its servers included) and a daemon.
+fn net6(test: &str, tag: &str, ingress: &str) -> Option<Topology> {
     if !require_root(test) {
         return None;
     }
     let mut topo = Topology::new(tag);
-    let (host, cli) = (&topo.host, &topo.client);
-    host.sysctl("net.ipv6.conf.all.forwarding", "1");
-    host.ip(&format!("-6 addr add {HOST6}/64 dev {HOST_IFACE} nodad"));
-    host.ip(&format!("-6 addr add {BRIDGE6}/64 dev br0 nodad"));
-    cli.ip(&format!("-6 addr add {CLIENT6}/64 dev eth0 nodad"));
-    cli.ip(&format!("-6 route add default via {HOST6}"));
-    let mut servers = Vec::new();
-    for (i, c) in topo.containers.iter().enumerate() {
-        c.ip(&format!("-6 addr add {}/64 dev eth0 nodad", CONTAINER6[i]));
-        c.ip(&format!("-6 route add default via {BRIDGE6}"));
-        let mut cmd = c.command(bins::bin(bins::TESTSRV));
-        cmd.args(["--http", &format!("[{}]:{HTTP_PORT}", CONTAINER6[i])])
-            .args(["--udp", &format!("[{}]:{UDP_PORT}", CONTAINER6[i])])
-            .args(["--body", &body(i)]);
-        servers.push(ChildGuard::spawn_until_line(
-            &format!("IPv6 server in {}", c.name()),
-            &mut cmd,
-            "ready",
-            Duration::from_secs(30),
-        ));
-    }
+    topo.add_ipv6();
     // The uncovered addresses are the host's neighbours: the client reaches the host's
     // interface with them (no route beyond, so the host answers unreachable).
-    cli.ip(&format!(
+    topo.client.ip(&format!(
         "neigh add {OTHER4} lladdr 02:00:00:00:00:77 dev eth0"
     ));
-    cli.ip(&format!(
+    topo.client.ip(&format!(
         "-6 neigh add {OTHER6} lladdr 02:00:00:00:00:77 dev eth0"
     ));
     topo.start_daemon_with(&["--ingress", ingress]);
-    Some(Net6 {
-        _servers: servers,
-        topo,
-    })
+    Some(topo)
 }
 
 fn trace(d: &Daemon, client: &str, dest: &str) -> Value {
@@ -172,7 +136,7 @@ fn trace_case(test: &str, tag: &str, ingress: &str, hook: &str) {
     let Some(net) = net6(test, tag, ingress) else {
         return;
     };
-    let (topo, d) = (&net.topo, net.topo.daemon());
+    let (topo, d) = (&net, net.daemon());
     // Wildcards (every host address), both families and protocols.
     d.add("9000", &backend(0));
     d.add("5353/udp", &udp_backend(1));

@@ -12,8 +12,11 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use portfwd::dataplane::Dataplane;
-use portfwd_common::{model::FlowWrite, proto};
-use portfwd_tests::fixture::{compare_in, Env, Frame, Prog};
+use portfwd_common::{
+    model::{FlowWrite, Verdict},
+    proto, BridgePortKey, Reason, BRIDGE_PORT_PEER,
+};
+use portfwd_tests::fixture::{compare_in, Env, Frame, Prog, BACKEND_MAC};
 use proptest::{prelude::*, test_runner::TestRunner};
 
 /// The fixture's addresses of one family: the ones frames are drawn from, the host's
@@ -252,4 +255,46 @@ pub fn kernel_matches_model_in(
             Ok(())
         })
         .expect("kernel and model agree");
+}
+
+/// The fast path to a bridge port (`port`, the backend's on `env`'s FIB interface) whose
+/// veth peer is in another namespace: TC hands `syn` to the peer, XDP (which cannot)
+/// sends it out of the port. Leaves that port as the only one.
+pub fn peer_hand_over(dp: &mut Dataplane, env: Env<'_>, syn: &Frame, port: u32) {
+    let ifindex = env.fib.expect("a fast-path FIB").ifindex;
+    let peer = [(
+        BridgePortKey::new(ifindex, BACKEND_MAC),
+        port | BRIDGE_PORT_PEER,
+    )]
+    .into_iter()
+    .collect();
+    dp.sync_bridge_ports(&peer).expect("bridge ports");
+    for (prog, want) in [
+        (Prog::XdpIngress, Verdict::Redirect(port)),
+        (Prog::XdpGeneric, Verdict::Redirect(port)),
+        (Prog::TcIngress, Verdict::RedirectPeer(port)),
+    ] {
+        let c = compare_in(dp, env, prog, &syn.build()).expect("runs");
+        assert_eq!(c.outcome.verdict, want, "{prog:?}");
+    }
+}
+
+/// No bridge port known: the fast path falls back and the kernel routes `syn`, translated
+/// to `routed`. Leaves no bridge port.
+pub fn unknown_bridge_port_falls_back(
+    dp: &mut Dataplane,
+    env: Env<'_>,
+    syn: &Frame,
+    routed: &Frame,
+) {
+    dp.sync_bridge_ports(&Default::default())
+        .expect("no bridge ports");
+    for prog in [Prog::XdpIngress, Prog::TcIngress] {
+        let c = compare_in(dp, env, prog, &syn.build()).expect("runs");
+        assert_eq!(c.output, routed.build(), "{prog:?}");
+        assert!(
+            c.counted.contains(&(Reason::FastPathFallback, 1)),
+            "{prog:?}"
+        );
+    }
 }
