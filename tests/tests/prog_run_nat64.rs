@@ -281,7 +281,7 @@ fn nat64_translates_a_gso_packet_whose_segments_fit() {
     .build();
     // (gso_size, translated): a segment is 20 + 20 + gso_size bytes as IPv4.
     for (gso_size, fits) in [(0, false), (1400, true), (1460, true), (1461, false)] {
-        let failed = reason(&dp, Reason::Nat64Failed);
+        let failed = reason(&dp, Reason::Nat64TooBig);
         let c = compare_gso_in(&dp, env, Prog::TcIngress, &big, gso_size)
             .expect("a frame the kernel runs");
         if fits {
@@ -292,7 +292,7 @@ fn nat64_translates_a_gso_packet_whose_segments_fit() {
         } else {
             assert_eq!(c.verdict, TC_NEXT, "gso_size {gso_size}: passed");
             assert_eq!(c.output, big, "gso_size {gso_size}: untouched");
-            assert_eq!(reason(&dp, Reason::Nat64Failed), failed + 1);
+            assert_eq!(reason(&dp, Reason::Nat64TooBig), failed + 1);
         }
     }
 }

@@ -149,22 +149,22 @@ fn forward(
 ) -> Result<(), Reason> {
     // A VLAN tag keeps its offsets: not translated.
     if f.ip_off != ETH_HLEN {
-        return Err(Reason::Nat64Failed);
+        return Err(Reason::Nat64Unsupported);
     }
     let ip = &input[ETH_HLEN..ETH_HLEN + IPV6_HLEN];
     let tclass = (ip[0] << 4) | (ip[1] >> 4);
     let payload_len = u16::from_be_bytes([ip[4], ip[5]]);
     let hop_limit = ip[7];
     if hop_limit <= 1 {
-        return Err(Reason::Nat64Failed);
+        return Err(Reason::Nat64HopLimit);
     }
     let backend_addr = addr::ipv4_mapped(&backend.addr_bytes()).ok_or(Reason::Nat64Failed)?;
     let backend_port = backend.port_be();
     // An IPv6 payload too long for an IPv4 packet is not translated.
     let tot_len = payload_len
         .checked_add(IPV4_MIN_HLEN as u16)
-        .ok_or(Reason::Nat64Failed)?;
-    let route = maps.route_v4(backend_addr).ok_or(Reason::Nat64Failed)?;
+        .ok_or(Reason::Nat64TooBig)?;
+    let route = maps.route_v4(backend_addr).ok_or(Reason::Nat64NoRoute)?;
     // `bpf_fib_lookup` is given the translated packet's length, or a GSO packet's
     // segment's, and refuses a route whose MTU it exceeds.
     let l4_hlen = match f.proto {
@@ -172,7 +172,7 @@ fn forward(
         _ => tcp_hlen(input[f.l4_off + TCP_DOFF_OFF]),
     };
     if mtu_len(tot_len, maps.gso_size(), l4_hlen) > route.mtu {
-        return Err(Reason::Nat64Failed);
+        return Err(Reason::Nat64TooBig);
     }
 
     let key6 = FlowKeyV6::new(f.dst, f.dport, f.src, f.sport, f.proto);
@@ -294,7 +294,7 @@ fn allocate(
             return Ok(flow);
         }
     }
-    Err(Reason::Nat64Failed)
+    Err(Reason::Nat64NoPort)
 }
 
 fn reply(
@@ -305,23 +305,26 @@ fn reply(
     o: &mut Nat64Outcome,
 ) -> Result<(), Reason> {
     let key4 = reply_key(f);
-    let back = maps.nat64_reply(&key4).ok_or(Reason::Nat64Failed)?;
+    let back = maps.nat64_reply(&key4).ok_or(Reason::Nat64ReplyNoFlow)?;
     // Marked seen before anything else can fail.
     let back = seen(maps, back, f.proto, f.tcp_flags);
     o.reply = Some((key4, back));
     // No VLAN tag, no IPv4 options.
     if f.ip_off != ETH_HLEN || f.l4_off != ETH_HLEN + IPV4_MIN_HLEN {
-        return Err(Reason::Nat64Failed);
+        return Err(Reason::Nat64Unsupported);
     }
     let ip = &input[ETH_HLEN..ETH_HLEN + IPV4_MIN_HLEN];
     let (tos, tot_len, ttl) = (ip[1], u16::from_be_bytes([ip[2], ip[3]]), ip[8]);
-    if ttl <= 1 || tot_len < IPV4_MIN_HLEN as u16 {
-        return Err(Reason::Nat64Failed);
+    if ttl <= 1 {
+        return Err(Reason::Nat64HopLimit);
+    }
+    if tot_len < IPV4_MIN_HLEN as u16 {
+        return Err(Reason::Nat64Unsupported);
     }
     // A UDP datagram without a checksum cannot be made IPv6 by a difference.
     let csum_at = f.l4_off + UDP_CSUM_OFF;
     if f.proto == proto::UDP && input[csum_at] | input[csum_at + 1] == 0 {
-        return Err(Reason::Nat64Failed);
+        return Err(Reason::Nat64Unsupported);
     }
     let diff = pseudo_diff((&f.src, &f.dst), (&back.host_addr, &back.client_addr));
     let mut h = [0u8; IPV6_HLEN];

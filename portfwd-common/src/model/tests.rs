@@ -955,7 +955,7 @@ mod nat64_program {
             let want = if fits {
                 Reason::Nat64Translated
             } else {
-                Reason::Nat64Failed
+                Reason::Nat64TooBig
             };
             assert_eq!(o.reason, want, "IPv4 length {ipv4_len}");
         }
@@ -1049,7 +1049,7 @@ mod nat64_program {
                     ..req.clone()
                 }
                 .build(),
-                Reason::Nat64Failed,
+                Reason::Nat64Unsupported,
             ),
             (
                 "hop limit 1",
@@ -1059,9 +1059,9 @@ mod nat64_program {
                     ..req.clone()
                 }
                 .build(),
-                Reason::Nat64Failed,
+                Reason::Nat64HopLimit,
             ),
-            ("no route", &no_route, req.build(), Reason::Nat64Failed),
+            ("no route", &no_route, req.build(), Reason::Nat64NoRoute),
             (
                 "mid-flow, no state",
                 &maps,
@@ -1081,7 +1081,7 @@ mod nat64_program {
                     (Ipv4Addr::from(ROUTE.src), 61000),
                 )
                 .build(),
-                Reason::Nat64Failed,
+                Reason::Nat64ReplyNoFlow,
             ),
         ];
         for (what, maps, input, reason) in cases {
@@ -1134,7 +1134,7 @@ mod nat64_program {
         assert_eq!(o.flow.expect("flow").1.snat_port, port_candidate(start, 0));
         let all: Vec<_> = (0..NAT64_PORT_TRIES).map(|n| taken(n, 0, NOW)).collect();
         let (o, out) = run64(&tables(&rules, &hosts, &[], &all), &input);
-        assert_eq!((o.verdict, o.reason), (Verdict::Pass, Reason::Nat64Failed));
+        assert_eq!((o.verdict, o.reason), (Verdict::Pass, Reason::Nat64NoPort));
         assert_eq!(out, input);
     }
 
