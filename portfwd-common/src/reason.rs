@@ -66,7 +66,7 @@ pub enum Reason {
     /// untouched.
     Nat64TooBig = 22,
     /// NAT64: a new flow found every candidate port held by a flow that is not over (a
-    /// live one, or one closed too recently to take over). Passed untouched.
+    /// live one, or a UDP flow not idle long enough). Passed untouched.
     Nat64NoPort = 23,
     /// NAT64: an IPv4 packet to a NAT64 port whose flow was gone when the NAT64 program
     /// ran (taken over or evicted between the entry's lookup and the program's). Passed
@@ -78,11 +78,16 @@ pub enum Reason {
     /// NAT64: a hop limit (client side) or TTL (backend side) that would expire on this
     /// hop: passed untouched, for the stack to answer with ICMP.
     Nat64HopLimit = 26,
+    /// NAT64, counted beside [`Reason::Nat64Translated`]: a new TCP flow found every
+    /// candidate port held and took over the port of a flow that had closed (RST, or a
+    /// FIN each way and the ACK after them), as conntrack's NAT evicts a closing entry
+    /// whose tuple it needs (`nf_nat_used_tuple_harder`).
+    Nat64PortReclaimed = 27,
 }
 
 impl Reason {
     /// How many reasons there are (the length of `REASON_STATS`).
-    pub const COUNT: u32 = 27;
+    pub const COUNT: u32 = 28;
     /// Every reason, in counter order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Translated,
@@ -112,6 +117,7 @@ impl Reason {
         Reason::Nat64ReplyNoFlow,
         Reason::Nat64Unsupported,
         Reason::Nat64HopLimit,
+        Reason::Nat64PortReclaimed,
     ];
 
     /// Stable snake_case name, for `list` and metrics.
@@ -144,6 +150,7 @@ impl Reason {
             Reason::Nat64ReplyNoFlow => "nat64_reply_no_flow",
             Reason::Nat64Unsupported => "nat64_unsupported",
             Reason::Nat64HopLimit => "nat64_hop_limit",
+            Reason::Nat64PortReclaimed => "nat64_port_reclaimed",
         }
     }
 }

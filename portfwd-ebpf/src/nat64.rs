@@ -38,15 +38,14 @@ use portfwd_common::{
     addr,
     nat64::{
         ipv4_header, ipv6_header, is_nat64_port, mtu_len, port_candidate, port_start, pseudo_diff,
-        tcp_hlen,
+        tcp_hlen, track_tcp,
     },
     packet::{
         l4_csum_off, may_start_flow, ETH_HLEN, ETH_PROTO_OFF, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN,
-        IPV6_HLEN, TCP_DOFF_OFF, TCP_FIN, TCP_HLEN, TCP_RST, UDP_CSUM_OFF, UDP_HLEN,
+        IPV6_HLEN, TCP_DOFF_OFF, TCP_HLEN, UDP_CSUM_OFF, UDP_HLEN,
     },
     rules::{self, Caller},
-    BackendV6, FlowKeyV4, FlowKeyV6, Nat64Flow, Nat64Reply, Reason, NAT64_CLOSING,
-    NAT64_PORT_TRIES,
+    BackendV6, FlowKeyV4, FlowKeyV6, Nat64Flow, Nat64Reply, Reason, NAT64_PORT_TRIES,
 };
 
 use crate::{
@@ -267,30 +266,34 @@ fn still_ours(f: &Ipv6Flow, t: &Nat64Flow, s: &mut Scratch) -> bool {
     if !r.belongs_to(f) {
         return false;
     }
-    seen(r, f.proto, f.tcp_flags);
+    seen(r, f.proto, f.tcp_flags, true);
     true
 }
 
-/// Marks a packet of the flow `r`: its time, and a TCP FIN or RST.
+/// Marks a packet of the flow `r`, from the client or the backend: its time, and the
+/// TCP state it leads to ([`track_tcp`]).
 #[inline(always)]
-fn seen(r: &mut Nat64Reply, proto: u8, tcp_flags: u8) {
+fn seen(r: &mut Nat64Reply, proto: u8, tcp_flags: u8, from_client: bool) {
     // SAFETY: a plain helper call.
     r.last_seen_ns = unsafe { bpf_ktime_get_coarse_ns() };
-    if proto == portfwd_common::proto::TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        r.flags |= NAT64_CLOSING;
+    if proto == portfwd_common::proto::TCP {
+        r.flags = track_tcp(r.flags, tcp_flags, from_client);
     }
 }
 
 /// A source port for a new flow (`flow` without one): tried from a hash of the client,
 /// the first one whose reply key is free (`BPF_NOEXIST`), or held by a flow that is over
-/// ([`Nat64Reply::reusable`]), wins; then the flow is recorded both ways (`s.key6` is its
-/// key).
+/// ([`Nat64Reply::reusable`]), wins; failing that, the first one held by a closed TCP
+/// connection ([`Nat64Reply::closed`]) is taken over, as conntrack's NAT does when it
+/// runs out of tuples (without it, a client's connection churn holds every port for
+/// 10 s after each close: 4,536 ports last 454 connections a second). Then the flow is
+/// recorded both ways (`s.key6` is its key).
 #[inline(always)]
 fn allocate(
     ctx: &TcContext,
     f: &Ipv6Flow,
     s: &mut Scratch,
-    mut flow: Nat64Flow,
+    flow: Nat64Flow,
 ) -> Result<Nat64Flow, Reason> {
     let start = port_start(&f.src, f.sport);
     s.reply = Nat64Reply {
@@ -306,6 +309,8 @@ fn allocate(
         last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
     };
     let mut n: u16 = 0;
+    // The first candidate held by a closed connection (NAT64_PORT_TRIES: none).
+    let mut closed = NAT64_PORT_TRIES;
     while n < NAT64_PORT_TRIES {
         let port = port_candidate(start, n);
         s.key4 = FlowKeyV4::new(
@@ -322,19 +327,44 @@ fn allocate(
             Some(r) if r.reusable(s.reply.last_seen_ns, f.proto) => {
                 maps::insert_nat64_reply(&s.key4, &s.reply, true).is_ok()
             }
-            Some(_) => false,
+            Some(r) => {
+                if closed == NAT64_PORT_TRIES && r.closed(f.proto) {
+                    closed = n;
+                }
+                false
+            }
         };
         if claimed {
-            flow.snat_port = port;
-            if maps::insert_nat64_flow(&s.key6, &flow).is_err() {
-                maps::remove_nat64_reply(&s.key4);
-                return Err(Reason::FlowInsertFailed);
-            }
-            return Ok(flow);
+            return record(s, flow, port);
         }
         n += 1;
     }
+    if closed < NAT64_PORT_TRIES {
+        let port = port_candidate(start, closed);
+        s.key4 = FlowKeyV4::new(
+            flow.backend_addr,
+            flow.backend_port,
+            flow.snat_addr,
+            port,
+            f.proto,
+        );
+        if maps::insert_nat64_reply(&s.key4, &s.reply, true).is_ok() {
+            count(Reason::Nat64PortReclaimed);
+            return record(s, flow, port);
+        }
+    }
     Err(Reason::Nat64NoPort)
+}
+
+/// The flow's port is `port` (its reply entry, `s.key4`, written): records the flow.
+#[inline(always)]
+fn record(s: &mut Scratch, mut flow: Nat64Flow, port: [u8; 2]) -> Result<Nat64Flow, Reason> {
+    flow.snat_port = port;
+    if maps::insert_nat64_flow(&s.key6, &flow).is_err() {
+        maps::remove_nat64_reply(&s.key4);
+        return Err(Reason::FlowInsertFailed);
+    }
+    Ok(flow)
 }
 
 /// A backend's IPv4 packet to one of NAT64's ports: back to IPv6 and the client, if it
@@ -345,7 +375,7 @@ fn reply(ctx: &TcContext, f: &Ipv4Flow) -> Result<Verdict, Reason> {
     s.key4 = FlowKeyV4::new(f.src, f.sport, f.dst, f.dport, f.proto);
     // The entry found the flow; it can have gone since (taken over, evicted).
     let r = maps::nat64_reply_mut(&s.key4).ok_or(Reason::Nat64ReplyNoFlow)?;
-    seen(r, f.proto, f.tcp_flags);
+    seen(r, f.proto, f.tcp_flags, false);
     s.reply = *r;
     Ok(match try_reply(ctx, f, s) {
         Ok(v) => v,
