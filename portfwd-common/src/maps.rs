@@ -803,6 +803,14 @@ pub const NAT64_UDP_IDLE_NS: u64 = 60_000_000_000;
 pub const NAT64_IDLE_NS: u64 = 7_200_000_000_000;
 /// [`Nat64Reply::flags`]: the TCP flow saw a FIN or an RST.
 pub const NAT64_CLOSING: u8 = 1;
+/// [`Nat64Reply::flags`]: the client sent a FIN.
+pub const NAT64_FIN_CLIENT: u8 = 2;
+/// [`Nat64Reply::flags`]: the backend sent a FIN.
+pub const NAT64_FIN_BACKEND: u8 = 4;
+/// [`Nat64Reply::flags`]: the TCP connection is over (an RST, or the ACK after a FIN each
+/// way): a new flow that finds every candidate port held may take its port over
+/// (see [`crate::nat64::track_tcp`]).
+pub const NAT64_CLOSED: u8 = 8;
 
 /// Value of [`NAT64_FLOWS`]: the IPv4 side of a translated flow.
 #[repr(C)]
@@ -838,7 +846,8 @@ pub struct Nat64Reply {
     /// Where the client's packets arrive: replies leave there (no IPv6 route lookup, so
     /// IPv6 forwarding need not be on).
     pub client_ifindex: u32,
-    /// [`NAT64_CLOSING`].
+    /// The TCP state: [`NAT64_CLOSING`], [`NAT64_FIN_CLIENT`], [`NAT64_FIN_BACKEND`],
+    /// [`NAT64_CLOSED`] ([`crate::nat64::track_tcp`]).
     pub flags: u8,
     /// Zero.
     pub _pad: [u8; 3],
@@ -864,6 +873,14 @@ impl Nat64Reply {
         (self.flags & NAT64_CLOSING != 0 && idle > NAT64_CLOSED_REUSE_NS)
             || (proto == crate::proto::UDP && idle > NAT64_UDP_IDLE_NS)
             || idle > NAT64_IDLE_NS
+    }
+    /// Whether the flow is a TCP connection that is over ([`NAT64_CLOSED`]): its port
+    /// may go to a new flow that finds no other, as conntrack's NAT takes over the tuple
+    /// of a connection in `TIME_WAIT` or `CLOSE` when it runs out of ports
+    /// (`nf_nat_used_tuple_harder`, net/netfilter/nf_nat_core.c).
+    #[inline(always)]
+    pub fn closed(&self, proto: u8) -> bool {
+        proto == crate::proto::TCP && self.flags & NAT64_CLOSED != 0
     }
 }
 

@@ -10,8 +10,9 @@
 
 use crate::{
     csum,
-    packet::{IPV4_MIN_HLEN, IPV6_HLEN, IP_DF},
-    NAT64_PORT_COUNT, NAT64_PORT_MIN,
+    packet::{IPV4_MIN_HLEN, IPV6_HLEN, IP_DF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    NAT64_CLOSED, NAT64_CLOSING, NAT64_FIN_BACKEND, NAT64_FIN_CLIENT, NAT64_PORT_COUNT,
+    NAT64_PORT_MIN,
 };
 
 /// Whether `port` (network order) is one NAT64 hands out: only those can be replies.
@@ -131,6 +132,38 @@ pub fn mtu_len(tot_len: u16, gso_size: u32, l4_hlen: u8) -> u16 {
     segment.min(u32::from(tot_len)) as u16
 }
 
+/// The TCP state NAT64 keeps of a flow ([`Nat64Reply::flags`](crate::Nat64Reply)) after
+/// one of its packets with `tcp_flags`, sent by the client (`from_client`) or by the
+/// backend:
+/// - the client's SYN (without ACK) starts a connection: the state starts over, since
+///   a client port that comes back finds its old, closed flow and reuses it;
+/// - a FIN marks its side's half closed ([`NAT64_FIN_CLIENT`], [`NAT64_FIN_BACKEND`]),
+///   a FIN or an RST marks the flow closing ([`NAT64_CLOSING`]);
+/// - an RST, or an ACK without FIN once both sides sent theirs (the last packet of a
+///   close), marks it closed ([`NAT64_CLOSED`]): conntrack's `TIME_WAIT` or `CLOSE`,
+///   the states whose tuple its NAT takes over when it runs out of ports.
+#[inline(always)]
+pub fn track_tcp(state: u8, tcp_flags: u8, from_client: bool) -> u8 {
+    if from_client && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        return 0;
+    }
+    let both = NAT64_FIN_CLIENT | NAT64_FIN_BACKEND;
+    let mut s = state;
+    if tcp_flags & TCP_RST != 0 {
+        s |= NAT64_CLOSING | NAT64_CLOSED;
+    } else if tcp_flags & TCP_FIN != 0 {
+        s |= NAT64_CLOSING
+            | if from_client {
+                NAT64_FIN_CLIENT
+            } else {
+                NAT64_FIN_BACKEND
+            };
+    } else if s & both == both && tcp_flags & TCP_ACK != 0 {
+        s |= NAT64_CLOSED;
+    }
+    s
+}
+
 /// A TCP header's length in bytes, from its data offset byte
 /// ([`TCP_DOFF_OFF`](crate::packet::TCP_DOFF_OFF)).
 #[inline(always)]
@@ -210,6 +243,54 @@ mod tests {
             (tcp_hlen(0x50), tcp_hlen(0x80), tcp_hlen(0xf0)),
             (20, 32, 60)
         );
+    }
+
+    /// A connection's close, both ways round, and an RST: closed only once a FIN went
+    /// each way and the last ACK followed, or at the RST; the client's next SYN starts
+    /// over; a backend's SYN-ACK or a retransmitted FIN changes nothing.
+    #[test]
+    fn track_tcp_follows_a_close() {
+        use crate::packet::{TCP_ACK as A, TCP_FIN as F, TCP_RST as R, TCP_SYN as S};
+        const C: bool = true;
+        const B: bool = false;
+        let both = NAT64_CLOSING | NAT64_FIN_CLIENT | NAT64_FIN_BACKEND;
+        // (packets in order, state after each)
+        let cases: [&[(u8, bool, u8)]; 4] = [
+            // The backend closes first (HTTP with Connection: close).
+            &[
+                (S, C, 0),
+                (S | A, B, 0),
+                (A, C, 0),
+                (A, B, 0),
+                (F | A, B, NAT64_CLOSING | NAT64_FIN_BACKEND),
+                (A, C, NAT64_CLOSING | NAT64_FIN_BACKEND),
+                (F | A, C, both),
+                (F | A, C, both),
+                (A, B, both | NAT64_CLOSED),
+                // The client's port comes back: a new connection on the same flow.
+                (S, C, 0),
+            ],
+            // The client closes first.
+            &[
+                (F | A, C, NAT64_CLOSING | NAT64_FIN_CLIENT),
+                (A, B, NAT64_CLOSING | NAT64_FIN_CLIENT),
+                (F | A, B, both),
+                (A, C, both | NAT64_CLOSED),
+            ],
+            // A reset, from either side.
+            &[(A, C, 0), (R, B, NAT64_CLOSING | NAT64_CLOSED)],
+            &[
+                (R | A, C, NAT64_CLOSING | NAT64_CLOSED),
+                (S | A, B, NAT64_CLOSING | NAT64_CLOSED),
+            ],
+        ];
+        for (i, packets) in cases.iter().enumerate() {
+            let mut state = 0;
+            for (j, &(flags, from_client, want)) in packets.iter().enumerate() {
+                state = track_tcp(state, flags, from_client);
+                assert_eq!(state, want, "case {i}, packet {j}");
+            }
+        }
     }
 
     proptest! {

@@ -50,19 +50,44 @@ pub enum Reason {
     /// NAT64 (TC ingress of the backend's interface): a backend's reply translated back
     /// to IPv6 and sent to the client's interface.
     Nat64ReplyTranslated = 18,
-    /// NAT64 could not translate: no route to the backend, no free source port, a VLAN
-    /// tag, IPv4 options, an expiring hop limit, or a helper failure before the packet
-    /// changed. Passed untouched.
+    /// NAT64 could not translate because the kernel refused: the tail call to the NAT64
+    /// program, `bpf_skb_change_proto`, or the per-CPU scratch map. Passed untouched. The
+    /// other causes have their own `nat64_*` reasons.
     Nat64Failed = 19,
     /// Reply side, counted beside [`Reason::ReplyTranslated`]: the backend's first packet
     /// that proves a handshake completed (TCP without SYN or RST; any UDP reply) moved
     /// its flow from the embryonic table to the established one.
     FlowPromoted = 20,
+    /// NAT64: the FIB has no usable route to the backend (unreachable, blackhole,
+    /// forwarding off on the client's interface, ...). Passed untouched.
+    Nat64NoRoute = 21,
+    /// NAT64: the translated packet (or, for a GSO packet, one segment) exceeds the
+    /// backend route's MTU, or the IPv6 payload is too long for an IPv4 packet. Passed
+    /// untouched.
+    Nat64TooBig = 22,
+    /// NAT64: a new flow found every candidate port held by a flow that is not over (a
+    /// live one, or a UDP flow not idle long enough). Passed untouched.
+    Nat64NoPort = 23,
+    /// NAT64: an IPv4 packet to a NAT64 port whose flow was gone when the NAT64 program
+    /// ran (taken over or evicted between the entry's lookup and the program's). Passed
+    /// untouched.
+    Nat64ReplyNoFlow = 24,
+    /// NAT64: a packet it does not translate: a VLAN tag, IPv4 options, a UDP reply
+    /// without a checksum, headers outside the linear data. Passed untouched.
+    Nat64Unsupported = 25,
+    /// NAT64: a hop limit (client side) or TTL (backend side) that would expire on this
+    /// hop: passed untouched, for the stack to answer with ICMP.
+    Nat64HopLimit = 26,
+    /// NAT64, counted beside [`Reason::Nat64Translated`]: a new TCP flow found every
+    /// candidate port held and took over the port of a flow that had closed (RST, or a
+    /// FIN each way and the ACK after them), as conntrack's NAT evicts a closing entry
+    /// whose tuple it needs (`nf_nat_used_tuple_harder`).
+    Nat64PortReclaimed = 27,
 }
 
 impl Reason {
     /// How many reasons there are (the length of `REASON_STATS`).
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 28;
     /// Every reason, in counter order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Translated,
@@ -86,6 +111,13 @@ impl Reason {
         Reason::Nat64ReplyTranslated,
         Reason::Nat64Failed,
         Reason::FlowPromoted,
+        Reason::Nat64NoRoute,
+        Reason::Nat64TooBig,
+        Reason::Nat64NoPort,
+        Reason::Nat64ReplyNoFlow,
+        Reason::Nat64Unsupported,
+        Reason::Nat64HopLimit,
+        Reason::Nat64PortReclaimed,
     ];
 
     /// Stable snake_case name, for `list` and metrics.
@@ -112,6 +144,13 @@ impl Reason {
             Reason::Nat64ReplyTranslated => "nat64_reply_translated",
             Reason::Nat64Failed => "nat64_failed",
             Reason::FlowPromoted => "flow_promoted",
+            Reason::Nat64NoRoute => "nat64_no_route",
+            Reason::Nat64TooBig => "nat64_too_big",
+            Reason::Nat64NoPort => "nat64_no_port",
+            Reason::Nat64ReplyNoFlow => "nat64_reply_no_flow",
+            Reason::Nat64Unsupported => "nat64_unsupported",
+            Reason::Nat64HopLimit => "nat64_hop_limit",
+            Reason::Nat64PortReclaimed => "nat64_port_reclaimed",
         }
     }
 }

@@ -27,8 +27,8 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
-        BPF_FIB_LOOKUP_SRC, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM,
+        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM,
     },
     helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns},
     programs::TcContext,
@@ -38,15 +38,14 @@ use portfwd_common::{
     addr,
     nat64::{
         ipv4_header, ipv6_header, is_nat64_port, mtu_len, port_candidate, port_start, pseudo_diff,
-        tcp_hlen,
+        tcp_hlen, track_tcp,
     },
     packet::{
         l4_csum_off, may_start_flow, ETH_HLEN, ETH_PROTO_OFF, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN,
-        IPV6_HLEN, TCP_DOFF_OFF, TCP_FIN, TCP_HLEN, TCP_RST, UDP_CSUM_OFF, UDP_HLEN,
+        IPV6_HLEN, TCP_DOFF_OFF, TCP_HLEN, UDP_CSUM_OFF, UDP_HLEN,
     },
     rules::{self, Caller},
-    BackendV6, FlowKeyV4, FlowKeyV6, Nat64Flow, Nat64Reply, Reason, NAT64_CLOSING,
-    NAT64_PORT_TRIES,
+    BackendV6, FlowKeyV4, FlowKeyV6, Nat64Flow, Nat64Reply, Reason, NAT64_PORT_TRIES,
 };
 
 use crate::{
@@ -69,13 +68,13 @@ pub fn program(ctx: &TcContext) -> Verdict {
     let verdict = match parse_eth(data, data_end) {
         Ok(L3::Ipv6 { ip_off }) => parse_ipv6(data, data_end, ip_off).and_then(|f| {
             let backend = rules::lookup_ref(&Maps, Caller::Packet, &f.dst, f.dport, f.proto)?;
+            // The rule changed since the jump: nothing NAT64 can do.
             if !backend.is_ipv4_mapped() {
                 return Err(Reason::Nat64Failed);
             }
             Ok(forward(ctx, &f, &backend))
         }),
-        Ok(L3::Ipv4 { ip_off }) => parse_ipv4(data, data_end, ip_off)
-            .and_then(|f| reply(ctx, &f).ok_or(Reason::Nat64Failed)),
+        Ok(L3::Ipv4 { ip_off }) => parse_ipv4(data, data_end, ip_off).and_then(|f| reply(ctx, &f)),
         Err(reason) => Err(reason),
     };
     verdict.unwrap_or_else(|reason| {
@@ -130,10 +129,10 @@ fn try_forward(
 ) -> Result<Verdict, Reason> {
     // VLAN-tagged frames keep their tag's offsets: not translated.
     if f.ip_off != ETH_HLEN {
-        return Err(Reason::Nat64Failed);
+        return Err(Reason::Nat64Unsupported);
     }
-    let ip =
-        bytes_at(ctx.data(), ctx.data_end(), f.ip_off, IPV6_HLEN).ok_or(Reason::Nat64Failed)?;
+    let ip = bytes_at(ctx.data(), ctx.data_end(), f.ip_off, IPV6_HLEN)
+        .ok_or(Reason::Nat64Unsupported)?;
     // SAFETY: the 40-byte IPv6 header is inside the packet (checked above).
     let (tclass, payload_len, hop_limit) = unsafe {
         (
@@ -144,13 +143,13 @@ fn try_forward(
     };
     // Forwarded, so the hop limit drops by one; an expiring one is the stack's to answer.
     if hop_limit <= 1 {
-        return Err(Reason::Nat64Failed);
+        return Err(Reason::Nat64HopLimit);
     }
     // The translated packet's IPv4 length: an IPv6 payload too long for one is not
     // translated.
     let tot_len = payload_len
         .checked_add(IPV4_HLEN as u16)
-        .ok_or(Reason::Nat64Failed)?;
+        .ok_or(Reason::Nat64TooBig)?;
     let backend_addr = addr::mapped_low(&backend.addr_bytes());
     let backend_port = backend.port_be();
 
@@ -174,8 +173,11 @@ fn try_forward(
             BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH,
         )
     };
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        return Err(Reason::Nat64TooBig);
+    }
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return Err(Reason::Nat64Failed);
+        return Err(Reason::Nat64NoRoute);
     }
     // SAFETY: BPF_FIB_LOOKUP_SRC filled the source in on success.
     let snat_addr = unsafe { s.fib.__bindgen_anon_3.ipv4_src }.to_ne_bytes();
@@ -241,7 +243,8 @@ fn l4_hlen(ctx: &TcContext, f: &Ipv6Flow) -> Result<u8, Reason> {
     if f.is_udp() {
         return Ok(UDP_HLEN as u8);
     }
-    let l4 = bytes_at(ctx.data(), ctx.data_end(), f.l4_off, TCP_HLEN).ok_or(Reason::Nat64Failed)?;
+    let l4 =
+        bytes_at(ctx.data(), ctx.data_end(), f.l4_off, TCP_HLEN).ok_or(Reason::Nat64Unsupported)?;
     // SAFETY: the 20-byte TCP header is inside the packet (checked above).
     Ok(tcp_hlen(unsafe { *l4.add(TCP_DOFF_OFF) }))
 }
@@ -263,30 +266,34 @@ fn still_ours(f: &Ipv6Flow, t: &Nat64Flow, s: &mut Scratch) -> bool {
     if !r.belongs_to(f) {
         return false;
     }
-    seen(r, f.proto, f.tcp_flags);
+    seen(r, f.proto, f.tcp_flags, true);
     true
 }
 
-/// Marks a packet of the flow `r`: its time, and a TCP FIN or RST.
+/// Marks a packet of the flow `r`, from the client or the backend: its time, and the
+/// TCP state it leads to ([`track_tcp`]).
 #[inline(always)]
-fn seen(r: &mut Nat64Reply, proto: u8, tcp_flags: u8) {
+fn seen(r: &mut Nat64Reply, proto: u8, tcp_flags: u8, from_client: bool) {
     // SAFETY: a plain helper call.
     r.last_seen_ns = unsafe { bpf_ktime_get_coarse_ns() };
-    if proto == portfwd_common::proto::TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        r.flags |= NAT64_CLOSING;
+    if proto == portfwd_common::proto::TCP {
+        r.flags = track_tcp(r.flags, tcp_flags, from_client);
     }
 }
 
 /// A source port for a new flow (`flow` without one): tried from a hash of the client,
 /// the first one whose reply key is free (`BPF_NOEXIST`), or held by a flow that is over
-/// ([`Nat64Reply::reusable`]), wins; then the flow is recorded both ways (`s.key6` is its
-/// key).
+/// ([`Nat64Reply::reusable`]), wins; failing that, the first one held by a closed TCP
+/// connection ([`Nat64Reply::closed`]) is taken over, as conntrack's NAT does when it
+/// runs out of tuples (without it, a client's connection churn holds every port for
+/// 10 s after each close: 4,536 ports last 454 connections a second). Then the flow is
+/// recorded both ways (`s.key6` is its key).
 #[inline(always)]
 fn allocate(
     ctx: &TcContext,
     f: &Ipv6Flow,
     s: &mut Scratch,
-    mut flow: Nat64Flow,
+    flow: Nat64Flow,
 ) -> Result<Nat64Flow, Reason> {
     let start = port_start(&f.src, f.sport);
     s.reply = Nat64Reply {
@@ -302,6 +309,8 @@ fn allocate(
         last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
     };
     let mut n: u16 = 0;
+    // The first candidate held by a closed connection (NAT64_PORT_TRIES: none).
+    let mut closed = NAT64_PORT_TRIES;
     while n < NAT64_PORT_TRIES {
         let port = port_candidate(start, n);
         s.key4 = FlowKeyV4::new(
@@ -318,31 +327,57 @@ fn allocate(
             Some(r) if r.reusable(s.reply.last_seen_ns, f.proto) => {
                 maps::insert_nat64_reply(&s.key4, &s.reply, true).is_ok()
             }
-            Some(_) => false,
+            Some(r) => {
+                if closed == NAT64_PORT_TRIES && r.closed(f.proto) {
+                    closed = n;
+                }
+                false
+            }
         };
         if claimed {
-            flow.snat_port = port;
-            if maps::insert_nat64_flow(&s.key6, &flow).is_err() {
-                maps::remove_nat64_reply(&s.key4);
-                return Err(Reason::FlowInsertFailed);
-            }
-            return Ok(flow);
+            return record(s, flow, port);
         }
         n += 1;
     }
-    Err(Reason::Nat64Failed)
+    if closed < NAT64_PORT_TRIES {
+        let port = port_candidate(start, closed);
+        s.key4 = FlowKeyV4::new(
+            flow.backend_addr,
+            flow.backend_port,
+            flow.snat_addr,
+            port,
+            f.proto,
+        );
+        if maps::insert_nat64_reply(&s.key4, &s.reply, true).is_ok() {
+            count(Reason::Nat64PortReclaimed);
+            return record(s, flow, port);
+        }
+    }
+    Err(Reason::Nat64NoPort)
+}
+
+/// The flow's port is `port` (its reply entry, `s.key4`, written): records the flow.
+#[inline(always)]
+fn record(s: &mut Scratch, mut flow: Nat64Flow, port: [u8; 2]) -> Result<Nat64Flow, Reason> {
+    flow.snat_port = port;
+    if maps::insert_nat64_flow(&s.key6, &flow).is_err() {
+        maps::remove_nat64_reply(&s.key4);
+        return Err(Reason::FlowInsertFailed);
+    }
+    Ok(flow)
 }
 
 /// A backend's IPv4 packet to one of NAT64's ports: back to IPv6 and the client, if it
-/// is a tracked reply (`None`: not NAT64's).
+/// is a tracked reply (`Err`: passed, for that reason).
 #[inline(always)]
-fn reply(ctx: &TcContext, f: &Ipv4Flow) -> Option<Verdict> {
-    let s = maps::nat64_scratch()?;
+fn reply(ctx: &TcContext, f: &Ipv4Flow) -> Result<Verdict, Reason> {
+    let s = maps::nat64_scratch().ok_or(Reason::Nat64Failed)?;
     s.key4 = FlowKeyV4::new(f.src, f.sport, f.dst, f.dport, f.proto);
-    let r = maps::nat64_reply_mut(&s.key4)?;
-    seen(r, f.proto, f.tcp_flags);
+    // The entry found the flow; it can have gone since (taken over, evicted).
+    let r = maps::nat64_reply_mut(&s.key4).ok_or(Reason::Nat64ReplyNoFlow)?;
+    seen(r, f.proto, f.tcp_flags, false);
     s.reply = *r;
-    Some(match try_reply(ctx, f, s) {
+    Ok(match try_reply(ctx, f, s) {
         Ok(v) => v,
         Err(reason) => {
             count(reason);
@@ -355,10 +390,10 @@ fn reply(ctx: &TcContext, f: &Ipv4Flow) -> Option<Verdict> {
 fn try_reply(ctx: &TcContext, f: &Ipv4Flow, s: &mut Scratch) -> Result<Verdict, Reason> {
     // No VLAN tag, no IPv4 options: the fixed layout the header rewrite assumes.
     if f.ip_off != ETH_HLEN || f.l4_off != ETH_HLEN + IPV4_HLEN {
-        return Err(Reason::Nat64Failed);
+        return Err(Reason::Nat64Unsupported);
     }
-    let ip =
-        bytes_at(ctx.data(), ctx.data_end(), f.ip_off, IPV4_HLEN).ok_or(Reason::Nat64Failed)?;
+    let ip = bytes_at(ctx.data(), ctx.data_end(), f.ip_off, IPV4_HLEN)
+        .ok_or(Reason::Nat64Unsupported)?;
     // SAFETY: the 20-byte IPv4 header is inside the packet (checked above).
     let (tos, tot_len, ttl) = unsafe {
         (
@@ -367,16 +402,19 @@ fn try_reply(ctx: &TcContext, f: &Ipv4Flow, s: &mut Scratch) -> Result<Verdict, 
             *ip.add(8),
         )
     };
-    if ttl <= 1 || tot_len < IPV4_HLEN as u16 {
-        return Err(Reason::Nat64Failed);
+    if ttl <= 1 {
+        return Err(Reason::Nat64HopLimit);
+    }
+    if tot_len < IPV4_HLEN as u16 {
+        return Err(Reason::Nat64Unsupported);
     }
     // A UDP datagram without a checksum cannot be made IPv6 by a difference.
     if f.is_udp() {
-        let l4 =
-            bytes_at(ctx.data(), ctx.data_end(), f.l4_off, UDP_HLEN).ok_or(Reason::Nat64Failed)?;
+        let l4 = bytes_at(ctx.data(), ctx.data_end(), f.l4_off, UDP_HLEN)
+            .ok_or(Reason::Nat64Unsupported)?;
         // SAFETY: the 8-byte UDP header is inside the packet (checked above).
         if unsafe { *l4.add(UDP_CSUM_OFF) | *l4.add(UDP_CSUM_OFF + 1) } == 0 {
-            return Err(Reason::Nat64Failed);
+            return Err(Reason::Nat64Unsupported);
         }
     }
     let back = &s.reply;

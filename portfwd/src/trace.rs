@@ -442,6 +442,22 @@ fn model_packet(maps: &LiveRules<'_>, host: IpAddr, port: u16, l4: u8, p: &str) 
     }
 }
 
+/// Why NAT64 passed a packet untranslated, if one of its reasons was counted.
+fn nat64_pass(reasons: &[Reason]) -> Option<&'static str> {
+    reasons.iter().find_map(|r| match r {
+        Reason::Nat64NoRoute => Some("no usable route to the backend"),
+        Reason::Nat64TooBig => Some("too big for the backend route's MTU once IPv4"),
+        Reason::Nat64NoPort => Some("every NAT64 port it may take is held by a live flow"),
+        Reason::Nat64Unsupported => {
+            Some("a VLAN tag, IPv4 options or a UDP reply without checksum")
+        }
+        Reason::Nat64HopLimit => Some("its hop limit expires here"),
+        Reason::Nat64ReplyNoFlow => Some("its flow is gone"),
+        Reason::Nat64Failed => Some("the kernel refused a helper or the tail call"),
+        _ => None,
+    })
+}
+
 /// Why no rule serves `host:port` over `l4`, in words.
 fn why_none(maps: &LiveRules<'_>, reason: Reason, host: IpAddr, port: u16, l4: u8) -> String {
     let target = sock(host, port);
@@ -563,6 +579,11 @@ pub fn trace(live: &Dataplane, q: &TraceQuery) -> Result<TraceReply, TraceError>
         Reason::FlowInsertFailed,
         Reason::Nat64Translated,
         Reason::Nat64Failed,
+        Reason::Nat64NoRoute,
+        Reason::Nat64TooBig,
+        Reason::Nat64NoPort,
+        Reason::Nat64Unsupported,
+        Reason::Nat64HopLimit,
         Reason::PassNoIpv6Backend,
     ]
     .iter()
@@ -574,8 +595,8 @@ pub fn trace(live: &Dataplane, q: &TraceQuery) -> Result<TraceReply, TraceError>
         "NAT64: an IPv6 client of an IPv4 backend, translated to IPv4 and sent to the \
          backend's interface"
             .to_string()
-    } else if has(Reason::Nat64Failed) {
-        "NAT64 could not translate it (no route to the backend, ...): passed untouched".to_string()
+    } else if let Some(why) = nat64_pass(&reasons) {
+        format!("NAT64 could not translate it ({why}): passed untouched")
     } else if has(Reason::PassNoIpv6Backend) {
         "an IPv6 client of an IPv4-only backend: XDP passes it untouched, NAT64's entry at \
          TC ingress takes it"

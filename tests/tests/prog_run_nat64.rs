@@ -19,8 +19,10 @@ use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
 use portfwd::dataplane::Dataplane;
 use portfwd_common::model::nat64::Route;
 use portfwd_common::{
-    programs, proto, BackendV6, FlowKeyV4, Nat64Reply, Reason, RuleKeyV6, NAT64_CLOSING,
-    NAT64_PORT_COUNT, NAT64_PORT_MIN, NAT64_REPLIES,
+    nat64::{port_candidate, port_start},
+    programs, proto, BackendV6, FlowKeyV4, Nat64Reply, Reason, RuleKeyV6, NAT64_CLOSED,
+    NAT64_CLOSING, NAT64_FIN_BACKEND, NAT64_FIN_CLIENT, NAT64_PORT_COUNT, NAT64_PORT_MIN,
+    NAT64_PORT_TRIES, NAT64_REPLIES,
 };
 use portfwd_tests::{
     fixture::{
@@ -269,7 +271,7 @@ fn nat64_translates_a_gso_packet_whose_segments_fit() {
     .build();
     // (gso_size, translated): a segment is 20 + 20 + gso_size bytes as IPv4.
     for (gso_size, fits) in [(0, false), (1400, true), (1460, true), (1461, false)] {
-        let failed = reason(&dp, Reason::Nat64Failed);
+        let failed = reason(&dp, Reason::Nat64TooBig);
         let c = compare_gso_in(&dp, env, Prog::TcIngress, &big, gso_size)
             .expect("a frame the kernel runs");
         if fits {
@@ -280,7 +282,7 @@ fn nat64_translates_a_gso_packet_whose_segments_fit() {
         } else {
             assert_eq!(c.verdict, TC_NEXT, "gso_size {gso_size}: passed");
             assert_eq!(c.output, big, "gso_size {gso_size}: untouched");
-            assert_eq!(reason(&dp, Reason::Nat64Failed), failed + 1);
+            assert_eq!(reason(&dp, Reason::Nat64TooBig), failed + 1);
         }
     }
 }
@@ -389,6 +391,75 @@ fn nat64_ports_are_unique_while_live_and_reused_once_over() {
         (TC_NEXT, a_again),
         "the old flow no longer owns it"
     );
+}
+
+/// Every port a new TCP flow may take is held, none long idle (connection churn from one
+/// client: each port held 10 s after its close): the first one held by a closed
+/// connection (a FIN each way and the last ACK, or an RST) is taken over and counted, as
+/// conntrack's NAT does when it runs out of tuples; one closed only one way is not.
+/// Before, the SYN was passed untranslated (the host's stack then reset it).
+#[test]
+fn nat64_takes_over_a_closed_connections_port_when_all_are_held() {
+    if !require_root("nat64_takes_over_a_closed_connections_port_when_all_are_held") {
+        return;
+    }
+    let mut dp = dataplane();
+    let ns = backend_net();
+    let client = (CLIENT, 46000);
+    let start = port_start(&CLIENT.octets(), 46000u16.to_be_bytes());
+    let key = |n: u16| {
+        FlowKeyV4::new(
+            BACKEND.octets(),
+            8080u16.to_be_bytes(),
+            HOST4.octets(),
+            port_candidate(start, n),
+            proto::TCP,
+        )
+    };
+    let half = NAT64_CLOSING | NAT64_FIN_BACKEND;
+    let closed = half | NAT64_FIN_CLIENT | NAT64_CLOSED;
+    {
+        let mut replies: HashMap<_, FlowKeyV4, Nat64Reply> =
+            HashMap::try_from(dp.ebpf_mut().map_mut(NAT64_REPLIES).expect("NAT64_REPLIES"))
+                .expect("hash map");
+        for n in 0..NAT64_PORT_TRIES {
+            let flags = if n == 3 { closed } else { half };
+            let other = Nat64Reply {
+                client_addr: HOST2.octets(),
+                host_addr: HOST.octets(),
+                client_port: (50000 + n).to_be_bytes(),
+                host_port: 9000u16.to_be_bytes(),
+                stats_slot: 1,
+                client_ifindex: 1,
+                flags,
+                _pad: [0; 3],
+                // Later than the kernel's clock: never idle, never reusable.
+                last_seen_ns: u64::MAX,
+            };
+            replies.insert(key(n), other, 0).expect("hold the port");
+        }
+    }
+    let reclaimed = reason(&dp, Reason::Nat64PortReclaimed);
+    let syn = v6_frame(proto::TCP, client, (HOST, 9000), 64);
+    // `run` checks the kernel against the model: verdict, bytes, reasons, entries.
+    let port = nat64_port(&dp, &ns, &syn);
+    assert_eq!(
+        port.to_be_bytes(),
+        port_candidate(start, 3),
+        "the closed one's port"
+    );
+    assert_eq!(reason(&dp, Reason::Nat64PortReclaimed), reclaimed + 1);
+
+    // Nothing closed any more (3 now belongs to the new, live flow): passed, counted.
+    let failed = reason(&dp, Reason::Nat64NoPort);
+    let other = v6_frame(proto::TCP, client, (HOST2, 9000), 64);
+    let (verdict, out) = run(&dp, &ns, programs::TC_INGRESS, &other);
+    assert_eq!(
+        (verdict, out),
+        (TC_NEXT, other),
+        "no port: passed untouched"
+    );
+    assert_eq!(reason(&dp, Reason::Nat64NoPort), failed + 1);
 }
 
 /// Property: for random clients, ports, payload sizes, traffic classes and hop limits,

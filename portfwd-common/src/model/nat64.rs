@@ -15,15 +15,17 @@
 
 use crate::{
     addr,
-    nat64::{ipv4_header, ipv6_header, mtu_len, port_candidate, port_start, pseudo_diff, tcp_hlen},
+    nat64::{
+        ipv4_header, ipv6_header, mtu_len, port_candidate, port_start, pseudo_diff, tcp_hlen,
+        track_tcp,
+    },
     packet::{
         may_start_flow, ETH_HLEN, ETH_PROTO_OFF, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN,
-        TCP_DOFF_OFF, TCP_FIN, TCP_RST, UDP_CSUM_OFF, UDP_HLEN,
+        TCP_DOFF_OFF, UDP_CSUM_OFF, UDP_HLEN,
     },
     proto,
     rules::{self, Caller},
-    BackendV6, FlowKeyV4, FlowKeyV6, Nat64Flow, Nat64Reply, Reason, NAT64_CLOSING,
-    NAT64_PORT_TRIES,
+    BackendV6, FlowKeyV4, FlowKeyV6, Nat64Flow, Nat64Reply, Reason, NAT64_PORT_TRIES,
 };
 
 use super::{parse_eth, parse_ipv4, parse_ipv6, Flow, Maps, RuleCount, Verdict, L3};
@@ -73,6 +75,9 @@ pub struct Nat64Outcome {
     pub reply: Option<(FlowKeyV4, Nat64Reply)>,
     /// The rule counter incremented, if any.
     pub rule: Option<RuleCount>,
+    /// A closed connection's port was taken over: [`Reason::Nat64PortReclaimed`] counted
+    /// beside [`Reason::Nat64Translated`].
+    pub reclaimed: bool,
 }
 
 /// Whether `portfwd_tc_nat64_entry` jumps to NAT64 for `frame` (else the frame goes on,
@@ -101,6 +106,7 @@ pub fn program(maps: &impl Nat64Maps, input: &[u8], out: &mut [u8]) -> Nat64Outc
         flow: None,
         reply: None,
         rule: None,
+        reclaimed: false,
     };
     let done = match parse_eth(input) {
         Ok(L3::Ipv6(ip_off)) => parse_ipv6(input, ip_off).and_then(|f| {
@@ -122,6 +128,7 @@ pub fn program(maps: &impl Nat64Maps, input: &[u8], out: &mut [u8]) -> Nat64Outc
         o.len = input.len();
         o.reason = reason;
         o.rule = None;
+        o.reclaimed = false;
     }
     o
 }
@@ -130,11 +137,18 @@ fn reply_key(f: &Flow<4>) -> FlowKeyV4 {
     FlowKeyV4::new(f.src, f.sport, f.dst, f.dport, f.proto)
 }
 
-/// A packet of the flow `r` seen now: its time, and closing after a TCP FIN or RST.
-fn seen(maps: &impl Nat64Maps, mut r: Nat64Reply, l4: u8, tcp_flags: u8) -> Nat64Reply {
+/// A packet of the flow `r` seen now, from the client or the backend: its time, and the
+/// TCP state it leads to ([`track_tcp`]).
+fn seen(
+    maps: &impl Nat64Maps,
+    mut r: Nat64Reply,
+    l4: u8,
+    tcp_flags: u8,
+    from_client: bool,
+) -> Nat64Reply {
     r.last_seen_ns = maps.now_ns();
-    if l4 == proto::TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        r.flags |= NAT64_CLOSING;
+    if l4 == proto::TCP {
+        r.flags = track_tcp(r.flags, tcp_flags, from_client);
     }
     r
 }
@@ -149,22 +163,22 @@ fn forward(
 ) -> Result<(), Reason> {
     // A VLAN tag keeps its offsets: not translated.
     if f.ip_off != ETH_HLEN {
-        return Err(Reason::Nat64Failed);
+        return Err(Reason::Nat64Unsupported);
     }
     let ip = &input[ETH_HLEN..ETH_HLEN + IPV6_HLEN];
     let tclass = (ip[0] << 4) | (ip[1] >> 4);
     let payload_len = u16::from_be_bytes([ip[4], ip[5]]);
     let hop_limit = ip[7];
     if hop_limit <= 1 {
-        return Err(Reason::Nat64Failed);
+        return Err(Reason::Nat64HopLimit);
     }
     let backend_addr = addr::ipv4_mapped(&backend.addr_bytes()).ok_or(Reason::Nat64Failed)?;
     let backend_port = backend.port_be();
     // An IPv6 payload too long for an IPv4 packet is not translated.
     let tot_len = payload_len
         .checked_add(IPV4_MIN_HLEN as u16)
-        .ok_or(Reason::Nat64Failed)?;
-    let route = maps.route_v4(backend_addr).ok_or(Reason::Nat64Failed)?;
+        .ok_or(Reason::Nat64TooBig)?;
+    let route = maps.route_v4(backend_addr).ok_or(Reason::Nat64NoRoute)?;
     // `bpf_fib_lookup` is given the translated packet's length, or a GSO packet's
     // segment's, and refuses a route whose MTU it exceeds.
     let l4_hlen = match f.proto {
@@ -172,7 +186,7 @@ fn forward(
         _ => tcp_hlen(input[f.l4_off + TCP_DOFF_OFF]),
     };
     if mtu_len(tot_len, maps.gso_size(), l4_hlen) > route.mtu {
-        return Err(Reason::Nat64Failed);
+        return Err(Reason::Nat64TooBig);
     }
 
     let key6 = FlowKeyV6::new(f.dst, f.dport, f.src, f.sport, f.proto);
@@ -249,11 +263,12 @@ fn still_ours(maps: &impl Nat64Maps, f: &Flow<16>, t: &Nat64Flow, o: &mut Nat64O
     if !r.belongs_to(f) {
         return false;
     }
-    o.reply = Some((key4, seen(maps, r, f.proto, f.tcp_flags)));
+    o.reply = Some((key4, seen(maps, r, f.proto, f.tcp_flags, true)));
     true
 }
 
-/// The first port from the client's hash whose reply key is free or whose flow is over.
+/// The first port from the client's hash whose reply key is free or whose flow is over;
+/// failing that, the first one held by a closed TCP connection, taken over.
 fn allocate(
     maps: &impl Nat64Maps,
     f: &Flow<16>,
@@ -274,7 +289,7 @@ fn allocate(
         _pad: [0; 3],
         last_seen_ns: now,
     };
-    for n in 0..NAT64_PORT_TRIES {
+    let key = |n: u16| {
         let port = port_candidate(start, n);
         let key4 = FlowKeyV4::new(
             flow.backend_addr,
@@ -283,9 +298,20 @@ fn allocate(
             port,
             f.proto,
         );
+        (port, key4)
+    };
+    let mut closed = None;
+    for n in 0..NAT64_PORT_TRIES {
+        let (port, key4) = key(n);
         let claimed = match maps.nat64_reply(&key4) {
             None => true,
-            Some(r) => r.reusable(now, f.proto),
+            Some(r) if r.reusable(now, f.proto) => true,
+            Some(r) => {
+                if closed.is_none() && r.closed(f.proto) {
+                    closed = Some(n);
+                }
+                false
+            }
         };
         if claimed {
             flow.snat_port = port;
@@ -294,7 +320,12 @@ fn allocate(
             return Ok(flow);
         }
     }
-    Err(Reason::Nat64Failed)
+    let (port, key4) = key(closed.ok_or(Reason::Nat64NoPort)?);
+    flow.snat_port = port;
+    o.reply = Some((key4, value));
+    o.flow = Some((key6, flow));
+    o.reclaimed = true;
+    Ok(flow)
 }
 
 fn reply(
@@ -305,23 +336,26 @@ fn reply(
     o: &mut Nat64Outcome,
 ) -> Result<(), Reason> {
     let key4 = reply_key(f);
-    let back = maps.nat64_reply(&key4).ok_or(Reason::Nat64Failed)?;
+    let back = maps.nat64_reply(&key4).ok_or(Reason::Nat64ReplyNoFlow)?;
     // Marked seen before anything else can fail.
-    let back = seen(maps, back, f.proto, f.tcp_flags);
+    let back = seen(maps, back, f.proto, f.tcp_flags, false);
     o.reply = Some((key4, back));
     // No VLAN tag, no IPv4 options.
     if f.ip_off != ETH_HLEN || f.l4_off != ETH_HLEN + IPV4_MIN_HLEN {
-        return Err(Reason::Nat64Failed);
+        return Err(Reason::Nat64Unsupported);
     }
     let ip = &input[ETH_HLEN..ETH_HLEN + IPV4_MIN_HLEN];
     let (tos, tot_len, ttl) = (ip[1], u16::from_be_bytes([ip[2], ip[3]]), ip[8]);
-    if ttl <= 1 || tot_len < IPV4_MIN_HLEN as u16 {
-        return Err(Reason::Nat64Failed);
+    if ttl <= 1 {
+        return Err(Reason::Nat64HopLimit);
+    }
+    if tot_len < IPV4_MIN_HLEN as u16 {
+        return Err(Reason::Nat64Unsupported);
     }
     // A UDP datagram without a checksum cannot be made IPv6 by a difference.
     let csum_at = f.l4_off + UDP_CSUM_OFF;
     if f.proto == proto::UDP && input[csum_at] | input[csum_at + 1] == 0 {
-        return Err(Reason::Nat64Failed);
+        return Err(Reason::Nat64Unsupported);
     }
     let diff = pseudo_diff((&f.src, &f.dst), (&back.host_addr, &back.client_addr));
     let mut h = [0u8; IPV6_HLEN];

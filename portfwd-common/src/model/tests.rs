@@ -864,7 +864,9 @@ mod nat64_program {
     use super::*;
     use crate::model::nat64::{entry, program, Nat64Outcome, Route};
     use crate::nat64::{port_candidate, port_start};
-    use crate::{NAT64_CLOSING, NAT64_PORT_TRIES};
+    use crate::{
+        NAT64_CLOSED, NAT64_CLOSING, NAT64_FIN_BACKEND, NAT64_FIN_CLIENT, NAT64_PORT_TRIES,
+    };
 
     /// The host's address towards the backends, and the backends' interface.
     const ROUTE: Route = Route {
@@ -955,7 +957,7 @@ mod nat64_program {
             let want = if fits {
                 Reason::Nat64Translated
             } else {
-                Reason::Nat64Failed
+                Reason::Nat64TooBig
             };
             assert_eq!(o.reason, want, "IPv4 length {ipv4_len}");
         }
@@ -1049,7 +1051,7 @@ mod nat64_program {
                     ..req.clone()
                 }
                 .build(),
-                Reason::Nat64Failed,
+                Reason::Nat64Unsupported,
             ),
             (
                 "hop limit 1",
@@ -1059,9 +1061,9 @@ mod nat64_program {
                     ..req.clone()
                 }
                 .build(),
-                Reason::Nat64Failed,
+                Reason::Nat64HopLimit,
             ),
-            ("no route", &no_route, req.build(), Reason::Nat64Failed),
+            ("no route", &no_route, req.build(), Reason::Nat64NoRoute),
             (
                 "mid-flow, no state",
                 &maps,
@@ -1081,7 +1083,7 @@ mod nat64_program {
                     (Ipv4Addr::from(ROUTE.src), 61000),
                 )
                 .build(),
-                Reason::Nat64Failed,
+                Reason::Nat64ReplyNoFlow,
             ),
         ];
         for (what, maps, input, reason) in cases {
@@ -1134,8 +1136,48 @@ mod nat64_program {
         assert_eq!(o.flow.expect("flow").1.snat_port, port_candidate(start, 0));
         let all: Vec<_> = (0..NAT64_PORT_TRIES).map(|n| taken(n, 0, NOW)).collect();
         let (o, out) = run64(&tables(&rules, &hosts, &[], &all), &input);
-        assert_eq!((o.verdict, o.reason), (Verdict::Pass, Reason::Nat64Failed));
+        assert_eq!((o.verdict, o.reason), (Verdict::Pass, Reason::Nat64NoPort));
+        assert!(!o.reclaimed);
         assert_eq!(out, input);
+
+        // Every candidate held, some by connections closed just now: the first closed
+        // one is taken over (a half-closed one, FIN one way only, is not).
+        let half = NAT64_CLOSING | NAT64_FIN_BACKEND;
+        let closed = half | NAT64_FIN_CLIENT | NAT64_CLOSED;
+        let mut held: Vec<_> = (0..NAT64_PORT_TRIES).map(|n| taken(n, half, NOW)).collect();
+        held[5] = taken(5, closed, NOW);
+        held[6] = taken(6, NAT64_CLOSING | NAT64_CLOSED, NOW);
+        let (o, _) = run64(&tables(&rules, &hosts, &[], &held), &input);
+        assert_eq!(o.reason, Reason::Nat64Translated);
+        assert!(o.reclaimed);
+        let (key4, reply) = o.reply.expect("reply entry");
+        assert_eq!(key4, held[5].0);
+        assert_eq!(
+            (reply.client_port, reply.flags),
+            (40000u16.to_be_bytes(), 0)
+        );
+        assert_eq!(o.flow.expect("flow").1.snat_port, port_candidate(start, 5));
+        // A reusable port (closed long ago) still comes first.
+        held[7] = taken(7, NAT64_CLOSING, 0);
+        let (o, _) = run64(&tables(&rules, &hosts, &[], &held), &input);
+        assert!(!o.reclaimed);
+        assert_eq!(o.flow.expect("flow").1.snat_port, port_candidate(start, 7));
+        // UDP flows are never "closed": their ports wait for the idle time.
+        let udp = F::new(proto::UDP, (CLIENT6, 40000), (HOST6, 7001)).build();
+        let udp_held: Vec<_> = (0..NAT64_PORT_TRIES)
+            .map(|n| {
+                let key = FlowKeyV4::new(
+                    BACKEND4.octets(),
+                    53u16.to_be_bytes(),
+                    ROUTE.src,
+                    port_candidate(start, n),
+                    proto::UDP,
+                );
+                (key, taken(n, closed, NOW).1)
+            })
+            .collect();
+        let (o, _) = run64(&tables(&rules, &hosts, &[], &udp_held), &udp);
+        assert_eq!(o.reason, Reason::Nat64NoPort);
     }
 
     proptest! {
