@@ -200,7 +200,8 @@ struct Spec {
     exts: Vec<u8>,
     payload: Vec<u8>,
     /// Bit set: 1 IP checksum, 2 IP length, 4 L4 checksum random, 8 L4 checksum zero,
-    /// 16 UDP length or TCP data offset, 32 IHL, 64 version.
+    /// 16 UDP length or TCP data offset, 32 IHL, 64 version, 128 L4 checksum partial
+    /// (the pseudo-header sum, as a local stack with checksum offload sends it).
     spoil: u8,
     spoil_value: u16,
 }
@@ -277,7 +278,7 @@ impl Spec {
             };
             f[at..at + 2].copy_from_slice(&c.to_be_bytes());
         }
-        self.spoil(&mut f, ip_off, l4_off, csum_at);
+        self.spoil(&mut f, ip_off, l4_off, csum_at, !fold(pseudo));
         f
     }
 
@@ -304,7 +305,14 @@ impl Spec {
         h
     }
 
-    fn spoil(&self, f: &mut [u8], ip_off: usize, l4_off: usize, csum_at: Option<usize>) {
+    fn spoil(
+        &self,
+        f: &mut [u8],
+        ip_off: usize,
+        l4_off: usize,
+        csum_at: Option<usize>,
+        partial: u16,
+    ) {
         let v = self.spoil_value.to_be_bytes();
         let v4 = matches!(self.addrs, Addrs::V4(..));
         let mut set = |at: usize, bytes: &[u8]| {
@@ -324,6 +332,9 @@ impl Spec {
             }
             if self.spoil & 8 != 0 {
                 set(at, &[0, 0]);
+            }
+            if self.spoil & 128 != 0 && self.proto != 1 {
+                set(at, &partial.to_be_bytes());
             }
         }
         if self.spoil & 16 != 0 {
@@ -455,7 +466,7 @@ impl Gen {
             _ => self.rng.below(64),
         };
         let spoil = if self.rng.chance(20) {
-            1 << self.rng.below(7)
+            1 << self.rng.below(8)
         } else {
             0
         };
@@ -635,6 +646,7 @@ fn packets_fuzzed_against_the_model() {
     };
     let progs = [
         Prog::XdpIngress,
+        Prog::XdpVirtual,
         Prog::XdpGeneric,
         Prog::TcIngress,
         Prog::TcEgress,

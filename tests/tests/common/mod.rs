@@ -169,11 +169,13 @@ impl Pool {
 }
 
 /// Property: on `cases` random and mutated frames of `pool`'s family, the kernel's XDP
-/// ingress (native and generic), TC ingress and TC egress agree with the model; so does
+/// ingress (native on a NIC and on a virtual device, and generic), TC ingress and TC
+/// egress agree with the model; so does
 /// the reply of every flow an ingress run records, at TC egress.
 pub fn kernel_matches_model(dp: &Dataplane, pool: &Pool, cases: u32) {
     let progs = [
         Prog::XdpIngress,
+        Prog::XdpVirtual,
         Prog::XdpGeneric,
         Prog::TcIngress,
         Prog::TcEgress,
