@@ -99,8 +99,7 @@ pub mod programs {
     /// skb's checksum state).
     pub const XDP_VIRTUAL_INGRESS: &str = "portfwd_xdp_virtual";
     /// Ingress at generic (skb) XDP: the same code, its own fast-path switch; it handles
-    /// partial checksums (local senders, GRO) as `XDP_VIRTUAL_INGRESS` does, and lets
-    /// them take the fast path, since a generic redirect keeps the skb.
+    /// partial checksums (local senders, GRO) as `XDP_VIRTUAL_INGRESS` does.
     pub const XDP_GENERIC_INGRESS: &str = "portfwd_xdp_generic";
     /// Ingress at TC (clsact/TCX ingress).
     pub const TC_INGRESS: &str = "portfwd_tc_ingress";

@@ -13,7 +13,8 @@
 //! on both: `BPF_F_MARK_MANGLED_0` on TC, [`csum::l4_update`] on XDP), so one rewrite
 //! models both. Where XDP may see partial (offloaded) checksums ([`Hook::sees_partial`]),
 //! an L4 checksum equal to the pseudo-header sum gets the address-only update
-//! ([`csum::partial_replace4`]), as TC's helpers give a `CHECKSUM_PARTIAL` skb. The NAT64 program, which TC ingress tail-calls
+//! ([`csum::partial_replace4`]), as TC's helpers give a `CHECKSUM_PARTIAL` skb, and
+//! never takes the fast path. The NAT64 program, which TC ingress tail-calls
 //! ([`Verdict::TailCallNat64`]), is [`nat64`]. What only the kernel knows comes in
 //! through the traits: the FIB's answers ([`Maps::next_hop`], [`nat64::Nat64Maps`]),
 //! the time, the interface.
@@ -46,7 +47,7 @@ pub enum Hook {
     XdpIngress,
     /// `portfwd_xdp_virtual` (native XDP on a virtual device): as [`Hook::XdpIngress`],
     /// and a partial checksum (see [`Hook::sees_partial`]) gets the address-only update
-    /// and never takes the fast path.
+    /// and never takes the fast path (so at generic XDP too).
     XdpVirtual,
     /// `portfwd_xdp_generic` (generic XDP; fast path under [`CONFIG_FAST_PATH`]).
     XdpGeneric,
@@ -687,9 +688,9 @@ fn ingress_v4(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Flow<4>) -> Ou
     if maps.config_flags() & hook.fast_path_bit() == 0 {
         return out;
     }
-    // An XDP redirect makes an xdp_frame, which loses the skb's CHECKSUM_PARTIAL; a
-    // generic redirect transmits the skb itself.
-    if partial && hook == Hook::XdpVirtual {
+    // A partial checksum goes on to the stack, which keeps the skb's CHECKSUM_PARTIAL:
+    // native XDP's redirect would lose it, generic XDP's skip its completion.
+    if partial {
         out.reasons[1] = Some(Reason::FastPathFallback);
         return out;
     }
@@ -789,9 +790,9 @@ fn ingress_v6(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Flow<16>) -> O
     if maps.config_flags() & hook.fast_path_bit() == 0 {
         return out;
     }
-    // An XDP redirect makes an xdp_frame, which loses the skb's CHECKSUM_PARTIAL; a
-    // generic redirect transmits the skb itself.
-    if partial && hook == Hook::XdpVirtual {
+    // A partial checksum goes on to the stack, which keeps the skb's CHECKSUM_PARTIAL:
+    // native XDP's redirect would lose it, generic XDP's skip its completion.
+    if partial {
         out.reasons[1] = Some(Reason::FastPathFallback);
         return out;
     }

@@ -110,7 +110,7 @@ pub trait Packet {
         port: [u8; 2],
     ) -> Result<(), RewriteError>;
     /// Whether the packet, as rewritten, may take the fast path (redirect). False for a
-    /// partial (offloaded) checksum at native XDP, which a redirect would lose.
+    /// partial (offloaded) checksum at XDP (see [`XdpPacket`]).
     #[inline(always)]
     fn may_redirect(&self) -> bool {
         true
@@ -141,48 +141,39 @@ fn field_offsets(f: &Ipv4Flow, end: End) -> (usize, usize) {
 
 /// Offsets (from the start of the IPv6 header, and of the L4 header) of `end`'s address
 
-/// Whether an XDP hook can see partial (offloaded) checksums, and what such a packet
-/// may do. A frame from a wire has a complete checksum; one sent by a local stack with
-/// checksum offload on (over a veth, a tap) or merged by GRO (generic XDP runs after
-/// it) is `CHECKSUM_PARTIAL`: its L4 checksum field holds the folded pseudo-header sum
-/// only, and the kernel or NIC completes it later over the segment.
-///
-/// XDP cannot read the skb's checksum state, so a checksum equal to the pseudo-header
-/// sum of the frame's addresses, protocol and L4 length is taken as partial. A complete
-/// one is equal by chance once in 65,536 frames; only hooks where partial frames occur
-/// look (the daemon attaches `portfwd_xdp_virtual` on virtual devices only, never on a
-/// NIC), and there such a frame gets the address-only update: its checksum field is
-/// then wrong, its data untouched, so at worst a verifying receiver drops that one
-/// packet, as if lost on the way.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Offload {
-    /// Native XDP on a NIC: every frame comes from the wire, its checksum complete.
-    Complete,
-    /// Native XDP on a virtual device: partial frames are possible. They may only go on
-    /// to the stack, whose skb keeps `CHECKSUM_PARTIAL`; a redirect makes an
-    /// `xdp_frame`, which loses it, and the receiver then rejects the partial sum.
-    PassPartial,
-    /// Generic XDP: partial frames are possible, and the skb (with its checksum state)
-    /// is what a generic redirect transmits, so they may take the fast path too.
-    RedirectPartial,
-}
-
 /// XDP: checksums updated in place with direct packet writes: a complete one
-/// incrementally (RFC 1624) for address and port; a partial one (where [`Offload`]
-/// allows it) for the address only, as the pseudo-header sum it holds.
+/// incrementally (RFC 1624) for address and port; a partial one for the address only.
+///
+/// A frame from a wire has a complete checksum; one sent by a local stack with checksum
+/// offload on (over a veth, a tap) or merged by GRO (generic XDP runs after it) is
+/// `CHECKSUM_PARTIAL`: its L4 checksum field holds the folded pseudo-header sum only,
+/// and the kernel or NIC completes it later over the segment, ports included. Such a
+/// packet never takes the fast path: native XDP's redirect makes an `xdp_frame`, which
+/// loses the partial state (the backend then rejects the sum), and generic XDP's
+/// transmits the skb without the checksum completion a device without offload needs.
+/// XDP_PASS keeps the skb's state.
+///
+/// XDP cannot read the skb's state, so a checksum equal to the pseudo-header sum of the
+/// frame's addresses, protocol and L4 length is taken as partial. A complete one is
+/// equal by chance once in 65,536 frames: only the programs for hooks where partial
+/// frames occur look (`portfwd_xdp_virtual`, which the daemon attaches for native XDP on
+/// virtual devices, never on a NIC, and `portfwd_xdp_generic`), and there such a frame
+/// gets the address-only update: its checksum field is then wrong, its data untouched,
+/// so at worst a verifying receiver drops that one packet, as if lost on the way.
 pub struct XdpPacket<'a> {
     ctx: &'a XdpContext,
-    offload: Offload,
+    /// Frames at this hook may carry partial checksums.
+    may_be_partial: bool,
     /// The last rewrite found a partial checksum.
     partial: bool,
 }
 
 impl<'a> XdpPacket<'a> {
     #[inline(always)]
-    pub fn new(ctx: &'a XdpContext, offload: Offload) -> Self {
+    pub fn new(ctx: &'a XdpContext, may_be_partial: bool) -> Self {
         Self {
             ctx,
-            offload,
+            may_be_partial,
             partial: false,
         }
     }
@@ -191,7 +182,7 @@ impl<'a> XdpPacket<'a> {
 impl Packet for XdpPacket<'_> {
     #[inline(always)]
     fn may_redirect(&self) -> bool {
-        !(self.partial && self.offload == Offload::PassPartial)
+        !self.partial
     }
     #[inline(always)]
     fn nat64(&mut self, _: &Ipv6Flow, _: &BackendV6) -> Verdict {
@@ -300,7 +291,7 @@ impl Packet for XdpPacket<'_> {
             // The L4 length the pseudo-header covers: total length less the IP header.
             let l4_len = u16::from_be_bytes([*ip.add(IP_TOT_LEN_OFF), *ip.add(IP_TOT_LEN_OFF + 1)])
                 .wrapping_sub((f.l4_off - f.ip_off) as u16);
-            self.partial = self.offload != Offload::Complete
+            self.partial = self.may_be_partial
                 && l4_check == csum::pseudo_sum_v4(f.src, f.dst, f.proto, l4_len);
             let l4_check = if self.partial {
                 csum::partial_replace4(l4_check, old_addr, addr)
@@ -344,7 +335,7 @@ impl Packet for XdpPacket<'_> {
             let l4_check = u16::from_be_bytes([*l4.add(l4_csum_at), *l4.add(l4_csum_at + 1)]);
             // No extension headers get here: the payload length is the L4 length.
             let l4_len = u16::from_be_bytes([*ip.add(IP6_PLEN_OFF), *ip.add(IP6_PLEN_OFF + 1)]);
-            self.partial = self.offload != Offload::Complete
+            self.partial = self.may_be_partial
                 && l4_check == csum::pseudo_sum_v6(f.src, f.dst, f.proto, l4_len as u32);
             write(ip.add(addr_at), &addr);
             let l4_check = if self.partial {
