@@ -1,13 +1,13 @@
 //! Packet fuzzing against the model: at least a million random and mutated frames (both
 //! families, every protocol, 802.1Q/802.1ad tags, IPv4 options and fragments, IPv6
-//! extension headers, truncated headers, wrong lengths, flags and checksums, and
-//! mutations of the seed corpus in `tests/corpus/packets/`) through BPF_PROG_RUN of
-//! every packet program: native and generic XDP ingress, TC ingress (NAT64 followed
-//! through its tail call), TC egress and NAT64's entry; plus the backend's reply to every
-//! flow a frame records. Every output is compared with the model (`fuzz::Fuzzer`:
-//! verdict and bytes per frame; reason counters, rule counters and the whole flow
-//! tables per batch). The configuration (fast path at each hook, NAT64) changes from
-//! batch to batch.
+//! extension headers, truncated headers, wrong lengths, flags and checksums, partial
+//! (offloaded) checksums, and mutations of the seed corpus in `tests/corpus/packets/`)
+//! through BPF_PROG_RUN of every packet program: native (NIC and virtual device) and
+//! generic XDP ingress, TC ingress (NAT64 followed through its tail call), TC egress
+//! and NAT64's entry; plus the backend's reply to every flow a frame records. Every
+//! output is compared with the model (`fuzz::Fuzzer`: verdict and bytes per frame;
+//! reason counters, rule counters and the whole flow tables per batch). The
+//! configuration (fast path at each hook, NAT64) changes from batch to batch.
 //!
 //! `PORTFWD_FUZZ_FRAMES` (default 1,000,000) and `PORTFWD_FUZZ_SEED` (default fixed,
 //! printed) size and reproduce a run; a disagreement prints the frame as hex, ready to
