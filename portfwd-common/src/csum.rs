@@ -116,6 +116,49 @@ const fn udp_zero_rules(old: u16, updated: u16, is_udp: bool) -> u16 {
     }
 }
 
+/// The folded IPv4 pseudo-header sum (RFC 793 / 768) of a segment of `len` bytes: what
+/// an offloaded (`CHECKSUM_PARTIAL`) TCP or UDP segment carries in its checksum field
+/// (not complemented; the kernel or NIC adds the segment's bytes later). Never zero.
+#[inline(always)]
+pub const fn pseudo_sum_v4(src: [u8; 4], dst: [u8; 4], proto: u8, len: u16) -> u16 {
+    let sum = u16::from_be_bytes([src[0], src[1]]) as u32
+        + u16::from_be_bytes([src[2], src[3]]) as u32
+        + u16::from_be_bytes([dst[0], dst[1]]) as u32
+        + u16::from_be_bytes([dst[2], dst[3]]) as u32
+        + proto as u32
+        + len as u32;
+    fold(sum)
+}
+
+/// As [`pseudo_sum_v4`], for IPv6 (RFC 8200 section 8.1), `len` the upper-layer length.
+#[inline(always)]
+pub const fn pseudo_sum_v6(src: [u8; 16], dst: [u8; 16], next_header: u8, len: u32) -> u16 {
+    // At most 34 words of 0xffff: no overflow of the 32-bit accumulator.
+    let mut sum = (len >> 16) + (len & 0xffff) + next_header as u32;
+    let mut i = 0;
+    while i < 16 {
+        sum += u16::from_be_bytes([src[i], src[i + 1]]) as u32
+            + u16::from_be_bytes([dst[i], dst[i + 1]]) as u32;
+        i += 2;
+    }
+    fold(sum)
+}
+
+/// Updates a partial (offloaded) checksum field, which holds the pseudo-header sum
+/// itself (not its complement), after an IPv4 address change: `field + ~old + new`, as
+/// the kernel's `inet_proto_csum_replace4` does for a `CHECKSUM_PARTIAL` skb. Ports are
+/// in the data the kernel sums later, so they never enter a partial field.
+#[inline(always)]
+pub const fn partial_replace4(field: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
+    !replace4(!field, old, new)
+}
+
+/// As [`partial_replace4`], for an IPv6 address.
+#[inline(always)]
+pub const fn partial_replace16(field: u16, old: [u8; 16], new: [u8; 16]) -> u16 {
+    !replace16(!field, old, new)
+}
+
 /// Full one's complement sum over `data` (odd length padded with a zero byte), folded.
 /// The checksum field itself must be zero (or excluded) when computing a checksum.
 pub fn sum(data: &[u8], initial: u32) -> u16 {
@@ -223,6 +266,20 @@ mod tests {
         assert_eq!(replace16(0x1234, a, a), 0x1234);
     }
 
+    #[test]
+    fn pseudo_sums_match_the_slice_versions() {
+        let (a, b) = ([198, 18, 0, 2], [198, 18, 0, 1]);
+        assert_eq!(
+            pseudo_sum_v4(a, b, 6, 1480) as u32,
+            pseudo_header_v4(a, b, 6, 1480)
+        );
+        let (a6, b6) = ([0x20; 16], [0xfe; 16]);
+        assert_eq!(
+            pseudo_sum_v6(a6, b6, 17, 70_000) as u32,
+            pseudo_header_v6(a6, b6, 17, 70_000)
+        );
+    }
+
     proptest! {
         #[test]
         fn incremental_equals_full_recompute(
@@ -261,6 +318,43 @@ mod tests {
             prop_assert!(
                 incr == after || (!is_udp && (incr == 0 || incr == 0xffff) && (after == 0 || after == 0xffff)),
                 "incr {incr:#06x} full {after:#06x}"
+            );
+        }
+
+        /// A partial field updated for an address change is the new pseudo-header sum,
+        /// and completing it over the segment (as the kernel or NIC does later, ports
+        /// included) gives the full checksum of the rewritten segment.
+        #[test]
+        fn partial_update_then_completion_equals_full(
+            src in any::<[u8; 4]>(), dst in any::<[u8; 4]>(), new_dst in any::<[u8; 4]>(),
+            sport in any::<u16>(), new_dport in any::<u16>(),
+            payload in proptest::collection::vec(any::<u8>(), 0..48),
+        ) {
+            let len = 8 + payload.len() as u16;
+            let field = pseudo_sum_v4(src, dst, 17, len);
+            let updated = partial_replace4(field, dst, new_dst);
+            prop_assert_eq!(updated, pseudo_sum_v4(src, new_dst, 17, len));
+            // Completion: the sum over the segment with the partial field in place.
+            let mut seg = [0u8; 64];
+            seg[..2].copy_from_slice(&sport.to_be_bytes());
+            seg[2..4].copy_from_slice(&new_dport.to_be_bytes());
+            seg[4..6].copy_from_slice(&len.to_be_bytes());
+            seg[6..8].copy_from_slice(&updated.to_be_bytes());
+            seg[8..len as usize].copy_from_slice(&payload);
+            let completed = match !sum(&seg[..len as usize], 0) { 0 => 0xffff, c => c };
+            prop_assert_eq!(completed, full_l4(src, new_dst, sport, new_dport, &payload));
+        }
+
+        #[test]
+        fn v6_partial_update_is_the_new_pseudo_sum(
+            src in any::<[u8; 16]>(), dst in any::<[u8; 16]>(), new_dst in any::<[u8; 16]>(),
+            len in any::<u16>(), udp in any::<bool>(),
+        ) {
+            let nh = if udp { 17 } else { 6 };
+            let field = pseudo_sum_v6(src, dst, nh, len.into());
+            prop_assert_eq!(
+                partial_replace16(field, dst, new_dst),
+                pseudo_sum_v6(src, new_dst, nh, len.into())
             );
         }
 

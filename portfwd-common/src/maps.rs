@@ -98,9 +98,15 @@ pub const fn wildcard_bits(proto: u8, v6: bool) -> u8 {
 
 /// Entry points in the object, as their ELF symbols (aya finds programs by symbol).
 pub mod programs {
-    /// Ingress at native XDP.
+    /// Ingress at native XDP on a NIC (frames from the wire: complete checksums).
     pub const XDP_INGRESS: &str = "portfwd_xdp_ingress";
-    /// Ingress at generic (skb) XDP: the same code, its own fast-path switch.
+    /// Ingress at native XDP on a virtual device (veth, tap): the same, and frames
+    /// whose checksum is partial (offloaded by a local sender) get the update such a
+    /// checksum needs and never take the fast path (an XDP redirect would lose the
+    /// skb's checksum state).
+    pub const XDP_VIRTUAL_INGRESS: &str = "portfwd_xdp_virtual";
+    /// Ingress at generic (skb) XDP: the same code, its own fast-path switch; it handles
+    /// partial checksums (local senders, GRO) as `XDP_VIRTUAL_INGRESS` does.
     pub const XDP_GENERIC_INGRESS: &str = "portfwd_xdp_generic";
     /// Ingress at TC (clsact/TCX ingress).
     pub const TC_INGRESS: &str = "portfwd_tc_ingress";

@@ -7,10 +7,14 @@
 //! the same parsing order and reasons, the same rule lookup ([`rules::lookup`] over
 //! [`Maps`], which answers what the maps hold), the same flow decision
 //! ([`may_start_flow`]) and rewrite, with the checksums updated by the same
-//! [`crate::csum`] functions and header offsets from [`crate::packet`]. XDP updates checksums incrementally in place (RFC 1624) and TC through
-//! the kernel's helpers; on any frame their bytes agree (UDP's zero checksum stays zero
+//! [`crate::csum`] functions and header offsets from [`crate::packet`]. XDP updates
+//! checksums incrementally in place (RFC 1624) and TC through the kernel's helpers; on
+//! any frame with a complete checksum their bytes agree (UDP's zero checksum stays zero
 //! on both: `BPF_F_MARK_MANGLED_0` on TC, [`csum::l4_update`] on XDP), so one rewrite
-//! models both. The NAT64 program, which TC ingress tail-calls
+//! models both. Where XDP may see partial (offloaded) checksums ([`Hook::sees_partial`]),
+//! an L4 checksum equal to the pseudo-header sum gets the address-only update
+//! ([`csum::partial_replace4`]), as TC's helpers give a `CHECKSUM_PARTIAL` skb, and
+//! never takes the fast path. The NAT64 program, which TC ingress tail-calls
 //! ([`Verdict::TailCallNat64`]), is [`nat64`]. What only the kernel knows comes in
 //! through the traits: the FIB's answers ([`Maps::next_hop`], [`nat64::Nat64Maps`]),
 //! the time, the interface.
@@ -38,8 +42,13 @@ use crate::{
 /// Which program runs the frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
-    /// `portfwd_xdp_ingress` (native XDP; fast path under [`CONFIG_FAST_PATH_NATIVE_XDP`]).
+    /// `portfwd_xdp_ingress` (native XDP on a NIC; fast path under
+    /// [`CONFIG_FAST_PATH_NATIVE_XDP`]).
     XdpIngress,
+    /// `portfwd_xdp_virtual` (native XDP on a virtual device): as [`Hook::XdpIngress`],
+    /// and a partial checksum (see [`Hook::sees_partial`]) gets the address-only update
+    /// and never takes the fast path (so at generic XDP too).
+    XdpVirtual,
     /// `portfwd_xdp_generic` (generic XDP; fast path under [`CONFIG_FAST_PATH`]).
     XdpGeneric,
     /// `portfwd_tc_ingress`.
@@ -50,11 +59,18 @@ pub enum Hook {
 
 impl Hook {
     fn is_xdp(self) -> bool {
-        matches!(self, Hook::XdpIngress | Hook::XdpGeneric)
+        matches!(self, Hook::XdpIngress | Hook::XdpVirtual | Hook::XdpGeneric)
+    }
+    /// Whether the program takes an L4 checksum equal to the packet's pseudo-header sum
+    /// for a partial (offloaded, `CHECKSUM_PARTIAL`) one: at XDP where frames may come
+    /// from a local stack (a virtual device) or GRO (generic XDP). TC leaves this to the
+    /// kernel's helpers, which read the skb's state (none, in BPF_PROG_RUN).
+    pub fn sees_partial(self) -> bool {
+        matches!(self, Hook::XdpVirtual | Hook::XdpGeneric)
     }
     fn fast_path_bit(self) -> u64 {
         match self {
-            Hook::XdpIngress => CONFIG_FAST_PATH_NATIVE_XDP,
+            Hook::XdpIngress | Hook::XdpVirtual => CONFIG_FAST_PATH_NATIVE_XDP,
             _ => CONFIG_FAST_PATH,
         }
     }
@@ -538,8 +554,16 @@ fn put(frame: &mut [u8], at: usize, bytes: &[u8]) {
 }
 
 /// Rewrites one end's address and port of a parsed (so bounds-checked) IPv4 packet, and
-/// both checksums.
-fn rewrite_v4(frame: &mut [u8], f: &Flow<4>, end: End, addr: [u8; 4], port: [u8; 2]) {
+/// both checksums. `sees_partial`: an L4 checksum equal to the pseudo-header sum is
+/// partial, and gets the address change only. Returns whether it was taken as partial.
+fn rewrite_v4(
+    frame: &mut [u8],
+    f: &Flow<4>,
+    end: End,
+    addr: [u8; 4],
+    port: [u8; 2],
+    sees_partial: bool,
+) -> bool {
     let (old_addr, old_port, addr_at, port_at) = match end {
         End::Src => (f.src, f.sport, f.ip_off + IP_SRC_OFF, f.l4_off),
         End::Dst => (f.dst, f.dport, f.ip_off + IP_DST_OFF, f.l4_off + 2),
@@ -553,36 +577,68 @@ fn rewrite_v4(frame: &mut [u8], f: &Flow<4>, end: End, addr: [u8; 4], port: [u8;
     put(frame, ip_csum_at, &ip_check.to_be_bytes());
     put(frame, addr_at, &addr);
     let l4_csum_at = f.l4_csum_off();
-    let l4_check = csum::l4_update(
-        u16::from_be_bytes([frame[l4_csum_at], frame[l4_csum_at + 1]]),
-        old_addr,
-        addr,
-        u16::from_be_bytes(old_port),
-        u16::from_be_bytes(port),
-        f.is_udp(),
-    );
+    let check = u16::from_be_bytes([frame[l4_csum_at], frame[l4_csum_at + 1]]);
+    let tot_len = u16::from_be_bytes([
+        frame[f.ip_off + IP_TOT_LEN_OFF],
+        frame[f.ip_off + IP_TOT_LEN_OFF + 1],
+    ]);
+    let l4_len = tot_len.wrapping_sub((f.l4_off - f.ip_off) as u16);
+    let partial = sees_partial && check == csum::pseudo_sum_v4(f.src, f.dst, f.proto, l4_len);
+    let l4_check = if partial {
+        csum::partial_replace4(check, old_addr, addr)
+    } else {
+        csum::l4_update(
+            check,
+            old_addr,
+            addr,
+            u16::from_be_bytes(old_port),
+            u16::from_be_bytes(port),
+            f.is_udp(),
+        )
+    };
     put(frame, l4_csum_at, &l4_check.to_be_bytes());
     put(frame, port_at, &port);
+    partial
 }
 
 /// As [`rewrite_v4`], for IPv6 (no header checksum; the pseudo-header moves the L4 one).
-fn rewrite_v6(frame: &mut [u8], f: &Flow<16>, end: End, addr: [u8; 16], port: [u8; 2]) {
+fn rewrite_v6(
+    frame: &mut [u8],
+    f: &Flow<16>,
+    end: End,
+    addr: [u8; 16],
+    port: [u8; 2],
+    sees_partial: bool,
+) -> bool {
     let (old_addr, old_port, addr_at, port_at) = match end {
         End::Src => (f.src, f.sport, f.ip_off + IP6_SRC_OFF, f.l4_off),
         End::Dst => (f.dst, f.dport, f.ip_off + IP6_DST_OFF, f.l4_off + 2),
     };
     put(frame, addr_at, &addr);
     let l4_csum_at = f.l4_csum_off();
-    let l4_check = csum::l4_update_v6(
-        u16::from_be_bytes([frame[l4_csum_at], frame[l4_csum_at + 1]]),
-        old_addr,
-        addr,
-        u16::from_be_bytes(old_port),
-        u16::from_be_bytes(port),
-        f.is_udp(),
-    );
+    let check = u16::from_be_bytes([frame[l4_csum_at], frame[l4_csum_at + 1]]);
+    // No extension headers get here: the payload length is the L4 length.
+    let l4_len = u16::from_be_bytes([
+        frame[f.ip_off + IP6_PLEN_OFF],
+        frame[f.ip_off + IP6_PLEN_OFF + 1],
+    ]);
+    let partial =
+        sees_partial && check == csum::pseudo_sum_v6(f.src, f.dst, f.proto, l4_len.into());
+    let l4_check = if partial {
+        csum::partial_replace16(check, old_addr, addr)
+    } else {
+        csum::l4_update_v6(
+            check,
+            old_addr,
+            addr,
+            u16::from_be_bytes(old_port),
+            u16::from_be_bytes(port),
+            f.is_udp(),
+        )
+    };
     put(frame, l4_csum_at, &l4_check.to_be_bytes());
     put(frame, port_at, &port);
+    partial
 }
 
 fn ingress_v4(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Flow<4>) -> Outcome {
@@ -611,7 +667,14 @@ fn ingress_v4(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Flow<4>) -> Ou
             (maps.flow_v4(&key) != Some(value)).then_some(FlowWrite::V4(key, value))
         })
         .flatten();
-    rewrite_v4(frame, f, End::Dst, backend.addr_bytes(), backend.port_be());
+    let partial = rewrite_v4(
+        frame,
+        f,
+        End::Dst,
+        backend.addr_bytes(),
+        backend.port_be(),
+        hook.sees_partial(),
+    );
     let mut out = Outcome {
         verdict: Verdict::Pass,
         reasons: [Some(Reason::Translated), None],
@@ -623,6 +686,12 @@ fn ingress_v4(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Flow<4>) -> Ou
         }),
     };
     if maps.config_flags() & hook.fast_path_bit() == 0 {
+        return out;
+    }
+    // A partial checksum goes on to the stack, which keeps the skb's CHECKSUM_PARTIAL:
+    // native XDP's redirect would lose it, generic XDP's skip its completion.
+    if partial {
+        out.reasons[1] = Some(Reason::FastPathFallback);
         return out;
     }
     let ttl = frame[f.ip_off + IP_TTL_OFF];
@@ -700,7 +769,14 @@ fn ingress_v6(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Flow<16>) -> O
             (maps.flow_v6(&key) != Some(value)).then_some(FlowWrite::V6(key, value))
         })
         .flatten();
-    rewrite_v6(frame, f, End::Dst, backend.addr_bytes(), backend.port_be());
+    let partial = rewrite_v6(
+        frame,
+        f,
+        End::Dst,
+        backend.addr_bytes(),
+        backend.port_be(),
+        hook.sees_partial(),
+    );
     let mut out = Outcome {
         verdict: Verdict::Pass,
         reasons: [Some(Reason::Translated), None],
@@ -712,6 +788,12 @@ fn ingress_v6(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Flow<16>) -> O
         }),
     };
     if maps.config_flags() & hook.fast_path_bit() == 0 {
+        return out;
+    }
+    // A partial checksum goes on to the stack, which keeps the skb's CHECKSUM_PARTIAL:
+    // native XDP's redirect would lose it, generic XDP's skip its completion.
+    if partial {
+        out.reasons[1] = Some(Reason::FastPathFallback);
         return out;
     }
     let hops = frame[f.ip_off + IP6_HOP_LIMIT_OFF];
@@ -754,12 +836,14 @@ fn reply_v4(maps: &impl Maps, frame: &mut [u8], f: &Flow<4>) -> Outcome {
             None => return Outcome::pass(Reason::PassNoFlow),
         },
     };
+    // TC egress: the kernel's helpers, on a complete checksum in BPF_PROG_RUN.
     rewrite_v4(
         frame,
         f,
         End::Src,
         tracked.host_addr_bytes(),
         tracked.host_port_be(),
+        false,
     );
     translated_reply(tracked.stats_slot(), promoted)
 }
@@ -776,12 +860,14 @@ fn reply_v6(maps: &impl Maps, frame: &mut [u8], f: &Flow<16>) -> Outcome {
             None => return Outcome::pass(Reason::PassNoFlow),
         },
     };
+    // TC egress: the kernel's helpers, on a complete checksum in BPF_PROG_RUN.
     rewrite_v6(
         frame,
         f,
         End::Src,
         tracked.host_addr_bytes(),
         tracked.host_port_be(),
+        false,
     );
     translated_reply(tracked.stats_slot(), promoted)
 }

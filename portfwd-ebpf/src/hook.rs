@@ -15,8 +15,8 @@ use aya_ebpf::{
 use portfwd_common::{
     csum,
     packet::{
-        IP6_DST_OFF, IP6_HOP_LIMIT_OFF, IP6_SRC_OFF, IPV4_MIN_HLEN, IPV6_HLEN, IP_CSUM_OFF,
-        IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF,
+        IP6_DST_OFF, IP6_HOP_LIMIT_OFF, IP6_PLEN_OFF, IP6_SRC_OFF, IPV4_MIN_HLEN, IPV6_HLEN,
+        IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF,
     },
     BackendV6, FlowKeyV4, Reason,
 };
@@ -109,6 +109,12 @@ pub trait Packet {
         addr: [u8; 16],
         port: [u8; 2],
     ) -> Result<(), RewriteError>;
+    /// Whether the packet, as rewritten, may take the fast path (redirect). False for a
+    /// partial (offloaded) checksum at XDP (see [`XdpPacket`]).
+    #[inline(always)]
+    fn may_redirect(&self) -> bool {
+        true
+    }
     /// An IPv6 packet for an IPv4-only backend (held IPv4-mapped): NAT64 where the hook
     /// can change a packet's family, else passed (see `nat64`).
     fn nat64(&mut self, f: &Ipv6Flow, backend: &BackendV6) -> Verdict;
@@ -135,20 +141,49 @@ fn field_offsets(f: &Ipv4Flow, end: End) -> (usize, usize) {
 
 /// Offsets (from the start of the IPv6 header, and of the L4 header) of `end`'s address
 
-/// XDP: frames arrive with complete checksums (as from a wire), so both checksums are
-/// updated incrementally in place (RFC 1624) with direct packet writes.
+/// XDP: checksums updated in place with direct packet writes: a complete one
+/// incrementally (RFC 1624) for address and port; a partial one for the address only.
+///
+/// A frame from a wire has a complete checksum; one sent by a local stack with checksum
+/// offload on (over a veth, a tap) or merged by GRO (generic XDP runs after it) is
+/// `CHECKSUM_PARTIAL`: its L4 checksum field holds the folded pseudo-header sum only,
+/// and the kernel or NIC completes it later over the segment, ports included. Such a
+/// packet never takes the fast path: native XDP's redirect makes an `xdp_frame`, which
+/// loses the partial state (the backend then rejects the sum), and generic XDP's
+/// transmits the skb without the checksum completion a device without offload needs.
+/// XDP_PASS keeps the skb's state.
+///
+/// XDP cannot read the skb's state, so a checksum equal to the pseudo-header sum of the
+/// frame's addresses, protocol and L4 length is taken as partial. A complete one is
+/// equal by chance once in 65,536 frames: only the programs for hooks where partial
+/// frames occur look (`portfwd_xdp_virtual`, which the daemon attaches for native XDP on
+/// virtual devices, never on a NIC, and `portfwd_xdp_generic`), and there such a frame
+/// gets the address-only update: its checksum field is then wrong, its data untouched,
+/// so at worst a verifying receiver drops that one packet, as if lost on the way.
 pub struct XdpPacket<'a> {
     ctx: &'a XdpContext,
+    /// Frames at this hook may carry partial checksums.
+    may_be_partial: bool,
+    /// The last rewrite found a partial checksum.
+    partial: bool,
 }
 
 impl<'a> XdpPacket<'a> {
     #[inline(always)]
-    pub fn new(ctx: &'a XdpContext) -> Self {
-        Self { ctx }
+    pub fn new(ctx: &'a XdpContext, may_be_partial: bool) -> Self {
+        Self {
+            ctx,
+            may_be_partial,
+            partial: false,
+        }
     }
 }
 
 impl Packet for XdpPacket<'_> {
+    #[inline(always)]
+    fn may_redirect(&self) -> bool {
+        !self.partial
+    }
     #[inline(always)]
     fn nat64(&mut self, _: &Ipv6Flow, _: &BackendV6) -> Verdict {
         // XDP cannot change a packet's family (no bpf_skb_change_proto): TC can.
@@ -253,14 +288,23 @@ impl Packet for XdpPacket<'_> {
             write(ip.add(addr_at), &addr);
 
             let l4_check = u16::from_be_bytes([*l4.add(l4_csum_at), *l4.add(l4_csum_at + 1)]);
-            let l4_check = csum::l4_update(
-                l4_check,
-                old_addr,
-                addr,
-                u16::from_be_bytes(old_port),
-                u16::from_be_bytes(port),
-                f.is_udp(),
-            );
+            // The L4 length the pseudo-header covers: total length less the IP header.
+            let l4_len = u16::from_be_bytes([*ip.add(IP_TOT_LEN_OFF), *ip.add(IP_TOT_LEN_OFF + 1)])
+                .wrapping_sub((f.l4_off - f.ip_off) as u16);
+            self.partial = self.may_be_partial
+                && l4_check == csum::pseudo_sum_v4(f.src, f.dst, f.proto, l4_len);
+            let l4_check = if self.partial {
+                csum::partial_replace4(l4_check, old_addr, addr)
+            } else {
+                csum::l4_update(
+                    l4_check,
+                    old_addr,
+                    addr,
+                    u16::from_be_bytes(old_port),
+                    u16::from_be_bytes(port),
+                    f.is_udp(),
+                )
+            };
             write(l4.add(l4_csum_at), &l4_check.to_be_bytes());
             write(l4.add(port_at), &port);
         }
@@ -288,16 +332,24 @@ impl Packet for XdpPacket<'_> {
         // SAFETY: `ip` spans the 40-byte IPv6 header and `l4` the whole L4 header
         // (checked above); every offset below is inside them.
         unsafe {
-            write(ip.add(addr_at), &addr);
             let l4_check = u16::from_be_bytes([*l4.add(l4_csum_at), *l4.add(l4_csum_at + 1)]);
-            let l4_check = csum::l4_update_v6(
-                l4_check,
-                old_addr,
-                addr,
-                u16::from_be_bytes(old_port),
-                u16::from_be_bytes(port),
-                f.is_udp(),
-            );
+            // No extension headers get here: the payload length is the L4 length.
+            let l4_len = u16::from_be_bytes([*ip.add(IP6_PLEN_OFF), *ip.add(IP6_PLEN_OFF + 1)]);
+            self.partial = self.may_be_partial
+                && l4_check == csum::pseudo_sum_v6(f.src, f.dst, f.proto, l4_len as u32);
+            write(ip.add(addr_at), &addr);
+            let l4_check = if self.partial {
+                csum::partial_replace16(l4_check, old_addr, addr)
+            } else {
+                csum::l4_update_v6(
+                    l4_check,
+                    old_addr,
+                    addr,
+                    u16::from_be_bytes(old_port),
+                    u16::from_be_bytes(port),
+                    f.is_udp(),
+                )
+            };
             write(l4.add(l4_csum_at), &l4_check.to_be_bytes());
             write(l4.add(port_at), &port);
         }

@@ -3,6 +3,8 @@
 //! - `portfwd_xdp_ingress` / `portfwd_tc_ingress`: the same destination NAT for a published
 //!   port, at the XDP hook (physical NICs) or TC ingress (veth, bridge: see the daemon's
 //!   `--ingress auto`). The rewritten packet goes on to the kernel, which routes it.
+//!   `portfwd_xdp_virtual` (native XDP on a virtual device) and `portfwd_xdp_generic`
+//!   also handle partial (offloaded) checksums (`hook::XdpPacket`).
 //! - `portfwd_tc_egress`: translates the backend's replies back to the published address,
 //!   driven by the flow recorded at ingress.
 //! - `portfwd_{connect4,sendmsg4,recvmsg4,getpeername4,bind4}`: local clients, served at
@@ -34,22 +36,31 @@ use portfwd_common::{CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP};
 
 use crate::hook::{TcPacket, Verdict, XdpPacket};
 
-/// Ingress DNAT at the XDP hook, attached natively (in the driver).
+/// Ingress DNAT at the XDP hook, attached natively (in the driver) on a NIC: frames
+/// come from the wire with complete checksums, so none is checked for being partial.
 #[xdp]
 pub fn portfwd_xdp_ingress(ctx: XdpContext) -> u32 {
-    xdp_ingress(&ctx, CONFIG_FAST_PATH_NATIVE_XDP)
+    xdp_ingress(&ctx, CONFIG_FAST_PATH_NATIVE_XDP, false)
+}
+
+/// The same, attached natively on a virtual device (veth, tap), whose frames may carry
+/// partial (offloaded) checksums from a local stack: see [`XdpPacket`].
+#[xdp]
+pub fn portfwd_xdp_virtual(ctx: XdpContext) -> u32 {
+    xdp_ingress(&ctx, CONFIG_FAST_PATH_NATIVE_XDP, true)
 }
 
 /// The same, attached as generic (skb) XDP: its redirects take the skb path, which any
-/// device accepts, so the fast path has its own switch.
+/// device accepts, so the fast path has its own switch. It runs after GRO, whose merged
+/// packets carry partial checksums, on any device: it checks for them.
 #[xdp]
 pub fn portfwd_xdp_generic(ctx: XdpContext) -> u32 {
-    xdp_ingress(&ctx, CONFIG_FAST_PATH)
+    xdp_ingress(&ctx, CONFIG_FAST_PATH, true)
 }
 
 #[inline(always)]
-fn xdp_ingress(ctx: &XdpContext, fast_path_bit: u64) -> u32 {
-    let mut pkt = XdpPacket::new(ctx);
+fn xdp_ingress(ctx: &XdpContext, fast_path_bit: u64, may_be_partial: bool) -> u32 {
+    let mut pkt = XdpPacket::new(ctx, may_be_partial);
     match nat::ingress(&mut pkt, fast_path_bit) {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,

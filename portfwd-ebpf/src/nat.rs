@@ -86,6 +86,10 @@ fn ingress_v4<P: Packet>(pkt: &mut P, flow: Ipv4Flow, fast_path_bit: u64) -> Ver
     if maps::config().flags & fast_path_bit == 0 {
         return Verdict::Pass;
     }
+    if !pkt.may_redirect() {
+        count(Reason::FastPathFallback);
+        return Verdict::Pass;
+    }
     match fastpath::next_hop(pkt, &translated) {
         Some(hop) if pkt.forward(&translated, hop.smac, hop.dmac).is_ok() => {
             count(Reason::Redirected);
@@ -203,6 +207,10 @@ fn ingress_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow, fast_path_bit: u64) -> Ver
         ..flow
     };
     if maps::config().flags & fast_path_bit == 0 {
+        return Verdict::Pass;
+    }
+    if !pkt.may_redirect() {
+        count(Reason::FastPathFallback);
         return Verdict::Pass;
     }
     match fastpath::next_hop_v6(pkt, &translated) {

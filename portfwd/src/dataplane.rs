@@ -344,9 +344,12 @@ fn hook_pin_name(hook: Hook) -> &'static str {
     }
 }
 
-/// The program a hook runs.
-fn hook_program(hook: Hook) -> &'static str {
+/// The program a hook runs on `iface`: native XDP runs its own program on a virtual
+/// device, whose frames may carry partial (offloaded) checksums from a local sender;
+/// on a NIC they come from the wire, complete, and the check would only cost.
+pub fn hook_program(hook: Hook, iface: &str) -> &'static str {
     match hook {
+        Hook::Xdp if crate::netinfo::is_virtual(iface) => programs::XDP_VIRTUAL_INGRESS,
         Hook::Xdp => programs::XDP_INGRESS,
         Hook::XdpGeneric => programs::XDP_GENERIC_INGRESS,
         Hook::TcIngress => programs::TC_INGRESS,
@@ -451,7 +454,11 @@ impl Dataplane {
         ProgramArray::try_from(map)
             .and_then(|mut a| a.set(NAT64_PROG_INDEX, &nat64, 0))
             .map_err(map_err(NAT64_PROGS))?;
-        for name in [programs::XDP_INGRESS, programs::XDP_GENERIC_INGRESS] {
+        for name in [
+            programs::XDP_INGRESS,
+            programs::XDP_VIRTUAL_INGRESS,
+            programs::XDP_GENERIC_INGRESS,
+        ] {
             let xdp: &mut Xdp = program(&mut ebpf, name)?;
             xdp.load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
@@ -694,7 +701,7 @@ impl Dataplane {
         };
         let adopted = match pinned_ingress {
             Some(h) if wanted.is_none() || wanted == Some(h) => {
-                self.adopt_link(iface, hook_pin_name(h), hook_program(h))?;
+                self.adopt_link(iface, hook_pin_name(h), hook_program(h, iface))?;
                 Some(h)
             }
             Some(h) => {
@@ -987,11 +994,7 @@ impl Dataplane {
         } else {
             Hook::Xdp
         };
-        let name = if mode == XdpMode::Skb {
-            programs::XDP_GENERIC_INGRESS
-        } else {
-            programs::XDP_INGRESS
-        };
+        let name = hook_program(hook, iface);
         let pinning = self.pins.is_some();
         let prog: &mut Xdp = program(&mut self.ebpf, name)?;
         let id = prog

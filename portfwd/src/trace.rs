@@ -510,10 +510,9 @@ pub fn trace(live: &Dataplane, q: &TraceQuery) -> Result<TraceReply, TraceError>
         None => live.attachments().first(),
     };
     let hook = attachment.map_or(Hook::TcIngress, |a| a.ingress);
-    let program = match hook {
-        Hook::Xdp => programs::XDP_INGRESS,
-        Hook::XdpGeneric => programs::XDP_GENERIC_INGRESS,
-        Hook::TcIngress | Hook::TcEgress => programs::TC_INGRESS,
+    let program = match (hook, attachment) {
+        (Hook::TcEgress, _) | (_, None) => programs::TC_INGRESS,
+        (_, Some(a)) => crate::dataplane::hook_program(hook, &a.iface),
     };
     let l4 = if q.udp { proto::UDP } else { proto::TCP };
     let p = proto_name(q.udp);

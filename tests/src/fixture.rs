@@ -20,11 +20,11 @@ use portfwd_common::model::nat64::{self, Nat64Maps, Nat64Outcome, Route};
 use portfwd_common::model::{self, FibQuery, FlowWrite, Hook, Maps, NextHop, Outcome, Verdict};
 use portfwd_common::rules::RuleMaps;
 use portfwd_common::{
-    programs, proto, BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4,
-    FlowV6, Nat64Flow, Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, BRIDGE_PORTS, BRIDGE_PORT_PEER,
-    CONFIG, CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONNTRACK_V4, CONNTRACK_V6,
-    EMBRYONIC_V4, EMBRYONIC_V6, HOST_ADDRS_V4, HOST_ADDRS_V6, NAT64_FLOWS, NAT64_REPLIES,
-    PUBLISHED_PORTS, RULES_V4, RULES_V6,
+    csum, programs, proto, BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6,
+    FlowV4, FlowV6, Nat64Flow, Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, BRIDGE_PORTS,
+    BRIDGE_PORT_PEER, CONFIG, CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONNTRACK_V4,
+    CONNTRACK_V6, EMBRYONIC_V4, EMBRYONIC_V6, HOST_ADDRS_V4, HOST_ADDRS_V6, NAT64_FLOWS,
+    NAT64_REPLIES, PUBLISHED_PORTS, RULES_V4, RULES_V6,
 };
 
 use crate::netns::Netns;
@@ -61,7 +61,10 @@ pub fn privileged() -> bool {
 /// The packet programs a fixture runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Prog {
+    /// Native XDP on a NIC.
     XdpIngress,
+    /// Native XDP on a virtual device: partial (offloaded) checksums handled.
+    XdpVirtual,
     /// The same decisions as generic (skb) XDP; only its fast-path switch differs.
     XdpGeneric,
     TcIngress,
@@ -74,6 +77,7 @@ impl Prog {
     pub fn name(self) -> &'static str {
         match self {
             Prog::XdpIngress => programs::XDP_INGRESS,
+            Prog::XdpVirtual => programs::XDP_VIRTUAL_INGRESS,
             Prog::XdpGeneric => programs::XDP_GENERIC_INGRESS,
             Prog::TcIngress => programs::TC_INGRESS,
             Prog::TcEgress => programs::TC_EGRESS,
@@ -83,7 +87,7 @@ impl Prog {
     /// The verdict that means "go on to the stack, untouched or translated".
     pub fn pass_verdict(self) -> u32 {
         match self {
-            Prog::XdpIngress | Prog::XdpGeneric => XDP_PASS,
+            Prog::XdpIngress | Prog::XdpVirtual | Prog::XdpGeneric => XDP_PASS,
             _ => TC_NEXT,
         }
     }
@@ -160,7 +164,9 @@ where
 /// Runs `prog` of `dp` on `input`, returning the kernel's refusal if it refuses it.
 pub fn try_run(dp: &Dataplane, prog: Prog, input: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
     match prog {
-        Prog::XdpIngress | Prog::XdpGeneric => try_test_run(xdp_program(dp, prog.name()), input),
+        Prog::XdpIngress | Prog::XdpVirtual | Prog::XdpGeneric => {
+            try_test_run(xdp_program(dp, prog.name()), input)
+        }
         _ => try_test_run(tc_program(dp, prog.name()), input),
     }
 }
@@ -304,6 +310,38 @@ impl Frame {
         }
         .expect("write frame");
         out
+    }
+
+    /// The frame as a local stack with checksum offload on sends it (`CHECKSUM_PARTIAL`):
+    /// the L4 checksum field holds the folded pseudo-header sum, not complemented.
+    pub fn build_offloaded(&self) -> Vec<u8> {
+        let mut f = self.build();
+        let ip = self.ip_off();
+        let (l4, sum) = if self.is_ipv4() {
+            let l4 = ip + usize::from(f[ip] & 0x0f) * 4;
+            let len = u16::from_be_bytes([f[ip + 2], f[ip + 3]]) - (l4 - ip) as u16;
+            let (s, d) = (&f[ip + 12..ip + 16], &f[ip + 16..ip + 20]);
+            let sum = csum::pseudo_header_v4(
+                s.try_into().expect("src"),
+                d.try_into().expect("dst"),
+                self.proto,
+                len,
+            );
+            (l4, sum)
+        } else {
+            let len = u16::from_be_bytes([f[ip + 4], f[ip + 5]]);
+            let (s, d) = (&f[ip + 8..ip + 24], &f[ip + 24..ip + 40]);
+            let sum = csum::pseudo_header_v6(
+                s.try_into().expect("src"),
+                d.try_into().expect("dst"),
+                self.proto,
+                len.into(),
+            );
+            (ip + IP6, sum)
+        };
+        let at = l4 + if self.proto == proto::TCP { 16 } else { 6 };
+        f[at..at + 2].copy_from_slice(&(sum as u16).to_be_bytes());
+        f
     }
 
     /// An IPv6 frame with an 8-byte extension header of type `next_header` inserted
@@ -720,6 +758,7 @@ impl Nat64Maps for KernelMaps<'_> {
 pub fn hook(prog: Prog) -> Option<Hook> {
     match prog {
         Prog::XdpIngress => Some(Hook::XdpIngress),
+        Prog::XdpVirtual => Some(Hook::XdpVirtual),
         Prog::XdpGeneric => Some(Hook::XdpGeneric),
         Prog::TcIngress => Some(Hook::TcIngress),
         Prog::TcEgress => Some(Hook::TcEgress),
@@ -733,10 +772,12 @@ pub fn action(prog: Prog, verdict: Verdict) -> u32 {
     const XDP_REDIRECT: u32 = 4;
     match (prog, verdict) {
         (_, Verdict::Pass) => prog.pass_verdict(),
-        (Prog::XdpIngress | Prog::XdpGeneric, Verdict::Drop) => XDP_DROP,
+        (Prog::XdpIngress | Prog::XdpVirtual | Prog::XdpGeneric, Verdict::Drop) => XDP_DROP,
         (_, Verdict::Drop) => TC_SHOT,
-        (Prog::XdpIngress | Prog::XdpGeneric, Verdict::Redirect(_)) => XDP_REDIRECT,
-        (Prog::XdpIngress | Prog::XdpGeneric, Verdict::RedirectPeer(_)) => {
+        (Prog::XdpIngress | Prog::XdpVirtual | Prog::XdpGeneric, Verdict::Redirect(_)) => {
+            XDP_REDIRECT
+        }
+        (Prog::XdpIngress | Prog::XdpVirtual | Prog::XdpGeneric, Verdict::RedirectPeer(_)) => {
             panic!("XDP has no peer redirect")
         }
         (_, Verdict::Redirect(_) | Verdict::RedirectPeer(_) | Verdict::RedirectNeigh(_)) => {
@@ -752,7 +793,7 @@ pub fn action(prog: Prog, verdict: Verdict) -> u32 {
 pub fn refuses(prog: Prog, frame: &[u8]) -> bool {
     let l3_min = match frame.get(12..14) {
         None => return true,
-        Some(_) if matches!(prog, Prog::XdpIngress | Prog::XdpGeneric) => 0,
+        Some(_) if matches!(prog, Prog::XdpIngress | Prog::XdpVirtual | Prog::XdpGeneric) => 0,
         Some([0x08, 0x00]) => IP4,
         Some([0x86, 0xdd]) => IP6,
         Some(_) => 0,
@@ -868,7 +909,7 @@ pub fn compare_gso_in(
 
     let ran = match env.ns {
         Some(ns) => match prog {
-            Prog::XdpIngress | Prog::XdpGeneric => {
+            Prog::XdpIngress | Prog::XdpVirtual | Prog::XdpGeneric => {
                 assert_eq!(gso_size, 0, "an XDP frame is never a GSO packet");
                 let p = xdp_program(dp, prog.name());
                 ns.run(|| try_test_run(p, input))

@@ -1,13 +1,13 @@
 //! Packet fuzzing against the model: at least a million random and mutated frames (both
 //! families, every protocol, 802.1Q/802.1ad tags, IPv4 options and fragments, IPv6
-//! extension headers, truncated headers, wrong lengths, flags and checksums, and
-//! mutations of the seed corpus in `tests/corpus/packets/`) through BPF_PROG_RUN of
-//! every packet program: native and generic XDP ingress, TC ingress (NAT64 followed
-//! through its tail call), TC egress and NAT64's entry; plus the backend's reply to every
-//! flow a frame records. Every output is compared with the model (`fuzz::Fuzzer`:
-//! verdict and bytes per frame; reason counters, rule counters and the whole flow
-//! tables per batch). The configuration (fast path at each hook, NAT64) changes from
-//! batch to batch.
+//! extension headers, truncated headers, wrong lengths, flags and checksums, partial
+//! (offloaded) checksums, and mutations of the seed corpus in `tests/corpus/packets/`)
+//! through BPF_PROG_RUN of every packet program: native (NIC and virtual device) and
+//! generic XDP ingress, TC ingress (NAT64 followed through its tail call), TC egress
+//! and NAT64's entry; plus the backend's reply to every flow a frame records. Every
+//! output is compared with the model (`fuzz::Fuzzer`: verdict and bytes per frame;
+//! reason counters, rule counters and the whole flow tables per batch). The
+//! configuration (fast path at each hook, NAT64) changes from batch to batch.
 //!
 //! `PORTFWD_FUZZ_FRAMES` (default 1,000,000) and `PORTFWD_FUZZ_SEED` (default fixed,
 //! printed) size and reproduce a run; a disagreement prints the frame as hex, ready to
@@ -175,7 +175,8 @@ struct Spec {
     exts: Vec<u8>,
     payload: Vec<u8>,
     /// Bit set: 1 IP checksum, 2 IP length, 4 L4 checksum random, 8 L4 checksum zero,
-    /// 16 UDP length or TCP data offset, 32 IHL, 64 version.
+    /// 16 UDP length or TCP data offset, 32 IHL, 64 version, 128 L4 checksum partial
+    /// (the pseudo-header sum, as a local stack with checksum offload sends it).
     spoil: u8,
     spoil_value: u16,
 }
@@ -252,7 +253,7 @@ impl Spec {
             };
             f[at..at + 2].copy_from_slice(&c.to_be_bytes());
         }
-        self.spoil(&mut f, ip_off, l4_off, csum_at);
+        self.spoil(&mut f, ip_off, l4_off, csum_at, !fold(pseudo));
         f
     }
 
@@ -279,7 +280,14 @@ impl Spec {
         h
     }
 
-    fn spoil(&self, f: &mut [u8], ip_off: usize, l4_off: usize, csum_at: Option<usize>) {
+    fn spoil(
+        &self,
+        f: &mut [u8],
+        ip_off: usize,
+        l4_off: usize,
+        csum_at: Option<usize>,
+        partial: u16,
+    ) {
         let v = self.spoil_value.to_be_bytes();
         let v4 = matches!(self.addrs, Addrs::V4(..));
         let mut set = |at: usize, bytes: &[u8]| {
@@ -299,6 +307,9 @@ impl Spec {
             }
             if self.spoil & 8 != 0 {
                 set(at, &[0, 0]);
+            }
+            if self.spoil & 128 != 0 && self.proto != 1 {
+                set(at, &partial.to_be_bytes());
             }
         }
         if self.spoil & 16 != 0 {
@@ -430,7 +441,7 @@ impl Gen {
             _ => self.rng.below(64),
         };
         let spoil = if self.rng.chance(20) {
-            1 << self.rng.below(7)
+            1 << self.rng.below(8)
         } else {
             0
         };
@@ -601,6 +612,7 @@ fn packets_fuzzed_against_the_model() {
     };
     let progs = [
         Prog::XdpIngress,
+        Prog::XdpVirtual,
         Prog::XdpGeneric,
         Prog::TcIngress,
         Prog::TcEgress,

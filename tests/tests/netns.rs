@@ -411,6 +411,76 @@ mod fast_path {
     }
 }
 
+/// A client whose veth offloads checksums (TSO, GSO and transmit checksum offload on, as
+/// a container or VM on the same host sends): its TCP segments reach the ingress program
+/// with partial checksums (the pseudo-header sum; `CHECKSUM_PARTIAL`). The host's end
+/// of the backend's veth completes checksums in software (`tx off` on `vc1`), as a NIC
+/// without offload would, so a partial checksum given a wrong update arrives wrong and
+/// the backend drops the segment; and a partial segment that XDP redirects (an
+/// `xdp_frame`, which loses the partial state) is dropped by the backend too.
+mod offloaded {
+    use super::*;
+
+    fn transfer(ingress: &str, tag: &str) {
+        let Some(topo) = setup("offloaded_transfer", tag, ingress) else {
+            return;
+        };
+        topo.client.exec_ok(
+            "ethtool",
+            &["-K", "eth0", "tx", "on", "tso", "on", "gso", "on"],
+        );
+        topo.host.exec_ok("ethtool", &["-K", "vc1", "tx", "off"]);
+        let d = topo.daemon();
+        d.add("9000", &backend(0));
+        const N: u64 = 20 * 1024 * 1024;
+        // Bounded: segments dropped now and then (some redirected, some not) make a
+        // transfer crawl rather than fail.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let down_conn = client::connect(&topo.client, published(9000)).expect("connect");
+        let up_conn = client::connect(&topo.client, published(9000)).expect("connect");
+        std::thread::spawn(move || {
+            let down = client::download_on(down_conn, N);
+            let up = client::upload_on(up_conn, N);
+            let _ = tx.send((down, up));
+        });
+        let (down, up) = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("20 MB down and up within 120 s");
+        let down = down.expect("20 MB download");
+        assert_eq!(down.len, N, "download length");
+        assert_eq!(down.first_mismatch, None, "download corrupted");
+        assert_eq!(down.digest, pattern_digest(N), "download digest");
+        let (len, digest) = up.expect("20 MB upload");
+        assert_eq!(len, N, "upload length seen by the backend");
+        assert_eq!(digest, down.digest, "upload digest seen by the backend");
+        if ingress.starts_with("xdp") && ingress.ends_with("+fast") {
+            // Every client segment is partial: none may take XDP's fast path.
+            assert_eq!(d.reason("redirected"), 0, "{}", d.list_json());
+            assert!(d.reason("fast_path_fallback") > 0, "{}", d.list_json());
+        }
+    }
+
+    #[test]
+    fn xdp() {
+        transfer("xdp", "ofx")
+    }
+
+    #[test]
+    fn xdp_fast_path() {
+        transfer("xdp+fast", "ofxf")
+    }
+
+    #[test]
+    fn xdp_generic_fast_path() {
+        transfer("xdp-generic+fast", "ofgf")
+    }
+
+    #[test]
+    fn tc_fast_path() {
+        transfer("tc+fast", "oftf")
+    }
+}
+
 /// The control plane's refusals and the daemon's life cycle (hook-independent).
 mod cli {
     use super::*;

@@ -155,7 +155,12 @@ impl Fixture {
     }
 }
 
-const INGRESS: [Hook; 3] = [Hook::XdpIngress, Hook::XdpGeneric, Hook::TcIngress];
+const INGRESS: [Hook; 4] = [
+    Hook::XdpIngress,
+    Hook::XdpVirtual,
+    Hook::XdpGeneric,
+    Hook::TcIngress,
+];
 
 /// Runs `hook` on a copy of `input`: (outcome, output frame).
 fn run_on(hook: Hook, maps: &impl Maps, input: &[u8]) -> (Outcome, Vec<u8>) {
@@ -500,6 +505,7 @@ fn fast_path() {
     let f6 = F::new(proto::TCP, (CLIENT6, 40000), (HOST6, 9000));
     let hooks = [
         (Hook::XdpIngress, CONFIG_FAST_PATH_NATIVE_XDP),
+        (Hook::XdpVirtual, CONFIG_FAST_PATH_NATIVE_XDP),
         (Hook::XdpGeneric, CONFIG_FAST_PATH),
         (Hook::TcIngress, CONFIG_FAST_PATH),
     ];
@@ -612,6 +618,121 @@ fn udp_zero_checksum_stays_zero() {
         want[at..at + 2].fill(0);
         let (_, out) = run_on(Hook::TcIngress, &fx.tables(), &input);
         assert_eq!(out, want);
+    }
+}
+
+/// `frame` as a local stack with checksum offload sends it: the L4 checksum field holds
+/// the folded pseudo-header sum (`CHECKSUM_PARTIAL`). No VLAN tag.
+fn offloaded(mut frame: Vec<u8>) -> Vec<u8> {
+    let v4 = frame[12..14] == [0x08, 0x00];
+    let (l4_off, l4) = if v4 { (34, frame[23]) } else { (54, frame[20]) };
+    let len = frame.len() - l4_off;
+    let sum = if v4 {
+        csum::pseudo_sum_v4(
+            frame[26..30].try_into().expect("src"),
+            frame[30..34].try_into().expect("dst"),
+            l4,
+            len as u16,
+        )
+    } else {
+        csum::pseudo_sum_v6(
+            frame[22..38].try_into().expect("src"),
+            frame[38..54].try_into().expect("dst"),
+            l4,
+            len as u32,
+        )
+    };
+    let at = l4_off + crate::packet::l4_csum_off(l4);
+    frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    frame
+}
+
+/// A partial (offloaded) checksum: where XDP may see one, it becomes the new
+/// pseudo-header sum (the address changed, the port is the kernel's to sum later), and
+/// the packet never takes the fast path; native XDP on a NIC and TC (in BPF_PROG_RUN,
+/// no skb state) update it as a complete one.
+#[test]
+fn partial_checksums() {
+    let fx = fixture();
+    let hop = NextHop {
+        ifindex: 9,
+        peer: false,
+        smac: [2, 0, 0, 0, 0, 9],
+        dmac: [2, 0, 0, 0, 0, 10],
+    };
+    let frames = [
+        (
+            F::new(proto::TCP, (CLIENT4, 40000), (HOST4, 9000)),
+            IpAddr::from(BACKEND4),
+            8080,
+        ),
+        (
+            F::new(proto::UDP, (CLIENT4, 40001), (HOST4, 5353)),
+            BACKEND4.into(),
+            53,
+        ),
+        (
+            F::new(proto::TCP, (CLIENT6, 40000), (HOST6, 9000)),
+            BACKEND6.into(),
+            8080,
+        ),
+        (
+            F::new(proto::UDP, (CLIENT6, 40001), (HOST6, 5353)),
+            BACKEND6.into(),
+            53,
+        ),
+    ];
+    for (f, backend, port) in frames {
+        let input = offloaded(f.build());
+        let partial_out = offloaded(f.dst((backend, port)).build());
+        for hook in INGRESS {
+            let (o, out) = run_on(hook, &fx.tables(), &input);
+            assert_eq!(o.verdict, Verdict::Pass, "{hook:?}");
+            if hook.sees_partial() {
+                assert_eq!(
+                    out, partial_out,
+                    "{hook:?} {f:?}: the new pseudo-header sum"
+                );
+            } else {
+                // Taken as complete: address and port deltas added, the field is not
+                // the new pseudo-header sum.
+                assert_ne!(out, partial_out, "{hook:?} {f:?}");
+                let mut rest = out.clone();
+                let l4_csum = out.len() - f.payload.len() - if f.l4 == proto::TCP { 4 } else { 2 };
+                rest[l4_csum..l4_csum + 2].copy_from_slice(&partial_out[l4_csum..l4_csum + 2]);
+                assert_eq!(
+                    rest, partial_out,
+                    "{hook:?} {f:?}: only the checksum differs"
+                );
+            }
+        }
+        // Fast path on: where XDP may see it, a partial packet goes on to the stack,
+        // which keeps the skb's checksum state.
+        for (hook, bit, redirected) in [
+            (Hook::XdpVirtual, CONFIG_FAST_PATH_NATIVE_XDP, false),
+            (Hook::XdpGeneric, CONFIG_FAST_PATH, false),
+            (Hook::XdpIngress, CONFIG_FAST_PATH_NATIVE_XDP, true),
+        ] {
+            let on = Tables {
+                config_flags: bit,
+                next_hop: Some(hop),
+                ..fx.tables()
+            };
+            let (o, out) = run_on(hook, &on, &input);
+            if redirected {
+                assert_eq!(o.verdict, Verdict::Redirect(9), "{hook:?} {f:?}");
+            } else {
+                assert_eq!(o.verdict, Verdict::Pass, "{hook:?} {f:?}");
+                assert_eq!(
+                    o.reasons,
+                    [Some(Reason::Translated), Some(Reason::FastPathFallback)]
+                );
+                assert_eq!(out, partial_out, "{hook:?} {f:?}: not forwarded");
+            }
+            // A complete checksum still takes the fast path at every hook.
+            let (o, _) = run_on(hook, &on, &f.build());
+            assert_eq!(o.verdict, Verdict::Redirect(9), "{hook:?} {f:?}: complete");
+        }
     }
 }
 
@@ -849,10 +970,16 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(
         bytes in proptest::collection::vec(any::<u8>(), 0..120),
-        hook in 0usize..4,
+        hook in 0usize..5,
     ) {
         let fx = fixture();
-        let hook = [Hook::XdpIngress, Hook::XdpGeneric, Hook::TcIngress, Hook::TcEgress][hook];
+        let hook = [
+            Hook::XdpIngress,
+            Hook::XdpVirtual,
+            Hook::XdpGeneric,
+            Hook::TcIngress,
+            Hook::TcEgress,
+        ][hook];
         let (o, out) = run_on(hook, &fx.tables(), &bytes);
         if o.reasons[0] != Some(Reason::Translated) && o.reasons[0] != Some(Reason::ReplyTranslated) {
             prop_assert_eq!(out, bytes);

@@ -172,11 +172,13 @@ impl Pool {
 }
 
 /// Property: on `cases` random and mutated frames of `pool`'s family, the kernel's XDP
-/// ingress (native and generic), TC ingress and TC egress agree with the model; so does
+/// ingress (native on a NIC and on a virtual device, and generic), TC ingress and TC
+/// egress agree with the model; so does
 /// the reply of every flow an ingress run records, at TC egress.
 pub fn kernel_matches_model(dp: &Dataplane, pool: &Pool, cases: u32) {
     let progs = [
         Prog::XdpIngress,
+        Prog::XdpVirtual,
         Prog::XdpGeneric,
         Prog::TcIngress,
         Prog::TcEgress,
@@ -271,6 +273,7 @@ pub fn peer_hand_over(dp: &mut Dataplane, env: Env<'_>, syn: &Frame, port: u32) 
     dp.sync_bridge_ports(&peer).expect("bridge ports");
     for (prog, want) in [
         (Prog::XdpIngress, Verdict::Redirect(port)),
+        (Prog::XdpVirtual, Verdict::Redirect(port)),
         (Prog::XdpGeneric, Verdict::Redirect(port)),
         (Prog::TcIngress, Verdict::RedirectPeer(port)),
     ] {

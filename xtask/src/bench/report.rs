@@ -674,6 +674,12 @@ impl Results {
         const TC: &str = "portfwd_tc_ingress";
         for (t, prog, case, max) in [
             ("exact-rule hit ≤ +30 ns", XDP, "hit (exact rule)", 30.0),
+            (
+                "exact-rule hit ≤ +30 ns",
+                "portfwd_xdp_virtual",
+                "hit (exact rule)",
+                30.0,
+            ),
             ("exact-rule hit ≤ +45 ns", TC, "hit (exact rule)", 45.0),
             ("miss ≤ +10 ns", XDP, "miss (no rule)", 10.0),
             ("miss ≤ +10 ns", TC, "miss (no rule)", 10.0),
