@@ -274,15 +274,14 @@ fn established_connections_survive_a_spoofed_syn_flood() {
         after_min >= 1,
         "a connection did not answer after the flood"
     );
-    // The flood was seen, far beyond the embryonic table, and changed nothing
-    // established: no spoofed flow was promoted, every established flow is still there.
+    // The flood was seen, far beyond the embryonic table (filled over four times: every
+    // spoofed entry evicted others), and changed nothing established: no spoofed flow
+    // was promoted, every established flow is still there. The rate reaching portfwd
+    // is the machine's (125-152 k/s on one of these guests, 64 k/s on one whose kernel
+    // pays for call and return mitigations): reported above, not asserted.
     assert!(
-        seen > 2 * u64::from(MAX_EMBRYONIC_FLOWS),
-        "the flood reached portfwd {seen} times"
-    );
-    assert!(
-        seen as f64 / secs > f64::from(MAX_EMBRYONIC_FLOWS),
-        "flood rate {:.0}/s: not beyond the embryonic table per second",
+        seen > 4 * u64::from(MAX_EMBRYONIC_FLOWS),
+        "the flood reached portfwd {seen} times ({:.0}/s): not four embryonic tables",
         seen as f64 / secs
     );
     assert!(
