@@ -510,9 +510,13 @@ fn ready_is_sent_after_attach() {
         .stderr(logf);
     let mut child = ChildGuard::spawn("portfwd", &mut cmd);
     let mut buf = [0u8; 256];
-    let n = sock
-        .recv(&mut buf)
-        .unwrap_or_else(|e| panic!("no readiness: {e}; log:\n{}", read(&log)));
+    // A signal (another test's child exiting) may interrupt the wait: wait again.
+    let n = loop {
+        match sock.recv(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => break r.unwrap_or_else(|e| panic!("no readiness: {e}; log:\n{}", read(&log))),
+        }
+    };
     // At this moment: the programs are attached, and the socket answers.
     let links = bpf_links(child.id());
     let list = ctl_at(&socket, &["list", "--json"]);
