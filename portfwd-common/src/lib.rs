@@ -22,6 +22,7 @@ pub mod model;
 pub mod nat64;
 pub mod packet;
 pub mod reason;
+pub mod rule_cache;
 pub mod rules;
 
 pub use maps::*;

@@ -33,6 +33,10 @@ pub const LOCAL_PEERS_V4: &str = "LOCAL_PEERS_V4";
 /// protocol) to an IPv6 backend. Written by the daemon, read by the ingress programs
 /// and the socket hooks.
 pub const RULES_V6: &str = "RULES_V6";
+/// The rule cache in front of [`RULES_V4`] (`rule_cache.rs`); not pinned.
+pub const RULE_CACHE_V4: &str = "RULE_CACHE_V4";
+/// The rule cache in front of [`RULES_V6`]; not pinned.
+pub const RULE_CACHE_V6: &str = "RULE_CACHE_V6";
 /// Per-flow translation state, IPv6, keyed as the backend's replies look (see
 /// [`CONNTRACK_V4`]). Written by the ingress programs, read by the reply translator.
 pub const CONNTRACK_V6: &str = "CONNTRACK_V6";
@@ -163,7 +167,7 @@ pub const MAX_HOST_ADDRS: u32 = 1_024;
 
 /// Key of [`RULES_V4`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RuleKeyV4 {
     addr: [u8; 4],
     port: [u8; 2],
@@ -217,7 +221,7 @@ pub const BACKEND_EXPANDED: u8 = 2;
 
 /// Value of [`RULES_V4`]: where a published port goes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendV4 {
     addr: [u8; 4],
     port: [u8; 2],
@@ -457,7 +461,7 @@ impl LocalPeerV4 {
 
 /// Key of [`RULES_V6`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RuleKeyV6 {
     addr: [u8; 16],
     port: [u8; 2],
@@ -497,7 +501,7 @@ impl RuleKeyV6 {
 
 /// Value of [`RULES_V6`]: where a published port goes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendV6 {
     addr: [u8; 16],
     port: [u8; 2],
@@ -1008,6 +1012,8 @@ mod pod {
     unsafe impl aya::Pod for super::LocalPeerV6 {}
     unsafe impl aya::Pod for super::Nat64Flow {}
     unsafe impl aya::Pod for super::Nat64Reply {}
+    unsafe impl aya::Pod for crate::rule_cache::CachedRuleV4 {}
+    unsafe impl aya::Pod for crate::rule_cache::CachedRuleV6 {}
 }
 
 #[cfg(test)]

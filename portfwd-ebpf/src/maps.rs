@@ -11,7 +11,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
     programs::TcContext,
 };
-use portfwd_common::{packet::IPV6_HLEN, rules::RuleMaps};
+use portfwd_common::{
+    packet::IPV6_HLEN,
+    rule_cache::{CachedRule, CachedRuleV4, CachedRuleV6, RULE_CACHE_SLOTS},
+    rules::RuleMaps,
+};
 use portfwd_common::{
     BackendV4, BackendV6, BridgePortKey, CachedHop, Config, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6,
     LocalPeerKeyV4, LocalPeerKeyV6, LocalPeerV4, LocalPeerV6, Nat64Flow, Nat64Reply, NextHopKeyV4,
@@ -73,6 +77,23 @@ static LOCAL_PEERS_V4: LruHashMap<LocalPeerKeyV4, LocalPeerV4> =
 static LOCAL_PEERS_V6: LruHashMap<LocalPeerKeyV6, LocalPeerV6> =
     LruHashMap::with_max_entries(MAX_LOCAL_PEERS, 0);
 
+#[map(name = "RULE_CACHE_V4")]
+static RULE_CACHE_V4: Array<CachedRuleV4> = Array::with_max_entries(RULE_CACHE_SLOTS, 0);
+
+#[map(name = "RULE_CACHE_V6")]
+static RULE_CACHE_V6: Array<CachedRuleV6> = Array::with_max_entries(RULE_CACHE_SLOTS, 0);
+
+/// `key`'s rule from the rule cache (`portfwd_common::rule_cache`), if its slot holds a
+/// whole entry for it.
+#[inline(always)]
+fn cached_rule<K: Copy + PartialEq, B: Copy>(
+    cache: &Array<CachedRule<K, B>>,
+    key: &K,
+) -> Option<B> {
+    let (slot, hash) = CachedRule::<K, B>::slot_and_hash(key);
+    cache.get(slot)?.backend_for(key, hash)
+}
+
 #[map(name = "PUBLISHED_PORTS")]
 static PUBLISHED_PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
 
@@ -89,13 +110,14 @@ impl RuleMaps for Maps {
     }
     #[inline(always)]
     fn rule_v4(&self, key: &RuleKeyV4) -> Option<BackendV4> {
+        // The cache first (no call into the kernel), then the rules map, the authority.
         // SAFETY: copied out at once; the daemon may replace values concurrently.
-        unsafe { RULES_V4.get(key) }.copied()
+        cached_rule(&RULE_CACHE_V4, key).or_else(|| unsafe { RULES_V4.get(key) }.copied())
     }
     #[inline(always)]
     fn rule_v6(&self, key: &RuleKeyV6) -> Option<BackendV6> {
         // SAFETY: as above.
-        unsafe { RULES_V6.get(key) }.copied()
+        cached_rule(&RULE_CACHE_V6, key).or_else(|| unsafe { RULES_V6.get(key) }.copied())
     }
     #[inline(always)]
     fn is_host_v4(&self, addr: &[u8; 4]) -> bool {

@@ -23,6 +23,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
+use portfwd_common::rule_cache::{CachedRule, CachedRuleV4, CachedRuleV6};
 use portfwd_common::{
     port_bits, programs, BackendV4, BackendV6, BridgePortKey, CachedHop, Config, FlowKeyV4,
     FlowKeyV6, FlowV4, FlowV6, Nat64Flow, Nat64Reply, NextHopKeyV4, NextHopKeyV6, Reason,
@@ -31,7 +32,7 @@ use portfwd_common::{
     CONFIG_SOCK_HOST_NETNS_ONLY, CONNTRACK_V4, CONNTRACK_V6, EMBRYONIC_V4, EMBRYONIC_V6,
     HOST_ADDRS_V4, HOST_ADDRS_V6, MAX_FLOWS, NAT64_FLOWS, NAT64_PROGS, NAT64_PROG_INDEX,
     NAT64_REPLIES, NEXT_HOPS_V4, NEXT_HOPS_V6, PUBLISHED_PORTS, REASON_STATS, RULES_V4, RULES_V6,
-    RULE_STATS,
+    RULE_CACHE_V4, RULE_CACHE_V6, RULE_STATS,
 };
 use thiserror::Error;
 
@@ -315,9 +316,17 @@ pub fn flow_tables_bytes(max_flows: u32) -> u64 {
     u64::from(max_flows) * FLOW_BYTES + FLOW_TABLE_MAPS.len() as u64 * buckets * BUCKET_BYTES
 }
 
-/// Maps of the object that are not pinned: per-run scratch space and the fast path's
-/// next-hop caches (empty in each new load).
-const UNPINNED_MAPS: [&str; 4] = ["NAT64_SCRATCH", "FIB_SCRATCH", NEXT_HOPS_V4, NEXT_HOPS_V6];
+/// Maps of the object that are not pinned: per-run scratch space, the fast path's
+/// next-hop caches and the rule caches (empty in each new load; the rule caches are
+/// filled from the rules adopted).
+const UNPINNED_MAPS: [&str; 6] = [
+    "NAT64_SCRATCH",
+    "FIB_SCRATCH",
+    NEXT_HOPS_V4,
+    NEXT_HOPS_V6,
+    RULE_CACHE_V4,
+    RULE_CACHE_V6,
+];
 
 /// The maps of this binary's object that are pinned, as (name, type, key size, value
 /// size): every named map but [`UNPINNED_MAPS`] and the compiler's sections (`.rodata`,
@@ -502,13 +511,15 @@ impl Dataplane {
     /// bits, or a daemon that died between two writes, leave none stale), and the configuration with its flags reset (the daemon
     /// sets them from its options) and the host's network namespace kept.
     fn adopt_maps(&mut self) -> Result<(), DataplaneError> {
-        for (k, _) in self.rule_entries_of::<V4>()? {
+        for (k, b) in self.rule_entries_of::<V4>()? {
             let (port, bits) = V4::port_bits(&k);
             self.count_port_bits(port, bits);
+            self.cache_rule::<V4>(&k, b)?;
         }
-        for (k, _) in self.rule_entries_of::<V6>()? {
+        for (k, b) in self.rule_entries_of::<V6>()? {
             let (port, bits) = V6::port_bits(&k);
             self.count_port_bits(port, bits);
+            self.cache_rule::<V6>(&k, b)?;
         }
         self.rewrite_published_ports()?;
         let map = self
@@ -1156,17 +1167,62 @@ impl Dataplane {
         if inserted.is_err() && new {
             self.port_ref(port, bits, false)?;
         }
-        inserted
+        inserted?;
+        self.cache_rule::<F>(&key, backend)
     }
 
-    /// Deletes one entry of family `F`'s rules map; an absent key is not an error.
+    /// Deletes one entry of family `F`'s rules map; an absent key is not an error. Its
+    /// cached copy goes first: no packet finds it once the rules map has lost the key.
     fn remove_entry<F: Family>(&mut self, key: &F::RuleKey) -> Result<(), DataplaneError> {
         let (port, bits) = F::port_bits(key);
+        self.uncache_rule::<F>(key)?;
         match self.rules_of::<F>()?.remove(key) {
             Err(e) if !is_not_found(&e) => Err(map_err(F::RULES)(e)),
             Err(_) => Ok(()),
             Ok(()) => self.port_ref(port, bits, false),
         }
+    }
+
+    fn rule_cache_of<F: Family>(
+        &mut self,
+    ) -> Result<Array<&mut MapData, F::Cached>, DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(F::RULE_CACHE)
+            .ok_or(DataplaneError::MissingMap(F::RULE_CACHE))?;
+        Array::try_from(map).map_err(map_err(F::RULE_CACHE))
+    }
+
+    /// Copies a rules map entry into the rule cache (`portfwd_common::rule_cache`), if
+    /// its slot is free or holds the key already; another key's slot stays as it is
+    /// (the rules map serves the key).
+    fn cache_rule<F: Family>(
+        &mut self,
+        key: &F::RuleKey,
+        backend: F::Backend,
+    ) -> Result<(), DataplaneError> {
+        let slot = F::cache_slot(key);
+        let mut cache = self.rule_cache_of::<F>()?;
+        let held = cache.get(&slot, 0).map_err(map_err(F::RULE_CACHE))?;
+        if F::cached_key(&held).is_some_and(|k| k != *key) {
+            return Ok(());
+        }
+        cache
+            .set(slot, F::cache_entry(key, backend), 0)
+            .map_err(map_err(F::RULE_CACHE))
+    }
+
+    /// Empties `key`'s slot of the rule cache if it holds the key.
+    fn uncache_rule<F: Family>(&mut self, key: &F::RuleKey) -> Result<(), DataplaneError> {
+        let slot = F::cache_slot(key);
+        let mut cache = self.rule_cache_of::<F>()?;
+        let held = cache.get(&slot, 0).map_err(map_err(F::RULE_CACHE))?;
+        if F::cached_key(&held) != Some(*key) {
+            return Ok(());
+        }
+        cache
+            .set(slot, F::Cached::default(), 0)
+            .map_err(map_err(F::RULE_CACHE))
     }
 
     /// Every rule of family `F` the kernel holds, without the wildcards' expansions
@@ -1545,6 +1601,16 @@ pub trait Family {
     type Flow: aya::Pod;
     /// The rules map's name.
     const RULES: &'static str;
+    /// The rule cache's name (`portfwd_common::rule_cache`).
+    const RULE_CACHE: &'static str;
+    /// A slot of the rule cache.
+    type Cached: aya::Pod + Default;
+    /// The rule cache's slot of `key`.
+    fn cache_slot(key: &Self::RuleKey) -> u32;
+    /// The rule cache's entry for `key`, served by `backend`.
+    fn cache_entry(key: &Self::RuleKey, backend: Self::Backend) -> Self::Cached;
+    /// The key a rule cache slot holds, if it holds a valid entry.
+    fn cached_key(c: &Self::Cached) -> Option<Self::RuleKey>;
     /// The host-address map's name.
     const HOST_ADDRS: &'static str;
     /// The conntrack map's name (established flows).
@@ -1598,8 +1664,8 @@ pub enum V6 {}
 /// The two families' impls differ only in names and types.
 macro_rules! family {
     ($family:ident, $name:literal, $variant:ident, $addr:ty, $len:literal,
-     $rule_key:ty, $backend:ty, $flow_key:ty, $flow:ty,
-     $rules:expr, $host_addrs:expr, $conntrack:expr, $embryonic:expr) => {
+     $rule_key:ty, $backend:ty, $cached:ty, $flow_key:ty, $flow:ty,
+     $rules:expr, $rule_cache:expr, $host_addrs:expr, $conntrack:expr, $embryonic:expr) => {
         impl Family for $family {
             const NAME: &'static str = $name;
             type Addr = $addr;
@@ -1611,6 +1677,17 @@ macro_rules! family {
             type FlowKey = $flow_key;
             type Flow = $flow;
             const RULES: &'static str = $rules;
+            const RULE_CACHE: &'static str = $rule_cache;
+            type Cached = $cached;
+            fn cache_slot(key: &$rule_key) -> u32 {
+                <$cached>::slot(key)
+            }
+            fn cache_entry(key: &$rule_key, backend: $backend) -> $cached {
+                CachedRule::new(*key, backend)
+            }
+            fn cached_key(c: &$cached) -> Option<$rule_key> {
+                c.key()
+            }
             const HOST_ADDRS: &'static str = $host_addrs;
             const CONNTRACK: &'static str = $conntrack;
             const EMBRYONIC: &'static str = $embryonic;
@@ -1657,9 +1734,11 @@ family!(
     4,
     RuleKeyV4,
     BackendV4,
+    CachedRuleV4,
     FlowKeyV4,
     FlowV4,
     RULES_V4,
+    RULE_CACHE_V4,
     HOST_ADDRS_V4,
     CONNTRACK_V4,
     EMBRYONIC_V4
@@ -1672,9 +1751,11 @@ family!(
     16,
     RuleKeyV6,
     BackendV6,
+    CachedRuleV6,
     FlowKeyV6,
     FlowV6,
     RULES_V6,
+    RULE_CACHE_V6,
     HOST_ADDRS_V6,
     CONNTRACK_V6,
     EMBRYONIC_V6

@@ -18,8 +18,8 @@ use portfwd::{
     pin::PinDir,
 };
 use portfwd_common::{
-    port_bits, proto, wildcard_bits, BackendV4, Reason, RuleKeyV4, BACKEND_EXPANDED,
-    PUBLISHED_PORTS, RULES_V4,
+    port_bits, proto, rule_cache::CachedRuleV4, wildcard_bits, BackendV4, Reason, RuleKeyV4,
+    BACKEND_EXPANDED, PUBLISHED_PORTS, RULES_V4, RULE_CACHE_V4,
 };
 use portfwd_tests::{
     client,
@@ -175,6 +175,17 @@ fn expansions_are_recognised_after_a_restart() {
         port_bits(proto::TCP).0 | wildcard_bits(proto::TCP, false),
         "the filter rewritten from the pinned rules"
     );
+    // The new load's rule cache (not pinned) is filled from the adopted rules.
+    let map = dp.ebpf().map(RULE_CACHE_V4).expect("rule cache");
+    let cache: Array<&MapData, CachedRuleV4> = Array::try_from(map).expect("rule cache");
+    for k in [key(H1, 9000), key(H2, 9000)] {
+        let held = cache.get(&CachedRuleV4::slot(&k), 0).expect("slot");
+        assert_eq!(
+            held,
+            CachedRuleV4::new(k, w.with_flags(BACKEND_EXPANDED)),
+            "{k:?}"
+        );
+    }
     // Forwarding goes on through the pinned expansions.
     let frame = Frame::tcp((CLIENT, 40000), (H2, 9000));
     check_case(

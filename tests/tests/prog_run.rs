@@ -12,9 +12,11 @@ mod common;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use aya::maps::Array;
 use portfwd::dataplane::Dataplane;
 use portfwd_common::{
-    model::Verdict, proto, BackendV4, BridgePortKey, Reason, RuleKeyV4, NEXT_HOP_TTL_NS,
+    model::Verdict, proto, rule_cache::CachedRuleV4, BackendV4, BridgePortKey, Reason, RuleKeyV4,
+    NEXT_HOP_TTL_NS, RULE_CACHE_V4,
 };
 use portfwd_tests::fixture::{
     arp_request, backend_net, check_case, compare_in, echo_request, privileged, reply_translated,
@@ -609,4 +611,132 @@ fn fast_path_next_hop_cache_expires() {
         NEW_MAC,
         "the new neighbour after the cache's time"
     );
+}
+
+/// The daemon's rule cache entry (`RULE_CACHE_V4`) for `key`, if its slot holds one.
+fn cached(dp: &mut Dataplane, key: &RuleKeyV4) -> Option<BackendV4> {
+    let cache: Array<_, CachedRuleV4> =
+        Array::try_from(dp.ebpf_mut().map_mut(RULE_CACHE_V4).expect("rule cache")).expect("array");
+    let entry = cache.get(&CachedRuleV4::slot(key), 0).expect("slot");
+    (entry.key() == Some(*key)).then(|| entry.backend().expect("valid"))
+}
+
+/// Writes `entry` into `key`'s slot of the rule cache, as a packet would find it.
+fn write_cache(dp: &mut Dataplane, key: &RuleKeyV4, entry: CachedRuleV4) {
+    let mut cache: Array<_, CachedRuleV4> =
+        Array::try_from(dp.ebpf_mut().map_mut(RULE_CACHE_V4).expect("rule cache")).expect("array");
+    cache
+        .set(CachedRuleV4::slot(key), entry, 0)
+        .expect("write slot");
+}
+
+/// The rule cache (`portfwd_common::rule_cache`) in front of the rules map: the daemon
+/// copies each entry into its slot and clears it before the rules map loses the key;
+/// the kernel takes a valid entry for the packet's key (shown by planting one that
+/// disagrees with the rules map), and falls back to the rules map for a torn entry or
+/// a slot another key holds.
+#[test]
+fn rule_cache_serves_in_front_of_the_rules_map() {
+    if !require_root("rule_cache_serves_in_front_of_the_rules_map") {
+        return;
+    }
+    let mut dp = fixture_dataplane();
+    let key = RuleKeyV4::from_parts(HOST, 9000, proto::TCP);
+    let backend = BackendV4::new(BACKEND, 8080, 1);
+    assert_eq!(cached(&mut dp, &key), Some(backend), "the daemon's copy");
+    // The wildcard's expansions are cached too (a packet's key is the host address).
+    let expansion = RuleKeyV4::from_parts(HOST2, 9001, proto::TCP);
+    assert!(cached(&mut dp, &expansion).is_some(), "an expansion");
+
+    let frame = Frame::tcp((CLIENT, 40000), (HOST, 9000));
+    let planted = BackendV4::new(BACKEND, 8082, 1);
+    write_cache(&mut dp, &key, CachedRuleV4::new(key, planted));
+    let (_, out) = run(&dp, Prog::XdpIngress, &frame.build());
+    assert_eq!(
+        out,
+        frame.with_dst((BACKEND, 8082)).build(),
+        "XDP reads the cache"
+    );
+    let (_, out) = run(&dp, Prog::TcIngress, &frame.build());
+    assert_eq!(
+        out,
+        frame.with_dst((BACKEND, 8082)).build(),
+        "TC reads the cache"
+    );
+
+    // A torn entry (a backend byte changed after the check was computed) is refused.
+    let mut torn: [u8; 24] = bytemuck_bytes(CachedRuleV4::new(key, planted));
+    torn[13] ^= 1;
+    write_cache(&mut dp, &key, from_bytes(torn));
+    let (_, out) = run_checked(&dp, Prog::XdpIngress, &frame.build());
+    assert_eq!(
+        out,
+        frame.with_dst((BACKEND, 8080)).build(),
+        "torn: the rules map"
+    );
+
+    // Another key's entry in the slot: the rules map serves the packet's key.
+    let (other, _) = colliding(&key);
+    write_cache(&mut dp, &key, CachedRuleV4::new(other, planted));
+    let (_, out) = run_checked(&dp, Prog::XdpIngress, &frame.build());
+    assert_eq!(out, frame.with_dst((BACKEND, 8080)).build(), "collision");
+
+    // The daemon leaves a slot another key holds alone, and serves that key anyway.
+    write_cache(&mut dp, &key, CachedRuleV4::new(key, backend));
+    let (other, other_port) = colliding(&key);
+    dp.insert_rule(other, BackendV4::new(BACKEND, 8083, 5))
+        .expect("colliding rule");
+    assert_eq!(
+        cached(&mut dp, &key),
+        Some(backend),
+        "first come keeps the slot"
+    );
+    let frame2 = Frame::tcp((CLIENT, 40000), (other.addr(), other_port));
+    let (_, out) = run_checked(&dp, Prog::XdpIngress, &frame2.build());
+    assert_eq!(
+        out,
+        frame2.with_dst((BACKEND, 8083)).build(),
+        "served uncached"
+    );
+
+    // Removal empties the slot first; the next rule for it takes it.
+    dp.remove_rule(&key).expect("remove");
+    assert_eq!(cached(&mut dp, &key), None, "removed");
+    check_case(
+        &dp,
+        Prog::XdpIngress,
+        &untouched("no rule left", frame.build(), Reason::PassNoRule),
+    );
+    dp.insert_rule(key, BackendV4::new(BACKEND, 8084, 1))
+        .expect("rule again");
+    assert_eq!(
+        cached(&mut dp, &key),
+        Some(BackendV4::new(BACKEND, 8084, 1)),
+        "replaced"
+    );
+}
+
+/// A TCP rule key on another address whose rule cache slot is `key`'s, and its port.
+fn colliding(key: &RuleKeyV4) -> (RuleKeyV4, u16) {
+    let slot = CachedRuleV4::slot(key);
+    for a in 0..=u16::MAX {
+        let addr = Ipv4Addr::new(203, 0, (a >> 8) as u8, a as u8);
+        for port in 1000..1016 {
+            let k = RuleKeyV4::from_parts(addr, port, proto::TCP);
+            if CachedRuleV4::slot(&k) == slot {
+                return (k, port);
+            }
+        }
+    }
+    panic!("no key shares slot {slot}");
+}
+
+fn bytemuck_bytes(e: CachedRuleV4) -> [u8; 24] {
+    // SAFETY: 24 bytes without padding (asserted in portfwd-common).
+    unsafe { std::mem::transmute(e) }
+}
+
+fn from_bytes(b: [u8; 24]) -> CachedRuleV4 {
+    // SAFETY: any 24 bytes are a slot (its check decides whether it is valid).
+    unsafe { std::mem::transmute(b) }
 }

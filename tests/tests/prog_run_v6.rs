@@ -13,14 +13,15 @@ mod common;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use aya::maps::Array;
 use portfwd::dataplane::Dataplane;
 use portfwd_common::{
-    model::Verdict, proto, BackendV4, BackendV6, BridgePortKey, Reason, RuleKeyV4, RuleKeyV6,
-    CONNTRACK_V6,
+    model::Verdict, proto, rule_cache::CachedRuleV6, BackendV4, BackendV6, BridgePortKey, Reason,
+    RuleKeyV4, RuleKeyV6, CONNTRACK_V6, RULE_CACHE_V6,
 };
 use portfwd_tests::fixture::{
-    backend_net, check_case, compare_in, echo_request, privileged, reply_translated, run_checked,
-    translated, untouched, Case, Env, Frame, Prog, BACKEND_MAC, ETH, IP6,
+    backend_net, check_case, compare_in, echo_request, privileged, reply_translated, run,
+    run_checked, translated, untouched, Case, Env, Frame, Prog, BACKEND_MAC, ETH, IP6,
 };
 use portfwd_tests::require_root;
 
@@ -581,4 +582,42 @@ fn fast_path_v6_matches_model() {
 
     common::peer_hand_over(&mut dp, env, &syn, BRIDGE_PORT);
     common::unknown_bridge_port_falls_back(&mut dp, env, &syn, &syn.with_dst((BACKEND, 8080)));
+}
+
+fn cache_v6(dp: &mut Dataplane) -> Array<&mut aya::maps::MapData, CachedRuleV6> {
+    Array::try_from(dp.ebpf_mut().map_mut(RULE_CACHE_V6).expect("cache")).expect("array")
+}
+
+/// The IPv6 rule cache (`RULE_CACHE_V6`) in front of `RULES_V6`: the daemon's copy is
+/// there, and the kernel takes it first (a planted entry that disagrees with the rules
+/// map wins), at XDP and at TC; removing the rule empties the slot.
+#[test]
+fn rule_cache_v6_serves_in_front_of_the_rules_map() {
+    if !require_root("rule_cache_v6_serves_in_front_of_the_rules_map") {
+        return;
+    }
+    let mut dp = fixture_dataplane();
+    let key = RuleKeyV6::from_parts(HOST, 9000, proto::TCP);
+    let slot = CachedRuleV6::slot(&key);
+    let held = cache_v6(&mut dp).get(&slot, 0).expect("slot");
+    assert_eq!(
+        held,
+        CachedRuleV6::new(key, BackendV6::new(BACKEND, 8080, 1))
+    );
+
+    let planted = CachedRuleV6::new(key, BackendV6::new(BACKEND, 8082, 1));
+    cache_v6(&mut dp).set(slot, planted, 0).expect("plant");
+    let frame = Frame::tcp((CLIENT, 40000), (HOST, 9000));
+    for prog in [Prog::XdpIngress, Prog::TcIngress] {
+        let (_, out) = run(&dp, prog, &frame.build());
+        assert_eq!(
+            out,
+            frame.with_dst((BACKEND, 8082)).build(),
+            "{}",
+            prog.name()
+        );
+    }
+    dp.remove_rule_v6(&key).expect("remove");
+    let held = cache_v6(&mut dp).get(&slot, 0).expect("slot");
+    assert_eq!(held.key(), None, "emptied");
 }

@@ -16,8 +16,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use portfwd_common::{
-    port_bits, programs, proto, wildcard_bits, BackendV4, FlowKeyV4, FlowV4, RuleKeyV4,
-    BACKEND_EXPANDED, CONNTRACK_V4, HOST_ADDRS_V4, PUBLISHED_PORTS, RULES_V4,
+    port_bits, programs, proto, rule_cache::CachedRuleV4, wildcard_bits, BackendV4, FlowKeyV4,
+    FlowV4, RuleKeyV4, BACKEND_EXPANDED, CONNTRACK_V4, HOST_ADDRS_V4, PUBLISHED_PORTS, RULES_V4,
+    RULE_CACHE_V4,
 };
 
 use super::{
@@ -176,32 +177,43 @@ fn result(program: &str, case: &str, t: (f64, f64, f64), floor: f64, retval: u32
 }
 
 fn seed(ebpf: &mut Ebpf) -> Result<()> {
-    let mut rules: HashMap<_, RuleKeyV4, BackendV4> =
-        HashMap::try_from(ebpf.map_mut(RULES_V4).context(RULES_V4)?)?;
     // The published port, and the rewritten packet (which the next iteration sees).
-    rules.insert(
-        RuleKeyV4::from_parts(HOST_IP, 9000, proto::TCP),
-        BackendV4::new(CT_IP, 8080, 0),
-        0,
-    )?;
-    rules.insert(
-        RuleKeyV4::from_parts(CT_IP, 8080, proto::TCP),
-        BackendV4::new(CT_IP, 8080, 0),
-        0,
-    )?;
     // Wildcard: mapped onto itself, so every iteration takes the wildcard path: its own
     // entry and its expansion under the host address, as the daemon writes them.
     let wildcard_backend = BackendV4::new(HOST_IP, 9001, 1);
-    rules.insert(
-        RuleKeyV4::from_parts(Ipv4Addr::UNSPECIFIED, 9001, proto::TCP),
-        wildcard_backend,
-        0,
-    )?;
-    rules.insert(
-        RuleKeyV4::from_parts(HOST_IP, 9001, proto::TCP),
-        wildcard_backend.with_flags(BACKEND_EXPANDED),
-        0,
-    )?;
+    let entries = [
+        (
+            RuleKeyV4::from_parts(HOST_IP, 9000, proto::TCP),
+            BackendV4::new(CT_IP, 8080, 0),
+        ),
+        (
+            RuleKeyV4::from_parts(CT_IP, 8080, proto::TCP),
+            BackendV4::new(CT_IP, 8080, 0),
+        ),
+        (
+            RuleKeyV4::from_parts(Ipv4Addr::UNSPECIFIED, 9001, proto::TCP),
+            wildcard_backend,
+        ),
+        (
+            RuleKeyV4::from_parts(HOST_IP, 9001, proto::TCP),
+            wildcard_backend.with_flags(BACKEND_EXPANDED),
+        ),
+    ];
+    let mut rules: HashMap<_, RuleKeyV4, BackendV4> =
+        HashMap::try_from(ebpf.map_mut(RULES_V4).context(RULES_V4)?)?;
+    for (k, b) in entries {
+        rules.insert(k, b, 0)?;
+    }
+    // And in the rule cache, as the daemon copies them (each in a slot of its own, or
+    // the timing would be the rules map's).
+    let slots: std::collections::BTreeSet<u32> =
+        entries.iter().map(|(k, _)| CachedRuleV4::slot(k)).collect();
+    anyhow::ensure!(slots.len() == entries.len(), "rule cache slots collide");
+    let mut cache: aya::maps::Array<_, CachedRuleV4> =
+        aya::maps::Array::try_from(ebpf.map_mut(RULE_CACHE_V4).context(RULE_CACHE_V4)?)?;
+    for (k, b) in entries {
+        cache.set(CachedRuleV4::slot(&k), CachedRuleV4::new(k, b), 0)?;
+    }
     // The ports' bits in the published-ports filter, as the daemon sets them.
     let mut ports: aya::maps::Array<_, u8> =
         aya::maps::Array::try_from(ebpf.map_mut(PUBLISHED_PORTS).context(PUBLISHED_PORTS)?)?;

@@ -33,8 +33,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use portfwd_common::{
-    port_bits, programs, proto, BackendV4, FlowKeyV4, FlowV4, RuleKeyV4, CONNTRACK_V4,
-    EMBRYONIC_V4, PUBLISHED_PORTS, RULES_V4,
+    port_bits, programs, proto, rule_cache::CachedRuleV4, BackendV4, FlowKeyV4, FlowV4, RuleKeyV4,
+    CONNTRACK_V4, EMBRYONIC_V4, PUBLISHED_PORTS, RULES_V4, RULE_CACHE_V4,
 };
 
 use super::{
@@ -303,9 +303,17 @@ fn hit_cost(
 fn seed(ebpf: &mut Ebpf, flows: u32) -> Result<f64> {
     let mut rules: HashMap<_, RuleKeyV4, BackendV4> =
         HashMap::try_from(ebpf.map_mut(RULES_V4).context(RULES_V4)?)?;
-    rules.insert(
+    let (rule, backend) = (
         RuleKeyV4::from_parts(HOST_IP, UDP.1, proto::UDP),
         BackendV4::new(CT_IP, UDP.0, 0),
+    );
+    rules.insert(rule, backend, 0)?;
+    // Cached as the daemon caches it.
+    let mut cache: Array<_, CachedRuleV4> =
+        Array::try_from(ebpf.map_mut(RULE_CACHE_V4).context(RULE_CACHE_V4)?)?;
+    cache.set(
+        CachedRuleV4::slot(&rule),
+        CachedRuleV4::new(rule, backend),
         0,
     )?;
     let mut ports: Array<_, u8> =
