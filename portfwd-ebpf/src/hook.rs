@@ -122,6 +122,7 @@ pub trait Packet {
     fn nat64_reply(&mut self, f: &Ipv4Flow) -> Option<Verdict>;
 }
 
+/// Offsets (from the start of the IPv6 header, and of the L4 header) of `end`'s address
 /// and port.
 #[inline(always)]
 fn v6_field_offsets(end: End) -> (usize, usize) {
@@ -131,6 +132,7 @@ fn v6_field_offsets(end: End) -> (usize, usize) {
     }
 }
 
+/// Offsets (from the start of the packet) of `end`'s IPv4 address and port.
 #[inline(always)]
 fn field_offsets(f: &Ipv4Flow, end: End) -> (usize, usize) {
     match end {
@@ -138,8 +140,6 @@ fn field_offsets(f: &Ipv4Flow, end: End) -> (usize, usize) {
         End::Dst => (f.ip_off + IP_DST_OFF, f.l4_off + 2),
     }
 }
-
-/// Offsets (from the start of the IPv6 header, and of the L4 header) of `end`'s address
 
 /// XDP: checksums updated in place with direct packet writes: a complete one
 /// incrementally (RFC 1624) for address and port; a partial one for the address only.
@@ -501,9 +501,7 @@ impl Packet for TcPacket<'_> {
         let c = self.ctx;
         c.l4_csum_replace(l4_csum, old_a, new_a, BPF_F_PSEUDO_HDR as u64 | mangled | 4)
             .map_err(|_| RewriteError::Helper)?;
-        c.l4_csum_replace(l4_csum, old_p, new_p, mangled | 2)
-            .map_err(|_| RewriteError::Helper)?;
-        Ok(())
+        port_csum_replace(c, l4_csum, old_p, new_p, mangled)
     }
 
     #[inline(always)]
@@ -556,10 +554,25 @@ impl Packet for TcPacket<'_> {
             c.l4_csum_replace(l4_csum, 0, diff, flags)
                 .map_err(|_| RewriteError::Helper)?;
         }
-        c.l4_csum_replace(l4_csum, old_p, new_p, mangled | 2)
-            .map_err(|_| RewriteError::Helper)?;
-        Ok(())
+        port_csum_replace(c, l4_csum, old_p, new_p, mangled)
     }
+}
+
+/// Updates the L4 checksum for a port change; none for the same port (`-p 80:80`),
+/// which saves a helper call (a change of zero leaves every checksum state as it is).
+#[inline(always)]
+fn port_csum_replace(
+    c: &TcContext,
+    l4_csum: usize,
+    old_p: u64,
+    new_p: u64,
+    mangled: u64,
+) -> Result<(), RewriteError> {
+    if old_p == new_p {
+        return Ok(());
+    }
+    c.l4_csum_replace(l4_csum, old_p, new_p, mangled | 2)
+        .map_err(|_| RewriteError::Helper)
 }
 
 /// An address as the 32-bit words `bpf_csum_diff` and `bpf_fib_lookup` read (memory

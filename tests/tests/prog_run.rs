@@ -287,6 +287,34 @@ fn tc_ingress_fixtures() {
     }
 }
 
+/// A rule that keeps the port (`-p 8080:8080`): TC skips the port's checksum update
+/// (a change of zero); the packets come out as if rebuilt, for TCP and UDP, and replies.
+#[test]
+fn same_port_rules_translate_both_ways() {
+    if !require_root("same_port_rules_translate_both_ways") {
+        return;
+    }
+    let mut dp = fixture_dataplane();
+    for proto in [proto::TCP, proto::UDP] {
+        dp.insert_rule(
+            RuleKeyV4::from_parts(HOST, 7070, proto),
+            BackendV4::new(BACKEND, 7070, 6),
+        )
+        .expect("rule");
+        let frame = Frame::new(proto, (CLIENT, 40000), (HOST, 7070));
+        let out = frame.with_dst((BACKEND, 7070));
+        for prog in [Prog::XdpIngress, Prog::TcIngress] {
+            check_case(&dp, prog, &translated("same port", &frame, &out));
+        }
+        let reply = Frame::new(proto, (BACKEND, 7070), (CLIENT, 40000));
+        check_case(
+            &dp,
+            Prog::TcEgress,
+            &reply_translated("same port, reply", &reply, &reply.with_src((HOST, 7070))),
+        );
+    }
+}
+
 #[test]
 fn rule_counters_count_translated_packets() {
     if !privileged() {
