@@ -62,27 +62,14 @@ pub fn next_hop<P: Packet>(pkt: &P, f: &Ipv4Flow) -> Option<NextHop> {
         ifindex: pkt.ingress_ifindex(),
         addr: f.dst,
     };
-    let now = now_ns();
-    let cached = maps::next_hop_v4(&key);
-    if let Some(c) = cached {
-        if c.serves(now, tot_len) {
-            return Some(NextHop::from(c));
-        }
-    }
-    let mut entry = fresh_entry(now, tot_len);
-    let p = maps::fib_scratch()?;
-    p.family = AF_INET;
-    p.l4_protocol = f.proto;
-    p.sport = u16::from_ne_bytes(f.sport);
-    p.dport = u16::from_ne_bytes(f.dport);
-    p.__bindgen_anon_1.tot_len = tot_len;
-    p.ifindex = pkt.ingress_ifindex();
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(f.src);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(f.dst);
-    let hop = lookup(pkt, p)?;
-    hop.fill(&mut entry, cached);
-    maps::cache_next_hop_v4(&key, &entry);
-    Some(hop)
+    cached_or_asked(pkt, &key, tot_len, |p| {
+        p.family = AF_INET;
+        p.l4_protocol = f.proto;
+        p.sport = u16::from_ne_bytes(f.sport);
+        p.dport = u16::from_ne_bytes(f.dport);
+        p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(f.src);
+        p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(f.dst);
+    })
 }
 
 /// As [`next_hop`], for IPv6: the hop limit instead of the TTL, and the FIB's MTU check
@@ -111,8 +98,27 @@ pub fn next_hop_v6<P: Packet>(pkt: &P, f: &Ipv6Flow) -> Option<NextHop> {
         ifindex: pkt.ingress_ifindex(),
         addr: f.dst,
     };
+    cached_or_asked(pkt, &key, tot_len, |p| {
+        p.family = AF_INET6;
+        p.l4_protocol = f.proto;
+        p.sport = u16::from_ne_bytes(f.sport);
+        p.dport = u16::from_ne_bytes(f.dport);
+        p.__bindgen_anon_3.ipv6_src = addr_words(f.src);
+        p.__bindgen_anon_4.ipv6_dst = addr_words(f.dst);
+    })
+}
+
+/// The next hop cached under `key` if it serves a packet of `tot_len` bytes now; else
+/// the FIB's answer (`request` writes the family's part of the question), cached.
+#[inline(always)]
+fn cached_or_asked<P: Packet, K: maps::NextHopKey>(
+    pkt: &P,
+    key: &K,
+    tot_len: u16,
+    request: impl FnOnce(&mut FibParams),
+) -> Option<NextHop> {
     let now = now_ns();
-    let cached = maps::next_hop_v6(&key);
+    let cached = key.cached();
     if let Some(c) = cached {
         if c.serves(now, tot_len) {
             return Some(NextHop::from(c));
@@ -120,17 +126,12 @@ pub fn next_hop_v6<P: Packet>(pkt: &P, f: &Ipv6Flow) -> Option<NextHop> {
     }
     let mut entry = fresh_entry(now, tot_len);
     let p = maps::fib_scratch()?;
-    p.family = AF_INET6;
-    p.l4_protocol = f.proto;
-    p.sport = u16::from_ne_bytes(f.sport);
-    p.dport = u16::from_ne_bytes(f.dport);
+    request(p);
     p.__bindgen_anon_1.tot_len = tot_len;
     p.ifindex = pkt.ingress_ifindex();
-    p.__bindgen_anon_3.ipv6_src = addr_words(f.src);
-    p.__bindgen_anon_4.ipv6_dst = addr_words(f.dst);
     let hop = lookup(pkt, p)?;
     hop.fill(&mut entry, cached);
-    maps::cache_next_hop_v6(&key, &entry);
+    key.cache(&entry);
     Some(hop)
 }
 

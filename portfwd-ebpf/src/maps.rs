@@ -307,33 +307,38 @@ static NEXT_HOPS_V4: LruHashMap<NextHopKeyV4, CachedHop> =
 static NEXT_HOPS_V6: LruHashMap<NextHopKeyV6, CachedHop> =
     LruHashMap::with_max_entries(MAX_NEXT_HOPS, 0);
 
-/// The cached next hop of an IPv4 backend, as last written (the caller checks its age).
-/// A reference, not a copy: the fast path runs close to the stack limit. An update
-/// replaces the whole element (the old one stays readable until the run ends).
-#[inline(always)]
-pub fn next_hop_v4(key: &NextHopKeyV4) -> Option<&'static CachedHop> {
-    // SAFETY: map memory outlives the program run.
-    unsafe { NEXT_HOPS_V4.get(key) }
+/// A key of a next-hop cache (`NEXT_HOPS_V4` / `_V6`), with its map's accessors.
+pub trait NextHopKey {
+    /// The cached next hop, as last written (the caller checks its age). A reference,
+    /// not a copy: the fast path runs close to the stack limit. An update replaces the
+    /// whole element (the old one stays readable until the run ends).
+    fn cached(&self) -> Option<&'static CachedHop>;
+    /// Caches a next hop; a failed insert only costs the next packet a FIB lookup.
+    fn cache(&self, hop: &CachedHop);
 }
 
-/// Caches an IPv4 backend's next hop; a failed insert only costs the next packet a FIB
-/// lookup.
-#[inline(always)]
-pub fn cache_next_hop_v4(key: &NextHopKeyV4, hop: &CachedHop) {
-    let _ = NEXT_HOPS_V4.insert(key, hop, 0);
+impl NextHopKey for NextHopKeyV4 {
+    #[inline(always)]
+    fn cached(&self) -> Option<&'static CachedHop> {
+        // SAFETY: map memory outlives the program run.
+        unsafe { NEXT_HOPS_V4.get(self) }
+    }
+    #[inline(always)]
+    fn cache(&self, hop: &CachedHop) {
+        let _ = NEXT_HOPS_V4.insert(self, hop, 0);
+    }
 }
 
-/// As [`next_hop_v4`], IPv6.
-#[inline(always)]
-pub fn next_hop_v6(key: &NextHopKeyV6) -> Option<&'static CachedHop> {
-    // SAFETY: as above.
-    unsafe { NEXT_HOPS_V6.get(key) }
-}
-
-/// As [`cache_next_hop_v4`], IPv6.
-#[inline(always)]
-pub fn cache_next_hop_v6(key: &NextHopKeyV6, hop: &CachedHop) {
-    let _ = NEXT_HOPS_V6.insert(key, hop, 0);
+impl NextHopKey for NextHopKeyV6 {
+    #[inline(always)]
+    fn cached(&self) -> Option<&'static CachedHop> {
+        // SAFETY: as above.
+        unsafe { NEXT_HOPS_V6.get(self) }
+    }
+    #[inline(always)]
+    fn cache(&self, hop: &CachedHop) {
+        let _ = NEXT_HOPS_V6.insert(self, hop, 0);
+    }
 }
 
 /// The bridge port (ifindex) behind which the daemon saw `key`'s MAC.
