@@ -21,8 +21,8 @@ use portfwd_common::model::nat64::Route;
 use portfwd_common::{
     nat64::{port_candidate, port_start},
     programs, proto, BackendV6, FlowKeyV4, Nat64Reply, Reason, RuleKeyV6, NAT64_CLOSED,
-    NAT64_CLOSING, NAT64_FIN_BACKEND, NAT64_FIN_CLIENT, NAT64_PORT_COUNT, NAT64_PORT_MIN,
-    NAT64_PORT_TRIES, NAT64_REPLIES,
+    NAT64_CLOSING, NAT64_FIN_BACKEND, NAT64_FIN_BACKEND_FIRST, NAT64_FIN_CLIENT, NAT64_PORT_COUNT,
+    NAT64_PORT_MIN, NAT64_PORT_TRIES, NAT64_REPLIES,
 };
 use portfwd_tests::{
     fixture::{
@@ -395,15 +395,24 @@ fn nat64_ports_are_unique_while_live_and_reused_once_over() {
 
 /// Every port a new TCP flow may take is held, none long idle (connection churn from one
 /// client: each port held 10 s after its close): the first one held by a closed
-/// connection (a FIN each way and the last ACK, or an RST) is taken over and counted, as
-/// conntrack's NAT does when it runs out of tuples; one closed only one way is not.
-/// Before, the SYN was passed untranslated (the host's stack then reset it).
+/// connection (a FIN each way and the last ACK, or an RST) whose backend takes the SYN
+/// even from TIME_WAIT (its sequence number past the client's FIN) is taken over and
+/// counted, as conntrack's NAT does when it runs out of tuples; one closed only one way
+/// is not. With no such one, the one closed longest ago is, counted as early. Before,
+/// the first closed one was taken whatever the SYN's sequence number, and the backend
+/// answered from TIME_WAIT with the old connection's ACK (the client then reset and
+/// retransmitted its SYN a second later).
 #[test]
 fn nat64_takes_over_a_closed_connections_port_when_all_are_held() {
     if !require_root("nat64_takes_over_a_closed_connections_port_when_all_are_held") {
         return;
     }
     let mut dp = dataplane();
+    dp.insert_rule_v6(
+        RuleKeyV6::from_parts(Ipv6Addr::UNSPECIFIED, 9001, proto::TCP),
+        BackendV6::new(BACKEND.to_ipv6_mapped(), 8080, 3),
+    )
+    .expect("rule");
     let ns = backend_net();
     let client = (CLIENT, 46000);
     let start = port_start(&CLIENT.octets(), 46000u16.to_be_bytes());
@@ -422,8 +431,15 @@ fn nat64_takes_over_a_closed_connections_port_when_all_are_held() {
         let mut replies: HashMap<_, FlowKeyV4, Nat64Reply> =
             HashMap::try_from(dp.ebpf_mut().map_mut(NAT64_REPLIES).expect("NAT64_REPLIES"))
                 .expect("hash map");
+        // The backend closed 3 and 5 first (TIME_WAIT). The SYNs (no timestamp option)
+        // have sequence number 1000: 3's FIN ends there (not past it, the backend's
+        // TIME_WAIT would not take it), 5's before.
         for n in 0..NAT64_PORT_TRIES {
-            let flags = if n == 3 { closed } else { half };
+            let (flags, client_fin_end) = match n {
+                3 => (closed | NAT64_FIN_BACKEND_FIRST, 1000),
+                5 => (closed | NAT64_FIN_BACKEND_FIRST, 999),
+                _ => (half, 0),
+            };
             let other = Nat64Reply {
                 client_addr: HOST2.octets(),
                 host_addr: HOST.octets(),
@@ -431,6 +447,8 @@ fn nat64_takes_over_a_closed_connections_port_when_all_are_held() {
                 host_port: 9000u16.to_be_bytes(),
                 stats_slot: 1,
                 client_ifindex: 1,
+                client_fin_end,
+                client_fin_tsval: 0,
                 flags,
                 _pad: [0; 3],
                 // Later than the kernel's clock: never idle, never reusable.
@@ -439,20 +457,37 @@ fn nat64_takes_over_a_closed_connections_port_when_all_are_held() {
             replies.insert(key(n), other, 0).expect("hold the port");
         }
     }
-    let reclaimed = reason(&dp, Reason::Nat64PortReclaimed);
+    let reclaimed = || {
+        (
+            reason(&dp, Reason::Nat64PortReclaimed),
+            reason(&dp, Reason::Nat64PortReclaimedEarly),
+        )
+    };
+    let (taken, early) = reclaimed();
     let syn = v6_frame(proto::TCP, client, (HOST, 9000), 64);
     // `run` checks the kernel against the model: verdict, bytes, reasons, entries.
     let port = nat64_port(&dp, &ns, &syn);
     assert_eq!(
         port.to_be_bytes(),
-        port_candidate(start, 3),
-        "the closed one's port"
+        port_candidate(start, 5),
+        "the port of the closed one whose FIN the SYN is past"
     );
-    assert_eq!(reason(&dp, Reason::Nat64PortReclaimed), reclaimed + 1);
+    assert_eq!(reclaimed(), (taken + 1, early));
 
-    // Nothing closed any more (3 now belongs to the new, live flow): passed, counted.
+    // Only 3 is closed now (5 belongs to the new, live flow): taken over all the same,
+    // counted as early.
+    let syn = v6_frame(proto::TCP, client, (HOST2, 9000), 64);
+    let port = nat64_port(&dp, &ns, &syn);
+    assert_eq!(
+        port.to_be_bytes(),
+        port_candidate(start, 3),
+        "the last closed one"
+    );
+    assert_eq!(reclaimed(), (taken + 2, early + 1));
+
+    // Nothing closed any more: passed, counted.
     let failed = reason(&dp, Reason::Nat64NoPort);
-    let other = v6_frame(proto::TCP, client, (HOST2, 9000), 64);
+    let other = v6_frame(proto::TCP, client, (HOST, 9001), 64);
     let (verdict, out) = run(&dp, &ns, programs::TC_INGRESS, &other);
     assert_eq!(
         (verdict, out),
