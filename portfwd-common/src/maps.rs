@@ -821,6 +821,12 @@ pub const NAT64_FIN_BACKEND: u8 = 4;
 /// way): a new flow that finds every candidate port held may take its port over
 /// (see [`crate::nat64::track_tcp`]).
 pub const NAT64_CLOSED: u8 = 8;
+/// [`Nat64Reply::flags`]: the backend sent its FIN before the client's (it closed
+/// first, so it will hold the connection's tuple in `TIME_WAIT`).
+pub const NAT64_FIN_BACKEND_FIRST: u8 = 16;
+/// [`Nat64Reply::flags`]: the client's FIN carried a TCP timestamp
+/// ([`Nat64Reply::client_fin_tsval`]).
+pub const NAT64_FIN_CLIENT_TS: u8 = 32;
 
 /// Value of [`NAT64_FLOWS`]: the IPv4 side of a translated flow.
 #[repr(C)]
@@ -856,15 +862,22 @@ pub struct Nat64Reply {
     /// Where the client's packets arrive: replies leave there (no IPv6 route lookup, so
     /// IPv6 forwarding need not be on).
     pub client_ifindex: u32,
+    /// The TCP sequence number just past the client's FIN (host order; 0 before one):
+    /// the backend's `rcv_nxt` from then on ([`Nat64Reply::may_take_over`]).
+    pub client_fin_end: u32,
+    /// The timestamp (TSval) of the client's FIN, if it had one
+    /// ([`NAT64_FIN_CLIENT_TS`]): the backend's `ts_recent` from then on.
+    pub client_fin_tsval: u32,
     /// The TCP state: [`NAT64_CLOSING`], [`NAT64_FIN_CLIENT`], [`NAT64_FIN_BACKEND`],
-    /// [`NAT64_CLOSED`] ([`crate::nat64::track_tcp`]).
+    /// [`NAT64_CLOSED`], [`NAT64_FIN_BACKEND_FIRST`] ([`crate::nat64::track_tcp`]), and
+    /// [`NAT64_FIN_CLIENT_TS`].
     pub flags: u8,
     /// Zero.
     pub _pad: [u8; 3],
     /// `bpf_ktime_get_coarse_ns` of the flow's last packet, either way.
     pub last_seen_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Nat64Reply>() == 56);
+const _: () = assert!(core::mem::size_of::<Nat64Reply>() == 64);
 
 impl Nat64Reply {
     /// Whether this reply entry still belongs to the IPv6 client flow `f` (its port may
@@ -891,6 +904,35 @@ impl Nat64Reply {
     #[inline(always)]
     pub fn closed(&self, proto: u8) -> bool {
         proto == crate::proto::TCP && self.flags & NAT64_CLOSED != 0
+    }
+    /// Whether a new connection whose SYN has sequence number `syn_seq` and timestamp
+    /// `syn_tsval` (if it has one) can take over this closed connection's port at once
+    /// ([`Nat64Reply::closed`]) and be accepted by the backend.
+    ///
+    /// A backend that closed first holds the tuple in `TIME_WAIT` once the client's FIN
+    /// came ([`NAT64_FIN_BACKEND_FIRST`]; an HTTP server answering
+    /// `Connection: close` does). Linux takes a SYN there only if PAWS passes (its
+    /// timestamp not older than the client's last) and its timestamp is newer or its
+    /// sequence number after the old connection's (`tcp_timewait_state_process`);
+    /// otherwise it answers with the old connection's ACK, the client resets and
+    /// retransmits its SYN. Timestamps start at a random offset for each connection, so
+    /// a new connection's is older half the time. conntrack's NAT asks the sequence
+    /// number half (`nf_seq_has_advanced`). A backend that did not close first (or was
+    /// reset before the client's FIN) keeps no `TIME_WAIT`.
+    #[inline(always)]
+    pub fn may_take_over(&self, proto: u8, syn_seq: u32, syn_tsval: Option<u32>) -> bool {
+        let time_wait = NAT64_FIN_BACKEND_FIRST | NAT64_FIN_CLIENT;
+        if !self.closed(proto) || self.flags & time_wait != time_wait {
+            return self.closed(proto);
+        }
+        let seq_after = crate::nat64::seq_after(syn_seq, self.client_fin_end);
+        match syn_tsval {
+            Some(t) if self.flags & NAT64_FIN_CLIENT_TS != 0 => {
+                let newer = t.wrapping_sub(self.client_fin_tsval) as i32;
+                newer > 0 || (newer == 0 && seq_after)
+            }
+            _ => seq_after,
+        }
     }
 }
 
@@ -1028,6 +1070,8 @@ mod tests {
             host_port: [0; 2],
             stats_slot: 0,
             client_ifindex: 0,
+            client_fin_end: 0,
+            client_fin_tsval: 0,
             flags,
             _pad: [0; 3],
             last_seen_ns,
@@ -1054,5 +1098,70 @@ mod tests {
         }
         // A clock behind the entry (another CPU wrote it just now) is not idle.
         assert!(!reply(NAT64_CLOSING, t0 + s).reusable(t0, tcp));
+    }
+
+    /// A closed connection's port goes to a SYN at once only if the backend takes it:
+    /// the backend did not close first (no TIME_WAIT), or Linux's TIME_WAIT test passes
+    /// (timestamp newer, or equal with the sequence number after the client's FIN; no
+    /// timestamp to compare: the sequence number), all modulo 2^32.
+    #[test]
+    fn nat64_takes_over_only_what_time_wait_accepts() {
+        let (tcp, udp) = (crate::proto::TCP, crate::proto::UDP);
+        let fins = NAT64_CLOSING | NAT64_FIN_CLIENT | NAT64_FIN_BACKEND;
+        let passive = fins | NAT64_CLOSED;
+        let tw = passive | NAT64_FIN_BACKEND_FIRST;
+        let ts = tw | NAT64_FIN_CLIENT_TS;
+        let reset = NAT64_CLOSING | NAT64_CLOSED;
+        // (flags, client FIN's end and TSval, SYN's seq and TSval, protocol, takes over?)
+        for (flags, (end, tsval), (seq, syn_ts), proto, want) in [
+            // The client closed first, or a reset: no TIME_WAIT on the backend.
+            (passive, (1000, 0), (7, None), tcp, true),
+            (reset, (0, 0), (7, Some(1)), tcp, true),
+            (
+                reset | NAT64_FIN_BACKEND | NAT64_FIN_BACKEND_FIRST,
+                (0, 0),
+                (7, None),
+                tcp,
+                true,
+            ),
+            // Not closed: a FIN each way without the last ACK.
+            (
+                fins | NAT64_FIN_BACKEND_FIRST,
+                (1000, 0),
+                (5000, None),
+                tcp,
+                false,
+            ),
+            // TIME_WAIT, no timestamps: the sequence number alone.
+            (tw, (1000, 0), (1001, None), tcp, true),
+            (tw, (1000, 0), (1000, None), tcp, false),
+            (tw, (1000, 0), (999, None), tcp, false),
+            (tw, (1000, 0), (1000 + (1 << 31) - 1, None), tcp, true),
+            (tw, (1000, 0), (1000 + (1 << 31), None), tcp, true),
+            (tw, (1000, 0), (1000 + (1 << 31) + 1, None), tcp, false),
+            (tw, (u32::MAX - 5, 0), (3, None), tcp, true),
+            (tw, (3, 0), (u32::MAX - 5, None), tcp, false),
+            // The SYN's timestamp with none on the FIN: the sequence number.
+            (tw, (1000, 0), (999, Some(5)), tcp, false),
+            // Timestamps both: newer wins whatever the sequence number, older loses.
+            (ts, (1000, 500), (999, Some(501)), tcp, true),
+            (ts, (1000, 500), (5000, Some(499)), tcp, false),
+            (ts, (1000, u32::MAX), (999, Some(2)), tcp, true),
+            (ts, (1000, 2), (5000, Some(u32::MAX)), tcp, false),
+            // Equal: the sequence number decides.
+            (ts, (1000, 500), (1001, Some(500)), tcp, true),
+            (ts, (1000, 500), (999, Some(500)), tcp, false),
+            // A SYN without a timestamp passes PAWS: the sequence number.
+            (ts, (1000, 500), (1001, None), tcp, true),
+            (passive, (1000, 0), (7, None), udp, false),
+        ] {
+            let mut r = reply(flags, 0);
+            (r.client_fin_end, r.client_fin_tsval) = (end, tsval);
+            assert_eq!(
+                r.may_take_over(proto, seq, syn_ts),
+                want,
+                "{flags:#x} FIN end {end} ts {tsval}, SYN {seq} {syn_ts:?}, {proto}"
+            );
+        }
     }
 }

@@ -11,8 +11,8 @@
 use crate::{
     csum,
     packet::{IPV4_MIN_HLEN, IPV6_HLEN, IP_DF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    NAT64_CLOSED, NAT64_CLOSING, NAT64_FIN_BACKEND, NAT64_FIN_CLIENT, NAT64_PORT_COUNT,
-    NAT64_PORT_MIN,
+    NAT64_CLOSED, NAT64_CLOSING, NAT64_FIN_BACKEND, NAT64_FIN_BACKEND_FIRST, NAT64_FIN_CLIENT,
+    NAT64_PORT_COUNT, NAT64_PORT_MIN,
 };
 
 /// Whether `port` (network order) is one NAT64 hands out: only those can be replies.
@@ -141,7 +141,11 @@ pub fn mtu_len(tot_len: u16, gso_size: u32, l4_hlen: u8) -> u16 {
 ///   a FIN or an RST marks the flow closing ([`NAT64_CLOSING`]);
 /// - an RST, or an ACK without FIN once both sides sent theirs (the last packet of a
 ///   close), marks it closed ([`NAT64_CLOSED`]): conntrack's `TIME_WAIT` or `CLOSE`,
-///   the states whose tuple its NAT takes over when it runs out of ports.
+///   the states whose tuple its NAT takes over when it runs out of ports;
+/// - the backend's FIN before the client's marks [`NAT64_FIN_BACKEND_FIRST`] (the
+///   backend will hold the tuple in `TIME_WAIT`).
+///
+/// [`NAT64_FIN_CLIENT_TS`](crate::NAT64_FIN_CLIENT_TS) is the caller's.
 #[inline(always)]
 pub fn track_tcp(state: u8, tcp_flags: u8, from_client: bool) -> u8 {
     if from_client && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
@@ -152,6 +156,9 @@ pub fn track_tcp(state: u8, tcp_flags: u8, from_client: bool) -> u8 {
     if tcp_flags & TCP_RST != 0 {
         s |= NAT64_CLOSING | NAT64_CLOSED;
     } else if tcp_flags & TCP_FIN != 0 {
+        if !from_client && s & NAT64_FIN_CLIENT == 0 {
+            s |= NAT64_FIN_BACKEND_FIRST;
+        }
         s |= NAT64_CLOSING
             | if from_client {
                 NAT64_FIN_CLIENT
@@ -163,6 +170,59 @@ pub fn track_tcp(state: u8, tcp_flags: u8, from_client: bool) -> u8 {
     }
     s
 }
+
+/// The sequence number just past a client's TCP segment with FIN, sequence number `seq`
+/// and `data_len` bytes of data (the FIN counts one): what
+/// [`Nat64Reply::client_fin_end`](crate::Nat64Reply) keeps.
+#[inline(always)]
+pub fn fin_end(seq: u32, data_len: u16) -> u32 {
+    seq.wrapping_add(u32::from(data_len)).wrapping_add(1)
+}
+
+/// Whether sequence number `a` comes after `b`, modulo 2^32 (Linux's `after()`).
+#[inline(always)]
+pub fn seq_after(a: u32, b: u32) -> bool {
+    (b.wrapping_sub(a) as i32) < 0
+}
+
+/// How many options [`tcp_tsval`] looks at, at most (a bound for the verifier): enough
+/// for what stacks send (Linux's SYN: MSS, SACK permitted, timestamps; macOS's: MSS,
+/// NOP, window scale, NOP, NOP, timestamps; later segments: NOP, NOP, timestamps).
+pub const TCP_OPTION_STEPS: usize = 8;
+
+/// The TSval of the timestamp option among a TCP header's `len` bytes of options, each
+/// read through `byte` (`None` past the packet's end), if there is one.
+#[inline(always)]
+pub fn tcp_tsval(len: usize, byte: impl Fn(usize) -> Option<u8>) -> Option<u32> {
+    let (mut i, mut step) = (0, 0);
+    while step < TCP_OPTION_STEPS && i < len {
+        match byte(i)? {
+            // End of options.
+            0 => return None,
+            // NOP.
+            1 => i += 1,
+            kind => {
+                let l = byte(i + 1)? as usize;
+                if kind == TCP_OPT_TIMESTAMP {
+                    if l != 10 || i + 10 > len {
+                        return None;
+                    }
+                    let b = [byte(i + 2)?, byte(i + 3)?, byte(i + 4)?, byte(i + 5)?];
+                    return Some(u32::from_be_bytes(b));
+                }
+                if l < 2 {
+                    return None;
+                }
+                i += l;
+            }
+        }
+        step += 1;
+    }
+    None
+}
+
+/// The TCP timestamp option's kind (RFC 7323).
+const TCP_OPT_TIMESTAMP: u8 = 8;
 
 /// A TCP header's length in bytes, from its data offset byte
 /// ([`TCP_DOFF_OFF`](crate::packet::TCP_DOFF_OFF)).
@@ -254,6 +314,8 @@ mod tests {
         const C: bool = true;
         const B: bool = false;
         let both = NAT64_CLOSING | NAT64_FIN_CLIENT | NAT64_FIN_BACKEND;
+        let reset = NAT64_CLOSING | NAT64_CLOSED;
+        let first = NAT64_FIN_BACKEND_FIRST;
         // (packets in order, state after each)
         let cases: [&[(u8, bool, u8)]; 4] = [
             // The backend closes first (HTTP with Connection: close).
@@ -262,11 +324,12 @@ mod tests {
                 (S | A, B, 0),
                 (A, C, 0),
                 (A, B, 0),
-                (F | A, B, NAT64_CLOSING | NAT64_FIN_BACKEND),
-                (A, C, NAT64_CLOSING | NAT64_FIN_BACKEND),
-                (F | A, C, both),
-                (F | A, C, both),
-                (A, B, both | NAT64_CLOSED),
+                (F | A, B, NAT64_CLOSING | NAT64_FIN_BACKEND | first),
+                (A, C, NAT64_CLOSING | NAT64_FIN_BACKEND | first),
+                (F | A, C, both | first),
+                (F | A, C, both | first),
+                (F | A, B, both | first),
+                (A, B, both | first | NAT64_CLOSED),
                 // The client's port comes back: a new connection on the same flow.
                 (S, C, 0),
             ],
@@ -278,11 +341,8 @@ mod tests {
                 (A, C, both | NAT64_CLOSED),
             ],
             // A reset, from either side.
-            &[(A, C, 0), (R, B, NAT64_CLOSING | NAT64_CLOSED)],
-            &[
-                (R | A, C, NAT64_CLOSING | NAT64_CLOSED),
-                (S | A, B, NAT64_CLOSING | NAT64_CLOSED),
-            ],
+            &[(A, C, 0), (R, B, reset)],
+            &[(R | A, C, reset), (S | A, B, reset)],
         ];
         for (i, packets) in cases.iter().enumerate() {
             let mut state = 0;
@@ -291,6 +351,61 @@ mod tests {
                 assert_eq!(state, want, "case {i}, packet {j}");
             }
         }
+    }
+
+    /// The timestamp option wherever stacks put it; none where there is none, where it
+    /// is malformed or cut off, or past the steps looked at.
+    #[test]
+    fn tcp_tsval_finds_the_timestamp() {
+        let ts = [8, 10, 0x12, 0x34, 0x56, 0x78, 0, 0, 0, 9];
+        let linux_syn: Vec<u8> = [&[2, 4, 5, 0xb4, 4, 2][..], &ts, &[1, 3, 3, 7]].concat();
+        let macos_syn: Vec<u8> =
+            [&[2, 4, 5, 0xb4, 1, 3, 3, 6, 1, 1][..], &ts, &[4, 2, 0, 0]].concat();
+        let later: Vec<u8> = [&[1, 1][..], &ts].concat();
+        let read = |o: &[u8], len: usize| tcp_tsval(len, |i| o.get(i).copied());
+        for (what, opts) in [
+            ("Linux SYN", &linux_syn),
+            ("macOS SYN", &macos_syn),
+            ("later", &later),
+        ] {
+            assert_eq!(read(opts, opts.len()), Some(0x1234_5678), "{what}");
+            // The packet cut short inside the TSval, or the header's length short of
+            // the option.
+            let at = opts.windows(2).position(|w| w == [8, 10]).expect("option");
+            assert_eq!(read(&opts[..at + 5], opts.len()), None, "{what} cut");
+            assert_eq!(read(opts, at + 9), None, "{what} short");
+            assert_eq!(
+                read(opts, at + 10),
+                Some(0x1234_5678),
+                "{what} just long enough"
+            );
+        }
+        assert_eq!(read(&[], 0), None);
+        assert_eq!(read(&[2, 4, 5, 0xb4], 4), None);
+        assert_eq!(
+            read(&[0, 0, 8, 10, 1, 2, 3, 4, 5, 6, 7, 8], 12),
+            None,
+            "after EOL"
+        );
+        assert_eq!(read(&[8, 9, 1, 2, 3, 4, 5, 6, 7], 12), None, "bad length");
+        assert_eq!(
+            read(&[3, 1, 8, 10, 1, 2, 3, 4, 5, 6, 7, 8], 12),
+            None,
+            "length < 2"
+        );
+        let nops: Vec<u8> = [&[1; TCP_OPTION_STEPS][..], &ts].concat();
+        assert_eq!(read(&nops, nops.len()), None, "past the steps");
+        assert_eq!(read(&nops[1..], nops.len() - 1), Some(0x1234_5678));
+    }
+
+    #[test]
+    fn fin_end_and_seq_after_wrap() {
+        assert_eq!(fin_end(100, 0), 101);
+        assert_eq!(fin_end(100, 20), 121);
+        assert_eq!(fin_end(u32::MAX, 0), 0);
+        assert_eq!(fin_end(u32::MAX - 9, 20), 11);
+        assert!(seq_after(101, 100) && !seq_after(100, 100) && !seq_after(99, 100));
+        assert!(seq_after(5, u32::MAX - 5) && !seq_after(u32::MAX - 5, 5));
     }
 
     proptest! {

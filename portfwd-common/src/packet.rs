@@ -72,6 +72,8 @@ pub const TCP_CSUM_OFF: usize = 16;
 pub const UDP_CSUM_OFF: usize = 6;
 /// TCP data offset (header length in 32-bit words, high nibble) byte offset.
 pub const TCP_DOFF_OFF: usize = 12;
+/// Offset of the TCP sequence number in the TCP header.
+pub const TCP_SEQ_OFF: usize = 4;
 /// TCP flags byte offset.
 pub const TCP_FLAGS_OFF: usize = 13;
 /// TCP FIN flag.

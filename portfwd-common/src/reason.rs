@@ -83,11 +83,18 @@ pub enum Reason {
     /// FIN each way and the ACK after them), as conntrack's NAT evicts a closing entry
     /// whose tuple it needs (`nf_nat_used_tuple_harder`).
     Nat64PortReclaimed = 27,
+    /// NAT64, counted beside [`Reason::Nat64PortReclaimed`]: no closed candidate was one
+    /// the backend surely takes the new SYN on (after a FIN each way it may hold the old
+    /// connection in `TIME_WAIT`, and the SYN's sequence number was not past the old
+    /// one's: [`crate::Nat64Reply::may_take_over`]), so the port of the connection
+    /// closed longest ago was taken over all the same (a Linux backend still takes the
+    /// SYN if its timestamp is newer; if not, the client retransmits its SYN).
+    Nat64PortReclaimedEarly = 28,
 }
 
 impl Reason {
     /// How many reasons there are (the length of `REASON_STATS`).
-    pub const COUNT: u32 = 28;
+    pub const COUNT: u32 = 29;
     /// Every reason, in counter order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Translated,
@@ -118,6 +125,7 @@ impl Reason {
         Reason::Nat64Unsupported,
         Reason::Nat64HopLimit,
         Reason::Nat64PortReclaimed,
+        Reason::Nat64PortReclaimedEarly,
     ];
 
     /// Stable snake_case name, for `list` and metrics.
@@ -151,6 +159,7 @@ impl Reason {
             Reason::Nat64Unsupported => "nat64_unsupported",
             Reason::Nat64HopLimit => "nat64_hop_limit",
             Reason::Nat64PortReclaimed => "nat64_port_reclaimed",
+            Reason::Nat64PortReclaimedEarly => "nat64_port_reclaimed_early",
         }
     }
 }

@@ -37,15 +37,16 @@ use aya_ebpf::{
 use portfwd_common::{
     addr,
     nat64::{
-        ipv4_header, ipv6_header, is_nat64_port, mtu_len, port_candidate, port_start, pseudo_diff,
-        tcp_hlen, track_tcp,
+        fin_end, ipv4_header, ipv6_header, is_nat64_port, mtu_len, port_candidate, port_start,
+        pseudo_diff, tcp_hlen, tcp_tsval, track_tcp,
     },
     packet::{
         l4_csum_off, may_start_flow, ETH_HLEN, ETH_PROTO_OFF, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN,
-        IPV6_HLEN, TCP_DOFF_OFF, TCP_HLEN, UDP_CSUM_OFF, UDP_HLEN,
+        IPV6_HLEN, TCP_DOFF_OFF, TCP_FIN, TCP_HLEN, TCP_SEQ_OFF, TCP_SYN, UDP_CSUM_OFF, UDP_HLEN,
     },
     rules::{self, Caller},
-    BackendV6, FlowKeyV4, FlowKeyV6, Nat64Flow, Nat64Reply, Reason, NAT64_PORT_TRIES,
+    BackendV6, FlowKeyV4, FlowKeyV6, Nat64Flow, Nat64Reply, Reason, NAT64_FIN_CLIENT_TS,
+    NAT64_PORT_TRIES,
 };
 
 use crate::{
@@ -162,7 +163,8 @@ fn try_forward(
     // The translated packet's length, or a GSO packet's segment's ([`mtu_len`]), checked
     // against the route's MTU (without it the FIB would check the IPv6 frame, 20 bytes
     // longer than what leaves, and let any GSO packet through).
-    s.fib.__bindgen_anon_1.tot_len = mtu_len(tot_len, gso_size(ctx), l4_hlen(ctx, f)?);
+    let (hlen, seq) = l4_header(ctx, f)?;
+    s.fib.__bindgen_anon_1.tot_len = mtu_len(tot_len, gso_size(ctx), hlen);
     s.fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(backend_addr);
     // SAFETY: a valid request in map memory, of the size passed.
     let rc = unsafe {
@@ -183,6 +185,18 @@ fn try_forward(
     let snat_addr = unsafe { s.fib.__bindgen_anon_3.ipv4_src }.to_ne_bytes();
     let out_ifindex = s.fib.ifindex;
 
+    // TCP: where a FIN of this segment ends, and a SYN's or FIN's timestamp.
+    let tsval = if f.proto == portfwd_common::proto::TCP && f.tcp_flags & (TCP_SYN | TCP_FIN) != 0 {
+        let (data, data_end) = (ctx.data(), ctx.data_end());
+        let opts = f.l4_off + TCP_HLEN;
+        tcp_tsval(usize::from(hlen).saturating_sub(TCP_HLEN), |i| {
+            // SAFETY: one byte inside the packet (checked by bytes_at).
+            bytes_at(data, data_end, opts + i, 1).map(|p| unsafe { *p })
+        })
+    } else {
+        None
+    };
+    let fin = (fin_end(seq, payload_len.saturating_sub(hlen.into())), tsval);
     s.key6 = FlowKeyV6::new(f.dst, f.dport, f.src, f.sport, f.proto);
     let known = maps::nat64_flow(&s.key6);
     let flow = match known {
@@ -190,7 +204,7 @@ fn try_forward(
             if t.backend_addr == backend_addr
                 && t.backend_port == backend_port
                 && t.snat_addr == snat_addr
-                && still_ours(f, &t, s) =>
+                && still_ours(f, &t, fin, s) =>
         {
             t
         }
@@ -203,7 +217,7 @@ fn try_forward(
                 backend_port,
                 stats_slot: backend.stats_slot(),
             };
-            allocate(ctx, f, s, flow)?
+            allocate(ctx, f, (seq, tsval), s, flow)?
         }
         _ => return Err(Reason::PassNoFlow),
     };
@@ -237,22 +251,30 @@ fn gso_size(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).gso_size }
 }
 
-/// The length of `f`'s TCP (with options) or UDP header.
+/// The length of `f`'s TCP (with options) or UDP header, and its TCP sequence number
+/// (0 for UDP).
 #[inline(always)]
-fn l4_hlen(ctx: &TcContext, f: &Ipv6Flow) -> Result<u8, Reason> {
+fn l4_header(ctx: &TcContext, f: &Ipv6Flow) -> Result<(u8, u32), Reason> {
     if f.is_udp() {
-        return Ok(UDP_HLEN as u8);
+        return Ok((UDP_HLEN as u8, 0));
     }
     let l4 =
         bytes_at(ctx.data(), ctx.data_end(), f.l4_off, TCP_HLEN).ok_or(Reason::Nat64Unsupported)?;
     // SAFETY: the 20-byte TCP header is inside the packet (checked above).
-    Ok(tcp_hlen(unsafe { *l4.add(TCP_DOFF_OFF) }))
+    unsafe {
+        let q = l4.add(TCP_SEQ_OFF);
+        Ok((
+            tcp_hlen(*l4.add(TCP_DOFF_OFF)),
+            u32::from_be_bytes([*q, *q.add(1), *q.add(2), *q.add(3)]),
+        ))
+    }
 }
 
 /// Whether the flow `t` of the client's packet `f` still holds its port (the port may
-/// have gone to a new flow once this one looked over); if so, its last packet is now.
+/// have gone to a new flow once this one looked over); if so, its last packet is now
+/// (`fin`: where the packet's FIN, if any, ends, and its timestamp).
 #[inline(always)]
-fn still_ours(f: &Ipv6Flow, t: &Nat64Flow, s: &mut Scratch) -> bool {
+fn still_ours(f: &Ipv6Flow, t: &Nat64Flow, fin: (u32, Option<u32>), s: &mut Scratch) -> bool {
     s.key4 = FlowKeyV4::new(
         t.backend_addr,
         t.backend_port,
@@ -267,6 +289,15 @@ fn still_ours(f: &Ipv6Flow, t: &Nat64Flow, s: &mut Scratch) -> bool {
         return false;
     }
     seen(r, f.proto, f.tcp_flags, true);
+    // What a takeover of the port compares a SYN with (Nat64Reply::may_take_over).
+    if f.proto == portfwd_common::proto::TCP && f.tcp_flags & TCP_FIN != 0 {
+        r.client_fin_end = fin.0;
+        r.client_fin_tsval = fin.1.unwrap_or(0);
+        r.flags &= !NAT64_FIN_CLIENT_TS;
+        if fin.1.is_some() {
+            r.flags |= NAT64_FIN_CLIENT_TS;
+        }
+    }
     true
 }
 
@@ -284,14 +315,18 @@ fn seen(r: &mut Nat64Reply, proto: u8, tcp_flags: u8, from_client: bool) {
 /// A source port for a new flow (`flow` without one): tried from a hash of the client,
 /// the first one whose reply key is free (`BPF_NOEXIST`), or held by a flow that is over
 /// ([`Nat64Reply::reusable`]), wins; failing that, the first one held by a closed TCP
-/// connection ([`Nat64Reply::closed`]) is taken over, as conntrack's NAT does when it
-/// runs out of tuples (without it, a client's connection churn holds every port for
-/// 10 s after each close: 4,536 ports last 454 connections a second). Then the flow is
-/// recorded both ways (`s.key6` is its key).
+/// connection that the SYN (sequence number and timestamp `syn`) may take over
+/// ([`Nat64Reply::may_take_over`]: the backend takes the SYN even if it holds the old
+/// connection in `TIME_WAIT`), as conntrack's NAT does when it runs out of tuples
+/// (without it, a client's connection churn holds every port for 10 s after each close:
+/// 4,536 ports last 454 connections a second); failing that, the one closed longest ago
+/// (its port has waited longest), counted apart. Then the flow is recorded both ways
+/// (`s.key6` is its key).
 #[inline(always)]
 fn allocate(
     ctx: &TcContext,
     f: &Ipv6Flow,
+    syn: (u32, Option<u32>),
     s: &mut Scratch,
     flow: Nat64Flow,
 ) -> Result<Nat64Flow, Reason> {
@@ -303,14 +338,17 @@ fn allocate(
         host_port: f.dport,
         stats_slot: flow.stats_slot,
         client_ifindex: tc_ifindex(ctx),
+        client_fin_end: 0,
+        client_fin_tsval: 0,
         flags: 0,
         _pad: [0; 3],
         // SAFETY: a plain helper call.
         last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
     };
     let mut n: u16 = 0;
-    // The first candidate held by a closed connection (NAT64_PORT_TRIES: none).
-    let mut closed = NAT64_PORT_TRIES;
+    // The first candidate a closed connection holds that may be taken over, and the one
+    // closed longest ago, with its time (NAT64_PORT_TRIES: none).
+    let (mut safe, mut oldest, mut oldest_ns) = (NAT64_PORT_TRIES, NAT64_PORT_TRIES, u64::MAX);
     while n < NAT64_PORT_TRIES {
         let port = port_candidate(start, n);
         s.key4 = FlowKeyV4::new(
@@ -328,8 +366,12 @@ fn allocate(
                 maps::insert_nat64_reply(&s.key4, &s.reply, true).is_ok()
             }
             Some(r) => {
-                if closed == NAT64_PORT_TRIES && r.closed(f.proto) {
-                    closed = n;
+                if safe == NAT64_PORT_TRIES && r.may_take_over(f.proto, syn.0, syn.1) {
+                    safe = n;
+                }
+                if r.closed(f.proto) && (oldest == NAT64_PORT_TRIES || r.last_seen_ns < oldest_ns) {
+                    oldest = n;
+                    oldest_ns = r.last_seen_ns;
                 }
                 false
             }
@@ -339,6 +381,8 @@ fn allocate(
         }
         n += 1;
     }
+    let early = safe == NAT64_PORT_TRIES;
+    let closed = if early { oldest } else { safe };
     if closed < NAT64_PORT_TRIES {
         let port = port_candidate(start, closed);
         s.key4 = FlowKeyV4::new(
@@ -350,6 +394,9 @@ fn allocate(
         );
         if maps::insert_nat64_reply(&s.key4, &s.reply, true).is_ok() {
             count(Reason::Nat64PortReclaimed);
+            if early {
+                count(Reason::Nat64PortReclaimedEarly);
+            }
             return record(s, flow, port);
         }
     }

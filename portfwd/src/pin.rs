@@ -35,8 +35,9 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portfwd";
 /// pinned map's key or value type (or its meaning): a daemon refuses to adopt maps of
 /// another layout. 2: the embryonic flow tables (`EMBRYONIC_*`; `CONNTRACK_*` now holds
 /// established flows only) and the `flow_promoted` counter. 3: NAT64's failures split
-/// into their own reasons (`REASON_STATS` grew).
-pub const LAYOUT_VERSION: u32 = 3;
+/// into their own reasons (`REASON_STATS` grew). 4: NAT64 replies keep the client's FIN
+/// (`Nat64Reply` grew) and `nat64_port_reclaimed_early`.
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// bpffs's `f_type` (`BPF_FS_MAGIC`, include/uapi/linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;

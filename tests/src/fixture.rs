@@ -871,11 +871,13 @@ pub fn compare_gso_in(
         o
     });
     let (verdict_want, reasons_want, rule) = match &nat64 {
-        Some(o) if o.reclaimed => (
-            o.verdict,
-            vec![o.reason, Reason::Nat64PortReclaimed],
-            o.rule,
-        ),
+        Some(o) if o.reclaimed => {
+            let mut reasons = vec![o.reason, Reason::Nat64PortReclaimed];
+            if o.reclaimed_early {
+                reasons.push(Reason::Nat64PortReclaimedEarly);
+            }
+            (o.verdict, reasons, o.rule)
+        }
         Some(o) => (o.verdict, vec![o.reason], o.rule),
         None => (outcome.verdict, outcome.counted().collect(), outcome.rule),
     };

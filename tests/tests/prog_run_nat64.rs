@@ -21,8 +21,8 @@ use portfwd_common::model::nat64::Route;
 use portfwd_common::{
     nat64::{port_candidate, port_start},
     programs, proto, BackendV6, FlowKeyV4, Nat64Reply, Reason, RuleKeyV6, NAT64_CLOSED,
-    NAT64_CLOSING, NAT64_FIN_BACKEND, NAT64_FIN_CLIENT, NAT64_PORT_COUNT, NAT64_PORT_MIN,
-    NAT64_PORT_TRIES, NAT64_REPLIES,
+    NAT64_CLOSING, NAT64_FIN_BACKEND, NAT64_FIN_BACKEND_FIRST, NAT64_FIN_CLIENT,
+    NAT64_FIN_CLIENT_TS, NAT64_PORT_COUNT, NAT64_PORT_MIN, NAT64_PORT_TRIES, NAT64_REPLIES,
 };
 use portfwd_tests::{
     fixture::{
@@ -395,15 +395,24 @@ fn nat64_ports_are_unique_while_live_and_reused_once_over() {
 
 /// Every port a new TCP flow may take is held, none long idle (connection churn from one
 /// client: each port held 10 s after its close): the first one held by a closed
-/// connection (a FIN each way and the last ACK, or an RST) is taken over and counted, as
-/// conntrack's NAT does when it runs out of tuples; one closed only one way is not.
-/// Before, the SYN was passed untranslated (the host's stack then reset it).
+/// connection (a FIN each way and the last ACK, or an RST) whose backend takes the SYN
+/// even from TIME_WAIT (its sequence number past the client's FIN) is taken over and
+/// counted, as conntrack's NAT does when it runs out of tuples; one closed only one way
+/// is not. With no such one, the one closed longest ago is, counted as early. Before,
+/// the first closed one was taken whatever the SYN's sequence number, and the backend
+/// answered from TIME_WAIT with the old connection's ACK (the client then reset and
+/// retransmitted its SYN a second later).
 #[test]
 fn nat64_takes_over_a_closed_connections_port_when_all_are_held() {
     if !require_root("nat64_takes_over_a_closed_connections_port_when_all_are_held") {
         return;
     }
     let mut dp = dataplane();
+    dp.insert_rule_v6(
+        RuleKeyV6::from_parts(Ipv6Addr::UNSPECIFIED, 9001, proto::TCP),
+        BackendV6::new(BACKEND.to_ipv6_mapped(), 8080, 3),
+    )
+    .expect("rule");
     let ns = backend_net();
     let client = (CLIENT, 46000);
     let start = port_start(&CLIENT.octets(), 46000u16.to_be_bytes());
@@ -422,8 +431,15 @@ fn nat64_takes_over_a_closed_connections_port_when_all_are_held() {
         let mut replies: HashMap<_, FlowKeyV4, Nat64Reply> =
             HashMap::try_from(dp.ebpf_mut().map_mut(NAT64_REPLIES).expect("NAT64_REPLIES"))
                 .expect("hash map");
+        // The backend closed 3 and 5 first (TIME_WAIT). The SYNs (no timestamp option)
+        // have sequence number 1000: 3's FIN ends there (not past it, the backend's
+        // TIME_WAIT would not take it), 5's before.
         for n in 0..NAT64_PORT_TRIES {
-            let flags = if n == 3 { closed } else { half };
+            let (flags, client_fin_end) = match n {
+                3 => (closed | NAT64_FIN_BACKEND_FIRST, 1000),
+                5 => (closed | NAT64_FIN_BACKEND_FIRST, 999),
+                _ => (half, 0),
+            };
             let other = Nat64Reply {
                 client_addr: HOST2.octets(),
                 host_addr: HOST.octets(),
@@ -431,6 +447,8 @@ fn nat64_takes_over_a_closed_connections_port_when_all_are_held() {
                 host_port: 9000u16.to_be_bytes(),
                 stats_slot: 1,
                 client_ifindex: 1,
+                client_fin_end,
+                client_fin_tsval: 0,
                 flags,
                 _pad: [0; 3],
                 // Later than the kernel's clock: never idle, never reusable.
@@ -439,20 +457,37 @@ fn nat64_takes_over_a_closed_connections_port_when_all_are_held() {
             replies.insert(key(n), other, 0).expect("hold the port");
         }
     }
-    let reclaimed = reason(&dp, Reason::Nat64PortReclaimed);
+    let reclaimed = || {
+        (
+            reason(&dp, Reason::Nat64PortReclaimed),
+            reason(&dp, Reason::Nat64PortReclaimedEarly),
+        )
+    };
+    let (taken, early) = reclaimed();
     let syn = v6_frame(proto::TCP, client, (HOST, 9000), 64);
     // `run` checks the kernel against the model: verdict, bytes, reasons, entries.
     let port = nat64_port(&dp, &ns, &syn);
     assert_eq!(
         port.to_be_bytes(),
-        port_candidate(start, 3),
-        "the closed one's port"
+        port_candidate(start, 5),
+        "the port of the closed one whose FIN the SYN is past"
     );
-    assert_eq!(reason(&dp, Reason::Nat64PortReclaimed), reclaimed + 1);
+    assert_eq!(reclaimed(), (taken + 1, early));
 
-    // Nothing closed any more (3 now belongs to the new, live flow): passed, counted.
+    // Only 3 is closed now (5 belongs to the new, live flow): taken over all the same,
+    // counted as early.
+    let syn = v6_frame(proto::TCP, client, (HOST2, 9000), 64);
+    let port = nat64_port(&dp, &ns, &syn);
+    assert_eq!(
+        port.to_be_bytes(),
+        port_candidate(start, 3),
+        "the last closed one"
+    );
+    assert_eq!(reclaimed(), (taken + 2, early + 1));
+
+    // Nothing closed any more: passed, counted.
     let failed = reason(&dp, Reason::Nat64NoPort);
-    let other = v6_frame(proto::TCP, client, (HOST2, 9000), 64);
+    let other = v6_frame(proto::TCP, client, (HOST, 9001), 64);
     let (verdict, out) = run(&dp, &ns, programs::TC_INGRESS, &other);
     assert_eq!(
         (verdict, out),
@@ -581,4 +616,195 @@ fn nat64_kernel_matches_model_on_random_frames() {
         Prog::Nat64Entry,
     ];
     common::kernel_matches_model_in(&dp, env, &pool, &progs, 200);
+}
+
+/// A client's IPv6 TCP segment with the options Linux sends: a SYN (MSS, SACK
+/// permitted, timestamps, NOP, window scale) or, with `ack`, a FIN (NOP, NOP,
+/// timestamps), each with timestamp `tsval`.
+fn v6_tcp_with_ts(client: (Ipv6Addr, u16), seq: u32, ack: Option<u32>, tsval: u32) -> Vec<u8> {
+    let ts = tsval.to_be_bytes();
+    let opts: Vec<u8> = match ack {
+        None => [
+            &[2, 4, 0x05, 0xa0, 4, 2, 8, 10][..],
+            &ts,
+            &[0, 0, 0, 0, 1, 3, 3, 10],
+        ]
+        .concat(),
+        Some(_) => [&[1, 1, 8, 10][..], &ts, &[0, 0, 0, 7]].concat(),
+    };
+    let tcp = etherparse::PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(client.0.octets(), HOST.octets(), 64)
+        .tcp(client.1, 9000, seq, 64800);
+    let tcp = match ack {
+        None => tcp.syn(),
+        Some(n) => tcp.ack(n).fin(),
+    };
+    let mut out = Vec::new();
+    tcp.options_raw(&opts)
+        .expect("options")
+        .write(&mut out, &[])
+        .expect("frame");
+    out
+}
+
+/// The kernel reads the client's FIN the way the model does: where it ends and its
+/// timestamp (found among Linux's options) go into the reply entry. A later SYN whose
+/// timestamp is older than that FIN's does not take the port over while the backend,
+/// which closed first, may hold it in TIME_WAIT; one with a newer timestamp does. (The
+/// capture that found this: the backend answered a SYN on a taken-over port with the
+/// old connection's ACK whenever the SYN's timestamp was older, whatever its sequence
+/// number.)
+#[test]
+fn nat64_takes_over_by_the_backends_time_wait_rules() {
+    if !require_root("nat64_takes_over_by_the_backends_time_wait_rules") {
+        return;
+    }
+    let mut dp = dataplane();
+    dp.insert_rule_v6(
+        RuleKeyV6::from_parts(Ipv6Addr::UNSPECIFIED, 9001, proto::TCP),
+        BackendV6::new(BACKEND.to_ipv6_mapped(), 8080, 3),
+    )
+    .expect("rule");
+    let ns = backend_net();
+    let old = (CLIENT, 47000);
+    let start = port_start(&CLIENT.octets(), 47000u16.to_be_bytes());
+    // The old connection: SYN, then (the backend having closed first) the client's FIN.
+    let port = empty_port(&dp, &ns, &v6_tcp_with_ts(old, 5000, None, 70_000));
+    assert_eq!(port.to_be_bytes(), port_candidate(start, 0));
+    let key = FlowKeyV4::new(
+        BACKEND.octets(),
+        8080u16.to_be_bytes(),
+        HOST4.octets(),
+        port.to_be_bytes(),
+        proto::TCP,
+    );
+    let key_n = |n: u16| {
+        FlowKeyV4::new(
+            BACKEND.octets(),
+            8080u16.to_be_bytes(),
+            HOST4.octets(),
+            port_candidate(start, n),
+            proto::TCP,
+        )
+    };
+    let reply_entry = |dp: &Dataplane, k: &FlowKeyV4| {
+        let m: HashMap<_, FlowKeyV4, Nat64Reply> =
+            HashMap::try_from(dp.ebpf().map(NAT64_REPLIES).expect("NAT64_REPLIES"))
+                .expect("hash map");
+        m.get(k, 0).expect("reply entry")
+    };
+    // The backend's FIN first (what the kernel's entry says is checked against the
+    // model by `run`).
+    let backend_fin = etherparse::PacketBuilder::ethernet2(MAC_B, MAC_A)
+        .ipv4(BACKEND.octets(), HOST4.octets(), 64)
+        .tcp(8080, port, 9000, 64000)
+        .ack(5001)
+        .fin();
+    let mut frame = Vec::new();
+    backend_fin.write(&mut frame, &[]).expect("frame");
+    let (verdict, _) = run(&dp, &ns, programs::TC_NAT64_ENTRY, &frame);
+    assert_eq!(verdict, TC_REDIRECT, "the backend's FIN translated");
+    let (verdict, _) = run(
+        &dp,
+        &ns,
+        programs::TC_INGRESS,
+        &v6_tcp_with_ts(old, 5001, Some(9001), 70_100),
+    );
+    assert_eq!(verdict, TC_REDIRECT, "the client's FIN translated");
+    let r = reply_entry(&dp, &key);
+    assert_eq!(
+        (r.client_fin_end, r.client_fin_tsval),
+        (5002, 70_100),
+        "{r:?}"
+    );
+    let tw = NAT64_FIN_BACKEND_FIRST | NAT64_FIN_CLIENT | NAT64_FIN_CLIENT_TS;
+    assert_eq!(r.flags & tw, tw, "{r:?}");
+    // The backend's last ACK: closed.
+    let mut frame = Vec::new();
+    etherparse::PacketBuilder::ethernet2(MAC_B, MAC_A)
+        .ipv4(BACKEND.octets(), HOST4.octets(), 64)
+        .tcp(8080, port, 9001, 64000)
+        .ack(5002)
+        .write(&mut frame, &[])
+        .expect("frame");
+    run(&dp, &ns, programs::TC_NAT64_ENTRY, &frame);
+    assert_ne!(reply_entry(&dp, &key).flags & NAT64_CLOSED, 0);
+
+    // Every other candidate held: 4 by a connection the client closed first (no
+    // TIME_WAIT on the backend), the rest live.
+    {
+        let mut replies: HashMap<_, FlowKeyV4, Nat64Reply> =
+            HashMap::try_from(dp.ebpf_mut().map_mut(NAT64_REPLIES).expect("NAT64_REPLIES"))
+                .expect("hash map");
+        for n in 1..NAT64_PORT_TRIES {
+            let both = NAT64_CLOSING | NAT64_FIN_CLIENT | NAT64_FIN_BACKEND;
+            let flags = if n == 4 { both | NAT64_CLOSED } else { both };
+            let other = Nat64Reply {
+                client_addr: HOST2.octets(),
+                host_addr: HOST.octets(),
+                client_port: (51000 + n).to_be_bytes(),
+                host_port: 9000u16.to_be_bytes(),
+                stats_slot: 1,
+                client_ifindex: 1,
+                client_fin_end: 0,
+                client_fin_tsval: 0,
+                flags,
+                _pad: [0; 3],
+                last_seen_ns: u64::MAX,
+            };
+            replies.insert(key_n(n), other, 0).expect("hold the port");
+        }
+    }
+    let counts = |dp: &Dataplane| {
+        (
+            reason(dp, Reason::Nat64PortReclaimed),
+            reason(dp, Reason::Nat64PortReclaimedEarly),
+        )
+    };
+    let (taken, early) = counts(&dp);
+    // A SYN (same search start) whose timestamp is older than the old FIN's, its
+    // sequence number far past: not the old connection's port (PAWS), 4's.
+    let client2 = (CLIENT, 47000);
+    let mut syn = v6_tcp_with_ts(client2, 1_000_000, None, 60_000);
+    // To HOST2: another flow from the same client port.
+    syn[14 + 24..14 + 40].copy_from_slice(&HOST2.octets());
+    fix_tcp_v6_checksum(&mut syn);
+    let port = empty_port(&dp, &ns, &syn);
+    assert_eq!(
+        port.to_be_bytes(),
+        port_candidate(start, 4),
+        "no TIME_WAIT there"
+    );
+    assert_eq!(counts(&dp), (taken + 1, early));
+    // One whose timestamp is newer, its sequence number before: the old connection's.
+    let mut syn = v6_tcp_with_ts(client2, 10, None, 70_101);
+    syn[14 + 40 + 2..14 + 40 + 4].copy_from_slice(&9001u16.to_be_bytes());
+    fix_tcp_v6_checksum(&mut syn);
+    let port = empty_port(&dp, &ns, &syn);
+    assert_eq!(
+        port.to_be_bytes(),
+        port_candidate(start, 0),
+        "TIME_WAIT takes it"
+    );
+    assert_eq!(counts(&dp), (taken + 2, early));
+}
+
+/// Recomputes the TCP checksum of an IPv6 frame (no VLAN, no extension headers).
+fn fix_tcp_v6_checksum(frame: &mut [u8]) {
+    let (ip, tcp) = frame[14..].split_at_mut(40);
+    tcp[16] = 0;
+    tcp[17] = 0;
+    let h = etherparse::Ipv6Header::from_slice(ip).expect("IPv6").0;
+    let t = etherparse::TcpHeader::from_slice(tcp).expect("TCP").0;
+    let sum = t
+        .calc_checksum_ipv6(&h, &tcp[t.header_len()..])
+        .expect("checksum");
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// As [`nat64_port`], for a segment without data.
+fn empty_port(dp: &Dataplane, ns: &BackendNet, input: &[u8]) -> u16 {
+    let (verdict, out) = run(dp, ns, programs::TC_INGRESS, input);
+    assert_eq!(verdict, TC_REDIRECT, "translated");
+    parse_checked_with(&out, &[]).0 .1
 }

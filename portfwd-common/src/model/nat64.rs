@@ -16,16 +16,17 @@
 use crate::{
     addr,
     nat64::{
-        ipv4_header, ipv6_header, mtu_len, port_candidate, port_start, pseudo_diff, tcp_hlen,
-        track_tcp,
+        fin_end, ipv4_header, ipv6_header, mtu_len, port_candidate, port_start, pseudo_diff,
+        tcp_hlen, tcp_tsval, track_tcp,
     },
     packet::{
         may_start_flow, ETH_HLEN, ETH_PROTO_OFF, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN,
-        TCP_DOFF_OFF, UDP_CSUM_OFF, UDP_HLEN,
+        TCP_DOFF_OFF, TCP_FIN, TCP_HLEN, TCP_SEQ_OFF, TCP_SYN, UDP_CSUM_OFF, UDP_HLEN,
     },
     proto,
     rules::{self, Caller},
-    BackendV6, FlowKeyV4, FlowKeyV6, Nat64Flow, Nat64Reply, Reason, NAT64_PORT_TRIES,
+    BackendV6, FlowKeyV4, FlowKeyV6, Nat64Flow, Nat64Reply, Reason, NAT64_FIN_CLIENT_TS,
+    NAT64_PORT_TRIES,
 };
 
 use super::{parse_eth, parse_ipv4, parse_ipv6, Flow, Maps, RuleCount, Verdict, L3};
@@ -78,6 +79,9 @@ pub struct Nat64Outcome {
     /// A closed connection's port was taken over: [`Reason::Nat64PortReclaimed`] counted
     /// beside [`Reason::Nat64Translated`].
     pub reclaimed: bool,
+    /// ... and none of the closed candidates was one the backend surely accepts the SYN
+    /// on ([`Nat64Reply::may_take_over`]): [`Reason::Nat64PortReclaimedEarly`] counted too.
+    pub reclaimed_early: bool,
 }
 
 /// Whether `portfwd_tc_nat64_entry` jumps to NAT64 for `frame` (else the frame goes on,
@@ -107,6 +111,7 @@ pub fn program(maps: &impl Nat64Maps, input: &[u8], out: &mut [u8]) -> Nat64Outc
         reply: None,
         rule: None,
         reclaimed: false,
+        reclaimed_early: false,
     };
     let done = match parse_eth(input) {
         Ok(L3::Ipv6(ip_off)) => parse_ipv6(input, ip_off).and_then(|f| {
@@ -129,6 +134,7 @@ pub fn program(maps: &impl Nat64Maps, input: &[u8], out: &mut [u8]) -> Nat64Outc
         o.reason = reason;
         o.rule = None;
         o.reclaimed = false;
+        o.reclaimed_early = false;
     }
     o
 }
@@ -137,18 +143,28 @@ fn reply_key(f: &Flow<4>) -> FlowKeyV4 {
     FlowKeyV4::new(f.src, f.sport, f.dst, f.dport, f.proto)
 }
 
-/// A packet of the flow `r` seen now, from the client or the backend: its time, and the
-/// TCP state it leads to ([`track_tcp`]).
+/// A packet of the flow `r` seen now, from the client or the backend: its time, the
+/// TCP state it leads to ([`track_tcp`]), and for the client's FIN, `fin` (the sequence
+/// number past it, its timestamp).
 fn seen(
     maps: &impl Nat64Maps,
     mut r: Nat64Reply,
     l4: u8,
     tcp_flags: u8,
     from_client: bool,
+    fin: (u32, Option<u32>),
 ) -> Nat64Reply {
     r.last_seen_ns = maps.now_ns();
     if l4 == proto::TCP {
         r.flags = track_tcp(r.flags, tcp_flags, from_client);
+        if from_client && tcp_flags & TCP_FIN != 0 {
+            r.client_fin_end = fin.0;
+            r.client_fin_tsval = fin.1.unwrap_or(0);
+            r.flags &= !NAT64_FIN_CLIENT_TS;
+            if fin.1.is_some() {
+                r.flags |= NAT64_FIN_CLIENT_TS;
+            }
+        }
     }
     r
 }
@@ -188,6 +204,28 @@ fn forward(
     if mtu_len(tot_len, maps.gso_size(), l4_hlen) > route.mtu {
         return Err(Reason::Nat64TooBig);
     }
+    // TCP: the segment's sequence number, where a FIN of it ends, and a SYN's or FIN's
+    // timestamp.
+    let (seq, tsval) = match f.proto {
+        proto::TCP => {
+            let at = f.l4_off + TCP_SEQ_OFF;
+            let seq = u32::from_be_bytes([input[at], input[at + 1], input[at + 2], input[at + 3]]);
+            let opts = f.l4_off + TCP_HLEN;
+            let tsval = if f.tcp_flags & (TCP_SYN | TCP_FIN) != 0 {
+                tcp_tsval(usize::from(l4_hlen).saturating_sub(TCP_HLEN), |i| {
+                    input.get(opts + i).copied()
+                })
+            } else {
+                None
+            };
+            (seq, tsval)
+        }
+        _ => (0, None),
+    };
+    let fin = (
+        fin_end(seq, payload_len.saturating_sub(l4_hlen.into())),
+        tsval,
+    );
 
     let key6 = FlowKeyV6::new(f.dst, f.dport, f.src, f.sport, f.proto);
     let flow = match maps.nat64_flow(&key6) {
@@ -195,7 +233,7 @@ fn forward(
             if t.backend_addr == backend_addr
                 && t.backend_port == backend_port
                 && t.snat_addr == route.src
-                && still_ours(maps, f, &t, o) =>
+                && still_ours(maps, f, &t, fin, o) =>
         {
             t
         }
@@ -207,7 +245,7 @@ fn forward(
                 backend_port,
                 stats_slot: backend.stats_slot(),
             };
-            allocate(maps, f, key6, flow, o)?
+            allocate(maps, f, (seq, tsval), key6, flow, o)?
         }
         _ => return Err(Reason::PassNoFlow),
     };
@@ -248,8 +286,15 @@ fn forward(
     Ok(())
 }
 
-/// Whether the flow `t` still holds its port; if so it is marked seen.
-fn still_ours(maps: &impl Nat64Maps, f: &Flow<16>, t: &Nat64Flow, o: &mut Nat64Outcome) -> bool {
+/// Whether the flow `t` still holds its port; if so it is marked seen (`fin`: where the
+/// packet's FIN, if any, ends, and its timestamp).
+fn still_ours(
+    maps: &impl Nat64Maps,
+    f: &Flow<16>,
+    t: &Nat64Flow,
+    fin: (u32, Option<u32>),
+    o: &mut Nat64Outcome,
+) -> bool {
     let key4 = FlowKeyV4::new(
         t.backend_addr,
         t.backend_port,
@@ -263,15 +308,19 @@ fn still_ours(maps: &impl Nat64Maps, f: &Flow<16>, t: &Nat64Flow, o: &mut Nat64O
     if !r.belongs_to(f) {
         return false;
     }
-    o.reply = Some((key4, seen(maps, r, f.proto, f.tcp_flags, true)));
+    o.reply = Some((key4, seen(maps, r, f.proto, f.tcp_flags, true, fin)));
     true
 }
 
 /// The first port from the client's hash whose reply key is free or whose flow is over;
-/// failing that, the first one held by a closed TCP connection, taken over.
+/// failing that, the first one held by a closed TCP connection the SYN (sequence number
+/// and timestamp `syn`) may take over ([`Nat64Reply::may_take_over`]); failing that, the
+/// one held by the connection closed longest ago (the first of equals), taken over all
+/// the same.
 fn allocate(
     maps: &impl Nat64Maps,
     f: &Flow<16>,
+    syn: (u32, Option<u32>),
     key6: FlowKeyV6,
     mut flow: Nat64Flow,
     o: &mut Nat64Outcome,
@@ -285,6 +334,8 @@ fn allocate(
         host_port: f.dport,
         stats_slot: flow.stats_slot,
         client_ifindex: maps.ingress_ifindex(),
+        client_fin_end: 0,
+        client_fin_tsval: 0,
         flags: 0,
         _pad: [0; 3],
         last_seen_ns: now,
@@ -300,15 +351,18 @@ fn allocate(
         );
         (port, key4)
     };
-    let mut closed = None;
+    let (mut safe, mut oldest) = (None, None::<(u16, u64)>);
     for n in 0..NAT64_PORT_TRIES {
         let (port, key4) = key(n);
         let claimed = match maps.nat64_reply(&key4) {
             None => true,
             Some(r) if r.reusable(now, f.proto) => true,
             Some(r) => {
-                if closed.is_none() && r.closed(f.proto) {
-                    closed = Some(n);
+                if safe.is_none() && r.may_take_over(f.proto, syn.0, syn.1) {
+                    safe = Some(n);
+                }
+                if r.closed(f.proto) && oldest.is_none_or(|(_, t)| r.last_seen_ns < t) {
+                    oldest = Some((n, r.last_seen_ns));
                 }
                 false
             }
@@ -320,7 +374,15 @@ fn allocate(
             return Ok(flow);
         }
     }
-    let (port, key4) = key(closed.ok_or(Reason::Nat64NoPort)?);
+    let n = match (safe, oldest) {
+        (Some(n), _) => n,
+        (None, Some((n, _))) => {
+            o.reclaimed_early = true;
+            n
+        }
+        (None, None) => return Err(Reason::Nat64NoPort),
+    };
+    let (port, key4) = key(n);
     flow.snat_port = port;
     o.reply = Some((key4, value));
     o.flow = Some((key6, flow));
@@ -338,7 +400,7 @@ fn reply(
     let key4 = reply_key(f);
     let back = maps.nat64_reply(&key4).ok_or(Reason::Nat64ReplyNoFlow)?;
     // Marked seen before anything else can fail.
-    let back = seen(maps, back, f.proto, f.tcp_flags, false);
+    let back = seen(maps, back, f.proto, f.tcp_flags, false, (0, None));
     o.reply = Some((key4, back));
     // No VLAN tag, no IPv4 options.
     if f.ip_off != ETH_HLEN || f.l4_off != ETH_HLEN + IPV4_MIN_HLEN {

@@ -465,6 +465,8 @@ fn ipv4_only_backends_of_ipv6_clients() {
                 host_port: [0x1b, 0x58],
                 stats_slot: 14,
                 client_ifindex: 1,
+                client_fin_end: 0,
+                client_fin_tsval: 0,
                 flags: 0,
                 _pad: [0; 3],
                 last_seen_ns: 0,
@@ -992,7 +994,8 @@ mod nat64_program {
     use crate::model::nat64::{entry, program, Nat64Outcome, Route};
     use crate::nat64::{port_candidate, port_start};
     use crate::{
-        NAT64_CLOSED, NAT64_CLOSING, NAT64_FIN_BACKEND, NAT64_FIN_CLIENT, NAT64_PORT_TRIES,
+        NAT64_CLOSED, NAT64_CLOSING, NAT64_FIN_BACKEND, NAT64_FIN_BACKEND_FIRST, NAT64_FIN_CLIENT,
+        NAT64_PORT_TRIES,
     };
 
     /// The host's address towards the backends, and the backends' interface.
@@ -1249,6 +1252,8 @@ mod nat64_program {
                     host_port: 7000u16.to_be_bytes(),
                     stats_slot: 14,
                     client_ifindex: 1,
+                    client_fin_end: 0,
+                    client_fin_tsval: 0,
                     flags,
                     _pad: [0; 3],
                     last_seen_ns,
@@ -1284,10 +1289,36 @@ mod nat64_program {
             (40000u16.to_be_bytes(), 0)
         );
         assert_eq!(o.flow.expect("flow").1.snat_port, port_candidate(start, 5));
+
+        // A backend that closed first holds the tuple in TIME_WAIT, which takes a SYN
+        // (sequence number 1000, no timestamp here) only past the client's FIN: such a
+        // closed one is not taken if the SYN is not past it; the next closed one is.
+        let tw = closed | NAT64_FIN_BACKEND_FIRST;
+        let fin_at = |(k, mut r): (FlowKeyV4, Nat64Reply), end: u32| {
+            r.client_fin_end = end;
+            (k, r)
+        };
+        held[5] = fin_at(taken(5, tw, NOW), 1000);
+        let (o, _) = run64(&tables(&rules, &hosts, &[], &held), &input);
+        assert!(o.reclaimed && !o.reclaimed_early);
+        assert_eq!(o.reply.expect("reply entry").0, held[6].0);
+        held[3] = fin_at(taken(3, tw, NOW), 999);
+        let (o, _) = run64(&tables(&rules, &hosts, &[], &held), &input);
+        assert_eq!(o.reply.expect("reply entry").0, held[3].0);
+        // No closed one the SYN is sure to open: the one closed longest ago, counted
+        // apart.
+        held[3] = fin_at(taken(3, tw, NOW - 1), 1000);
+        held[2] = fin_at(taken(2, tw, NOW - 5), 1001);
+        held[6] = fin_at(taken(6, tw, NOW - 3), 2000);
+        let (o, _) = run64(&tables(&rules, &hosts, &[], &held), &input);
+        assert_eq!(o.reason, Reason::Nat64Translated);
+        assert!(o.reclaimed && o.reclaimed_early);
+        assert_eq!(o.reply.expect("reply entry").0, held[2].0);
+        assert_eq!(o.flow.expect("flow").1.snat_port, port_candidate(start, 2));
         // A reusable port (closed long ago) still comes first.
         held[7] = taken(7, NAT64_CLOSING, 0);
         let (o, _) = run64(&tables(&rules, &hosts, &[], &held), &input);
-        assert!(!o.reclaimed);
+        assert!(!o.reclaimed && !o.reclaimed_early);
         assert_eq!(o.flow.expect("flow").1.snat_port, port_candidate(start, 7));
         // UDP flows are never "closed": their ports wait for the idle time.
         let udp = F::new(proto::UDP, (CLIENT6, 40000), (HOST6, 7001)).build();
@@ -1305,6 +1336,58 @@ mod nat64_program {
             .collect();
         let (o, _) = run64(&tables(&rules, &hosts, &[], &udp_held), &udp);
         assert_eq!(o.reason, Reason::Nat64NoPort);
+    }
+
+    /// The client's FIN records where it ends (its sequence number, data, and one for
+    /// the FIN): what a SYN that would take its port over is compared with. Other
+    /// client segments and the backend's FIN leave it alone.
+    #[test]
+    fn client_fin_end_is_recorded() {
+        use crate::packet::TCP_FIN;
+        let rules = rules();
+        let hosts = [v6(HOST6)];
+        let req = F::new(proto::TCP, (CLIENT6, 40000), (HOST6, 7000));
+        let (o, _) = run64(&tables(&rules, &hosts, &[], &[]), &req.build());
+        let flows = [o.flow.expect("flow")];
+        let (key4, reply) = o.reply.expect("reply");
+        assert_eq!(reply.client_fin_end, 0);
+        let replies = [(key4, reply)];
+        let maps = tables(&rules, &hosts, &flows, &replies);
+        // Sequence number 1000, 13 bytes of data ("model payload").
+        let mut seg = F {
+            ack: true,
+            ..req.clone()
+        }
+        .build();
+        let (o, _) = run64(&maps, &seg);
+        assert_eq!(o.reason, Reason::Nat64Translated);
+        assert_eq!(o.reply.expect("seen").1.client_fin_end, 0);
+        seg[14 + 40 + 13] |= TCP_FIN;
+        let (o, _) = run64(&maps, &seg);
+        let r = o.reply.expect("seen").1;
+        assert_eq!(r.client_fin_end, 1000 + 13 + 1);
+        assert_ne!(r.flags & NAT64_FIN_CLIENT, 0);
+        // No timestamp option on it.
+        assert_eq!(r.flags & crate::NAT64_FIN_CLIENT_TS, 0);
+
+        let snat = flows[0].1.snat_port;
+        let replies = [(key4, r)];
+        let maps = tables(&rules, &hosts, &flows, &replies);
+        let mut fin = F {
+            ack: true,
+            ..F::new(
+                proto::TCP,
+                (BACKEND4, 8080),
+                (Ipv4Addr::from(ROUTE.src), u16::from_be_bytes(snat)),
+            )
+        }
+        .build();
+        fin[14 + 20 + 13] |= TCP_FIN;
+        let (o, _) = run64(&maps, &fin);
+        assert_eq!(o.reason, Reason::Nat64ReplyTranslated);
+        let r = o.reply.expect("seen").1;
+        assert_eq!(r.client_fin_end, 1014);
+        assert_ne!(r.flags & NAT64_FIN_BACKEND, 0);
     }
 
     proptest! {
