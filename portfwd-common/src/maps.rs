@@ -166,7 +166,8 @@ pub const MAX_LOCAL_PEERS: u32 = 65_536;
 pub const MAX_HOST_ADDRS: u32 = 1_024;
 
 /// Key of [`RULES_V4`].
-#[repr(C)]
+// Aligned to 4: the rule cache reads keys 32 bits at a time (`rule_cache.rs`).
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RuleKeyV4 {
     addr: [u8; 4],
@@ -460,7 +461,8 @@ impl LocalPeerV4 {
 }
 
 /// Key of [`RULES_V6`].
-#[repr(C)]
+// Aligned to 4: the rule cache reads keys 32 bits at a time (`rule_cache.rs`).
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RuleKeyV6 {
     addr: [u8; 16],
