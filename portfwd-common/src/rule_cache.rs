@@ -96,7 +96,7 @@ impl<K: Copy + PartialEq, B: Copy> CachedRule<K, B> {
     /// The slot that caches `key`, below [`RULE_CACHE_SLOTS`].
     #[inline(always)]
     pub fn slot(key: &K) -> u32 {
-        (mix(SEED, key) >> (64 - RULE_CACHE_BITS)) as u32
+        Self::slot_and_hash(key).0
     }
 
     /// The slot of `key` and the hash its check continues from, in one pass (the
@@ -119,8 +119,7 @@ impl<K: Copy + PartialEq, B: Copy> CachedRule<K, B> {
 
     /// The key this slot holds, if it holds a valid entry (the daemon's view).
     pub fn key(&self) -> Option<K> {
-        self.backend_for(&self.key, mix(SEED, &self.key))
-            .map(|_| self.key)
+        self.backend().map(|_| self.key)
     }
 
     /// The backend of a valid entry (the daemon's view).

@@ -12,7 +12,7 @@ mod common;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use aya::maps::Array;
+use aya::maps::{Array, MapData};
 use portfwd::dataplane::Dataplane;
 use portfwd_common::{
     model::Verdict, proto, rule_cache::CachedRuleV4, BackendV4, BridgePortKey, Reason, RuleKeyV4,
@@ -641,19 +641,22 @@ fn fast_path_next_hop_cache_expires() {
     );
 }
 
-/// The daemon's rule cache entry (`RULE_CACHE_V4`) for `key`, if its slot holds one.
+/// The rule cache (`RULE_CACHE_V4`).
+fn rule_cache(dp: &mut Dataplane) -> Array<&mut MapData, CachedRuleV4> {
+    Array::try_from(dp.ebpf_mut().map_mut(RULE_CACHE_V4).expect("rule cache")).expect("array")
+}
+
+/// The daemon's rule cache entry for `key`, if its slot holds one.
 fn cached(dp: &mut Dataplane, key: &RuleKeyV4) -> Option<BackendV4> {
-    let cache: Array<_, CachedRuleV4> =
-        Array::try_from(dp.ebpf_mut().map_mut(RULE_CACHE_V4).expect("rule cache")).expect("array");
-    let entry = cache.get(&CachedRuleV4::slot(key), 0).expect("slot");
+    let entry = rule_cache(dp)
+        .get(&CachedRuleV4::slot(key), 0)
+        .expect("slot");
     (entry.key() == Some(*key)).then(|| entry.backend().expect("valid"))
 }
 
 /// Writes `entry` into `key`'s slot of the rule cache, as a packet would find it.
 fn write_cache(dp: &mut Dataplane, key: &RuleKeyV4, entry: CachedRuleV4) {
-    let mut cache: Array<_, CachedRuleV4> =
-        Array::try_from(dp.ebpf_mut().map_mut(RULE_CACHE_V4).expect("rule cache")).expect("array");
-    cache
+    rule_cache(dp)
         .set(CachedRuleV4::slot(key), entry, 0)
         .expect("write slot");
 }

@@ -59,6 +59,30 @@ fn dataplane() -> Dataplane {
     dp
 }
 
+/// [`dataplane`], and `*`:9001/tcp to the backend's 8080 as well (one backend port, so
+/// one NAT64 port space for both published ports).
+fn dataplane_two_ports() -> Dataplane {
+    let mut dp = dataplane();
+    dp.insert_rule_v6(
+        RuleKeyV6::from_parts(Ipv6Addr::UNSPECIFIED, 9001, proto::TCP),
+        BackendV6::new(BACKEND.to_ipv6_mapped(), 8080, 3),
+    )
+    .expect("rule");
+    dp
+}
+
+/// The NAT64 reply key of the backend's 8080/tcp answering NAT64's `port` (network
+/// order).
+fn reply_key(port: [u8; 2]) -> FlowKeyV4 {
+    FlowKeyV4::new(
+        BACKEND.octets(),
+        8080u16.to_be_bytes(),
+        HOST4.octets(),
+        port,
+        proto::TCP,
+    )
+}
+
 /// A namespace with the backends' network on a veth (its peer stays in the namespace
 /// too), forwarding on; and its route to the backends, as the model is told it.
 struct BackendNet {
@@ -345,13 +369,7 @@ fn nat64_ports_are_unique_while_live_and_reused_once_over() {
     if !require_root("nat64_ports_are_unique_while_live_and_reused_once_over") {
         return;
     }
-    let mut dp = dataplane();
-    // `*`:9001 to the backend's 8080 as well (one backend port, so one port space).
-    dp.insert_rule_v6(
-        RuleKeyV6::from_parts(Ipv6Addr::UNSPECIFIED, 9001, proto::TCP),
-        BackendV6::new(BACKEND.to_ipv6_mapped(), 8080, 3),
-    )
-    .expect("rule");
+    let mut dp = dataplane_two_ports();
     let ns = backend_net();
     // Flow A, then flow B: same client address and port (same search start), other
     // published address. A is live: B gets another port.
@@ -362,13 +380,7 @@ fn nat64_ports_are_unique_while_live_and_reused_once_over() {
     assert_ne!(port_a, port_b, "a live flow's port is not shared");
 
     // A closes (an RST seen), long enough ago: its reply entry says so.
-    let key = FlowKeyV4::new(
-        BACKEND.octets(),
-        8080u16.to_be_bytes(),
-        HOST4.octets(),
-        port_a.to_be_bytes(),
-        proto::TCP,
-    );
+    let key = reply_key(port_a.to_be_bytes());
     {
         let mut replies: HashMap<_, FlowKeyV4, Nat64Reply> =
             HashMap::try_from(dp.ebpf_mut().map_mut(NAT64_REPLIES).expect("NAT64_REPLIES"))
@@ -407,24 +419,11 @@ fn nat64_takes_over_a_closed_connections_port_when_all_are_held() {
     if !require_root("nat64_takes_over_a_closed_connections_port_when_all_are_held") {
         return;
     }
-    let mut dp = dataplane();
-    dp.insert_rule_v6(
-        RuleKeyV6::from_parts(Ipv6Addr::UNSPECIFIED, 9001, proto::TCP),
-        BackendV6::new(BACKEND.to_ipv6_mapped(), 8080, 3),
-    )
-    .expect("rule");
+    let mut dp = dataplane_two_ports();
     let ns = backend_net();
     let client = (CLIENT, 46000);
     let start = port_start(&CLIENT.octets(), 46000u16.to_be_bytes());
-    let key = |n: u16| {
-        FlowKeyV4::new(
-            BACKEND.octets(),
-            8080u16.to_be_bytes(),
-            HOST4.octets(),
-            port_candidate(start, n),
-            proto::TCP,
-        )
-    };
+    let key = |n: u16| reply_key(port_candidate(start, n));
     let half = NAT64_CLOSING | NAT64_FIN_BACKEND;
     let closed = half | NAT64_FIN_CLIENT | NAT64_CLOSED;
     {
@@ -659,34 +658,15 @@ fn nat64_takes_over_by_the_backends_time_wait_rules() {
     if !require_root("nat64_takes_over_by_the_backends_time_wait_rules") {
         return;
     }
-    let mut dp = dataplane();
-    dp.insert_rule_v6(
-        RuleKeyV6::from_parts(Ipv6Addr::UNSPECIFIED, 9001, proto::TCP),
-        BackendV6::new(BACKEND.to_ipv6_mapped(), 8080, 3),
-    )
-    .expect("rule");
+    let mut dp = dataplane_two_ports();
     let ns = backend_net();
     let old = (CLIENT, 47000);
     let start = port_start(&CLIENT.octets(), 47000u16.to_be_bytes());
     // The old connection: SYN, then (the backend having closed first) the client's FIN.
     let port = empty_port(&dp, &ns, &v6_tcp_with_ts(old, 5000, None, 70_000));
     assert_eq!(port.to_be_bytes(), port_candidate(start, 0));
-    let key = FlowKeyV4::new(
-        BACKEND.octets(),
-        8080u16.to_be_bytes(),
-        HOST4.octets(),
-        port.to_be_bytes(),
-        proto::TCP,
-    );
-    let key_n = |n: u16| {
-        FlowKeyV4::new(
-            BACKEND.octets(),
-            8080u16.to_be_bytes(),
-            HOST4.octets(),
-            port_candidate(start, n),
-            proto::TCP,
-        )
-    };
+    let key = reply_key(port.to_be_bytes());
+    let key_n = |n: u16| reply_key(port_candidate(start, n));
     let reply_entry = |dp: &Dataplane, k: &FlowKeyV4| {
         let m: HashMap<_, FlowKeyV4, Nat64Reply> =
             HashMap::try_from(dp.ebpf().map(NAT64_REPLIES).expect("NAT64_REPLIES"))
