@@ -288,7 +288,10 @@ pub struct FlowKeyV4 {
     backend_port: [u8; 2],
     client_port: [u8; 2],
     proto: u8,
-    _pad: [u8; 3],
+    // Split in power-of-two pieces: zeroing a 3-byte array compiles to a call to
+    // `memset` in BPF (a function call on every reply); these are plain stores.
+    _pad: u8,
+    _pad2: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<FlowKeyV4>() == 16);
 
@@ -308,7 +311,8 @@ impl FlowKeyV4 {
             backend_port: backend_port_be,
             client_port: client_port_be,
             proto,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: [0; 2],
         }
     }
     /// The backend's address and port (host order).
@@ -593,7 +597,10 @@ pub struct FlowKeyV6 {
     backend_port: [u8; 2],
     client_port: [u8; 2],
     proto: u8,
-    _pad: [u8; 3],
+    // Split in power-of-two pieces: zeroing a 3-byte array compiles to a call to
+    // `memset` in BPF (a function call on every reply); these are plain stores.
+    _pad: u8,
+    _pad2: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<FlowKeyV6>() == 40);
 
@@ -613,7 +620,8 @@ impl FlowKeyV6 {
             backend_port: backend_port_be,
             client_port: client_port_be,
             proto,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: [0; 2],
         }
     }
     /// The backend's address and port (host order).
@@ -691,7 +699,9 @@ pub struct LocalPeerKeyV6 {
     backend_addr: [u8; 16],
     backend_port: [u8; 2],
     proto: u8,
-    _pad: [u8; 5],
+    // Power-of-two pieces, as in `FlowKeyV4`.
+    _pad: u8,
+    _pad4: [u8; 4],
 }
 const _: () = assert!(core::mem::size_of::<LocalPeerKeyV6>() == 32);
 
@@ -709,7 +719,8 @@ impl LocalPeerKeyV6 {
             backend_addr,
             backend_port: backend_port_be,
             proto,
-            _pad: [0; 5],
+            _pad: 0,
+            _pad4: [0; 4],
         }
     }
 }
