@@ -100,6 +100,25 @@ pub const fn wildcard_bits(proto: u8, v6: bool) -> u8 {
     port_bits(proto).1 | wildcard_bit(proto, v6)
 }
 
+/// Which (port, protocol) pairs some rule sends to, of either family: entry = the
+/// backend's port, value = [`backend_port_bit`]s. The reply program's filter: a flow is
+/// tracked only to a rule's backend (and forgotten once no rule sends there), so a
+/// packet leaving a published interface from any other source port is no reply and
+/// costs one array read, not the flow tables' two lookups (most of what a host sends
+/// there). Written by the daemon as [`PUBLISHED_PORTS`] is: a bit set before the first
+/// rule entry sending to the port goes in, cleared after the last one went out.
+pub const BACKEND_PORTS: &str = "BACKEND_PORTS";
+
+/// The [`BACKEND_PORTS`] bit of a protocol; zero for anything but TCP and UDP.
+#[inline(always)]
+pub const fn backend_port_bit(proto: u8) -> u8 {
+    match proto {
+        crate::proto::TCP => 1,
+        crate::proto::UDP => 2,
+        _ => 0,
+    }
+}
+
 /// Entry points in the object, as their ELF symbols (aya finds programs by symbol).
 pub mod programs {
     /// Ingress at native XDP on a NIC (frames from the wire: complete checksums).

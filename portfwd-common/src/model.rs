@@ -133,6 +133,9 @@ pub struct FibQuery<const N: usize = 4> {
 /// `PUBLISHED_PORTS`), and, for the fast path, what the FIB would answer. Addresses and
 /// ports in network order, as in the maps.
 pub trait Maps: RuleMaps {
+    /// `BACKEND_PORTS[port]` (`port_be` in network order): the
+    /// [`crate::backend_port_bit`]s of the protocols some rule sends to that port over.
+    fn backend_ports(&self, port_be: [u8; 2]) -> u8;
     /// `CONNTRACK_V4[key]`.
     fn flow_v4(&self, key: &FlowKeyV4) -> Option<FlowV4>;
     /// `CONNTRACK_V6[key]`.
@@ -294,6 +297,14 @@ impl RuleMaps for Tables<'_> {
 }
 
 impl Maps for Tables<'_> {
+    /// The bits the daemon derives from the backends of both families' rules.
+    fn backend_ports(&self, port_be: [u8; 2]) -> u8 {
+        let v4 = self.rules_v4.iter().map(|(k, b)| (b.port_be(), k.proto()));
+        let v6 = self.rules_v6.iter().map(|(k, b)| (b.port_be(), k.proto()));
+        v4.chain(v6)
+            .filter(|&(p, _)| p == port_be)
+            .fold(0, |bits, (_, proto)| bits | crate::backend_port_bit(proto))
+    }
     fn flow_v4(&self, key: &FlowKeyV4) -> Option<FlowV4> {
         self.flows_v4
             .iter()
@@ -825,6 +836,9 @@ fn ingress_v6(hook: Hook, maps: &impl Maps, frame: &mut [u8], f: &Flow<16>) -> O
 }
 
 fn reply_v4(maps: &impl Maps, frame: &mut [u8], f: &Flow<4>) -> Outcome {
+    if maps.backend_ports(f.sport) & crate::backend_port_bit(f.proto) == 0 {
+        return Outcome::pass(Reason::PassNoFlow);
+    }
     let key = FlowKeyV4::new(f.src, f.sport, f.dst, f.dport, f.proto);
     let (tracked, promoted) = match maps.flow_v4(&key) {
         Some(t) => (t, None),
@@ -849,6 +863,9 @@ fn reply_v4(maps: &impl Maps, frame: &mut [u8], f: &Flow<4>) -> Outcome {
 }
 
 fn reply_v6(maps: &impl Maps, frame: &mut [u8], f: &Flow<16>) -> Outcome {
+    if maps.backend_ports(f.sport) & crate::backend_port_bit(f.proto) == 0 {
+        return Outcome::pass(Reason::PassNoFlow);
+    }
     let key = FlowKeyV6::new(f.src, f.sport, f.dst, f.dport, f.proto);
     let (tracked, promoted) = match maps.flow_v6(&key) {
         Some(t) => (t, None),

@@ -97,6 +97,19 @@ fn cached_rule<K: Copy + PartialEq, B: Copy>(
 #[map(name = "PUBLISHED_PORTS")]
 static PUBLISHED_PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
 
+#[map(name = "BACKEND_PORTS")]
+static BACKEND_PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
+
+/// Whether some rule sends to `port_be` (network order) over `proto`: else a packet
+/// from that port is no reply (`portfwd_common::BACKEND_PORTS`).
+#[inline(always)]
+pub fn is_backend_port(port_be: [u8; 2], proto: u8) -> bool {
+    match BACKEND_PORTS.get(u16::from_be_bytes(port_be) as u32) {
+        Some(bits) => *bits & portfwd_common::backend_port_bit(proto) != 0,
+        None => false,
+    }
+}
+
 /// The rule maps, as rule matching (`portfwd_common::rules`) reads them.
 pub struct Maps;
 

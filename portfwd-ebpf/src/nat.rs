@@ -114,6 +114,12 @@ fn redirect(hop: &fastpath::NextHop) -> Verdict {
 
 #[inline(always)]
 fn reply_v4<P: Packet>(pkt: &mut P, flow: Ipv4Flow) -> Verdict {
+    // Most of what leaves a published interface is the host's own traffic: one array
+    // read tells it from a backend's reply.
+    if !maps::is_backend_port(flow.sport, flow.proto) {
+        count(Reason::PassNoFlow);
+        return Verdict::Pass;
+    }
     let key = FlowKeyV4::new(flow.src, flow.sport, flow.dst, flow.dport, flow.proto);
     // Established flows first: they pay one lookup, as before embryonic state existed.
     let tracked = match maps::conntrack_v4(&key) {
@@ -227,6 +233,10 @@ fn ingress_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow, fast_path_bit: u64) -> Ver
 
 #[inline(always)]
 fn reply_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow) -> Verdict {
+    if !maps::is_backend_port(flow.sport, flow.proto) {
+        count(Reason::PassNoFlow);
+        return Verdict::Pass;
+    }
     let key = FlowKeyV6::new(flow.src, flow.sport, flow.dst, flow.dport, flow.proto);
     let tracked = match maps::conntrack_v6(&key) {
         Some(t) => t,

@@ -25,9 +25,9 @@ use aya::{
 };
 use portfwd_common::rule_cache::{CachedRule, CachedRuleV4, CachedRuleV6};
 use portfwd_common::{
-    port_bits, programs, BackendV4, BackendV6, BridgePortKey, CachedHop, Config, FlowKeyV4,
-    FlowKeyV6, FlowV4, FlowV6, Nat64Flow, Nat64Reply, NextHopKeyV4, NextHopKeyV6, Reason,
-    RuleKeyV4, RuleKeyV6, RuleStats, BRIDGE_PORTS, CONFIG, CONFIG_FAST_PATH,
+    backend_port_bit, port_bits, programs, BackendV4, BackendV6, BridgePortKey, CachedHop, Config,
+    FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Nat64Flow, Nat64Reply, NextHopKeyV4, NextHopKeyV6,
+    Reason, RuleKeyV4, RuleKeyV6, RuleStats, BACKEND_PORTS, BRIDGE_PORTS, CONFIG, CONFIG_FAST_PATH,
     CONFIG_FAST_PATH_NATIVE_XDP, CONFIG_FAST_PATH_NO_PEER, CONFIG_NO_NAT64,
     CONFIG_SOCK_HOST_NETNS_ONLY, CONNTRACK_V4, CONNTRACK_V6, EMBRYONIC_V4, EMBRYONIC_V6,
     HOST_ADDRS_V4, HOST_ADDRS_V6, MAX_FLOWS, NAT64_FLOWS, NAT64_PROGS, NAT64_PROG_INDEX,
@@ -225,9 +225,9 @@ pub struct Dataplane {
     attachments: Vec<Attachment>,
     local_cgroup: Option<std::path::PathBuf>,
     config: Config,
-    /// Rule entries per (port, bit), both families: what [`PUBLISHED_PORTS`]
-    /// summarizes.
-    port_refs: std::collections::HashMap<(u16, u8), u32>,
+    /// The rule entries behind each bit of [`PUBLISHED_PORTS`] (their keys' ports) and
+    /// of [`BACKEND_PORTS`] (their backends' ports), both families.
+    port_refs: [PortRefs; 2],
     /// The host addresses of each family (IPv4, IPv6) as last read from or written to
     /// their map (`None`: read it), so that publishing a wildcard range does not walk
     /// the map for every port.
@@ -482,7 +482,7 @@ impl Dataplane {
             attachments: Vec::new(),
             local_cgroup: None,
             config: Config::default(),
-            port_refs: std::collections::HashMap::new(),
+            port_refs: Default::default(),
             host_cache: [None, None],
             nat64_entries: Vec::new(),
             pins,
@@ -512,16 +512,15 @@ impl Dataplane {
     /// sets them from its options) and the host's network namespace kept.
     fn adopt_maps(&mut self) -> Result<(), DataplaneError> {
         for (k, b) in self.rule_entries_of::<V4>()? {
-            let (port, bits) = V4::port_bits(&k);
-            self.count_port_bits(port, bits);
+            self.count_entry::<V4>(&k, &b);
             self.cache_rule::<V4>(&k, b)?;
         }
         for (k, b) in self.rule_entries_of::<V6>()? {
-            let (port, bits) = V6::port_bits(&k);
-            self.count_port_bits(port, bits);
+            self.count_entry::<V6>(&k, &b);
             self.cache_rule::<V6>(&k, b)?;
         }
-        self.rewrite_published_ports()?;
+        self.rewrite_port_map(PortMap::Published)?;
+        self.rewrite_port_map(PortMap::Backends)?;
         let map = self
             .ebpf
             .map(CONFIG)
@@ -1142,14 +1141,17 @@ impl Dataplane {
         replace: impl Fn(&F::Backend) -> bool,
     ) -> Result<(), DataplaneError> {
         let (port, bits) = F::port_bits(&key);
-        let new = match self.rules_of::<F>()?.get(&key, 0) {
+        let (to_port, to_bit) = F::backend_port_bit(&key, &backend);
+        let old = match self.rules_of::<F>()?.get(&key, 0) {
             Ok(b) if !replace(&b) => return Ok(()),
-            Ok(_) => false,
-            Err(_) => true,
+            Ok(b) => Some(b),
+            Err(_) => None,
         };
+        let new = old.is_none();
         if new {
-            self.port_ref(port, bits, true)?;
+            self.port_ref(PortMap::Published, port, bits, true)?;
         }
+        self.port_ref(PortMap::Backends, to_port, to_bit, true)?;
         let inserted = self
             .rules_of::<F>()?
             .insert(key, backend, 0)
@@ -1164,10 +1166,17 @@ impl Dataplane {
                 }
                 _ => map_err(F::RULES)(e),
             });
-        if inserted.is_err() && new {
-            self.port_ref(port, bits, false)?;
+        if inserted.is_err() {
+            if new {
+                self.port_ref(PortMap::Published, port, bits, false)?;
+            }
+            self.port_ref(PortMap::Backends, to_port, to_bit, false)?;
         }
         inserted?;
+        if let Some(old) = old {
+            let (from_port, from_bit) = F::backend_port_bit(&key, &old);
+            self.port_ref(PortMap::Backends, from_port, from_bit, false)?;
+        }
         self.cache_rule::<F>(&key, backend)
     }
 
@@ -1176,10 +1185,21 @@ impl Dataplane {
     fn remove_entry<F: Family>(&mut self, key: &F::RuleKey) -> Result<(), DataplaneError> {
         let (port, bits) = F::port_bits(key);
         self.uncache_rule::<F>(key)?;
-        match self.rules_of::<F>()?.remove(key) {
+        let mut rules = self.rules_of::<F>()?;
+        let old = rules.get(key, 0).ok();
+        match rules.remove(key) {
             Err(e) if !is_not_found(&e) => Err(map_err(F::RULES)(e)),
             Err(_) => Ok(()),
-            Ok(()) => self.port_ref(port, bits, false),
+            Ok(()) => {
+                self.port_ref(PortMap::Published, port, bits, false)?;
+                match old {
+                    Some(b) => {
+                        let (to_port, to_bit) = F::backend_port_bit(key, &b);
+                        self.port_ref(PortMap::Backends, to_port, to_bit, false)
+                    }
+                    None => Ok(()),
+                }
+            }
         }
     }
 
@@ -1446,74 +1466,56 @@ impl Dataplane {
         self.sync_host_addrs_of::<V6>(addrs)
     }
 
-    /// Counts one rule entry more (`add`) or less on `port` for each of `bits` (see
-    /// [`Family::port_bits`]), keeping each bit in [`PUBLISHED_PORTS`]: set before the
-    /// first such entry goes in, cleared after the last one went out, so the filter never
-    /// hides a rule.
-    fn port_ref(&mut self, port: u16, bits: u8, add: bool) -> Result<(), DataplaneError> {
-        let mut set = 0u8;
-        let mut clear = 0u8;
-        for bit in (0..8).map(|i| 1u8 << i).filter(|b| bits & b != 0) {
-            let key = (port, bit);
-            let refs = self.port_refs.entry(key).or_insert(0);
-            let before = *refs;
-            *refs = if add {
-                before + 1
-            } else {
-                before.saturating_sub(1)
-            };
-            let after = *refs;
-            if after == 0 {
-                self.port_refs.remove(&key);
-            }
-            match (before == 0, after == 0) {
-                (true, false) => set |= bit,
-                (false, true) => clear |= bit,
-                _ => {}
-            }
-        }
+    /// Counts one rule entry more (`add`) or less on `port` for each of `bits` in the
+    /// filter `which` ([`Family::port_bits`], [`Family::backend_port_bit`]), keeping its
+    /// array's bits: set before the first such entry goes in, cleared after the last one
+    /// went out, so the filter never hides a rule or a reply.
+    fn port_ref(
+        &mut self,
+        which: PortMap,
+        port: u16,
+        bits: u8,
+        add: bool,
+    ) -> Result<(), DataplaneError> {
+        let (set, clear) = self.port_refs[which as usize].change(port, bits, add);
         if set | clear == 0 {
             return Ok(());
         }
-        let map = self
-            .ebpf
-            .map_mut(PUBLISHED_PORTS)
-            .ok_or(DataplaneError::MissingMap(PUBLISHED_PORTS))?;
-        let mut ports: Array<&mut MapData, u8> =
-            Array::try_from(map).map_err(map_err(PUBLISHED_PORTS))?;
-        let old = ports
-            .get(&u32::from(port), 0)
-            .map_err(map_err(PUBLISHED_PORTS))?;
+        let name = which.name();
+        let mut ports = self.port_map(name)?;
+        let old = ports.get(&u32::from(port), 0).map_err(map_err(name))?;
         ports
             .set(u32::from(port), (old | set) & !clear, 0)
-            .map_err(map_err(PUBLISHED_PORTS))
+            .map_err(map_err(name))
     }
 
-    /// Counts one pinned entry on `port` for each of `bits` (adoption).
-    fn count_port_bits(&mut self, port: u16, bits: u8) {
-        for bit in (0..8).map(|i| 1u8 << i).filter(|b| bits & b != 0) {
-            *self.port_refs.entry((port, bit)).or_insert(0) += 1;
-        }
+    /// Counts a pinned rule entry in both filters (adoption).
+    fn count_entry<F: Family>(&mut self, key: &F::RuleKey, backend: &F::Backend) {
+        let (port, bits) = F::port_bits(key);
+        self.port_refs[PortMap::Published as usize].change(port, bits, true);
+        let (to_port, to_bit) = F::backend_port_bit(key, backend);
+        self.port_refs[PortMap::Backends as usize].change(to_port, to_bit, true);
     }
 
-    /// Makes every port's [`PUBLISHED_PORTS`] bits those of the reference counts.
-    fn rewrite_published_ports(&mut self) -> Result<(), DataplaneError> {
-        let mut want = vec![0u8; 65_536];
-        for &(port, bit) in self.port_refs.keys() {
-            want[usize::from(port)] |= bit;
-        }
-        let map = self
-            .ebpf
-            .map_mut(PUBLISHED_PORTS)
-            .ok_or(DataplaneError::MissingMap(PUBLISHED_PORTS))?;
-        let mut ports: Array<&mut MapData, u8> =
-            Array::try_from(map).map_err(map_err(PUBLISHED_PORTS))?;
+    /// Makes every port's bits in the filter `which` those of its reference counts.
+    fn rewrite_port_map(&mut self, which: PortMap) -> Result<(), DataplaneError> {
+        let want = self.port_refs[which as usize].bits();
+        let name = which.name();
+        let mut ports = self.port_map(name)?;
         for (port, &bits) in (0u32..).zip(&want) {
-            if ports.get(&port, 0).map_err(map_err(PUBLISHED_PORTS))? != bits {
-                ports.set(port, bits, 0).map_err(map_err(PUBLISHED_PORTS))?;
+            if ports.get(&port, 0).map_err(map_err(name))? != bits {
+                ports.set(port, bits, 0).map_err(map_err(name))?;
             }
         }
         Ok(())
+    }
+
+    fn port_map(&mut self, name: &'static str) -> Result<Array<&mut MapData, u8>, DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap(name))?;
+        Array::try_from(map).map_err(map_err(name))
     }
 
     /// A rule's counters, summed over CPUs.
@@ -1650,6 +1652,71 @@ pub trait Family {
             port_bits(proto).0
         };
         (port, bits)
+    }
+    /// A rule entry's backend port and its [`BACKEND_PORTS`] bit.
+    fn backend_port_bit(k: &Self::RuleKey, b: &Self::Backend) -> (u16, u8) {
+        let (_, _, proto) = Self::rule_key(k);
+        let (_, port, _) = Self::backend(b);
+        (port, backend_port_bit(proto))
+    }
+}
+
+/// The per-port filters the programs read before a lookup, as indexes of
+/// `Dataplane::port_refs`.
+#[derive(Clone, Copy)]
+enum PortMap {
+    /// [`PUBLISHED_PORTS`], by rule keys' ports.
+    Published = 0,
+    /// [`BACKEND_PORTS`], by backends' ports.
+    Backends = 1,
+}
+
+impl PortMap {
+    fn name(self) -> &'static str {
+        match self {
+            PortMap::Published => PUBLISHED_PORTS,
+            PortMap::Backends => BACKEND_PORTS,
+        }
+    }
+}
+
+/// The rule entries behind each bit of a per-port filter, per (port, bit).
+#[derive(Default)]
+struct PortRefs(std::collections::HashMap<(u16, u8), u32>);
+
+impl PortRefs {
+    /// Counts one entry more (`add`) or less on `port` for each of `bits`; returns the
+    /// bits that turned on and those that turned off.
+    fn change(&mut self, port: u16, bits: u8, add: bool) -> (u8, u8) {
+        let (mut set, mut clear) = (0u8, 0u8);
+        for bit in (0..8).map(|i| 1u8 << i).filter(|b| bits & b != 0) {
+            let refs = self.0.entry((port, bit)).or_insert(0);
+            let before = *refs;
+            *refs = if add {
+                before + 1
+            } else {
+                before.saturating_sub(1)
+            };
+            let after = *refs;
+            if after == 0 {
+                self.0.remove(&(port, bit));
+            }
+            match (before == 0, after == 0) {
+                (true, false) => set |= bit,
+                (false, true) => clear |= bit,
+                _ => {}
+            }
+        }
+        (set, clear)
+    }
+
+    /// Every port's bits (65,536 entries).
+    fn bits(&self) -> Vec<u8> {
+        let mut want = vec![0u8; 65_536];
+        for &(port, bit) in self.0.keys() {
+            want[usize::from(port)] |= bit;
+        }
+        want
     }
 }
 

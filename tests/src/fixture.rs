@@ -21,10 +21,10 @@ use portfwd_common::model::{self, FibQuery, FlowWrite, Hook, Maps, NextHop, Outc
 use portfwd_common::rules::RuleMaps;
 use portfwd_common::{
     csum, programs, proto, BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6,
-    FlowV4, FlowV6, Nat64Flow, Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, BRIDGE_PORTS,
-    BRIDGE_PORT_PEER, CONFIG, CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP, CONNTRACK_V4,
-    CONNTRACK_V6, EMBRYONIC_V4, EMBRYONIC_V6, HOST_ADDRS_V4, HOST_ADDRS_V6, NAT64_FLOWS,
-    NAT64_REPLIES, PUBLISHED_PORTS, RULES_V4, RULES_V6,
+    FlowV4, FlowV6, Nat64Flow, Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, BACKEND_PORTS,
+    BRIDGE_PORTS, BRIDGE_PORT_PEER, CONFIG, CONFIG_FAST_PATH, CONFIG_FAST_PATH_NATIVE_XDP,
+    CONNTRACK_V4, CONNTRACK_V6, EMBRYONIC_V4, EMBRYONIC_V6, HOST_ADDRS_V4, HOST_ADDRS_V6,
+    NAT64_FLOWS, NAT64_REPLIES, PUBLISHED_PORTS, RULES_V4, RULES_V6,
 };
 
 use crate::netns::Netns;
@@ -700,6 +700,9 @@ impl RuleMaps for KernelMaps<'_> {
 }
 
 impl Maps for KernelMaps<'_> {
+    fn backend_ports(&self, port_be: [u8; 2]) -> u8 {
+        self.array_get(BACKEND_PORTS, u16::from_be_bytes(port_be).into())
+    }
     fn flow_v4(&self, key: &FlowKeyV4) -> Option<FlowV4> {
         self.hash_get(CONNTRACK_V4, key)
     }

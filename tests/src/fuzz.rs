@@ -22,9 +22,9 @@ use portfwd_common::model::{self, FibQuery, FlowWrite, Maps, NextHop, Outcome, V
 use portfwd_common::rules::RuleMaps;
 use portfwd_common::{
     BackendV4, BackendV6, BridgePortKey, Config, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Nat64Flow,
-    Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, BRIDGE_PORTS, CONFIG, CONNTRACK_V4, CONNTRACK_V6,
-    EMBRYONIC_V4, EMBRYONIC_V6, HOST_ADDRS_V4, HOST_ADDRS_V6, NAT64_FLOWS, NAT64_REPLIES,
-    PUBLISHED_PORTS, RULES_V4, RULES_V6,
+    Nat64Reply, Reason, RuleKeyV4, RuleKeyV6, BACKEND_PORTS, BRIDGE_PORTS, CONFIG, CONNTRACK_V4,
+    CONNTRACK_V6, EMBRYONIC_V4, EMBRYONIC_V6, HOST_ADDRS_V4, HOST_ADDRS_V6, NAT64_FLOWS,
+    NAT64_REPLIES, PUBLISHED_PORTS, RULES_V4, RULES_V6,
 };
 
 use crate::fixture::{self, action, compare_in, hook, refuses, Env, FastPathFib, Prog};
@@ -71,6 +71,7 @@ impl Rng {
 #[derive(Clone, Debug, Default)]
 pub struct Mirror {
     published: Vec<u8>,
+    backend_ports: Vec<u8>,
     rules_v4: StdHashMap<RuleKeyV4, BackendV4>,
     rules_v6: StdHashMap<RuleKeyV6, BackendV6>,
     hosts_v4: Vec<[u8; 4]>,
@@ -136,8 +137,14 @@ impl Mirror {
     pub fn read(dp: &Dataplane, env: Env<'_>) -> Self {
         let published: Array<&MapData, u8> =
             Array::try_from(map(dp, PUBLISHED_PORTS)).expect(PUBLISHED_PORTS);
+        let backend_ports: Array<&MapData, u8> =
+            Array::try_from(map(dp, BACKEND_PORTS)).expect(BACKEND_PORTS);
         Self {
             published: published.iter().map(|b| b.expect("published")).collect(),
+            backend_ports: backend_ports
+                .iter()
+                .map(|b| b.expect("backend ports"))
+                .collect(),
             rules_v4: entries(dp, RULES_V4),
             rules_v6: entries(dp, RULES_V6),
             hosts_v4: entries::<[u8; 4], u8>(dp, HOST_ADDRS_V4)
@@ -180,6 +187,9 @@ impl RuleMaps for Mirror {
 }
 
 impl Maps for Mirror {
+    fn backend_ports(&self, port_be: [u8; 2]) -> u8 {
+        self.backend_ports[usize::from(u16::from_be_bytes(port_be))]
+    }
     fn flow_v4(&self, key: &FlowKeyV4) -> Option<FlowV4> {
         self.flows_v4.get(key).copied()
     }

@@ -18,8 +18,8 @@ use portfwd::{
     pin::PinDir,
 };
 use portfwd_common::{
-    port_bits, proto, rule_cache::CachedRuleV4, wildcard_bits, BackendV4, Reason, RuleKeyV4,
-    BACKEND_EXPANDED, PUBLISHED_PORTS, RULES_V4, RULE_CACHE_V4,
+    backend_port_bit, port_bits, proto, rule_cache::CachedRuleV4, wildcard_bits, BackendV4, Reason,
+    RuleKeyV4, BACKEND_EXPANDED, BACKEND_PORTS, PUBLISHED_PORTS, RULES_V4, RULE_CACHE_V4,
 };
 use portfwd_tests::{
     client,
@@ -157,6 +157,14 @@ fn expansions_are_recognised_after_a_restart() {
         ports
             .set(9000, port_bits(proto::TCP).1, 0)
             .expect("old bits");
+        // And the reply filter as a daemon that died between two writes left it: the
+        // backend's bit lost, another port's stale.
+        let map = dp.ebpf_mut().map_mut(BACKEND_PORTS).expect("backends map");
+        let mut backends: Array<&mut MapData, u8> = Array::try_from(map).expect("backends");
+        backends.set(8080, 0, 0).expect("lost bit");
+        backends
+            .set(7777, backend_port_bit(proto::TCP), 0)
+            .expect("stale bit");
         dp.keep_pins();
     }
     let mut dp = Dataplane::load_pinned(
@@ -174,6 +182,16 @@ fn expansions_are_recognised_after_a_restart() {
         ports.get(&9000, 0).expect("bits"),
         port_bits(proto::TCP).0 | wildcard_bits(proto::TCP, false),
         "the filter rewritten from the pinned rules"
+    );
+    let map = dp.ebpf().map(BACKEND_PORTS).expect("backends map");
+    let backends: Array<&MapData, u8> = Array::try_from(map).expect("backends");
+    assert_eq!(
+        (
+            backends.get(&8080, 0).expect("bits"),
+            backends.get(&7777, 0).expect("bits")
+        ),
+        (backend_port_bit(proto::TCP), 0),
+        "the reply filter rewritten from the pinned rules"
     );
     // The new load's rule cache (not pinned) is filled from the adopted rules.
     let map = dp.ebpf().map(RULE_CACHE_V4).expect("rule cache");

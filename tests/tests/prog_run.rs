@@ -15,8 +15,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use aya::maps::{Array, MapData};
 use portfwd::dataplane::Dataplane;
 use portfwd_common::{
-    model::Verdict, proto, rule_cache::CachedRuleV4, BackendV4, BridgePortKey, Reason, RuleKeyV4,
-    NEXT_HOP_TTL_NS, RULE_CACHE_V4,
+    backend_port_bit, model::Verdict, proto, rule_cache::CachedRuleV4, BackendV4, BridgePortKey,
+    Reason, RuleKeyV4, BACKEND_PORTS, NEXT_HOP_TTL_NS, RULE_CACHE_V4,
 };
 use portfwd_tests::fixture::{
     arp_request, backend_net, check_case, compare_in, echo_request, privileged, reply_translated,
@@ -489,6 +489,73 @@ fn published_ports_filter_follows_rule_removal() {
         Prog::XdpIngress,
         &untouched("no rule left", frame.build(), Reason::PassNoRule),
     );
+}
+
+/// `BACKEND_PORTS[port]`: the protocols some rule sends to `port` over.
+fn backend_port_bits(dp: &Dataplane, port: u16) -> u8 {
+    let map: Array<&MapData, u8> =
+        Array::try_from(dp.ebpf().map(BACKEND_PORTS).expect("map")).expect("array");
+    map.get(&u32::from(port), 0).expect("backend ports")
+}
+
+/// The reply filter: a flow's replies are looked up while some rule sends to its
+/// backend's port (reference-counted over rules, expansions and replaced backends), and
+/// pass untouched, without a lookup, once none does, though the flow is still tracked.
+#[test]
+fn backend_ports_filter_follows_the_rules() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = fixture_dataplane();
+    let (tcp, udp) = (backend_port_bit(proto::TCP), backend_port_bit(proto::UDP));
+    assert_eq!(backend_port_bits(&dp, 8080), tcp, "two rules send to 8080");
+    assert_eq!(backend_port_bits(&dp, 53), udp);
+    assert_eq!(
+        backend_port_bits(&dp, 9000),
+        0,
+        "a published port is no backend's"
+    );
+    run_checked(
+        &dp,
+        Prog::TcIngress,
+        &Frame::tcp((CLIENT, 40000), (HOST, 9000)).build(),
+    );
+    let reply = Frame::tcp((BACKEND, 8080), (CLIENT, 40000));
+    let translated_reply = reply_translated(
+        "reply of a tracked flow",
+        &reply,
+        &reply.with_src((HOST, 9000)),
+    );
+    check_case(&dp, Prog::TcEgress, &translated_reply);
+
+    // HOST:9000 now sends elsewhere; *:9001 (and its expansions) still to 8080.
+    let exact = RuleKeyV4::from_parts(HOST, 9000, proto::TCP);
+    dp.insert_rule(exact, BackendV4::new(BACKEND, 8082, 1))
+        .expect("replace");
+    assert_eq!(backend_port_bits(&dp, 8082), tcp);
+    assert_eq!(backend_port_bits(&dp, 8080), tcp, "still *:9001's backend");
+    check_case(&dp, Prog::TcEgress, &translated_reply);
+
+    // No rule sends to 8080 any more: the flow's replies are no longer looked up.
+    let wildcard = RuleKeyV4::from_parts(Ipv4Addr::UNSPECIFIED, 9001, proto::TCP);
+    dp.remove_rule(&wildcard).expect("remove wildcard");
+    assert_eq!(backend_port_bits(&dp, 8080), 0);
+    check_case(
+        &dp,
+        Prog::TcEgress,
+        &untouched("no rule sends to 8080", reply.build(), Reason::PassNoFlow),
+    );
+    dp.insert_rule(exact, BackendV4::new(BACKEND, 8080, 1))
+        .expect("back to 8080");
+    assert_eq!(
+        backend_port_bits(&dp, 8082),
+        0,
+        "replaced backend's bit cleared"
+    );
+    check_case(&dp, Prog::TcEgress, &translated_reply);
+    dp.remove_rule(&exact).expect("remove");
+    assert_eq!(backend_port_bits(&dp, 8080), 0);
+    assert_eq!(backend_port_bits(&dp, 53), udp, "the UDP rule stays");
 }
 
 /// Property: random and mutated frames (see `common`), through XDP ingress, TC ingress

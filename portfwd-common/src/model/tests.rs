@@ -423,6 +423,22 @@ fn replies_follow_the_recorded_flows() {
         Reason::PassNoFlow,
         "other client port",
     );
+    // The flows stay, but no rule sends to their backends' ports any more: the reply
+    // filter (`BACKEND_PORTS`) passes their replies before any lookup.
+    let no_rules = Tables {
+        rules_v4: &[],
+        rules_v6: &[],
+        ..maps
+    };
+    for reply in [&reply4, &reply6] {
+        assert_untouched(
+            &[Hook::TcEgress],
+            &no_rules,
+            &reply.build(),
+            Reason::PassNoFlow,
+            "no rule sends to the backend's port",
+        );
+    }
 }
 
 #[test]

@@ -33,8 +33,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use portfwd_common::{
-    port_bits, programs, proto, rule_cache::CachedRuleV4, BackendV4, FlowKeyV4, FlowV4, RuleKeyV4,
-    CONNTRACK_V4, EMBRYONIC_V4, PUBLISHED_PORTS, RULES_V4, RULE_CACHE_V4,
+    backend_port_bit, port_bits, programs, proto, rule_cache::CachedRuleV4, BackendV4, FlowKeyV4,
+    FlowV4, RuleKeyV4, BACKEND_PORTS, CONNTRACK_V4, EMBRYONIC_V4, PUBLISHED_PORTS, RULES_V4,
+    RULE_CACHE_V4,
 };
 
 use super::{
@@ -319,6 +320,9 @@ fn seed(ebpf: &mut Ebpf, flows: u32) -> Result<f64> {
     let mut ports: Array<_, u8> =
         Array::try_from(ebpf.map_mut(PUBLISHED_PORTS).context(PUBLISHED_PORTS)?)?;
     ports.set(u32::from(UDP.1), port_bits(proto::UDP).0, 0)?;
+    let mut backend_ports: Array<_, u8> =
+        Array::try_from(ebpf.map_mut(BACKEND_PORTS).context(BACKEND_PORTS)?)?;
+    backend_ports.set(u32::from(UDP.0), backend_port_bit(proto::UDP), 0)?;
     let mut ct: HashMap<_, FlowKeyV4, FlowV4> =
         HashMap::try_from(ebpf.map_mut(CONNTRACK_V4).context(CONNTRACK_V4)?)?;
     // What the ingress program would record: the published address, counter slot 0.
