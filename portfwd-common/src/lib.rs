@@ -15,6 +15,7 @@ pub mod addr;
 pub mod csum;
 #[cfg(feature = "user")]
 pub mod host;
+pub mod kctx;
 pub mod maps;
 /// Host side only: the kernel programs are what it models.
 #[cfg(not(target_arch = "bpf"))]

@@ -8,10 +8,11 @@
 //! [`Maps`], which answers what the maps hold), the same flow decision
 //! ([`may_start_flow`]) and rewrite, with the checksums updated by the same
 //! [`crate::csum`] functions and header offsets from [`crate::packet`]. XDP updates
-//! checksums incrementally in place (RFC 1624) and TC through the kernel's helpers; on
-//! any frame with a complete checksum their bytes agree (UDP's zero checksum stays zero
-//! on both: `BPF_F_MARK_MANGLED_0` on TC, [`csum::l4_update`] on XDP), so one rewrite
-//! models both. Where XDP may see partial (offloaded) checksums ([`Hook::sees_partial`]),
+//! checksums incrementally in place (RFC 1624); so does TC, by the skb's checksum state
+//! (`crate::kctx`; BPF_PROG_RUN's skbs have none: a full update), or through the
+//! kernel's helpers where it cannot read it; on any frame with a complete checksum
+//! their bytes agree (UDP's zero checksum stays zero on all: `BPF_F_MARK_MANGLED_0` for
+//! the helpers, [`csum::l4_update`] in place), so one rewrite models both. Where XDP may see partial (offloaded) checksums ([`Hook::sees_partial`]),
 //! an L4 checksum equal to the pseudo-header sum gets the address-only update
 //! ([`csum::partial_replace4`]), as TC's helpers give a `CHECKSUM_PARTIAL` skb, and
 //! never takes the fast path. The NAT64 program, which TC ingress tail-calls
@@ -63,8 +64,8 @@ impl Hook {
     }
     /// Whether the program takes an L4 checksum equal to the packet's pseudo-header sum
     /// for a partial (offloaded, `CHECKSUM_PARTIAL`) one: at XDP where frames may come
-    /// from a local stack (a virtual device) or GRO (generic XDP). TC leaves this to the
-    /// kernel's helpers, which read the skb's state (none, in BPF_PROG_RUN).
+    /// from a local stack (a virtual device) or GRO (generic XDP). TC reads the skb's
+    /// state instead (none, in BPF_PROG_RUN).
     pub fn sees_partial(self) -> bool {
         matches!(self, Hook::XdpVirtual | Hook::XdpGeneric)
     }
@@ -850,7 +851,7 @@ fn reply_v4(maps: &impl Maps, frame: &mut [u8], f: &Flow<4>) -> Outcome {
             None => return Outcome::pass(Reason::PassNoFlow),
         },
     };
-    // TC egress: the kernel's helpers, on a complete checksum in BPF_PROG_RUN.
+    // TC egress: a full update (BPF_PROG_RUN's skbs carry no checksum state).
     rewrite_v4(
         frame,
         f,
@@ -877,7 +878,7 @@ fn reply_v6(maps: &impl Maps, frame: &mut [u8], f: &Flow<16>) -> Outcome {
             None => return Outcome::pass(Reason::PassNoFlow),
         },
     };
-    // TC egress: the kernel's helpers, on a complete checksum in BPF_PROG_RUN.
+    // TC egress: a full update (BPF_PROG_RUN's skbs carry no checksum state).
     rewrite_v6(
         frame,
         f,

@@ -13,7 +13,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use portfwd_common::{
-    csum,
+    csum, kctx,
     packet::{
         IP6_DST_OFF, IP6_HOP_LIMIT_OFF, IP6_PLEN_OFF, IP6_SRC_OFF, IPV4_MIN_HLEN, IPV6_HLEN,
         IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF,
@@ -357,11 +357,57 @@ impl Packet for XdpPacket<'_> {
     }
 }
 
-/// TC: an skb may carry a partial (offloaded) checksum or a complete one; the kernel's
-/// checksum helpers keep every case right (`BPF_F_PSEUDO_HDR` for the address, which the
-/// pseudo-header covers), so the TC side uses them instead of plain arithmetic.
+/// TC: the skb's checksum state (`ip_summed`, read from the kernel's `sk_buff`: see
+/// `portfwd_common::kctx`) says how the L4 checksum is updated: a partial (offloaded)
+/// one for the address only, a full one (none, or checked by the device) for address
+/// and port, both with plain arithmetic as at XDP. A `CHECKSUM_COMPLETE` skb, or any
+/// where the loader found no way to read the state, goes through the kernel's checksum
+/// helpers, which also keep `skb->csum` right (`BPF_F_PSEUDO_HDR` for the address,
+/// which the pseudo-header covers).
 pub struct TcPacket<'a> {
     ctx: &'a TcContext,
+}
+
+/// The bit offset of `ip_summed` in `struct sk_buff`, set by the loader from the running
+/// kernel's BTF (`portfwd_common::kctx::SKB_IP_SUMMED_BIT`); 0: unknown.
+#[unsafe(no_mangle)]
+static SKB_IP_SUMMED_BIT: u32 = 0;
+
+/// How the L4 checksum of a translated skb is updated.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum L4Csum {
+    /// Partial: the address only, in place.
+    Partial,
+    /// Full (none, or checked by the device): address and port, in place.
+    Full,
+    /// Complete, or the state unknown: the kernel's helpers.
+    Helpers,
+}
+
+/// The skb's checksum state, read from the kernel's `sk_buff`.
+#[inline(always)]
+fn l4_csum(ctx: &TcContext) -> L4Csum {
+    // SAFETY: a read of our own constant (volatile: the loader sets it, so it must not
+    // be folded to its initial 0).
+    let bit = unsafe { core::ptr::read_volatile(&SKB_IP_SUMMED_BIT) };
+    if bit == 0 {
+        return L4Csum::Helpers;
+    }
+    // `bpf_cast_to_kern_ctx`: the loader turns this call of a helper no kernel has into
+    // the kfunc call (see `portfwd_common::kctx`); only reached when it did (bit != 0).
+    // SAFETY: the kfunc takes the program's context and returns its `struct sk_buff`.
+    let skb = unsafe {
+        let cast: unsafe extern "C" fn(*mut core::ffi::c_void) -> *const u8 =
+            core::mem::transmute(kctx::KFUNC_MARKER as usize);
+        cast(ctx.as_ptr())
+    };
+    // SAFETY: the verifier checks this read against the kernel's BTF of `sk_buff`.
+    let byte = unsafe { *skb.add((bit / 8) as usize) };
+    match (byte >> (bit % 8)) & 3 {
+        kctx::CHECKSUM_PARTIAL => L4Csum::Partial,
+        kctx::CHECKSUM_NONE | kctx::CHECKSUM_UNNECESSARY => L4Csum::Full,
+        _ => L4Csum::Helpers,
+    }
 }
 
 /// Enough linear bytes for Ethernet + VLAN + the longest IPv4 header + TCP (more than
@@ -469,11 +515,13 @@ impl Packet for TcPacket<'_> {
             End::Dst => (f.dst, f.dport),
         };
         let (addr_off, port_off) = field_offsets(f, end);
+        let how = l4_csum(self.ctx);
         let (data, data_end) = (self.data(), self.data_end());
         let ip =
             bytes_at(data, data_end, f.ip_off, IPV4_MIN_HLEN).ok_or(RewriteError::OutOfBounds)?;
         let l4 =
             bytes_at(data, data_end, f.l4_off, f.l4_hlen()).ok_or(RewriteError::OutOfBounds)?;
+        let l4_csum_at = f.l4_csum_off() - f.l4_off;
         // The IPv4 header checksum is never offloaded: update it in place (RFC 1624),
         // and write the new address and port directly.
         // SAFETY: `ip` spans 20 bytes and `l4` the whole L4 header (checked above).
@@ -485,6 +533,26 @@ impl Packet for TcPacket<'_> {
             );
             write(ip.add(addr_off - f.ip_off), &addr);
             write(l4.add(port_off - f.l4_off), &port);
+            if how != L4Csum::Helpers {
+                let at = l4.add(l4_csum_at);
+                let check = u16::from_be_bytes([*at, *at.add(1)]);
+                let check = if how == L4Csum::Partial {
+                    partial_update(check, f.is_udp(), |c| {
+                        csum::partial_replace4(c, old_addr, addr)
+                    })
+                } else {
+                    csum::l4_update(
+                        check,
+                        old_addr,
+                        addr,
+                        u16::from_be_bytes(old_port),
+                        u16::from_be_bytes(port),
+                        f.is_udp(),
+                    )
+                };
+                write(at, &check.to_be_bytes());
+                return Ok(());
+            }
         }
         // The L4 checksum may be partial (offloaded) or complete: the helpers handle
         // both, and keep skb->csum right. The address is in the pseudo-header.
@@ -517,14 +585,36 @@ impl Packet for TcPacket<'_> {
             End::Dst => (f.dst, f.dport),
         };
         let (addr_at, port_at) = v6_field_offsets(end);
+        let how = l4_csum(self.ctx);
         let (data, data_end) = (self.data(), self.data_end());
         let ip = bytes_at(data, data_end, f.ip_off, IPV6_HLEN).ok_or(RewriteError::OutOfBounds)?;
         let l4 =
             bytes_at(data, data_end, f.l4_off, f.l4_hlen()).ok_or(RewriteError::OutOfBounds)?;
+        let l4_csum_at = f.l4_csum_off() - f.l4_off;
         // SAFETY: `ip` spans the IPv6 header and `l4` the whole L4 header (checked above).
         unsafe {
             write(ip.add(addr_at), &addr);
             write(l4.add(port_at), &port);
+            if how != L4Csum::Helpers {
+                let at = l4.add(l4_csum_at);
+                let check = u16::from_be_bytes([*at, *at.add(1)]);
+                let check = if how == L4Csum::Partial {
+                    partial_update(check, f.is_udp(), |c| {
+                        csum::partial_replace16(c, old_addr, addr)
+                    })
+                } else {
+                    csum::l4_update_v6(
+                        check,
+                        old_addr,
+                        addr,
+                        u16::from_be_bytes(old_port),
+                        u16::from_be_bytes(port),
+                        f.is_udp(),
+                    )
+                };
+                write(at, &check.to_be_bytes());
+                return Ok(());
+            }
         }
         // The 16-byte address change as one checksum difference (bpf_csum_diff), applied
         // with size 0 ("`to` is a diff"); the pseudo-header flag keeps a partial
@@ -555,6 +645,20 @@ impl Packet for TcPacket<'_> {
                 .map_err(|_| RewriteError::Helper)?;
         }
         port_csum_replace(c, l4_csum, old_p, new_p, mangled)
+    }
+}
+
+/// A partial checksum field updated by `update`, as the kernel's helper does it with
+/// `BPF_F_MARK_MANGLED_0`: a UDP field of zero (no checksum) stays zero, and one that
+/// becomes zero is written as `0xFFFF`.
+#[inline(always)]
+fn partial_update(check: u16, is_udp: bool, update: impl FnOnce(u16) -> u16) -> u16 {
+    if is_udp && check == 0 {
+        return 0;
+    }
+    match update(check) {
+        0 if is_udp => 0xffff,
+        c => c,
     }
 }
 

@@ -23,6 +23,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
+use portfwd_common::kctx;
 use portfwd_common::rule_cache::{CachedRule, CachedRuleV4, CachedRuleV6};
 use portfwd_common::{
     backend_port_bit, port_bits, programs, BackendV4, BackendV6, BridgePortKey, CachedHop, Config,
@@ -44,6 +45,13 @@ use crate::{
 /// The compiled kernel programs (built by `build.rs` from `portfwd-ebpf`).
 pub static BPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portfwd.bpf.o"));
+
+/// [`BPF_OBJECT`] as the running kernel needs it (its TC programs read the skb's
+/// checksum state through a kfunc: `portfwd_common::kctx`), prepared once.
+pub fn prepared_object() -> &'static kctx::Prepared {
+    static PREPARED: std::sync::OnceLock<kctx::Prepared> = std::sync::OnceLock::new();
+    PREPARED.get_or_init(|| kctx::Prepared::for_running_kernel(BPF_OBJECT))
+}
 
 /// The benchmark's programs (`bench_gen`, `bench_sink`; `portfwd-ebpf/src/bench.rs`),
 /// for the suites that generate traffic with them. The daemon never loads them (and,
@@ -434,7 +442,11 @@ impl Dataplane {
     }
 
     fn load_with(mut loader: EbpfLoader<'_>, pins: Option<PinDir>) -> Result<Self, DataplaneError> {
-        let mut ebpf = loader.load(BPF_OBJECT).map_err(DataplaneError::Load)?;
+        let object = prepared_object();
+        let mut ebpf = loader
+            .override_global(kctx::SKB_IP_SUMMED_BIT, &object.ip_summed_bit, true)
+            .load(object.bytes())
+            .map_err(DataplaneError::Load)?;
         for name in [
             programs::TC_INGRESS,
             programs::TC_EGRESS,

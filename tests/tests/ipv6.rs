@@ -577,6 +577,49 @@ fn nat64_serves_remote_ipv6_clients_of_an_ipv4_backend_tc() {
     );
 }
 
+/// Partial (offloaded) checksums over IPv6 at TC, both ways: the client and the
+/// container send them (transmit offload on), and the host's ends of both veths complete
+/// checksums in software (`tx off`), so a wrong update of a partial IPv6 checksum, either
+/// way, arrives wrong and the transfer stalls. 8 MB each way, every byte checked.
+#[test]
+fn partial_checksums_over_ipv6_at_tc() {
+    let test = "partial_checksums_over_ipv6_at_tc";
+    let Some(net) = Net6::new(test, "6pc", "tc") else {
+        return;
+    };
+    let (topo, d) = (&net.topo, net.topo.daemon());
+    topo.client.exec_ok(
+        "ethtool",
+        &["-K", "eth0", "tx", "on", "tso", "on", "gso", "on"],
+    );
+    for iface in ["vc1", HOST_IFACE] {
+        topo.host.exec_ok("ethtool", &["-K", iface, "tx", "off"]);
+    }
+    d.add(&format!("[{HOST6}]:9000"), &backend6(0));
+    let connect = || {
+        let s = topo
+            .client
+            .run(|| TcpStream::connect_timeout(&published6(9000), Duration::from_secs(10)))
+            .expect("connect");
+        s.set_read_timeout(Some(client::IO_TIMEOUT))
+            .expect("timeout");
+        s
+    };
+    const N: u64 = 8 << 20;
+    let (len, digest) = client::upload_on(connect(), N).expect("upload");
+    assert_eq!(
+        (len, digest),
+        (N, pattern_digest(N)),
+        "the upload as the backend saw it"
+    );
+    let got = client::download_on(connect(), N).expect("download");
+    assert_eq!(
+        (got.len, got.digest),
+        (N, pattern_digest(N)),
+        "the download"
+    );
+}
+
 /// NAT64 of GSO packets: with GRO on the host's veth from the client and TSO on the
 /// client, the IPv6 packets TC sees are super-packets of up to 64 KB, far over the MTU.
 /// Each is translated whole (the route's MTU checked against one segment, which is what

@@ -415,7 +415,8 @@ mod fast_path {
 /// a container or VM on the same host sends): its TCP segments reach the ingress program
 /// with partial checksums (the pseudo-header sum; `CHECKSUM_PARTIAL`). The host's end
 /// of the backend's veth completes checksums in software (`tx off` on `vc1`), as a NIC
-/// without offload would, so a partial checksum given a wrong update arrives wrong and
+/// without offload would (and the host's end of the client's veth, for the replies), so
+/// a partial checksum given a wrong update arrives wrong and
 /// the backend drops the segment; and a partial segment that XDP redirects (an
 /// `xdp_frame`, which loses the partial state) is dropped by the backend too.
 mod offloaded {
@@ -430,6 +431,11 @@ mod offloaded {
             &["-K", "eth0", "tx", "on", "tso", "on", "gso", "on"],
         );
         topo.host.exec_ok("ethtool", &["-K", "vc1", "tx", "off"]);
+        // The same for the backend's replies (partial: the container offloads too), which
+        // the egress program translates on their way out of the host's end of the client's
+        // veth.
+        topo.host
+            .exec_ok("ethtool", &["-K", HOST_IFACE, "tx", "off"]);
         let d = topo.daemon();
         d.add("9000", &backend(0));
         const N: u64 = 20 * 1024 * 1024;
@@ -473,6 +479,11 @@ mod offloaded {
     #[test]
     fn xdp_generic_fast_path() {
         transfer("xdp-generic+fast", "ofgf")
+    }
+
+    #[test]
+    fn tc() {
+        transfer("tc", "oft")
     }
 
     #[test]

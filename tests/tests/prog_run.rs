@@ -491,6 +491,27 @@ fn published_ports_filter_follows_rule_removal() {
     );
 }
 
+/// On this kernel the TC programs read the skb's checksum state (the kfunc call patched
+/// into every TC rewrite: `portfwd_common::kctx`), so the TC cases above run the in-place
+/// checksum update; the kernel's helpers are left for `CHECKSUM_COMPLETE`.
+#[test]
+fn tc_programs_read_the_skb_checksum_state() {
+    if !privileged() {
+        return;
+    }
+    let object = portfwd::dataplane::prepared_object();
+    assert!(
+        object.ip_summed_bit != 0,
+        "ip_summed not found in the kernel's BTF"
+    );
+    // TC ingress and egress each rewrite both families.
+    assert!(
+        object.kfunc_calls >= 4,
+        "{} kfunc calls",
+        object.kfunc_calls
+    );
+}
+
 /// `BACKEND_PORTS[port]`: the protocols some rule sends to `port` over.
 fn backend_port_bits(dp: &Dataplane, port: u16) -> u8 {
     let map: Array<&MapData, u8> =

@@ -15,6 +15,7 @@ use aya::{
     programs::{tc::SchedClassifier, ProgramError, TestRun, TestRunOptions, TestRunResult, Xdp},
     Ebpf, EbpfLoader,
 };
+use portfwd_common::kctx::{Prepared, SKB_IP_SUMMED_BIT};
 use portfwd_common::{
     backend_port_bit, port_bits, programs, proto, rule_cache::CachedRuleV4, wildcard_bits,
     BackendV4, FlowKeyV4, FlowV4, RuleKeyV4, BACKEND_EXPANDED, BACKEND_PORTS, CONNTRACK_V4,
@@ -43,8 +44,10 @@ const XDP_PASS: i32 = 2;
 const TC_ACT_UNSPEC: i32 = -1;
 
 pub fn run(bpf_object: &Path, runs: usize, repeat: u32) -> Result<Vec<MicroResult>> {
+    let object = Prepared::for_running_kernel(&std::fs::read(bpf_object)?);
     let mut ebpf = EbpfLoader::new()
-        .load_file(bpf_object)
+        .override_global(SKB_IP_SUMMED_BIT, &object.ip_summed_bit, true)
+        .load(object.bytes())
         .context("load portfwd's BPF object")?;
     for name in [
         programs::TC_INGRESS,

@@ -32,6 +32,7 @@ use aya::{
     programs::{tc::SchedClassifier, ProgramError, TestRun, TestRunOptions, TestRunResult, Xdp},
     Ebpf, EbpfLoader,
 };
+use portfwd_common::kctx::{Prepared, SKB_IP_SUMMED_BIT};
 use portfwd_common::{
     backend_port_bit, port_bits, programs, proto, rule_cache::CachedRuleV4, BackendV4, FlowKeyV4,
     FlowV4, RuleKeyV4, BACKEND_PORTS, CONNTRACK_V4, EMBRYONIC_V4, PUBLISHED_PORTS, RULES_V4,
@@ -187,9 +188,11 @@ fn hit_cost(
     load: f64,
 ) -> Result<Vec<ScaleResult>> {
     let capacity = capacity_for(flows);
+    let object = Prepared::for_running_kernel(&std::fs::read(obj)?);
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(CONNTRACK_V4, capacity)
-        .load_file(obj)
+        .override_global(SKB_IP_SUMMED_BIT, &object.ip_summed_bit, true)
+        .load(object.bytes())
         .context("load portfwd's BPF object")?;
     for name in [programs::TC_INGRESS, programs::TC_EGRESS] {
         let p: &mut SchedClassifier = ebpf.program_mut(name).context(name)?.try_into()?;
