@@ -122,6 +122,18 @@ pub trait Packet {
     fn nat64_reply(&mut self, f: &Ipv4Flow) -> Option<Verdict>;
 }
 
+/// `data`, which the kernel starts on an even address (`NET_IP_ALIGN`, XDP's headroom),
+/// said to the compiler: header fields at even offsets are then read and written 16 bits
+/// at a time, not byte by byte (the verifier takes packet loads of any alignment here).
+#[inline(always)]
+fn even(data: usize) -> usize {
+    // SAFETY: the kernel starts packet data 2-aligned (headroom and header lengths are
+    // even); were one not, the only effect is 16-bit loads at odd addresses, which the
+    // verifier allows where misaligned access is efficient (x86, arm64) and executes.
+    unsafe { core::hint::assert_unchecked(data % 2 == 0) };
+    data
+}
+
 /// Offsets (from the start of the IPv6 header, and of the L4 header) of `end`'s address
 /// and port.
 #[inline(always)]
@@ -196,7 +208,7 @@ impl Packet for XdpPacket<'_> {
     }
     #[inline(always)]
     fn data(&self) -> usize {
-        self.ctx.data()
+        even(self.ctx.data())
     }
     #[inline(always)]
     fn data_end(&self) -> usize {
@@ -445,7 +457,7 @@ impl Packet for TcPacket<'_> {
     }
     #[inline(always)]
     fn data(&self) -> usize {
-        self.ctx.data()
+        even(self.ctx.data())
     }
     #[inline(always)]
     fn data_end(&self) -> usize {

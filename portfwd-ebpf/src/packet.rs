@@ -41,14 +41,8 @@ pub fn bytes_at(data: usize, data_end: usize, off: usize, len: usize) -> Option<
 /// `p + at .. p + at + N` must be inside the packet (checked with [`bytes_at`]).
 #[inline(always)]
 pub unsafe fn read<const N: usize>(p: *const u8, at: usize) -> [u8; N] {
-    let mut out = [0u8; N];
-    let mut i = 0;
-    while i < N {
-        // SAFETY: the caller guarantees `p + at .. p + at + N` is inside the packet.
-        out[i] = unsafe { *p.add(at + i) };
-        i += 1;
-    }
-    out
+    // SAFETY: the caller guarantees `p + at .. p + at + N` is inside the packet.
+    unsafe { core::ptr::read_unaligned(p.add(at) as *const [u8; N]) }
 }
 
 /// Writes `bytes` at `p`.
@@ -57,12 +51,8 @@ pub unsafe fn read<const N: usize>(p: *const u8, at: usize) -> [u8; N] {
 /// `p .. p + N` must be inside the packet (checked with [`bytes_at`]).
 #[inline(always)]
 pub unsafe fn write<const N: usize>(p: *mut u8, bytes: &[u8; N]) {
-    let mut i = 0;
-    while i < N {
-        // SAFETY: the caller guarantees `p .. p + N` is inside the packet.
-        unsafe { *p.add(i) = bytes[i] };
-        i += 1;
-    }
+    // SAFETY: the caller guarantees `p .. p + N` is inside the packet.
+    unsafe { core::ptr::write_unaligned(p as *mut [u8; N], *bytes) }
 }
 
 /// The network layer of a frame, after Ethernet and at most one VLAN tag.
