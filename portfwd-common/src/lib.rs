@@ -23,6 +23,7 @@ pub mod model;
 pub mod nat64;
 pub mod packet;
 pub mod reason;
+pub mod reply_cache;
 pub mod rule_cache;
 pub mod rules;
 

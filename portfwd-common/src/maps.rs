@@ -37,6 +37,15 @@ pub const RULES_V6: &str = "RULES_V6";
 pub const RULE_CACHE_V4: &str = "RULE_CACHE_V4";
 /// The rule cache in front of [`RULES_V6`]; not pinned.
 pub const RULE_CACHE_V6: &str = "RULE_CACHE_V6";
+/// The reply cache in front of [`CONNTRACK_V4`] (`reply_cache.rs`); not pinned.
+pub const REPLY_CACHE_V4: &str = "REPLY_CACHE_V4";
+/// The reply cache in front of [`CONNTRACK_V6`]; not pinned.
+pub const REPLY_CACHE_V6: &str = "REPLY_CACHE_V6";
+/// A generation per reply cache slot (`reply_cache.rs`), bumped by whoever changes or
+/// removes an IPv4 flow whose key has that slot; not pinned.
+pub const FLOW_GENERATIONS_V4: &str = "FLOW_GENERATIONS_V4";
+/// As [`FLOW_GENERATIONS_V4`], IPv6.
+pub const FLOW_GENERATIONS_V6: &str = "FLOW_GENERATIONS_V6";
 /// Per-flow translation state, IPv6, keyed as the backend's replies look (see
 /// [`CONNTRACK_V4`]). Written by the ingress programs, read by the reply translator.
 pub const CONNTRACK_V6: &str = "CONNTRACK_V6";
@@ -299,7 +308,8 @@ impl BackendV4 {
 
 /// Key of [`CONNTRACK_V4`]: a flow as the backend's replies carry it
 /// (source = backend, destination = client).
-#[repr(C)]
+// Aligned to 4: the reply cache reads keys 32 bits at a time (`reply_cache.rs`).
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKeyV4 {
     backend_addr: [u8; 4],
@@ -356,7 +366,8 @@ impl FlowKeyV4 {
 
 /// Value of [`CONNTRACK_V4`]: the published address the client sent to, which replies
 /// must carry as their source.
-#[repr(C)]
+// Aligned to 4, as the reply cache reads it (`reply_cache.rs`).
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowV4 {
     host_addr: [u8; 4],
@@ -608,7 +619,8 @@ impl BackendV6 {
 
 /// Key of [`CONNTRACK_V6`]: a flow as the backend's replies carry it
 /// (source = backend, destination = client).
-#[repr(C)]
+// Aligned to 4: the reply cache reads keys 32 bits at a time (`reply_cache.rs`).
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKeyV6 {
     backend_addr: [u8; 16],
@@ -665,7 +677,8 @@ impl FlowKeyV6 {
 
 /// Value of [`CONNTRACK_V6`]: the published address the client sent to, which replies
 /// must carry as their source.
-#[repr(C)]
+// Aligned to 4, as the reply cache reads it (`reply_cache.rs`).
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowV6 {
     host_addr: [u8; 16],
@@ -1088,6 +1101,8 @@ mod pod {
     unsafe impl aya::Pod for super::Nat64Reply {}
     unsafe impl aya::Pod for crate::rule_cache::CachedRuleV4 {}
     unsafe impl aya::Pod for crate::rule_cache::CachedRuleV6 {}
+    unsafe impl aya::Pod for crate::reply_cache::CachedFlowV4 {}
+    unsafe impl aya::Pod for crate::reply_cache::CachedFlowV6 {}
 }
 
 #[cfg(test)]

@@ -48,7 +48,7 @@ const _: () = assert!(core::mem::size_of::<CachedRuleV4>() == 24);
 const _: () = assert!(core::mem::size_of::<CachedRuleV6>() == 48);
 
 /// The multiplier of the hash (2^64 over the golden ratio, odd).
-const MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
+pub(crate) const MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
 /// Where a key's hash starts.
 const SEED: u64 = 0x5bd1_e995_2f1c_2c6b;
 
@@ -57,7 +57,7 @@ const SEED: u64 = 0x5bd1_e995_2f1c_2c6b;
 /// # Safety
 /// `4 * i + 4 <= size_of::<T>()`; `T` has no padding.
 #[inline(always)]
-unsafe fn word<T>(t: &T, i: usize) -> u32 {
+pub(crate) unsafe fn word<T>(t: &T, i: usize) -> u32 {
     // Word loads, not four byte loads each: every type cached is aligned to 4.
     const { assert!(core::mem::align_of::<T>() >= 4 && core::mem::size_of::<T>().is_multiple_of(4)) };
     // SAFETY: the caller's; aligned (asserted above).
@@ -131,7 +131,7 @@ impl<K: Copy + PartialEq, B: Copy> CachedRule<K, B> {
 /// Whether `a` and `b` hold the same bytes, compared 32 bits at a time (the derived
 /// comparison of byte arrays can crash LLVM's BPF backend on 20-byte keys).
 #[inline(always)]
-fn same<T: Copy>(a: &T, b: &T) -> bool {
+pub(crate) fn same<T: Copy>(a: &T, b: &T) -> bool {
     let words = core::mem::size_of::<T>() / 4;
     let mut i = 0;
     let mut diff = 0u32;

@@ -7,12 +7,14 @@
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_jiffies64,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
     programs::TcContext,
 };
 use portfwd_common::{
     packet::IPV6_HLEN,
+    reply_cache::{CachedFlow, CachedFlowV4, CachedFlowV6, REPLY_CACHE_SLOTS},
     rule_cache::{CachedRule, CachedRuleV4, CachedRuleV6, RULE_CACHE_SLOTS},
     rules::RuleMaps,
 };
@@ -93,6 +95,18 @@ fn cached_rule<K: Copy + PartialEq, B: Copy>(
     let (slot, hash) = CachedRule::<K, B>::slot_and_hash(key);
     cache.get(slot)?.backend_for(key, hash)
 }
+
+#[map(name = "REPLY_CACHE_V4")]
+static REPLY_CACHE_V4: Array<CachedFlowV4> = Array::with_max_entries(REPLY_CACHE_SLOTS, 0);
+
+#[map(name = "REPLY_CACHE_V6")]
+static REPLY_CACHE_V6: Array<CachedFlowV6> = Array::with_max_entries(REPLY_CACHE_SLOTS, 0);
+
+#[map(name = "FLOW_GENERATIONS_V4")]
+static FLOW_GENERATIONS_V4: Array<u64> = Array::with_max_entries(REPLY_CACHE_SLOTS, 0);
+
+#[map(name = "FLOW_GENERATIONS_V6")]
+static FLOW_GENERATIONS_V6: Array<u64> = Array::with_max_entries(REPLY_CACHE_SLOTS, 0);
 
 #[map(name = "PUBLISHED_PORTS")]
 static PUBLISHED_PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
@@ -207,11 +221,11 @@ fn record<K, V: PartialEq>(map: &LruHashMap<K, V>, key: &K, value: &V) -> Result
     map.insert(key, value, 0).map_err(|_| InsertFailed)
 }
 
-/// The tracked IPv4 flow of a reply (`key`: backend to client).
+/// The established IPv4 flow of a reply (`key`: backend to client), through the reply
+/// cache.
 #[inline(always)]
 pub fn conntrack_v4(key: &FlowKeyV4) -> Option<FlowV4> {
-    // SAFETY: copied out at once; LRU entries may be evicted concurrently.
-    unsafe { CONNTRACK_V4.get(key) }.copied()
+    established(&REPLY_CACHE_V4, &FLOW_GENERATIONS_V4, &CONNTRACK_V4, key)
 }
 
 /// The embryonic IPv4 flow of a reply (looked up after a [`conntrack_v4`] miss).
@@ -226,15 +240,100 @@ pub fn embryonic_v4(key: &FlowKeyV4) -> Option<FlowV4> {
 /// under the key removed (the client's new connection on it goes elsewhere).
 #[inline(always)]
 pub fn record_embryonic_v4(key: &FlowKeyV4, value: &FlowV4) -> Result<(), InsertFailed> {
+    record_embryonic(
+        &CONNTRACK_V4,
+        &EMBRYONIC_V4,
+        &FLOW_GENERATIONS_V4,
+        key,
+        value,
+    )
+}
+
+/// [`record_embryonic_v4`] for either family. A change to the tables bumps the key's
+/// reply cache generation after it is made (`portfwd_common::reply_cache`): the new
+/// flow may reuse the key of one that conntrack evicted but a cache slot still holds.
+#[inline(always)]
+fn record_embryonic<K: Copy, F: Copy + PartialEq>(
+    conntrack: &LruHashMap<K, F>,
+    embryonic: &LruHashMap<K, F>,
+    generations: &Array<u64>,
+    key: &K,
+    value: &F,
+) -> Result<(), InsertFailed> {
+    let mut changed = false;
     // SAFETY: compared by value at once.
-    match unsafe { CONNTRACK_V4.get(key) } {
+    match unsafe { conntrack.get(key) } {
         Some(existing) if existing == value => return Ok(()),
         Some(_) => {
-            let _ = CONNTRACK_V4.remove(key);
+            let _ = conntrack.remove(key);
+            changed = true;
         }
         None => {}
     }
-    record(&EMBRYONIC_V4, key, value)
+    // SAFETY: compared by value at once.
+    let recorded = match unsafe { embryonic.get(key) } {
+        Some(existing) if existing == value => Ok(()),
+        _ => {
+            changed = true;
+            embryonic.insert(key, value, 0).map_err(|_| InsertFailed)
+        }
+    };
+    if changed {
+        bump_generation(generations, CachedFlow::<K, F>::slot(key));
+    }
+    recorded
+}
+
+/// Marks the reply cache entries of `slot` stale on every CPU. Not atomic (BPF has no
+/// read-modify-write in `core`): two bumps racing may store the same value, which still
+/// differs from the one any entry filled before either change recorded, as each writer
+/// reads the generation after making its change.
+#[inline(always)]
+fn bump_generation(generations: &Array<u64>, slot: u32) {
+    if let Some(g) = generations.get_ptr_mut(slot) {
+        // SAFETY: a map value, valid and aligned for the program's run.
+        unsafe { core::ptr::write_volatile(g, core::ptr::read_volatile(g).wrapping_add(1)) };
+    }
+}
+
+/// The low 32 bits of jiffies: a load, as the verifier inlines the helper.
+#[inline(always)]
+fn jiffies() -> u32 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_jiffies64() as u32 }
+}
+
+/// `key`'s established flow: from the reply cache while its entry is current
+/// (`portfwd_common::reply_cache`), else from `conntrack`, whose answer fills the slot.
+#[inline(always)]
+fn established<K: Copy, F: Copy>(
+    cache: &Array<CachedFlow<K, F>>,
+    generations: &Array<u64>,
+    conntrack: &LruHashMap<K, F>,
+    key: &K,
+) -> Option<F> {
+    let (slot, hash) = CachedFlow::<K, F>::slot_and_hash(key);
+    let (Some(generation), Some(entry)) = (generations.get(slot), cache.get_ptr_mut(slot)) else {
+        // Not reached: both maps have REPLY_CACHE_SLOTS entries.
+        // SAFETY: copied out at once.
+        return unsafe { conntrack.get(key) }.copied();
+    };
+    // Read before conntrack: a change made after this read bumps the generation past
+    // what the entry filled below records.
+    // SAFETY: a map value, valid for the program's run.
+    let generation = unsafe { core::ptr::read_volatile(generation) } as u32;
+    let now = jiffies();
+    // SAFETY: as above; another CPU may write the slot meanwhile: `flow_for` refuses a
+    // torn read.
+    if let Some(flow) = unsafe { &*entry }.flow_for(key, hash, generation, now) {
+        return Some(flow);
+    }
+    // SAFETY: copied out at once; LRU entries may be evicted concurrently.
+    let flow = unsafe { conntrack.get(key) }.copied()?;
+    // SAFETY: as above; a whole entry, whose check covers what a concurrent writer may
+    // mix into it.
+    unsafe { CachedFlow::new(*key, hash, flow, generation, now).write_to(entry) };
+    Some(flow)
 }
 
 /// Moves an IPv4 flow from the embryonic table to the established one. On a failed
@@ -248,11 +347,10 @@ pub fn promote_v4(key: &FlowKeyV4, value: &FlowV4) -> Result<(), InsertFailed> {
     Ok(())
 }
 
-/// The tracked IPv6 flow of a reply.
+/// As [`conntrack_v4`], IPv6.
 #[inline(always)]
 pub fn conntrack_v6(key: &FlowKeyV6) -> Option<FlowV6> {
-    // SAFETY: copied out at once; LRU entries may be evicted concurrently.
-    unsafe { CONNTRACK_V6.get(key) }.copied()
+    established(&REPLY_CACHE_V6, &FLOW_GENERATIONS_V6, &CONNTRACK_V6, key)
 }
 
 /// As [`embryonic_v4`], IPv6.
@@ -265,15 +363,13 @@ pub fn embryonic_v6(key: &FlowKeyV6) -> Option<FlowV6> {
 /// As [`record_embryonic_v4`], IPv6.
 #[inline(always)]
 pub fn record_embryonic_v6(key: &FlowKeyV6, value: &FlowV6) -> Result<(), InsertFailed> {
-    // SAFETY: compared by value at once.
-    match unsafe { CONNTRACK_V6.get(key) } {
-        Some(existing) if existing == value => return Ok(()),
-        Some(_) => {
-            let _ = CONNTRACK_V6.remove(key);
-        }
-        None => {}
-    }
-    record(&EMBRYONIC_V6, key, value)
+    record_embryonic(
+        &CONNTRACK_V6,
+        &EMBRYONIC_V6,
+        &FLOW_GENERATIONS_V6,
+        key,
+        value,
+    )
 }
 
 /// As [`promote_v4`], IPv6.

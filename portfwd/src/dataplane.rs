@@ -24,6 +24,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use portfwd_common::kctx;
+use portfwd_common::reply_cache::CachedFlow;
 use portfwd_common::rule_cache::{CachedRule, CachedRuleV4, CachedRuleV6};
 use portfwd_common::{
     backend_port_bit, port_bits, programs, BackendV4, BackendV6, BridgePortKey, CachedHop, Config,
@@ -31,9 +32,10 @@ use portfwd_common::{
     Reason, RuleKeyV4, RuleKeyV6, RuleStats, BACKEND_PORTS, BRIDGE_PORTS, CONFIG, CONFIG_FAST_PATH,
     CONFIG_FAST_PATH_NATIVE_XDP, CONFIG_FAST_PATH_NO_PEER, CONFIG_NO_NAT64,
     CONFIG_SOCK_HOST_NETNS_ONLY, CONNTRACK_V4, CONNTRACK_V6, EMBRYONIC_V4, EMBRYONIC_V6,
-    HOST_ADDRS_V4, HOST_ADDRS_V6, MAX_FLOWS, NAT64_FLOWS, NAT64_PROGS, NAT64_PROG_INDEX,
-    NAT64_REPLIES, NEXT_HOPS_V4, NEXT_HOPS_V6, PUBLISHED_PORTS, REASON_STATS, RULES_V4, RULES_V6,
-    RULE_CACHE_V4, RULE_CACHE_V6, RULE_STATS,
+    FLOW_GENERATIONS_V4, FLOW_GENERATIONS_V6, HOST_ADDRS_V4, HOST_ADDRS_V6, MAX_FLOWS, NAT64_FLOWS,
+    NAT64_PROGS, NAT64_PROG_INDEX, NAT64_REPLIES, NEXT_HOPS_V4, NEXT_HOPS_V6, PUBLISHED_PORTS,
+    REASON_STATS, REPLY_CACHE_V4, REPLY_CACHE_V6, RULES_V4, RULES_V6, RULE_CACHE_V4, RULE_CACHE_V6,
+    RULE_STATS,
 };
 use thiserror::Error;
 
@@ -325,15 +327,19 @@ pub fn flow_tables_bytes(max_flows: u32) -> u64 {
 }
 
 /// Maps of the object that are not pinned: per-run scratch space, the fast path's
-/// next-hop caches and the rule caches (empty in each new load; the rule caches are
-/// filled from the rules adopted).
-const UNPINNED_MAPS: [&str; 6] = [
+/// next-hop caches, the rule caches (empty in each new load; the rule caches are
+/// filled from the rules adopted) and the reply caches with their generations.
+const UNPINNED_MAPS: [&str; 10] = [
     "NAT64_SCRATCH",
     "FIB_SCRATCH",
     NEXT_HOPS_V4,
     NEXT_HOPS_V6,
     RULE_CACHE_V4,
     RULE_CACHE_V6,
+    REPLY_CACHE_V4,
+    REPLY_CACHE_V6,
+    FLOW_GENERATIONS_V4,
+    FLOW_GENERATIONS_V6,
 ];
 
 /// The maps of this binary's object that are pinned, as (name, type, key size, value
@@ -1317,12 +1323,12 @@ impl Dataplane {
     }
 
     /// Removes the entries of `name` (an LRU map keyed by the family's flow key) whose
-    /// backend is one of `backends`; how many.
+    /// backend is one of `backends`; their keys.
     fn forget_in<F: Family, V: aya::Pod>(
         &mut self,
         name: &'static str,
         backends: &BTreeSet<(F::Addr, u16, u8)>,
-    ) -> Result<usize, DataplaneError> {
+    ) -> Result<Vec<F::FlowKey>, DataplaneError> {
         let map = self
             .ebpf
             .map_mut(name)
@@ -1339,7 +1345,35 @@ impl Dataplane {
             // Gone already (LRU eviction, flow ended): nothing to forget.
             let _ = ct.remove(k);
         }
-        Ok(stale.len())
+        Ok(stale)
+    }
+
+    /// Marks the reply cache entries of `removed` (conntrack keys, deleted already)
+    /// stale on every CPU: bumps their slots' generations (`portfwd_common::reply_cache`).
+    /// A plain read and write: a bump racing the kernel's may store the same value,
+    /// which still differs from what any entry filled before the removal recorded.
+    pub fn forget_cached_replies<F: Family>(
+        &mut self,
+        removed: &[F::FlowKey],
+    ) -> Result<(), DataplaneError> {
+        if removed.is_empty() {
+            return Ok(());
+        }
+        let name = F::FLOW_GENERATIONS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap(name))?;
+        let mut generations: Array<&mut MapData, u64> =
+            Array::try_from(map).map_err(map_err(name))?;
+        let slots: BTreeSet<u32> = removed.iter().map(F::reply_cache_slot).collect();
+        for slot in slots {
+            let g = generations.get(&slot, 0).map_err(map_err(name))?;
+            generations
+                .set(slot, g.wrapping_add(1), 0)
+                .map_err(map_err(name))?;
+        }
+        Ok(())
     }
 
     /// Makes the kernel's set of the family's host addresses (what wildcard rules
@@ -1395,8 +1429,9 @@ impl Dataplane {
         if backends.is_empty() {
             return Ok(0);
         }
-        let n = self.forget_in::<F, F::Flow>(F::CONNTRACK, backends)?
-            + self.forget_in::<F, F::Flow>(F::EMBRYONIC, backends)?;
+        let established = self.forget_in::<F, F::Flow>(F::CONNTRACK, backends)?;
+        self.forget_cached_replies::<F>(&established)?;
+        let n = established.len() + self.forget_in::<F, F::Flow>(F::EMBRYONIC, backends)?.len();
         let v4: BTreeSet<(Ipv4Addr, u16, u8)> = backends
             .iter()
             .filter_map(|&(ip, port, proto)| Some((V4::from_ip(ip.into())?, port, proto)))
@@ -1631,6 +1666,10 @@ pub trait Family {
     const CONNTRACK: &'static str;
     /// The embryonic flows' map's name (conntrack's layout).
     const EMBRYONIC: &'static str;
+    /// The reply cache's generations' map's name (`portfwd_common::reply_cache`).
+    const FLOW_GENERATIONS: &'static str;
+    /// The reply cache's slot of a conntrack key.
+    fn reply_cache_slot(k: &Self::FlowKey) -> u32;
     /// An address as map keys hold it.
     fn octets(a: Self::Addr) -> Self::Octets;
     /// An address from map key bytes.
@@ -1744,7 +1783,8 @@ pub enum V6 {}
 macro_rules! family {
     ($family:ident, $name:literal, $variant:ident, $addr:ty, $len:literal,
      $rule_key:ty, $backend:ty, $cached:ty, $flow_key:ty, $flow:ty,
-     $rules:expr, $rule_cache:expr, $host_addrs:expr, $conntrack:expr, $embryonic:expr) => {
+     $rules:expr, $rule_cache:expr, $host_addrs:expr, $conntrack:expr, $embryonic:expr,
+     $generations:expr) => {
         impl Family for $family {
             const NAME: &'static str = $name;
             type Addr = $addr;
@@ -1770,6 +1810,10 @@ macro_rules! family {
             const HOST_ADDRS: &'static str = $host_addrs;
             const CONNTRACK: &'static str = $conntrack;
             const EMBRYONIC: &'static str = $embryonic;
+            const FLOW_GENERATIONS: &'static str = $generations;
+            fn reply_cache_slot(k: &$flow_key) -> u32 {
+                CachedFlow::<$flow_key, $flow>::slot(k)
+            }
             fn octets(a: $addr) -> [u8; $len] {
                 a.octets()
             }
@@ -1820,7 +1864,8 @@ family!(
     RULE_CACHE_V4,
     HOST_ADDRS_V4,
     CONNTRACK_V4,
-    EMBRYONIC_V4
+    EMBRYONIC_V4,
+    FLOW_GENERATIONS_V4
 );
 family!(
     V6,
@@ -1837,7 +1882,8 @@ family!(
     RULE_CACHE_V6,
     HOST_ADDRS_V6,
     CONNTRACK_V6,
-    EMBRYONIC_V6
+    EMBRYONIC_V6,
+    FLOW_GENERATIONS_V6
 );
 
 /// A map delete of an absent key: aya reports it as the syscall's ENOENT.

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap as StdHashMap};
 
 use aya::maps::{Array, HashMap, MapData};
-use portfwd::dataplane::Dataplane;
+use portfwd::dataplane::{Dataplane, V4, V6};
 use portfwd_common::model::nat64::{self, Nat64Maps, Route};
 use portfwd_common::model::{self, FibQuery, FlowWrite, Maps, NextHop, Outcome, Verdict};
 use portfwd_common::rules::RuleMaps;
@@ -104,23 +104,29 @@ pub fn entries<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
         .collect()
 }
 
-/// Empties a hash map of the loaded object.
-fn clear<K: aya::Pod, V: aya::Pod>(dp: &mut Dataplane, name: &str) {
+/// Empties a hash map of the loaded object; the keys it held.
+fn clear<K: aya::Pod, V: aya::Pod>(dp: &mut Dataplane, name: &str) -> Vec<K> {
     let m = dp
         .ebpf_mut()
         .map_mut(name)
         .unwrap_or_else(|| panic!("map {name}"));
     let mut m: HashMap<&mut MapData, K, V> = HashMap::try_from(m).expect(name);
     let keys: Vec<K> = m.keys().map(|k| k.expect(name)).collect();
-    for k in keys {
-        m.remove(&k).unwrap_or_else(|e| panic!("{name}: {e}"));
+    for k in &keys {
+        m.remove(k).unwrap_or_else(|e| panic!("{name}: {e}"));
     }
+    keys
 }
 
-/// Empties the flow tables (conntrack and embryonic of both families, NAT64 both ways).
+/// Empties the flow tables (conntrack and embryonic of both families, NAT64 both ways),
+/// the reply caches' entries of the established flows with them, as the daemon does.
 pub fn clear_flows(dp: &mut Dataplane) {
-    clear::<FlowKeyV4, FlowV4>(dp, CONNTRACK_V4);
-    clear::<FlowKeyV6, FlowV6>(dp, CONNTRACK_V6);
+    let v4 = clear::<FlowKeyV4, FlowV4>(dp, CONNTRACK_V4);
+    dp.forget_cached_replies::<V4>(&v4)
+        .expect("reply cache, IPv4");
+    let v6 = clear::<FlowKeyV6, FlowV6>(dp, CONNTRACK_V6);
+    dp.forget_cached_replies::<V6>(&v6)
+        .expect("reply cache, IPv6");
     clear::<FlowKeyV4, FlowV4>(dp, EMBRYONIC_V4);
     clear::<FlowKeyV6, FlowV6>(dp, EMBRYONIC_V6);
     clear::<FlowKeyV6, Nat64Flow>(dp, NAT64_FLOWS);

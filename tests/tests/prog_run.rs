@@ -13,10 +13,11 @@ mod common;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::maps::{Array, MapData};
-use portfwd::dataplane::Dataplane;
+use portfwd::dataplane::{Dataplane, V4};
 use portfwd_common::{
-    backend_port_bit, model::Verdict, proto, rule_cache::CachedRuleV4, BackendV4, BridgePortKey,
-    Reason, RuleKeyV4, BACKEND_PORTS, NEXT_HOP_TTL_NS, RULE_CACHE_V4,
+    backend_port_bit, model::Verdict, proto, reply_cache::CachedFlowV4, rule_cache::CachedRuleV4,
+    BackendV4, BridgePortKey, FlowKeyV4, FlowV4, Reason, RuleKeyV4, BACKEND_PORTS, CONNTRACK_V4,
+    NEXT_HOP_TTL_NS, REPLY_CACHE_V4, RULE_CACHE_V4,
 };
 use portfwd_tests::fixture::{
     arp_request, backend_net, check_case, compare_in, echo_request, privileged, reply_translated,
@@ -577,6 +578,85 @@ fn backend_ports_filter_follows_the_rules() {
     dp.remove_rule(&exact).expect("remove");
     assert_eq!(backend_port_bits(&dp, 8080), 0);
     assert_eq!(backend_port_bits(&dp, 53), udp, "the UDP rule stays");
+}
+
+/// The reply cache (`portfwd_common::reply_cache`) serves a flow's replies, and never
+/// past a change: a new flow on the key of one conntrack lost (the ingress programs
+/// mark the slot stale), and the daemon forgetting the flow.
+#[test]
+fn reply_cache_follows_flow_changes() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = fixture_dataplane();
+    let reply = Frame {
+        ack: Some(1),
+        ..Frame::tcp((BACKEND, 8080), (CLIENT, 40000))
+    };
+    let key = FlowKeyV4::new(
+        BACKEND.octets(),
+        8080u16.to_be_bytes(),
+        CLIENT.octets(),
+        40000u16.to_be_bytes(),
+        proto::TCP,
+    );
+    fn conntrack(dp: &mut Dataplane) -> aya::maps::HashMap<&mut MapData, FlowKeyV4, FlowV4> {
+        aya::maps::HashMap::try_from(dp.ebpf_mut().map_mut(CONNTRACK_V4).expect("conntrack"))
+            .expect("conntrack map")
+    }
+    let cached_key = |dp: &Dataplane| -> FlowKeyV4 {
+        let cache: Array<&MapData, CachedFlowV4> =
+            Array::try_from(dp.ebpf().map(REPLY_CACHE_V4).expect("reply cache"))
+                .expect("reply cache map");
+        *cache.get(&CachedFlowV4::slot(&key), 0).expect("slot").key()
+    };
+
+    run_checked(
+        &dp,
+        Prog::TcIngress,
+        &Frame::tcp((CLIENT, 40000), (HOST, 9000)).build(),
+    );
+    let via_9000 = reply_translated("reply of HOST:9000", &reply, &reply.with_src((HOST, 9000)));
+    check_case(&dp, Prog::TcEgress, &via_9000); // promotes the flow
+    check_case(&dp, Prog::TcEgress, &via_9000); // fills the slot from conntrack
+    assert_eq!(cached_key(&dp), key, "the established flow is cached");
+
+    // Conntrack loses the flow (as an LRU eviction does: nothing marks the slot): the
+    // cache still translates its replies as conntrack did.
+    conntrack(&mut dp).remove(&key).expect("evict");
+    let (_, out) = run(&dp, Prog::TcEgress, &reply.build());
+    assert_eq!(
+        out,
+        reply.with_src((HOST, 9000)).build(),
+        "served from the cache"
+    );
+
+    // The client reuses its port for HOST:9001, to the same backend: the flow under
+    // the same key now answers as HOST:9001, from its first reply on.
+    run_checked(
+        &dp,
+        Prog::TcIngress,
+        &Frame::tcp((CLIENT, 40000), (HOST, 9001)).build(),
+    );
+    let via_9001 = reply_translated("reply of HOST:9001", &reply, &reply.with_src((HOST, 9001)));
+    check_case(&dp, Prog::TcEgress, &via_9001);
+    check_case(&dp, Prog::TcEgress, &via_9001);
+    check_case(&dp, Prog::TcEgress, &via_9001);
+
+    // The daemon forgets the backend's flows: no reply is translated from the cache.
+    let forgotten = dp
+        .forget_flows_of::<V4>(&[(BACKEND, 8080, proto::TCP)].into_iter().collect())
+        .expect("forget");
+    assert_eq!(forgotten, 1);
+    check_case(
+        &dp,
+        Prog::TcEgress,
+        &untouched(
+            "reply of a forgotten flow",
+            reply.build(),
+            Reason::PassNoFlow,
+        ),
+    );
 }
 
 /// Property: random and mutated frames (see `common`), through XDP ingress, TC ingress

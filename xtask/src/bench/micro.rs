@@ -5,7 +5,10 @@
 //! rewriting program sees its own output: the maps also hold an entry for the rewritten
 //! packet (a rule for the backend's address, a flow for the published one), so every
 //! iteration takes the hit path, and the per-flow entry already exists (steady state: a
-//! flow's state is written once, then only read).
+//! flow's state is written once, then only read). A reply hit is answered by the reply
+//! cache from the second run on, as a busy flow's replies are; a reply whose flow the
+//! cache does not hold pays what "reply miss" shows for its first lookup (the scale
+//! table's replies, drawn from many flows, show the mix).
 
 use std::{net::Ipv4Addr, path::Path};
 
