@@ -209,16 +209,21 @@ pub fn count_local(slot: u32) {
 pub struct InsertFailed;
 
 /// Writes `value` under `key` unless the entry already holds it: flows are written once,
-/// not per packet.
+/// not per packet. Whether it wrote.
 #[inline(always)]
-fn record<K, V: PartialEq>(map: &LruHashMap<K, V>, key: &K, value: &V) -> Result<(), InsertFailed> {
+fn record<K, V: PartialEq>(
+    map: &LruHashMap<K, V>,
+    key: &K,
+    value: &V,
+) -> Result<bool, InsertFailed> {
     // SAFETY: compared by value at once.
     if let Some(existing) = unsafe { map.get(key) } {
         if existing == value {
-            return Ok(());
+            return Ok(false);
         }
     }
-    map.insert(key, value, 0).map_err(|_| InsertFailed)
+    map.insert(key, value, 0).map_err(|_| InsertFailed)?;
+    Ok(true)
 }
 
 /// The established IPv4 flow of a reply (`key`: backend to client), through the reply
@@ -270,18 +275,13 @@ fn record_embryonic<K: Copy, F: Copy + PartialEq>(
         }
         None => {}
     }
-    // SAFETY: compared by value at once.
-    let recorded = match unsafe { embryonic.get(key) } {
-        Some(existing) if existing == value => Ok(()),
-        _ => {
-            changed = true;
-            embryonic.insert(key, value, 0).map_err(|_| InsertFailed)
-        }
-    };
-    if changed {
+    let recorded = record(embryonic, key, value);
+    // A failed insert counts as a change: it may have evicted, and a spare bump only
+    // costs a cache refill.
+    if changed || !matches!(recorded, Ok(false)) {
         bump_generation(generations, CachedFlow::<K, F>::slot(key));
     }
-    recorded
+    recorded.map(|_| ())
 }
 
 /// Marks the reply cache entries of `slot` stale on every CPU. Not atomic (BPF has no
@@ -392,7 +392,7 @@ pub fn local_peer_v4(key: &LocalPeerKeyV4) -> Option<LocalPeerV4> {
 /// Remembers the published address a local IPv4 socket asked for.
 #[inline(always)]
 pub fn record_local_peer_v4(key: &LocalPeerKeyV4, value: &LocalPeerV4) -> Result<(), InsertFailed> {
-    record(&LOCAL_PEERS_V4, key, value)
+    record(&LOCAL_PEERS_V4, key, value).map(|_| ())
 }
 
 /// As [`local_peer_v4`], IPv6.
@@ -405,7 +405,7 @@ pub fn local_peer_v6(key: &LocalPeerKeyV6) -> Option<LocalPeerV6> {
 /// As [`record_local_peer_v4`], IPv6.
 #[inline(always)]
 pub fn record_local_peer_v6(key: &LocalPeerKeyV6, value: &LocalPeerV6) -> Result<(), InsertFailed> {
-    record(&LOCAL_PEERS_V6, key, value)
+    record(&LOCAL_PEERS_V6, key, value).map(|_| ())
 }
 
 #[map(name = "NEXT_HOPS_V4")]
