@@ -218,7 +218,7 @@ pub fn lookup_ref<A: Family, M: RuleMaps>(
     }
 }
 
-/// [`Caller::Packet`].
+/// [`Caller::Packet`]: [`packet_port`], then [`packet_rule`].
 #[inline(always)]
 fn packet<A: Family, M: RuleMaps>(
     maps: &M,
@@ -226,15 +226,52 @@ fn packet<A: Family, M: RuleMaps>(
     port_be: [u8; 2],
     proto: u8,
 ) -> Result<A::Backend, Reason> {
-    let bits = maps.published(port_be);
-    if bits & port_bits(proto).0 != 0 {
+    let port = packet_port::<A, M>(maps, port_be, proto)?;
+    packet_rule(maps, port, addr, port_be, proto)
+}
+
+/// What a destination port's `PUBLISHED_PORTS` bits leave for one family and protocol
+/// to look up ([`packet_port`]).
+#[derive(Clone, Copy, Debug)]
+pub struct PublishedPort {
+    bits: u8,
+}
+
+/// The first step of [`Caller::Packet`], from the destination port alone:
+/// [`Reason::PassNoRule`] when neither an entry nor a wildcard rule of the family is
+/// published on the port for `proto` (most traffic; one array read). Ingress asks it
+/// before it reads the rest of the packet's flow, which only [`packet_rule`] needs.
+#[inline(always)]
+pub fn packet_port<A: Family, M: RuleMaps>(
+    maps: &M,
+    port_be: [u8; 2],
+    proto: u8,
+) -> Result<PublishedPort, Reason> {
+    let bits = maps.published(port_be) & (port_bits(proto).0 | wildcard_bit(proto, A::V6));
+    if bits == 0 {
+        return Err(Reason::PassNoRule);
+    }
+    Ok(PublishedPort { bits })
+}
+
+/// The second step of [`Caller::Packet`]: the rule at `addr` on the port
+/// [`packet_port`] let through, or why there is none.
+#[inline(always)]
+pub fn packet_rule<A: Family, M: RuleMaps>(
+    maps: &M,
+    port: PublishedPort,
+    addr: &A,
+    port_be: [u8; 2],
+    proto: u8,
+) -> Result<A::Backend, Reason> {
+    if port.bits & port_bits(proto).0 != 0 {
         if let Some(b) = A::rule(maps, &(*addr).rule_key(port_be, proto)) {
             return Ok(b);
         }
     }
     // Only the reason of a miss is left to find: a wildcard rule's expansions cover
     // every host address, so the family's wildcard port missed at another address.
-    if bits & wildcard_bit(proto, A::V6) != 0 && !addr.is_host(maps) {
+    if port.bits & wildcard_bit(proto, A::V6) != 0 && !addr.is_host(maps) {
         return Err(Reason::PassNotHostAddr);
     }
     Err(Reason::PassNoRule)

@@ -10,16 +10,15 @@
 
 use portfwd_common::{
     packet::{may_start_flow, promotes},
-    rules::{self, Caller},
-    BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Reason, CONFIG_FAST_PATH_NO_PEER,
-    CONFIG_NO_NAT64,
+    rules, BackendV4, BackendV6, FlowKeyV4, FlowKeyV6, FlowV4, FlowV6, Reason,
+    CONFIG_FAST_PATH_NO_PEER, CONFIG_NO_NAT64,
 };
 
 use crate::{
     fastpath,
     hook::{End, Packet, Verdict},
     maps::{self, count, Maps},
-    packet::{parse_eth, parse_ipv4, parse_ipv6, Ipv4Flow, Ipv6Flow, L3},
+    packet::{locate_ipv4, locate_ipv6, parse_eth, Headers, Ipv4Flow, Ipv6Flow, L3},
 };
 
 #[inline(always)]
@@ -28,48 +27,45 @@ pub fn ingress<P: Packet>(pkt: &mut P, fast_path_bit: u64) -> Verdict {
     let (data, data_end) = (pkt.data(), pkt.data_end());
     let parsed = match parse_eth(data, data_end) {
         Ok(L3::Ipv4 { ip_off }) => {
-            parse_ipv4(data, data_end, ip_off).map(|f| ingress_v4(pkt, f, fast_path_bit))
+            locate_ipv4(data, data_end, ip_off).map(|h| ingress_v4(pkt, h, fast_path_bit))
         }
         Ok(L3::Ipv6 { ip_off }) => {
-            parse_ipv6(data, data_end, ip_off).map(|f| ingress_v6(pkt, f, fast_path_bit))
+            locate_ipv6(data, data_end, ip_off).map(|h| ingress_v6(pkt, h, fast_path_bit))
         }
         Err(reason) => Err(reason),
     };
-    parsed.unwrap_or_else(|reason| {
-        count(reason);
-        Verdict::Pass
-    })
+    parsed.unwrap_or_else(pass)
 }
 
 #[inline(always)]
 pub fn reply<P: Packet>(pkt: &mut P) -> Verdict {
     let (data, data_end) = (pkt.data(), pkt.data_end());
     let parsed = match parse_eth(data, data_end) {
-        Ok(L3::Ipv4 { ip_off }) => parse_ipv4(data, data_end, ip_off).map(|f| reply_v4(pkt, f)),
-        Ok(L3::Ipv6 { ip_off }) => parse_ipv6(data, data_end, ip_off).map(|f| reply_v6(pkt, f)),
+        Ok(L3::Ipv4 { ip_off }) => locate_ipv4(data, data_end, ip_off).map(|h| reply_v4(pkt, h)),
+        Ok(L3::Ipv6 { ip_off }) => locate_ipv6(data, data_end, ip_off).map(|h| reply_v6(pkt, h)),
         Err(reason) => Err(reason),
     };
-    parsed.unwrap_or_else(|reason| {
-        count(reason);
-        Verdict::Pass
-    })
+    parsed.unwrap_or_else(pass)
 }
 
 #[inline(always)]
-fn ingress_v4<P: Packet>(pkt: &mut P, flow: Ipv4Flow, fast_path_bit: u64) -> Verdict {
+fn ingress_v4<P: Packet>(pkt: &mut P, headers: Headers<4>, fast_path_bit: u64) -> Verdict {
+    let dport = headers.dport();
     // A NAT64 flow's reply, on the backend's interface: its port is no published one.
-    if portfwd_common::nat64::is_nat64_port(flow.dport) {
-        if let Some(v) = pkt.nat64_reply(&flow) {
+    if portfwd_common::nat64::is_nat64_port(dport) {
+        if let Some(v) = pkt.nat64_reply(&headers.flow()) {
             return v;
         }
     }
-    let backend = match rules::lookup_ref(&Maps, Caller::Packet, &flow.dst, flow.dport, flow.proto)
-    {
+    // The destination port settles most packets; the rest of the flow is read after.
+    let port = match rules::packet_port::<[u8; 4], _>(&Maps, dport, headers.proto) {
+        Ok(port) => port,
+        Err(reason) => return pass(reason),
+    };
+    let flow = headers.flow();
+    let backend = match rules::packet_rule(&Maps, port, &flow.dst, flow.dport, flow.proto) {
         Ok(b) => b,
-        Err(reason) => {
-            count(reason);
-            return Verdict::Pass;
-        }
+        Err(reason) => return pass(reason),
     };
     record_flow(&flow, &backend);
     if let Err(e) = pkt.rewrite(&flow, End::Dst, backend.addr_bytes(), backend.port_be()) {
@@ -102,6 +98,13 @@ fn ingress_v4<P: Packet>(pkt: &mut P, flow: Ipv4Flow, fast_path_bit: u64) -> Ver
     }
 }
 
+/// Counts why the packet is passed untouched, and passes it.
+#[inline(always)]
+fn pass(reason: Reason) -> Verdict {
+    count(reason);
+    Verdict::Pass
+}
+
 /// The fast path's verdict for `hop`.
 #[inline(always)]
 fn redirect(hop: &fastpath::NextHop) -> Verdict {
@@ -113,13 +116,13 @@ fn redirect(hop: &fastpath::NextHop) -> Verdict {
 }
 
 #[inline(always)]
-fn reply_v4<P: Packet>(pkt: &mut P, flow: Ipv4Flow) -> Verdict {
+fn reply_v4<P: Packet>(pkt: &mut P, headers: Headers<4>) -> Verdict {
     // Most of what leaves a published interface is the host's own traffic: one array
-    // read tells it from a backend's reply.
-    if !maps::is_backend_port(flow.sport, flow.proto) {
-        count(Reason::PassNoFlow);
-        return Verdict::Pass;
+    // read of the source port tells it from a backend's reply, before the flow is read.
+    if !maps::is_backend_port(headers.sport(), headers.proto) {
+        return pass(Reason::PassNoFlow);
     }
+    let flow = headers.flow();
     let key = FlowKeyV4::new(flow.src, flow.sport, flow.dst, flow.dport, flow.proto);
     // Established flows first: they pay one lookup, as before embryonic state existed.
     let tracked = match maps::conntrack_v4(&key) {
@@ -184,14 +187,16 @@ fn record_flow(flow: &Ipv4Flow, backend: &BackendV4) {
 }
 
 #[inline(always)]
-fn ingress_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow, fast_path_bit: u64) -> Verdict {
-    let backend = match rules::lookup_ref(&Maps, Caller::Packet, &flow.dst, flow.dport, flow.proto)
-    {
+fn ingress_v6<P: Packet>(pkt: &mut P, headers: Headers<16>, fast_path_bit: u64) -> Verdict {
+    // As for IPv4: the destination port first.
+    let port = match rules::packet_port::<[u8; 16], _>(&Maps, headers.dport(), headers.proto) {
+        Ok(port) => port,
+        Err(reason) => return pass(reason),
+    };
+    let flow = headers.flow();
+    let backend = match rules::packet_rule(&Maps, port, &flow.dst, flow.dport, flow.proto) {
         Ok(b) => b,
-        Err(reason) => {
-            count(reason);
-            return Verdict::Pass;
-        }
+        Err(reason) => return pass(reason),
     };
     if backend.is_ipv4_mapped() {
         if maps::config().flags & CONFIG_NO_NAT64 != 0 {
@@ -232,11 +237,11 @@ fn ingress_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow, fast_path_bit: u64) -> Ver
 }
 
 #[inline(always)]
-fn reply_v6<P: Packet>(pkt: &mut P, flow: Ipv6Flow) -> Verdict {
-    if !maps::is_backend_port(flow.sport, flow.proto) {
-        count(Reason::PassNoFlow);
-        return Verdict::Pass;
+fn reply_v6<P: Packet>(pkt: &mut P, headers: Headers<16>) -> Verdict {
+    if !maps::is_backend_port(headers.sport(), headers.proto) {
+        return pass(Reason::PassNoFlow);
     }
+    let flow = headers.flow();
     let key = FlowKeyV6::new(flow.src, flow.sport, flow.dst, flow.dport, flow.proto);
     let tracked = match maps::conntrack_v6(&key) {
         Some(t) => t,

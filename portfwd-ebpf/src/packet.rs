@@ -83,11 +83,74 @@ pub fn parse_eth(data: usize, data_end: usize) -> Result<L3, Reason> {
     }
 }
 
+/// A TCP or UDP packet whose IP header and transport header lie inside the packet,
+/// before its flow is read. `N` is the address length: 4 or 16.
+///
+/// Ingress and reply each settle most packets on one port (is the destination port
+/// published? is the source port a backend's?) with one map read. Read before that
+/// call, the rest of the flow had to outlive it: a dozen stack stores on every packet
+/// the programs have nothing to do with. [`Headers::flow`] reads it after.
+pub struct Headers<const N: usize> {
+    /// The IP header (`IPV4_MIN_HLEN` or `IPV6_HLEN` bytes inside the packet).
+    ip: *mut u8,
+    /// The transport header (`TCP_HLEN` bytes for TCP, `UDP_HLEN` for UDP, inside).
+    l4: *mut u8,
+    ip_off: usize,
+    l4_off: usize,
+    /// `proto::TCP` or `proto::UDP`.
+    pub proto: u8,
+}
+
+impl<const N: usize> Headers<N> {
+    /// The destination port, network order.
+    #[inline(always)]
+    pub fn dport(&self) -> [u8; 2] {
+        // SAFETY: the transport header's first 8 bytes are inside the packet.
+        unsafe { read(self.l4, 2) }
+    }
+
+    /// The source port, network order.
+    #[inline(always)]
+    pub fn sport(&self) -> [u8; 2] {
+        // SAFETY: as above.
+        unsafe { read(self.l4, 0) }
+    }
+
+    /// The whole flow.
+    #[inline(always)]
+    pub fn flow(&self) -> Flow<N> {
+        let (src_off, dst_off) = if N == 4 {
+            (IP_SRC_OFF, IP_DST_OFF)
+        } else {
+            (IP6_SRC_OFF, IP6_DST_OFF)
+        };
+        // SAFETY: both addresses lie inside the IP header, which is inside the packet;
+        // the TCP flags are read only for TCP, whose 20-byte header is inside.
+        unsafe {
+            Flow {
+                ip_off: self.ip_off,
+                l4_off: self.l4_off,
+                proto: self.proto,
+                src: read(self.ip, src_off),
+                dst: read(self.ip, dst_off),
+                sport: self.sport(),
+                dport: self.dport(),
+                tcp_flags: if self.proto == proto::TCP {
+                    let [flags] = read::<1>(self.l4, TCP_FLAGS_OFF);
+                    flags
+                } else {
+                    0
+                },
+            }
+        }
+    }
+}
+
+/// The [`Headers`] of an IPv4 packet whose header starts at `ip_off`.
 #[inline(always)]
-pub fn parse_ipv4(data: usize, data_end: usize, ip_off: usize) -> Result<Ipv4Flow, Reason> {
+pub fn locate_ipv4(data: usize, data_end: usize, ip_off: usize) -> Result<Headers<4>, Reason> {
     let ip = bytes_at(data, data_end, ip_off, IPV4_MIN_HLEN).ok_or(Reason::PassMalformed)?;
-    // SAFETY (every read of `ip` and `l4` below): `ip` spans the 20-byte header and `l4`
-    // the `l4_hlen`-byte transport header (both checked with `bytes_at`).
+    // SAFETY (every read of `ip` below): `ip` spans the 20-byte header (checked above).
     let [ver_ihl] = unsafe { read::<1>(ip, 0) };
     let ihl = ((ver_ihl & 0x0f) as usize) * 4;
     if ver_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
@@ -102,28 +165,22 @@ pub fn parse_ipv4(data: usize, data_end: usize, ip_off: usize) -> Result<Ipv4Flo
         proto::UDP => UDP_HLEN,
         _ => return Err(Reason::PassNotTcpUdp),
     };
-    let src = unsafe { read(ip, IP_SRC_OFF) };
-    let dst = unsafe { read(ip, IP_DST_OFF) };
-
     let l4_off = ip_off + ihl;
     let l4 = bytes_at(data, data_end, l4_off, l4_hlen).ok_or(Reason::PassMalformed)?;
-    Ok(Ipv4Flow {
+    Ok(Headers {
+        ip,
+        l4,
         ip_off,
         l4_off,
         proto: l4_proto,
-        src,
-        dst,
-        sport: unsafe { read(l4, 0) },
-        dport: unsafe { read(l4, 2) },
-        tcp_flags: unsafe { tcp_flags(l4, l4_hlen) },
     })
 }
 
+/// The [`Headers`] of an IPv6 packet whose header starts at `ip_off`.
 #[inline(always)]
-pub fn parse_ipv6(data: usize, data_end: usize, ip_off: usize) -> Result<Ipv6Flow, Reason> {
+pub fn locate_ipv6(data: usize, data_end: usize, ip_off: usize) -> Result<Headers<16>, Reason> {
     let ip = bytes_at(data, data_end, ip_off, IPV6_HLEN).ok_or(Reason::PassMalformed)?;
-    // SAFETY (every read of `ip` and `l4` below): `ip` spans the 40-byte header and `l4`
-    // the `l4_hlen`-byte transport header (both checked with `bytes_at`).
+    // SAFETY (both reads of `ip` below): `ip` spans the 40-byte header (checked above).
     let [ver] = unsafe { read::<1>(ip, 0) };
     if ver >> 4 != 6 {
         return Err(Reason::PassMalformed);
@@ -136,34 +193,25 @@ pub fn parse_ipv6(data: usize, data_end: usize, ip_off: usize) -> Result<Ipv6Flo
         n if is_ext_header(n) => return Err(Reason::PassIpv6ExtHeader),
         _ => return Err(Reason::PassNotTcpUdp),
     };
-    let src = unsafe { read(ip, IP6_SRC_OFF) };
-    let dst = unsafe { read(ip, IP6_DST_OFF) };
-
     let l4_off = ip_off + IPV6_HLEN;
     let l4 = bytes_at(data, data_end, l4_off, l4_hlen).ok_or(Reason::PassMalformed)?;
-    Ok(Ipv6Flow {
+    Ok(Headers {
+        ip,
+        l4,
         ip_off,
         l4_off,
         proto: next,
-        src,
-        dst,
-        sport: unsafe { read(l4, 0) },
-        dport: unsafe { read(l4, 2) },
-        tcp_flags: unsafe { tcp_flags(l4, l4_hlen) },
     })
 }
 
-/// The TCP flags byte of the L4 header at `l4`, or 0 for UDP.
-///
-/// # Safety
-/// `l4 .. l4 + l4_hlen` must be inside the packet.
+/// An IPv4 packet's whole flow.
 #[inline(always)]
-unsafe fn tcp_flags(l4: *mut u8, l4_hlen: usize) -> u8 {
-    if l4_hlen == TCP_HLEN {
-        // SAFETY: a TCP header's 20 bytes are present (the caller's guarantee).
-        let [flags] = unsafe { read::<1>(l4, TCP_FLAGS_OFF) };
-        flags
-    } else {
-        0
-    }
+pub fn parse_ipv4(data: usize, data_end: usize, ip_off: usize) -> Result<Ipv4Flow, Reason> {
+    locate_ipv4(data, data_end, ip_off).map(|h| h.flow())
+}
+
+/// An IPv6 packet's whole flow.
+#[inline(always)]
+pub fn parse_ipv6(data: usize, data_end: usize, ip_off: usize) -> Result<Ipv6Flow, Reason> {
+    locate_ipv6(data, data_end, ip_off).map(|h| h.flow())
 }
