@@ -10,7 +10,7 @@
 //! cache does not hold pays what "reply miss" shows for its first lookup (the scale
 //! table's replies, drawn from many flows, show the mix).
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{net::Ipv4Addr, os::fd::OwnedFd, path::Path};
 
 use anyhow::{Context, Result};
 use aya::{
@@ -93,16 +93,15 @@ fn run_pinned(bpf_object: &Path, runs: usize, repeat: u32) -> Result<Vec<MicroRe
     // What the host itself sends out of a published interface (here from port 22).
     let host_traffic = tcp_frame(HOST_IP, 22, CLIENT_IP, client_port);
 
-    let xdp_floor = median_of(runs, || {
-        raw::time_empty(raw::PROG_XDP, XDP_PASS, &hit, repeat)
-    })?;
-    let tc_floor = median_of(runs, || {
-        raw::time_empty(raw::PROG_SCHED_CLS, TC_ACT_UNSPEC, &hit, repeat)
-    })?;
+    let xdp_empty = raw::load(raw::PROG_XDP, XDP_PASS)?;
+    let tc_empty = raw::load(raw::PROG_SCHED_CLS, TC_ACT_UNSPEC)?;
+    let xdp_floor = median_of(runs, || raw::time_loaded(&xdp_empty, &hit, repeat))?;
+    let tc_floor = median_of(runs, || raw::time_loaded(&tc_empty, &hit, repeat))?;
     let mut out = vec![
-        result("empty XDP program", "floor", xdp_floor, 0.0, 2),
-        result("empty TC program", "floor", tc_floor, 0.0, 0),
+        floor_result("empty XDP program", xdp_floor, 2),
+        floor_result("empty TC program", tc_floor, 0),
     ];
+    let (xdp_floor, tc_floor) = (&xdp_empty, &tc_empty);
 
     let cases: [(&str, &str, &[u8]); 4] = [
         ("hit (exact rule)", "ingress", &hit),
@@ -115,14 +114,26 @@ fn run_pinned(bpf_object: &Path, runs: usize, repeat: u32) -> Result<Vec<MicroRe
             .program(programs::XDP_INGRESS)
             .context("xdp")?
             .try_into()?;
-        let (t, rv) = time_prog(|o: TestRunOptions<'_>| xdp.test_run(o), data, runs, repeat)?;
-        out.push(result(programs::XDP_INGRESS, case, t, xdp_floor.0, rv));
+        let t = time_prog(
+            |o: TestRunOptions<'_>| xdp.test_run(o),
+            xdp_floor,
+            data,
+            runs,
+            repeat,
+        )?;
+        out.push(result(programs::XDP_INGRESS, case, t));
         let tc: &SchedClassifier = ebpf
             .program(programs::TC_INGRESS)
             .context("tc")?
             .try_into()?;
-        let (t, rv) = time_prog(|o: TestRunOptions<'_>| tc.test_run(o), data, runs, repeat)?;
-        out.push(result(programs::TC_INGRESS, case, t, tc_floor.0, rv));
+        let t = time_prog(
+            |o: TestRunOptions<'_>| tc.test_run(o),
+            tc_floor,
+            data,
+            runs,
+            repeat,
+        )?;
+        out.push(result(programs::TC_INGRESS, case, t));
     }
     // Native XDP on a virtual device compares every translated packet's checksum with
     // its pseudo-header sum; a partial one (a local sender's offload) gets the address
@@ -136,14 +147,14 @@ fn run_pinned(bpf_object: &Path, runs: usize, repeat: u32) -> Result<Vec<MicroRe
             .program(programs::XDP_VIRTUAL_INGRESS)
             .context("xdp virtual")?
             .try_into()?;
-        let (t, rv) = time_prog(|o: TestRunOptions<'_>| xdp.test_run(o), data, runs, repeat)?;
-        out.push(result(
-            programs::XDP_VIRTUAL_INGRESS,
-            case,
-            t,
-            xdp_floor.0,
-            rv,
-        ));
+        let t = time_prog(
+            |o: TestRunOptions<'_>| xdp.test_run(o),
+            xdp_floor,
+            data,
+            runs,
+            repeat,
+        )?;
+        out.push(result(programs::XDP_VIRTUAL_INGRESS, case, t));
     }
     for (case, data) in [
         ("reply hit (tracked flow)", &reply[..]),
@@ -155,8 +166,14 @@ fn run_pinned(bpf_object: &Path, runs: usize, repeat: u32) -> Result<Vec<MicroRe
             .program(programs::TC_EGRESS)
             .context("tc egress")?
             .try_into()?;
-        let (t, rv) = time_prog(|o: TestRunOptions<'_>| tc.test_run(o), data, runs, repeat)?;
-        out.push(result(programs::TC_EGRESS, case, t, tc_floor.0, rv));
+        let t = time_prog(
+            |o: TestRunOptions<'_>| tc.test_run(o),
+            tc_floor,
+            data,
+            runs,
+            repeat,
+        )?;
+        out.push(result(programs::TC_EGRESS, case, t));
     }
     // NAT64's entry sits on a backend's interface (when a rule serves IPv6 clients of an
     // IPv4-only backend): what every other packet there pays.
@@ -168,8 +185,14 @@ fn run_pinned(bpf_object: &Path, runs: usize, repeat: u32) -> Result<Vec<MicroRe
             .program(programs::TC_NAT64_ENTRY)
             .context("nat64 entry")?
             .try_into()?;
-        let (t, rv) = time_prog(|o: TestRunOptions<'_>| tc.test_run(o), data, runs, repeat)?;
-        out.push(result(programs::TC_NAT64_ENTRY, case, t, tc_floor.0, rv));
+        let t = time_prog(
+            |o: TestRunOptions<'_>| tc.test_run(o),
+            tc_floor,
+            data,
+            runs,
+            repeat,
+        )?;
+        out.push(result(programs::TC_NAT64_ENTRY, case, t));
     }
     Ok(out)
 }
@@ -190,16 +213,28 @@ fn offloaded(frame: &[u8]) -> Vec<u8> {
     f
 }
 
-fn result(program: &str, case: &str, t: (f64, f64, f64), floor: f64, retval: u32) -> MicroResult {
+fn result(program: &str, case: &str, t: Timing) -> MicroResult {
     MicroResult {
         program: program.to_string(),
         case: case.to_string(),
-        ns: t.0,
-        min: t.1,
-        max: t.2,
-        over_floor: if floor > 0.0 { t.0 - floor } else { 0.0 },
-        retval,
+        ns: t.ns.0,
+        min: t.ns.1,
+        max: t.ns.2,
+        over_floor: t.over_floor,
+        retval: t.retval,
     }
+}
+
+fn floor_result(program: &str, ns: (f64, f64, f64), retval: u32) -> MicroResult {
+    result(
+        program,
+        "floor",
+        Timing {
+            ns,
+            over_floor: 0.0,
+            retval,
+        },
+    )
 }
 
 fn seed(ebpf: &mut Ebpf) -> Result<()> {
@@ -277,14 +312,31 @@ fn seed(ebpf: &mut Ebpf) -> Result<()> {
     Ok(())
 }
 
+/// A program's timing on one frame.
+struct Timing {
+    /// ns per packet: median, min, max of the runs.
+    ns: (f64, f64, f64),
+    /// Median over the runs of (program − the empty program run just before it).
+    over_floor: f64,
+    retval: u32,
+}
+
+/// Times the program `run` drives on `data`, each run paired with a run of the empty
+/// program `floor` just before it on the same frame. This guest's speed drifts over
+/// seconds (a shared host): a floor measured once, in a quiet second, against a case
+/// measured in a busy one (or the reverse) moved a case by 15 ns between runs; a
+/// difference taken within the pair does not see the drift.
 fn time_prog(
     run: impl Fn(TestRunOptions<'_>) -> Result<TestRunResult, ProgramError>,
+    floor: &OwnedFd,
     data: &[u8],
     runs: usize,
     repeat: u32,
-) -> Result<((f64, f64, f64), u32)> {
-    let mut rv = 0;
-    let t = median_of(runs, || {
+) -> Result<Timing> {
+    let mut retval = 0;
+    let mut differences = Vec::with_capacity(runs);
+    let ns = median_of(runs, || {
+        let empty = raw::time_loaded(floor, data, repeat)?;
         let mut buf = vec![0u8; data.len() + 256];
         let r = run(TestRunOptions {
             data_in: Some(data),
@@ -293,10 +345,17 @@ fn time_prog(
             ..Default::default()
         })
         .context("BPF_PROG_RUN")?;
-        rv = r.return_value;
-        Ok(r.duration.as_nanos() as f64)
+        retval = r.return_value;
+        let ns = r.duration.as_nanos() as f64;
+        differences.push(ns - empty);
+        Ok(ns)
     })?;
-    Ok((t, rv))
+    differences.sort_by(f64::total_cmp);
+    Ok(Timing {
+        ns,
+        over_floor: differences[differences.len() / 2],
+        retval,
+    })
 }
 
 fn median_of(runs: usize, mut f: impl FnMut() -> Result<f64>) -> Result<(f64, f64, f64)> {
@@ -343,11 +402,6 @@ pub(super) mod raw {
         }
         // SAFETY: the kernel just returned this new descriptor.
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-    }
-
-    /// Average ns per run of the empty program over `repeat` runs.
-    pub fn time_empty(prog_type: u32, verdict: i32, data: &[u8], repeat: u32) -> Result<f64> {
-        time_loaded(&load(prog_type, verdict)?, data, repeat)
     }
 
     /// Average ns per run of the loaded program `fd` over `repeat` runs.
