@@ -79,6 +79,22 @@ fn live_state(d: &Daemon) -> (Value, Value, Value) {
     (reasons, list["rules"].clone(), flows["flows"].clone())
 }
 
+/// [`live_state`] once the real connection's close has gone through: its FINs cross the
+/// programs after `connect` returned, and counted during the traces they looked like the
+/// traces' doing. Two reads 300 ms apart that agree.
+fn settled_state(d: &Daemon) -> (Value, Value, Value) {
+    let mut last = live_state(d);
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = live_state(d);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
 /// Sends the real packet: TCP connects and reads the body, UDP gets its echo.
 /// Whether it reached a backend.
 fn real(topo: &Topology, to: SocketAddr, udp: bool) -> bool {
@@ -249,7 +265,7 @@ fn trace_case(test: &str, tag: &str, ingress: &str, hook: &str) {
 
     // Some live state first, so that "unchanged" is not trivially zeros.
     assert!(real(topo, SocketAddr::new(HOST_IP.into(), 9000), false));
-    let before = live_state(d);
+    let before = settled_state(d);
     let mut verdicts = Vec::new();
     for (client, dest, _, _, want, want_backend) in &cases {
         let v = trace(d, client, dest);
