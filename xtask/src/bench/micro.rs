@@ -110,30 +110,24 @@ fn run_pinned(bpf_object: &Path, runs: usize, repeat: u32) -> Result<Vec<MicroRe
         ("non-IP (ARP)", "ingress", &arp),
     ];
     for (case, _, data) in cases {
-        let xdp: &Xdp = ebpf
-            .program(programs::XDP_INGRESS)
-            .context("xdp")?
-            .try_into()?;
-        let t = time_prog(
-            |o: TestRunOptions<'_>| xdp.test_run(o),
+        out.push(time_xdp(
+            &ebpf,
+            programs::XDP_INGRESS,
+            case,
             xdp_floor,
             data,
             runs,
             repeat,
-        )?;
-        out.push(result(programs::XDP_INGRESS, case, t));
-        let tc: &SchedClassifier = ebpf
-            .program(programs::TC_INGRESS)
-            .context("tc")?
-            .try_into()?;
-        let t = time_prog(
-            |o: TestRunOptions<'_>| tc.test_run(o),
+        )?);
+        out.push(time_tc(
+            &ebpf,
+            programs::TC_INGRESS,
+            case,
             tc_floor,
             data,
             runs,
             repeat,
-        )?;
-        out.push(result(programs::TC_INGRESS, case, t));
+        )?);
     }
     // Native XDP on a virtual device compares every translated packet's checksum with
     // its pseudo-header sum; a partial one (a local sender's offload) gets the address
@@ -143,18 +137,15 @@ fn run_pinned(bpf_object: &Path, runs: usize, repeat: u32) -> Result<Vec<MicroRe
         ("hit (exact rule)", &hit[..]),
         ("hit, partial checksum", &partial[..]),
     ] {
-        let xdp: &Xdp = ebpf
-            .program(programs::XDP_VIRTUAL_INGRESS)
-            .context("xdp virtual")?
-            .try_into()?;
-        let t = time_prog(
-            |o: TestRunOptions<'_>| xdp.test_run(o),
+        out.push(time_xdp(
+            &ebpf,
+            programs::XDP_VIRTUAL_INGRESS,
+            case,
             xdp_floor,
             data,
             runs,
             repeat,
-        )?;
-        out.push(result(programs::XDP_VIRTUAL_INGRESS, case, t));
+        )?);
     }
     for (case, data) in [
         ("reply hit (tracked flow)", &reply[..]),
@@ -162,18 +153,15 @@ fn run_pinned(bpf_object: &Path, runs: usize, repeat: u32) -> Result<Vec<MicroRe
         ("not a reply (host's own traffic)", &host_traffic[..]),
         ("non-IP (ARP)", &arp[..]),
     ] {
-        let tc: &SchedClassifier = ebpf
-            .program(programs::TC_EGRESS)
-            .context("tc egress")?
-            .try_into()?;
-        let t = time_prog(
-            |o: TestRunOptions<'_>| tc.test_run(o),
+        out.push(time_tc(
+            &ebpf,
+            programs::TC_EGRESS,
+            case,
             tc_floor,
             data,
             runs,
             repeat,
-        )?;
-        out.push(result(programs::TC_EGRESS, case, t));
+        )?);
     }
     // NAT64's entry sits on a backend's interface (when a rule serves IPv6 clients of an
     // IPv4-only backend): what every other packet there pays.
@@ -181,18 +169,15 @@ fn run_pinned(bpf_object: &Path, runs: usize, repeat: u32) -> Result<Vec<MicroRe
         ("backend traffic (not NAT64)", &reply[..]),
         ("non-IP (ARP)", &arp[..]),
     ] {
-        let tc: &SchedClassifier = ebpf
-            .program(programs::TC_NAT64_ENTRY)
-            .context("nat64 entry")?
-            .try_into()?;
-        let t = time_prog(
-            |o: TestRunOptions<'_>| tc.test_run(o),
+        out.push(time_tc(
+            &ebpf,
+            programs::TC_NAT64_ENTRY,
+            case,
             tc_floor,
             data,
             runs,
             repeat,
-        )?;
-        out.push(result(programs::TC_NAT64_ENTRY, case, t));
+        )?);
     }
     Ok(out)
 }
@@ -310,6 +295,36 @@ fn seed(ebpf: &mut Ebpf) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// The loaded XDP program `name` on `data`, paired with `floor` ([`time_prog`]).
+fn time_xdp(
+    ebpf: &Ebpf,
+    name: &str,
+    case: &str,
+    floor: &OwnedFd,
+    data: &[u8],
+    runs: usize,
+    repeat: u32,
+) -> Result<MicroResult> {
+    let xdp: &Xdp = ebpf.program(name).context(name.to_string())?.try_into()?;
+    let t = time_prog(|o| xdp.test_run(o), floor, data, runs, repeat)?;
+    Ok(result(name, case, t))
+}
+
+/// The loaded TC program `name` on `data`, paired with `floor` ([`time_prog`]).
+fn time_tc(
+    ebpf: &Ebpf,
+    name: &str,
+    case: &str,
+    floor: &OwnedFd,
+    data: &[u8],
+    runs: usize,
+    repeat: u32,
+) -> Result<MicroResult> {
+    let tc: &SchedClassifier = ebpf.program(name).context(name.to_string())?.try_into()?;
+    let t = time_prog(|o| tc.test_run(o), floor, data, runs, repeat)?;
+    Ok(result(name, case, t))
 }
 
 /// A program's timing on one frame.
