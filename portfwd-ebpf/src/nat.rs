@@ -134,10 +134,7 @@ fn reply_v4<P: Packet>(pkt: &mut P, headers: Headers<4>) -> Verdict {
                 }
                 t
             }
-            None => {
-                count(Reason::PassNoFlow);
-                return Verdict::Pass;
-            }
+            None => return pass(Reason::PassNoFlow),
         },
     };
     if let Err(e) = pkt.rewrite(
@@ -252,10 +249,7 @@ fn reply_v6<P: Packet>(pkt: &mut P, headers: Headers<16>) -> Verdict {
                 }
                 t
             }
-            None => {
-                count(Reason::PassNoFlow);
-                return Verdict::Pass;
-            }
+            None => return pass(Reason::PassNoFlow),
         },
     };
     if let Err(e) = pkt.rewrite_v6(
