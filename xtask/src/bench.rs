@@ -576,8 +576,8 @@ fn config(args: &Args) -> Result<Config> {
         latency_secs: if q { 1 } else { secs.clamp(1, 3) },
         variants,
         workloads,
-        micro_runs: if q { 3 } else { 11 },
-        micro_repeat: if q { 100_000 } else { 1_000_000 },
+        micro_runs: if q { 11 } else { 101 },
+        micro_repeat: if q { 10_000 } else { 100_000 },
         control_counts: if q {
             vec![1, 100]
         } else {

@@ -10,12 +10,16 @@
 //! cache does not hold pays what "reply miss" shows for its first lookup (the scale
 //! table's replies, drawn from many flows, show the mix).
 
-use std::{net::Ipv4Addr, os::fd::OwnedFd, path::Path};
+use std::{
+    net::Ipv4Addr,
+    os::fd::{AsFd, BorrowedFd},
+    path::Path,
+};
 
 use anyhow::{Context, Result};
 use aya::{
     maps::HashMap,
-    programs::{tc::SchedClassifier, ProgramError, TestRun, TestRunOptions, TestRunResult, Xdp},
+    programs::{tc::SchedClassifier, Xdp},
     Ebpf, EbpfLoader,
 };
 use portfwd_common::kctx::{Prepared, SKB_IP_SUMMED_BIT};
@@ -39,8 +43,11 @@ pub struct MicroResult {
     pub ns: f64,
     pub min: f64,
     pub max: f64,
-    /// Median minus the empty program of the same type.
+    /// Median over the rounds of (program − the empty program run just before it).
     pub over_floor: f64,
+    /// Lower quartile of the same differences: the cost outside the host's busy spells
+    /// (see [`time_rounds`]); the figure the targets are judged on.
+    pub quiet_over_floor: f64,
     pub retval: u32,
 }
 
@@ -95,91 +102,67 @@ fn run_pinned(bpf_object: &Path, runs: usize, repeat: u32) -> Result<Vec<MicroRe
 
     let xdp_empty = raw::load(raw::PROG_XDP, XDP_PASS)?;
     let tc_empty = raw::load(raw::PROG_SCHED_CLS, TC_ACT_UNSPEC)?;
-    let xdp_floor = median_of(runs, || raw::time_loaded(&xdp_empty, &hit, repeat))?;
-    let tc_floor = median_of(runs, || raw::time_loaded(&tc_empty, &hit, repeat))?;
-    let mut out = vec![
-        floor_result("empty XDP program", xdp_floor, 2),
-        floor_result("empty TC program", tc_floor, 0),
+    let xdp = |name: &'static str| -> Result<BorrowedFd<'_>> {
+        let p: &Xdp = ebpf.program(name).context(name)?.try_into()?;
+        Ok(p.fd()?.as_fd())
+    };
+    let tc = |name: &'static str| -> Result<BorrowedFd<'_>> {
+        let p: &SchedClassifier = ebpf.program(name).context(name)?.try_into()?;
+        Ok(p.fd()?.as_fd())
+    };
+    let (xdp_floor, tc_floor) = (xdp_empty.as_fd(), tc_empty.as_fd());
+    let case = |program, case, prog, floor, data| Case {
+        program,
+        case,
+        prog,
+        floor,
+        data,
+    };
+    // The empty programs against themselves: their rows give the floor's own time.
+    let mut cases = vec![
+        case("empty XDP program", "floor", xdp_floor, xdp_floor, &hit[..]),
+        case("empty TC program", "floor", tc_floor, tc_floor, &hit[..]),
     ];
-    let (xdp_floor, tc_floor) = (&xdp_empty, &tc_empty);
-
-    let cases: [(&str, &str, &[u8]); 4] = [
-        ("hit (exact rule)", "ingress", &hit),
-        ("hit (wildcard rule)", "ingress", &wildcard),
-        ("miss (no rule)", "ingress", &miss),
-        ("non-IP (ARP)", "ingress", &arp),
-    ];
-    for (case, _, data) in cases {
-        out.push(time_xdp(
-            &ebpf,
-            programs::XDP_INGRESS,
-            case,
-            xdp_floor,
-            data,
-            runs,
-            repeat,
-        )?);
-        out.push(time_tc(
-            &ebpf,
-            programs::TC_INGRESS,
-            case,
-            tc_floor,
-            data,
-            runs,
-            repeat,
-        )?);
+    for (name, data) in [
+        ("hit (exact rule)", &hit[..]),
+        ("hit (wildcard rule)", &wildcard[..]),
+        ("miss (no rule)", &miss[..]),
+        ("non-IP (ARP)", &arp[..]),
+    ] {
+        let (x, t) = (programs::XDP_INGRESS, programs::TC_INGRESS);
+        cases.push(case(x, name, xdp(x)?, xdp_floor, data));
+        cases.push(case(t, name, tc(t)?, tc_floor, data));
     }
     // Native XDP on a virtual device compares every translated packet's checksum with
     // its pseudo-header sum; a partial one (a local sender's offload) gets the address
     // update only. Its output is partial again, so every repeat takes that path.
     let partial = offloaded(&hit);
-    for (case, data) in [
+    for (name, data) in [
         ("hit (exact rule)", &hit[..]),
         ("hit, partial checksum", &partial[..]),
     ] {
-        out.push(time_xdp(
-            &ebpf,
-            programs::XDP_VIRTUAL_INGRESS,
-            case,
-            xdp_floor,
-            data,
-            runs,
-            repeat,
-        )?);
+        let x = programs::XDP_VIRTUAL_INGRESS;
+        cases.push(case(x, name, xdp(x)?, xdp_floor, data));
     }
-    for (case, data) in [
+    for (name, data) in [
         ("reply hit (tracked flow)", &reply[..]),
         ("reply miss (no flow)", &reply_miss[..]),
         ("not a reply (host's own traffic)", &host_traffic[..]),
         ("non-IP (ARP)", &arp[..]),
     ] {
-        out.push(time_tc(
-            &ebpf,
-            programs::TC_EGRESS,
-            case,
-            tc_floor,
-            data,
-            runs,
-            repeat,
-        )?);
+        let t = programs::TC_EGRESS;
+        cases.push(case(t, name, tc(t)?, tc_floor, data));
     }
     // NAT64's entry sits on a backend's interface (when a rule serves IPv6 clients of an
     // IPv4-only backend): what every other packet there pays.
-    for (case, data) in [
+    for (name, data) in [
         ("backend traffic (not NAT64)", &reply[..]),
         ("non-IP (ARP)", &arp[..]),
     ] {
-        out.push(time_tc(
-            &ebpf,
-            programs::TC_NAT64_ENTRY,
-            case,
-            tc_floor,
-            data,
-            runs,
-            repeat,
-        )?);
+        let t = programs::TC_NAT64_ENTRY;
+        cases.push(case(t, name, tc(t)?, tc_floor, data));
     }
-    Ok(out)
+    time_rounds(&cases, runs, repeat)
 }
 
 /// `frame` (Ethernet, IPv4 without options, TCP) as a local stack with checksum offload
@@ -196,30 +179,6 @@ fn offloaded(frame: &[u8]) -> Vec<u8> {
     );
     f[34 + 16..34 + 18].copy_from_slice(&sum.to_be_bytes());
     f
-}
-
-fn result(program: &str, case: &str, t: Timing) -> MicroResult {
-    MicroResult {
-        program: program.to_string(),
-        case: case.to_string(),
-        ns: t.ns.0,
-        min: t.ns.1,
-        max: t.ns.2,
-        over_floor: t.over_floor,
-        retval: t.retval,
-    }
-}
-
-fn floor_result(program: &str, ns: (f64, f64, f64), retval: u32) -> MicroResult {
-    result(
-        program,
-        "floor",
-        Timing {
-            ns,
-            over_floor: 0.0,
-            retval,
-        },
-    )
 }
 
 fn seed(ebpf: &mut Ebpf) -> Result<()> {
@@ -297,95 +256,67 @@ fn seed(ebpf: &mut Ebpf) -> Result<()> {
     Ok(())
 }
 
-/// The loaded XDP program `name` on `data`, paired with `floor` ([`time_prog`]).
-fn time_xdp(
-    ebpf: &Ebpf,
-    name: &str,
-    case: &str,
-    floor: &OwnedFd,
-    data: &[u8],
-    runs: usize,
-    repeat: u32,
-) -> Result<MicroResult> {
-    let xdp: &Xdp = ebpf.program(name).context(name.to_string())?.try_into()?;
-    let t = time_prog(|o| xdp.test_run(o), floor, data, runs, repeat)?;
-    Ok(result(name, case, t))
+/// One program timed on one frame, beside the empty program of its type.
+struct Case<'a> {
+    program: &'static str,
+    case: &'static str,
+    prog: BorrowedFd<'a>,
+    floor: BorrowedFd<'a>,
+    data: &'a [u8],
 }
 
-/// The loaded TC program `name` on `data`, paired with `floor` ([`time_prog`]).
-fn time_tc(
-    ebpf: &Ebpf,
-    name: &str,
-    case: &str,
-    floor: &OwnedFd,
-    data: &[u8],
-    runs: usize,
-    repeat: u32,
-) -> Result<MicroResult> {
-    let tc: &SchedClassifier = ebpf.program(name).context(name.to_string())?.try_into()?;
-    let t = time_prog(|o| tc.test_run(o), floor, data, runs, repeat)?;
-    Ok(result(name, case, t))
-}
-
-/// A program's timing on one frame.
-struct Timing {
-    /// ns per packet: median, min, max of the runs.
-    ns: (f64, f64, f64),
-    /// Median over the runs of (program − the empty program run just before it).
-    over_floor: f64,
-    retval: u32,
-}
-
-/// Times the program `run` drives on `data`, each run paired with a run of the empty
-/// program `floor` just before it on the same frame. This guest's speed drifts over
-/// seconds (a shared host): a floor measured once, in a quiet second, against a case
-/// measured in a busy one (or the reverse) moved a case by 15 ns between runs; a
-/// difference taken within the pair does not see the drift.
-fn time_prog(
-    run: impl Fn(TestRunOptions<'_>) -> Result<TestRunResult, ProgramError>,
-    floor: &OwnedFd,
-    data: &[u8],
-    runs: usize,
-    repeat: u32,
-) -> Result<Timing> {
-    let mut retval = 0;
-    let mut differences = Vec::with_capacity(runs);
-    let ns = median_of(runs, || {
-        let empty = raw::time_loaded(floor, data, repeat)?;
-        let mut buf = vec![0u8; data.len() + 256];
-        let r = run(TestRunOptions {
-            data_in: Some(data),
-            data_out: Some(&mut buf),
-            repeat,
-            ..Default::default()
-        })
-        .context("BPF_PROG_RUN")?;
-        retval = r.return_value;
-        let ns = r.duration.as_nanos() as f64;
-        differences.push(ns - empty);
-        Ok(ns)
-    })?;
-    differences.sort_by(f64::total_cmp);
-    Ok(Timing {
-        ns,
-        over_floor: differences[differences.len() / 2],
-        retval,
-    })
-}
-
-fn median_of(runs: usize, mut f: impl FnMut() -> Result<f64>) -> Result<(f64, f64, f64)> {
-    let mut v = Vec::with_capacity(runs);
-    for _ in 0..runs.max(1) {
-        v.push(f()?);
+/// Times every case `runs` times, in rounds: a round runs each case once, and each run
+/// of a program follows a run of the empty program on the same frame, so a pair's
+/// difference cancels what drifts over seconds. This guest shares its host: spells of
+/// contention lasting seconds add up to 30 ns to a program that reads maps and about 6 ns
+/// to the empty one. Run case after case, a spell fell on whole cases (one run of the
+/// same object moved a case by 20 ns); in rounds, every case sees the same spells, and
+/// the lower quartile of its differences is its cost outside them.
+fn time_rounds(cases: &[Case<'_>], runs: usize, repeat: u32) -> Result<Vec<MicroResult>> {
+    let runs = runs.max(1);
+    let mut times = vec![Vec::with_capacity(runs); cases.len()];
+    let mut differences = vec![Vec::with_capacity(runs); cases.len()];
+    let mut retvals = vec![0; cases.len()];
+    for _ in 0..runs {
+        for (i, c) in cases.iter().enumerate() {
+            let (empty, _) = raw::time_loaded(c.floor, c.data, repeat)?;
+            let (ns, retval) = raw::time_loaded(c.prog, c.data, repeat)
+                .with_context(|| format!("{}: {}", c.program, c.case))?;
+            times[i].push(ns);
+            differences[i].push(ns - empty);
+            retvals[i] = retval;
+        }
     }
-    v.sort_by(f64::total_cmp);
-    Ok((v[v.len() / 2], v[0], v[v.len() - 1]))
+    Ok(cases
+        .iter()
+        .zip(times.iter_mut().zip(&mut differences))
+        .zip(retvals)
+        .map(|((c, (t, d)), retval)| {
+            t.sort_by(f64::total_cmp);
+            d.sort_by(f64::total_cmp);
+            MicroResult {
+                program: c.program.to_string(),
+                case: c.case.to_string(),
+                ns: quantile(t, 0.5),
+                min: t[0],
+                max: t[t.len() - 1],
+                over_floor: quantile(d, 0.5),
+                quiet_over_floor: quantile(d, 0.25),
+                retval,
+            }
+        })
+        .collect())
+}
+
+/// The `q` quantile of `sorted` (nearest rank).
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
 /// The empty programs (floor), loaded with the raw `bpf(2)` syscall: two instructions,
 /// `r0 = verdict; exit`, no object file needed.
 pub(super) mod raw {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
     use anyhow::{bail, Result};
 
@@ -419,8 +350,9 @@ pub(super) mod raw {
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
     }
 
-    /// Average ns per run of the loaded program `fd` over `repeat` runs.
-    pub fn time_loaded(fd: &OwnedFd, data: &[u8], repeat: u32) -> Result<f64> {
+    /// Average ns per run of the loaded program `fd` over `repeat` runs, and its return
+    /// value.
+    pub fn time_loaded(fd: BorrowedFd<'_>, data: &[u8], repeat: u32) -> Result<(f64, u32)> {
         let mut out = vec![0u8; data.len() + 256];
         let mut attr = [0u8; 128];
         attr[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
@@ -432,7 +364,8 @@ pub(super) mod raw {
         if bpf(BPF_PROG_TEST_RUN, &mut attr) < 0 {
             bail!("BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
         }
+        let retval = u32::from_ne_bytes([attr[4], attr[5], attr[6], attr[7]]);
         let duration = u32::from_ne_bytes([attr[36], attr[37], attr[38], attr[39]]);
-        Ok(f64::from(duration))
+        Ok((f64::from(duration), retval))
     }
 }

@@ -21,6 +21,7 @@
 
 use std::{
     net::Ipv4Addr,
+    os::fd::AsFd,
     path::Path,
     process::Command,
     time::{Duration, Instant},
@@ -258,12 +259,12 @@ fn hit_cost(
         ("reply of a live flow (TC egress)", 1, Vec::new()),
     ];
     for _ in 0..passes.max(1) {
-        cases[0]
-            .2
-            .push(mean(&ingress, |f| raw::time_loaded(&xdp_floor, f, 1))?);
-        cases[1]
-            .2
-            .push(mean(&ingress, |f| raw::time_loaded(&tc_floor, f, 1))?);
+        cases[0].2.push(mean(&ingress, |f| {
+            raw::time_loaded(xdp_floor.as_fd(), f, 1).map(|t| t.0)
+        })?);
+        cases[1].2.push(mean(&ingress, |f| {
+            raw::time_loaded(tc_floor.as_fd(), f, 1).map(|t| t.0)
+        })?);
         cases[2]
             .2
             .push(mean(&ingress, |f| once(|o| xdp.test_run(o), f))?);
