@@ -292,15 +292,14 @@ fn time_rounds(cases: &[Case<'_>], runs: usize, repeat: u32) -> Result<Vec<Micro
         .zip(retvals)
         .map(|((c, p), retval)| {
             p.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let mut differences: Vec<f64> = p.iter().map(|(ns, empty)| ns - empty).collect();
-            differences.sort_by(f64::total_cmp);
             MicroResult {
                 program: c.program.to_string(),
                 case: c.case.to_string(),
-                ns: median(p.iter().map(|x| x.0)),
+                // `p` is in order of the program's time.
+                ns: p[p.len() / 2].0,
                 min: p[0].0,
                 max: p[p.len() - 1].0,
-                over_floor: median(differences.iter().copied()),
+                over_floor: median(p.iter().map(|(ns, empty)| ns - empty)),
                 calm_over_floor: calm_pairs(p),
                 retval,
             }
